@@ -1,0 +1,272 @@
+//! Build script: Rust bindings of the shared header (bindgen), the kernels compiled by nvcc
+//! and embedded (a cubin per target architecture plus PTX for the newest one), and, with the
+//! `emulator` feature, the same kernel sources compiled for the CPU.
+//!
+//! Environment it reads:
+//! - `CCPL_NVCC`: path of nvcc to use; else `CUDA_HOME`/`CUDA_PATH`, else nvcc on `PATH`,
+//!   else the toolchain that `scripts/bootstrap` installs under `.toolchain/`.
+//! - `CCPL_CUDA_ARCH`: comma-separated compute capabilities, default `90` (e.g. `80,90`).
+//! - `CCPL_REQUIRE_NVCC=1`: fail the build instead of building without kernels.
+//! - `LIBCLANG_PATH`: libclang for bindgen; defaults to `.toolchain/libclang` when present.
+
+use std::env;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const ENV_VARS: &[&str] = &[
+    "CCPL_NVCC",
+    "CCPL_CUDA_ARCH",
+    "CCPL_REQUIRE_NVCC",
+    "CUDA_HOME",
+    "CUDA_PATH",
+    "PATH",
+    "LIBCLANG_PATH",
+];
+
+fn main() {
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap());
+    let kernels = manifest.join("kernels");
+    for var in ENV_VARS {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    println!("cargo:rerun-if-changed=build.rs");
+    for file in files_under(&kernels) {
+        println!("cargo:rerun-if-changed={}", file.display());
+    }
+
+    generate_bindings(&manifest, &kernels, &out);
+
+    let sources: Vec<PathBuf> = files_under(&kernels)
+        .into_iter()
+        .filter(|p| {
+            p.parent() == Some(kernels.as_path()) && p.extension().is_some_and(|e| e == "cu")
+        })
+        .collect();
+    let embedded = match find_nvcc(&manifest) {
+        Some(nvcc) => compile_kernels(&nvcc, &kernels, &sources, &out),
+        None => {
+            let why = "nvcc was not found (set CCPL_NVCC or CUDA_HOME, put nvcc on PATH, \
+                       or run scripts/bootstrap)";
+            if env::var("CCPL_REQUIRE_NVCC").is_ok_and(|v| v == "1") {
+                panic!("CCPL_REQUIRE_NVCC=1 but {why}");
+            }
+            println!("cargo:warning=ccpl: building without CUDA kernels: {why}");
+            format!(
+                "pub const NOT_BUILT: Option<&str> = Some({why:?});\n\
+                     pub const IMAGES: &[KernelImage] = &[];\n\
+                     pub const PTXAS_REPORT: &str = \"\";\n"
+            )
+        }
+    };
+    fs::write(out.join("kernels.rs"), embedded).unwrap();
+
+    if env::var_os("CARGO_FEATURE_EMULATOR").is_some() {
+        build_emulator(&kernels, &sources);
+    }
+}
+
+/// Every file below `dir`, sorted, so the generated code does not depend on directory order.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).unwrap_or_else(|e| panic!("reading {}: {e}", d.display())) {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+fn generate_bindings(manifest: &Path, kernels: &Path, out: &Path) {
+    let bundled = manifest.join(".toolchain/libclang");
+    if env::var_os("LIBCLANG_PATH").is_none() && bundled.join("libclang.so").exists() {
+        // SAFETY: the build script is single-threaded here; clang-sys reads this when bindgen loads libclang.
+        unsafe { env::set_var("LIBCLANG_PATH", &bundled) };
+    }
+    let bindings = bindgen::Builder::default()
+        .header(kernels.join("ccpl.h").to_string_lossy())
+        .clang_args(["-x", "c", "-std=c11"])
+        .allowlist_type("ccpl_.*")
+        .allowlist_var("CCPL_.*")
+        .derive_default(true)
+        .derive_debug(true)
+        .generate()
+        .unwrap_or_else(|e| {
+            panic!(
+                "bindgen could not parse kernels/ccpl.h ({e}). It needs libclang: run \
+                 scripts/bootstrap (installs it under .toolchain/) or set LIBCLANG_PATH."
+            )
+        });
+    bindings.write_to_file(out.join("ccpl_sys.rs")).unwrap();
+}
+
+fn find_nvcc(manifest: &Path) -> Option<PathBuf> {
+    let works = |p: &Path| {
+        Command::new(p)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if let Some(p) = env::var_os("CCPL_NVCC") {
+        let p = PathBuf::from(p);
+        return works(&p).then_some(p);
+    }
+    let mut candidates: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(|v| env::var_os(v))
+        .map(|home| PathBuf::from(home).join("bin/nvcc"))
+        .collect();
+    candidates.push(PathBuf::from("nvcc"));
+    candidates.push(manifest.join(".toolchain/cuda/bin/nvcc"));
+    candidates.into_iter().find(|p| works(p))
+}
+
+fn cuda_archs() -> Vec<u32> {
+    let spec = env::var("CCPL_CUDA_ARCH").unwrap_or_else(|_| "90".into());
+    let mut archs: Vec<u32> = spec
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .trim_start_matches("sm_")
+                .trim_start_matches("compute_")
+        })
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse().unwrap_or_else(|_| {
+                panic!("CCPL_CUDA_ARCH: {s:?} is not a compute capability like 90")
+            })
+        })
+        .collect();
+    archs.sort();
+    archs.dedup();
+    assert!(!archs.is_empty(), "CCPL_CUDA_ARCH names no architecture");
+    archs
+}
+
+fn nvcc(nvcc: &Path, kernels: &Path, args: &[&str], source: &Path) -> String {
+    let output = Command::new(nvcc)
+        .args(["-std=c++17", "-O3", "-lineinfo", "-I"])
+        .arg(kernels)
+        .args(args)
+        .arg(source)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", nvcc.display()));
+    let log = String::from_utf8_lossy(&output.stderr).into_owned();
+    if !output.status.success() {
+        panic!(
+            "nvcc failed on {}:\n{log}{}",
+            source.display(),
+            String::from_utf8_lossy(&output.stdout)
+        );
+    }
+    log
+}
+
+/// Compiles every kernel family to a cubin per architecture and PTX for the newest; returns
+/// the Rust source that embeds them.
+fn compile_kernels(nvcc_path: &Path, kernels: &Path, sources: &[PathBuf], out: &Path) -> String {
+    let archs = cuda_archs();
+    let newest = *archs.last().unwrap();
+    let mut report = String::new();
+    let mut code = String::from(
+        "pub const NOT_BUILT: Option<&str> = None;\npub const IMAGES: &[KernelImage] = &[\n",
+    );
+    for source in sources {
+        let family = source.file_stem().unwrap().to_string_lossy().into_owned();
+        let mut cubins = String::new();
+        for arch in &archs {
+            let cubin = out.join(format!("{family}.sm_{arch}.cubin"));
+            let log = nvcc(
+                nvcc_path,
+                kernels,
+                &[
+                    "-cubin",
+                    &format!("-arch=sm_{arch}"),
+                    "-Xptxas",
+                    "-v",
+                    "-o",
+                    cubin.to_str().unwrap(),
+                ],
+                source,
+            );
+            for warning in spill_warnings(&log) {
+                println!("cargo:warning=ccpl: {family}.cu sm_{arch}: {warning}");
+            }
+            report.push_str(&log);
+            write!(
+                cubins,
+                "({arch}, include_bytes!({:?})), ",
+                cubin.to_str().unwrap()
+            )
+            .unwrap();
+        }
+        let ptx = out.join(format!("{family}.ptx"));
+        nvcc(
+            nvcc_path,
+            kernels,
+            &[
+                "-ptx",
+                &format!("-arch=compute_{newest}"),
+                "-o",
+                ptx.to_str().unwrap(),
+            ],
+            source,
+        );
+        writeln!(
+            code,
+            "    KernelImage {{ family: {family:?}, ptx_arch: {newest}, ptx: include_str!({:?}), cubins: &[{cubins}] }},",
+            ptx.to_str().unwrap()
+        )
+        .unwrap();
+    }
+    code.push_str("];\n");
+    writeln!(code, "pub const PTXAS_REPORT: &str = {report:?};").unwrap();
+    code
+}
+
+/// Register spills or local-memory stack frames in an `-Xptxas -v` report, one line each.
+fn spill_warnings(log: &str) -> Vec<String> {
+    let mut function = String::new();
+    let mut warnings = Vec::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split("Function properties for ").nth(1) {
+            function = rest.trim().to_string();
+        } else if line.contains("bytes stack frame") {
+            let numbers: Vec<u64> = line
+                .split(|c: char| !c.is_ascii_digit())
+                .filter_map(|s| s.parse().ok())
+                .collect();
+            if numbers.iter().any(|&n| n > 0) {
+                warnings.push(format!("{function}: {}", line.trim()));
+            }
+        }
+    }
+    warnings
+}
+
+/// The kernel sources, compiled as C++ for the host against kernels/emu/ (the CPU emulator).
+fn build_emulator(kernels: &Path, sources: &[PathBuf]) {
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .opt_level(2)
+        .include(kernels)
+        .warnings(false)
+        .file(kernels.join("emu/runtime.cpp"))
+        .flag("-x")
+        .flag("c++");
+    for source in sources {
+        build.file(source);
+    }
+    build.compile("ccpl_emu");
+}

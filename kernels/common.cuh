@@ -1,0 +1,91 @@
+// common.cuh: what every kernel family shares. Storage-type loads and stores (float
+// accumulation for half types), warp and block reductions, the neighbour convention, and the
+// macros that turn one templated kernel into its per-dtype entry points.
+//
+// The same sources compile with nvcc (__CUDACC__) and, for the CPU emulator, with the host
+// C++ compiler against kernels/emu/cuda_emu.h, which provides the CUDA built-ins used here.
+#pragma once
+
+#include "ccpl.h"
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+// One entry point: extern "C" so the symbol is the plain name `name`.
+#define CCPL_KERNEL(name, Params) extern "C" __global__ void name(const Params p)
+// Dynamic shared memory of the launch, viewed as an array of `type`.
+#define CCPL_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#else
+#include "emu/cuda_emu.h"
+#endif
+
+// The three storage types, each with its kernel-name suffix.
+#define CCPL_KERNEL_T(op, Params, T, suffix) \
+    CCPL_KERNEL(op##_##suffix, Params) { op<T>(p); }
+#define CCPL_KERNELS_PER_DTYPE(op, Params)            \
+    CCPL_KERNEL_T(op, Params, float, f32)             \
+    CCPL_KERNEL_T(op, Params, __half, f16)            \
+    CCPL_KERNEL_T(op, Params, __nv_bfloat16, bf16)
+
+namespace ccpl {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kWarp = 32;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+
+template <typename T> __device__ __forceinline__ const T* ptr(uint64_t addr) {
+    return reinterpret_cast<const T*>(addr);
+}
+template <typename T> __device__ __forceinline__ T* mut_ptr(uint64_t addr) {
+    return reinterpret_cast<T*>(addr);
+}
+
+// Neighbour direction k (0..7) as (dh, dw), decoded from CCPL_NEIGHBOR_SLOTS (ccpl.h).
+__device__ __forceinline__ int window_slot(int k) { return (CCPL_NEIGHBOR_SLOTS >> (4 * k)) & 0xF; }
+__device__ __forceinline__ int neighbor_dh(int k) { return window_slot(k) / 3 - 1; }
+__device__ __forceinline__ int neighbor_dw(int k) { return window_slot(k) % 3 - 1; }
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(kFullMask, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = kWarp / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+// `scratch` holds 32 floats of shared memory; the call begins and ends with a barrier, so
+// back-to-back calls may reuse it.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+    const int warps = blockDim.x / kWarp;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : 0.0f;
+    return warp_sum(v);
+}
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+    const int warps = blockDim.x / kWarp;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : -INFINITY;
+    return warp_max(v);
+}
+
+}  // namespace ccpl

@@ -1,0 +1,175 @@
+//! The GPU path: finding a device, loading the embedded kernels once per context, and
+//! launching them on the caller's stream with the caller's buffers.
+//!
+//! ```no_run
+//! use ccpl::cuda::{self, Kernels};
+//! # fn main() -> ccpl::Result<()> {
+//! let ctx = cuda::context(0)?; // Err(NoGpu) on a machine without one, never a panic
+//! let kernels = Kernels::for_context(&ctx)?; // loaded once, then cached
+//! let stream = ctx.default_stream();
+//! # let _ = (kernels, stream); Ok(()) }
+//! ```
+
+pub mod neighbor;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::Ptx;
+
+use crate::error::{Error, Result};
+use crate::ffi;
+use crate::kernels::{KernelParams, LaunchPlan, Launcher};
+
+/// Library names of the CUDA driver, probed before cudarc is asked anything (cudarc panics
+/// when the library is missing).
+const DRIVER_LIBRARIES: &[&str] = &["libcuda.so.1", "libcuda.so", "nvcuda.dll"];
+
+/// Whether the CUDA driver library can be loaded on this machine.
+pub fn driver_present() -> bool {
+    // SAFETY: loading libcuda runs only its initialisers, the same load cudarc does later.
+    DRIVER_LIBRARIES.iter().any(|name| unsafe { libloading::Library::new(*name) }.is_ok())
+}
+
+/// Number of CUDA devices, or `Err(NoGpu)` when there is no driver or no device.
+pub fn device_count() -> Result<usize> {
+    if !driver_present() {
+        return Err(Error::NoGpu("the CUDA driver library (libcuda) is not installed".into()));
+    }
+    match CudaContext::device_count() {
+        Ok(n) if n > 0 => Ok(n as usize),
+        Ok(_) => Err(Error::NoGpu("the CUDA driver reports no device".into())),
+        Err(e) => Err(Error::NoGpu(format!("the CUDA driver could not be initialised: {e}"))),
+    }
+}
+
+/// The primary context of device `ordinal`, or `Err(NoGpu)`.
+pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    let n = device_count()?;
+    if ordinal >= n {
+        return Err(Error::NoGpu(format!("device {ordinal} asked for, {n} present")));
+    }
+    CudaContext::new(ordinal).map_err(|e| Error::NoGpu(format!("device {ordinal} could not be opened: {e}")))
+}
+
+/// `Err(KernelsNotBuilt)` when the crate was built without nvcc.
+pub fn kernels_built() -> Result<()> {
+    match ffi::NOT_BUILT {
+        Some(why) => Err(Error::KernelsNotBuilt(why)),
+        None => Ok(()),
+    }
+}
+
+/// The kernels loaded into one context: every family's module and a function by name.
+#[derive(Debug)]
+pub struct Kernels {
+    ctx: Arc<CudaContext>,
+    functions: HashMap<String, CudaFunction>,
+}
+
+/// Kernels already loaded, by context; weak so that dropping every user unloads them.
+static LOADED: Mutex<Vec<(usize, Weak<Kernels>)>> = Mutex::new(Vec::new());
+
+impl Kernels {
+    /// The kernels for `ctx`: loaded on first use (the cubin for the device's architecture,
+    /// else the PTX), then shared by every later caller on the same context.
+    pub fn for_context(ctx: &Arc<CudaContext>) -> Result<Arc<Kernels>> {
+        kernels_built()?;
+        let key = ctx.cu_ctx() as usize;
+        let mut loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner());
+        loaded.retain(|(_, weak)| weak.strong_count() > 0);
+        if let Some(kernels) = loaded.iter().find(|(k, _)| *k == key).and_then(|(_, w)| w.upgrade()) {
+            return Ok(kernels);
+        }
+        let kernels = Arc::new(Self::load(ctx)?);
+        loaded.push((key, Arc::downgrade(&kernels)));
+        Ok(kernels)
+    }
+
+    fn load(ctx: &Arc<CudaContext>) -> Result<Self> {
+        let (major, minor) = ctx.compute_capability()?;
+        let arch = (major * 10 + minor) as u32;
+        let mut functions = HashMap::new();
+        for image in ffi::IMAGES {
+            let module = load_image(ctx, image, arch)?;
+            for name in entry_points(image.ptx) {
+                functions.insert(name.to_string(), module.load_function(name)?);
+            }
+        }
+        Ok(Self { ctx: ctx.clone(), functions })
+    }
+
+    /// The context the kernels are loaded in.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The kernel named `name`, e.g. `neighbor_diff_f32`.
+    pub fn function(&self, name: &str) -> Result<&CudaFunction> {
+        self.functions
+            .get(name)
+            .ok_or_else(|| Error::Cuda(format!("kernel {name} is not in the embedded image")))
+    }
+
+    /// A launcher that enqueues plans on `stream`, which must belong to this context.
+    pub fn on<'a>(&'a self, stream: &'a CudaStream) -> Result<CudaLauncher<'a>> {
+        if stream.context().cu_ctx() != self.ctx.cu_ctx() {
+            return Err(Error::Cuda("the stream belongs to another context than the kernels".into()));
+        }
+        Ok(CudaLauncher { kernels: self, stream })
+    }
+}
+
+/// The cubin for `arch` (or an older minor of the same major, which runs there), else the PTX.
+fn load_image(ctx: &Arc<CudaContext>, image: &ffi::KernelImage, arch: u32) -> Result<Arc<CudaModule>> {
+    let cubin = image
+        .cubins
+        .iter()
+        .filter(|(a, _)| a / 10 == arch / 10 && *a <= arch)
+        .max_by_key(|(a, _)| *a);
+    if let Some((_, bytes)) = cubin {
+        return Ok(ctx.load_module(Ptx::from_binary(bytes.to_vec()))?);
+    }
+    if image.ptx_arch <= arch {
+        return Ok(ctx.load_module(Ptx::from_src(image.ptx))?);
+    }
+    Err(Error::Cuda(format!(
+        "no kernel image for sm_{arch}: {}.cu was built for {:?} (set CCPL_CUDA_ARCH and rebuild)",
+        image.family,
+        image.cubins.iter().map(|(a, _)| *a).collect::<Vec<_>>()
+    )))
+}
+
+/// Names of the kernels a PTX module defines (its `.entry` directives).
+pub fn entry_points(ptx: &str) -> impl Iterator<Item = &str> {
+    ptx.lines().filter_map(|line| {
+        let rest = line.trim().split(".entry ").nth(1)?;
+        Some(rest.split(|c: char| c == '(' || c.is_whitespace()).next().unwrap_or(rest))
+    })
+}
+
+/// Executes launch plans on one CUDA stream.
+#[derive(Debug, Clone, Copy)]
+pub struct CudaLauncher<'a> {
+    kernels: &'a Kernels,
+    stream: &'a CudaStream,
+}
+
+impl Launcher for CudaLauncher<'_> {
+    fn launch<P: KernelParams>(&self, plan: &LaunchPlan<P>) -> Result<()> {
+        let function = self.kernels.function(&plan.kernel)?;
+        let cfg = LaunchConfig {
+            grid_dim: plan.grid,
+            block_dim: plan.block,
+            shared_mem_bytes: plan.shared_bytes,
+        };
+        let mut builder = self.stream.launch_builder(function);
+        builder.arg(&plan.params);
+        // SAFETY: the plan's struct matches the kernel's one parameter (both come from
+        // kernels/ccpl.h) and its addresses were taken from buffers the caller holds across
+        // this call, validated against the plan's shapes.
+        unsafe { builder.launch(cfg) }?;
+        Ok(())
+    }
+}

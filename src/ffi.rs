@@ -1,0 +1,46 @@
+//! The shared header `kernels/ccpl.h`, as bindgen generates it at build time, and the
+//! kernel images that build.rs embedded.
+#![allow(non_camel_case_types, non_upper_case_globals, missing_docs, clippy::all)]
+
+include!(concat!(env!("OUT_DIR"), "/ccpl_sys.rs"));
+
+/// One kernel family (one `kernels/*.cu`) as compiled by nvcc.
+#[derive(Debug)]
+pub struct KernelImage {
+    /// The source file's stem, e.g. `"neighbor"`.
+    pub family: &'static str,
+    /// Compute capability the PTX targets (the newest in `CCPL_CUDA_ARCH`).
+    pub ptx_arch: u32,
+    /// PTX text: the fallback for devices without a matching cubin.
+    pub ptx: &'static str,
+    /// `(compute capability, cubin)` for every architecture in `CCPL_CUDA_ARCH`.
+    pub cubins: &'static [(u32, &'static [u8])],
+}
+
+mod embedded {
+    use super::KernelImage;
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+pub use embedded::{IMAGES, NOT_BUILT, PTXAS_REPORT};
+
+/// Direction `k` (0..7) of the neighbour convention as `(dh, dw)`, decoded from
+/// `CCPL_NEIGHBOR_SLOTS` exactly as the kernels decode it.
+pub fn neighbor_delta(k: usize) -> (isize, isize) {
+    let slot = ((CCPL_NEIGHBOR_SLOTS >> (4 * k)) & 0xF) as isize;
+    (slot / 3 - 1, slot % 3 - 1)
+}
+
+// The launch parameter structs cross to the GPU by value: plain `repr(C)` data of integers and floats.
+macro_rules! device_repr {
+    ($($t:ty),* $(,)?) => { $(unsafe impl cudarc::driver::DeviceRepr for $t {})* };
+}
+device_repr!(
+    ccpl_neighbor_diff_params,
+    ccpl_neighbor_diff_backward_params,
+    ccpl_normalize_rows_params,
+    ccpl_normalize_rows_backward_params,
+    ccpl_similarity_params,
+    ccpl_info_nce_forward_params,
+    ccpl_info_nce_loss_params,
+    ccpl_info_nce_backward_params,
+);

@@ -1,0 +1,31 @@
+//! # ccpl
+//!
+//! CUDA kernels, with a float64 CPU reference, for the Contrastive Coherence Preserving loss
+//! (CCPL, Wu et al., ECCV 2022): the loss that makes style-transfer networks temporally
+//! coherent on video while training on single images. The contract is
+//! `shared/ccpl-spec.md`; the README has the two commands and the API in brief.
+//!
+//! - [`reference`]: every stage and its backward in `f64`, the oracle;
+//! - [`cuda`]: the kernels on the caller's context and stream;
+//! - [`kernels`]: the launch plans both the GPU and the CPU emulator execute;
+//! - `emu` (feature `emulator`): the same `.cu` sources run on the CPU, for tests.
+#![warn(missing_docs)]
+
+pub mod cuda;
+pub mod dtype;
+#[cfg(feature = "emulator")]
+pub mod emu;
+pub mod error;
+pub mod ffi;
+pub mod kernels;
+pub mod reference;
+pub mod sampling;
+pub mod shape;
+
+pub use dtype::{Dtype, Element};
+pub use error::{Error, Result, check_tau};
+pub use sampling::Centers;
+pub use shape::{FeatureShape, Layout, RowShape};
+
+/// The default temperature of the paper.
+pub const DEFAULT_TAU: f64 = 0.07;
