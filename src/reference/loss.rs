@@ -42,6 +42,10 @@ pub fn ccp_layer_loss<T: Element>(
 }
 
 /// The full loss: the unweighted sum of the layers' losses, with each layer's gradients.
-pub fn ccp_loss<T: Element>(layers: &[LayerInput<'_, T>], tau: f64, want_grad_k: bool) -> Result<(f64, Vec<LayerLoss>)> {
+pub fn ccp_loss<T: Element>(
+    layers: &[LayerInput<'_, T>],
+    tau: f64,
+    want_grad_k: bool,
+) -> Result<(f64, Vec<LayerLoss>)> {
     todo!()
 }

@@ -7,7 +7,11 @@ use crate::shape::FeatureShape;
 
 /// Difference rows `(B, S, C)`, `S = 8N`, direction-major: row `k*N + x` of image `b` is
 /// `f[b, :, p_x] - f[b, :, p_x + off_k]`. `feat` is in `shape`'s layout.
-pub fn neighbor_diff<T: Element>(feat: &[T], shape: &FeatureShape, centers: &Centers) -> Result<Vec<f64>> {
+pub fn neighbor_diff<T: Element>(
+    feat: &[T],
+    shape: &FeatureShape,
+    centers: &Centers,
+) -> Result<Vec<f64>> {
     todo!()
 }
 
