@@ -339,7 +339,7 @@ fn shuffles_move_eight_byte_values() {
         )
         .unwrap();
         for t in 0..threads {
-            let v = input[t / 32 * 32 + (t % 32 ^ arg)];
+            let v = input[t / 32 * 32 + ((t % 32) ^ arg)];
             assert_eq!(f64::from_bits(out[2 * t]), v as f64 * 0.25 + 1e10);
             assert_eq!(out[2 * t + 1] as i64, (v as i64) << 33 | 5);
         }
