@@ -87,8 +87,14 @@ impl DeviceCenters {
         let buf = CentersBuf {
             height: self.height,
             width: self.width,
-            flat: Buf { addr: flat, len: self.flat.len() },
-            map: Buf { addr: map, len: self.map.len() },
+            flat: Buf {
+                addr: flat,
+                len: self.flat.len(),
+            },
+            map: Buf {
+                addr: map,
+                len: self.map.len(),
+            },
         };
         (buf, [flat_guard, map_guard])
     }
