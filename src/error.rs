@@ -59,6 +59,8 @@ pub enum Error {
     /// A launch the CPU emulator (feature `emulator`) rejected or stopped: an unknown kernel,
     /// bad dimensions, a deadlock, a barrier or warp collective used against CUDA's rules.
     Emulator(String),
+    /// A backward was asked for before any forward filled what it reads.
+    BackwardBeforeForward,
 }
 
 /// This crate's result type.
@@ -107,6 +109,7 @@ impl fmt::Display for Error {
             Error::KernelsNotBuilt(why) => write!(f, "CUDA kernels were not built: {why}"),
             Error::Cuda(msg) => write!(f, "CUDA error: {msg}"),
             Error::Emulator(msg) => write!(f, "emulated launch failed: {msg}"),
+            Error::BackwardBeforeForward => write!(f, "backward called before forward"),
         }
     }
 }
