@@ -193,7 +193,23 @@ fn info_nce_backward_matches_reference<D: TestDevice>(dev: &D) {
     }
 }
 
+/// The mean over a million equal row losses: a plain float sum per thread drifts by about
+/// 4e-5 here, its roundings all leaning the same way.
+fn info_nce_loss_is_precise_over_a_million_rows<D: TestDevice>(dev: &D) {
+    let row_loss = vec![2.3f32; 1_000_003];
+    let want = to_f64(&row_loss).iter().sum::<f64>() / row_loss.len() as f64;
+    let mut row_loss_dev = dev.upload(&row_loss);
+    let mut loss_dev = dev.alloc_nan::<f32>(1);
+    let plan =
+        info_nce::info_nce_loss(dev.buf(&mut row_loss_dev), dev.buf(&mut loss_dev), false).unwrap();
+    dev.run(&plan);
+    let loss = dev.download(&loss_dev)[0] as f64;
+    let what = format!("info_nce_loss of 1000003 rows on the {}", dev.name());
+    assert_close(&what, &[loss], &[want], F32_TOLERANCE);
+}
+
 on_every_device!(
     info_nce_forward_matches_reference,
-    info_nce_backward_matches_reference
+    info_nce_backward_matches_reference,
+    info_nce_loss_is_precise_over_a_million_rows
 );

@@ -8,10 +8,10 @@ mod common;
 
 use ccpl::kernels::loss::{LayerPlan, LayerWorkspace};
 use ccpl::kernels::neighbor::Scatter;
-use ccpl::{Centers, Dtype, Element, FeatureShape, Layout, RowShape, reference};
+use ccpl::{Centers, Dtype, FeatureShape, Layout, reference};
 use common::Rng;
 use common::device::{
-    TestCenters, TestDevice, assert_close, random, rounded, scatter_model, to_f64, tolerance,
+    TestCenters, TestDevice, assert_close, layer_model, random, scatter_model, to_f64, tolerance,
 };
 
 const TAU: f64 = 0.07;
@@ -43,48 +43,6 @@ fn cases<D: TestDevice>(dev: &D) -> Vec<Case> {
             flat,
         })
         .collect()
-}
-
-/// The layer's loss and gradients (upstream 1) with every value the kernels store in `T`
-/// rounded to `T` once, computed by the reference stage by stage: what the tolerance of a
-/// 16-bit type is measured on.
-struct Model {
-    loss: f64,
-    grad_rows_q: Vec<f64>,
-    grad_rows_k: Vec<f64>,
-}
-
-fn model<T: Element>(feat_q: &[f64], feat_k: &[f64], case: &Case, upstream: f64) -> Model {
-    let (shape, centers) = (&case.shape, &case.centers);
-    let rows = RowShape::new(shape.batch(), centers.rows(), shape.channels()).unwrap();
-    let c = shape.channels();
-    let rows_q = rounded::<T>(&reference::neighbor_diff(feat_q, shape, centers).unwrap());
-    let rows_k = rounded::<T>(&reference::neighbor_diff(feat_k, shape, centers).unwrap());
-    let unit_q = rounded::<T>(&reference::normalize_rows(&rows_q, c).unwrap().rows);
-    let unit_k = rounded::<T>(&reference::normalize_rows(&rows_k, c).unwrap().rows);
-    let logits = rounded::<f32>(&reference::similarity(&unit_q, &unit_k, &rows, TAU).unwrap());
-    let forward = reference::info_nce_forward(&logits, rows.batch, rows.rows).unwrap();
-    let grads = reference::info_nce_backward(
-        &logits,
-        &forward.row_lse,
-        &unit_q,
-        &unit_k,
-        &rows,
-        TAU,
-        upstream,
-        true,
-    )
-    .unwrap();
-    let back = |rows: &[f64], grad_unit: &[f64]| {
-        rounded::<T>(
-            &reference::normalize_rows_backward(rows, &rounded::<T>(grad_unit), c).unwrap(),
-        )
-    };
-    Model {
-        loss: forward.loss,
-        grad_rows_q: back(&rows_q, &grads.dq),
-        grad_rows_k: back(&rows_k, grads.dk.as_ref().unwrap()),
-    }
 }
 
 fn features<T: Dtype>(rng: &mut Rng, case: &Case) -> (Vec<T>, Vec<T>) {
@@ -144,7 +102,7 @@ fn check_layer<T: Dtype, D: TestDevice>(dev: &D, case: &Case, rng: &mut Rng) {
     plan.forward::<T, _>(&dev.launcher(), &centers_buf, feat_q_buf, feat_k_buf, &bufs)
         .unwrap_or_else(|e| panic!("forward {label}: {e}"));
     let loss = dev.download(&ws.loss)[0] as f64;
-    let unit = model::<T>(&feat_q_f64, &feat_k_f64, case, 1.0);
+    let unit = layer_model::<T>(&feat_q_f64, &feat_k_f64, shape, centers, TAU, 1.0);
     let what = format!("layer loss {label}");
     assert_close(
         &what,
@@ -160,7 +118,7 @@ fn check_layer<T: Dtype, D: TestDevice>(dev: &D, case: &Case, rng: &mut Rng) {
         (Some(2.5f32), Scatter::Atomic),
     ] {
         let u = upstream.unwrap_or(1.0) as f64;
-        let model = model::<T>(&feat_q_f64, &feat_k_f64, case, u);
+        let model = layer_model::<T>(&feat_q_f64, &feat_k_f64, shape, centers, TAU, u);
         let start_q: Vec<T> = random(rng, shape.len(), 1.0);
         let start_k: Vec<T> = random(rng, shape.len(), 1.0);
         let mut grad_q_dev = dev.upload(&start_q);

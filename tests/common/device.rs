@@ -9,7 +9,7 @@ use ccpl::cuda::{self, CudaLauncher, Kernels};
 use ccpl::emu::{self, Emulator};
 use ccpl::kernels::neighbor::{CentersBuf, Scatter};
 use ccpl::kernels::{Buf, KernelParams, LaunchPlan, Launcher};
-use ccpl::{Centers, Dtype, Element, FeatureShape, Result, ffi, reference};
+use ccpl::{Centers, Dtype, Element, FeatureShape, Result, RowShape, ffi, reference};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
 
 use super::rel_err;
@@ -308,5 +308,53 @@ impl<D: TestDevice> TestCenters<D> {
             flat: dev.buf(&mut self.flat),
             map: dev.buf(&mut self.map),
         }
+    }
+}
+
+/// A layer's loss, and its gradients with respect to the difference rows, with every value
+/// the kernels store in `T` (rows, normalised rows and their gradients; the logits in f32)
+/// rounded once, computed by the reference stage by stage: what the tolerance of a 16-bit
+/// type is measured on. Scatter `grad_rows_*` with [`scatter_model`] for the feature maps.
+pub struct LayerModel {
+    pub loss: f64,
+    pub grad_rows_q: Vec<f64>,
+    pub grad_rows_k: Vec<f64>,
+}
+
+pub fn layer_model<T: Element>(
+    feat_q: &[f64],
+    feat_k: &[f64],
+    shape: &FeatureShape,
+    centers: &Centers,
+    tau: f64,
+    upstream: f64,
+) -> LayerModel {
+    let rows = RowShape::new(shape.batch(), centers.rows(), shape.channels()).unwrap();
+    let c = shape.channels();
+    let rows_q = rounded::<T>(&reference::neighbor_diff(feat_q, shape, centers).unwrap());
+    let rows_k = rounded::<T>(&reference::neighbor_diff(feat_k, shape, centers).unwrap());
+    let unit_q = rounded::<T>(&reference::normalize_rows(&rows_q, c).unwrap().rows);
+    let unit_k = rounded::<T>(&reference::normalize_rows(&rows_k, c).unwrap().rows);
+    let logits = rounded::<f32>(&reference::similarity(&unit_q, &unit_k, &rows, tau).unwrap());
+    let forward = reference::info_nce_forward(&logits, rows.batch, rows.rows).unwrap();
+    let grads = reference::info_nce_backward(
+        &logits,
+        &forward.row_lse,
+        &unit_q,
+        &unit_k,
+        &rows,
+        tau,
+        upstream,
+        true,
+    )
+    .unwrap();
+    let back = |rows: &[f64], grad_unit: &[f64]| {
+        let grad_unit = rounded::<T>(grad_unit);
+        rounded::<T>(&reference::normalize_rows_backward(rows, &grad_unit, c).unwrap())
+    };
+    LayerModel {
+        loss: forward.loss,
+        grad_rows_q: back(&rows_q, &grads.dq),
+        grad_rows_k: back(&rows_k, grads.dk.as_ref().unwrap()),
     }
 }
