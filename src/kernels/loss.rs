@@ -10,9 +10,9 @@ use super::info_nce::{self, Side};
 use super::neighbor::{self, CentersBuf, Scatter};
 use super::normalize;
 use super::similarity;
-use super::{Buf, Launcher};
+use super::{Buf, Launcher, inv_tau};
 use crate::dtype::Dtype;
-use crate::error::{Error, Result, check_tau};
+use crate::error::{Error, Result};
 use crate::ffi;
 use crate::shape::{FeatureShape, RowShape};
 
@@ -147,7 +147,7 @@ pub struct LayerPlan {
 impl LayerPlan {
     /// A layer of feature maps of `shape` with `num_centers` centres and temperature `tau`.
     pub fn new(shape: FeatureShape, num_centers: usize, tau: f64) -> Result<Self> {
-        check_tau(tau)?;
+        inv_tau(tau)?;
         if num_centers > shape.interior() {
             return Err(Error::Shape(format!(
                 "{num_centers} centres, but a {}x{} map has only {} interior positions",
