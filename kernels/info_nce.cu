@@ -94,7 +94,7 @@ __device__ void info_nce_backward_tile(const ccpl_info_nce_backward_params& p, G
         return k < S && c < C ? to_float(other[k * C + c]) : 0.0f;
     };
     GemmAcc acc = {};
-    gemm_tile<!kTranspose, false>(smem, S, load_g, load_other, acc);
+    gemm_tile<!kTranspose, false, true>(smem, S, load_g, load_other, acc);  // S: a long one
     const float scale = ptr<float>(p.upstream)[0] / (float)((int64_t)p.batch * S) * p.inv_tau;
     T* __restrict__ grad = mut_ptr<T>(p.grad) + b * S * C;
 #pragma unroll

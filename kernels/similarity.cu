@@ -20,7 +20,7 @@ template <typename T> __device__ void similarity(const ccpl_similarity_params& p
         return j < S && c < C ? to_float(k[j * C + c]) : 0.0f;
     };
     GemmAcc acc = {};
-    gemm_tile<true, true>(smem, C, load_q, load_k, acc);
+    gemm_tile<true, true, false>(smem, C, load_q, load_k, acc);  // C: a short reduction
     float* __restrict__ logits = mut_ptr<float>(p.logits) + b * S * S;
 #pragma unroll
     for (int i = 0; i < Gemm::kMicro; ++i) {

@@ -11,7 +11,8 @@ use ccpl::kernels::neighbor::Scatter;
 use ccpl::{Centers, Dtype, FeatureShape, Layout, reference};
 use common::Rng;
 use common::device::{
-    TestCenters, TestDevice, assert_close, layer_model, random, scatter_model, to_f64, tolerance,
+    F32_TOLERANCE, TestCenters, TestDevice, assert_close, layer_model, random, rounds,
+    scatter_model, to_f64, tolerance,
 };
 
 const TAU: f64 = 0.07;
@@ -102,14 +103,12 @@ fn check_layer<T: Dtype, D: TestDevice>(dev: &D, case: &Case, rng: &mut Rng) {
     plan.forward::<T, _>(&dev.launcher(), &centers_buf, feat_q_buf, feat_k_buf, &bufs)
         .unwrap_or_else(|e| panic!("forward {label}: {e}"));
     let loss = dev.download(&ws.loss)[0] as f64;
-    let unit = layer_model::<T>(&feat_q_f64, &feat_k_f64, shape, centers, TAU, 1.0);
-    let what = format!("layer loss {label}");
-    assert_close(
-        &what,
-        &[loss],
-        &[exact.loss],
-        tolerance::<T>(&[unit.loss], &[exact.loss]),
-    );
+    // The rounding model, for the 16-bit types only (f32 has the spec's tolerance).
+    let model = |u: f64| {
+        rounds::<T>().then(|| layer_model::<T>(&feat_q_f64, &feat_k_f64, shape, centers, TAU, u))
+    };
+    let tol = model(1.0).map_or(F32_TOLERANCE, |m| tolerance::<T>(&[m.loss], &[exact.loss]));
+    assert_close(&format!("layer loss {label}"), &[loss], &[exact.loss], tol);
 
     // Backward twice from the same forward: the default upstream (1) with the deterministic
     // scatter, then 2.5 from device memory with the atomic one; each into a random start.
@@ -118,7 +117,7 @@ fn check_layer<T: Dtype, D: TestDevice>(dev: &D, case: &Case, rng: &mut Rng) {
         (Some(2.5f32), Scatter::Atomic),
     ] {
         let u = upstream.unwrap_or(1.0) as f64;
-        let model = layer_model::<T>(&feat_q_f64, &feat_k_f64, shape, centers, TAU, u);
+        let model = model(u);
         let start_q: Vec<T> = random(rng, shape.len(), 1.0);
         let start_k: Vec<T> = random(rng, shape.len(), 1.0);
         let mut grad_q_dev = dev.upload(&start_q);
@@ -137,43 +136,47 @@ fn check_layer<T: Dtype, D: TestDevice>(dev: &D, case: &Case, rng: &mut Rng) {
         )
         .unwrap_or_else(|e| panic!("backward {label}: {e}"));
         let sides = [
-            (
-                "q",
-                &grad_q_dev,
-                &start_q,
-                &exact.grad_feat_q,
-                &model.grad_rows_q,
-            ),
+            ("q", &grad_q_dev, &start_q, &exact.grad_feat_q),
             (
                 "k",
                 &grad_k_dev,
                 &start_k,
                 exact.grad_feat_k.as_ref().unwrap(),
-                &model.grad_rows_k,
             ),
         ];
-        for (side, got_dev, start, grad, grad_rows_model) in sides {
+        for (side, got_dev, start, grad) in sides {
             let start = to_f64(start);
             let want: Vec<f64> = start
                 .iter()
                 .zip(grad.iter())
                 .map(|(s, g)| s + u * g)
                 .collect();
-            let model = scatter_model::<T>(&start, grad_rows_model, shape, centers, scatter);
+            let tol = model.as_ref().map_or(F32_TOLERANCE, |m| {
+                let grad_rows = if side == "q" {
+                    &m.grad_rows_q
+                } else {
+                    &m.grad_rows_k
+                };
+                let stored = scatter_model::<T>(&start, grad_rows, shape, centers, scatter);
+                tolerance::<T>(&stored, &want)
+            });
             let got = to_f64(&dev.download(got_dev));
             let what = format!("layer grad_feat_{side} upstream={u} {scatter:?} {label}");
-            assert_close(&what, &got, &want, tolerance::<T>(&model, &want));
+            assert_close(&what, &got, &want, tol);
         }
     }
 }
 
-/// Flat patches give gradients of g/1e-7, beyond the range of f16 (65504): checked in f32 and
-/// bf16 only.
+/// Every storage type, except: flat patches give gradients of g/1e-7, beyond the range of f16
+/// (65504), so they are checked in f32 and bf16 only; S = 8192 (the reference alone takes
+/// seconds there) in f32 only, the kernel tests covering every type at that size.
 fn check_layer_all<D: TestDevice>(dev: &D, case: &Case, rng: &mut Rng) {
     check_layer::<f32, D>(dev, case, rng);
-    check_layer::<half::bf16, D>(dev, case, rng);
-    if !case.flat {
-        check_layer::<half::f16, D>(dev, case, rng);
+    if case.centers.rows() < 8192 {
+        check_layer::<half::bf16, D>(dev, case, rng);
+        if !case.flat {
+            check_layer::<half::f16, D>(dev, case, rng);
+        }
     }
 }
 

@@ -77,8 +77,10 @@ impl TestDevice for Emu {
     fn name(&self) -> &'static str {
         "emulator"
     }
+    /// Small sizes only, unless `CCPL_EMU_LARGE=1` (minutes in release mode: a check of the
+    /// large sizes where there is no GPU).
     fn large_sizes(&self) -> bool {
-        false
+        std::env::var("CCPL_EMU_LARGE").as_deref() == Ok("1")
     }
     fn upload<T: Elem>(&self, data: &[T]) -> Vec<T> {
         data.to_vec()
@@ -216,6 +218,11 @@ pub fn random<T: Element>(rng: &mut super::Rng, len: usize, scale: f64) -> Vec<T
 /// The spec's tolerance for float32 results: relative norm error below 1e-5.
 pub const F32_TOLERANCE: f64 = 1e-5;
 
+/// Whether storing a float32 result in `T` rounds it (f16, bf16).
+pub fn rounds<T: Dtype>() -> bool {
+    T::SUFFIX != "f32"
+}
+
 /// Tolerance of a result stored in `T`, given `model`: the result as the algorithm would give
 /// it if every value it stores in `T` were the exact value rounded once (computed by the test
 /// from the reference), and `exact`, the reference. f32: the spec's 1e-5. f16/bf16: twice the
@@ -223,10 +230,10 @@ pub const F32_TOLERANCE: f64 = 1e-5;
 /// neighbour, and its rounding errors are as many as the model's but not the same ones),
 /// plus the float32 tolerance for the arithmetic itself.
 pub fn tolerance<T: Dtype>(model: &[f64], exact: &[f64]) -> f64 {
-    if T::SUFFIX == "f32" {
-        F32_TOLERANCE
-    } else {
+    if rounds::<T>() {
         2.0 * rel_err(model, exact) + F32_TOLERANCE
+    } else {
+        F32_TOLERANCE
     }
 }
 
