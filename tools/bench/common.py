@@ -1,0 +1,166 @@
+"""What the benchmark scripts share: the configuration list (benches/configs.txt, the same file
+the Rust benches read), the cost model of each configuration (bytes, FLOPs, exponentials), and
+JSON-lines records.
+
+Pure Python and numpy: no torch here, so report.py runs anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# In the repository the list is benches/configs.txt; in the device pack it sits beside us.
+CONFIG_PATHS = [os.path.join(HERE, "configs.txt"), os.path.join(HERE, "..", "..", "benches", "configs.txt")]
+
+ELEMENT_BYTES = {"f32": 4, "bf16": 2, "f16": 2}
+LOGIT_BYTES = 4  # logits and per-row statistics are float32 whatever the storage type
+NEIGHBORS = 8
+
+
+@dataclass(frozen=True)
+class Config:
+    """One line of benches/configs.txt, with the derived sizes."""
+
+    suite: str  # "layer" (from feature maps) or "rows" (from head output rows)
+    name: str
+    tag: str
+    batch: int
+    rows: int  # S
+    width: int  # C for a layer, D for rows
+    dtypes: tuple[str, ...]
+    grads: str  # "q" or "qk"
+    channels: int = 0  # layer only
+    height: int = 0
+    width_map: int = 0
+    centers: int = 0  # N = min(num_s, interior)
+    fields: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def grad_count(self) -> int:
+        return len(self.grads)
+
+    def label(self) -> str:
+        if self.suite == "layer":
+            return f"{self.name} (B={self.batch} C={self.channels} {self.height}x{self.width_map} S={self.rows})"
+        return f"{self.name} (B={self.batch} S={self.rows} D={self.width} grads={self.grads})"
+
+
+def config_path() -> str:
+    for path in CONFIG_PATHS:
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"configs.txt not found in {CONFIG_PATHS}")
+
+
+def load_configs(path: str | None = None) -> list[Config]:
+    """Parses configs.txt: `suite key=value ...` per line, `#` comments."""
+    out = []
+    with open(path or config_path()) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            suite, *pairs = line.split()
+            kv = dict(p.split("=", 1) for p in pairs)
+            try:
+                out.append(_config(suite, kv))
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"configs.txt:{lineno}: {e}: {line}") from e
+    return out
+
+
+def _config(suite: str, kv: dict) -> Config:
+    dtypes = tuple(kv["dtypes"].split(","))
+    for d in dtypes:
+        if d not in ELEMENT_BYTES:
+            raise ValueError(f"unknown dtype {d}")
+    common = dict(suite=suite, name=kv["name"], tag=kv["tag"], batch=int(kv["B"]), dtypes=dtypes, fields=kv)
+    if suite == "layer":
+        c, h, w, num_s = int(kv["C"]), int(kv["H"]), int(kv["W"]), int(kv["num_s"])
+        n = min(num_s, (h - 2) * (w - 2))
+        return Config(rows=NEIGHBORS * n, width=c, grads="q", channels=c, height=h, width_map=w, centers=n, **common)
+    if suite == "rows":
+        grads = kv["grads"]
+        if grads not in ("q", "qk"):
+            raise ValueError(f"grads must be q or qk, not {grads}")
+        return Config(rows=int(kv["S"]), width=int(kv["D"]), grads=grads, **common)
+    raise ValueError(f"unknown suite {suite}")
+
+
+def touched_positions(cfg: Config, seed: int = 0) -> int:
+    """Distinct positions of one feature map that a draw of N centres reads (centres and their
+    8 neighbours), counted on a random draw of that size: the fewest positions a layer must
+    read, and whose gradient it must write."""
+    h, w, n = cfg.height, cfg.width_map, cfg.centers
+    rng = np.random.default_rng(seed)
+    interior = rng.choice((h - 2) * (w - 2), size=n, replace=False)
+    ch, cw = interior // (w - 2) + 1, interior % (w - 2) + 1
+    touched = np.zeros((h, w), dtype=bool)
+    for dh in (-1, 0, 1):
+        for dw in (-1, 0, 1):
+            touched[ch + dh, cw + dw] = True
+    return int(touched.sum())
+
+
+@dataclass(frozen=True)
+class Cost:
+    """The work of one forward plus backward, counted as the fewest a perfect implementation
+    needs (BENCHMARKS.md, 'The floor model')."""
+
+    bytes_min: float  # each input read once, each output written once; no intermediate in memory
+    bytes_logits: float  # extra traffic of a design that keeps the f32 logits in memory
+    flops: float
+    exps: float
+
+
+def loss_cost(cfg: Config, dtype: str) -> Cost:
+    e = ELEMENT_BYTES[dtype]
+    b, s, d = cfg.batch, cfg.rows, cfg.width
+    if cfg.suite == "layer":
+        # Read feat_q and feat_k at the touched positions, write d feat_q there.
+        bytes_min = 3.0 * e * b * cfg.channels * touched_positions(cfg)
+    else:
+        # Read q and k rows, write the gradient of each side that gets one.
+        bytes_min = float(e * b * s * d * (2 + cfg.grad_count))
+    # Logits written once, read by the forward's logsumexp and by each backward product.
+    bytes_logits = float(LOGIT_BYTES * b * s * s * (2 + cfg.grad_count))
+    flops = 2.0 * b * s * s * d * (1 + cfg.grad_count)  # q k^T, then G k (and G^T q)
+    exps = float(b * s * s)  # one exponential per logit (a backward that recomputes P doubles it)
+    return Cost(bytes_min, bytes_logits, flops, exps)
+
+
+def write_record(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_records(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def fmt_time_ms(ms: float | None) -> str:
+    if ms is None or (isinstance(ms, float) and math.isnan(ms)):
+        return "-"
+    if ms < 1.0:
+        return f"{ms * 1000:.1f} us"
+    if ms < 1000.0:
+        return f"{ms:.3g} ms"
+    return f"{ms / 1000:.3g} s"
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
