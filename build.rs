@@ -46,10 +46,8 @@ fn main() {
         })
         .collect();
     let embedded = match find_nvcc(&manifest) {
-        Some(nvcc) => compile_kernels(&nvcc, &kernels, &sources, &out),
-        None => {
-            let why = "nvcc was not found (set CCPL_NVCC or CUDA_HOME, put nvcc on PATH, \
-                       or run scripts/bootstrap)";
+        Ok(nvcc) => compile_kernels(&nvcc, &kernels, &sources, &out),
+        Err(why) => {
             if env::var("CCPL_REQUIRE_NVCC").is_ok_and(|v| v == "1") {
                 panic!("CCPL_REQUIRE_NVCC=1 but {why}");
             }
@@ -109,7 +107,7 @@ fn generate_bindings(manifest: &Path, kernels: &Path, out: &Path) {
     bindings.write_to_file(out.join("ccpl_sys.rs")).unwrap();
 }
 
-fn find_nvcc(manifest: &Path) -> Option<PathBuf> {
+fn find_nvcc(manifest: &Path) -> Result<PathBuf, String> {
     let works = |p: &Path| {
         Command::new(p)
             .arg("--version")
@@ -118,7 +116,11 @@ fn find_nvcc(manifest: &Path) -> Option<PathBuf> {
     };
     if let Some(p) = env::var_os("CCPL_NVCC") {
         let p = PathBuf::from(p);
-        return works(&p).then_some(p);
+        return if works(&p) {
+            Ok(p)
+        } else {
+            Err(format!("CCPL_NVCC={} does not run", p.display()))
+        };
     }
     let mut candidates: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH"]
         .iter()
@@ -127,7 +129,9 @@ fn find_nvcc(manifest: &Path) -> Option<PathBuf> {
         .collect();
     candidates.push(PathBuf::from("nvcc"));
     candidates.push(manifest.join(".toolchain/cuda/bin/nvcc"));
-    candidates.into_iter().find(|p| works(p))
+    candidates.into_iter().find(|p| works(p)).ok_or_else(|| {
+        "nvcc was not found (set CCPL_NVCC or CUDA_HOME, put nvcc on PATH, or run scripts/bootstrap)".into()
+    })
 }
 
 fn cuda_archs() -> Vec<u32> {

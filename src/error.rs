@@ -65,22 +65,37 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Shape(msg) => write!(f, "bad shape: {msg}"),
-            Error::Length { what, expected, actual } => {
-                write!(f, "bad length of {what}: expected {expected} elements, got {actual}")
+            Error::Length {
+                what,
+                expected,
+                actual,
+            } => {
+                write!(
+                    f,
+                    "bad length of {what}: expected {expected} elements, got {actual}"
+                )
             }
             Error::EmptyBatch => write!(f, "empty batch: B must be at least 1"),
             Error::NoInterior { height, width } => write!(
                 f,
                 "feature map {height}x{width} has no interior (H and W must be at least 3)"
             ),
-            Error::CenterOutsideInterior { index, flat, height, width } => write!(
+            Error::CenterOutsideInterior {
+                index,
+                flat,
+                height,
+                width,
+            } => write!(
                 f,
                 "centre {index} (flat index {flat}) is outside the interior 1..={} x 1..={} of a {height}x{width} map",
                 height.saturating_sub(2),
                 width.saturating_sub(2)
             ),
             Error::CenterRepeated { index, flat } => {
-                write!(f, "centre {index} (flat index {flat}) repeats an earlier centre")
+                write!(
+                    f,
+                    "centre {index} (flat index {flat}) repeats an earlier centre"
+                )
             }
             Error::NoCenters => write!(f, "no centres: at least one is needed"),
             Error::Tau(tau) => write!(f, "tau must be finite and > 0, got {tau}"),
@@ -102,10 +117,22 @@ impl From<cudarc::driver::DriverError> for Error {
 
 /// Checks that `tau` is a usable temperature.
 pub fn check_tau(tau: f64) -> Result<()> {
-    if tau.is_finite() && tau > 0.0 { Ok(()) } else { Err(Error::Tau(tau)) }
+    if tau.is_finite() && tau > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::Tau(tau))
+    }
 }
 
 /// Checks a buffer length.
 pub(crate) fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<()> {
-    if expected == actual { Ok(()) } else { Err(Error::Length { what, expected, actual }) }
+    if expected == actual {
+        Ok(())
+    } else {
+        Err(Error::Length {
+            what,
+            expected,
+            actual,
+        })
+    }
 }

@@ -1,6 +1,11 @@
 //! The shared header `kernels/ccpl.h`, as bindgen generates it at build time, and the
 //! kernel images that build.rs embedded.
-#![allow(non_camel_case_types, non_upper_case_globals, missing_docs, clippy::all)]
+#![allow(
+    non_camel_case_types,
+    non_upper_case_globals,
+    missing_docs,
+    clippy::all
+)]
 
 include!(concat!(env!("OUT_DIR"), "/ccpl_sys.rs"));
 

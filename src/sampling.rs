@@ -33,14 +33,20 @@ impl Centers {
         let (ih, iw) = (height - 2, width - 2);
         let n = num_s.min(ih * iw);
         // Partial Fisher-Yates over the interior positions: the first n slots are the draw.
-        let mut pool: Vec<i32> = (0..ih * iw).map(|i| ((i / iw + 1) * width + i % iw + 1) as i32).collect();
+        let mut pool: Vec<i32> = (0..ih * iw)
+            .map(|i| ((i / iw + 1) * width + i % iw + 1) as i32)
+            .collect();
         let mut rng = SplitMix64(seed);
         for i in 0..n {
             let j = i + rng.below((pool.len() - i) as u64) as usize;
             pool.swap(i, j);
         }
         pool.truncate(n);
-        Ok(Self { height, width, flat: pool })
+        Ok(Self {
+            height,
+            width,
+            flat: pool,
+        })
     }
 
     /// Takes centres given by the caller (flat indices `h*W + w`), checking that each lies in
@@ -58,14 +64,23 @@ impl Centers {
                 (1..=height - 2).contains(&h) && (1..=width - 2).contains(&w)
             };
             if !inside {
-                return Err(Error::CenterOutsideInterior { index, flat: p, height, width });
+                return Err(Error::CenterOutsideInterior {
+                    index,
+                    flat: p,
+                    height,
+                    width,
+                });
             }
             if std::mem::replace(&mut seen[p as usize], true) {
                 return Err(Error::CenterRepeated { index, flat: p });
             }
             out.push(p as i32);
         }
-        Ok(Self { height, width, flat: out })
+        Ok(Self {
+            height,
+            width,
+            flat: out,
+        })
     }
 
     /// The flat indices, in sampling order.
@@ -121,8 +136,13 @@ fn check_map(height: usize, width: usize) -> Result<()> {
     if height < 3 || width < 3 {
         return Err(Error::NoInterior { height, width });
     }
-    if height.checked_mul(width).is_none_or(|hw| hw > i32::MAX as usize) {
-        return Err(Error::Shape(format!("{height}x{width} map exceeds the i32 range of the kernels")));
+    if height
+        .checked_mul(width)
+        .is_none_or(|hw| hw > i32::MAX as usize)
+    {
+        return Err(Error::Shape(format!(
+            "{height}x{width} map exceeds the i32 range of the kernels"
+        )));
     }
     Ok(())
 }

@@ -43,7 +43,13 @@ pub struct FeatureShape {
 impl FeatureShape {
     /// Validates a shape: `B >= 1`, `C >= 1`, `H >= 3`, `W >= 3`, every dimension and `H*W`
     /// within `i32` (the kernels' index type for positions).
-    pub fn new(batch: usize, channels: usize, height: usize, width: usize, layout: Layout) -> Result<Self> {
+    pub fn new(
+        batch: usize,
+        channels: usize,
+        height: usize,
+        width: usize,
+        layout: Layout,
+    ) -> Result<Self> {
         if batch == 0 {
             return Err(Error::EmptyBatch);
         }
@@ -63,7 +69,13 @@ impl FeatureShape {
             .checked_mul(channels)
             .and_then(|n| n.checked_mul(height * width))
             .ok_or_else(|| Error::Shape("feature map size overflows usize".into()))?;
-        Ok(Self { batch, channels, height, width, layout })
+        Ok(Self {
+            batch,
+            channels,
+            height,
+            width,
+            layout,
+        })
     }
 
     /// Batch size `B`.
@@ -129,11 +141,15 @@ impl RowShape {
             return Err(Error::EmptyBatch);
         }
         if rows == 0 || width == 0 {
-            return Err(Error::Shape(format!("rows ({rows}) and width ({width}) must be at least 1")));
+            return Err(Error::Shape(format!(
+                "rows ({rows}) and width ({width}) must be at least 1"
+            )));
         }
         let max = i32::MAX as usize;
         if batch > max || rows > max || width > max {
-            return Err(Error::Shape(format!("({batch}, {rows}, {width}) exceeds the i32 range of the kernels")));
+            return Err(Error::Shape(format!(
+                "({batch}, {rows}, {width}) exceeds the i32 range of the kernels"
+            )));
         }
         batch
             .checked_mul(rows)

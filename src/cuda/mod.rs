@@ -15,7 +15,9 @@ pub mod neighbor;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
+};
 use cudarc::nvrtc::Ptx;
 
 use crate::error::{Error, Result};
@@ -29,18 +31,24 @@ const DRIVER_LIBRARIES: &[&str] = &["libcuda.so.1", "libcuda.so", "nvcuda.dll"];
 /// Whether the CUDA driver library can be loaded on this machine.
 pub fn driver_present() -> bool {
     // SAFETY: loading libcuda runs only its initialisers, the same load cudarc does later.
-    DRIVER_LIBRARIES.iter().any(|name| unsafe { libloading::Library::new(*name) }.is_ok())
+    DRIVER_LIBRARIES
+        .iter()
+        .any(|name| unsafe { libloading::Library::new(*name) }.is_ok())
 }
 
 /// Number of CUDA devices, or `Err(NoGpu)` when there is no driver or no device.
 pub fn device_count() -> Result<usize> {
     if !driver_present() {
-        return Err(Error::NoGpu("the CUDA driver library (libcuda) is not installed".into()));
+        return Err(Error::NoGpu(
+            "the CUDA driver library (libcuda) is not installed".into(),
+        ));
     }
     match CudaContext::device_count() {
         Ok(n) if n > 0 => Ok(n as usize),
         Ok(_) => Err(Error::NoGpu("the CUDA driver reports no device".into())),
-        Err(e) => Err(Error::NoGpu(format!("the CUDA driver could not be initialised: {e}"))),
+        Err(e) => Err(Error::NoGpu(format!(
+            "the CUDA driver could not be initialised: {e}"
+        ))),
     }
 }
 
@@ -48,9 +56,12 @@ pub fn device_count() -> Result<usize> {
 pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
     let n = device_count()?;
     if ordinal >= n {
-        return Err(Error::NoGpu(format!("device {ordinal} asked for, {n} present")));
+        return Err(Error::NoGpu(format!(
+            "device {ordinal} asked for, {n} present"
+        )));
     }
-    CudaContext::new(ordinal).map_err(|e| Error::NoGpu(format!("device {ordinal} could not be opened: {e}")))
+    CudaContext::new(ordinal)
+        .map_err(|e| Error::NoGpu(format!("device {ordinal} could not be opened: {e}")))
 }
 
 /// `Err(KernelsNotBuilt)` when the crate was built without nvcc.
@@ -79,7 +90,11 @@ impl Kernels {
         let key = ctx.cu_ctx() as usize;
         let mut loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner());
         loaded.retain(|(_, weak)| weak.strong_count() > 0);
-        if let Some(kernels) = loaded.iter().find(|(k, _)| *k == key).and_then(|(_, w)| w.upgrade()) {
+        if let Some(kernels) = loaded
+            .iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, w)| w.upgrade())
+        {
             return Ok(kernels);
         }
         let kernels = Arc::new(Self::load(ctx)?);
@@ -97,7 +112,10 @@ impl Kernels {
                 functions.insert(name.to_string(), module.load_function(name)?);
             }
         }
-        Ok(Self { ctx: ctx.clone(), functions })
+        Ok(Self {
+            ctx: ctx.clone(),
+            functions,
+        })
     }
 
     /// The context the kernels are loaded in.
@@ -115,14 +133,23 @@ impl Kernels {
     /// A launcher that enqueues plans on `stream`, which must belong to this context.
     pub fn on<'a>(&'a self, stream: &'a CudaStream) -> Result<CudaLauncher<'a>> {
         if stream.context().cu_ctx() != self.ctx.cu_ctx() {
-            return Err(Error::Cuda("the stream belongs to another context than the kernels".into()));
+            return Err(Error::Cuda(
+                "the stream belongs to another context than the kernels".into(),
+            ));
         }
-        Ok(CudaLauncher { kernels: self, stream })
+        Ok(CudaLauncher {
+            kernels: self,
+            stream,
+        })
     }
 }
 
 /// The cubin for `arch` (or an older minor of the same major, which runs there), else the PTX.
-fn load_image(ctx: &Arc<CudaContext>, image: &ffi::KernelImage, arch: u32) -> Result<Arc<CudaModule>> {
+fn load_image(
+    ctx: &Arc<CudaContext>,
+    image: &ffi::KernelImage,
+    arch: u32,
+) -> Result<Arc<CudaModule>> {
     let cubin = image
         .cubins
         .iter()
@@ -145,7 +172,11 @@ fn load_image(ctx: &Arc<CudaContext>, image: &ffi::KernelImage, arch: u32) -> Re
 pub fn entry_points(ptx: &str) -> impl Iterator<Item = &str> {
     ptx.lines().filter_map(|line| {
         let rest = line.trim().split(".entry ").nth(1)?;
-        Some(rest.split(|c: char| c == '(' || c.is_whitespace()).next().unwrap_or(rest))
+        Some(
+            rest.split(|c: char| c == '(' || c.is_whitespace())
+                .next()
+                .unwrap_or(rest),
+        )
     })
 }
 

@@ -51,8 +51,14 @@ impl DeviceCenters {
         let buf = CentersBuf {
             height: self.height,
             width: self.width,
-            flat: Buf { addr: flat, len: self.flat.len() },
-            map: Buf { addr: map, len: self.map.len() },
+            flat: Buf {
+                addr: flat,
+                len: self.flat.len(),
+            },
+            map: Buf {
+                addr: map,
+                len: self.map.len(),
+            },
         };
         (buf, [flat_guard, map_guard])
     }
@@ -76,8 +82,14 @@ pub fn neighbor_diff<T: Dtype>(
     let launch = plan::neighbor_diff::<T>(
         shape,
         &centers,
-        Buf { addr: feat_addr, len: feat_len },
-        Buf { addr: rows_addr, len: rows_len },
+        Buf {
+            addr: feat_addr,
+            len: feat_len,
+        },
+        Buf {
+            addr: rows_addr,
+            len: rows_len,
+        },
     )?;
     kernels.on(stream)?.launch(&launch)
 }

@@ -64,7 +64,11 @@ pub fn neighbor_diff<T: Dtype>(
     let block = ffi::CCPL_NEIGHBOR_BLOCK;
     Ok(LaunchPlan {
         kernel: format!("neighbor_diff_{}", T::SUFFIX),
-        grid: (grid_stride_blocks(shape.batch() * centers.len() * shape.channels(), block), 1, 1),
+        grid: (
+            grid_stride_blocks(shape.batch() * centers.len() * shape.channels(), block),
+            1,
+            1,
+        ),
         block: (block, 1, 1),
         shared_bytes: 0,
         params: ffi::ccpl_neighbor_diff_params {

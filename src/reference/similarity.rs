@@ -1,9 +1,28 @@
 //! Logits (spec step 6).
 
-use crate::error::Result;
+use crate::error::{Result, check_len, check_tau};
 use crate::shape::RowShape;
 
 /// `L[b, i, j] = q[b, i, :] . k[b, j, :] / tau`, `(B, S, S)`.
 pub fn similarity(q: &[f64], k: &[f64], shape: &RowShape, tau: f64) -> Result<Vec<f64>> {
-    todo!()
+    check_tau(tau)?;
+    check_len("q", shape.len(), q.len())?;
+    check_len("k", shape.len(), k.len())?;
+    let RowShape {
+        batch,
+        rows: s,
+        width: c_len,
+    } = *shape;
+    let mut logits = vec![0.0; shape.logits_len()];
+    for b in 0..batch {
+        for i in 0..s {
+            let qi = &q[(b * s + i) * c_len..][..c_len];
+            for j in 0..s {
+                let kj = &k[(b * s + j) * c_len..][..c_len];
+                let dot: f64 = (0..c_len).map(|c| qi[c] * kj[c]).sum();
+                logits[(b * s + i) * s + j] = dot / tau;
+            }
+        }
+    }
+    Ok(logits)
 }

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU check, on the GPU machine (packed by scripts/gpu-check into .device/check/run.sh).
+# Run from the repository root. Full log: $OUT/gpu-check.log (or ./gpu-check.log).
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+log=${OUT:-.}/gpu-check.log
+export CCPL_REQUIRE_GPU=1 CCPL_GOLDEN_DIR=${CCPL_GOLDEN_DIR:-tests/golden}
+failures=0
+run() { # name, command...
+    local name=$1; shift
+    echo "=== $name: $*"
+    local start=$SECONDS
+    if "$@"; then echo "=== $name: PASS ($((SECONDS - start)) s)"
+    else echo "=== $name: FAIL (exit $?, $((SECONDS - start)) s)"; failures=$((failures + 1)); fi
+}
+{
+    echo "ccpl GPU check"
+    echo "commit: $(tr '\n' ' ' < "$here/commit")"
+    echo "date:   $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    ldd --version | head -1
+    for bin in "$here"/bin/*; do
+        run "tests $(basename "$bin")" "$bin" --test-threads=1
+    done
+    sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+    if [ -z "$sanitizer" ]; then
+        echo "=== compute-sanitizer not found"; failures=$((failures + 1))
+    else
+        # Only the GPU tests (named *gpu*), at the sizes they pick under CCPL_SANITIZER=1.
+        for tool in memcheck racecheck; do
+            for bin in "$here"/bin/*; do
+                "$bin" --list 2>/dev/null | grep -q 'gpu.*: test' || continue
+                CCPL_SANITIZER=1 run "$tool $(basename "$bin")" "$sanitizer" --tool "$tool" \
+                    --error-exitcode 99 "$bin" gpu --test-threads=1
+            done
+        done
+    fi
+    echo "=== failures: $failures"
+} 2>&1 | tee "$log"
+exit $(grep -c '^=== .*: FAIL' "$log")
