@@ -2,7 +2,7 @@
 the Rust benches read), the cost model of each configuration (bytes, FLOPs, exponentials), and
 JSON-lines records.
 
-Pure Python and numpy: no torch here, so report.py runs anywhere.
+Pure Python (no numpy, no torch), so report.py runs anywhere.
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 from dataclasses import dataclass, field
-
-import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # In the repository the list is benches/configs.txt; in the device pack it sits beside us.
@@ -98,14 +97,11 @@ def touched_positions(cfg: Config, seed: int = 0) -> int:
     8 neighbours), counted on a random draw of that size: the fewest positions a layer must
     read, and whose gradient it must write."""
     h, w, n = cfg.height, cfg.width_map, cfg.centers
-    rng = np.random.default_rng(seed)
-    interior = rng.choice((h - 2) * (w - 2), size=n, replace=False)
-    ch, cw = interior // (w - 2) + 1, interior % (w - 2) + 1
-    touched = np.zeros((h, w), dtype=bool)
-    for dh in (-1, 0, 1):
-        for dw in (-1, 0, 1):
-            touched[ch + dh, cw + dw] = True
-    return int(touched.sum())
+    touched = set()
+    for i in random.Random(seed).sample(range((h - 2) * (w - 2)), n):
+        ch, cw = i // (w - 2) + 1, i % (w - 2) + 1
+        touched.update((ch + dh) * w + cw + dw for dh in (-1, 0, 1) for dw in (-1, 0, 1))
+    return len(touched)
 
 
 @dataclass(frozen=True)
@@ -164,3 +160,50 @@ def fmt_bytes(n: float | None) -> str:
         if n >= scale:
             return f"{n / scale:.3g} {unit}"
     return f"{n:.0f} B"
+
+
+# Per-kernel work, for the achieved rates of the kernel table: (bytes, FLOPs, exponentials) of
+# one launch, counted as each input read once and each output written once.
+KERNELS = (
+    "neighbor_diff",
+    "neighbor_diff_backward",
+    "normalize_rows",
+    "normalize_rows_backward",
+    "similarity",
+    "info_nce_forward",
+    "info_nce_backward_dq",
+    "info_nce_backward_dk",
+)
+
+
+def kernel_cost(kernel: str, cfg: Config, dtype: str) -> Cost:
+    e = ELEMENT_BYTES[dtype]
+    b, s, d = cfg.batch, cfg.rows, cfg.width
+    rows = b * s
+    if kernel in ("neighbor_diff", "neighbor_diff_backward"):
+        p = touched_positions(cfg)
+        feat = e * b * cfg.channels * p
+        # forward: read the touched positions, write the rows; backward: read the rows'
+        # gradient, read and write the touched positions' gradient (it accumulates).
+        nbytes = feat + rows * d * e if kernel == "neighbor_diff" else rows * d * e + 2 * feat
+        return Cost(float(nbytes), 0.0, 0.0, 0.0)
+    if kernel == "normalize_rows":
+        return Cost(float(2 * rows * d * e + LOGIT_BYTES * rows), 0.0, 3.0 * rows * d, 0.0)
+    if kernel == "normalize_rows_backward":
+        return Cost(float(3 * rows * d * e + LOGIT_BYTES * rows), 0.0, 5.0 * rows * d, 0.0)
+    if kernel == "similarity":
+        return Cost(float(2 * rows * d * e + LOGIT_BYTES * b * s * s), 0.0, 2.0 * b * s * s * d, 0.0)
+    if kernel == "info_nce_forward":
+        return Cost(float(LOGIT_BYTES * (b * s * s + 2 * rows)), 0.0, 0.0, float(b * s * s))
+    if kernel in ("info_nce_backward_dq", "info_nce_backward_dk"):
+        nbytes = LOGIT_BYTES * (b * s * s + rows) + 2 * rows * d * e
+        return Cost(float(nbytes), 0.0, 2.0 * b * s * s * d, float(b * s * s))
+    raise ValueError(f"unknown kernel {kernel}")
+
+
+def kernels_of(cfg: Config) -> tuple[str, ...]:
+    """The kernels a configuration's loss launches (so the kernel benches time each)."""
+    ks = [k for k in KERNELS if k != "info_nce_backward_dk" or cfg.grads == "qk"]
+    if cfg.suite == "rows":
+        ks = [k for k in ks if not k.startswith("neighbor")]
+    return tuple(ks)
