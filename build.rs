@@ -124,7 +124,7 @@ fn find_nvcc(manifest: &Path) -> Result<PathBuf, String> {
     }
     let mut candidates: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH"]
         .iter()
-        .filter_map(|v| env::var_os(v))
+        .filter_map(env::var_os)
         .map(|home| PathBuf::from(home).join("bin/nvcc"))
         .collect();
     candidates.push(PathBuf::from("nvcc"));

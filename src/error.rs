@@ -56,6 +56,8 @@ pub enum Error {
     KernelsNotBuilt(&'static str),
     /// An error reported by the CUDA driver.
     Cuda(String),
+    /// A backward was asked for before any forward filled what it reads.
+    BackwardBeforeForward,
 }
 
 /// This crate's result type.
@@ -103,6 +105,7 @@ impl fmt::Display for Error {
             Error::NoGpu(msg) => write!(f, "no GPU: {msg}"),
             Error::KernelsNotBuilt(why) => write!(f, "CUDA kernels were not built: {why}"),
             Error::Cuda(msg) => write!(f, "CUDA error: {msg}"),
+            Error::BackwardBeforeForward => write!(f, "backward called before forward"),
         }
     }
 }
