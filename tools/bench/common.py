@@ -166,7 +166,8 @@ def fmt_bytes(n: float | None) -> str:
 # one launch, counted as each input read once and each output written once.
 KERNELS = (
     "neighbor_diff",
-    "neighbor_diff_backward",
+    "neighbor_diff_backward_atomic",
+    "neighbor_diff_backward_deterministic",
     "normalize_rows",
     "normalize_rows_backward",
     "similarity",
@@ -180,7 +181,7 @@ def kernel_cost(kernel: str, cfg: Config, dtype: str) -> Cost:
     e = ELEMENT_BYTES[dtype]
     b, s, d = cfg.batch, cfg.rows, cfg.width
     rows = b * s
-    if kernel in ("neighbor_diff", "neighbor_diff_backward"):
+    if kernel.startswith("neighbor_diff"):
         p = touched_positions(cfg)
         feat = e * b * cfg.channels * p
         # forward: read the touched positions, write the rows; backward: read the rows'
@@ -202,7 +203,7 @@ def kernel_cost(kernel: str, cfg: Config, dtype: str) -> Cost:
 
 
 def kernels_of(cfg: Config) -> tuple[str, ...]:
-    """The kernels a configuration's loss launches (so the kernel benches time each)."""
+    """The kernels the kernel benches time for a configuration (benches/kernels.rs, `runs`)."""
     ks = [k for k in KERNELS if k != "info_nce_backward_dk" or cfg.grads == "qk"]
     if cfg.suite == "rows":
         ks = [k for k in ks if not k.startswith("neighbor")]

@@ -119,12 +119,14 @@ def cell(rec: dict | None) -> tuple[str, float | None]:
     return rec.get("status", "?"), None
 
 
-def ours_cell(crit: dict, statuses: dict, bench_id: tuple) -> tuple[str, float | None]:
+def ours_cell(crit: dict, statuses: dict, bench_id: tuple, setup_id: str | None = None) -> tuple[str, float | None]:
+    """Our median, or why there is none (from the status of the bench or of its setup)."""
+    status = statuses.get("/".join(bench_id)) or statuses.get(setup_id) or {}
     res = crit.get(bench_id)
     if res is not None:
-        return fmt_time_ms(res["median_ms"]), res["median_ms"]
-    status = statuses.get("/".join(bench_id))
-    if status and status.get("status") not in (None, "ok"):
+        failed = " (check FAILED)" if status.get("check_ok") is False else ""
+        return fmt_time_ms(res["median_ms"]) + failed, res["median_ms"]
+    if status.get("status") not in (None, "ok"):
         return status["status"], None
     return "-", None
 
@@ -208,7 +210,7 @@ def kernel_table(configs, crit, statuses, ceil: Ceilings) -> list[str]:
     for cfg in configs:
         for dtype in cfg.dtypes:
             for kernel in common.kernels_of(cfg):
-                txt, ms = ours_cell(crit, statuses, (kernel, cfg.name, dtype))
+                txt, ms = ours_cell(crit, statuses, (kernel, cfg.name, dtype), f"kernels/{cfg.name}/{dtype}")
                 cost = common.kernel_cost(kernel, cfg, dtype)
                 floor_ms, limit = ceil.floor(cost, dtype)
 
@@ -224,8 +226,16 @@ def kernel_table(configs, crit, statuses, ceil: Ceilings) -> list[str]:
     return [*lines, ""]
 
 
-def checks(statuses: dict) -> list[str]:
+def checks(statuses: dict, baselines: dict) -> list[str]:
     lines = []
+    # The PyTorch implementations ran on the same inputs (same seed): their losses must agree.
+    for (config, dtype, impl), rec in sorted(baselines.items()):
+        eager = baselines.get((config, dtype, "eager"), {})
+        if impl != "eager" and "loss" in rec and "loss" in eager:
+            diff = abs(rec["loss"] - eager["loss"]) / max(abs(eager["loss"]), 1e-30)
+            lines.append(f"- {impl} {config} {dtype}: loss {rec['loss']:.6g}, eager {eager['loss']:.6g} (relative difference {diff:.1e})")
+        if rec.get("status") == "error":
+            lines.append(f"- {impl} {config} {dtype}: error: {rec.get('error', '')}")
     for bench_id, rec in sorted(statuses.items()):
         if "check" in rec:
             lines.append(f"- {bench_id}: {rec['check']}")
@@ -233,7 +243,7 @@ def checks(statuses: dict) -> list[str]:
             lines.append(f"- {bench_id}: {rec['status']}: {rec.get('reason', '')}")
     if not lines:
         return []
-    return ["## Checks and skips reported by the Rust benches", "", *lines, ""]
+    return ["## Checks, skips and errors", "", *lines, ""]
 
 
 def header(roof: dict, args) -> list[str]:
@@ -270,6 +280,7 @@ def main():
     ap.add_argument("--commit", default="")
     ap.add_argument("--date", default="")
     ap.add_argument("--f32-rate", choices=("fp32", "tf32"), default="fp32")
+    ap.add_argument("--json-out", help="also write every number the tables came from here")
     args = ap.parse_args()
 
     configs = common.load_configs(args.configs)
@@ -277,6 +288,13 @@ def main():
     if args.roofline and os.path.exists(args.roofline):
         with open(args.roofline) as f:
             roof = json.load(f)
+    if "gpu" not in roof and args.log and os.path.exists(args.log):
+        # Without the ceilings, the GPU's name still comes from what the Rust benches printed.
+        with open(args.log, errors="replace") as f:
+            for line in f:
+                if ": benchmarking on " in line:
+                    roof["gpu"] = line.split(": benchmarking on ", 1)[1].strip()
+                    break
     ceil = Ceilings(roof, args.f32_rate)
     crit = load_criterion(args.criterion)
     statuses = load_statuses(args.log)
@@ -284,8 +302,22 @@ def main():
     out = header(roof, args)
     out += loss_tables(configs, crit, statuses, baselines, ceil)
     out += kernel_table(configs, crit, statuses, ceil)
-    out += checks(statuses)
+    out += checks(statuses, baselines)
     print("\n".join(out))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(
+                {
+                    "commit": args.commit,
+                    "date": args.date,
+                    "roofline": roof,
+                    "ours": {"/".join(k): v for k, v in sorted(crit.items())},
+                    "statuses": statuses,
+                    "baselines": sorted(baselines.values(), key=lambda r: (r["config"], r["dtype"], r["impl"])),
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":
