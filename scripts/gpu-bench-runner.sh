@@ -2,7 +2,8 @@
 # The benchmark run on the GPU machine (packed by scripts/gpu-bench into .device/bench/run.sh;
 # run from the repository root). Everything in one go, within CCPL_BENCH_BUDGET_S seconds
 # (default 450): the measured ceilings, our loss, the PyTorch baselines (eager, torch.compile,
-# Inf-CL), our kernels, then the tables. Writes to $OUT (or ./bench-out):
+# Inf-CL), our kernels, then the tables. CCPL_BENCH_TAGS=paper,large (say) keeps only those
+# configurations of configs.txt, for a shorter run. Writes to $OUT (or ./bench-out):
 #   bench.log     the full log
 #   table.md      the tables (also printed last)
 #   results.json  every number the tables came from
@@ -17,9 +18,12 @@ deadline=$((start + budget))
 left() { echo $((deadline - $(date +%s))); }
 work=$(mktemp -d)
 export CRITERION_HOME=$work/criterion CCPL_REQUIRE_GPU=1 PYTHONUNBUFFERED=1
-# Criterion: short warm-up and measurement (each step is microseconds to tens of ms; the
-# sample medians settle well within this), flat sampling set in the benches.
-crit=(--warm-up-time 0.1 --measurement-time 0.3 --sample-size 10 --nresamples 1000 --noplot)
+# Criterion: short warm-up and measurement (a step takes microseconds to tens of ms, so even
+# 0.2 s holds thousands of the short ones), 10 samples, flat sampling (set in the benches);
+# the loss, the headline numbers, gets a little longer than each of the ~190 kernel benches.
+crit=(--sample-size 10 --nresamples 1000 --noplot)
+crit_loss=("${crit[@]}" --warm-up-time 0.1 --measurement-time 0.3)
+crit_kernels=("${crit[@]}" --warm-up-time 0.05 --measurement-time 0.2)
 
 phase() { # name, timeout in seconds, command...
     local name=$1 limit=$2; shift 2
@@ -50,11 +54,11 @@ phase() { # name, timeout in seconds, command...
     export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 
     phase roofline 90 python3 "$here/py/roofline.py" --out "$work/roofline.json"
-    phase "loss (ours)" $(($(left) - 300 > 150 ? 150 : $(left) - 300)) "$here/bin/loss" --bench "${crit[@]}"
+    phase "loss (ours)" $(($(left) - 300 > 150 ? 150 : $(left) - 300)) "$here/bin/loss" --bench "${crit_loss[@]}"
     # The baselines get what is left but 120 s, which the kernel benches and the report keep.
     phase baselines $(($(left) - 120)) python3 "$here/py/baselines.py" --out "$work/baselines.jsonl" \
         --configs "$here/py/configs.txt" --deadline $((deadline - 150))
-    phase "kernels (ours)" $(($(left) - 15)) "$here/bin/kernels" --bench "${crit[@]}"
+    phase "kernels (ours)" $(($(left) - 15)) "$here/bin/kernels" --bench "${crit_kernels[@]}"
     echo "=== total $(($(date +%s) - start)) s"
 } 2>&1 | tee "$log"
 

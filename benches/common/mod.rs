@@ -56,8 +56,11 @@ impl Config {
     }
 }
 
-/// Every configuration of `configs.txt`, in file order (the order of importance).
+/// Every configuration of `configs.txt`, in file order (the order of importance); only those
+/// whose tag is listed in `CCPL_BENCH_TAGS` (comma-separated) when it is set.
 pub fn configs() -> Vec<Config> {
+    let tags = std::env::var("CCPL_BENCH_TAGS").unwrap_or_default();
+    let wanted = |cfg: &Config| tags.is_empty() || tags.split(',').any(|t| t == cfg.tag);
     CONFIGS
         .lines()
         .map(|line| line.split('#').next().unwrap_or("").trim())
@@ -65,6 +68,7 @@ pub fn configs() -> Vec<Config> {
         .map(|line| {
             parse_config(line).unwrap_or_else(|e| panic!("benches/configs.txt: {e}: `{line}`"))
         })
+        .filter(wanted)
         .collect()
 }
 

@@ -17,6 +17,7 @@ One JSON line per (config, dtype, implementation) goes to --out. Jobs run in pri
 measured instead of silently missing it.
 
 Smoke test without a GPU: `--device cpu --quick` (tiny sizes, wall-clock timing).
+CCPL_BENCH_TAGS=paper (say) keeps only the configurations with those tags.
 """
 
 from __future__ import annotations
@@ -277,14 +278,12 @@ def measure(cfg, dtype_name, impl, device, args, l2_bytes) -> dict:
     return rec
 
 
-def jobs(configs, impls, only_tag):
+def jobs(configs, impls):
     """(priority, cfg, dtype, impl) in the order they run: eager everywhere first; then
     torch.compile where the targets are (the paper's layers, large and huge S); Inf-CL; then
     torch.compile on the rest; CUDA-graph compile on the paper's layers last."""
     out = []
     for cfg in configs:
-        if only_tag and cfg.tag not in only_tag:
-            continue
         for dtype in cfg.dtypes:
             for impl in impls:
                 if impl == "infcl" and not (cfg.suite == "rows" and cfg.batch == 1):
@@ -330,7 +329,6 @@ def main():
     ap.add_argument("--configs", default=None, help="configs.txt (default: found beside or in benches/)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--impls", default="eager,compile,infcl,compile-graphs")
-    ap.add_argument("--tags", default="", help="only these tags (comma-separated)")
     ap.add_argument("--deadline", type=float, default=0.0, help="Unix time after which no job starts")
     ap.add_argument("--warmup-ms", type=float, default=100.0)
     ap.add_argument("--target-ms", type=float, default=300.0, help="time spent on the timed repeats")
@@ -359,9 +357,8 @@ def main():
             import inf_cl  # noqa: F401
         except ImportError as e:
             print(f"baselines: Inf-CL not importable ({e}); its jobs are recorded as errors", flush=True)
-    only_tag = set(t for t in args.tags.split(",") if t)
 
-    for _, cfg, dtype, impl in jobs(configs, impls, only_tag):
+    for _, cfg, dtype, impl in jobs(configs, impls):
         head = {"suite": cfg.suite, "config": cfg.name, "dtype": dtype, "impl": impl}
         if args.deadline and time.time() > args.deadline:
             common.write_record(args.out, {**head, "status": "budget"})

@@ -58,7 +58,9 @@ def config_path() -> str:
 
 
 def load_configs(path: str | None = None) -> list[Config]:
-    """Parses configs.txt: `suite key=value ...` per line, `#` comments."""
+    """Parses configs.txt: `suite key=value ...` per line, `#` comments; only the tags listed
+    in CCPL_BENCH_TAGS (comma-separated) when it is set, as the Rust benches do."""
+    tags = {t for t in os.environ.get("CCPL_BENCH_TAGS", "").split(",") if t}
     out = []
     with open(path or config_path()) as f:
         for lineno, line in enumerate(f, 1):
@@ -68,9 +70,11 @@ def load_configs(path: str | None = None) -> list[Config]:
             suite, *pairs = line.split()
             kv = dict(p.split("=", 1) for p in pairs)
             try:
-                out.append(_config(suite, kv))
+                cfg = _config(suite, kv)
             except (KeyError, ValueError) as e:
                 raise ValueError(f"configs.txt:{lineno}: {e}: {line}") from e
+            if not tags or cfg.tag in tags:
+                out.append(cfg)
     return out
 
 
