@@ -28,16 +28,18 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     for cfg in common::configs() {
         for dtype in &cfg.dtypes {
-            let id = format!("{}/{dtype}", cfg.name);
-            let outcome = with_dtype!(dtype.as_str(), T => bench_config::<T>(&mut c, &gpu, &cfg));
-            if let Err(e) = outcome {
-                eprintln!("kernels {id}: ERROR: {e}");
-                status(
-                    &format!("kernels/{id}"),
-                    "error",
-                    &[("reason", Field::Str(e.to_string()))],
-                );
-            }
+            let id = format!("kernels/{}/{dtype}", cfg.name);
+            // A failure is reported and the next configuration goes on (a panic too).
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+                || with_dtype!(dtype.as_str(), T => bench_config::<T>(&mut c, &gpu, &cfg)),
+            ));
+            let failure = match outcome {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e.to_string(),
+                Err(panic) => common::panic_message(panic.as_ref()),
+            };
+            eprintln!("{id}: ERROR: {failure}");
+            status(&id, "error", &[("reason", Field::Str(failure))]);
         }
     }
     c.final_summary();
@@ -270,6 +272,15 @@ fn bench_config<T: Dtype>(c: &mut Criterion, gpu: &Gpu, cfg: &Config) -> ccpl::R
 
     for (kernel, launch) in kernels::<T>() {
         if !runs(kernel, cfg) {
+            continue;
+        }
+        // One launch and a wait before timing: a failure is reported here, not while timing.
+        let trial = launch(gpu, layer.as_ref(), &mut sets[0])
+            .and_then(|()| Ok(gpu.stream.synchronize()?));
+        if let Err(e) = trial {
+            let id = format!("{kernel}/{}/{}", cfg.name, T::SUFFIX);
+            eprintln!("{id}: ERROR: {e}");
+            status(&id, "error", &[("reason", Field::Str(e.to_string()))]);
             continue;
         }
         let mut group = c.benchmark_group(kernel);

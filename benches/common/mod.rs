@@ -226,6 +226,15 @@ pub fn time_iters(stream: &CudaStream, iters: u64, mut step: impl FnMut(usize)) 
     Duration::from_secs_f64(f64::from(ms) / 1e3)
 }
 
+/// The message of a caught panic.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(s), _) => format!("panicked: {s}"),
+        (_, Some(s)) => format!("panicked: {s}"),
+        _ => "panicked".into(),
+    }
+}
+
 /// A value of a status line.
 pub enum Field {
     Str(String),
