@@ -6,10 +6,12 @@
 namespace ccpl {
 
 // One warp per row (B*S rows of S logits: as many warps as the row is long, so the GPU is
-// full whenever the row is long enough to matter). Each lane keeps a running max and a sum
-// of exp(L - max), rescaled when the max grows (one exp per element, no overflow at any
-// tau); the lanes merge by shuffles. row_loss = (max - L_ii) + log(sum) rather than
-// lse - L_ii, which would cancel in float when the diagonal dominates.
+// full whenever the row is long enough to matter). Each lane keeps a running max and `rest`,
+// the sum of exp(L - max) over its elements other than (one) max, rescaled when the max
+// grows: one exp per element, no overflow at any tau. The lanes merge by shuffles, the max
+// element of the row contributing the 1 of log1p(rest). So row_loss = (max - L_ii) +
+// log1p(rest) keeps its relative precision when the diagonal dominates the row (the loss is
+// then tiny, and lse - L_ii would cancel).
 __device__ void info_nce_forward(const ccpl_info_nce_forward_params& p) {
     const int lane = threadIdx.x % kWarp;
     const int64_t S = p.rows, total = (int64_t)p.batch * S;
@@ -17,20 +19,26 @@ __device__ void info_nce_forward(const ccpl_info_nce_forward_params& p) {
     const int64_t stride = (int64_t)gridDim.x * blockDim.x / kWarp;
     for (int64_t row = first; row < total; row += stride) {
         const float* __restrict__ L = ptr<float>(p.logits) + row * S;
-        float max = -INFINITY, sum = 0.0f;
+        float max = -INFINITY, rest = 0.0f;
         for (int64_t j = lane; j < S; j += kWarp) {
             const float x = L[j];
             if (x > max) {
-                sum = sum * expf(max - x) + 1.0f;
+                rest = (rest + 1.0f) * expf(max - x);
                 max = x;
             } else {
-                sum += expf(x - max);
+                rest += expf(x - max);
             }
         }
         const float row_max = warp_max(max);
-        sum = warp_sum(max == -INFINITY ? 0.0f : sum * expf(max - row_max));
+        // The first lane holding the row max keeps its max out of the sum; every other lane
+        // adds all its terms, rescaled to the row max (a lane without elements adds 0).
+        const unsigned at_max = __ballot_sync(kFullMask, max == row_max);
+        const bool keeps_max = lane == __ffs((int)at_max) - 1;
+        const float mine = keeps_max ? rest
+                           : max == -INFINITY ? 0.0f
+                                              : (rest + 1.0f) * expf(max - row_max);
+        const float log_sum = log1pf(warp_sum(mine));
         if (lane == 0) {
-            const float log_sum = logf(sum);
             mut_ptr<float>(p.row_lse)[row] = row_max + log_sum;
             mut_ptr<float>(p.row_loss)[row] = (row_max - L[row % S]) + log_sum;
         }
@@ -59,7 +67,7 @@ __device__ void info_nce_loss(const ccpl_info_nce_loss_params& p) {
 }
 
 // One 64x64 tile of grad = G · other * upstream / (B*S) / tau with G = softmax(L) - I
-// computed on the fly from the logits and the row logsumexp. kTranspose reads Gᵀ (dk: the
+// computed on the fly from the logits and the forward's row statistics. kTranspose reads Gᵀ (dk: the
 // tile rows are columns j of L, the reduction runs over rows i).
 template <typename T, bool kTranspose>
 __device__ void info_nce_backward_tile(const ccpl_info_nce_backward_params& p, GemmShared& smem) {
@@ -67,9 +75,12 @@ __device__ void info_nce_backward_tile(const ccpl_info_nce_backward_params& p, G
     const int64_t r0 = (int64_t)blockIdx.y * Gemm::kTile, c0 = (int64_t)blockIdx.x * Gemm::kTile;
     const float* __restrict__ L = ptr<float>(p.logits) + b * S * S;
     const float* __restrict__ lse = ptr<float>(p.row_lse) + b * S;
+    const float* __restrict__ row_loss = ptr<float>(p.row_loss) + b * S;
     const T* __restrict__ other = ptr<T>(p.other) + b * S * C;
+    // P_ij = exp(L_ij - lse_i) off the diagonal; P_ii - 1 = exp(-row_loss_i) - 1 on it, by
+    // expm1, which keeps its precision when P_ii is close to 1.
     const auto softmax_minus_eye = [&](int64_t i, int64_t j) {
-        return expf(L[i * S + j] - lse[i]) - (i == j ? 1.0f : 0.0f);
+        return i == j ? expm1f(-row_loss[i]) : expf(L[i * S + j] - lse[i]);
     };
     // A: G (rows r0.., read along j) or Gᵀ (rows are columns of L, read along them).
     const auto load_g = [&](int m, int64_t k) {

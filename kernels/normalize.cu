@@ -34,9 +34,12 @@ template <typename T> __device__ void normalize_rows(const ccpl_normalize_rows_p
     }
 }
 
-// g_d = g/(n+eps) - d (d.g) / (n (n+eps)^2), written as (g - d * ((d.g)/n) / (n+eps)) / (n+eps)
-// so that nothing underflows for tiny n; where n == 0 the second term is 0 (g_d = g/eps),
-// never NaN.
+// g_d = g/(n+eps) - d (d.g) / (n (n+eps)^2). With u = d/n and a = u.g this is
+//     g_d = ((g - u a) + u a eps/(n+eps)) / (n+eps),
+// the component of g across the row plus what is left of the one along it. Written so, the
+// cancellation of the along-row component happens exactly (for C = 1, u = +-1 and g - u a
+// is 0 exactly) instead of in the difference of two rounded terms, and no product of small
+// numbers underflows. Where n == 0 the second term of the spec is 0: g_d = g/eps, never NaN.
 template <typename T>
 __device__ void normalize_rows_backward(const ccpl_normalize_rows_backward_params& p) {
     const int lane = threadIdx.x % kWarp;
@@ -45,14 +48,21 @@ __device__ void normalize_rows_backward(const ccpl_normalize_rows_backward_param
         const T* __restrict__ d = ptr<T>(p.rows) + row * C;
         const T* __restrict__ g = ptr<T>(p.grad_out) + row * C;
         T* __restrict__ grad = mut_ptr<T>(p.grad_rows) + row * C;
-        float dot = 0.0f;
-        for (int64_t c = lane; c < C; c += kWarp) dot = fmaf(to_float(d[c]), to_float(g[c]), dot);
-        dot = warp_sum(dot);
         const float norm = ptr<float>(p.norms)[row];
         const float scale = 1.0f / (norm + kNormEps);
-        const float along = norm > 0.0f ? dot / norm * scale : 0.0f;
-        for (int64_t c = lane; c < C; c += kWarp) {
-            grad[c] = from_float<T>((to_float(g[c]) - to_float(d[c]) * along) * scale);
+        if (norm > 0.0f) {
+            float along = 0.0f;
+            for (int64_t c = lane; c < C; c += kWarp) {
+                along = fmaf(to_float(d[c]) / norm, to_float(g[c]), along);
+            }
+            along = warp_sum(along);
+            const float kept = kNormEps * scale;  // eps/(n+eps): what survives along u
+            for (int64_t c = lane; c < C; c += kWarp) {
+                const float u_along = to_float(d[c]) / norm * along;
+                grad[c] = from_float<T>(((to_float(g[c]) - u_along) + u_along * kept) * scale);
+            }
+        } else {
+            for (int64_t c = lane; c < C; c += kWarp) grad[c] = from_float<T>(to_float(g[c]) * scale);
         }
     }
 }

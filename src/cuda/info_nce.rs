@@ -53,7 +53,7 @@ pub fn info_nce_loss(
 /// Writes the gradient of the loss with respect to the normalised rows of `side` into `grad`
 /// `(B, S, C)`: with `G = (softmax(L) - I) * upstream[0] / (B*S)`, `dq = G k / tau` (`other`
 /// is `k`) or `dk = Gᵀ q / tau` (`other` is `q`). `upstream` is one float32 on the device,
-/// `row_lse` the forward's.
+/// `row_lse` and `row_loss` the forward's.
 ///
 /// Everything is validated before the launch; nothing is allocated and nothing waits.
 #[allow(clippy::too_many_arguments)]
@@ -65,16 +65,19 @@ pub fn info_nce_backward<T: Dtype>(
     side: Side,
     logits: &impl DevicePtr<f32>,
     row_lse: &impl DevicePtr<f32>,
+    row_loss: &impl DevicePtr<f32>,
     other: &impl DevicePtr<T>,
     upstream: &impl DevicePtr<f32>,
     grad: &mut impl DevicePtrMut<T>,
 ) -> Result<()> {
     let (logits, _logits_guard) = buf(logits, stream);
     let (row_lse, _lse_guard) = buf(row_lse, stream);
+    let (row_loss, _loss_guard) = buf(row_loss, stream);
     let (other, _other_guard) = buf(other, stream);
     let (upstream, _upstream_guard) = buf(upstream, stream);
     let (grad, _grad_guard) = buf_mut(grad, stream);
-    let launch =
-        plan::info_nce_backward::<T>(shape, tau, side, logits, row_lse, other, upstream, grad)?;
+    let launch = plan::info_nce_backward::<T>(
+        shape, tau, side, logits, row_lse, row_loss, other, upstream, grad,
+    )?;
     kernels.on(stream)?.launch(&launch)
 }

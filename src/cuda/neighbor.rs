@@ -135,7 +135,6 @@ pub fn neighbor_diff_backward<T: Dtype>(
     let (grad_rows, _rows_guard) = buf(grad_rows, stream);
     let (grad_feat, _feat_guard) = buf_mut(grad_feat, stream);
     let (centers, _centers_guards) = centers.buf(stream);
-    let launch =
-        plan::neighbor_diff_backward::<T>(shape, &centers, grad_rows, grad_feat, scatter)?;
+    let launch = plan::neighbor_diff_backward::<T>(shape, &centers, grad_rows, grad_feat, scatter)?;
     kernels.on(stream)?.launch(&launch)
 }

@@ -76,7 +76,7 @@ pub fn info_nce_loss(
 /// `info_nce_backward_{T}`: with `G = (softmax(L) - I) * upstream[0] / (B*S)`, the gradient
 /// of the loss with respect to the normalised rows of `side`: `dq = G k / tau` (`other` is
 /// `k`) or `dk = Gᵀ q / tau` (`other` is `q`). `upstream` is one float32 on the device, so
-/// nothing waits on the host; `row_lse` is the forward's.
+/// nothing waits on the host; `row_lse` and `row_loss` are the forward's.
 #[allow(clippy::too_many_arguments)]
 pub fn info_nce_backward<T: Dtype>(
     shape: &RowShape,
@@ -84,6 +84,7 @@ pub fn info_nce_backward<T: Dtype>(
     side: Side,
     logits: Buf,
     row_lse: Buf,
+    row_loss: Buf,
     other: Buf,
     upstream: Buf,
     grad: Buf,
@@ -92,6 +93,7 @@ pub fn info_nce_backward<T: Dtype>(
     let rows = row_count(shape)?;
     check_len("logits", shape.logits_len(), logits.len)?;
     check_len("row_lse", rows, row_lse.len)?;
+    check_len("row_loss", rows, row_loss.len)?;
     check_len("other", shape.len(), other.len)?;
     check_len("upstream", 1, upstream.len)?;
     check_len("grad", shape.len(), grad.len)?;
@@ -103,6 +105,7 @@ pub fn info_nce_backward<T: Dtype>(
         params: ffi::ccpl_info_nce_backward_params {
             logits: logits.addr,
             row_lse: row_lse.addr,
+            row_loss: row_loss.addr,
             other: other.addr,
             upstream: upstream.addr,
             grad: grad.addr,

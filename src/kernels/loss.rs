@@ -274,6 +274,7 @@ impl LayerPlan {
                 side,
                 ws.logits,
                 ws.row_lse,
+                ws.row_loss,
                 other,
                 upstream,
                 ws.grad_unit,
