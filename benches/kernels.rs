@@ -16,8 +16,7 @@ use ccpl::cuda::info_nce::{self as nce, Side};
 use ccpl::cuda::neighbor::{self, DeviceCenters, Scatter};
 use ccpl::cuda::{normalize, similarity};
 use ccpl::{Centers, DEFAULT_TAU, Dtype, FeatureShape, RowShape};
-use common::testutil::Rng;
-use common::{Config, Field, Gpu, RowsLoss, Suite, status, time_iters};
+use common::{Config, Field, Gpu, Rng, RowsLoss, Suite, status, time_iters};
 use criterion::{BenchmarkId, Criterion, SamplingMode};
 use cudarc::driver::CudaSlice;
 
@@ -214,6 +213,7 @@ fn info_nce_backward<T: Dtype>(gpu: &Gpu, set: &mut Set<T>, side: Side) -> ccpl:
         side,
         &l.logits,
         &l.row_lse,
+        &l.row_loss,
         other,
         &l.one,
         &mut l.grad_unit,

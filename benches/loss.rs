@@ -25,8 +25,7 @@ use ccpl::reference::{
     similarity,
 };
 use ccpl::{Centers, DEFAULT_TAU, Dtype, Element, FeatureShape, RowShape};
-use common::testutil::{Rng, rel_err};
-use common::{Config, Field, Gpu, RowsLoss, Suite, status, time_iters};
+use common::{Config, Field, Gpu, Rng, RowsLoss, Suite, rel_err, status, time_iters};
 use criterion::{BenchmarkId, Criterion, SamplingMode};
 use cudarc::driver::CudaSlice;
 

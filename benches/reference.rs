@@ -12,8 +12,7 @@ use ccpl::reference::{
 use ccpl::{Centers, DEFAULT_TAU, FeatureShape, Layout, RowShape};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 
-#[path = "../tests/common/mod.rs"]
-mod testutil;
+mod common;
 
 /// A small layer: its name, `(B, C, H, W)` and `num_s`.
 struct Size {
@@ -56,7 +55,7 @@ impl Inputs {
         let shape = FeatureShape::new(b, c, h, w, Layout::Nchw).expect("valid size");
         let centers = Centers::sample(h, w, size.num_s, 1).expect("valid centres");
         let rows = RowShape::new(b, centers.rows(), c).expect("valid rows");
-        let mut rng = testutil::Rng::new(2022);
+        let mut rng = common::Rng::new(2022);
         let feat_q: Vec<f32> = rng.vec(shape.len()).into_iter().map(|x| x as f32).collect();
         let feat_k: Vec<f32> = rng.vec(shape.len()).into_iter().map(|x| x as f32).collect();
         let diff = neighbor_diff(&feat_q, &shape, &centers).expect("diff");

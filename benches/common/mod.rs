@@ -1,7 +1,7 @@
-//! What the GPU benches share: the configurations of `benches/configs.txt` (the list the
-//! PyTorch baselines read too), the device or a loud skip, timing with CUDA events, the
-//! rotation of input sets past the L2, the loss from head rows, and the status lines
-//! (`ccpl-bench {json}`) that `tools/bench/report.py` reads from the log.
+//! What the benches share: the configurations of `benches/configs.txt` (the list the PyTorch
+//! baselines read too), the device or a loud skip, timing with CUDA events, the rotation of
+//! input sets past the L2, the loss from head rows, the status lines (`ccpl-bench {json}`)
+//! that `tools/bench/report.py` reads from the log, and a seeded generator.
 #![allow(dead_code)] // each bench binary uses its own part
 
 use std::fmt::Write as _;
@@ -12,11 +12,6 @@ use ccpl::cuda::info_nce::{self as nce, Side};
 use ccpl::cuda::{self, Kernels, normalize, similarity};
 use ccpl::{DEFAULT_TAU, Dtype, FeatureShape, Layout, RowShape};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, sys};
-
-/// The tests' seeded generator and error measure.
-#[path = "../../tests/common/mod.rs"]
-pub mod testutil;
-use testutil::Rng;
 
 /// The configuration list, compiled in so a bench binary runs anywhere.
 const CONFIGS: &str = include_str!("../configs.txt");
@@ -279,6 +274,49 @@ fn json_str(s: &str) -> String {
     out
 }
 
+/// SplitMix64: a small seeded generator, so the benches need no extra dependency.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+    /// Uniform in `[-1, 1)`.
+    pub fn symmetric(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        2.0 * ((z >> 11) as f64 / (1u64 << 53) as f64) - 1.0
+    }
+    /// `len` values uniform in `[-1, 1)`.
+    pub fn vec(&mut self, len: usize) -> Vec<f64> {
+        (0..len).map(|_| self.symmetric()).collect()
+    }
+}
+
+/// `||a - b|| / ||b||`, the crate's measure of agreement; infinity when anything is not finite.
+pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    if a.len() != b.len() || a.iter().chain(b).any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    let diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f64>()
+        .sqrt();
+    let norm = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    if norm > 0.0 {
+        diff / norm
+    } else if diff == 0.0 {
+        0.0
+    } else {
+        f64::INFINITY
+    }
+}
+
 /// `len` values uniform in `[-1, 1)`, rounded to `T`: the host copy (for checks) and the
 /// device copy. Random data, never zeros (they can run faster than real data).
 pub fn random<T: Dtype>(
@@ -384,6 +422,7 @@ impl<T: Dtype> RowsLoss<T> {
             side,
             &self.logits,
             &self.row_lse,
+            &self.row_loss,
             other,
             &self.one,
             &mut self.grad_unit,

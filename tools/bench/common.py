@@ -201,7 +201,7 @@ def kernel_cost(kernel: str, cfg: Config, dtype: str) -> Cost:
     if kernel == "info_nce_forward":
         return Cost(float(LOGIT_BYTES * (b * s * s + 2 * rows)), 0.0, 0.0, float(b * s * s))
     if kernel in ("info_nce_backward_dq", "info_nce_backward_dk"):
-        nbytes = LOGIT_BYTES * (b * s * s + rows) + 2 * rows * d * e
+        nbytes = LOGIT_BYTES * (b * s * s + 2 * rows) + 2 * rows * d * e  # logits, lse, row loss
         return Cost(float(nbytes), 0.0, 2.0 * b * s * s * d, float(b * s * s))
     raise ValueError(f"unknown kernel {kernel}")
 
