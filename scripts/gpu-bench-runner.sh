@@ -5,7 +5,8 @@
 # Inf-CL), our kernels, then the tables. CCPL_BENCH_TAGS=paper,large (say) keeps only those
 # configurations of configs.txt, for a shorter run. Writes to $OUT (or ./bench-out):
 #   bench.log     the full log
-#   table.md      the tables (also printed last)
+#   table.md      all the tables
+#   summary.md    the loss table alone (printed last, so the end of the output shows it)
 #   results.json  every number the tables came from
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -65,7 +66,9 @@ phase() { # name, timeout in seconds, command...
 python3 "$here/py/report.py" --criterion "$CRITERION_HOME" --baselines "$work/baselines.jsonl" \
     --roofline "$work/roofline.json" --log "$log" --configs "$here/py/configs.txt" \
     --commit "$(head -1 "$here/commit")" --date "$(date -u +%Y-%m-%d)" --json-out "$out/results.json" \
-    > "$out/table.md" 2>>"$log"
+    --summary-out "$out/summary.md" > "$out/table.md" 2>>"$log"
 rm -rf "$work"
 echo
-cat "$out/table.md"
+grep -E '^(=== |!!! |.*(SKIPPED|ERROR|CHECK FAILED|NON-FINITE))' "$log" | tail -40
+echo
+cat "$out/summary.md"

@@ -281,6 +281,7 @@ def main():
     ap.add_argument("--date", default="")
     ap.add_argument("--f32-rate", choices=("fp32", "tf32"), default="fp32")
     ap.add_argument("--json-out", help="also write every number the tables came from here")
+    ap.add_argument("--summary-out", help="also write the header and the loss table alone here")
     args = ap.parse_args()
 
     configs = common.load_configs(args.configs)
@@ -300,7 +301,11 @@ def main():
     statuses = load_statuses(args.log)
     baselines = load_baselines(args.baselines)
     out = header(roof, args)
-    out += loss_tables(configs, crit, statuses, baselines, ceil)
+    loss = loss_tables(configs, crit, statuses, baselines, ceil)
+    if args.summary_out:
+        with open(args.summary_out, "w") as f:
+            f.write("\n".join(out + loss[: loss.index("### Floor model terms")]) + "\n")
+    out += loss
     out += kernel_table(configs, crit, statuses, ceil)
     out += checks(statuses, baselines)
     print("\n".join(out))
