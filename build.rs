@@ -8,6 +8,11 @@
 //! - `CCPL_CUDA_ARCH`: comma-separated compute capabilities, default `90` (e.g. `80,90`).
 //! - `CCPL_REQUIRE_NVCC=1`: fail the build instead of building without kernels.
 //! - `LIBCLANG_PATH`: libclang for bindgen; defaults to `.toolchain/libclang` when present.
+//! - `CCPL_KERNEL_DIR`: with `emulator`, the kernel sources the emulator library is built
+//!   from instead of `kernels/` (nvcc always uses `kernels/`); see `build/emulator.rs`.
+
+#[path = "build/emulator.rs"]
+mod emulator;
 
 use std::env;
 use std::fmt::Write as _;
@@ -33,6 +38,7 @@ fn main() {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=build/emulator.rs");
     for file in files_under(&kernels) {
         println!("cargo:rerun-if-changed={}", file.display());
     }
@@ -62,7 +68,7 @@ fn main() {
     fs::write(out.join("kernels.rs"), embedded).unwrap();
 
     if env::var_os("CARGO_FEATURE_EMULATOR").is_some() {
-        build_emulator(&kernels, &sources);
+        emulator::build(&manifest, &out);
     }
 }
 
@@ -255,22 +261,4 @@ fn spill_warnings(log: &str) -> Vec<String> {
         }
     }
     warnings
-}
-
-/// The kernel sources, compiled as C++ for the host against kernels/emu/ (the CPU emulator).
-fn build_emulator(kernels: &Path, sources: &[PathBuf]) {
-    let mut build = cc::Build::new();
-    build
-        .cpp(true)
-        .std("c++17")
-        .opt_level(2)
-        .include(kernels)
-        .warnings(false)
-        .file(kernels.join("emu/runtime.cpp"))
-        .flag("-x")
-        .flag("c++");
-    for source in sources {
-        build.file(source);
-    }
-    build.compile("ccpl_emu");
 }

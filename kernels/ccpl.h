@@ -127,10 +127,13 @@ typedef struct ccpl_info_nce_loss_params {
  * info_nce_backward_{T}: with G = (softmax(L) - I) * upstream / (B*S),
  * transpose == 0: grad[b,i,:] = sum_j G[b,i,j] other[b,j,:] * inv_tau   (dq; other = k)
  * transpose == 1: grad[b,j,:] = sum_i G[b,i,j] other[b,i,:] * inv_tau   (dk; other = q)
+ * The diagonal P_ii - 1 = expm1(-row_loss_i) comes from the row loss, not from
+ * exp(L_ii - lse_i) - 1, which cancels in float when the diagonal dominates its row.
  */
 typedef struct ccpl_info_nce_backward_params {
     uint64_t logits;   /* in:  (B, S, S), float */
-    uint64_t row_lse;  /* in:  float[B*S] */
+    uint64_t row_lse;  /* in:  float[B*S], from the forward */
+    uint64_t row_loss; /* in:  float[B*S], from the forward */
     uint64_t other;    /* in:  (B, S, C), T */
     uint64_t upstream; /* in:  float[1], on the device */
     uint64_t grad;     /* out: (B, S, C), T */

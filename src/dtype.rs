@@ -51,7 +51,9 @@ mod sealed {
 }
 
 /// A storage type of the kernels: `f32`, `f16` or `bf16` (they accumulate in `f32`).
-pub trait Dtype: Element + cudarc::driver::DeviceRepr + Default + sealed::Sealed {
+pub trait Dtype:
+    Element + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Default + sealed::Sealed
+{
     /// Suffix of the kernel entry points for this type: `neighbor_diff_{SUFFIX}`.
     const SUFFIX: &'static str;
 }

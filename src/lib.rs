@@ -13,6 +13,8 @@
 
 pub mod cuda;
 pub mod dtype;
+#[cfg(feature = "emulator")]
+pub mod emu;
 pub mod error;
 pub mod ffi;
 pub mod kernels;

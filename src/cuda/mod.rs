@@ -10,19 +10,24 @@
 //! # let _ = (kernels, stream); Ok(()) }
 //! ```
 
+pub mod info_nce;
+pub mod loss;
 pub mod neighbor;
+pub mod normalize;
+pub mod similarity;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
+    PushKernelArg, SyncOnDrop,
 };
 use cudarc::nvrtc::Ptx;
 
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::kernels::{KernelParams, LaunchPlan, Launcher};
+use crate::kernels::{Buf, KernelParams, LaunchPlan, Launcher};
 
 /// Library names of the CUDA driver, probed before cudarc is asked anything (cudarc panics
 /// when the library is missing).
@@ -203,4 +208,25 @@ impl Launcher for CudaLauncher<'_> {
         unsafe { builder.launch(cfg) }?;
         Ok(())
     }
+}
+
+/// A buffer read by a launch on `stream`: its address and length, and the guard to hold
+/// until the launch is enqueued (it keeps cudarc's read/write ordering between streams).
+pub(crate) fn buf<'a, T>(
+    slice: &'a impl DevicePtr<T>,
+    stream: &'a CudaStream,
+) -> (Buf, SyncOnDrop<'a>) {
+    let len = slice.len();
+    let (addr, guard) = slice.device_ptr(stream);
+    (Buf { addr, len }, guard)
+}
+
+/// A buffer written by a launch on `stream`, as [`buf`].
+pub(crate) fn buf_mut<'a, T>(
+    slice: &'a mut impl DevicePtrMut<T>,
+    stream: &'a CudaStream,
+) -> (Buf, SyncOnDrop<'a>) {
+    let len = slice.len();
+    let (addr, guard) = slice.device_ptr_mut(stream);
+    (Buf { addr, len }, guard)
 }

@@ -4,9 +4,10 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 
-use super::Kernels;
+use super::{Kernels, buf, buf_mut};
 use crate::dtype::Dtype;
-use crate::error::Result;
+use crate::error::{Error, Result};
+pub use crate::kernels::neighbor::Scatter;
 use crate::kernels::neighbor::{self as plan, CentersBuf};
 use crate::kernels::{Buf, Launcher};
 use crate::sampling::Centers;
@@ -44,6 +45,41 @@ impl DeviceCenters {
     pub fn rows(&self) -> usize {
         crate::ffi::CCPL_NUM_NEIGHBORS as usize * self.len()
     }
+    /// Room for `n` centres of a `height x width` map, filled by [`copy_from`](Self::copy_from).
+    pub(crate) fn alloc(
+        stream: &Arc<CudaStream>,
+        height: usize,
+        width: usize,
+        n: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            height,
+            width,
+            flat: stream.alloc_zeros(n)?,
+            map: stream.alloc_zeros(height * width)?,
+        })
+    }
+    /// Copies `other` into these centres on `stream`; both must be for the same map and count.
+    pub(crate) fn copy_from(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        other: &DeviceCenters,
+    ) -> Result<()> {
+        if (self.height, self.width, self.len()) != (other.height, other.width, other.len()) {
+            return Err(Error::Shape(format!(
+                "{} centres of a {}x{} map were given where {} of a {}x{} map are expected",
+                other.len(),
+                other.height,
+                other.width,
+                self.len(),
+                self.height,
+                self.width
+            )));
+        }
+        stream.memcpy_dtod(&other.flat, &mut self.flat)?;
+        stream.memcpy_dtod(&other.map, &mut self.map)?;
+        Ok(())
+    }
     /// The addresses for a launch on `stream`; hold the guards until the launch is enqueued.
     pub(crate) fn buf<'a>(&'a self, stream: &'a CudaStream) -> (CentersBuf, [SyncOnDrop<'a>; 2]) {
         let (flat, flat_guard) = self.flat.device_ptr(stream);
@@ -75,21 +111,30 @@ pub fn neighbor_diff<T: Dtype>(
     feat: &impl DevicePtr<T>,
     rows: &mut impl DevicePtrMut<T>,
 ) -> Result<()> {
-    let (feat_len, rows_len) = (feat.len(), rows.len());
-    let (feat_addr, _feat_guard) = feat.device_ptr(stream);
-    let (rows_addr, _rows_guard) = rows.device_ptr_mut(stream);
+    let (feat, _feat_guard) = buf(feat, stream);
+    let (rows, _rows_guard) = buf_mut(rows, stream);
     let (centers, _centers_guards) = centers.buf(stream);
-    let launch = plan::neighbor_diff::<T>(
-        shape,
-        &centers,
-        Buf {
-            addr: feat_addr,
-            len: feat_len,
-        },
-        Buf {
-            addr: rows_addr,
-            len: rows_len,
-        },
-    )?;
+    let launch = plan::neighbor_diff::<T>(shape, &centers, feat, rows)?;
+    kernels.on(stream)?.launch(&launch)
+}
+
+/// Adds the backward scatter of `grad_rows` `(B, 8N, C)` into `grad_feat` (shape `shape`):
+/// a centre gets `+g`, its neighbour `-g`. [`Scatter::Deterministic`] gives the same bits on
+/// every run; [`Scatter::Atomic`] is faster and may differ in the last bits.
+///
+/// Everything is validated before the launch; nothing is allocated and nothing waits.
+pub fn neighbor_diff_backward<T: Dtype>(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    shape: &FeatureShape,
+    centers: &DeviceCenters,
+    grad_rows: &impl DevicePtr<T>,
+    grad_feat: &mut impl DevicePtrMut<T>,
+    scatter: Scatter,
+) -> Result<()> {
+    let (grad_rows, _rows_guard) = buf(grad_rows, stream);
+    let (grad_feat, _feat_guard) = buf_mut(grad_feat, stream);
+    let (centers, _centers_guards) = centers.buf(stream);
+    let launch = plan::neighbor_diff_backward::<T>(shape, &centers, grad_rows, grad_feat, scatter)?;
     kernels.on(stream)?.launch(&launch)
 }

@@ -4,7 +4,11 @@
 //!
 //! One module per kernel family, named like its `kernels/*.cu` source.
 
+pub mod info_nce;
+pub mod loss;
 pub mod neighbor;
+pub mod normalize;
+pub mod similarity;
 
 use crate::error::Result;
 
@@ -43,6 +47,9 @@ pub trait Launcher {
     fn launch<P: KernelParams>(&self, plan: &LaunchPlan<P>) -> Result<()>;
 }
 
+/// Threads per warp: the kernels that give a row to a warp are planned with it.
+pub(crate) const WARP: usize = 32;
+
 /// Blocks of `block` threads for a grid-stride loop over `total` items, capped so the grid
 /// stays small enough to keep every block busy (the loop covers the rest).
 pub(crate) fn grid_stride_blocks(total: usize, block: u32) -> u32 {
@@ -53,4 +60,40 @@ pub(crate) fn grid_stride_blocks(total: usize, block: u32) -> u32 {
 /// `usize` to the kernels' `i32`; shapes are validated to fit before plans are made.
 pub(crate) fn i32_of(n: usize) -> i32 {
     i32::try_from(n).expect("shape validated to fit i32")
+}
+
+/// `1/tau` as the kernels take it: `tau` checked, and its inverse finite in `f32`.
+pub(crate) fn inv_tau(tau: f64) -> Result<f32> {
+    crate::error::check_tau(tau)?;
+    let inv = (1.0 / tau) as f32;
+    if inv.is_finite() {
+        Ok(inv)
+    } else {
+        Err(crate::error::Error::Tau(tau))
+    }
+}
+
+/// Grid of the tiled products (`kernels/tile_gemm.cuh`): one block per
+/// `CCPL_SIMILARITY_TILE`-square tile of an `m x n` output, `grid.z` the image.
+pub(crate) fn tile_grid(batch: usize, m: usize, n: usize) -> Result<(u32, u32, u32)> {
+    const MAX_YZ: usize = 65_535;
+    let tile = crate::ffi::CCPL_SIMILARITY_TILE as usize;
+    let (x, y) = (n.div_ceil(tile), m.div_ceil(tile));
+    if batch > MAX_YZ || y > MAX_YZ || x > i32::MAX as usize {
+        return Err(crate::error::Error::Shape(format!(
+            "a batch of {batch} {m}x{n} products exceeds the CUDA grid (batch and rows/{tile} at most {MAX_YZ})"
+        )));
+    }
+    Ok((x as u32, y as u32, batch as u32))
+}
+
+/// The number of rows `B*S` of a row matrix, which the kernels count in `i32`.
+pub(crate) fn row_count(shape: &crate::shape::RowShape) -> Result<usize> {
+    let n = shape.batch * shape.rows;
+    if n > i32::MAX as usize {
+        return Err(crate::error::Error::Shape(format!(
+            "{n} rows exceed the i32 range of the kernels"
+        )));
+    }
+    Ok(n)
 }

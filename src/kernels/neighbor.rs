@@ -42,6 +42,15 @@ impl CentersBuf {
         if self.flat.len == 0 {
             return Err(Error::NoCenters);
         }
+        if self.flat.len > shape.interior() {
+            return Err(Error::Shape(format!(
+                "{} centres, but a {}x{} map has only {} interior positions",
+                self.flat.len,
+                shape.height(),
+                shape.width(),
+                shape.interior()
+            )));
+        }
         check_len("center map", self.height * self.width, self.map.len)
     }
 }
@@ -75,6 +84,57 @@ pub fn neighbor_diff<T: Dtype>(
             feat: feat.addr,
             centers: centers.flat.addr,
             rows: rows.addr,
+            batch: i32_of(shape.batch()),
+            channels: i32_of(shape.channels()),
+            height: i32_of(shape.height()),
+            width: i32_of(shape.width()),
+            num_centers: i32_of(centers.len()),
+            layout: shape.layout().code(),
+        },
+    })
+}
+
+/// How the backward scatter adds up overlapping windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scatter {
+    /// Atomic adds: the fastest; the order of additions, and so the last bits, vary by run.
+    #[default]
+    Atomic,
+    /// One writer per element, a fixed order: bit-identical from run to run.
+    Deterministic,
+}
+
+/// `neighbor_diff_backward_{atomic,deterministic}_{T}`: adds the scatter of `grad_rows`
+/// `(B, 8N, C)` into `grad_feat` (layout of `shape`): a centre gets `+g`, its neighbour `-g`.
+pub fn neighbor_diff_backward<T: Dtype>(
+    shape: &FeatureShape,
+    centers: &CentersBuf,
+    grad_rows: Buf,
+    grad_feat: Buf,
+    scatter: Scatter,
+) -> Result<LaunchPlan<ffi::ccpl_neighbor_diff_backward_params>> {
+    centers.check(shape)?;
+    check_len("grad_rows", rows_len(shape, centers.len()), grad_rows.len)?;
+    check_len("grad_feat", shape.len(), grad_feat.len)?;
+    let variant = match scatter {
+        Scatter::Atomic => "atomic",
+        Scatter::Deterministic => "deterministic",
+    };
+    let block = ffi::CCPL_NEIGHBOR_BLOCK;
+    Ok(LaunchPlan {
+        kernel: format!("neighbor_diff_backward_{variant}_{}", T::SUFFIX),
+        grid: (
+            grid_stride_blocks(shape.batch() * centers.len() * shape.channels(), block),
+            1,
+            1,
+        ),
+        block: (block, 1, 1),
+        shared_bytes: 0,
+        params: ffi::ccpl_neighbor_diff_backward_params {
+            grad_rows: grad_rows.addr,
+            centers: centers.flat.addr,
+            center_map: centers.map.addr,
+            grad_feat: grad_feat.addr,
             batch: i32_of(shape.batch()),
             channels: i32_of(shape.channels()),
             height: i32_of(shape.height()),

@@ -1,6 +1,7 @@
 //! Helpers shared by the test suites: a small seeded generator and comparisons.
 #![allow(dead_code)] // each test crate uses its own subset
 
+pub mod device;
 pub mod golden;
 
 /// SplitMix64: a tiny seeded generator, so the tests need no extra dependency.

@@ -1,0 +1,255 @@
+//! The CPU emulator's part of the build (feature `emulator`): the kernel sources compiled by
+//! the host C++ compiler against `kernels/emu/cuda_emu.h` into the static library `ccpl_emu`.
+//!
+//! Static `__shared__` variables need one copy per block, refilled with NaN at the start of
+//! every block. The compiler cannot collect them by itself (a named section cannot hold both
+//! the variables of inline functions and the others), so each source is preprocessed, every
+//! `__shared__` declaration becomes a static variable followed by its registration with the
+//! runtime, and the result is compiled. Line markers keep diagnostics on the original lines.
+//!
+//! `CCPL_KERNEL_DIR` replaces `kernels/` for this library only (never for nvcc): the
+//! planted-bug check (`scripts/planted-bugs`) builds the emulated tests against mutated copies.
+
+use std::env;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// What `cuda_emu.h` defines `__shared__` as; it fails to compile wherever it is not rewritten.
+const MARKER: &str = "CCPL_EMU_SHARED_DECLARATION_NOT_REWRITTEN_BY_BUILD_RS";
+
+/// Builds `ccpl_emu` and the bindings of the self-test kernels' parameters.
+pub fn build(manifest: &Path, out: &Path) {
+    println!("cargo:rerun-if-env-changed=CCPL_KERNEL_DIR");
+    let kernels = match env::var_os("CCPL_KERNEL_DIR") {
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            for file in super::files_under(&dir) {
+                println!("cargo:rerun-if-changed={}", file.display());
+            }
+            dir
+        }
+        None => manifest.join("kernels"),
+    };
+    let emu = kernels.join("emu");
+    // The families (kernels/*.cu, as nvcc builds them) and the emulator's own test kernels.
+    let mut sources: Vec<PathBuf> = super::files_under(&kernels)
+        .into_iter()
+        .filter(|p| {
+            p.parent() == Some(kernels.as_path()) && p.extension().is_some_and(|e| e == "cu")
+        })
+        .collect();
+    sources.push(emu.join("selftest.cu"));
+
+    let mut base = cc::Build::new();
+    base.cpp(true)
+        .std("c++17")
+        .opt_level(2)
+        .include(&kernels)
+        .flag("-x")
+        .flag("c++")
+        .flag("-Wall")
+        .flag("-Wno-unknown-pragmas");
+    let rewritten = out.join("emu");
+    fs::create_dir_all(&rewritten).unwrap();
+    let mut lib = base.clone();
+    lib.file(emu.join("runtime.cpp"));
+    for source in &sources {
+        let expanded = base.clone().file(source).expand();
+        let text = String::from_utf8(expanded).unwrap_or_else(|e| {
+            panic!("{}: preprocessed text is not UTF-8: {e}", source.display())
+        });
+        let code = rewrite_shared(&text).unwrap_or_else(|e| panic!("{}: {e}", source.display()));
+        let path = rewritten.join(format!(
+            "{}.cpp",
+            source.file_stem().unwrap().to_string_lossy()
+        ));
+        fs::write(&path, code).unwrap();
+        lib.file(path);
+    }
+    // Nothing refers to the kernels' objects but their static registrations: link them all.
+    lib.link_lib_modifier("+whole-archive");
+    lib.compile("ccpl_emu");
+
+    bindgen::Builder::default()
+        .header(emu.join("selftest.h").to_string_lossy())
+        .clang_args(["-x", "c", "-std=c11"])
+        .allowlist_type("ccpl_emu_.*")
+        .derive_default(true)
+        .derive_debug(true)
+        .generate()
+        .unwrap_or_else(|e| panic!("bindgen could not parse kernels/emu/selftest.h: {e}"))
+        .write_to_file(out.join("emu_selftest.rs"))
+        .unwrap();
+}
+
+/// Rewrites every `MARKER <declaration>;` of preprocessed C++ as a static variable and a
+/// registration of each declared name: `static T a[n]; static const StaticShared r0(&a, sizeof(a));`.
+fn rewrite_shared(text: &str) -> Result<String, String> {
+    let mut code = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut count = 0;
+    while let Some(at) = find_word(rest, MARKER) {
+        let (before, after) = rest.split_at(at);
+        let after = &after[MARKER.len()..];
+        let location = location_of(text, text.len() - rest.len() + at);
+        let end = statement_end(after)
+            .ok_or_else(|| format!("{location}: a __shared__ declaration without its ';'"))?;
+        let declaration = &after[..end];
+        let prefix = statement_prefix(before);
+        if words(prefix).any(|w| w == "extern") {
+            return Err(format!(
+                "{location}: `extern __shared__` (dynamic shared memory): use CCPL_DYNAMIC_SHARED(type, name)"
+            ));
+        }
+        code.push_str(before);
+        if !words(prefix).any(|w| w == "static") {
+            code.push_str("static");
+        }
+        code.push_str(declaration);
+        code.push(';');
+        for name in declared_names(declaration)
+            .map_err(|e| format!("{location}: `__shared__{declaration};`: {e}"))?
+        {
+            write!(
+                code,
+                " static const ::ccpl_emu::StaticShared ccpl_emu_static_shared_{count}(&{name}, sizeof({name}));"
+            )
+            .unwrap();
+            count += 1;
+        }
+        rest = &after[end + 1..];
+    }
+    code.push_str(rest);
+    Ok(code)
+}
+
+fn is_ident(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_'
+}
+
+/// Byte offset of `word` in `text` as a whole identifier.
+fn find_word(text: &str, word: &str) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = text[from..].find(word).map(|i| i + from) {
+        let before = text[..i].chars().next_back();
+        let after = text[i + word.len()..].chars().next();
+        if !before.is_some_and(is_ident) && !after.is_some_and(is_ident) {
+            return Some(i);
+        }
+        from = i + word.len();
+    }
+    None
+}
+
+fn words(text: &str) -> impl Iterator<Item = &str> {
+    text.split(|c: char| !is_ident(c)).filter(|w| !w.is_empty())
+}
+
+/// "file:line" of byte `offset` of preprocessed text, from its last line marker.
+fn location_of(text: &str, offset: usize) -> String {
+    let mut file = "?".to_string();
+    let mut line = 0usize;
+    for l in text[..offset].split('\n') {
+        let mut parts = l.splitn(3, ' ');
+        if let (Some("#"), Some(n), Some(name)) = (parts.next(), parts.next(), parts.next())
+            && let Ok(n) = n.parse::<usize>()
+        {
+            line = n;
+            file = name.split('"').nth(1).unwrap_or(name).to_string();
+            continue;
+        }
+        line += 1;
+    }
+    format!("{file}:{}", line.saturating_sub(1))
+}
+
+/// The index of the `;` that ends the statement starting at `text`, outside brackets.
+fn statement_end(text: &str) -> Option<usize> {
+    let mut depth = 0i32;
+    for (i, c) in text.char_indices() {
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => depth -= 1,
+            ';' if depth == 0 => return Some(i),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The part of the current statement before the marker (`static`, `extern`, attributes).
+fn statement_prefix(before: &str) -> &str {
+    let start = before.rfind([';', '{', '}']).map_or(0, |i| i + 1);
+    &before[start..]
+}
+
+/// The names a declaration (`float a[4][4], b`) declares, in order.
+fn declared_names(declaration: &str) -> Result<Vec<&str>, String> {
+    let mut names = Vec::new();
+    for (i, declarator) in split_top_level(declaration).into_iter().enumerate() {
+        let declarator = strip_trailing_attributes(declarator.trim());
+        // The name is the last identifier before the first array bound.
+        let head = match declarator.find('[') {
+            Some(j) => &declarator[..j],
+            None => declarator,
+        };
+        let head = head.trim_end();
+        let start = head.rfind(|c: char| !is_ident(c)).map_or(0, |j| j + 1);
+        let name = &head[start..];
+        let has_type = i > 0 || words(&head[..start]).next().is_some();
+        if name.is_empty() || name.starts_with(|c: char| c.is_ascii_digit()) || !has_type {
+            return Err(format!("cannot find the declared name in `{declarator}`"));
+        }
+        names.push(name);
+    }
+    Ok(names)
+}
+
+/// `declaration` split at its commas that are outside brackets and template arguments.
+fn split_top_level(declaration: &str) -> Vec<&str> {
+    let (mut parts, mut start) = (Vec::new(), 0);
+    let (mut brackets, mut angles) = (0i32, 0i32);
+    for (i, c) in declaration.char_indices() {
+        match c {
+            '(' | '[' | '{' => brackets += 1,
+            ')' | ']' | '}' => brackets -= 1,
+            '<' if brackets == 0 => angles += 1,
+            '>' if brackets == 0 => angles -= 1,
+            ',' if brackets == 0 && angles == 0 => {
+                parts.push(&declaration[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&declaration[start..]);
+    parts
+}
+
+/// `x __attribute__((aligned(16)))` without its attributes.
+fn strip_trailing_attributes(mut declarator: &str) -> &str {
+    while declarator.ends_with(')') {
+        let mut depth = 0i32;
+        let mut open = None;
+        for (i, c) in declarator.char_indices().rev() {
+            match c {
+                ')' => depth += 1,
+                '(' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        open = Some(i);
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let Some(open) = open else { break };
+        let Some(head) = declarator[..open].trim_end().strip_suffix("__attribute__") else {
+            break;
+        };
+        declarator = head.trim_end();
+    }
+    declarator
+}

@@ -1,0 +1,390 @@
+// cuda_emu.h: the CUDA built-ins the kernels use, for the host C++ compiler, so that the very
+// same kernels/*.cu sources run on the CPU (the `emulator` feature, for tests).
+//
+// Each thread of a block is a fiber (kernels/emu/runtime.cpp); a seeded scheduler switches
+// between them in random order at every barrier, warp collective and atomic, so kernel logic
+// that depends on luck (a missing __syncthreads(), a read of shared memory before it is
+// written) gives a wrong or NaN result instead of passing. Shared memory starts as NaN bytes
+// (0xFF) in every block. Misuse (a barrier not all threads reach, a warp mask that leaves out
+// the calling lane) ends the launch with an error, never a hang.
+//
+// Static `__shared__` variables: build.rs preprocesses every source, turns each
+// `__shared__` declaration into a static variable and registers it with the runtime, which
+// refills it with NaN at the start of every block (one copy per block: blocks run one after
+// another). The marker below fails to compile anywhere build.rs did not rewrite it.
+//
+// What the emulator cannot run (inline PTX: mma, cp.async, ldmatrix) goes behind
+// `#ifdef CCPL_EMULATOR` with a portable fallback; those paths are checked on a GPU only.
+#pragma once
+
+#ifdef __CUDACC__
+#error "kernels/emu/cuda_emu.h is the CPU emulator; nvcc uses the CUDA headers"
+#endif
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <cfloat>
+#include <type_traits>
+
+// Set while compiling for the emulator: the portable side of a GPU-only path.
+#define CCPL_EMULATOR 1
+
+// ---- Qualifiers ------------------------------------------------------------------------
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline __attribute__((always_inline))
+#define __noinline__ __attribute__((noinline))
+#define __restrict__ __restrict
+#define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
+#define __shared__ CCPL_EMU_SHARED_DECLARATION_NOT_REWRITTEN_BY_BUILD_RS
+
+// ---- Vector types and the thread coordinates -------------------------------------------
+
+struct uint3 {
+    unsigned int x, y, z;
+};
+struct dim3 {
+    unsigned int x = 1, y = 1, z = 1;
+    constexpr dim3() = default;
+    constexpr dim3(unsigned int x_, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+#define CCPL_EMU_VECTOR2(name, T, align) \
+    struct __attribute__((aligned(align))) name { T x, y; }; \
+    inline name make_##name(T x, T y) { return name{x, y}; }
+#define CCPL_EMU_VECTOR4(name, T, align) \
+    struct __attribute__((aligned(align))) name { T x, y, z, w; }; \
+    inline name make_##name(T x, T y, T z, T w) { return name{x, y, z, w}; }
+CCPL_EMU_VECTOR2(float2, float, 8)
+CCPL_EMU_VECTOR4(float4, float, 16)
+CCPL_EMU_VECTOR2(int2, int, 8)
+CCPL_EMU_VECTOR4(int4, int, 16)
+CCPL_EMU_VECTOR2(uint2, unsigned int, 8)
+CCPL_EMU_VECTOR4(uint4, unsigned int, 16)
+CCPL_EMU_VECTOR2(double2, double, 16)
+#undef CCPL_EMU_VECTOR2
+#undef CCPL_EMU_VECTOR4
+
+constexpr int warpSize = 32;
+
+namespace ccpl_emu {
+
+// The coordinates of the fiber that runs now; the scheduler sets them before it switches.
+struct Coordinates {
+    uint3 thread_idx, block_idx;
+    dim3 block_dim, grid_dim;
+};
+extern Coordinates g_coords;
+
+}  // namespace ccpl_emu
+
+#define threadIdx (static_cast<const uint3&>(::ccpl_emu::g_coords.thread_idx))
+#define blockIdx (static_cast<const uint3&>(::ccpl_emu::g_coords.block_idx))
+#define blockDim (static_cast<const dim3&>(::ccpl_emu::g_coords.block_dim))
+#define gridDim (static_cast<const dim3&>(::ccpl_emu::g_coords.grid_dim))
+
+// ---- The runtime (kernels/emu/runtime.cpp) ---------------------------------------------
+
+namespace ccpl_emu {
+
+// The warp collectives; each waits until every lane its mask names has arrived.
+enum class WarpOp : int { Sync, ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All };
+
+// Rendezvous of the calling lane's warp; returns the lane's result as raw bits.
+uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int width,
+                         const char* file, int line);
+
+// Barrier of the block. `op` combines the predicates: 0 none, 1 count, 2 and, 3 or.
+int sync_threads(int op, int predicate, const char* file, int line);
+
+// A point where the scheduler may run another thread (atomics, fences).
+void yield_point();
+
+// Ends the launch with an error (never returns to the kernel).
+[[noreturn]] void fail(const char* what, const char* file, int line);
+
+// The launch's dynamic shared memory (NaN-filled in every block).
+void* dynamic_shared();
+
+// Registers a kernel by name; the thunk copies the parameter struct and calls the kernel.
+struct KernelRegistration {
+    KernelRegistration(const char* name, size_t params_size, void (*thunk)(const void*));
+};
+
+// Registers a static __shared__ variable so that every block sees it NaN-filled (build.rs
+// writes these next to each rewritten declaration).
+struct StaticShared {
+    StaticShared(void* address, size_t bytes);
+};
+
+// Bit copies between a value of at most 8 bytes and the 64-bit slot the runtime exchanges.
+template <typename T> inline uint64_t to_bits(const T& v) {
+    static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= 8,
+                  "warp shuffles move values of at most 8 bytes");
+    uint64_t bits = 0;
+    memcpy(&bits, &v, sizeof(T));
+    return bits;
+}
+template <typename T> inline T from_bits(uint64_t bits) {
+    T v;
+    memcpy(&v, &bits, sizeof(T));
+    return v;
+}
+
+template <WarpOp op, typename T>
+inline T shuffle(const char* file, int line, unsigned mask, T var, int arg, int width = warpSize) {
+    return from_bits<T>(warp_collective(op, mask, to_bits(var), arg, width, file, line));
+}
+
+// Read-modify-write of one word; the yield before it lets other threads interleave.
+template <typename T, typename F> inline T atomic_update(T* address, F update) {
+    yield_point();
+    const T old = *address;
+    *address = update(old);
+    return old;
+}
+
+}  // namespace ccpl_emu
+
+// ---- Launch glue used by common.cuh ----------------------------------------------------
+
+// Declares the kernel and registers it under its name (the emulator's launch looks it up).
+#define CCPL_KERNEL(name, Params)                                                              \
+    static void name(const Params p);                                                          \
+    static const ::ccpl_emu::KernelRegistration ccpl_emu_registration_##name(                  \
+        #name, sizeof(Params), [](const void* raw) {                                           \
+            Params p;                                                                          \
+            memcpy(&p, raw, sizeof(Params));                                                   \
+            name(p);                                                                           \
+        });                                                                                    \
+    static void name(const Params p)
+
+// The launch's dynamic shared memory, viewed as an array of `type` (inside a function).
+#define CCPL_DYNAMIC_SHARED(type, name) type* const name = static_cast<type*>(::ccpl_emu::dynamic_shared())
+
+// ---- Synchronisation --------------------------------------------------------------------
+
+#define __syncthreads() ((void)::ccpl_emu::sync_threads(0, 0, __FILE__, __LINE__))
+#define __syncthreads_count(pred) ::ccpl_emu::sync_threads(1, (pred), __FILE__, __LINE__)
+#define __syncthreads_and(pred) ::ccpl_emu::sync_threads(2, (pred), __FILE__, __LINE__)
+#define __syncthreads_or(pred) ::ccpl_emu::sync_threads(3, (pred), __FILE__, __LINE__)
+
+#define CCPL_EMU_WARP_VOTE(op, mask, pred) \
+    ::ccpl_emu::warp_collective(::ccpl_emu::WarpOp::op, (mask), (pred) ? 1u : 0u, 0, warpSize, __FILE__, __LINE__)
+#define __syncwarp(...) ::ccpl_emu::SyncWarp{__FILE__, __LINE__}(__VA_ARGS__)
+#define __ballot_sync(mask, pred) static_cast<unsigned>(CCPL_EMU_WARP_VOTE(Ballot, mask, pred))
+#define __any_sync(mask, pred) static_cast<int>(CCPL_EMU_WARP_VOTE(Any, mask, pred))
+#define __all_sync(mask, pred) static_cast<int>(CCPL_EMU_WARP_VOTE(All, mask, pred))
+
+#define __shfl_sync(...) ::ccpl_emu::shuffle<::ccpl_emu::WarpOp::ShflIdx>(__FILE__, __LINE__, __VA_ARGS__)
+#define __shfl_up_sync(...) ::ccpl_emu::shuffle<::ccpl_emu::WarpOp::ShflUp>(__FILE__, __LINE__, __VA_ARGS__)
+#define __shfl_down_sync(...) ::ccpl_emu::shuffle<::ccpl_emu::WarpOp::ShflDown>(__FILE__, __LINE__, __VA_ARGS__)
+#define __shfl_xor_sync(...) ::ccpl_emu::shuffle<::ccpl_emu::WarpOp::ShflXor>(__FILE__, __LINE__, __VA_ARGS__)
+
+namespace ccpl_emu {
+// __syncwarp(mask = all lanes), remembering where it is called.
+struct SyncWarp {
+    const char* file;
+    int line;
+    void operator()(unsigned mask = 0xffffffffu) const {
+        warp_collective(WarpOp::Sync, mask, 0, 0, warpSize, file, line);
+    }
+};
+}  // namespace ccpl_emu
+
+#define __threadfence() ::ccpl_emu::yield_point()
+#define __threadfence_block() ::ccpl_emu::yield_point()
+#define __threadfence_system() ::ccpl_emu::yield_point()
+#define __trap() ::ccpl_emu::fail("__trap() was called", __FILE__, __LINE__)
+
+// ---- Half-precision storage types --------------------------------------------------------
+
+namespace ccpl_emu {
+
+// float -> binary16, round to nearest even; NaN becomes 0x7fff as in CUDA's conversion.
+inline uint16_t float_to_half_bits(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return 0x7fffu;
+    if (ax >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520: inf
+    if (ax >= 0x38800000u) {                                              // normal half
+        uint32_t h = ((ax >> 23) - 112u) << 10 | ((ax & 0x7fffffu) >> 13);
+        const uint32_t rest = ax & 0x1fffu;
+        if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
+        return static_cast<uint16_t>(sign | h);
+    }
+    if (ax < 0x33000000u) return static_cast<uint16_t>(sign);  // below half the smallest subnormal
+    const uint32_t shift = 126u - (ax >> 23), mantissa = (ax & 0x7fffffu) | 0x800000u;
+    uint32_t h = mantissa >> shift;
+    const uint32_t rest = mantissa & ((1u << shift) - 1u), halfway = 1u << (shift - 1u);
+    if (rest > halfway || (rest == halfway && (h & 1u))) ++h;
+    return static_cast<uint16_t>(sign | h);
+}
+
+// binary16 -> float, exact.
+inline float half_bits_to_float(uint16_t h) {
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    const uint32_t exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+    uint32_t x;
+    if (exponent == 0x1fu) {
+        x = sign | 0x7f800000u | (mantissa << 13);
+    } else if (exponent != 0) {
+        x = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    } else {
+        const float magnitude = static_cast<float>(mantissa) * 0x1p-24f;  // subnormal or zero
+        memcpy(&x, &magnitude, 4);
+        x |= sign;
+    }
+    float f;
+    memcpy(&f, &x, 4);
+    return f;
+}
+
+// float -> bfloat16, round to nearest even; NaN becomes 0x7fff as in CUDA's conversion.
+inline uint16_t float_to_bfloat16_bits(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;
+    return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+inline float bfloat16_bits_to_float(uint16_t b) {
+    const uint32_t x = static_cast<uint32_t>(b) << 16;
+    float f;
+    memcpy(&f, &x, 4);
+    return f;
+}
+
+}  // namespace ccpl_emu
+
+struct __half {
+    uint16_t __x;
+    __half() = default;
+    __half(float f) : __x(::ccpl_emu::float_to_half_bits(f)) {}
+    operator float() const { return ::ccpl_emu::half_bits_to_float(__x); }
+};
+struct __nv_bfloat16 {
+    uint16_t __x;
+    __nv_bfloat16() = default;
+    __nv_bfloat16(float f) : __x(::ccpl_emu::float_to_bfloat16_bits(f)) {}
+    operator float() const { return ::ccpl_emu::bfloat16_bits_to_float(__x); }
+};
+struct __attribute__((aligned(4))) __half2 {
+    __half x, y;
+};
+struct __attribute__((aligned(4))) __nv_bfloat162 {
+    __nv_bfloat16 x, y;
+};
+
+inline __half __float2half_rn(float f) { return __half(f); }
+inline __half __float2half(float f) { return __half(f); }
+inline float __half2float(__half h) { return static_cast<float>(h); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16(f); }
+inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16(f); }
+inline float __bfloat162float(__nv_bfloat16 b) { return static_cast<float>(b); }
+inline unsigned short __half_as_ushort(__half h) { return h.__x; }
+inline __half __ushort_as_half(unsigned short u) { __half h; h.__x = u; return h; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.__x; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { __nv_bfloat16 b; b.__x = u; return b; }
+inline __half2 __floats2half2_rn(float a, float b) { return __half2{__half(a), __half(b)}; }
+inline float2 __half22float2(__half2 h) { return float2{float(h.x), float(h.y)}; }
+inline float __low2float(__half2 h) { return float(h.x); }
+inline float __high2float(__half2 h) { return float(h.y); }
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
+    return __nv_bfloat162{__nv_bfloat16(a), __nv_bfloat16(b)};
+}
+inline float2 __bfloat1622float2(__nv_bfloat162 b) { return float2{float(b.x), float(b.y)}; }
+inline float __low2float(__nv_bfloat162 b) { return float(b.x); }
+inline float __high2float(__nv_bfloat162 b) { return float(b.y); }
+
+// ---- Atomics ---------------------------------------------------------------------------
+
+#define CCPL_EMU_ATOMIC(name, T, expr)                                                  \
+    inline T name(T* address, T val) {                                                  \
+        return ::ccpl_emu::atomic_update(address, [&](T old) -> T { (void)old; return expr; }); \
+    }
+CCPL_EMU_ATOMIC(atomicAdd, int, old + val)
+CCPL_EMU_ATOMIC(atomicAdd, unsigned int, old + val)
+CCPL_EMU_ATOMIC(atomicAdd, unsigned long long, old + val)
+CCPL_EMU_ATOMIC(atomicAdd, float, old + val)
+CCPL_EMU_ATOMIC(atomicAdd, double, old + val)
+CCPL_EMU_ATOMIC(atomicAdd, __half, __half(float(old) + float(val)))
+CCPL_EMU_ATOMIC(atomicAdd, __nv_bfloat16, __nv_bfloat16(float(old) + float(val)))
+CCPL_EMU_ATOMIC(atomicSub, int, old - val)
+CCPL_EMU_ATOMIC(atomicSub, unsigned int, old - val)
+CCPL_EMU_ATOMIC(atomicExch, int, val)
+CCPL_EMU_ATOMIC(atomicExch, unsigned int, val)
+CCPL_EMU_ATOMIC(atomicExch, unsigned long long, val)
+CCPL_EMU_ATOMIC(atomicExch, float, val)
+CCPL_EMU_ATOMIC(atomicMax, int, old > val ? old : val)
+CCPL_EMU_ATOMIC(atomicMax, unsigned int, old > val ? old : val)
+CCPL_EMU_ATOMIC(atomicMax, long long, old > val ? old : val)
+CCPL_EMU_ATOMIC(atomicMax, unsigned long long, old > val ? old : val)
+CCPL_EMU_ATOMIC(atomicMin, int, old < val ? old : val)
+CCPL_EMU_ATOMIC(atomicMin, unsigned int, old < val ? old : val)
+CCPL_EMU_ATOMIC(atomicMin, long long, old < val ? old : val)
+CCPL_EMU_ATOMIC(atomicMin, unsigned long long, old < val ? old : val)
+CCPL_EMU_ATOMIC(atomicAnd, int, old & val)
+CCPL_EMU_ATOMIC(atomicAnd, unsigned int, old & val)
+CCPL_EMU_ATOMIC(atomicOr, int, old | val)
+CCPL_EMU_ATOMIC(atomicOr, unsigned int, old | val)
+CCPL_EMU_ATOMIC(atomicXor, int, old ^ val)
+CCPL_EMU_ATOMIC(atomicXor, unsigned int, old ^ val)
+#undef CCPL_EMU_ATOMIC
+
+template <typename T> inline T ccpl_emu_atomic_cas(T* address, T compare, T val) {
+    return ::ccpl_emu::atomic_update(address, [&](T old) { return old == compare ? val : old; });
+}
+inline int atomicCAS(int* a, int c, int v) { return ccpl_emu_atomic_cas(a, c, v); }
+inline unsigned int atomicCAS(unsigned int* a, unsigned int c, unsigned int v) { return ccpl_emu_atomic_cas(a, c, v); }
+inline unsigned long long atomicCAS(unsigned long long* a, unsigned long long c, unsigned long long v) {
+    return ccpl_emu_atomic_cas(a, c, v);
+}
+inline unsigned short atomicCAS(unsigned short* a, unsigned short c, unsigned short v) {
+    return ccpl_emu_atomic_cas(a, c, v);
+}
+
+// ---- Math and bit intrinsics -----------------------------------------------------------
+
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline double rsqrt(double x) { return 1.0 / sqrt(x); }
+inline float __expf(float x) { return expf(x); }
+inline float __logf(float x) { return logf(x); }
+inline float __log2f(float x) { return log2f(x); }
+inline float __powf(float x, float y) { return powf(x, y); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __frcp_rn(float x) { return 1.0f / x; }
+inline float __fsqrt_rn(float x) { return sqrtf(x); }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
+inline float __saturatef(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
+inline float __int_as_float(int i) { return ::ccpl_emu::from_bits<float>(static_cast<uint32_t>(i)); }
+inline int __float_as_int(float f) { return static_cast<int>(::ccpl_emu::to_bits(f)); }
+inline float __uint_as_float(unsigned int u) { return ::ccpl_emu::from_bits<float>(u); }
+inline unsigned int __float_as_uint(float f) { return static_cast<unsigned int>(::ccpl_emu::to_bits(f)); }
+inline int __popc(unsigned int x) { return __builtin_popcount(x); }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned int>(x)); }
+
+// CUDA's min/max: fminf/fmaxf semantics for floating point, the usual ones for integers.
+template <typename A, typename B> inline typename std::common_type<A, B>::type min(A a, B b) {
+    using C = typename std::common_type<A, B>::type;
+    if constexpr (std::is_floating_point<C>::value) return fmin(C(a), C(b));
+    else return C(a) < C(b) ? C(a) : C(b);
+}
+template <typename A, typename B> inline typename std::common_type<A, B>::type max(A a, B b) {
+    using C = typename std::common_type<A, B>::type;
+    if constexpr (std::is_floating_point<C>::value) return fmax(C(a), C(b));
+    else return C(a) > C(b) ? C(a) : C(b);
+}
+
+template <typename T> inline T __ldg(const T* p) { return *p; }

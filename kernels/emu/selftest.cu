@@ -1,0 +1,235 @@
+// selftest.cu: kernels that test the emulator itself (tests/emulator.rs): thread coordinates,
+// barriers and the block reductions of common.cuh, every shuffle, votes, atomics, static and
+// dynamic shared memory (NaN in every block), races a missing barrier leaves, and the misuses
+// the emulator must report. build.rs compiles this file into the emulator library only; nvcc
+// never sees it.
+#include "common.cuh"
+#include "emu/selftest.h"
+
+using Params = ccpl_emu_selftest_params;
+using ccpl::kFullMask;
+using ccpl::kWarp;
+using ccpl::mut_ptr;
+using ccpl::ptr;
+
+namespace selftest {
+
+__device__ __forceinline__ uint32_t global_thread() { return blockIdx.x * blockDim.x + threadIdx.x; }
+
+// Static shared memory at namespace scope and inside an inline function.
+__shared__ int namespace_flag;
+__device__ __forceinline__ float* inline_scratch() {
+    __shared__ float scratch[8];
+    return scratch;
+}
+
+// This thread's part of the block's segment in[blockIdx.x * n, (blockIdx.x + 1) * n).
+__device__ __forceinline__ float segment_sum(const Params& p) {
+    const float* in = ptr<float>(p.in) + static_cast<int64_t>(blockIdx.x) * p.n;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < p.n; i += blockDim.x) s += in[i];
+    return s;
+}
+
+}  // namespace selftest
+
+// out[12 * global thread]: threadIdx, blockIdx, blockDim, gridDim.
+CCPL_KERNEL(selftest_coordinates, Params) {
+    const uint32_t block = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+    const uint32_t thread = (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
+    uint32_t* o = mut_ptr<uint32_t>(p.out) + 12 * (block * blockDim.x * blockDim.y * blockDim.z + thread);
+    const uint32_t v[12] = {threadIdx.x, threadIdx.y, threadIdx.z, blockIdx.x, blockIdx.y, blockIdx.z,
+                            blockDim.x,  blockDim.y,  blockDim.z,  gridDim.x,  gridDim.y,  gridDim.z};
+    for (int i = 0; i < 12; ++i) o[i] = v[i];
+}
+
+// Per block b of its segment (see segment_sum): out[3b] its sum, out[3b+1] the largest
+// thread partial, out[3b+2] twice the sum; the scratch is reused by back-to-back reductions
+// and the last thread writes, as every thread has the results.
+CCPL_KERNEL(selftest_block_reduce, Params) {
+    __shared__ float scratch[32];
+    const float s = selftest::segment_sum(p);
+    const float sum = ccpl::block_sum(s, scratch);
+    const float max = ccpl::block_max(s, scratch);
+    const float twice = ccpl::block_sum(2.0f * s, scratch);
+    if (threadIdx.x == blockDim.x - 1) {
+        float* out = mut_ptr<float>(p.out) + 3 * blockIdx.x;
+        out[0] = sum;
+        out[1] = max;
+        out[2] = twice;
+    }
+}
+
+// block_sum without the barrier between writing the warps' sums and reading them: out[b] is
+// right only when the schedule happens to run the writers first.
+CCPL_KERNEL(selftest_racy_block_sum, Params) {
+    __shared__ float scratch[32];
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+    float v = ccpl::warp_sum(selftest::segment_sum(p));
+    if (lane == 0) scratch[warp] = v;
+    v = lane < static_cast<int>(blockDim.x / kWarp) ? scratch[lane] : 0.0f;
+    v = ccpl::warp_sum(v);
+    if (threadIdx.x == 0) mut_ptr<float>(p.out)[blockIdx.x] = v;
+}
+
+// A warp's sum through shared memory, the pre-Volta way; only with __syncwarp between the
+// steps (arg != 0) is it right, since warps need not run in lockstep.
+CCPL_KERNEL(selftest_warp_lockstep, Params) {
+    __shared__ float s[32];
+    const int lane = threadIdx.x;
+    s[lane] = ptr<float>(p.in)[lane];
+    if (p.arg) __syncwarp();
+    for (int o = 16; o > 0; o /= 2) {
+        if (lane < o) s[lane] += s[lane + o];
+        if (p.arg) __syncwarp();
+    }
+    if (lane == 0) mut_ptr<float>(p.out)[0] = s[0];
+}
+
+// out[8 * t + j]: what each shuffle returns for in[t] and offset or lane `arg`; j = 4..7
+// with segments of width 8, 16, 4, 8.
+CCPL_KERNEL(selftest_shuffles, Params) {
+    const uint32_t t = selftest::global_thread();
+    const int v = ptr<int>(p.in)[t];
+    int* o = mut_ptr<int>(p.out) + 8 * t;
+    o[0] = __shfl_sync(kFullMask, v, p.arg);
+    o[1] = __shfl_up_sync(kFullMask, v, p.arg);
+    o[2] = __shfl_down_sync(kFullMask, v, p.arg);
+    o[3] = __shfl_xor_sync(kFullMask, v, p.arg);
+    o[4] = __shfl_sync(kFullMask, v, p.arg, 8);
+    o[5] = __shfl_up_sync(kFullMask, v, p.arg, 16);
+    o[6] = __shfl_down_sync(kFullMask, v, p.arg, 4);
+    o[7] = __shfl_xor_sync(kFullMask, v, p.arg, 8);
+}
+
+// 8-byte values through shuffles: out[2t] = the double, out[2t+1] = the 64-bit integer that
+// __shfl_xor_sync(arg) brings from the other lane (in[t] scaled into both).
+CCPL_KERNEL(selftest_shuffle_wide, Params) {
+    const uint32_t t = selftest::global_thread();
+    const int v = ptr<int>(p.in)[t];
+    const double d = __shfl_xor_sync(kFullMask, v * 0.25 + 1e10, p.arg);
+    const long long w = __shfl_xor_sync(kFullMask, static_cast<long long>(v) << 33 | 5, p.arg);
+    memcpy(mut_ptr<uint64_t>(p.out) + 2 * t, &d, 8);
+    mut_ptr<int64_t>(p.out)[2 * t + 1] = w;
+}
+
+// in[t]: the predicate. out[8 * t + j]: ballot, any, all, the ballot of the even lanes alone
+// (-1 on odd lanes), __syncthreads_count, _and, _or, __popc(ballot).
+CCPL_KERNEL(selftest_votes, Params) {
+    const uint32_t t = selftest::global_thread();
+    const int pred = ptr<int>(p.in)[t];
+    int* o = mut_ptr<int>(p.out) + 8 * t;
+    const unsigned ballot = __ballot_sync(kFullMask, pred);
+    o[0] = static_cast<int>(ballot);
+    o[1] = __any_sync(kFullMask, pred);
+    o[2] = __all_sync(kFullMask, pred);
+    o[3] = threadIdx.x % 2 == 0 ? static_cast<int>(__ballot_sync(0x55555555u, pred)) : -1;
+    o[4] = __syncthreads_count(pred);
+    o[5] = __syncthreads_and(pred);
+    o[6] = __syncthreads_or(pred);
+    o[7] = __popc(ballot);
+}
+
+// Every thread adds 1 to a counter of each type (slots 0-4: int, float, double, __half,
+// __nv_bfloat16, each at the start of a 64-bit slot), then slot 5: atomicMax of the thread
+// index, 6: atomicMin, 7: an increment by an atomicCAS loop.
+CCPL_KERNEL(selftest_atomics, Params) {
+    uint64_t* slots = mut_ptr<uint64_t>(p.out);
+    const uint32_t t = selftest::global_thread();
+    atomicAdd(reinterpret_cast<int*>(&slots[0]), 1);
+    atomicAdd(reinterpret_cast<float*>(&slots[1]), 1.0f);
+    atomicAdd(reinterpret_cast<double*>(&slots[2]), 1.0);
+    atomicAdd(reinterpret_cast<__half*>(&slots[3]), __float2half_rn(1.0f));
+    atomicAdd(reinterpret_cast<__nv_bfloat16*>(&slots[4]), __float2bfloat16_rn(1.0f));
+    atomicMax(reinterpret_cast<int*>(&slots[5]), static_cast<int>(t));
+    atomicMin(reinterpret_cast<unsigned*>(&slots[6]), t);
+    unsigned* counter = reinterpret_cast<unsigned*>(&slots[7]);
+    unsigned seen = *counter, assumed;
+    do {
+        assumed = seen;
+        seen = atomicCAS(counter, assumed, assumed + 1);
+    } while (seen != assumed);
+}
+
+// Shared memory, n = the launch's dynamic shared bytes. out[5 * global thread + j], 1 for
+// yes: j=0 dynamic shared was NaN before this block wrote it; 1 a 2-D static array was; 2 a
+// second declarator and a 16-byte aligned array were (and it is aligned); 3 the namespace
+// scope and inline-function variables were (all bits set); 4 the value of the next thread,
+// from dynamic shared after a barrier. Blocks write everything, so a later block seeing NaN
+// shows the refill. arg != 0: thread 0 writes one byte past the dynamic shared memory.
+CCPL_KERNEL(selftest_shared, Params) {
+    CCPL_DYNAMIC_SHARED(float, dynamic);
+    __shared__ float grid2d[4][33], single[7];
+    __shared__ __align__(16) float aligned[8];
+    const int t = threadIdx.x, n = blockDim.x;
+    float* o = mut_ptr<float>(p.out) + 5 * selftest::global_thread();
+    o[0] = isnan(dynamic[t]);
+    o[1] = isnan(grid2d[t % 4][t % 33]);
+    o[2] = isnan(single[t % 7]) && isnan(aligned[t % 8]) && reinterpret_cast<uintptr_t>(aligned) % 16 == 0;
+    o[3] = selftest::namespace_flag == -1 && isnan(selftest::inline_scratch()[t % 8]);
+    __syncthreads();
+    dynamic[t] = ptr<float>(p.in)[blockIdx.x * n + t];
+    grid2d[t % 4][t % 33] = single[t % 7] = aligned[t % 8] = selftest::inline_scratch()[t % 8] = 0.0f;
+    selftest::namespace_flag = 0;
+    if (t == 0) reinterpret_cast<unsigned char*>(dynamic)[p.n - 1 + (p.arg ? 1 : 0)] = 0;
+    __syncthreads();
+    o[4] = dynamic[(t + 1) % n];
+}
+
+// out[4t]: __float2half_rn(in[t]) bits, out[4t+1]: __float2bfloat16_rn bits, out[4t+2] and
+// out[4t+3]: the float bits of converting those back.
+CCPL_KERNEL(selftest_conversions, Params) {
+    const uint32_t t = selftest::global_thread();
+    if (t >= static_cast<uint32_t>(p.n)) return;
+    const float x = ptr<float>(p.in)[t];
+    const __half h = __float2half_rn(x);
+    const __nv_bfloat16 b = __float2bfloat16_rn(x);
+    uint32_t* o = mut_ptr<uint32_t>(p.out) + 4 * t;
+    o[0] = __half_as_ushort(h);
+    o[1] = __bfloat16_as_ushort(b);
+    o[2] = __float_as_uint(__half2float(h));
+    o[3] = __float_as_uint(__bfloat162float(b));
+}
+
+// The misuses the emulator must report (arg selects one; out is written so nothing is dead):
+// 0 __syncthreads at two call sites, 1 thread 0 returns before a barrier the others reach,
+// 2 half a warp shuffles while the other half waits at a barrier (deadlock), 3 a mask without
+// the calling lane, 4 a shuffle reading a lane outside its mask, 5 __trap(), 6 half a warp
+// returns while the other half shuffles with the full mask.
+CCPL_KERNEL(selftest_misuse, Params) {
+    const int lane = threadIdx.x % kWarp;
+    int v = lane;
+    switch (p.arg) {
+        case 0:
+            if (lane % 2) {
+                __syncthreads();
+            } else {
+                __syncthreads();
+            }
+            break;
+        case 1:
+            if (threadIdx.x == 0) return;
+            __syncthreads();
+            break;
+        case 2:
+            if (lane < 16) {
+                v = __shfl_xor_sync(kFullMask, v, 1);
+            } else {
+                __syncthreads();
+            }
+            break;
+        case 3: v = __shfl_xor_sync(0xfffffffeu, v, 1); break;
+        case 4:
+            if (lane < 16) v = __shfl_down_sync(0x0000ffffu, v, 16);
+            break;
+        case 5:
+            if (threadIdx.x == 3) __trap();
+            break;
+        case 6:
+            if (lane >= 16) return;
+            v = __shfl_xor_sync(kFullMask, v, 1);
+            break;
+        default: break;
+    }
+    mut_ptr<int>(p.out)[selftest::global_thread()] = v;
+}

@@ -1,0 +1,125 @@
+// info_nce.cu: cross-entropy of each row of the logits with its diagonal as the target
+// (forward: logsumexp and row losses, then their mean) and its backward through the logits
+// into the normalised rows (dq, and dk with `transpose`).
+#include "tile_gemm.cuh"
+
+namespace ccpl {
+
+// One warp per row (B*S rows of S logits: as many warps as the row is long, so the GPU is
+// full whenever the row is long enough to matter). Each lane keeps a running max and `rest`,
+// the sum of exp(L - max) over its elements other than (one) max, rescaled when the max
+// grows: one exp per element, no overflow at any tau. The lanes merge by shuffles, the max
+// element of the row contributing the 1 of log1p(rest). So row_loss = (max - L_ii) +
+// log1p(rest) keeps its relative precision when the diagonal dominates the row (the loss is
+// then tiny, and lse - L_ii would cancel).
+__device__ void info_nce_forward(const ccpl_info_nce_forward_params& p) {
+    const int lane = threadIdx.x % kWarp;
+    const int64_t S = p.rows, total = (int64_t)p.batch * S;
+    const int64_t first = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / kWarp;
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x / kWarp;
+    for (int64_t row = first; row < total; row += stride) {
+        const float* __restrict__ L = ptr<float>(p.logits) + row * S;
+        float max = -INFINITY, rest = 0.0f;
+        for (int64_t j = lane; j < S; j += kWarp) {
+            const float x = L[j];
+            if (x > max) {
+                rest = (rest + 1.0f) * expf(max - x);
+                max = x;
+            } else {
+                rest += expf(x - max);
+            }
+        }
+        const float row_max = warp_max(max);
+        // The first lane holding the row max keeps its max out of the sum; every other lane
+        // adds all its terms, rescaled to the row max (a lane without elements adds 0).
+        const unsigned at_max = __ballot_sync(kFullMask, max == row_max);
+        const bool keeps_max = lane == __ffs((int)at_max) - 1;
+        const float mine = keeps_max ? rest
+                           : max == -INFINITY ? 0.0f
+                                              : (rest + 1.0f) * expf(max - row_max);
+        const float log_sum = log1pf(warp_sum(mine));
+        if (lane == 0) {
+            mut_ptr<float>(p.row_lse)[row] = row_max + log_sum;
+            mut_ptr<float>(p.row_loss)[row] = (row_max - L[row % S]) + log_sum;
+        }
+    }
+}
+
+// loss = mean of row_loss (+= with accumulate), by one block in a fixed order: each thread
+// a Kahan-compensated sum of a fixed strided subset, then the fixed shuffle tree. The same
+// bits on every run.
+__device__ void info_nce_loss(const ccpl_info_nce_loss_params& p) {
+    __shared__ float scratch[kWarp];
+    const float* __restrict__ row_loss = ptr<float>(p.row_loss);
+    float sum = 0.0f, compensation = 0.0f;
+    for (int64_t i = threadIdx.x; i < p.count; i += blockDim.x) {
+        const float y = row_loss[i] - compensation;
+        const float t = sum + y;
+        compensation = (t - sum) - y;
+        sum = t;
+    }
+    sum = block_sum(sum, scratch);
+    if (threadIdx.x == 0) {
+        float* loss = mut_ptr<float>(p.loss);
+        const float mean = sum / (float)p.count;
+        *loss = p.accumulate ? *loss + mean : mean;
+    }
+}
+
+// One 64x64 tile of grad = G · other * upstream / (B*S) / tau with G = softmax(L) - I
+// computed on the fly from the logits and the forward's row statistics. kTranspose reads Gᵀ (dk: the
+// tile rows are columns j of L, the reduction runs over rows i).
+template <typename T, bool kTranspose>
+__device__ void info_nce_backward_tile(const ccpl_info_nce_backward_params& p, GemmShared& smem) {
+    const int64_t S = p.rows, C = p.width, b = blockIdx.z;
+    const int64_t r0 = (int64_t)blockIdx.y * Gemm::kTile, c0 = (int64_t)blockIdx.x * Gemm::kTile;
+    const float* __restrict__ L = ptr<float>(p.logits) + b * S * S;
+    const float* __restrict__ lse = ptr<float>(p.row_lse) + b * S;
+    const float* __restrict__ row_loss = ptr<float>(p.row_loss) + b * S;
+    const T* __restrict__ other = ptr<T>(p.other) + b * S * C;
+    // P_ij = exp(L_ij - lse_i) off the diagonal; P_ii - 1 = exp(-row_loss_i) - 1 on it, by
+    // expm1, which keeps its precision when P_ii is close to 1.
+    const auto softmax_minus_eye = [&](int64_t i, int64_t j) {
+        return i == j ? expm1f(-row_loss[i]) : expf(L[i * S + j] - lse[i]);
+    };
+    // A: G (rows r0.., read along j) or Gᵀ (rows are columns of L, read along them).
+    const auto load_g = [&](int m, int64_t k) {
+        const int64_t r = r0 + m;
+        if (r >= S || k >= S) return 0.0f;
+        return kTranspose ? softmax_minus_eye(k, r) : softmax_minus_eye(r, k);
+    };
+    // B: the other side's normalised rows, read along C.
+    const auto load_other = [&](int64_t k, int n) {
+        const int64_t c = c0 + n;
+        return k < S && c < C ? to_float(other[k * C + c]) : 0.0f;
+    };
+    GemmAcc acc = {};
+    gemm_tile<!kTranspose, false>(smem, S, load_g, load_other, acc);
+    const float scale = ptr<float>(p.upstream)[0] / (float)((int64_t)p.batch * S) * p.inv_tau;
+    T* __restrict__ grad = mut_ptr<T>(p.grad) + b * S * C;
+#pragma unroll
+    for (int i = 0; i < Gemm::kMicro; ++i) {
+        const int64_t row = r0 + gemm_row(i);
+#pragma unroll
+        for (int j = 0; j < Gemm::kMicro; ++j) {
+            const int64_t col = c0 + gemm_col(j);
+            if (row < S && col < C) grad[row * C + col] = from_float<T>(acc[i][j] * scale);
+        }
+    }
+}
+
+template <typename T> __device__ void info_nce_backward(const ccpl_info_nce_backward_params& p) {
+    __shared__ GemmShared smem;
+    if (p.transpose) {
+        info_nce_backward_tile<T, true>(p, smem);
+    } else {
+        info_nce_backward_tile<T, false>(p, smem);
+    }
+}
+
+}  // namespace ccpl
+
+CCPL_KERNEL(info_nce_forward, ccpl_info_nce_forward_params) { ccpl::info_nce_forward(p); }
+CCPL_KERNEL(info_nce_loss, ccpl_info_nce_loss_params) { ccpl::info_nce_loss(p); }
+using ccpl::info_nce_backward;
+CCPL_KERNELS_PER_DTYPE(info_nce_backward, ccpl_info_nce_backward_params)

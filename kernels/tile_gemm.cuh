@@ -1,0 +1,75 @@
+// tile_gemm.cuh: the shared-memory tile loop of similarity.cu (logits = q kᵀ) and
+// info_nce.cu (gradients = G · rows): one block computes one 64x64 tile of out = A·B with
+// float accumulation. The operands come from callbacks, so the same loop serves plain rows,
+// transposed reads and operands computed on the fly.
+#pragma once
+
+#include "common.cuh"
+
+namespace ccpl {
+
+struct Gemm {
+    static constexpr int kTile = CCPL_SIMILARITY_TILE;       // output tile side
+    static constexpr int kThreads = CCPL_SIMILARITY_BLOCK;   // threads per block
+    static constexpr int kSide = 16;                         // threads per tile side
+    static constexpr int kMicro = kTile / kSide;             // each thread: kMicro x kMicro
+    static constexpr int kStep = 32;                         // reduction depth per stage
+    static constexpr int kStride = kTile + 1;                // padded: conflict-free stores
+};
+static_assert(Gemm::kSide * Gemm::kSide == Gemm::kThreads, "one thread per micro-tile");
+static_assert(Gemm::kMicro * Gemm::kSide == Gemm::kTile, "micro-tiles cover the tile");
+
+// Both operand tiles of one stage, reduction-index major: a[kk][m], b[kk][n].
+struct GemmShared {
+    float a[Gemm::kStep][Gemm::kStride];
+    float b[Gemm::kStep][Gemm::kStride];
+};
+
+// Accumulators of one thread: rows ty + kSide*i, columns tx + kSide*j of the tile (strided,
+// so a warp reads shared memory without bank conflicts and stores runs of 16 columns).
+using GemmAcc = float[Gemm::kMicro][Gemm::kMicro];
+
+__device__ __forceinline__ int gemm_row(int i) { return (int)threadIdx.x / Gemm::kSide + Gemm::kSide * i; }
+__device__ __forceinline__ int gemm_col(int j) { return (int)threadIdx.x % Gemm::kSide + Gemm::kSide * j; }
+
+// tile[kk][m] = load(m, kk) for the whole stage. `kAlongK` says which index is contiguous in
+// global memory: consecutive threads take consecutive kk (true) or consecutive m (false), so
+// the global reads coalesce either way; the padded stride keeps the stores conflict-free.
+template <bool kAlongK, typename Load>
+__device__ __forceinline__ void gemm_fill(float (*tile)[Gemm::kStride], const Load& load) {
+#pragma unroll
+    for (int e = threadIdx.x; e < Gemm::kTile * Gemm::kStep; e += Gemm::kThreads) {
+        const int m = kAlongK ? e / Gemm::kStep : e % Gemm::kTile;
+        const int kk = kAlongK ? e % Gemm::kStep : e / Gemm::kTile;
+        tile[kk][m] = load(m, kk);
+    }
+}
+
+// acc += A·B over k in [0, depth) for the block's tile. load_a(m, k) is A at tile row m and
+// absolute k, load_b(k, n) is B at absolute k and tile column n; both return 0 outside the
+// matrices, so no size needs to be a multiple of the tile. Every thread of the block calls
+// this (it has barriers).
+template <bool kAAlongK, bool kBAlongK, typename LoadA, typename LoadB>
+__device__ __forceinline__ void gemm_tile(GemmShared& smem, int64_t depth, const LoadA& load_a,
+                                          const LoadB& load_b, GemmAcc& acc) {
+    for (int64_t k0 = 0; k0 < depth; k0 += Gemm::kStep) {
+        gemm_fill<kAAlongK>(smem.a, [&](int m, int kk) { return load_a(m, k0 + kk); });
+        gemm_fill<kBAlongK>(smem.b, [&](int n, int kk) { return load_b(k0 + kk, n); });
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < Gemm::kStep; ++kk) {
+            float a[Gemm::kMicro], b[Gemm::kMicro];
+#pragma unroll
+            for (int i = 0; i < Gemm::kMicro; ++i) a[i] = smem.a[kk][gemm_row(i)];
+#pragma unroll
+            for (int j = 0; j < Gemm::kMicro; ++j) b[j] = smem.b[kk][gemm_col(j)];
+#pragma unroll
+            for (int i = 0; i < Gemm::kMicro; ++i)
+#pragma unroll
+                for (int j = 0; j < Gemm::kMicro; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+}
+
+}  // namespace ccpl

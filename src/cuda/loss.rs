@@ -1,0 +1,161 @@
+//! The loss of one layer on the GPU (identity head), mirroring
+//! [`crate::reference::ccp_layer_loss`]: the forward leaves the loss on the device and keeps
+//! what the backward needs; the backward accumulates the gradient into the caller's buffers.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtrMut};
+
+use super::neighbor::{DeviceCenters, Scatter};
+use super::{Kernels, buf, buf_mut};
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::kernels::Buf;
+use crate::kernels::loss::{LayerPlan, LayerWorkspace};
+use crate::shape::FeatureShape;
+
+/// One layer of the CCP loss on one stream, with its workspace (rows, normalised rows,
+/// norms, logits, row statistics, the loss): allocated once by [`new`](Self::new) for a shape
+/// and a number of centres, reused by every step. `T` is the storage type of the feature maps
+/// (`f32`, `f16` or `bf16`).
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use ccpl::cuda::{self, Kernels, loss::CcpLayer, neighbor::{DeviceCenters, Scatter}};
+/// use ccpl::{Centers, FeatureShape, Layout};
+/// # fn main() -> ccpl::Result<()> {
+/// let ctx = cuda::context(0)?;
+/// let kernels = Kernels::for_context(&ctx)?;
+/// let stream = ctx.default_stream();
+/// let shape = FeatureShape::new(8, 256, 64, 64, Layout::Nchw)?;
+/// let mut layer = CcpLayer::<f32>::new(kernels, stream.clone(), shape, 64, ccpl::DEFAULT_TAU)?;
+///
+/// let feat_q = stream.alloc_zeros::<f32>(shape.len())?; // the generated image's features
+/// let feat_k = stream.alloc_zeros::<f32>(shape.len())?; // the content image's features
+/// let mut grad_q = stream.alloc_zeros::<f32>(shape.len())?;
+///
+/// let centers = DeviceCenters::upload(&stream, &Centers::sample(64, 64, 64, 7)?)?;
+/// layer.forward(&feat_q, &feat_k, &centers)?;
+/// layer.backward(None, &mut grad_q, None, Scatter::Deterministic)?; // grad_q += dloss/dfeat_q
+/// let loss = stream.clone_dtoh(layer.loss())?; // the only wait on the host
+/// # let _ = loss; Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct CcpLayer<T: Dtype> {
+    kernels: Arc<Kernels>,
+    stream: Arc<CudaStream>,
+    plan: LayerPlan,
+    workspace: LayerWorkspace<CudaSlice<T>, CudaSlice<f32>>,
+    /// The forward's centres, copied so that the backward scatters with the same ones.
+    centers: DeviceCenters,
+    forward_done: bool,
+}
+
+impl<T: Dtype> CcpLayer<T> {
+    /// A layer for feature maps of `shape` with `num_centers` centres per step and
+    /// temperature `tau`; allocates its workspace on `stream` (about `B*S*S` float32 for the
+    /// logits plus six `B*S*C` row matrices).
+    pub fn new(
+        kernels: Arc<Kernels>,
+        stream: Arc<CudaStream>,
+        shape: FeatureShape,
+        num_centers: usize,
+        tau: f64,
+    ) -> Result<Self> {
+        let plan = LayerPlan::new(shape, num_centers, tau)?;
+        kernels.on(&stream)?;
+        let mut workspace = LayerWorkspace::lengths(&shape, num_centers)?.try_map(
+            |&n| stream.alloc_zeros::<T>(n),
+            |&n| stream.alloc_zeros::<f32>(n),
+        )?;
+        stream.memcpy_htod(&[1.0f32], &mut workspace.one)?;
+        let centers = DeviceCenters::alloc(&stream, shape.height(), shape.width(), num_centers)?;
+        Ok(Self {
+            kernels,
+            stream,
+            plan,
+            workspace,
+            centers,
+            forward_done: false,
+        })
+    }
+
+    /// The layer's shape, number of centres and temperature.
+    pub fn plan(&self) -> &LayerPlan {
+        &self.plan
+    }
+
+    /// The forward on `feat_q` (the generated image's features) and `feat_k` (the content
+    /// image's), both of the layer's shape, with this step's `centers` (`N` of them, for the
+    /// layer's map). The loss stays on the device: [`loss`](Self::loss). Nothing is allocated
+    /// and nothing waits.
+    pub fn forward(
+        &mut self,
+        feat_q: &impl cudarc::driver::DevicePtr<T>,
+        feat_k: &impl cudarc::driver::DevicePtr<T>,
+        centers: &DeviceCenters,
+    ) -> Result<()> {
+        self.centers.copy_from(&self.stream, centers)?;
+        let stream = &*self.stream;
+        let (feat_q, _q_guard) = buf(feat_q, stream);
+        let (feat_k, _k_guard) = buf(feat_k, stream);
+        let (centers, _centers_guards) = self.centers.buf(stream);
+        let guarded = self
+            .workspace
+            .map_mut(|s| buf_mut(s, stream), |s| buf_mut(s, stream));
+        let bufs = addresses(&guarded);
+        self.plan
+            .forward::<T, _>(&self.kernels.on(stream)?, &centers, feat_q, feat_k, &bufs)?;
+        self.forward_done = true;
+        Ok(())
+    }
+
+    /// The loss of the last forward: one float32 on the device.
+    pub fn loss(&self) -> &CudaSlice<f32> {
+        &self.workspace.loss
+    }
+
+    /// The backward of the last forward: adds `upstream[0]` (one float32 on the device, `1.0`
+    /// when `None`) times the gradient of the loss to `grad_feat_q`, and to `grad_feat_k` when
+    /// given (the original detaches the content side, so it is optional). The gradient
+    /// buffers have the layer's shape and layout and are accumulated into, as a framework's
+    /// gradients are. Nothing is allocated and nothing waits.
+    pub fn backward<G: DevicePtrMut<T>>(
+        &mut self,
+        upstream: Option<&CudaView<'_, f32>>,
+        grad_feat_q: &mut G,
+        grad_feat_k: Option<&mut G>,
+        scatter: Scatter,
+    ) -> Result<()> {
+        if !self.forward_done {
+            return Err(Error::BackwardBeforeForward);
+        }
+        let stream = &*self.stream;
+        let (grad_feat_q, _q_guard) = buf_mut(grad_feat_q, stream);
+        let (grad_feat_k, _k_guard) = grad_feat_k.map(|g| buf_mut(g, stream)).unzip();
+        let (upstream, _upstream_guard) = upstream.map(|u| buf(u, stream)).unzip();
+        let (centers, _centers_guards) = self.centers.buf(stream);
+        let guarded = self
+            .workspace
+            .map_mut(|s| buf_mut(s, stream), |s| buf_mut(s, stream));
+        let bufs = addresses(&guarded);
+        self.plan.backward::<T, _>(
+            &self.kernels.on(stream)?,
+            &centers,
+            &bufs,
+            upstream,
+            grad_feat_q,
+            grad_feat_k,
+            scatter,
+        )
+    }
+}
+
+/// The addresses of a workspace whose guards are held elsewhere.
+fn addresses<G>(guarded: &LayerWorkspace<(Buf, G), (Buf, G)>) -> LayerWorkspace<Buf, Buf> {
+    let infallible = |b: &(Buf, G)| Ok::<_, std::convert::Infallible>(b.0);
+    match guarded.try_map(infallible, infallible) {
+        Ok(bufs) => bufs,
+        Err(never) => match never {},
+    }
+}

@@ -1,0 +1,173 @@
+//! The CPU emulator (feature `emulator`, for tests): the same `kernels/*.cu` sources,
+//! compiled by the host C++ compiler against `kernels/emu/cuda_emu.h`, executing the same
+//! [`LaunchPlan`]s as the GPU, with host addresses in place of device ones.
+//!
+//! Each thread of a block is a fiber; a scheduler seeded per launch runs them in random order,
+//! switching at every barrier, warp collective, atomic and fence, and shared memory starts as
+//! NaN in every block. So a missing `__syncthreads()` or a read of shared memory before it is
+//! written changes the result rather than passing by luck. Barriers and warp collectives
+//! keep CUDA's per-thread rules: a barrier some thread cannot reach, a shuffle whose mask
+//! leaves out the calling lane or names a lane that exited, and a deadlock all end the launch
+//! with [`Error::Emulator`], never a hang.
+//!
+//! ```
+//! use ccpl::emu::{self, Emulator};
+//! use ccpl::kernels::{LaunchPlan, Launcher};
+//! # fn main() -> ccpl::Result<()> {
+//! let input: Vec<f32> = (0..100).map(|i| (i % 7) as f32).collect();
+//! let mut sums = vec![f32::NAN; 3];
+//! let plan = LaunchPlan {
+//!     kernel: "selftest_block_reduce".into(),
+//!     grid: (1, 1, 1),
+//!     block: (64, 1, 1),
+//!     shared_bytes: 0,
+//!     params: emu::selftest::ccpl_emu_selftest_params {
+//!         in_: emu::buf(&input).addr,
+//!         out: emu::buf_mut(&mut sums).addr,
+//!         n: 100,
+//!         arg: 0,
+//!     },
+//! };
+//! // SAFETY: the plan addresses `input` and `sums`, alive and of the lengths it uses.
+//! let emulator = unsafe { Emulator::new(1) };
+//! emulator.launch(&plan)?;
+//! assert_eq!(sums[0], input.iter().sum::<f32>());
+//! # Ok(()) }
+//! ```
+//!
+//! What only a GPU checks:
+//! - code behind `#ifdef CCPL_EMULATOR` in the kernels (inline PTX such as mma, cp.async,
+//!   ldmatrix, with a portable fallback here); [`GPU_ONLY_PATHS`] lists it;
+//! - races on global memory without a synchronisation point between the read and the write
+//!   (a non-atomic read-modify-write): threads switch only at barriers, warp collectives,
+//!   atomics and fences, so such a sequence runs whole;
+//! - anything between blocks: blocks run one after another, so two blocks racing on an
+//!   element agree, and a block that waits for another one would never end;
+//! - rounding of the GPU's own arithmetic: `__expf` and friends are exact here, the host
+//!   compiler does not contract `a*b+c` into FMAs the way nvcc does;
+//! - out-of-bounds global accesses (host memory, unchecked), the 48 KiB static shared memory
+//!   limit, registers, spills and speed.
+
+use std::ffi::{CStr, CString, c_char, c_void};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{Error, Result};
+use crate::kernels::{Buf, KernelParams, LaunchPlan, Launcher};
+
+/// The parameter struct of the emulator's self-test kernels (`kernels/emu/selftest.h`).
+pub mod selftest {
+    #![allow(non_camel_case_types, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/emu_selftest.rs"));
+    // SAFETY: plain `repr(C)` data, as the kernels' own parameter structs.
+    unsafe impl cudarc::driver::DeviceRepr for ccpl_emu_selftest_params {}
+}
+
+/// Kernel code that the emulator does not run, as `(source, what)`: the GPU side of every
+/// `#ifdef CCPL_EMULATOR` in `kernels/`. Empty while every kernel runs whole on the CPU.
+pub const GPU_ONLY_PATHS: &[(&str, &str)] = &[];
+
+unsafe extern "C" {
+    fn ccpl_emu_launch(
+        name: *const c_char,
+        grid: *const u32,
+        block: *const u32,
+        shared_bytes: u32,
+        params: *const c_void,
+        params_size: usize,
+        seed: u64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
+    fn ccpl_emu_kernel_count() -> usize;
+    fn ccpl_emu_kernel_name(i: usize) -> *const c_char;
+}
+
+/// Executes launch plans on the CPU, one after another, each to completion. Launches are
+/// serialised process-wide (static shared memory is one copy per kernel).
+#[derive(Debug)]
+pub struct Emulator {
+    next_seed: AtomicU64,
+}
+
+impl Emulator {
+    /// An emulator whose first launch is scheduled by `seed`, the next by `seed + 1`, and so on.
+    ///
+    /// # Safety
+    ///
+    /// Every plan launched on it must address host memory that is alive, and as long as the
+    /// plan's shapes say, for the whole launch: the kernels read and write those addresses.
+    /// Plans made from [`buf`] and [`buf_mut`] of slices the caller still holds satisfy this.
+    pub unsafe fn new(seed: u64) -> Self {
+        Self {
+            next_seed: AtomicU64::new(seed),
+        }
+    }
+
+    /// The seed the next launch will use.
+    pub fn next_seed(&self) -> u64 {
+        self.next_seed.load(Ordering::Relaxed)
+    }
+}
+
+impl Launcher for Emulator {
+    fn launch<P: KernelParams>(&self, plan: &LaunchPlan<P>) -> Result<()> {
+        let seed = self.next_seed.fetch_add(1, Ordering::Relaxed);
+        let name = CString::new(plan.kernel.as_str()).map_err(|_| {
+            Error::Emulator(format!("kernel name {:?} has a NUL byte", plan.kernel))
+        })?;
+        let grid = [plan.grid.0, plan.grid.1, plan.grid.2];
+        let block = [plan.block.0, plan.block.1, plan.block.2];
+        let mut err = [0 as c_char; 1024];
+        // SAFETY: the arrays and the parameter struct outlive the call; the runtime checks the
+        // struct's size against the kernel's; the addresses inside it are valid by the
+        // contract of `Emulator::new`.
+        let status = unsafe {
+            ccpl_emu_launch(
+                name.as_ptr(),
+                grid.as_ptr(),
+                block.as_ptr(),
+                plan.shared_bytes,
+                (&plan.params as *const P).cast(),
+                size_of::<P>(),
+                seed,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        if status == 0 {
+            return Ok(());
+        }
+        // SAFETY: the runtime writes a NUL-terminated message into `err` on every error.
+        let message = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
+        Err(Error::Emulator(format!("{message} (launch seed {seed})")))
+    }
+}
+
+/// A slice as a kernel input: its host address and length.
+pub fn buf<T>(data: &[T]) -> Buf {
+    Buf {
+        addr: data.as_ptr() as u64,
+        len: data.len(),
+    }
+}
+
+/// A slice as a kernel output (written through the address while the launch runs).
+pub fn buf_mut<T>(data: &mut [T]) -> Buf {
+    Buf {
+        addr: data.as_mut_ptr() as u64,
+        len: data.len(),
+    }
+}
+
+/// Names of the kernels the emulator has, in registration order.
+pub fn kernel_names() -> Vec<&'static str> {
+    // SAFETY: the names are string literals of the kernel sources, registered before main.
+    unsafe {
+        (0..ccpl_emu_kernel_count())
+            .filter_map(|i| {
+                let name = ccpl_emu_kernel_name(i);
+                (!name.is_null()).then(|| CStr::from_ptr(name).to_str().ok())?
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,119 @@
+//! Plans of `kernels/info_nce.cu`: cross-entropy of each row of the logits with its diagonal
+//! as the target, the mean of it, and the gradient back into the normalised rows.
+
+use super::{Buf, LaunchPlan, WARP, grid_stride_blocks, i32_of, inv_tau, row_count, tile_grid};
+use crate::dtype::Dtype;
+use crate::error::{Error, Result, check_len};
+use crate::ffi;
+use crate::shape::RowShape;
+
+/// Which normalised rows a gradient is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// `q`, the rows of `feat_q` (the generated image): `dq = G k / tau`.
+    Q,
+    /// `k`, the rows of `feat_k` (the content image): `dk = Gᵀ q / tau`.
+    K,
+}
+
+/// `info_nce_forward`: per row of the logits `(B, S, S)` (the width of `shape` is not used),
+/// `row_lse = logsumexp_j L[b,i,j]` and `row_loss = row_lse - L[b,i,i]`, float32.
+pub fn info_nce_forward(
+    shape: &RowShape,
+    logits: Buf,
+    row_lse: Buf,
+    row_loss: Buf,
+) -> Result<LaunchPlan<ffi::ccpl_info_nce_forward_params>> {
+    let rows = row_count(shape)?;
+    check_len("logits", shape.logits_len(), logits.len)?;
+    check_len("row_lse", rows, row_lse.len)?;
+    check_len("row_loss", rows, row_loss.len)?;
+    // One warp per row.
+    let block = ffi::CCPL_INFO_NCE_BLOCK;
+    Ok(LaunchPlan {
+        kernel: "info_nce_forward".into(),
+        grid: (grid_stride_blocks(rows * WARP, block), 1, 1),
+        block: (block, 1, 1),
+        shared_bytes: 0,
+        params: ffi::ccpl_info_nce_forward_params {
+            logits: logits.addr,
+            row_lse: row_lse.addr,
+            row_loss: row_loss.addr,
+            batch: i32_of(shape.batch),
+            rows: i32_of(shape.rows),
+        },
+    })
+}
+
+/// `info_nce_loss`: `loss[0] = mean(row_loss)`, or `loss[0] += mean(row_loss)` with
+/// `accumulate` (to sum layers on the device). One block, a fixed order: deterministic.
+pub fn info_nce_loss(
+    row_loss: Buf,
+    loss: Buf,
+    accumulate: bool,
+) -> Result<LaunchPlan<ffi::ccpl_info_nce_loss_params>> {
+    if row_loss.len == 0 || row_loss.len > i32::MAX as usize {
+        return Err(Error::Shape(format!(
+            "{} row losses: at least 1 and within i32 are needed",
+            row_loss.len
+        )));
+    }
+    check_len("loss", 1, loss.len)?;
+    Ok(LaunchPlan {
+        kernel: "info_nce_loss".into(),
+        grid: (1, 1, 1),
+        block: (ffi::CCPL_INFO_NCE_BLOCK, 1, 1),
+        shared_bytes: 0,
+        params: ffi::ccpl_info_nce_loss_params {
+            row_loss: row_loss.addr,
+            loss: loss.addr,
+            count: i32_of(row_loss.len),
+            accumulate: accumulate.into(),
+        },
+    })
+}
+
+/// `info_nce_backward_{T}`: with `G = (softmax(L) - I) * upstream[0] / (B*S)`, the gradient
+/// of the loss with respect to the normalised rows of `side`: `dq = G k / tau` (`other` is
+/// `k`) or `dk = Gᵀ q / tau` (`other` is `q`). `upstream` is one float32 on the device, so
+/// nothing waits on the host; `row_lse` and `row_loss` are the forward's.
+#[allow(clippy::too_many_arguments)]
+pub fn info_nce_backward<T: Dtype>(
+    shape: &RowShape,
+    tau: f64,
+    side: Side,
+    logits: Buf,
+    row_lse: Buf,
+    row_loss: Buf,
+    other: Buf,
+    upstream: Buf,
+    grad: Buf,
+) -> Result<LaunchPlan<ffi::ccpl_info_nce_backward_params>> {
+    let inv_tau = inv_tau(tau)?;
+    let rows = row_count(shape)?;
+    check_len("logits", shape.logits_len(), logits.len)?;
+    check_len("row_lse", rows, row_lse.len)?;
+    check_len("row_loss", rows, row_loss.len)?;
+    check_len("other", shape.len(), other.len)?;
+    check_len("upstream", 1, upstream.len)?;
+    check_len("grad", shape.len(), grad.len)?;
+    Ok(LaunchPlan {
+        kernel: format!("info_nce_backward_{}", T::SUFFIX),
+        grid: tile_grid(shape.batch, shape.rows, shape.width)?,
+        block: (ffi::CCPL_SIMILARITY_BLOCK, 1, 1),
+        shared_bytes: 0,
+        params: ffi::ccpl_info_nce_backward_params {
+            logits: logits.addr,
+            row_lse: row_lse.addr,
+            row_loss: row_loss.addr,
+            other: other.addr,
+            upstream: upstream.addr,
+            grad: grad.addr,
+            batch: i32_of(shape.batch),
+            rows: i32_of(shape.rows),
+            width: i32_of(shape.width),
+            transpose: (side == Side::K).into(),
+            inv_tau,
+        },
+    })
+}

@@ -1,0 +1,73 @@
+//! Plans of `kernels/normalize.cu`: rows divided by their norm plus epsilon, and back.
+
+use super::{Buf, LaunchPlan, WARP, grid_stride_blocks, i32_of, row_count};
+use crate::dtype::Dtype;
+use crate::error::{Result, check_len};
+use crate::ffi;
+use crate::shape::RowShape;
+
+/// Blocks of `CCPL_NORMALIZE_BLOCK` threads, one warp per row, a grid-stride loop over rows.
+fn grid(num_rows: usize) -> (u32, u32, u32) {
+    (
+        grid_stride_blocks(num_rows * WARP, ffi::CCPL_NORMALIZE_BLOCK),
+        1,
+        1,
+    )
+}
+
+/// `normalize_rows_{T}`: `out = rows / (||row|| + eps)` and `norms = ||row||` for the `B*S`
+/// rows of width `C` of `shape`.
+pub fn normalize_rows<T: Dtype>(
+    shape: &RowShape,
+    rows: Buf,
+    out: Buf,
+    norms: Buf,
+) -> Result<LaunchPlan<ffi::ccpl_normalize_rows_params>> {
+    let num_rows = row_count(shape)?;
+    check_len("rows", shape.len(), rows.len)?;
+    check_len("out", shape.len(), out.len)?;
+    check_len("norms", num_rows, norms.len)?;
+    Ok(LaunchPlan {
+        kernel: format!("normalize_rows_{}", T::SUFFIX),
+        grid: grid(num_rows),
+        block: (ffi::CCPL_NORMALIZE_BLOCK, 1, 1),
+        shared_bytes: 0,
+        params: ffi::ccpl_normalize_rows_params {
+            rows: rows.addr,
+            out: out.addr,
+            norms: norms.addr,
+            num_rows: i32_of(num_rows),
+            width: i32_of(shape.width),
+        },
+    })
+}
+
+/// `normalize_rows_backward_{T}`: the gradient of the rows before normalisation from the
+/// gradient of the normalised rows (`grad_out`), the rows and the forward's norms.
+pub fn normalize_rows_backward<T: Dtype>(
+    shape: &RowShape,
+    rows: Buf,
+    norms: Buf,
+    grad_out: Buf,
+    grad_rows: Buf,
+) -> Result<LaunchPlan<ffi::ccpl_normalize_rows_backward_params>> {
+    let num_rows = row_count(shape)?;
+    check_len("rows", shape.len(), rows.len)?;
+    check_len("norms", num_rows, norms.len)?;
+    check_len("grad_out", shape.len(), grad_out.len)?;
+    check_len("grad_rows", shape.len(), grad_rows.len)?;
+    Ok(LaunchPlan {
+        kernel: format!("normalize_rows_backward_{}", T::SUFFIX),
+        grid: grid(num_rows),
+        block: (ffi::CCPL_NORMALIZE_BLOCK, 1, 1),
+        shared_bytes: 0,
+        params: ffi::ccpl_normalize_rows_backward_params {
+            rows: rows.addr,
+            norms: norms.addr,
+            grad_out: grad_out.addr,
+            grad_rows: grad_rows.addr,
+            num_rows: i32_of(num_rows),
+            width: i32_of(shape.width),
+        },
+    })
+}

@@ -1,0 +1,37 @@
+//! Plan of `kernels/similarity.cu`: the logits `q kᵀ / tau` of every image.
+
+use super::{Buf, LaunchPlan, i32_of, inv_tau, tile_grid};
+use crate::dtype::Dtype;
+use crate::error::{Result, check_len};
+use crate::ffi;
+use crate::shape::RowShape;
+
+/// `similarity_{T}`: `logits[b, i, j] = q[b, i, :] . k[b, j, :] / tau`, `(B, S, S)` float32,
+/// from `q` and `k` of shape `(B, S, C)`.
+pub fn similarity<T: Dtype>(
+    shape: &RowShape,
+    tau: f64,
+    q: Buf,
+    k: Buf,
+    logits: Buf,
+) -> Result<LaunchPlan<ffi::ccpl_similarity_params>> {
+    let inv_tau = inv_tau(tau)?;
+    check_len("q", shape.len(), q.len)?;
+    check_len("k", shape.len(), k.len)?;
+    check_len("logits", shape.logits_len(), logits.len)?;
+    Ok(LaunchPlan {
+        kernel: format!("similarity_{}", T::SUFFIX),
+        grid: tile_grid(shape.batch, shape.rows, shape.rows)?,
+        block: (ffi::CCPL_SIMILARITY_BLOCK, 1, 1),
+        shared_bytes: 0,
+        params: ffi::ccpl_similarity_params {
+            q: q.addr,
+            k: k.addr,
+            logits: logits.addr,
+            batch: i32_of(shape.batch),
+            rows: i32_of(shape.rows),
+            width: i32_of(shape.width),
+            inv_tau,
+        },
+    })
+}

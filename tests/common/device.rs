@@ -1,0 +1,360 @@
+//! Devices a kernel test runs on, so that each test is written once: the CPU emulator
+//! (always) and the GPU (when there is one; else the test says loudly that it SKIPPED, and
+//! fails instead when `CCPL_REQUIRE_GPU=1`). Plus the conversions and the tolerance rule the
+//! kernel tests share.
+
+use std::sync::Arc;
+
+use ccpl::cuda::{self, CudaLauncher, Kernels};
+use ccpl::emu::{self, Emulator};
+use ccpl::kernels::neighbor::{CentersBuf, Scatter};
+use ccpl::kernels::{Buf, KernelParams, LaunchPlan, Launcher};
+use ccpl::{Centers, Dtype, Element, FeatureShape, Result, RowShape, ffi, reference};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
+
+use super::rel_err;
+
+/// An element type a test moves to and from a device (the storage types, f32 and i32).
+pub trait Elem: DeviceRepr + ValidAsZeroBits + Copy + Default + 'static {}
+impl<T: DeviceRepr + ValidAsZeroBits + Copy + Default + 'static> Elem for T {}
+
+/// Memory and a launcher: what a kernel test needs of a device.
+pub trait TestDevice {
+    /// A buffer of `T` on the device.
+    type Mem<T: Elem>;
+    /// What executes plans.
+    type Launch<'a>: Launcher
+    where
+        Self: 'a;
+    /// For messages.
+    fn name(&self) -> &'static str;
+    /// Whether sizes up to S = 8192 are practical (the emulator runs small ones only).
+    fn large_sizes(&self) -> bool;
+    fn upload<T: Elem>(&self, data: &[T]) -> Self::Mem<T>;
+    fn download<T: Elem>(&self, mem: &Self::Mem<T>) -> Vec<T>;
+    /// The buffer's address and length for a plan (written or read by the launch).
+    fn buf<T: Elem>(&self, mem: &mut Self::Mem<T>) -> Buf;
+    fn launcher(&self) -> Self::Launch<'_>;
+
+    /// A buffer of `len` NaNs: an output element the kernel does not write stays NaN.
+    fn alloc_nan<T: Elem + Element>(&self, len: usize) -> Self::Mem<T> {
+        self.upload(&vec![T::from_f64(f64::NAN); len])
+    }
+    /// Launches one plan and panics with the device's name on an error.
+    fn run<P: KernelParams>(&self, plan: &LaunchPlan<P>) {
+        self.launcher()
+            .launch(plan)
+            .unwrap_or_else(|e| panic!("{} on the {}: {e}", plan.kernel, self.name()));
+    }
+}
+
+/// The CPU emulator: every launch scheduled by a new seed.
+pub struct Emu {
+    emulator: Emulator,
+}
+
+impl Emu {
+    pub fn new(seed: u64) -> Self {
+        // SAFETY: every plan the tests launch addresses vectors `Emu::Mem` owns, alive and
+        // of the lengths the plans were validated against, for the whole launch.
+        Self {
+            emulator: unsafe { Emulator::new(seed) },
+        }
+    }
+}
+
+/// A launcher by reference.
+pub struct Borrowed<'a, L>(&'a L);
+impl<L: Launcher> Launcher for Borrowed<'_, L> {
+    fn launch<P: KernelParams>(&self, plan: &LaunchPlan<P>) -> Result<()> {
+        self.0.launch(plan)
+    }
+}
+
+impl TestDevice for Emu {
+    type Mem<T: Elem> = Vec<T>;
+    type Launch<'a> = Borrowed<'a, Emulator>;
+    fn name(&self) -> &'static str {
+        "emulator"
+    }
+    fn large_sizes(&self) -> bool {
+        false
+    }
+    fn upload<T: Elem>(&self, data: &[T]) -> Vec<T> {
+        data.to_vec()
+    }
+    fn download<T: Elem>(&self, mem: &Vec<T>) -> Vec<T> {
+        mem.clone()
+    }
+    fn buf<T: Elem>(&self, mem: &mut Vec<T>) -> Buf {
+        emu::buf_mut(mem)
+    }
+    fn launcher(&self) -> Borrowed<'_, Emulator> {
+        Borrowed(&self.emulator)
+    }
+}
+
+/// The first GPU, its kernels and its default stream.
+pub struct Gpu {
+    kernels: Arc<Kernels>,
+    stream: Arc<CudaStream>,
+}
+
+impl Gpu {
+    pub fn kernels(&self) -> &Arc<Kernels> {
+        &self.kernels
+    }
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
+/// The GPU for `test`, or `None` after saying loudly that the test SKIPPED (a panic instead
+/// when `CCPL_REQUIRE_GPU=1`).
+pub fn gpu(test: &str) -> Option<Gpu> {
+    let found = cuda::context(0).and_then(|ctx| {
+        let kernels = Kernels::for_context(&ctx)?;
+        Ok(Gpu {
+            kernels,
+            stream: ctx.default_stream(),
+        })
+    });
+    match found {
+        Ok(gpu) => Some(gpu),
+        Err(e) if std::env::var("CCPL_REQUIRE_GPU").as_deref() == Ok("1") => {
+            panic!("CCPL_REQUIRE_GPU=1 but {test} cannot run on a GPU: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED {test} on the GPU: {e}");
+            None
+        }
+    }
+}
+
+impl TestDevice for Gpu {
+    type Mem<T: Elem> = CudaSlice<T>;
+    type Launch<'a> = CudaLauncher<'a>;
+    fn name(&self) -> &'static str {
+        "GPU"
+    }
+    fn large_sizes(&self) -> bool {
+        true
+    }
+    fn upload<T: Elem>(&self, data: &[T]) -> CudaSlice<T> {
+        self.stream.clone_htod(data).expect("upload")
+    }
+    fn download<T: Elem>(&self, mem: &CudaSlice<T>) -> Vec<T> {
+        let data = self.stream.clone_dtoh(mem).expect("download");
+        self.stream.synchronize().expect("synchronize");
+        data
+    }
+    fn buf<T: Elem>(&self, mem: &mut CudaSlice<T>) -> Buf {
+        let len = mem.len();
+        // One stream: the guard's event bookkeeping is not needed past this call.
+        let (addr, _guard) = mem.device_ptr_mut(&self.stream);
+        Buf { addr, len }
+    }
+    fn launcher(&self) -> CudaLauncher<'_> {
+        self.kernels
+            .on(&self.stream)
+            .expect("the stream is the kernels' context's")
+    }
+}
+
+/// Runs each named generic test `fn name<D: TestDevice>(dev: &D)` as two tests,
+/// `name::emulator` and `name::gpu`.
+#[macro_export]
+macro_rules! on_every_device {
+    ($($test:ident),+ $(,)?) => {$(
+        mod $test {
+            #[test]
+            fn emulator() {
+                super::$test(&$crate::common::device::Emu::new(0x5eed));
+            }
+            #[test]
+            fn gpu() {
+                let name = concat!(module_path!(), "::", stringify!($test));
+                if let Some(gpu) = $crate::common::device::gpu(name) {
+                    super::$test(&gpu);
+                }
+            }
+        }
+    )+};
+}
+
+/// Calls `$check::<T, _>($args...)` for every storage type.
+#[macro_export]
+macro_rules! for_each_dtype {
+    ($check:ident($($arg:expr),* $(,)?)) => {{
+        $check::<f32, _>($($arg),*);
+        $check::<half::f16, _>($($arg),*);
+        $check::<half::bf16, _>($($arg),*);
+    }};
+}
+
+pub fn to_f64<T: Element>(v: &[T]) -> Vec<f64> {
+    v.iter().map(|x| x.to_f64()).collect()
+}
+
+pub fn from_f64<T: Element>(v: &[f64]) -> Vec<T> {
+    v.iter().map(|&x| T::from_f64(x)).collect()
+}
+
+/// `v` rounded to `T` and back: what storing it in `T` does to it.
+pub fn rounded<T: Element>(v: &[f64]) -> Vec<f64> {
+    v.iter().map(|&x| T::from_f64(x).to_f64()).collect()
+}
+
+/// Values uniform in `[-scale, scale)`, rounded to `T`: a kernel's input and, exactly, the
+/// reference's.
+pub fn random<T: Element>(rng: &mut super::Rng, len: usize, scale: f64) -> Vec<T> {
+    (0..len)
+        .map(|_| T::from_f64(scale * rng.symmetric()))
+        .collect()
+}
+
+/// The spec's tolerance for float32 results: relative norm error below 1e-5.
+pub const F32_TOLERANCE: f64 = 1e-5;
+
+/// Tolerance of a result stored in `T`, given `model`: the result as the algorithm would give
+/// it if every value it stores in `T` were the exact value rounded once (computed by the test
+/// from the reference), and `exact`, the reference. f32: the spec's 1e-5. f16/bf16: twice the
+/// model's measured error (the kernel's float arithmetic can tip a rounding to the other
+/// neighbour, and its rounding errors are as many as the model's but not the same ones),
+/// plus the float32 tolerance for the arithmetic itself.
+pub fn tolerance<T: Dtype>(model: &[f64], exact: &[f64]) -> f64 {
+    if T::SUFFIX == "f32" {
+        F32_TOLERANCE
+    } else {
+        2.0 * rel_err(model, exact) + F32_TOLERANCE
+    }
+}
+
+/// Tolerance of a result that is only rounded to `T` when stored: the model is the reference
+/// rounded once.
+pub fn stored_tolerance<T: Dtype>(exact: &[f64]) -> f64 {
+    tolerance::<T>(&rounded::<T>(exact), exact)
+}
+
+/// Asserts `||got - want|| / ||want|| <= tol` and reports the measured error (run with
+/// `--nocapture` to see every measurement).
+pub fn assert_close(what: &str, got: &[f64], want: &[f64], tol: f64) {
+    let err = rel_err(got, want);
+    eprintln!("measured {what}: rel err {err:.3e} (tolerance {tol:.3e})");
+    assert!(err <= tol, "{what}: relative error {err:.3e} > {tol:.3e}");
+}
+
+/// The backward scatter of `grad_rows` into `initial` with every value it stores rounded to
+/// `T` as the kernel stores it. Deterministic: one rounding of the whole sum. Atomic: each
+/// neighbour's `-g` added and rounded on its own, each centre's 8 gradients summed, rounded,
+/// then added and rounded.
+pub fn scatter_model<T: Element>(
+    initial: &[f64],
+    grad_rows: &[f64],
+    shape: &FeatureShape,
+    centers: &Centers,
+    scatter: Scatter,
+) -> Vec<f64> {
+    let round = |v: f64| T::from_f64(v).to_f64();
+    let mut g = initial.to_vec();
+    if scatter == Scatter::Deterministic {
+        reference::neighbor_diff_backward(grad_rows, shape, centers, &mut g).unwrap();
+        return g.into_iter().map(round).collect();
+    }
+    let (n, c_len, w) = (centers.len(), shape.channels(), shape.width());
+    for b in 0..shape.batch() {
+        for (x, &p) in centers.flat().iter().enumerate() {
+            let (h, wp) = (p as usize / w, p as usize % w);
+            for c in 0..c_len {
+                let mut centre = 0.0;
+                for k in 0..ffi::CCPL_NUM_NEIGHBORS as usize {
+                    let v = grad_rows[(b * 8 * n + k * n + x) * c_len + c];
+                    centre += v;
+                    let (dh, dw) = ffi::neighbor_delta(k);
+                    let (nh, nw) = (h.wrapping_add_signed(dh), wp.wrapping_add_signed(dw));
+                    let at = shape.index(b, c, nh, nw);
+                    g[at] = round(g[at] - v);
+                }
+                let at = shape.index(b, c, h, wp);
+                g[at] = round(g[at] + round(centre));
+            }
+        }
+    }
+    g
+}
+
+/// Centres in device memory: the flat indices and the inverse map.
+pub struct TestCenters<D: TestDevice> {
+    height: usize,
+    width: usize,
+    flat: D::Mem<i32>,
+    map: D::Mem<i32>,
+}
+
+impl<D: TestDevice> TestCenters<D> {
+    pub fn upload(dev: &D, centers: &Centers) -> Self {
+        Self {
+            height: centers.height(),
+            width: centers.width(),
+            flat: dev.upload(centers.flat()),
+            map: dev.upload(&centers.center_map()),
+        }
+    }
+    /// The plans' view of them; valid while `self` lives.
+    pub fn buf(&mut self, dev: &D) -> CentersBuf {
+        CentersBuf {
+            height: self.height,
+            width: self.width,
+            flat: dev.buf(&mut self.flat),
+            map: dev.buf(&mut self.map),
+        }
+    }
+}
+
+/// A layer's loss, and its gradients with respect to the difference rows, with every value
+/// the kernels store in `T` (rows, normalised rows and their gradients; the logits in f32)
+/// rounded once, computed by the reference stage by stage: what the tolerance of a 16-bit
+/// type is measured on. Scatter `grad_rows_*` with [`scatter_model`] for the feature maps.
+pub struct LayerModel {
+    pub loss: f64,
+    pub grad_rows_q: Vec<f64>,
+    pub grad_rows_k: Vec<f64>,
+}
+
+pub fn layer_model<T: Element>(
+    feat_q: &[f64],
+    feat_k: &[f64],
+    shape: &FeatureShape,
+    centers: &Centers,
+    tau: f64,
+    upstream: f64,
+) -> LayerModel {
+    let rows = RowShape::new(shape.batch(), centers.rows(), shape.channels()).unwrap();
+    let c = shape.channels();
+    let rows_q = rounded::<T>(&reference::neighbor_diff(feat_q, shape, centers).unwrap());
+    let rows_k = rounded::<T>(&reference::neighbor_diff(feat_k, shape, centers).unwrap());
+    let unit_q = rounded::<T>(&reference::normalize_rows(&rows_q, c).unwrap().rows);
+    let unit_k = rounded::<T>(&reference::normalize_rows(&rows_k, c).unwrap().rows);
+    let logits = rounded::<f32>(&reference::similarity(&unit_q, &unit_k, &rows, tau).unwrap());
+    let forward = reference::info_nce_forward(&logits, rows.batch, rows.rows).unwrap();
+    let grads = reference::info_nce_backward(
+        &logits,
+        &forward.row_lse,
+        &unit_q,
+        &unit_k,
+        &rows,
+        tau,
+        upstream,
+        true,
+    )
+    .unwrap();
+    let back = |rows: &[f64], grad_unit: &[f64]| {
+        let grad_unit = rounded::<T>(grad_unit);
+        rounded::<T>(&reference::normalize_rows_backward(rows, &grad_unit, c).unwrap())
+    };
+    LayerModel {
+        loss: forward.loss,
+        grad_rows_q: back(&rows_q, &grads.dq),
+        grad_rows_k: back(&rows_k, grads.dk.as_ref().unwrap()),
+    }
+}

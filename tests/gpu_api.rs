@@ -1,0 +1,365 @@
+//! The safe GPU API on a real device: every wrapper of `ccpl::cuda` on the caller's stream
+//! with the caller's buffers (slices and views at an offset), and `CcpLayer`, against the CPU
+//! reference. Each test says loudly that it SKIPPED without a GPU, and fails instead when
+//! `CCPL_REQUIRE_GPU=1`.
+
+mod common;
+
+use ccpl::cuda::info_nce::{self, Side};
+use ccpl::cuda::loss::CcpLayer;
+use ccpl::cuda::neighbor::{self, DeviceCenters, Scatter};
+use ccpl::cuda::{normalize, similarity};
+use ccpl::{Centers, Error, FeatureShape, Layout, RowShape, reference};
+use common::Rng;
+use common::device::{
+    F32_TOLERANCE, assert_close, gpu, layer_model, random, scatter_model, to_f64, tolerance,
+};
+use cudarc::driver::CudaSlice;
+
+const TAU: f64 = 0.07;
+/// Elements before and after the data in the buffers passed as views.
+const PAD: usize = 5;
+
+/// Every stage wrapper, f32, at odd sizes; inputs passed as views into larger buffers.
+#[test]
+fn every_wrapper_matches_reference() {
+    let Some(gpu) = gpu("gpu_api::every_wrapper_matches_reference") else {
+        return;
+    };
+    let (kernels, stream) = (gpu.kernels(), gpu.stream());
+    let mut rng = Rng::new(11);
+    let shape = FeatureShape::new(2, 7, 11, 13, Layout::Nhwc).unwrap();
+    let centers = Centers::sample(11, 13, 17, 3).unwrap();
+    let rows = RowShape::new(2, centers.rows(), 7).unwrap();
+    let device_centers = DeviceCenters::upload(stream, &centers).unwrap();
+    let padded = |data: &[f32]| {
+        let mut v = vec![f32::NAN; PAD];
+        v.extend_from_slice(data);
+        v.extend(std::iter::repeat_n(f32::NAN, PAD));
+        stream.clone_htod(&v).unwrap()
+    };
+    let nan = |len: usize| stream.clone_htod(&vec![f32::NAN; len]).unwrap();
+    let download = |s: &CudaSlice<f32>| to_f64(&stream.clone_dtoh(s).unwrap());
+
+    // Difference rows, from a view of the feature map.
+    let feat: Vec<f32> = random(&mut rng, shape.len(), 1.0);
+    let feat_dev = padded(&feat);
+    let mut rows_dev = nan(rows.len());
+    let feat_view = feat_dev.slice(PAD..PAD + shape.len());
+    neighbor::neighbor_diff(
+        kernels,
+        stream,
+        &shape,
+        &device_centers,
+        &feat_view,
+        &mut rows_dev,
+    )
+    .unwrap();
+    let want_rows = reference::neighbor_diff(&feat, &shape, &centers).unwrap();
+    assert_close(
+        "cuda neighbor_diff",
+        &download(&rows_dev),
+        &want_rows,
+        F32_TOLERANCE,
+    );
+
+    // Normalisation, into a view of a larger buffer.
+    let mut unit_dev = nan(rows.len() + 2 * PAD);
+    let mut norms_dev = nan(rows.batch * rows.rows);
+    {
+        let mut unit_view = unit_dev.slice_mut(PAD..PAD + rows.len());
+        normalize::normalize_rows(
+            kernels,
+            stream,
+            &rows,
+            &rows_dev,
+            &mut unit_view,
+            &mut norms_dev,
+        )
+        .unwrap();
+    }
+    let want_unit = reference::normalize_rows(&want_rows, 7).unwrap();
+    let unit = download(&unit_dev);
+    assert!(
+        unit[..PAD]
+            .iter()
+            .chain(&unit[PAD + rows.len()..])
+            .all(|v| v.is_nan())
+    );
+    assert_close(
+        "cuda normalize_rows",
+        &unit[PAD..PAD + rows.len()],
+        &want_unit.rows,
+        F32_TOLERANCE,
+    );
+
+    // Logits of q = these rows against k = another set.
+    let k: Vec<f32> = random(&mut rng, rows.len(), 1.0);
+    let k_dev = stream.clone_htod(&k).unwrap();
+    let q_view = unit_dev.slice(PAD..PAD + rows.len());
+    let mut logits_dev = nan(rows.logits_len());
+    similarity::similarity(
+        kernels,
+        stream,
+        &rows,
+        TAU,
+        &q_view,
+        &k_dev,
+        &mut logits_dev,
+    )
+    .unwrap();
+    let q = to_f64(&stream.clone_dtoh(&q_view).unwrap());
+    let want_logits = reference::similarity(&q, &to_f64(&k), &rows, TAU).unwrap();
+    let logits = download(&logits_dev);
+    assert_close("cuda similarity", &logits, &want_logits, F32_TOLERANCE);
+
+    // InfoNCE forward, loss, backward (dq and dk).
+    let count = rows.batch * rows.rows;
+    let (mut lse_dev, mut row_loss_dev, mut loss_dev) = (nan(count), nan(count), nan(1));
+    info_nce::info_nce_forward(
+        kernels,
+        stream,
+        &rows,
+        &logits_dev,
+        &mut lse_dev,
+        &mut row_loss_dev,
+    )
+    .unwrap();
+    info_nce::info_nce_loss(kernels, stream, &row_loss_dev, &mut loss_dev, false).unwrap();
+    let want_fwd = reference::info_nce_forward(&logits, rows.batch, rows.rows).unwrap();
+    assert_close(
+        "cuda info_nce_forward",
+        &download(&lse_dev),
+        &want_fwd.row_lse,
+        F32_TOLERANCE,
+    );
+    assert_close(
+        "cuda info_nce_loss",
+        &download(&loss_dev),
+        &[want_fwd.loss],
+        F32_TOLERANCE,
+    );
+    let upstream_dev = stream.clone_htod(&[1.5f32]).unwrap();
+    let want = reference::info_nce_backward(
+        &logits,
+        &want_fwd.row_lse,
+        &q,
+        &to_f64(&k),
+        &rows,
+        TAU,
+        1.5,
+        true,
+    )
+    .unwrap();
+    for (side, other, want) in [
+        (Side::Q, &k_dev, &want.dq),
+        (Side::K, &unit_dev, want.dk.as_ref().unwrap()),
+    ] {
+        let other_view = if side == Side::Q {
+            other.slice(..)
+        } else {
+            other.slice(PAD..PAD + rows.len())
+        };
+        let mut grad_dev = nan(rows.len());
+        info_nce::info_nce_backward(
+            kernels,
+            stream,
+            &rows,
+            TAU,
+            side,
+            &logits_dev,
+            &lse_dev,
+            &row_loss_dev,
+            &other_view,
+            &upstream_dev,
+            &mut grad_dev,
+        )
+        .unwrap();
+        assert_close(
+            &format!("cuda info_nce_backward {side:?}"),
+            &download(&grad_dev),
+            want,
+            F32_TOLERANCE,
+        );
+    }
+
+    // Normalisation backward and both scatters, accumulating into a random start.
+    let grad_out: Vec<f32> = random(&mut rng, rows.len(), 1.0);
+    let grad_out_dev = stream.clone_htod(&grad_out).unwrap();
+    let mut grad_rows_dev = nan(rows.len());
+    normalize::normalize_rows_backward(
+        kernels,
+        stream,
+        &rows,
+        &rows_dev,
+        &norms_dev,
+        &grad_out_dev,
+        &mut grad_rows_dev,
+    )
+    .unwrap();
+    let want_grad_rows =
+        reference::normalize_rows_backward(&want_rows, &to_f64(&grad_out), 7).unwrap();
+    let grad_rows = download(&grad_rows_dev);
+    assert_close(
+        "cuda normalize_rows_backward",
+        &grad_rows,
+        &want_grad_rows,
+        F32_TOLERANCE,
+    );
+    for scatter in [Scatter::Atomic, Scatter::Deterministic] {
+        let start: Vec<f32> = random(&mut rng, shape.len(), 1.0);
+        let mut grad_feat_dev = stream.clone_htod(&start).unwrap();
+        neighbor::neighbor_diff_backward(
+            kernels,
+            stream,
+            &shape,
+            &device_centers,
+            &grad_rows_dev,
+            &mut grad_feat_dev,
+            scatter,
+        )
+        .unwrap();
+        let mut want = to_f64(&start);
+        reference::neighbor_diff_backward(&grad_rows, &shape, &centers, &mut want).unwrap();
+        let what = format!("cuda neighbor_diff_backward {scatter:?}");
+        assert_close(&what, &download(&grad_feat_dev), &want, F32_TOLERANCE);
+    }
+
+    // Bad input is an Err before any launch, and leaves the output untouched.
+    let mut short = nan(rows.len() - 1);
+    let err = neighbor::neighbor_diff(
+        kernels,
+        stream,
+        &shape,
+        &device_centers,
+        &feat_view,
+        &mut short,
+    );
+    assert!(
+        matches!(err, Err(Error::Length { what: "rows", .. })),
+        "{err:?}"
+    );
+    assert!(download(&short).iter().all(|v| v.is_nan()));
+    let err = similarity::similarity(
+        kernels,
+        stream,
+        &rows,
+        -1.0,
+        &q_view,
+        &k_dev,
+        &mut logits_dev,
+    );
+    assert_eq!(err, Err(Error::Tau(-1.0)));
+}
+
+/// `CcpLayer`: forward and backward on the device against `reference::ccp_layer_loss`, in f32
+/// and bf16, twice with fresh centres (the workspace is reused), and its errors.
+#[test]
+fn ccp_layer_matches_reference() {
+    let Some(gpu) = gpu("gpu_api::ccp_layer_matches_reference") else {
+        return;
+    };
+    let (kernels, stream) = (gpu.kernels(), gpu.stream());
+    let mut rng = Rng::new(12);
+    let shape = FeatureShape::new(2, 9, 13, 15, Layout::Nchw).unwrap();
+    let mut layer = CcpLayer::<f32>::new(kernels.clone(), stream.clone(), shape, 21, TAU).unwrap();
+    let mut grad_q = stream.alloc_zeros::<f32>(shape.len()).unwrap();
+    assert_eq!(
+        layer.backward(None, &mut grad_q, None, Scatter::Atomic),
+        Err(Error::BackwardBeforeForward)
+    );
+    let wrong = DeviceCenters::upload(stream, &Centers::sample(13, 15, 20, 1).unwrap()).unwrap();
+    let feat_q: Vec<f32> = random(&mut rng, shape.len(), 1.0);
+    let feat_k: Vec<f32> = random(&mut rng, shape.len(), 1.0);
+    let (feat_q_dev, feat_k_dev) = (
+        stream.clone_htod(&feat_q).unwrap(),
+        stream.clone_htod(&feat_k).unwrap(),
+    );
+    assert!(matches!(
+        layer.forward(&feat_q_dev, &feat_k_dev, &wrong),
+        Err(Error::Shape(_))
+    ));
+
+    for (step, scatter) in [(0u64, Scatter::Deterministic), (1, Scatter::Atomic)] {
+        let centers = Centers::sample(13, 15, 21, 40 + step).unwrap();
+        let device_centers = DeviceCenters::upload(stream, &centers).unwrap();
+        layer
+            .forward(&feat_q_dev, &feat_k_dev, &device_centers)
+            .unwrap();
+        let want =
+            reference::ccp_layer_loss(&feat_q, &feat_k, &shape, &centers, TAU, true).unwrap();
+        let loss = stream.clone_dtoh(layer.loss()).unwrap()[0] as f64;
+        assert_close(
+            &format!("CcpLayer loss step {step}"),
+            &[loss],
+            &[want.loss],
+            F32_TOLERANCE,
+        );
+
+        let start_q: Vec<f32> = random(&mut rng, shape.len(), 1.0);
+        let start_k: Vec<f32> = random(&mut rng, shape.len(), 1.0);
+        let mut grad_q = stream.clone_htod(&start_q).unwrap();
+        let mut grad_k = stream.clone_htod(&start_k).unwrap();
+        let upstream = stream.clone_htod(&[0.5f32]).unwrap();
+        layer
+            .backward(
+                Some(&upstream.as_view()),
+                &mut grad_q,
+                Some(&mut grad_k),
+                scatter,
+            )
+            .unwrap();
+        for (side, got, start, grad) in [
+            ("q", &grad_q, &start_q, &want.grad_feat_q),
+            ("k", &grad_k, &start_k, want.grad_feat_k.as_ref().unwrap()),
+        ] {
+            let want: Vec<f64> = to_f64(start)
+                .iter()
+                .zip(grad)
+                .map(|(s, g)| s + 0.5 * g)
+                .collect();
+            let got = to_f64(&stream.clone_dtoh(got).unwrap());
+            assert_close(
+                &format!("CcpLayer grad_feat_{side} step {step} {scatter:?}"),
+                &got,
+                &want,
+                F32_TOLERANCE,
+            );
+        }
+    }
+
+    // bf16: the loss and grad_feat_q against the reference on the same (rounded) inputs,
+    // within the tolerance measured on the rounding model, as the kernel tests do.
+    let feat_q: Vec<half::bf16> = random(&mut rng, shape.len(), 1.0);
+    let feat_k: Vec<half::bf16> = random(&mut rng, shape.len(), 1.0);
+    let centers = Centers::sample(13, 15, 21, 50).unwrap();
+    let device_centers = DeviceCenters::upload(stream, &centers).unwrap();
+    let mut layer =
+        CcpLayer::<half::bf16>::new(kernels.clone(), stream.clone(), shape, 21, TAU).unwrap();
+    let feat_q_dev = stream.clone_htod(&feat_q).unwrap();
+    let feat_k_dev = stream.clone_htod(&feat_k).unwrap();
+    layer
+        .forward(&feat_q_dev, &feat_k_dev, &device_centers)
+        .unwrap();
+    let mut grad_q = stream.alloc_zeros::<half::bf16>(shape.len()).unwrap();
+    layer
+        .backward(None, &mut grad_q, None, Scatter::Deterministic)
+        .unwrap();
+    let want = reference::ccp_layer_loss(&feat_q, &feat_k, &shape, &centers, TAU, false).unwrap();
+    let (feat_q, feat_k) = (to_f64(&feat_q), to_f64(&feat_k));
+    let model = layer_model::<half::bf16>(&feat_q, &feat_k, &shape, &centers, TAU, 1.0);
+    let loss = stream.clone_dtoh(layer.loss()).unwrap()[0] as f64;
+    let tol = tolerance::<half::bf16>(&[model.loss], &[want.loss]);
+    assert_close("CcpLayer bf16 loss", &[loss], &[want.loss], tol);
+    let zeros = vec![0.0; shape.len()];
+    let model = scatter_model::<half::bf16>(
+        &zeros,
+        &model.grad_rows_q,
+        &shape,
+        &centers,
+        Scatter::Deterministic,
+    );
+    let got = to_f64(&stream.clone_dtoh(&grad_q).unwrap());
+    let tol = tolerance::<half::bf16>(&model, &want.grad_feat_q);
+    assert_close("CcpLayer bf16 grad_feat_q", &got, &want.grad_feat_q, tol);
+}

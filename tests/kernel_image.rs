@@ -1,0 +1,149 @@
+//! CPU-side checks of the embedded kernel image: every kernel a launch plan can name is in
+//! it for every storage type (PTX and every cubin), nothing else is, and ptxas reported no
+//! register spill and no stack frame for any kernel.
+
+use std::collections::BTreeSet;
+
+use ccpl::cuda::entry_points;
+use ccpl::kernels::info_nce::{self, Side};
+use ccpl::kernels::loss::LayerWorkspace;
+use ccpl::kernels::neighbor::{self, CentersBuf, Scatter};
+use ccpl::kernels::{Buf, normalize, similarity};
+use ccpl::{Dtype, FeatureShape, Layout, RowShape, ffi};
+use half::{bf16, f16};
+
+fn buf(len: usize) -> Buf {
+    Buf { addr: 0, len }
+}
+
+/// The kernel names of every plan for storage type `T` (plans are pure: no buffer is read).
+fn planned<T: Dtype>() -> Vec<String> {
+    let shape = FeatureShape::new(1, 3, 5, 5, Layout::Nchw).unwrap();
+    let centers = CentersBuf {
+        height: 5,
+        width: 5,
+        flat: buf(2),
+        map: buf(25),
+    };
+    let lens = LayerWorkspace::lengths(&shape, 2).unwrap();
+    let rows = RowShape::new(1, 16, 3).unwrap();
+    let r = buf(lens.rows_q);
+    let s = buf(lens.norms_q);
+    let l = buf(lens.logits);
+    let mut names = vec![
+        neighbor::neighbor_diff::<T>(&shape, &centers, buf(shape.len()), r)
+            .unwrap()
+            .kernel,
+        normalize::normalize_rows::<T>(&rows, r, r, s)
+            .unwrap()
+            .kernel,
+        normalize::normalize_rows_backward::<T>(&rows, r, s, r, r)
+            .unwrap()
+            .kernel,
+        similarity::similarity::<T>(&rows, 0.07, r, r, l)
+            .unwrap()
+            .kernel,
+        info_nce::info_nce_forward(&rows, l, s, s).unwrap().kernel,
+        info_nce::info_nce_loss(s, buf(1), false).unwrap().kernel,
+    ];
+    for scatter in [Scatter::Atomic, Scatter::Deterministic] {
+        let plan =
+            neighbor::neighbor_diff_backward::<T>(&shape, &centers, r, buf(shape.len()), scatter);
+        names.push(plan.unwrap().kernel);
+    }
+    for side in [Side::Q, Side::K] {
+        let plan = info_nce::info_nce_backward::<T>(&rows, 0.07, side, l, s, s, r, buf(1), r);
+        names.push(plan.unwrap().kernel);
+    }
+    names
+}
+
+fn built() -> bool {
+    if let Some(why) = ffi::NOT_BUILT {
+        assert!(
+            std::env::var("CCPL_REQUIRE_GPU").as_deref() != Ok("1"),
+            "CCPL_REQUIRE_GPU=1 but the kernels were not built: {why}"
+        );
+        eprintln!("SKIPPED: the kernels were not built ({why})");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn every_planned_kernel_is_in_the_image_and_nothing_else() {
+    if !built() {
+        return;
+    }
+    let planned: BTreeSet<String> = planned::<f32>()
+        .into_iter()
+        .chain(planned::<f16>())
+        .chain(planned::<bf16>())
+        .collect();
+    // 8 typed kernels (the backward's two sides share one) x 3 types + 2 float-only kernels.
+    assert_eq!(planned.len(), 7 * 3 + 2, "{planned:?}");
+    let mut in_ptx = BTreeSet::new();
+    for image in ffi::IMAGES {
+        let entries: BTreeSet<String> = entry_points(image.ptx).map(str::to_string).collect();
+        assert!(!entries.is_empty(), "{}.cu defines no kernel", image.family);
+        assert!(!image.cubins.is_empty(), "{}.cu has no cubin", image.family);
+        for (arch, cubin) in image.cubins {
+            for name in &entries {
+                let symbol = [name.as_bytes(), b"\0"].concat();
+                assert!(
+                    cubin.windows(symbol.len()).any(|w| w == symbol.as_slice()),
+                    "{name} is in the PTX of {}.cu but not in its sm_{arch} cubin",
+                    image.family
+                );
+            }
+        }
+        in_ptx.extend(entries);
+    }
+    let missing: Vec<_> = planned.difference(&in_ptx).collect();
+    let unplanned: Vec<_> = in_ptx.difference(&planned).collect();
+    assert!(
+        missing.is_empty(),
+        "planned but not in the image: {missing:?}"
+    );
+    assert!(
+        unplanned.is_empty(),
+        "in the image but no plan launches them: {unplanned:?}"
+    );
+}
+
+#[test]
+fn ptxas_reports_no_spill_and_no_stack_frame() {
+    if !built() {
+        return;
+    }
+    let report = ffi::PTXAS_REPORT;
+    let mut function = "";
+    let mut checked = BTreeSet::new();
+    for line in report.lines() {
+        if let Some(name) = line.split("Function properties for ").nth(1) {
+            function = name.trim();
+        } else if line.contains("bytes stack frame") {
+            let numbers: Vec<u64> = line
+                .split(|c: char| !c.is_ascii_digit())
+                .filter_map(|s| s.parse().ok())
+                .collect();
+            assert_eq!(numbers.len(), 3, "unexpected ptxas line: {line}");
+            assert!(
+                numbers.iter().all(|&n| n == 0),
+                "{function}: {}",
+                line.trim()
+            );
+            checked.insert(function.to_string());
+        }
+    }
+    let kernels: BTreeSet<String> = ffi::IMAGES
+        .iter()
+        .flat_map(|image| entry_points(image.ptx))
+        .map(str::to_string)
+        .collect();
+    let unchecked: Vec<_> = kernels.difference(&checked).collect();
+    assert!(
+        unchecked.is_empty(),
+        "ptxas reported nothing for {unchecked:?}"
+    );
+}

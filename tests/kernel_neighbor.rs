@@ -1,0 +1,160 @@
+//! `kernels/neighbor.cu` against the CPU reference, on the emulator and the GPU, for every
+//! storage type and both layouts: the difference rows, and the backward scatter (atomic and
+//! deterministic) accumulating into the caller's buffer.
+
+mod common;
+
+use ccpl::kernels::neighbor::{self, Scatter};
+use ccpl::{Centers, Dtype, FeatureShape, Layout, reference};
+use common::Rng;
+use common::device::{
+    TestCenters, TestDevice, assert_close, random, scatter_model, stored_tolerance, to_f64,
+    tolerance,
+};
+
+/// A feature map and its centres.
+struct Case {
+    shape: FeatureShape,
+    centers: Centers,
+}
+
+/// Odd sizes (multiples of nothing), S = 8 with C = 1, every interior position a centre
+/// (windows overlap everywhere), and on the GPU S = 8192.
+fn cases<D: TestDevice>(dev: &D, layout: Layout) -> Vec<Case> {
+    let mut dims = vec![
+        (2, 5, 7, 9, 9),
+        (1, 1, 3, 3, 1),
+        (3, 3, 6, 5, 12),
+        (1, 7, 11, 13, 17),
+    ];
+    if dev.large_sizes() {
+        dims.push((2, 67, 67, 69, 1024));
+    }
+    dims.into_iter()
+        .enumerate()
+        .map(|(i, (b, c, h, w, num_s))| Case {
+            shape: FeatureShape::new(b, c, h, w, layout).unwrap(),
+            centers: Centers::sample(h, w, num_s, 100 + i as u64).unwrap(),
+        })
+        .collect()
+}
+
+fn name<T: Dtype, D: TestDevice>(dev: &D, what: &str, case: &Case) -> String {
+    let s = &case.shape;
+    format!(
+        "{what} {} {:?} B={} C={} H={} W={} S={} on the {}",
+        T::SUFFIX,
+        s.layout(),
+        s.batch(),
+        s.channels(),
+        s.height(),
+        s.width(),
+        case.centers.rows(),
+        dev.name()
+    )
+}
+
+fn check_neighbor_diff<T: Dtype, D: TestDevice>(dev: &D, case: &Case, rng: &mut Rng) {
+    let feat: Vec<T> = random(rng, case.shape.len(), 1.0);
+    let want = reference::neighbor_diff(&feat, &case.shape, &case.centers).unwrap();
+    let mut feat_dev = dev.upload(&feat);
+    let mut rows_dev = dev.alloc_nan::<T>(want.len());
+    let mut centers = TestCenters::upload(dev, &case.centers);
+    let plan = neighbor::neighbor_diff::<T>(
+        &case.shape,
+        &centers.buf(dev),
+        dev.buf(&mut feat_dev),
+        dev.buf(&mut rows_dev),
+    )
+    .unwrap();
+    dev.run(&plan);
+    let got = to_f64(&dev.download(&rows_dev));
+    let what = name::<T, D>(dev, "neighbor_diff", case);
+    assert_close(&what, &got, &want, stored_tolerance::<T>(&want));
+}
+
+fn neighbor_diff_matches_reference<D: TestDevice>(dev: &D) {
+    let mut rng = Rng::new(1);
+    for layout in [Layout::Nchw, Layout::Nhwc] {
+        for case in cases(dev, layout) {
+            for_each_dtype!(check_neighbor_diff(dev, &case, &mut rng));
+        }
+    }
+}
+
+/// Runs the backward scatter of `grad_rows` into a copy of `initial` on `dev`.
+fn scatter<T: Dtype, D: TestDevice>(
+    dev: &D,
+    case: &Case,
+    grad_rows: &[T],
+    initial: &[T],
+    scatter: Scatter,
+) -> Vec<T> {
+    let mut rows_dev = dev.upload(grad_rows);
+    let mut feat_dev = dev.upload(initial);
+    let mut centers = TestCenters::upload(dev, &case.centers);
+    let plan = neighbor::neighbor_diff_backward::<T>(
+        &case.shape,
+        &centers.buf(dev),
+        dev.buf(&mut rows_dev),
+        dev.buf(&mut feat_dev),
+        scatter,
+    )
+    .unwrap();
+    dev.run(&plan);
+    dev.download(&feat_dev)
+}
+
+fn check_neighbor_diff_backward<T: Dtype, D: TestDevice>(dev: &D, case: &Case, rng: &mut Rng) {
+    let rows_len = neighbor::rows_len(&case.shape, case.centers.len());
+    let grad_rows: Vec<T> = random(rng, rows_len, 1.0);
+    // A non-zero starting gradient: the scatter adds to what the caller's buffer holds.
+    let initial: Vec<T> = random(rng, case.shape.len(), 1.0);
+    let (grad_rows_f64, initial_f64) = (to_f64(&grad_rows), to_f64(&initial));
+    let mut want = initial_f64.clone();
+    reference::neighbor_diff_backward(&grad_rows_f64, &case.shape, &case.centers, &mut want)
+        .unwrap();
+
+    let got = to_f64(&scatter(dev, case, &grad_rows, &initial, Scatter::Atomic));
+    let model = scatter_model::<T>(
+        &initial_f64,
+        &grad_rows_f64,
+        &case.shape,
+        &case.centers,
+        Scatter::Atomic,
+    );
+    let what = name::<T, D>(dev, "neighbor_diff_backward atomic", case);
+    assert_close(&what, &got, &want, tolerance::<T>(&model, &want));
+
+    let first = scatter(dev, case, &grad_rows, &initial, Scatter::Deterministic);
+    let model = scatter_model::<T>(
+        &initial_f64,
+        &grad_rows_f64,
+        &case.shape,
+        &case.centers,
+        Scatter::Deterministic,
+    );
+    let what = name::<T, D>(dev, "neighbor_diff_backward deterministic", case);
+    assert_close(&what, &to_f64(&first), &want, tolerance::<T>(&model, &want));
+    // On the emulator the second run is scheduled by another seed.
+    let second = scatter(dev, case, &grad_rows, &initial, Scatter::Deterministic);
+    let bits = |v: &[T]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
+    assert!(
+        bits(&first) == bits(&second),
+        "{what}: two runs differ in their bits"
+    );
+}
+
+fn neighbor_diff_backward_matches_reference<D: TestDevice>(dev: &D) {
+    let mut rng = Rng::new(2);
+    for layout in [Layout::Nchw, Layout::Nhwc] {
+        for case in cases(dev, layout) {
+            for_each_dtype!(check_neighbor_diff_backward(dev, &case, &mut rng));
+        }
+    }
+}
+
+on_every_device!(
+    neighbor_diff_matches_reference,
+    neighbor_diff_backward_matches_reference
+);

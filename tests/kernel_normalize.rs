@@ -1,0 +1,173 @@
+//! `kernels/normalize.cu` against the CPU reference, on the emulator and the GPU, for every
+//! storage type: the normalised rows and their norms, and the backward, including rows that
+//! are exactly zero (finite gradient `g/eps`, never NaN) and tiny ones.
+
+mod common;
+
+use ccpl::kernels::normalize;
+use ccpl::{Dtype, RowShape, reference};
+use common::Rng;
+use common::device::{
+    F32_TOLERANCE, TestDevice, assert_close, random, rounded, stored_tolerance, to_f64,
+};
+
+/// Odd widths, C = 1, S = 8, a wide row; on the GPU S = 8192 and C = 4099.
+fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {
+    let mut dims = vec![(2, 24, 37), (1, 8, 1), (3, 16, 300), (1, 40, 33)];
+    if dev.large_sizes() {
+        dims.extend([(1, 8192, 65), (2, 40, 4099)]);
+    }
+    dims.into_iter()
+        .map(|(b, s, c)| RowShape::new(b, s, c).unwrap())
+        .collect()
+}
+
+/// Random rows with row 0 (and row 5 when there is one) exactly zero and row 3 tiny.
+fn rows<T: Dtype>(rng: &mut Rng, shape: &RowShape) -> Vec<T> {
+    let c = shape.width;
+    let mut rows: Vec<T> = random(rng, shape.len(), 1.0);
+    let count = shape.batch * shape.rows;
+    for r in [0, 5].into_iter().filter(|&r| r < count) {
+        rows[r * c..(r + 1) * c].fill(T::from_f64(0.0));
+    }
+    if count > 3 {
+        for v in &mut rows[3 * c..4 * c] {
+            *v = T::from_f64(v.to_f64() * 1e-3);
+        }
+    }
+    rows
+}
+
+fn zero_rows(shape: &RowShape) -> Vec<usize> {
+    [0, 5]
+        .into_iter()
+        .filter(|&r| r < shape.batch * shape.rows)
+        .collect()
+}
+
+fn name<T: Dtype, D: TestDevice>(dev: &D, what: &str, s: &RowShape) -> String {
+    format!(
+        "{what} {} B={} S={} C={} on the {}",
+        T::SUFFIX,
+        s.batch,
+        s.rows,
+        s.width,
+        dev.name()
+    )
+}
+
+fn check_normalize_rows<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, rng: &mut Rng) {
+    let rows = rows::<T>(rng, shape);
+    let want = reference::normalize_rows(&to_f64(&rows), shape.width).unwrap();
+    let mut rows_dev = dev.upload(&rows);
+    let mut out_dev = dev.alloc_nan::<T>(shape.len());
+    let mut norms_dev = dev.alloc_nan::<f32>(shape.batch * shape.rows);
+    let plan = normalize::normalize_rows::<T>(
+        shape,
+        dev.buf(&mut rows_dev),
+        dev.buf(&mut out_dev),
+        dev.buf(&mut norms_dev),
+    )
+    .unwrap();
+    dev.run(&plan);
+    let out = to_f64(&dev.download(&out_dev));
+    let norms = to_f64(&dev.download(&norms_dev));
+    let what = name::<T, D>(dev, "normalize_rows", shape);
+    assert_close(&what, &out, &want.rows, stored_tolerance::<T>(&want.rows));
+    assert_close(&format!("{what} norms"), &norms, &want.norms, F32_TOLERANCE);
+    for r in zero_rows(shape) {
+        let row = &out[r * shape.width..(r + 1) * shape.width];
+        assert!(
+            row.iter().all(|&v| v == 0.0),
+            "{what}: zero row {r} gave {row:?}"
+        );
+    }
+}
+
+fn normalize_rows_matches_reference<D: TestDevice>(dev: &D) {
+    let mut rng = Rng::new(3);
+    for shape in shapes(dev) {
+        for_each_dtype!(check_normalize_rows(dev, &shape, &mut rng));
+    }
+}
+
+/// Largest relative spacing of `T` (its unit roundoff times 2).
+fn epsilon<T: Dtype>() -> f64 {
+    match T::SUFFIX {
+        "f16" => 2f64.powi(-10),
+        "bf16" => 2f64.powi(-7),
+        _ => 2f64.powi(-23),
+    }
+}
+
+fn check_normalize_rows_backward<T: Dtype, D: TestDevice>(
+    dev: &D,
+    shape: &RowShape,
+    rng: &mut Rng,
+) {
+    let rows = rows::<T>(rng, shape);
+    let grad_out: Vec<T> = random(rng, shape.len(), 1.0);
+    let rows_f64 = to_f64(&rows);
+    let want =
+        reference::normalize_rows_backward(&rows_f64, &to_f64(&grad_out), shape.width).unwrap();
+    // The forward's norms as the kernel stores them (float32).
+    let norms: Vec<f32> = reference::normalize_rows(&rows_f64, shape.width)
+        .unwrap()
+        .norms
+        .iter()
+        .map(|&n| n as f32)
+        .collect();
+    let mut rows_dev = dev.upload(&rows);
+    let mut norms_dev = dev.upload(&norms);
+    let mut grad_out_dev = dev.upload(&grad_out);
+    let mut grad_rows_dev = dev.alloc_nan::<T>(shape.len());
+    let plan = normalize::normalize_rows_backward::<T>(
+        shape,
+        dev.buf(&mut rows_dev),
+        dev.buf(&mut norms_dev),
+        dev.buf(&mut grad_out_dev),
+        dev.buf(&mut grad_rows_dev),
+    )
+    .unwrap();
+    dev.run(&plan);
+    let got = to_f64(&dev.download(&grad_rows_dev));
+    let what = name::<T, D>(dev, "normalize_rows_backward", shape);
+
+    // Zero rows: g/eps, about 1e7 times the others, so they are checked on their own,
+    // element by element against the reference stored in T (f16 overflows to +-inf there:
+    // g/1e-7 exceeds its range).
+    let zero = zero_rows(shape);
+    let c = shape.width;
+    for &r in &zero {
+        let want_t = rounded::<T>(&want[r * c..(r + 1) * c]);
+        for (i, (&g, &w)) in got[r * c..(r + 1) * c].iter().zip(&want_t).enumerate() {
+            let ok = if w.is_finite() {
+                (g - w).abs() <= 2.0 * epsilon::<T>() * w.abs()
+            } else {
+                g == w
+            };
+            assert!(ok, "{what}: zero row {r}, element {i}: got {g}, want {w}");
+        }
+    }
+    let (mut got_rest, mut want_rest) = (Vec::new(), Vec::new());
+    for r in (0..shape.batch * shape.rows).filter(|r| !zero.contains(r)) {
+        got_rest.extend_from_slice(&got[r * c..(r + 1) * c]);
+        want_rest.extend_from_slice(&want[r * c..(r + 1) * c]);
+    }
+    if !want_rest.is_empty() {
+        let tol = stored_tolerance::<T>(&want_rest);
+        assert_close(&what, &got_rest, &want_rest, tol);
+    }
+}
+
+fn normalize_rows_backward_matches_reference<D: TestDevice>(dev: &D) {
+    let mut rng = Rng::new(4);
+    for shape in shapes(dev) {
+        for_each_dtype!(check_normalize_rows_backward(dev, &shape, &mut rng));
+    }
+}
+
+on_every_device!(
+    normalize_rows_matches_reference,
+    normalize_rows_backward_matches_reference
+);

@@ -1,0 +1,263 @@
+//! Launch plans on the CPU: every argument is checked before anything is launched (the
+//! crate's error names the problem), grids cover every output exactly, and the per-layer loss
+//! launches its stages in order, or nothing at all when any buffer is wrong.
+
+use std::cell::RefCell;
+
+use ccpl::kernels::info_nce::{self, Side};
+use ccpl::kernels::loss::{LayerPlan, LayerWorkspace};
+use ccpl::kernels::neighbor::{self, CentersBuf, Scatter};
+use ccpl::kernels::{Buf, KernelParams, LaunchPlan, Launcher, normalize, similarity};
+use ccpl::{Error, FeatureShape, Layout, Result, RowShape};
+
+fn buf(len: usize) -> Buf {
+    Buf { addr: 0x1000, len }
+}
+
+fn shape() -> FeatureShape {
+    FeatureShape::new(2, 3, 7, 9, Layout::Nchw).unwrap()
+}
+
+fn centers(n: usize) -> CentersBuf {
+    CentersBuf {
+        height: 7,
+        width: 9,
+        flat: buf(n),
+        map: buf(63),
+    }
+}
+
+#[test]
+fn neighbor_plans_check_every_buffer_and_the_centres() {
+    let (s, c) = (shape(), centers(5));
+    let rows = neighbor::rows_len(&s, 5);
+    assert_eq!(rows, 2 * 40 * 3);
+    let plan = neighbor::neighbor_diff::<f32>(&s, &c, buf(s.len()), buf(rows)).unwrap();
+    assert_eq!(plan.kernel, "neighbor_diff_f32");
+    let err = neighbor::neighbor_diff::<f32>(&s, &c, buf(s.len() - 1), buf(rows));
+    assert_eq!(
+        err.unwrap_err(),
+        Error::Length {
+            what: "feat",
+            expected: s.len(),
+            actual: s.len() - 1
+        }
+    );
+    let err = neighbor::neighbor_diff::<f32>(&s, &c, buf(s.len()), buf(rows + 1));
+    assert!(matches!(err, Err(Error::Length { what: "rows", .. })));
+    let other_map = CentersBuf {
+        height: 9,
+        width: 7,
+        ..c
+    };
+    let err = neighbor::neighbor_diff::<f32>(&s, &other_map, buf(s.len()), buf(rows));
+    assert!(matches!(err, Err(Error::Shape(_))));
+    let err = neighbor::neighbor_diff::<f32>(&s, &centers(0), buf(s.len()), buf(0));
+    assert_eq!(err.unwrap_err(), Error::NoCenters);
+    // More centres than the 5x7 interior holds.
+    let err = neighbor::neighbor_diff::<f32>(&s, &centers(36), buf(s.len()), buf(2 * 288 * 3));
+    assert!(matches!(err, Err(Error::Shape(_))));
+    let bad_map = CentersBuf { map: buf(62), ..c };
+    let err = neighbor::neighbor_diff::<f32>(&s, &bad_map, buf(s.len()), buf(rows));
+    assert!(matches!(
+        err,
+        Err(Error::Length {
+            what: "center map",
+            ..
+        })
+    ));
+
+    for (scatter, name) in [
+        (Scatter::Atomic, "neighbor_diff_backward_atomic_bf16"),
+        (
+            Scatter::Deterministic,
+            "neighbor_diff_backward_deterministic_bf16",
+        ),
+    ] {
+        let plan = neighbor::neighbor_diff_backward::<half::bf16>(
+            &s,
+            &c,
+            buf(rows),
+            buf(s.len()),
+            scatter,
+        )
+        .unwrap();
+        assert_eq!(plan.kernel, name);
+    }
+    let err = neighbor::neighbor_diff_backward::<f32>(&s, &c, buf(rows), buf(1), Scatter::Atomic);
+    assert!(matches!(
+        err,
+        Err(Error::Length {
+            what: "grad_feat",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn row_plans_check_lengths_temperature_and_grid_limits() {
+    let rows = RowShape::new(3, 65, 33).unwrap();
+    let (n, stats) = (rows.len(), 3 * 65);
+    let plan = normalize::normalize_rows::<half::f16>(&rows, buf(n), buf(n), buf(stats)).unwrap();
+    assert_eq!(plan.kernel, "normalize_rows_f16");
+    // One warp per row: 8 rows per block of 256.
+    assert_eq!(
+        (plan.grid, plan.block),
+        ((stats.div_ceil(8) as u32, 1, 1), (256, 1, 1))
+    );
+    let err = normalize::normalize_rows::<f32>(&rows, buf(n), buf(n), buf(stats + 1));
+    assert!(matches!(err, Err(Error::Length { what: "norms", .. })));
+    let err = normalize::normalize_rows_backward::<f32>(&rows, buf(n), buf(stats), buf(n), buf(0));
+    assert!(matches!(
+        err,
+        Err(Error::Length {
+            what: "grad_rows",
+            ..
+        })
+    ));
+
+    // A 64x64 tile per block, any S: 65 rows need 2 tiles a side.
+    let l = rows.logits_len();
+    let plan = similarity::similarity::<f32>(&rows, 0.07, buf(n), buf(n), buf(l)).unwrap();
+    assert_eq!((plan.grid, plan.block), ((2, 2, 3), (256, 1, 1)));
+    assert!((plan.params.inv_tau - 1.0 / 0.07).abs() < 1e-5);
+    for tau in [0.0, -0.07, f64::NAN, f64::INFINITY, 1e-40] {
+        let err = similarity::similarity::<f32>(&rows, tau, buf(n), buf(n), buf(l));
+        assert!(matches!(err, Err(Error::Tau(_))), "tau {tau}: {err:?}");
+    }
+    let err = similarity::similarity::<f32>(&rows, 0.07, buf(n), buf(n), buf(l - 1));
+    assert!(matches!(err, Err(Error::Length { what: "logits", .. })));
+    // grid.z is the image: at most 65535.
+    let wide = RowShape::new(65_536, 8, 1).unwrap();
+    let (wn, wl) = (wide.len(), wide.logits_len());
+    let err = similarity::similarity::<f32>(&wide, 0.07, buf(wn), buf(wn), buf(wl));
+    assert!(matches!(err, Err(Error::Shape(_))), "{err:?}");
+
+    let plan = info_nce::info_nce_forward(&rows, buf(l), buf(stats), buf(stats)).unwrap();
+    assert_eq!(plan.kernel, "info_nce_forward");
+    assert_eq!(plan.grid, (stats.div_ceil(8) as u32, 1, 1));
+    let err = info_nce::info_nce_forward(&rows, buf(l), buf(stats), buf(stats - 1));
+    assert!(matches!(
+        err,
+        Err(Error::Length {
+            what: "row_loss",
+            ..
+        })
+    ));
+    let plan = info_nce::info_nce_loss(buf(stats), buf(1), true).unwrap();
+    assert_eq!((plan.grid, plan.params.accumulate), ((1, 1, 1), 1));
+    assert!(matches!(
+        info_nce::info_nce_loss(buf(0), buf(1), false),
+        Err(Error::Shape(_))
+    ));
+    let err = info_nce::info_nce_loss(buf(stats), buf(2), false);
+    assert!(matches!(err, Err(Error::Length { what: "loss", .. })));
+
+    let backward = |side, upstream| {
+        info_nce::info_nce_backward::<f32>(
+            &rows,
+            0.07,
+            side,
+            buf(l),
+            buf(stats),
+            buf(stats),
+            buf(n),
+            buf(upstream),
+            buf(n),
+        )
+    };
+    let dq = backward(Side::Q, 1).unwrap();
+    let dk = backward(Side::K, 1).unwrap();
+    assert_eq!((dq.params.transpose, dk.params.transpose), (0, 1));
+    // Tiles of the (S, C) gradient: 33 columns need 1, 65 rows 2.
+    assert_eq!(dq.grid, (1, 2, 3));
+    assert!(matches!(
+        backward(Side::Q, 0),
+        Err(Error::Length {
+            what: "upstream",
+            ..
+        })
+    ));
+}
+
+/// Records the kernels it is asked to launch.
+#[derive(Default)]
+struct Recorder(RefCell<Vec<String>>);
+
+impl Launcher for Recorder {
+    fn launch<P: KernelParams>(&self, plan: &LaunchPlan<P>) -> Result<()> {
+        self.0.borrow_mut().push(plan.kernel.clone());
+        Ok(())
+    }
+}
+
+#[test]
+fn layer_launches_its_stages_in_order_or_nothing() {
+    let s = shape();
+    let plan = LayerPlan::new(s, 5, 0.07).unwrap();
+    assert_eq!(*plan.rows(), RowShape::new(2, 40, 3).unwrap());
+    let lens = LayerWorkspace::lengths(&s, 5).unwrap();
+    assert_eq!(
+        (lens.rows_q, lens.norms_q, lens.logits, lens.loss),
+        (240, 80, 3200, 1)
+    );
+    let ws = lens
+        .try_map(|&n| Ok::<_, ()>(buf(n)), |&n| Ok(buf(n)))
+        .unwrap();
+    let c = centers(5);
+    let (feat, rec) = (buf(s.len()), Recorder::default());
+    plan.forward::<f32, _>(&rec, &c, feat, feat, &ws).unwrap();
+    assert_eq!(
+        rec.0.take(),
+        [
+            "neighbor_diff_f32",
+            "neighbor_diff_f32",
+            "normalize_rows_f32",
+            "normalize_rows_f32",
+            "similarity_f32",
+            "info_nce_forward",
+            "info_nce_loss"
+        ]
+    );
+    plan.backward::<f32, _>(
+        &rec,
+        &c,
+        &ws,
+        None,
+        feat,
+        Some(feat),
+        Scatter::Deterministic,
+    )
+    .unwrap();
+    let side = [
+        "info_nce_backward_f32",
+        "normalize_rows_backward_f32",
+        "neighbor_diff_backward_deterministic_f32",
+    ];
+    assert_eq!(rec.0.take(), [side, side].concat());
+
+    // A wrong buffer of the last stage: an Err, and no stage launched.
+    let bad = LayerWorkspace {
+        loss: buf(2),
+        ..ws.clone()
+    };
+    let err = plan.forward::<f32, _>(&rec, &c, feat, feat, &bad);
+    assert!(matches!(err, Err(Error::Length { what: "loss", .. })));
+    let err = plan.backward::<f32, _>(&rec, &c, &ws, None, feat, Some(buf(1)), Scatter::Atomic);
+    assert!(matches!(
+        err,
+        Err(Error::Length {
+            what: "grad_feat",
+            ..
+        })
+    ));
+    assert!(rec.0.take().is_empty());
+
+    // Centres of another count than the layer's, no centres, too many, a bad tau.
+    let err = plan.forward::<f32, _>(&rec, &centers(4), feat, feat, &ws);
+    assert!(matches!(err, Err(Error::Shape(_))));
+    assert_eq!(LayerPlan::new(s, 0, 0.07).unwrap_err(), Error::NoCenters);
+    assert!(matches!(LayerPlan::new(s, 36, 0.07), Err(Error::Shape(_))));
+    assert_eq!(LayerPlan::new(s, 5, 0.0).unwrap_err(), Error::Tau(0.0));
+    assert_eq!(LayerPlan::new(s, 5, 1e-40).unwrap_err(), Error::Tau(1e-40));
+}
