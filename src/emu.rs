@@ -35,8 +35,18 @@
 //! # Ok(()) }
 //! ```
 //!
-//! What only a GPU checks: code behind `#ifdef CCPL_EMULATOR` in the kernels (inline PTX
-//! and its portable fallback); [`GPU_ONLY_PATHS`] lists it.
+//! What only a GPU checks:
+//! - code behind `#ifdef CCPL_EMULATOR` in the kernels (inline PTX such as mma, cp.async,
+//!   ldmatrix, with a portable fallback here); [`GPU_ONLY_PATHS`] lists it;
+//! - races on global memory without a synchronisation point between the read and the write
+//!   (a non-atomic read-modify-write): threads switch only at barriers, warp collectives,
+//!   atomics and fences, so such a sequence runs whole;
+//! - anything between blocks: blocks run one after another, so two blocks racing on an
+//!   element agree, and a block that waits for another one would never end;
+//! - rounding of the GPU's own arithmetic: `__expf` and friends are exact here, the host
+//!   compiler does not contract `a*b+c` into FMAs the way nvcc does;
+//! - out-of-bounds global accesses (host memory, unchecked), the 48 KiB static shared memory
+//!   limit, registers, spills and speed.
 
 use std::ffi::{CStr, CString, c_char, c_void};
 use std::sync::atomic::{AtomicU64, Ordering};

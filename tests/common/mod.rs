@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test crate uses its own subset
 
 pub mod device;
+pub mod golden;
 
 /// SplitMix64: a tiny seeded generator, so the tests need no extra dependency.
 pub struct Rng(u64);

@@ -1,0 +1,432 @@
+//! What the benches share: the configurations of `benches/configs.txt` (the list the PyTorch
+//! baselines read too), the device or a loud skip, timing with CUDA events, the rotation of
+//! input sets past the L2, the loss from head rows, the status lines (`ccpl-bench {json}`)
+//! that `tools/bench/report.py` reads from the log, and a seeded generator.
+#![allow(dead_code)] // each bench binary uses its own part
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ccpl::cuda::info_nce::{self as nce, Side};
+use ccpl::cuda::{self, Kernels, normalize, similarity};
+use ccpl::{DEFAULT_TAU, Dtype, FeatureShape, Layout, RowShape};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, sys};
+
+/// The configuration list, compiled in so a bench binary runs anywhere.
+const CONFIGS: &str = include_str!("../configs.txt");
+
+/// Where a configuration's loss starts.
+#[derive(Debug, Clone, Copy)]
+pub enum Suite {
+    /// From two feature maps, identity head; `num_s` centres asked for.
+    Layer { shape: FeatureShape, num_s: usize },
+    /// From head output rows; `grad_k`: the content side gets a gradient too.
+    Rows { rows: RowShape, grad_k: bool },
+}
+
+/// One line of `configs.txt`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub name: String,
+    pub tag: String,
+    pub suite: Suite,
+    pub dtypes: Vec<String>,
+}
+
+impl Config {
+    /// The row matrices the loss works on: `(B, 8 min(num_s, interior), C)` for a layer.
+    pub fn rows(&self) -> RowShape {
+        match self.suite {
+            Suite::Layer { shape, num_s } => {
+                let s = 8 * num_s.min(shape.interior());
+                RowShape::new(shape.batch(), s, shape.channels()).expect("configs.txt: valid rows")
+            }
+            Suite::Rows { rows, .. } => rows,
+        }
+    }
+    /// Whether the content side gets a gradient.
+    pub fn grad_k(&self) -> bool {
+        matches!(self.suite, Suite::Rows { grad_k: true, .. })
+    }
+}
+
+/// Every configuration of `configs.txt`, in file order (the order of importance); only those
+/// whose tag is listed in `CCPL_BENCH_TAGS` (comma-separated) when it is set.
+pub fn configs() -> Vec<Config> {
+    let tags = std::env::var("CCPL_BENCH_TAGS").unwrap_or_default();
+    let wanted = |cfg: &Config| tags.is_empty() || tags.split(',').any(|t| t == cfg.tag);
+    CONFIGS
+        .lines()
+        .map(|line| line.split('#').next().unwrap_or("").trim())
+        .filter(|line| !line.is_empty())
+        .map(|line| {
+            parse_config(line).unwrap_or_else(|e| panic!("benches/configs.txt: {e}: `{line}`"))
+        })
+        .filter(wanted)
+        .collect()
+}
+
+fn parse_config(line: &str) -> Result<Config, String> {
+    let mut words = line.split_whitespace();
+    let suite = words.next().ok_or("empty line")?;
+    let fields: Vec<(&str, &str)> = words
+        .map(|w| w.split_once('=').ok_or(format!("`{w}` is not key=value")))
+        .collect::<Result<_, _>>()?;
+    let get = |key: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+            .ok_or(format!("no {key}="))
+    };
+    let num = |key: &str| {
+        get(key)?
+            .parse::<usize>()
+            .map_err(|e| format!("{key}: {e}"))
+    };
+    let suite = match suite {
+        "layer" => Suite::Layer {
+            shape: FeatureShape::new(num("B")?, num("C")?, num("H")?, num("W")?, Layout::Nchw)
+                .map_err(|e| e.to_string())?,
+            num_s: num("num_s")?,
+        },
+        "rows" => Suite::Rows {
+            rows: RowShape::new(num("B")?, num("S")?, num("D")?).map_err(|e| e.to_string())?,
+            grad_k: match get("grads")? {
+                "q" => false,
+                "qk" => true,
+                other => return Err(format!("grads must be q or qk, not {other}")),
+            },
+        },
+        other => return Err(format!("unknown suite {other}")),
+    };
+    Ok(Config {
+        name: get("name")?.to_string(),
+        tag: get("tag")?.to_string(),
+        suite,
+        dtypes: get("dtypes")?.split(',').map(str::to_string).collect(),
+    })
+}
+
+/// Runs `$body` with `$t` bound to the storage type named by `$dtype` ("f32", "f16", "bf16").
+#[macro_export]
+macro_rules! with_dtype {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            "f32" => {
+                type $t = f32;
+                $body
+            }
+            "f16" => {
+                type $t = half::f16;
+                $body
+            }
+            "bf16" => {
+                type $t = half::bf16;
+                $body
+            }
+            other => panic!("configs.txt: unknown dtype {other}"),
+        }
+    };
+}
+
+/// Size in bytes of one element of a storage type.
+pub fn element_bytes<T: Dtype>() -> usize {
+    std::mem::size_of::<T>()
+}
+
+/// The device, its default stream, the loaded kernels and the L2 size.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub kernels: Arc<Kernels>,
+    pub l2_bytes: usize,
+    pub name: String,
+}
+
+impl Gpu {
+    /// Free device memory in bytes.
+    pub fn free_bytes(&self) -> usize {
+        self.ctx.mem_get_info().map(|(free, _)| free).unwrap_or(0)
+    }
+    /// `Err(why)` when `bytes` more would not fit in the free device memory (with 5% slack).
+    pub fn fits(&self, bytes: usize) -> Result<(), String> {
+        let free = self.free_bytes();
+        if bytes as f64 > 0.95 * free as f64 {
+            Err(format!(
+                "needs {:.2} GB, {:.2} GB free",
+                bytes as f64 / 1e9,
+                free as f64 / 1e9
+            ))
+        } else {
+            Ok(())
+        }
+    }
+    /// How many input sets of `set_bytes` to rotate through: one pass over them is at least
+    /// twice the L2 (so a small size does not run from cache), at most 8, within a quarter of
+    /// the free memory.
+    pub fn input_sets(&self, set_bytes: usize) -> usize {
+        let want = (2 * self.l2_bytes).div_ceil(set_bytes.max(1)).clamp(1, 8);
+        want.min((self.free_bytes() / 4 / set_bytes.max(1)).max(1))
+    }
+}
+
+/// The GPU, or `None` after saying loudly that `bench` skipped (and exiting with an error
+/// when `CCPL_REQUIRE_GPU=1`, so a GPU run cannot pass by skipping).
+pub fn gpu(bench: &str) -> Option<Gpu> {
+    let found = cuda::context(0).and_then(|ctx| Ok((Kernels::for_context(&ctx)?, ctx)));
+    match found {
+        Ok((kernels, ctx)) => {
+            let l2 = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE);
+            let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+            eprintln!("{bench}: benchmarking on {name}");
+            Some(Gpu {
+                stream: ctx.default_stream(),
+                l2_bytes: l2.map(|b| b as usize).unwrap_or(50 << 20),
+                kernels,
+                ctx,
+                name,
+            })
+        }
+        Err(e) => {
+            eprintln!();
+            eprintln!("************************************************************************");
+            eprintln!(
+                "SKIPPED: the `{bench}` benches need a CUDA GPU and the embedded kernels: {e}"
+            );
+            eprintln!("************************************************************************");
+            status(bench, "skipped", &[("reason", Field::Str(e.to_string()))]);
+            if std::env::var("CCPL_REQUIRE_GPU").as_deref() == Ok("1") {
+                eprintln!("CCPL_REQUIRE_GPU=1: failing instead of skipping");
+                std::process::exit(1);
+            }
+            None
+        }
+    }
+}
+
+/// The time of `iters` calls of `step(i)` on `stream`, between two CUDA events recorded
+/// around them (the host enqueues them back to back; the wait is after the end event).
+pub fn time_iters(stream: &CudaStream, iters: u64, mut step: impl FnMut(usize)) -> Duration {
+    let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let start = stream.record_event(timing).expect("record the start event");
+    for i in 0..iters {
+        step(i as usize);
+    }
+    let end = stream.record_event(timing).expect("record the end event");
+    let ms = start
+        .elapsed_ms(&end)
+        .expect("a launch failed while timing");
+    Duration::from_secs_f64(f64::from(ms) / 1e3)
+}
+
+/// The message of a caught panic.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(s), _) => format!("panicked: {s}"),
+        (_, Some(s)) => format!("panicked: {s}"),
+        _ => "panicked".into(),
+    }
+}
+
+/// A value of a status line.
+pub enum Field {
+    Str(String),
+    Num(f64),
+    Bool(bool),
+}
+
+/// Prints `ccpl-bench {"id": ..., "status": ..., fields}` on stdout: what the report cannot
+/// read from criterion (skips, sizes that do not fit, memory, checks).
+pub fn status(id: &str, status: &str, fields: &[(&str, Field)]) {
+    let mut line = format!(
+        "ccpl-bench {{\"id\": {}, \"status\": {}",
+        json_str(id),
+        json_str(status)
+    );
+    for (key, value) in fields {
+        let value = match value {
+            Field::Str(s) => json_str(s),
+            Field::Num(x) if x.is_finite() => format!("{x}"),
+            Field::Num(_) => "null".into(),
+            Field::Bool(b) => b.to_string(),
+        };
+        let _ = write!(line, ", {}: {value}", json_str(key));
+    }
+    println!("{line}}}");
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// SplitMix64: a small seeded generator, so the benches need no extra dependency.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+    /// Uniform in `[-1, 1)`.
+    pub fn symmetric(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        2.0 * ((z >> 11) as f64 / (1u64 << 53) as f64) - 1.0
+    }
+    /// `len` values uniform in `[-1, 1)`.
+    pub fn vec(&mut self, len: usize) -> Vec<f64> {
+        (0..len).map(|_| self.symmetric()).collect()
+    }
+}
+
+/// `||a - b|| / ||b||`, the crate's measure of agreement; infinity when anything is not finite.
+pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    if a.len() != b.len() || a.iter().chain(b).any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    let diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f64>()
+        .sqrt();
+    let norm = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    if norm > 0.0 {
+        diff / norm
+    } else if diff == 0.0 {
+        0.0
+    } else {
+        f64::INFINITY
+    }
+}
+
+/// `len` values uniform in `[-1, 1)`, rounded to `T`: the host copy (for checks) and the
+/// device copy. Random data, never zeros (they can run faster than real data).
+pub fn random<T: Dtype>(
+    gpu: &Gpu,
+    len: usize,
+    rng: &mut Rng,
+) -> ccpl::Result<(Vec<T>, CudaSlice<T>)> {
+    let host: Vec<T> = (0..len).map(|_| T::from_f64(rng.symmetric())).collect();
+    let device = gpu.stream.clone_htod(&host)?;
+    Ok((host, device))
+}
+
+/// The loss from head output rows, composed of the crate's kernels in the order its layer
+/// loss runs them: normalise both sides, logits, per-row cross-entropy, mean; backward into
+/// the normalised rows of `q` (and `k`), back through the normalisation.
+pub struct RowsLoss<T: Dtype> {
+    pub shape: RowShape,
+    pub unit_q: CudaSlice<T>,
+    pub unit_k: CudaSlice<T>,
+    pub norms_q: CudaSlice<f32>,
+    pub norms_k: CudaSlice<f32>,
+    pub logits: CudaSlice<f32>,
+    pub row_lse: CudaSlice<f32>,
+    pub row_loss: CudaSlice<f32>,
+    pub loss: CudaSlice<f32>,
+    pub one: CudaSlice<f32>,
+    pub grad_unit: CudaSlice<T>,
+}
+
+impl<T: Dtype> RowsLoss<T> {
+    /// Bytes of the workspace for `shape`.
+    pub fn workspace_bytes(shape: &RowShape) -> usize {
+        let stats = shape.batch * shape.rows;
+        3 * shape.len() * element_bytes::<T>() + 4 * (shape.logits_len() + 4 * stats + 2)
+    }
+
+    pub fn new(gpu: &Gpu, shape: RowShape) -> ccpl::Result<Self> {
+        let stats = shape.batch * shape.rows;
+        let s = &gpu.stream;
+        Ok(Self {
+            shape,
+            unit_q: s.alloc_zeros(shape.len())?,
+            unit_k: s.alloc_zeros(shape.len())?,
+            norms_q: s.alloc_zeros(stats)?,
+            norms_k: s.alloc_zeros(stats)?,
+            logits: s.alloc_zeros(shape.logits_len())?,
+            row_lse: s.alloc_zeros(stats)?,
+            row_loss: s.alloc_zeros(stats)?,
+            loss: s.alloc_zeros(1)?,
+            one: s.clone_htod(&[1.0f32])?,
+            grad_unit: s.alloc_zeros(shape.len())?,
+        })
+    }
+
+    /// Normalisation of both sides, logits, row statistics, the loss.
+    pub fn forward(
+        &mut self,
+        gpu: &Gpu,
+        rows_q: &CudaSlice<T>,
+        rows_k: &CudaSlice<T>,
+    ) -> ccpl::Result<()> {
+        let (k, s, shape) = (&*gpu.kernels, &*gpu.stream, &self.shape);
+        normalize::normalize_rows(k, s, shape, rows_q, &mut self.unit_q, &mut self.norms_q)?;
+        normalize::normalize_rows(k, s, shape, rows_k, &mut self.unit_k, &mut self.norms_k)?;
+        similarity::similarity(
+            k,
+            s,
+            shape,
+            DEFAULT_TAU,
+            &self.unit_q,
+            &self.unit_k,
+            &mut self.logits,
+        )?;
+        nce::info_nce_forward(
+            k,
+            s,
+            shape,
+            &self.logits,
+            &mut self.row_lse,
+            &mut self.row_loss,
+        )?;
+        nce::info_nce_loss(k, s, &self.row_loss, &mut self.loss, false)
+    }
+
+    /// The gradient of the loss into the rows of `side`, written to `grad`.
+    pub fn backward(
+        &mut self,
+        gpu: &Gpu,
+        side: Side,
+        rows: &CudaSlice<T>,
+        grad: &mut CudaSlice<T>,
+    ) -> ccpl::Result<()> {
+        let (k, s, shape) = (&*gpu.kernels, &*gpu.stream, &self.shape);
+        let (other, norms) = match side {
+            Side::Q => (&self.unit_k, &self.norms_q),
+            Side::K => (&self.unit_q, &self.norms_k),
+        };
+        nce::info_nce_backward(
+            k,
+            s,
+            shape,
+            DEFAULT_TAU,
+            side,
+            &self.logits,
+            &self.row_lse,
+            &self.row_loss,
+            other,
+            &self.one,
+            &mut self.grad_unit,
+        )?;
+        normalize::normalize_rows_backward(k, s, shape, rows, norms, &self.grad_unit, grad)
+    }
+}

@@ -1,0 +1,359 @@
+//! The whole loss of one layer, forward plus backward, on the GPU, at the sizes of
+//! `benches/configs.txt` (the same list the PyTorch baselines run):
+//!
+//! - `layer` configurations: the crate's [`CcpLayer`] from two feature maps (identity head),
+//!   forward, then the backward into `d feat_q`;
+//! - `rows` configurations: the loss from head output rows, the crate's kernels in the order
+//!   its layer loss runs them (normalise, logits, cross-entropy, mean, and back).
+//!
+//! Each step rotates through enough input sets to overflow the L2; the time is CUDA events
+//! around back-to-back steps. Before timing, a size small enough for the float64 CPU reference
+//! is checked against it, and a status line (`ccpl-bench {json}`) gives the check, the device
+//! memory and the sizes that do not fit. Without a GPU it says SKIPPED and exits 0 (1 with
+//! `CCPL_REQUIRE_GPU=1`).
+//!
+//! `cargo bench --bench loss` (on a GPU machine: `scripts/gpu-bench`, BENCHMARKS.md).
+
+mod common;
+
+use ccpl::cuda::info_nce::Side;
+use ccpl::cuda::loss::CcpLayer;
+use ccpl::cuda::neighbor::{DeviceCenters, Scatter};
+use ccpl::kernels::loss::LayerWorkspace;
+use ccpl::reference::{
+    ccp_layer_loss, info_nce_backward, info_nce_forward, normalize_rows, normalize_rows_backward,
+    similarity,
+};
+use ccpl::{Centers, DEFAULT_TAU, Dtype, Element, FeatureShape, RowShape};
+use common::{Config, Field, Gpu, Rng, RowsLoss, Suite, rel_err, status, time_iters};
+use criterion::{BenchmarkId, Criterion, SamplingMode};
+use cudarc::driver::CudaSlice;
+
+/// The largest `B*S*S*C` checked against the CPU reference before timing (a second or so of
+/// float64 on one core).
+const CHECK_LIMIT: usize = 1 << 28;
+
+/// A check fails above these relative errors: a guard against timing a broken build, far
+/// above what a correct kernel gives (the tests hold the real tolerances). 16-bit rows carry
+/// a relative error near 4e-3 that 1/tau (about 14) amplifies in the logits and the softmax.
+fn check_guard<T: Dtype>() -> f64 {
+    if std::mem::size_of::<T>() == 4 {
+        1e-3
+    } else {
+        1e-1
+    }
+}
+
+fn main() {
+    let Some(gpu) = common::gpu("loss") else {
+        return;
+    };
+    let mut c = Criterion::default().configure_from_args();
+    for cfg in common::configs() {
+        for dtype in &cfg.dtypes {
+            let id = format!("loss/{}/{dtype}", cfg.name);
+            // A failure is reported and the next configuration goes on (a panic too: a
+            // launch that fails while timing).
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+                || with_dtype!(dtype.as_str(), T => bench_config::<T>(&mut c, &gpu, &cfg, &id)),
+            ));
+            let failure = match outcome {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e.to_string(),
+                Err(panic) => common::panic_message(panic.as_ref()),
+            };
+            eprintln!("{id}: ERROR: {failure}");
+            status(&id, "error", &[("reason", Field::Str(failure))]);
+        }
+    }
+    c.final_summary();
+}
+
+fn bench_config<T: Dtype>(
+    c: &mut Criterion,
+    gpu: &Gpu,
+    cfg: &Config,
+    id: &str,
+) -> ccpl::Result<()> {
+    let mut rng = Rng::new(20_220_708);
+    match cfg.suite {
+        Suite::Layer { shape, num_s } => bench_layer::<T>(c, gpu, cfg, id, shape, num_s, &mut rng),
+        Suite::Rows { rows, grad_k } => bench_rows::<T>(c, gpu, cfg, id, rows, grad_k, &mut rng),
+    }
+}
+
+/// Says why `id` is not timed when `bytes` do not fit; `true` when they do.
+fn fits(gpu: &Gpu, id: &str, bytes: usize) -> bool {
+    match gpu.fits(bytes) {
+        Ok(()) => true,
+        Err(why) => {
+            eprintln!("{id}: does not fit: {why}");
+            status(
+                id,
+                "does not fit",
+                &[
+                    ("reason", Field::Str(why)),
+                    ("need_bytes", Field::Num(bytes as f64)),
+                ],
+            );
+            false
+        }
+    }
+}
+
+/// Times `step(i)` (input set `i % sets`) under `id` = `loss/<config>/<dtype>`.
+fn time_step(c: &mut Criterion, gpu: &Gpu, cfg: &Config, dtype: &str, mut step: impl FnMut(usize)) {
+    let mut group = c.benchmark_group("loss");
+    group.sampling_mode(SamplingMode::Flat);
+    group.bench_function(BenchmarkId::new(&cfg.name, dtype), |b| {
+        b.iter_custom(|iters| time_iters(&gpu.stream, iters, &mut step))
+    });
+    group.finish();
+}
+
+/// Reports the check and the memory of `id` before it is timed.
+///
+/// `loss`: the value of the step run before timing.
+fn report(
+    id: &str,
+    device_bytes: usize,
+    sets: usize,
+    loss: f64,
+    check: Option<(f64, Vec<f64>)>,
+    guard: f64,
+) {
+    let mut fields = vec![
+        ("device_bytes", Field::Num(device_bytes as f64)),
+        ("input_sets", Field::Num(sets as f64)),
+        ("loss", Field::Num(loss)),
+    ];
+    let mut state = "ok";
+    if !loss.is_finite() {
+        state = "non-finite loss";
+        eprintln!("{id}: NON-FINITE LOSS {loss}");
+    }
+    match check {
+        Some((loss_err, grad_errs)) => {
+            let worst = grad_errs.iter().copied().fold(loss_err, f64::max);
+            let ok = worst <= guard; // rel_err gives infinity for NaN
+            if !ok {
+                state = "check FAILED";
+                eprintln!(
+                    "{id}: CHECK FAILED: relative error {worst:.3e} against the CPU reference (guard {guard:e})"
+                );
+            }
+            let grads = grad_errs
+                .iter()
+                .map(|e| format!("{e:.2e}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            fields.push((
+                "check",
+                Field::Str(format!(
+                    "loss rel. err. {loss_err:.2e}, gradient rel. err. {grads}"
+                )),
+            ));
+            fields.push(("check_ok", Field::Bool(ok)));
+        }
+        None => fields.push((
+            "check",
+            Field::Str("not checked (larger than the CPU reference's limit)".into()),
+        )),
+    }
+    status(id, state, &fields);
+}
+
+fn to_f64<T: Element>(xs: &[T]) -> Vec<f64> {
+    xs.iter().map(|x| x.to_f64()).collect()
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    rel_err(&[a], &[b])
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_layer<T: Dtype>(
+    c: &mut Criterion,
+    gpu: &Gpu,
+    cfg: &Config,
+    id: &str,
+    shape: FeatureShape,
+    num_s: usize,
+    rng: &mut Rng,
+) -> ccpl::Result<()> {
+    let n = num_s.min(shape.interior());
+    let e = std::mem::size_of::<T>();
+    let l = LayerWorkspace::lengths(&shape, n)?;
+    let rows = l.rows_q + l.rows_k + l.unit_q + l.unit_k + l.grad_unit + l.grad_rows;
+    let stats = l.norms_q + l.norms_k + l.logits + l.row_lse + l.row_loss + l.loss + l.one;
+    let workspace = rows * e + stats * std::mem::size_of::<f32>();
+    let set_bytes = 2 * shape.len() * e;
+    if !fits(gpu, id, workspace + set_bytes + shape.len() * e) {
+        return Ok(());
+    }
+    let free = gpu.free_bytes();
+    let mut layer = CcpLayer::<T>::new(
+        gpu.kernels.clone(),
+        gpu.stream.clone(),
+        shape,
+        n,
+        DEFAULT_TAU,
+    )?;
+    gpu.stream.synchronize()?;
+    let device_bytes = free.saturating_sub(gpu.free_bytes());
+
+    let centers = Centers::sample(shape.height(), shape.width(), num_s, 7)?;
+    let device_centers = DeviceCenters::upload(&gpu.stream, &centers)?;
+    let sets = gpu.input_sets(set_bytes);
+    let mut inputs = Vec::with_capacity(sets);
+    for _ in 0..sets {
+        inputs.push((
+            common::random::<T>(gpu, shape.len(), rng)?,
+            common::random::<T>(gpu, shape.len(), rng)?,
+        ));
+    }
+    let mut grad_q: CudaSlice<T> = gpu.stream.alloc_zeros(shape.len())?;
+    let scatter = Scatter::default();
+
+    // One step before timing, read back (a failed launch shows here, not while timing), then
+    // checked against the CPU reference when small enough.
+    let ((q_host, q), (k_host, k)) = &inputs[0];
+    layer.forward(q, k, &device_centers)?;
+    layer.backward(None, &mut grad_q, None, scatter)?;
+    let loss = f64::from(gpu.stream.clone_dtoh(layer.loss())?[0]);
+    let check = if shape.batch() * 64 * n * n * shape.channels() <= CHECK_LIMIT {
+        let grad = to_f64(&gpu.stream.clone_dtoh(&grad_q)?);
+        let expected = ccp_layer_loss(q_host, k_host, &shape, &centers, DEFAULT_TAU, false)?;
+        Some((
+            rel(loss, expected.loss),
+            vec![rel_err(&grad, &expected.grad_feat_q)],
+        ))
+    } else {
+        None
+    };
+    report(id, device_bytes, sets, loss, check, check_guard::<T>());
+
+    time_step(c, gpu, cfg, T::SUFFIX, |i| {
+        let ((_, q), (_, k)) = &inputs[i % sets];
+        layer.forward(q, k, &device_centers).expect("forward");
+        layer
+            .backward(None, &mut grad_q, None, scatter)
+            .expect("backward");
+    });
+    Ok(())
+}
+
+/// The float64 reference of the loss from rows: the loss, `d rows_q`, and `d rows_k` when asked.
+fn reference_rows(
+    q: &[f64],
+    k: &[f64],
+    shape: &RowShape,
+    grad_k: bool,
+) -> ccpl::Result<(f64, Vec<f64>, Option<Vec<f64>>)> {
+    let unit_q = normalize_rows(q, shape.width)?;
+    let unit_k = normalize_rows(k, shape.width)?;
+    let logits = similarity(&unit_q.rows, &unit_k.rows, shape, DEFAULT_TAU)?;
+    let forward = info_nce_forward(&logits, shape.batch, shape.rows)?;
+    let grads = info_nce_backward(
+        &logits,
+        &forward.row_lse,
+        &unit_q.rows,
+        &unit_k.rows,
+        shape,
+        DEFAULT_TAU,
+        1.0,
+        grad_k,
+    )?;
+    let dq = normalize_rows_backward(q, &grads.dq, shape.width)?;
+    let dk = grads
+        .dk
+        .map(|dk| normalize_rows_backward(k, &dk, shape.width))
+        .transpose()?;
+    Ok((forward.loss, dq, dk))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_rows<T: Dtype>(
+    c: &mut Criterion,
+    gpu: &Gpu,
+    cfg: &Config,
+    id: &str,
+    shape: RowShape,
+    grad_k: bool,
+    rng: &mut Rng,
+) -> ccpl::Result<()> {
+    let e = std::mem::size_of::<T>();
+    let set_bytes = 2 * shape.len() * e;
+    let grads_bytes = 2 * shape.len() * e;
+    if !fits(
+        gpu,
+        id,
+        RowsLoss::<T>::workspace_bytes(&shape) + set_bytes + grads_bytes,
+    ) {
+        return Ok(());
+    }
+    let free = gpu.free_bytes();
+    let mut loss = RowsLoss::<T>::new(gpu, shape)?;
+    gpu.stream.synchronize()?;
+    let device_bytes = free.saturating_sub(gpu.free_bytes());
+
+    let sets = gpu.input_sets(set_bytes);
+    let mut inputs = Vec::with_capacity(sets);
+    for _ in 0..sets {
+        inputs.push((
+            common::random::<T>(gpu, shape.len(), rng)?,
+            common::random::<T>(gpu, shape.len(), rng)?,
+        ));
+    }
+    let mut grad_q: CudaSlice<T> = gpu.stream.alloc_zeros(shape.len())?;
+    let mut grad_k_buf: CudaSlice<T> = gpu.stream.alloc_zeros(shape.len())?;
+
+    // One step before timing, read back, checked when small enough (as for a layer).
+    let ((q_host, q), (k_host, k)) = &inputs[0];
+    let grad_k_out = grad_k.then_some(&mut grad_k_buf);
+    rows_step(gpu, &mut loss, q, k, &mut grad_q, grad_k_out)?;
+    let value = f64::from(gpu.stream.clone_dtoh(&loss.loss)?[0]);
+    let check = if shape.batch * shape.rows * shape.rows * shape.width <= CHECK_LIMIT {
+        let (expected, dq, dk) = reference_rows(&to_f64(q_host), &to_f64(k_host), &shape, grad_k)?;
+        let mut errs = vec![rel_err(&to_f64(&gpu.stream.clone_dtoh(&grad_q)?), &dq)];
+        if let Some(dk) = dk {
+            errs.push(rel_err(&to_f64(&gpu.stream.clone_dtoh(&grad_k_buf)?), &dk));
+        }
+        Some((rel(value, expected), errs))
+    } else {
+        None
+    };
+    report(id, device_bytes, sets, value, check, check_guard::<T>());
+
+    time_step(c, gpu, cfg, T::SUFFIX, |i| {
+        let ((_, q), (_, k)) = &inputs[i % sets];
+        rows_step(
+            gpu,
+            &mut loss,
+            q,
+            k,
+            &mut grad_q,
+            grad_k.then_some(&mut grad_k_buf),
+        )
+        .expect("loss step");
+    });
+    Ok(())
+}
+
+/// One forward plus backward of the loss from rows: `d rows_q` into `grad_q`, and `d rows_k`
+/// into `grad_k` when given.
+fn rows_step<T: Dtype>(
+    gpu: &Gpu,
+    loss: &mut RowsLoss<T>,
+    q: &CudaSlice<T>,
+    k: &CudaSlice<T>,
+    grad_q: &mut CudaSlice<T>,
+    grad_k: Option<&mut CudaSlice<T>>,
+) -> ccpl::Result<()> {
+    loss.forward(gpu, q, k)?;
+    loss.backward(gpu, Side::Q, q, grad_q)?;
+    match grad_k {
+        Some(grad_k) => loss.backward(gpu, Side::K, k, grad_k),
+        None => Ok(()),
+    }
+}
