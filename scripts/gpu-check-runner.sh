@@ -26,12 +26,18 @@ run() { # name, command...
     if [ -z "$sanitizer" ]; then
         echo "=== compute-sanitizer not found"; failures=$((failures + 1))
     else
-        # Only the GPU tests (named *gpu*), at the sizes they pick under CCPL_SANITIZER=1.
+        # Only what runs on the GPU: the `::gpu` half of the device-generic tests and every
+        # test of gpu_*, at the small sizes they pick under CCPL_SANITIZER=1.
         for tool in memcheck racecheck; do
             for bin in "$here"/bin/*; do
-                "$bin" --list 2>/dev/null | grep -q 'gpu.*: test' || continue
-                CCPL_SANITIZER=1 run "$tool $(basename "$bin")" "$sanitizer" --tool "$tool" \
-                    --error-exitcode 99 "$bin" gpu --test-threads=1
+                name=$(basename "$bin")
+                case $name in
+                    gpu_*) filter=() ;;
+                    *) "$bin" --list 2>/dev/null | grep -q '::gpu: test' || continue
+                       filter=(::gpu) ;;
+                esac
+                CCPL_SANITIZER=1 run "$tool $name" "$sanitizer" --tool "$tool" \
+                    --error-exitcode 99 "$bin" "${filter[@]}" --test-threads=1
             done
         done
     fi
