@@ -29,3 +29,8 @@ pub use shape::{FeatureShape, Layout, RowShape};
 
 /// The default temperature of the paper.
 pub const DEFAULT_TAU: f64 = 0.07;
+
+/// The README's example compiles (it needs a GPU to run, so it is `no_run`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExample;
