@@ -20,12 +20,13 @@ use ccpl::cuda::info_nce::Side;
 use ccpl::cuda::loss::CcpLayer;
 use ccpl::cuda::neighbor::{DeviceCenters, Scatter};
 use ccpl::kernels::loss::LayerWorkspace;
+use ccpl::reference::relative_error as rel_err;
 use ccpl::reference::{
     ccp_layer_loss, info_nce_backward, info_nce_forward, normalize_rows, normalize_rows_backward,
     similarity,
 };
 use ccpl::{Centers, DEFAULT_TAU, Dtype, Element, FeatureShape, RowShape};
-use common::{Config, Field, Gpu, Rng, RowsLoss, Suite, rel_err, status, time_iters};
+use common::{Config, Field, Gpu, Rng, RowsLoss, Suite, status, time_iters};
 use criterion::{BenchmarkId, Criterion, SamplingMode};
 use cudarc::driver::CudaSlice;
 

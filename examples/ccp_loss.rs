@@ -11,7 +11,8 @@ use std::time::Instant;
 use cudarc::driver::{CudaContext, CudaSlice};
 
 use ccpl::cuda::{self, Kernels, loss::CcpLayer, neighbor::DeviceCenters, neighbor::Scatter};
-use ccpl::reference::ccp_layer_loss;
+use ccpl::reference::{ccp_layer_loss, relative_error};
+use ccpl::sampling::SplitMix64;
 use ccpl::{Centers, FeatureShape, Layout};
 
 const BATCH: usize = 8;
@@ -59,7 +60,7 @@ impl Layer {
     /// spatially smooth; the generated image's are the content's, changed by a style.
     fn random(name: &'static str, channels: usize, side: usize, seed: u64) -> ccpl::Result<Self> {
         let shape = FeatureShape::new(BATCH, channels, side, side, Layout::Nchw)?;
-        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xCC91);
+        let mut rng = Rng(SplitMix64::new(seed));
         let mut content = vec![0.0f32; shape.len()];
         for plane in content.chunks_mut(side * side) {
             let (fy, fx, phase) = (
@@ -178,8 +179,8 @@ fn on_gpu(ctx: Arc<CudaContext>, layers: &[Layer]) -> ccpl::Result<()> {
             "  {:8} loss {value:.6}  |grad feat_q| {:.6e}  (vs CPU reference: loss {:.1e}, grad {:.1e} relative)",
             layer.name,
             norm(&grad),
-            (value - reference.loss).abs() / reference.loss.abs(),
-            distance(&grad, &reference.grad_feat_q) / norm(&reference.grad_feat_q),
+            relative_error(&[value], &[reference.loss]),
+            relative_error(&grad, &reference.grad_feat_q),
         );
         total += value;
     }
@@ -193,34 +194,19 @@ fn norm(v: &[f64]) -> f64 {
     v.iter().map(|x| x * x).sum::<f64>().sqrt()
 }
 
-fn distance(a: &[f64], b: &[f64]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum::<f64>()
-        .sqrt()
-}
-
 fn ms(start: Instant) -> f64 {
     start.elapsed().as_secs_f64() * 1e3
 }
 
-/// SplitMix64 with a Box-Muller normal: enough for example data.
-struct Rng(u64);
+/// Uniform and normal draws from the crate's seeded generator (Box-Muller).
+struct Rng(SplitMix64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
     fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+        self.0.unit() as f32
     }
     fn normal(&mut self) -> f32 {
-        let (u, v) = (self.uniform().max(1e-7), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+        let (u, v) = (self.0.unit().max(1e-12), self.0.unit());
+        ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
     }
 }

@@ -36,7 +36,7 @@ impl Centers {
         let mut pool: Vec<i32> = (0..ih * iw)
             .map(|i| ((i / iw + 1) * width + i % iw + 1) as i32)
             .collect();
-        let mut rng = SplitMix64(seed);
+        let mut rng = SplitMix64::new(seed);
         for i in 0..n {
             let j = i + rng.below((pool.len() - i) as u64) as usize;
             pool.swap(i, j);
@@ -147,25 +147,43 @@ fn check_map(height: usize, width: usize) -> Result<()> {
     Ok(())
 }
 
-/// SplitMix64 (Steele, Lea, Flood 2014): small, fast, and well mixed for seeding draws.
-struct SplitMix64(u64);
+/// SplitMix64 (Steele, Lea, Flood 2014): the small, well-mixed seeded generator behind
+/// [`Centers::sample`]; public so tests, benches and examples make their data with it too.
+///
+/// ```
+/// let mut rng = ccpl::sampling::SplitMix64::new(7);
+/// let u = rng.unit();
+/// assert!((0.0..1.0).contains(&u));
+/// assert!(rng.below(10) < 10);
+/// ```
+#[derive(Debug, Clone)]
+pub struct SplitMix64(u64);
 
 impl SplitMix64 {
-    fn next(&mut self) -> u64 {
+    /// The generator for `seed`: the same seed gives the same sequence.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
-    /// Uniform in `0..n` (n > 0), without modulo bias (rejection).
-    fn below(&mut self, n: u64) -> u64 {
+    /// Uniform in `0..n` (`n > 0`), without modulo bias (rejection).
+    pub fn below(&mut self, n: u64) -> u64 {
         let zone = u64::MAX - u64::MAX % n;
         loop {
-            let r = self.next();
+            let r = self.next_u64();
             if r < zone {
                 return r % n;
             }
         }
+    }
+    /// Uniform in `[0, 1)`, 53 random bits.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }

@@ -274,46 +274,20 @@ fn json_str(s: &str) -> String {
     out
 }
 
-/// SplitMix64: a small seeded generator, so the benches need no extra dependency.
-pub struct Rng(u64);
+/// The crate's seeded generator with the draws the benches need.
+pub struct Rng(ccpl::sampling::SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Self(seed)
+        Self(ccpl::sampling::SplitMix64::new(seed))
     }
     /// Uniform in `[-1, 1)`.
     pub fn symmetric(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        2.0 * ((z >> 11) as f64 / (1u64 << 53) as f64) - 1.0
+        2.0 * self.0.unit() - 1.0
     }
     /// `len` values uniform in `[-1, 1)`.
     pub fn vec(&mut self, len: usize) -> Vec<f64> {
         (0..len).map(|_| self.symmetric()).collect()
-    }
-}
-
-/// `||a - b|| / ||b||`, the crate's measure of agreement; infinity when anything is not finite.
-pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
-    if a.len() != b.len() || a.iter().chain(b).any(|x| !x.is_finite()) {
-        return f64::INFINITY;
-    }
-    let diff = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum::<f64>()
-        .sqrt();
-    let norm = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-    if norm > 0.0 {
-        diff / norm
-    } else if diff == 0.0 {
-        0.0
-    } else {
-        f64::INFINITY
     }
 }
 

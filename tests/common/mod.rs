@@ -4,23 +4,19 @@
 pub mod device;
 pub mod golden;
 
-/// SplitMix64: a tiny seeded generator, so the tests need no extra dependency.
-pub struct Rng(u64);
+/// The crate's seeded generator with the draws the tests need.
+pub struct Rng(ccpl::sampling::SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Self(seed)
+        Self(ccpl::sampling::SplitMix64::new(seed))
     }
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     /// Uniform in `[0, 1)`.
     pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.unit()
     }
     /// Uniform in `[-1, 1)`.
     pub fn symmetric(&mut self) -> f64 {
@@ -43,21 +39,7 @@ impl Rng {
 /// `||a - b|| / ||b||`, the crate's measure of agreement; NaN anywhere gives infinity.
 pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "compared vectors differ in length");
-    if a.iter().chain(b).any(|x| !x.is_finite()) {
-        return f64::INFINITY;
-    }
-    let diff = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum::<f64>()
-        .sqrt();
-    let norm = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-    if norm == 0.0 {
-        if diff == 0.0 { 0.0 } else { f64::INFINITY }
-    } else {
-        diff / norm
-    }
+    ccpl::reference::relative_error(a, b)
 }
 
 /// The NHWC copy of an NCHW buffer of shape `(b, c, h, w)`.
