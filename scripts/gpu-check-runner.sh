@@ -19,6 +19,7 @@ run() { # name, command...
     echo "date:   $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     ldd --version | head -1
+    run "main job" "$here/ccp_loss"
     for bin in "$here"/bin/*; do
         run "tests $(basename "$bin")" "$bin" --test-threads=1
     done
