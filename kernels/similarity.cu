@@ -10,17 +10,8 @@ template <typename T> __device__ void similarity(const ccpl_similarity_params& p
     const int64_t i0 = (int64_t)blockIdx.y * Gemm::kTile, j0 = (int64_t)blockIdx.x * Gemm::kTile;
     const T* __restrict__ q = ptr<T>(p.q) + b * S * C;
     const T* __restrict__ k = ptr<T>(p.k) + b * S * C;
-    // A = q rows i0.., B = kᵀ (columns j0..): both read along C.
-    const auto load_q = [&](int m, int64_t c) {
-        const int64_t i = i0 + m;
-        return i < S && c < C ? to_float(q[i * C + c]) : 0.0f;
-    };
-    const auto load_k = [&](int64_t c, int n) {
-        const int64_t j = j0 + n;
-        return j < S && c < C ? to_float(k[j * C + c]) : 0.0f;
-    };
     GemmAcc acc = {};
-    gemm_tile<true, true>(smem, C, load_q, load_k, acc);
+    gemm_row_products(smem, q, k, S, C, i0, j0, acc);
     float* __restrict__ logits = mut_ptr<float>(p.logits) + b * S * S;
 #pragma unroll
     for (int i = 0; i < Gemm::kMicro; ++i) {

@@ -11,6 +11,7 @@
 //! ```
 
 pub mod info_nce;
+pub mod info_nce_fused;
 pub mod loss;
 pub mod neighbor;
 pub mod normalize;

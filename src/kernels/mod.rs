@@ -5,6 +5,7 @@
 //! One module per kernel family, named like its `kernels/*.cu` source.
 
 pub mod info_nce;
+pub mod info_nce_fused;
 pub mod loss;
 pub mod neighbor;
 pub mod normalize;
