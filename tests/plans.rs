@@ -270,9 +270,15 @@ fn layer_launches_its_stages_in_order_or_nothing() {
     let plan = LayerPlan::new(s, 5, 0.07).unwrap();
     assert_eq!(*plan.rows(), RowShape::new(2, 40, 3).unwrap());
     let lens = LayerWorkspace::lengths(&s, 5).unwrap();
+    // O(B*S*C): no (B, S, S) logits buffer.
     assert_eq!(
-        (lens.rows_q, lens.norms_q, lens.logits, lens.loss),
-        (240, 80, 3200, 1)
+        (
+            lens.rows.rows_q,
+            lens.rows.norms_q,
+            lens.grad_rows,
+            lens.rows.loss
+        ),
+        (240, 80, 240, 1)
     );
     let ws = lens
         .try_map(|&n| Ok::<_, ()>(buf(n)), |&n| Ok(buf(n)))
@@ -287,8 +293,7 @@ fn layer_launches_its_stages_in_order_or_nothing() {
             "neighbor_diff_f32",
             "normalize_rows_f32",
             "normalize_rows_f32",
-            "similarity_f32",
-            "info_nce_forward",
+            "info_nce_fused_forward_f32",
             "info_nce_loss"
         ]
     );
@@ -303,17 +308,15 @@ fn layer_launches_its_stages_in_order_or_nothing() {
     )
     .unwrap();
     let side = [
-        "info_nce_backward_f32",
+        "info_nce_fused_backward_f32",
         "normalize_rows_backward_f32",
         "neighbor_diff_backward_deterministic_f32",
     ];
     assert_eq!(rec.0.take(), [side, side].concat());
 
     // A wrong buffer of the last stage: an Err, and no stage launched.
-    let bad = LayerWorkspace {
-        loss: buf(2),
-        ..ws.clone()
-    };
+    let mut bad = ws.clone();
+    bad.rows.loss = buf(2);
     let err = plan.forward::<f32, _>(&rec, &c, feat, feat, &bad);
     assert!(matches!(err, Err(Error::Length { what: "loss", .. })));
     let err = plan.backward::<f32, _>(&rec, &c, &ws, None, feat, Some(buf(1)), Scatter::Atomic);

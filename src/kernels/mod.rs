@@ -9,6 +9,7 @@ pub mod info_nce_fused;
 pub mod loss;
 pub mod neighbor;
 pub mod normalize;
+pub mod rows_loss;
 pub mod similarity;
 
 use crate::error::Result;

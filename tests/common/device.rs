@@ -311,38 +311,35 @@ impl<D: TestDevice> TestCenters<D> {
     }
 }
 
-/// A layer's loss, and its gradients with respect to the difference rows, with every value
-/// the kernels store in `T` (rows, normalised rows and their gradients; the logits in f32)
-/// rounded once, computed by the reference stage by stage: what the tolerance of a 16-bit
-/// type is measured on. Scatter `grad_rows_*` with [`scatter_model`] for the feature maps.
-pub struct LayerModel {
+/// The rows loss of two row matrices, and its gradients with respect to them, with every
+/// value the kernels store in `T` (normalised rows and their gradient, the result) rounded
+/// once, computed by the reference stage by stage: what the tolerance of a 16-bit type is
+/// measured on. The logits are not rounded: the fused kernels never store them.
+pub struct RowsModel {
     pub loss: f64,
     pub grad_rows_q: Vec<f64>,
     pub grad_rows_k: Vec<f64>,
 }
 
-pub fn layer_model<T: Element>(
-    feat_q: &[f64],
-    feat_k: &[f64],
-    shape: &FeatureShape,
-    centers: &Centers,
+/// `rows_q` and `rows_k` are the kernels' input rows (values exact in `T`).
+pub fn rows_model<T: Element>(
+    rows_q: &[f64],
+    rows_k: &[f64],
+    rows: &RowShape,
     tau: f64,
     upstream: f64,
-) -> LayerModel {
-    let rows = RowShape::new(shape.batch(), centers.rows(), shape.channels()).unwrap();
-    let c = shape.channels();
-    let rows_q = rounded::<T>(&reference::neighbor_diff(feat_q, shape, centers).unwrap());
-    let rows_k = rounded::<T>(&reference::neighbor_diff(feat_k, shape, centers).unwrap());
-    let unit_q = rounded::<T>(&reference::normalize_rows(&rows_q, c).unwrap().rows);
-    let unit_k = rounded::<T>(&reference::normalize_rows(&rows_k, c).unwrap().rows);
-    let logits = rounded::<f32>(&reference::similarity(&unit_q, &unit_k, &rows, tau).unwrap());
+) -> RowsModel {
+    let c = rows.width;
+    let unit_q = rounded::<T>(&reference::normalize_rows(rows_q, c).unwrap().rows);
+    let unit_k = rounded::<T>(&reference::normalize_rows(rows_k, c).unwrap().rows);
+    let logits = reference::similarity(&unit_q, &unit_k, rows, tau).unwrap();
     let forward = reference::info_nce_forward(&logits, rows.batch, rows.rows).unwrap();
     let grads = reference::info_nce_backward(
         &logits,
         &forward.row_lse,
         &unit_q,
         &unit_k,
-        &rows,
+        rows,
         tau,
         upstream,
         true,
@@ -352,9 +349,26 @@ pub fn layer_model<T: Element>(
         let grad_unit = rounded::<T>(grad_unit);
         rounded::<T>(&reference::normalize_rows_backward(rows, &grad_unit, c).unwrap())
     };
-    LayerModel {
+    RowsModel {
         loss: forward.loss,
-        grad_rows_q: back(&rows_q, &grads.dq),
-        grad_rows_k: back(&rows_k, grads.dk.as_ref().unwrap()),
+        grad_rows_q: back(rows_q, &grads.dq),
+        grad_rows_k: back(rows_k, grads.dk.as_ref().unwrap()),
     }
+}
+
+/// A layer's loss, and its gradients with respect to the difference rows, by the rounding
+/// model of [`rows_model`] on the difference rows rounded to `T`. Scatter `grad_rows_*` with
+/// [`scatter_model`] for the feature maps.
+pub fn layer_model<T: Element>(
+    feat_q: &[f64],
+    feat_k: &[f64],
+    shape: &FeatureShape,
+    centers: &Centers,
+    tau: f64,
+    upstream: f64,
+) -> RowsModel {
+    let rows = RowShape::new(shape.batch(), centers.rows(), shape.channels()).unwrap();
+    let rows_q = rounded::<T>(&reference::neighbor_diff(feat_q, shape, centers).unwrap());
+    let rows_k = rounded::<T>(&reference::neighbor_diff(feat_k, shape, centers).unwrap());
+    rows_model::<T>(&rows_q, &rows_k, &rows, tau, upstream)
 }
