@@ -15,6 +15,7 @@
 //
 // What the emulator cannot run (inline PTX: mma, cp.async, ldmatrix) goes behind
 // `#ifdef CCPL_EMULATOR` with a portable fallback; those paths are checked on a GPU only.
+// The WMMA API (nvcuda::wmma) is modelled below, so kernels using it run here as written.
 #pragma once
 
 #ifdef __CUDACC__
