@@ -3,54 +3,18 @@
 // and consumes them on the chip. Memory is O(B*S*C) instead of the (B, S, S) float logits of
 // similarity.cu + info_nce.cu (17 GB at S = 65536), which stay as the standalone kernels.
 //
-// Two ways to compute a tile, chosen by the storage type:
-// - float: the FMA tile GEMM of tile_gemm.cuh; the logits tiles hold the same bits as
-//   similarity_f32 stores (gemm_row_products), so the results equal the materialised path's
-//   up to the order of the row statistics' sums.
+// Two ways to compute a tile, chosen by the storage type (logits_tiles.cuh); either way the
+// logits tiles hold the same bits as similarity_{T} stores, so the forward equals the
+// materialised path's up to the order of the row statistics' sums:
+// - float: the FMA tile GEMM of tile_gemm.cuh;
 // - __half, __nv_bfloat16: tensor cores (tile_mma.cuh), float accumulation. The backward's
 //   second product takes G rounded to T (as FlashAttention does its P): a relative error of
 //   up to the unit roundoff of T per element of G, modelled and measured by
 //   tests/kernel_info_nce_fused.rs.
+#include "logits_tiles.cuh"
 #include "row_stats.cuh"
-#include "tile_gemm.cuh"
-#include "tile_mma.cuh"
 
 namespace ccpl {
-
-template <typename T> constexpr bool kTensorCores = !std::is_same<T, float>::value;
-
-// The logits tiles of a block, one at a time, read at the FMA GEMM's thread mapping
-// (gemm_row(i), gemm_col(j)) whatever computed them.
-template <typename T, bool kMma = kTensorCores<T>> struct LogitsTiles;
-
-template <typename T> struct LogitsTiles<T, false> {
-    GemmShared& smem;
-    GemmAcc acc;
-    // The tile a[a0.., :] . b[b0.., :], unscaled.
-    __device__ __forceinline__ void compute(const T* a, const T* b, int64_t S, int64_t C,
-                                            int64_t a0, int64_t b0) {
-#pragma unroll
-        for (int i = 0; i < Gemm::kMicro; ++i)
-#pragma unroll
-            for (int j = 0; j < Gemm::kMicro; ++j) acc[i][j] = 0.0f;
-        gemm_row_products(smem, a, b, S, C, a0, b0, acc);
-    }
-    __device__ __forceinline__ float at(int i, int j) const { return acc[i][j]; }
-    // Done reading this tile.
-    __device__ __forceinline__ void release() {}
-};
-
-template <typename T> struct LogitsTiles<T, true> {
-    MmaStage<T>& stage;
-    MmaTile& tile;
-    __device__ __forceinline__ void compute(const T* a, const T* b, int64_t S, int64_t C,
-                                            int64_t a0, int64_t b0) {
-        mma_row_products(stage, tile, a, b, S, C, a0, b0);
-        __syncthreads();  // the tile, stored by every warp
-    }
-    __device__ __forceinline__ float at(int i, int j) const { return tile[gemm_row(i)][gemm_col(j)]; }
-    __device__ __forceinline__ void release() { __syncthreads(); }  // before the next store
-};
 
 // One block per (64-row tile, image): blockIdx.y the row tile, blockIdx.z the image. The
 // block walks the column tiles; each thread keeps the running statistics (row_stats.cuh) of
@@ -111,16 +75,7 @@ __device__ void info_nce_fused_forward_rows(const ccpl_info_nce_fused_forward_pa
 template <typename T>
 __device__ void info_nce_fused_forward(const ccpl_info_nce_fused_forward_params& p) {
     __shared__ float diagonal[Gemm::kTile];
-    if constexpr (kTensorCores<T>) {
-        __shared__ MmaStage<T> stage;
-        __shared__ MmaTile tile;
-        LogitsTiles<T> tiles{stage, tile};
-        info_nce_fused_forward_rows<T>(p, tiles, diagonal);
-    } else {
-        __shared__ GemmShared smem;
-        LogitsTiles<T> tiles{smem, {}};
-        info_nce_fused_forward_rows<T>(p, tiles, diagonal);
-    }
+    with_logits_tiles<T>([&](auto& tiles) { info_nce_fused_forward_rows<T>(p, tiles, diagonal); });
 }
 
 // The backward's view of one output tile: rows r0.. of `own` (q for dq, k for dk), the C

@@ -308,9 +308,10 @@ fn info_nce_fused_matches_reference<D: TestDevice>(dev: &D) {
     }
 }
 
-/// The fused path against the materialised one on the same device and rows. f32: the logits
-/// tiles hold the same bits, so the two differ by the order of the statistics' sums only.
-/// f16/bf16: by at most the sum of the two paths' tolerances against the reference (the
+/// The fused path against the materialised one on the same device and rows. The logits
+/// tiles hold the same bits (both compute them alike per type: logits_tiles.cuh), so the
+/// statistics differ by the order of their sums only, and so do the f32 gradients. f16/bf16
+/// gradients: by at most the sum of the two paths' tolerances against the reference (the
 /// fused one's rounding of G included), as the triangle inequality gives.
 fn check_same_as_materialised<T: Dtype, D: TestDevice>(
     dev: &D,
