@@ -13,7 +13,8 @@ use ccpl::kernels::{info_nce_fused, similarity};
 use ccpl::{Dtype, RowShape, reference};
 use common::Rng;
 use common::device::{
-    F32_TOLERANCE, TestDevice, assert_close, from_f64, stored_tolerance, to_f64, tolerance,
+    F32_TOLERANCE, TestDevice, assert_close, from_f64, fused_backward_model, rounded,
+    stored_tolerance, to_f64, tolerance,
 };
 
 /// `(B, S, C)`: odd sizes, S = 8 with C = 1, S not a multiple of the 64-row tile, C over one
@@ -207,68 +208,23 @@ struct Expected {
     model_dk: Vec<f64>,
 }
 
-/// The power of two the f16 kernels scale G by before rounding it (`kGScale` of
-/// `kernels/info_nce_fused.cu`); bf16 has float's range and needs none.
-fn g_scale<T: Dtype>() -> f64 {
-    if T::SUFFIX == "f16" { 32768.0 } else { 1.0 }
-}
-
 /// The reference, and the backward as the kernels compute it with every value they store in
-/// `T` rounded once, exact otherwise: for f16/bf16 the tensor-core path rounds G (times
-/// [`g_scale`]) to T for its second product, then the result; f32 rounds the result only.
+/// `T` rounded once, exact otherwise: G as [`fused_backward_model`] rounds it, then the result.
 fn expected<T: Dtype>(shape: &RowShape, tau: f64, q: &[f64], k: &[f64]) -> Expected {
     let logits = reference::similarity(q, k, shape, tau).unwrap();
     let forward = reference::info_nce_forward(&logits, shape.batch, shape.rows).unwrap();
-    let grads = reference::info_nce_backward(
-        &logits,
-        &forward.row_lse,
-        q,
-        k,
-        shape,
-        tau,
-        UPSTREAM as f64,
-        true,
-    )
-    .unwrap();
-    let (s, c) = (shape.rows, shape.width);
-    let scale = UPSTREAM as f64 / (shape.batch * s) as f64 / tau;
-    let round_g = |g: f64| {
-        if T::SUFFIX == "f32" {
-            g
-        } else {
-            T::from_f64(g * g_scale::<T>()).to_f64() / g_scale::<T>()
-        }
-    };
-    let mut model_dq = vec![0.0; shape.len()];
-    let mut model_dk = vec![0.0; shape.len()];
-    for b in 0..shape.batch {
-        for i in 0..s {
-            let row = b * s + i;
-            for j in 0..s {
-                let g = if i == j {
-                    (-forward.row_loss[row]).exp_m1()
-                } else {
-                    (logits[row * s + j] - forward.row_lse[row]).exp()
-                };
-                let g = round_g(g);
-                for x in 0..c {
-                    model_dq[row * c + x] += g * k[(b * s + j) * c + x];
-                    model_dk[(b * s + j) * c + x] += g * q[row * c + x];
-                }
-            }
-        }
-    }
-    let stored = |v: Vec<f64>| -> Vec<f64> {
-        v.into_iter()
-            .map(|x| T::from_f64(x * scale).to_f64())
-            .collect()
-    };
+    let upstream = UPSTREAM as f64;
+    let grads =
+        reference::info_nce_backward(&logits, &forward.row_lse, q, k, shape, tau, upstream, true)
+            .unwrap();
+    let (model_dq, model_dk) =
+        fused_backward_model::<T>(&logits, &forward, q, k, shape, tau, upstream);
     Expected {
         forward,
         dq: grads.dq,
         dk: grads.dk.unwrap(),
-        model_dq: stored(model_dq),
-        model_dk: stored(model_dk),
+        model_dq: rounded::<T>(&model_dq),
+        model_dk: rounded::<T>(&model_dk),
     }
 }
 

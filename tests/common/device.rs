@@ -311,10 +311,60 @@ impl<D: TestDevice> TestCenters<D> {
     }
 }
 
+/// The power of two the f16 kernels scale G by before rounding it for their second product
+/// (`kGScale` of `kernels/info_nce_fused.cu`); the other types need none.
+pub fn g_scale<T: Element>() -> f64 {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<half::f16>() {
+        32768.0
+    } else {
+        1.0
+    }
+}
+
+/// The fused backward's `(dq, dk)` of unit rows `q`, `k` with `G = softmax(L) - I` rounded as
+/// the kernels for `T` store it before their second product (times [`g_scale`]; f32 keeps G
+/// in float, f64 is the exact reference), exact otherwise, not rounded at the end.
+/// `logits` and `forward` are the reference's.
+#[allow(clippy::too_many_arguments)]
+pub fn fused_backward_model<T: Element>(
+    logits: &[f64],
+    forward: &reference::InfoNceForward,
+    q: &[f64],
+    k: &[f64],
+    shape: &RowShape,
+    tau: f64,
+    upstream: f64,
+) -> (Vec<f64>, Vec<f64>) {
+    let (s, c) = (shape.rows, shape.width);
+    let scale = upstream / (shape.batch * s) as f64 / tau;
+    let round_g = |g: f64| T::from_f64(g * g_scale::<T>()).to_f64() / g_scale::<T>();
+    let mut dq = vec![0.0; shape.len()];
+    let mut dk = vec![0.0; shape.len()];
+    for b in 0..shape.batch {
+        for i in 0..s {
+            let row = b * s + i;
+            for j in 0..s {
+                // P_ii - 1 as the kernels form it: expm1 of minus the row loss.
+                let g = round_g(if i == j {
+                    (-forward.row_loss[row]).exp_m1()
+                } else {
+                    (logits[row * s + j] - forward.row_lse[row]).exp()
+                });
+                for x in 0..c {
+                    dq[row * c + x] += g * k[(b * s + j) * c + x] * scale;
+                    dk[(b * s + j) * c + x] += g * q[row * c + x] * scale;
+                }
+            }
+        }
+    }
+    (dq, dk)
+}
+
 /// The rows loss of two row matrices, and its gradients with respect to them, with every
-/// value the kernels store in `T` (normalised rows and their gradient, the result) rounded
-/// once, computed by the reference stage by stage: what the tolerance of a 16-bit type is
-/// measured on. The logits are not rounded: the fused kernels never store them.
+/// value the kernels store in `T` (normalised rows, G for the tensor cores' second product,
+/// the gradient of the normalised rows, the result) rounded once, computed stage by stage:
+/// what the tolerance of a 16-bit type is measured on. The logits are not rounded: the fused
+/// kernels never store them. `rows_model::<f64>` is the exact reference.
 pub struct RowsModel {
     pub loss: f64,
     pub grad_rows_q: Vec<f64>,
@@ -334,25 +384,16 @@ pub fn rows_model<T: Element>(
     let unit_k = rounded::<T>(&reference::normalize_rows(rows_k, c).unwrap().rows);
     let logits = reference::similarity(&unit_q, &unit_k, rows, tau).unwrap();
     let forward = reference::info_nce_forward(&logits, rows.batch, rows.rows).unwrap();
-    let grads = reference::info_nce_backward(
-        &logits,
-        &forward.row_lse,
-        &unit_q,
-        &unit_k,
-        rows,
-        tau,
-        upstream,
-        true,
-    )
-    .unwrap();
+    let (dq, dk) =
+        fused_backward_model::<T>(&logits, &forward, &unit_q, &unit_k, rows, tau, upstream);
     let back = |rows: &[f64], grad_unit: &[f64]| {
         let grad_unit = rounded::<T>(grad_unit);
         rounded::<T>(&reference::normalize_rows_backward(rows, &grad_unit, c).unwrap())
     };
     RowsModel {
         loss: forward.loss,
-        grad_rows_q: back(rows_q, &grads.dq),
-        grad_rows_k: back(rows_k, grads.dk.as_ref().unwrap()),
+        grad_rows_q: back(rows_q, &dq),
+        grad_rows_k: back(rows_k, &dk),
     }
 }
 
