@@ -184,10 +184,7 @@ fn bench_layer<T: Dtype>(
 ) -> ccpl::Result<()> {
     let n = num_s.min(shape.interior());
     let e = std::mem::size_of::<T>();
-    let l = LayerWorkspace::lengths(&shape, n)?;
-    let rows = l.rows_q + l.rows_k + l.unit_q + l.unit_k + l.grad_unit + l.grad_rows;
-    let stats = l.norms_q + l.norms_k + l.logits + l.row_lse + l.row_loss + l.loss + l.one;
-    let workspace = rows * e + stats * std::mem::size_of::<f32>();
+    let workspace = LayerWorkspace::lengths(&shape, n)?.bytes::<T>();
     let set_bytes = 2 * shape.len() * e;
     if !fits(gpu, id, workspace + set_bytes + shape.len() * e) {
         return Ok(());

@@ -144,4 +144,40 @@ typedef struct ccpl_info_nce_backward_params {
     float inv_tau;
 } ccpl_info_nce_backward_params;
 
+/*
+ * info_nce_fused_forward_{T}: info_nce_forward of the logits L = q kᵀ * inv_tau without
+ * storing them: per row, row_lse = logsumexp_j L[b,i,j] and row_loss = row_lse - L[b,i,i],
+ * the logits computed tile by tile on the chip. One block per 64 rows of an image.
+ */
+typedef struct ccpl_info_nce_fused_forward_params {
+    uint64_t q;        /* in:  (B, S, C), T, normalised rows */
+    uint64_t k;        /* in:  (B, S, C), T, normalised rows */
+    uint64_t row_lse;  /* out: float[B*S] */
+    uint64_t row_loss; /* out: float[B*S] */
+    int32_t batch;
+    int32_t rows;  /* S */
+    int32_t width; /* C */
+    float inv_tau;
+} ccpl_info_nce_fused_forward_params;
+
+/*
+ * info_nce_fused_backward_{T}: info_nce_backward with the logits recomputed from q and k
+ * (the same bits as similarity_{T} stores) instead of read:
+ * transpose == 0: grad[b,i,:] = sum_j G[b,i,j] k[b,j,:] * inv_tau   (dq)
+ * transpose == 1: grad[b,j,:] = sum_i G[b,i,j] q[b,i,:] * inv_tau   (dk)
+ */
+typedef struct ccpl_info_nce_fused_backward_params {
+    uint64_t q;        /* in:  (B, S, C), T */
+    uint64_t k;        /* in:  (B, S, C), T */
+    uint64_t row_lse;  /* in:  float[B*S], from the forward */
+    uint64_t row_loss; /* in:  float[B*S], from the forward */
+    uint64_t upstream; /* in:  float[1], on the device */
+    uint64_t grad;     /* out: (B, S, C), T */
+    int32_t batch;
+    int32_t rows;
+    int32_t width;
+    int32_t transpose;
+    float inv_tau;
+} ccpl_info_nce_fused_backward_params;
+
 #endif /* CCPL_H */

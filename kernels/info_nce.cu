@@ -1,17 +1,15 @@
 // info_nce.cu: cross-entropy of each row of the logits with its diagonal as the target
 // (forward: logsumexp and row losses, then their mean) and its backward through the logits
 // into the normalised rows (dq, and dk with `transpose`).
+#include "row_stats.cuh"
 #include "tile_gemm.cuh"
 
 namespace ccpl {
 
 // One warp per row (B*S rows of S logits: as many warps as the row is long, so the GPU is
-// full whenever the row is long enough to matter). Each lane keeps a running max and `rest`,
-// the sum of exp(L - max) over its elements other than (one) max, rescaled when the max
-// grows: one exp per element, no overflow at any tau. The lanes merge by shuffles, the max
-// element of the row contributing the 1 of log1p(rest). So row_loss = (max - L_ii) +
-// log1p(rest) keeps its relative precision when the diagonal dominates the row (the loss is
-// then tiny, and lse - L_ii would cancel).
+// full whenever the row is long enough to matter). Each lane keeps the running statistics of
+// row_stats.cuh over its elements; the lanes merge by shuffles, the max element of the row
+// contributing the 1 of log1p(rest).
 __device__ void info_nce_forward(const ccpl_info_nce_forward_params& p) {
     const int lane = threadIdx.x % kWarp;
     const int64_t S = p.rows, total = (int64_t)p.batch * S;
@@ -19,16 +17,9 @@ __device__ void info_nce_forward(const ccpl_info_nce_forward_params& p) {
     const int64_t stride = (int64_t)gridDim.x * blockDim.x / kWarp;
     for (int64_t row = first; row < total; row += stride) {
         const float* __restrict__ L = ptr<float>(p.logits) + row * S;
-        float max = -INFINITY, rest = 0.0f;
-        for (int64_t j = lane; j < S; j += kWarp) {
-            const float x = L[j];
-            if (x > max) {
-                rest = (rest + 1.0f) * expf(max - x);
-                max = x;
-            } else {
-                rest += expf(x - max);
-            }
-        }
+        RowStats stats = row_stats_empty();
+        for (int64_t j = lane; j < S; j += kWarp) row_stats_push(stats, L[j]);
+        const float max = stats.max, rest = stats.rest;
         const float row_max = warp_max(max);
         // The first lane holding the row max keeps its max out of the sum; every other lane
         // adds all its terms, rescaled to the row max (a lane without elements adds 0).

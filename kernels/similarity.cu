@@ -1,36 +1,27 @@
 // similarity.cu: logits L[b, i, j] = q[b, i, :] . k[b, j, :] / tau, one 64x64 tile per block,
-// blockIdx.z the image.
-#include "tile_gemm.cuh"
+// blockIdx.z the image; on tensor cores for __half and __nv_bfloat16 (logits_tiles.cuh).
+#include "logits_tiles.cuh"
 
 namespace ccpl {
 
 template <typename T> __device__ void similarity(const ccpl_similarity_params& p) {
-    __shared__ GemmShared smem;
     const int64_t S = p.rows, C = p.width, b = blockIdx.z;
     const int64_t i0 = (int64_t)blockIdx.y * Gemm::kTile, j0 = (int64_t)blockIdx.x * Gemm::kTile;
     const T* __restrict__ q = ptr<T>(p.q) + b * S * C;
     const T* __restrict__ k = ptr<T>(p.k) + b * S * C;
-    // A = q rows i0.., B = kᵀ (columns j0..): both read along C.
-    const auto load_q = [&](int m, int64_t c) {
-        const int64_t i = i0 + m;
-        return i < S && c < C ? to_float(q[i * C + c]) : 0.0f;
-    };
-    const auto load_k = [&](int64_t c, int n) {
-        const int64_t j = j0 + n;
-        return j < S && c < C ? to_float(k[j * C + c]) : 0.0f;
-    };
-    GemmAcc acc = {};
-    gemm_tile<true, true, false>(smem, C, load_q, load_k, acc);  // C: a short reduction
     float* __restrict__ logits = mut_ptr<float>(p.logits) + b * S * S;
+    with_logits_tiles<T>([&](auto& tiles) {
+        tiles.compute(q, k, S, C, i0, j0);
 #pragma unroll
-    for (int i = 0; i < Gemm::kMicro; ++i) {
-        const int64_t row = i0 + gemm_row(i);
+        for (int i = 0; i < Gemm::kMicro; ++i) {
+            const int64_t row = i0 + gemm_row(i);
 #pragma unroll
-        for (int j = 0; j < Gemm::kMicro; ++j) {
-            const int64_t col = j0 + gemm_col(j);
-            if (row < S && col < S) logits[row * S + col] = acc[i][j] * p.inv_tau;
+            for (int j = 0; j < Gemm::kMicro; ++j) {
+                const int64_t col = j0 + gemm_col(j);
+                if (row < S && col < S) logits[row * S + col] = tiles.at(i, j) * p.inv_tau;
+            }
         }
-    }
+    });
 }
 
 }  // namespace ccpl

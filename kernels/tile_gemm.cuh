@@ -1,6 +1,6 @@
-// tile_gemm.cuh: the shared-memory tile loop of similarity.cu (logits = q kᵀ) and
-// info_nce.cu (gradients = G · rows): one block computes one 64x64 tile of out = A·B with
-// float accumulation. The operands come from callbacks, so the same loop serves plain rows,
+// tile_gemm.cuh: the shared-memory tile loop of similarity.cu (logits = q kᵀ), info_nce.cu
+// (gradients = G · rows) and info_nce_fused.cu (both, tile by tile): one block computes one
+// 64x64 tile of out = A·B with float accumulation. The operands come from callbacks, so the same loop serves plain rows,
 // transposed reads and operands computed on the fly.
 #pragma once
 
@@ -81,6 +81,26 @@ __device__ __forceinline__ void gemm_tile(GemmShared& smem, int64_t depth, const
         }
         __syncthreads();
     }
+}
+
+// acc[m][n] += a[a0 + m, :] . b[b0 + n, :] over the C columns of two row matrices (S, C) of
+// storage type T: a 64x64 tile of a bᵀ. Rows past S count as zeros. The reduction order is
+// fixed and fmaf is commutative, so the tile of a bᵀ at (a0, b0) and that of b aᵀ at (b0, a0)
+// hold the same bits, transposed: the fused kernels recompute the logits the similarity
+// kernel stores, exactly.
+template <typename T>
+__device__ __forceinline__ void gemm_row_products(GemmShared& smem, const T* __restrict__ a,
+                                                  const T* __restrict__ b, int64_t S, int64_t C,
+                                                  int64_t a0, int64_t b0, GemmAcc& acc) {
+    const auto load_a = [&](int m, int64_t c) {
+        const int64_t i = a0 + m;
+        return i < S && c < C ? to_float(a[i * C + c]) : 0.0f;
+    };
+    const auto load_b = [&](int64_t c, int n) {
+        const int64_t j = b0 + n;
+        return j < S && c < C ? to_float(b[j * C + c]) : 0.0f;
+    };
+    gemm_tile<true, true, false>(smem, C, load_a, load_b, acc);  // C: a short reduction
 }
 
 }  // namespace ccpl

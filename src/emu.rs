@@ -44,7 +44,9 @@
 //! - anything between blocks: blocks run one after another, so two blocks racing on an
 //!   element agree, and a block that waits for another one would never end;
 //! - rounding of the GPU's own arithmetic: `__expf` and friends are exact here, the host
-//!   compiler does not contract `a*b+c` into FMAs the way nvcc does;
+//!   compiler does not contract `a*b+c` into FMAs the way nvcc does, and the portable WMMA
+//!   (`nvcuda::wmma`, every lane holding the whole tile) adds its products in k order where
+//!   tensor cores may not;
 //! - out-of-bounds global accesses (host memory, unchecked), the 48 KiB static shared memory
 //!   limit, registers, spills and speed.
 

@@ -48,4 +48,6 @@ device_repr!(
     ccpl_info_nce_forward_params,
     ccpl_info_nce_loss_params,
     ccpl_info_nce_backward_params,
+    ccpl_info_nce_fused_forward_params,
+    ccpl_info_nce_fused_backward_params,
 );

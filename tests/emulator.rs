@@ -563,6 +563,7 @@ fn misuse_is_an_error_not_a_hang() {
         (4, "not in the mask"),
         (5, "__trap()"),
         (6, "exited"),
+        (7, "exited"),
     ];
     for (arg, expected) in cases {
         for seed in 0..3 {
@@ -602,6 +603,47 @@ fn misuse_is_an_error_not_a_hang() {
     );
     let message = emulator_error(result);
     assert!(message.contains("do not exist"), "{message}");
+}
+
+/// The portable WMMA: A B + C of 16x16 matrices of small integers (exact in both 16-bit types
+/// and in every float sum), in __half and __nv_bfloat16, through row- and column-major loads
+/// and stores.
+#[test]
+fn wmma_multiplies_exactly() {
+    let mut rng = 0x1234_5678u64;
+    let mut next = || {
+        rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        ((rng >> 33) % 17) as f32 - 8.0
+    };
+    let input: Vec<f32> = (0..768).map(|_| next()).collect();
+    let (a, b, c) = (&input[..256], &input[256..512], &input[512..]);
+    let want: Vec<f32> = (0..256)
+        .map(|i| {
+            let (m, n) = (i / 16, i % 16);
+            c[i] + (0..16).map(|k| a[m * 16 + k] * b[k * 16 + n]).sum::<f32>()
+        })
+        .collect();
+    for arg in [0, 1] {
+        let mut out = vec![f32::NAN; 256];
+        run(
+            &emulator(arg as u64),
+            "selftest_wmma",
+            lin(1),
+            lin(32),
+            0,
+            emu::buf(&input).addr,
+            emu::buf_mut(&mut out).addr,
+            256,
+            arg,
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            want,
+            "wmma in {}",
+            ["__half", "__nv_bfloat16"][arg as usize]
+        );
+    }
 }
 
 #[test]

@@ -8,11 +8,13 @@ mod common;
 use ccpl::cuda::info_nce::{self, Side};
 use ccpl::cuda::loss::CcpLayer;
 use ccpl::cuda::neighbor::{self, DeviceCenters, Scatter};
+use ccpl::cuda::rows_loss::CcpRows;
 use ccpl::cuda::{normalize, similarity};
 use ccpl::{Centers, Error, FeatureShape, Layout, RowShape, reference};
 use common::Rng;
 use common::device::{
-    F32_TOLERANCE, assert_close, gpu, layer_model, random, scatter_model, to_f64, tolerance,
+    F32_TOLERANCE, assert_close, gpu, layer_model, random, rows_model, scatter_model, to_f64,
+    tolerance,
 };
 use cudarc::driver::CudaSlice;
 
@@ -362,4 +364,78 @@ fn ccp_layer_matches_reference() {
     let got = to_f64(&stream.clone_dtoh(&grad_q).unwrap());
     let tol = tolerance::<half::bf16>(&model, &want.grad_feat_q);
     assert_close("CcpLayer bf16 grad_feat_q", &got, &want.grad_feat_q, tol);
+}
+
+/// `CcpRows`: the rows loss of a projection head's outputs on the device against the
+/// reference composed stage by stage, in f32 and bf16, rows passed as views (copied by the
+/// forward), the gradients written over NaN; and its errors.
+#[test]
+fn ccp_rows_matches_reference() {
+    let Some(gpu) = gpu("gpu_api::ccp_rows_matches_reference") else {
+        return;
+    };
+    let (kernels, stream) = (gpu.kernels(), gpu.stream());
+    let mut rng = Rng::new(13);
+    let shape = RowShape::new(2, 300, 45).unwrap();
+    let mut loss = CcpRows::<f32>::new(kernels.clone(), stream.clone(), shape, TAU).unwrap();
+    let mut grad_q = stream.alloc_zeros::<f32>(shape.len()).unwrap();
+    assert_eq!(
+        loss.backward(None, &mut grad_q, None),
+        Err(Error::BackwardBeforeForward)
+    );
+    let short = stream.alloc_zeros::<f32>(shape.len() - 1).unwrap();
+    assert!(matches!(
+        loss.forward(&short, &grad_q),
+        Err(Error::Length { what: "rows_q", .. })
+    ));
+
+    let rows_q: Vec<f32> = random(&mut rng, shape.len() + 2 * PAD, 2.0);
+    let rows_k: Vec<f32> = random(&mut rng, shape.len(), 2.0);
+    let rows_q_dev = stream.clone_htod(&rows_q).unwrap();
+    let rows_k_dev = stream.clone_htod(&rows_k).unwrap();
+    let rows_q = &rows_q[PAD..PAD + shape.len()];
+    loss.forward(&rows_q_dev.slice(PAD..PAD + shape.len()), &rows_k_dev)
+        .unwrap();
+    let (q, k) = (to_f64(rows_q), to_f64(&rows_k));
+    let want = rows_model::<f64>(&q, &k, &shape, TAU, 0.5);
+    let got = stream.clone_dtoh(loss.loss()).unwrap()[0] as f64;
+    assert_close("CcpRows loss", &[got], &[want.loss], F32_TOLERANCE);
+    let upstream = stream.clone_htod(&[0.5f32]).unwrap();
+    let mut grad_q = stream.clone_htod(&vec![f32::NAN; shape.len()]).unwrap();
+    let mut grad_k = stream.clone_htod(&vec![f32::NAN; shape.len()]).unwrap();
+    loss.backward(Some(&upstream.as_view()), &mut grad_q, Some(&mut grad_k))
+        .unwrap();
+    for (side, got, want) in [
+        ("q", &grad_q, &want.grad_rows_q),
+        ("k", &grad_k, &want.grad_rows_k),
+    ] {
+        let got = to_f64(&stream.clone_dtoh(got).unwrap());
+        assert_close(
+            &format!("CcpRows grad_rows_{side}"),
+            &got,
+            want,
+            F32_TOLERANCE,
+        );
+    }
+
+    // bf16, within the tolerance measured on the rounding model.
+    let rows_q: Vec<half::bf16> = random(&mut rng, shape.len(), 2.0);
+    let rows_k: Vec<half::bf16> = random(&mut rng, shape.len(), 2.0);
+    let mut loss = CcpRows::<half::bf16>::new(kernels.clone(), stream.clone(), shape, TAU).unwrap();
+    loss.forward(
+        &stream.clone_htod(&rows_q).unwrap(),
+        &stream.clone_htod(&rows_k).unwrap(),
+    )
+    .unwrap();
+    let mut grad_q = stream.alloc_zeros::<half::bf16>(shape.len()).unwrap();
+    loss.backward(None, &mut grad_q, None).unwrap();
+    let (q, k) = (to_f64(&rows_q), to_f64(&rows_k));
+    let want = rows_model::<f64>(&q, &k, &shape, TAU, 1.0);
+    let model = rows_model::<half::bf16>(&q, &k, &shape, TAU, 1.0);
+    let got = stream.clone_dtoh(loss.loss()).unwrap()[0] as f64;
+    let tol = tolerance::<half::bf16>(&[model.loss], &[want.loss]);
+    assert_close("CcpRows bf16 loss", &[got], &[want.loss], tol);
+    let got = to_f64(&stream.clone_dtoh(&grad_q).unwrap());
+    let tol = tolerance::<half::bf16>(&model.grad_rows_q, &want.grad_rows_q);
+    assert_close("CcpRows bf16 grad_rows_q", &got, &want.grad_rows_q, tol);
 }

@@ -30,7 +30,7 @@ fn run<D: TestDevice>(dev: &D, case: &GoldenCase, scatter: Scatter) -> (f64, Vec
             |&n| Ok(dev.alloc_nan::<f32>(n)),
         )
         .unwrap();
-    ws.one = dev.upload(&[1.0f32]);
+    ws.rows.one = dev.upload(&[1.0f32]);
     let mut centers_dev = TestCenters::upload(dev, &centers);
     let centers_buf = centers_dev.buf(dev);
     let mut feat_q = dev.upload(&case.feat_q);
@@ -45,7 +45,7 @@ fn run<D: TestDevice>(dev: &D, case: &GoldenCase, scatter: Scatter) -> (f64, Vec
     let (gq, gk) = (dev.buf(&mut grad_q), dev.buf(&mut grad_k));
     plan.backward::<f32, _>(&launcher, &centers_buf, &bufs, None, gq, Some(gk), scatter)
         .unwrap();
-    let loss = dev.download(&ws.loss)[0] as f64;
+    let loss = dev.download(&ws.rows.loss)[0] as f64;
     (
         loss,
         to_f64(&dev.download(&grad_q)),

@@ -8,7 +8,7 @@ use ccpl::cuda::entry_points;
 use ccpl::kernels::info_nce::{self, Side};
 use ccpl::kernels::loss::LayerWorkspace;
 use ccpl::kernels::neighbor::{self, CentersBuf, Scatter};
-use ccpl::kernels::{Buf, normalize, similarity};
+use ccpl::kernels::{Buf, info_nce_fused, normalize, similarity};
 use ccpl::{Dtype, FeatureShape, Layout, RowShape, ffi};
 use half::{bf16, f16};
 
@@ -27,9 +27,9 @@ fn planned<T: Dtype>() -> Vec<String> {
     };
     let lens = LayerWorkspace::lengths(&shape, 2).unwrap();
     let rows = RowShape::new(1, 16, 3).unwrap();
-    let r = buf(lens.rows_q);
-    let s = buf(lens.norms_q);
-    let l = buf(lens.logits);
+    let r = buf(lens.rows.rows_q);
+    let s = buf(lens.rows.norms_q);
+    let l = buf(rows.logits_len());
     let mut names = vec![
         neighbor::neighbor_diff::<T>(&shape, &centers, buf(shape.len()), r)
             .unwrap()
@@ -51,8 +51,16 @@ fn planned<T: Dtype>() -> Vec<String> {
             neighbor::neighbor_diff_backward::<T>(&shape, &centers, r, buf(shape.len()), scatter);
         names.push(plan.unwrap().kernel);
     }
+    names.push(
+        info_nce_fused::info_nce_fused_forward::<T>(&rows, 0.07, r, r, s, s)
+            .unwrap()
+            .kernel,
+    );
     for side in [Side::Q, Side::K] {
         let plan = info_nce::info_nce_backward::<T>(&rows, 0.07, side, l, s, s, r, buf(1), r);
+        names.push(plan.unwrap().kernel);
+        let plan =
+            info_nce_fused::info_nce_fused_backward::<T>(&rows, 0.07, side, r, r, s, s, buf(1), r);
         names.push(plan.unwrap().kernel);
     }
     names
@@ -80,8 +88,8 @@ fn every_planned_kernel_is_in_the_image_and_nothing_else() {
         .chain(planned::<f16>())
         .chain(planned::<bf16>())
         .collect();
-    // 8 typed kernels (the backward's two sides share one) x 3 types + 2 float-only kernels.
-    assert_eq!(planned.len(), 7 * 3 + 2, "{planned:?}");
+    // 10 typed kernels (each backward's two sides share one) x 3 types + 2 float-only ones.
+    assert_eq!(planned.len(), 9 * 3 + 2, "{planned:?}");
     let mut in_ptx = BTreeSet::new();
     for image in ffi::IMAGES {
         let entries: BTreeSet<String> = entry_points(image.ptx).map(str::to_string).collect();

@@ -93,7 +93,7 @@ fn check_layer<T: Dtype, D: TestDevice>(dev: &D, case: &Case, rng: &mut Rng) {
             |&n| Ok(dev.alloc_nan::<f32>(n)),
         )
         .unwrap();
-    ws.one = dev.upload(&[1.0f32]);
+    ws.rows.one = dev.upload(&[1.0f32]);
     let mut centers_dev = TestCenters::upload(dev, centers);
     let mut feat_q_dev = dev.upload(&feat_q);
     let mut feat_k_dev = dev.upload(&feat_k);
@@ -102,7 +102,7 @@ fn check_layer<T: Dtype, D: TestDevice>(dev: &D, case: &Case, rng: &mut Rng) {
     let bufs = ws.map_mut(|m| dev.buf(m), |m| dev.buf(m));
     plan.forward::<T, _>(&dev.launcher(), &centers_buf, feat_q_buf, feat_k_buf, &bufs)
         .unwrap_or_else(|e| panic!("forward {label}: {e}"));
-    let loss = dev.download(&ws.loss)[0] as f64;
+    let loss = dev.download(&ws.rows.loss)[0] as f64;
     // The rounding model, for the 16-bit types only (f32 has the spec's tolerance).
     let model = |u: f64| {
         rounds::<T>().then(|| layer_model::<T>(&feat_q_f64, &feat_k_f64, shape, centers, TAU, u))

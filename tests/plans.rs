@@ -7,7 +7,9 @@ use std::cell::RefCell;
 use ccpl::kernels::info_nce::{self, Side};
 use ccpl::kernels::loss::{LayerPlan, LayerWorkspace};
 use ccpl::kernels::neighbor::{self, CentersBuf, Scatter};
-use ccpl::kernels::{Buf, KernelParams, LaunchPlan, Launcher, normalize, similarity};
+use ccpl::kernels::{
+    Buf, KernelParams, LaunchPlan, Launcher, info_nce_fused, normalize, similarity,
+};
 use ccpl::{Error, FeatureShape, Layout, Result, RowShape};
 
 fn buf(len: usize) -> Buf {
@@ -178,6 +180,77 @@ fn row_plans_check_lengths_temperature_and_grid_limits() {
             ..
         })
     ));
+
+    // Fused: the forward one block per 64 rows of an image, the backward one per 64x64 tile
+    // of the (S, C) gradient; no logits buffer at all.
+    let plan = info_nce_fused::info_nce_fused_forward::<half::bf16>(
+        &rows,
+        0.07,
+        buf(n),
+        buf(n),
+        buf(stats),
+        buf(stats),
+    )
+    .unwrap();
+    assert_eq!(plan.kernel, "info_nce_fused_forward_bf16");
+    assert_eq!((plan.grid, plan.block), ((1, 2, 3), (256, 1, 1)));
+    let err = info_nce_fused::info_nce_fused_forward::<f32>(
+        &rows,
+        0.0,
+        buf(n),
+        buf(n),
+        buf(stats),
+        buf(stats),
+    );
+    assert!(matches!(err, Err(Error::Tau(_))), "{err:?}");
+    let err = info_nce_fused::info_nce_fused_forward::<f32>(
+        &rows,
+        0.07,
+        buf(n),
+        buf(n - 1),
+        buf(stats),
+        buf(stats),
+    );
+    assert!(
+        matches!(err, Err(Error::Length { what: "k", .. })),
+        "{err:?}"
+    );
+    let fused_backward = |side, upstream, grad| {
+        info_nce_fused::info_nce_fused_backward::<f32>(
+            &rows,
+            0.07,
+            side,
+            buf(n),
+            buf(n),
+            buf(stats),
+            buf(stats),
+            buf(upstream),
+            buf(grad),
+        )
+    };
+    let dq = fused_backward(Side::Q, 1, n).unwrap();
+    let dk = fused_backward(Side::K, 1, n).unwrap();
+    assert_eq!((dq.params.transpose, dk.params.transpose), (0, 1));
+    assert_eq!(
+        (dq.kernel.as_str(), dq.grid),
+        ("info_nce_fused_backward_f32", (1, 2, 3))
+    );
+    let err = fused_backward(Side::Q, 0, n);
+    assert!(
+        matches!(
+            err,
+            Err(Error::Length {
+                what: "upstream",
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    let err = fused_backward(Side::K, 1, n + 1);
+    assert!(
+        matches!(err, Err(Error::Length { what: "grad", .. })),
+        "{err:?}"
+    );
 }
 
 /// Records the kernels it is asked to launch.
@@ -197,9 +270,15 @@ fn layer_launches_its_stages_in_order_or_nothing() {
     let plan = LayerPlan::new(s, 5, 0.07).unwrap();
     assert_eq!(*plan.rows(), RowShape::new(2, 40, 3).unwrap());
     let lens = LayerWorkspace::lengths(&s, 5).unwrap();
+    // O(B*S*C): no (B, S, S) logits buffer.
     assert_eq!(
-        (lens.rows_q, lens.norms_q, lens.logits, lens.loss),
-        (240, 80, 3200, 1)
+        (
+            lens.rows.rows_q,
+            lens.rows.norms_q,
+            lens.grad_rows,
+            lens.rows.loss
+        ),
+        (240, 80, 240, 1)
     );
     let ws = lens
         .try_map(|&n| Ok::<_, ()>(buf(n)), |&n| Ok(buf(n)))
@@ -214,8 +293,7 @@ fn layer_launches_its_stages_in_order_or_nothing() {
             "neighbor_diff_f32",
             "normalize_rows_f32",
             "normalize_rows_f32",
-            "similarity_f32",
-            "info_nce_forward",
+            "info_nce_fused_forward_f32",
             "info_nce_loss"
         ]
     );
@@ -230,17 +308,15 @@ fn layer_launches_its_stages_in_order_or_nothing() {
     )
     .unwrap();
     let side = [
-        "info_nce_backward_f32",
+        "info_nce_fused_backward_f32",
         "normalize_rows_backward_f32",
         "neighbor_diff_backward_deterministic_f32",
     ];
     assert_eq!(rec.0.take(), [side, side].concat());
 
     // A wrong buffer of the last stage: an Err, and no stage launched.
-    let bad = LayerWorkspace {
-        loss: buf(2),
-        ..ws.clone()
-    };
+    let mut bad = ws.clone();
+    bad.rows.loss = buf(2);
     let err = plan.forward::<f32, _>(&rec, &c, feat, feat, &bad);
     assert!(matches!(err, Err(Error::Length { what: "loss", .. })));
     let err = plan.backward::<f32, _>(&rec, &c, &ws, None, feat, Some(buf(1)), Scatter::Atomic);

@@ -15,6 +15,7 @@
 //
 // What the emulator cannot run (inline PTX: mma, cp.async, ldmatrix) goes behind
 // `#ifdef CCPL_EMULATOR` with a portable fallback; those paths are checked on a GPU only.
+// The WMMA API (nvcuda::wmma) is modelled below, so kernels using it run here as written.
 #pragma once
 
 #ifdef __CUDACC__
@@ -303,6 +304,103 @@ inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
 inline float2 __bfloat1622float2(__nv_bfloat162 b) { return float2{float(b.x), float(b.y)}; }
 inline float __low2float(__nv_bfloat162 b) { return float(b.x); }
 inline float __high2float(__nv_bfloat162 b) { return float(b.y); }
+
+// ---- Warp matrix multiply-accumulate (nvcuda::wmma) --------------------------------------
+//
+// A portable model of the WMMA API: every lane holds the whole tile (row-major in x[]), so
+// the kernels must not rely on which elements a lane holds (they may use x[]/num_elements
+// only element-wise and layout-agnostically). Each operation is warp-collective as on the
+// GPU: all 32 lanes must call it (a __syncwarp() at its entry checks that). The products of
+// 16-bit inputs are exact in float and accumulate by fmaf in k order; the GPU's tensor cores
+// may add in another order.
+
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K> struct fragment_shape;
+template <int M, int N, int K> struct fragment_shape<matrix_a, M, N, K> {
+    static constexpr int rows = M, cols = K;
+};
+template <int M, int N, int K> struct fragment_shape<matrix_b, M, N, K> {
+    static constexpr int rows = K, cols = N;
+};
+template <int M, int N, int K> struct fragment_shape<accumulator, M, N, K> {
+    static constexpr int rows = M, cols = N;
+};
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+    static constexpr int rows = fragment_shape<Use, M, N, K>::rows;
+    static constexpr int cols = fragment_shape<Use, M, N, K>::cols;
+    static constexpr int num_elements = rows * cols;
+    T x[num_elements];
+};
+
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, float v) {
+    __syncwarp();
+    for (int i = 0; i < f.num_elements; ++i) f.x[i] = T(v);
+}
+
+// Element (r, c) of a tile at p with leading dimension ldm, row- or column-major.
+inline size_t element_offset(int r, int c, unsigned ldm, bool row_major_layout) {
+    return row_major_layout ? (size_t)r * ldm + c : (size_t)c * ldm + r;
+}
+
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ldm) {
+    static_assert(!std::is_same<Use, accumulator>::value, "an accumulator load needs a layout");
+    __syncwarp();
+    constexpr bool row = std::is_same<Layout, row_major>::value;
+    for (int r = 0; r < f.rows; ++r)
+        for (int c = 0; c < f.cols; ++c) f.x[r * f.cols + c] = p[element_offset(r, c, ldm, row)];
+}
+
+template <int M, int N, int K, typename T>
+inline void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const T* p, unsigned ldm,
+                             layout_t layout) {
+    __syncwarp();
+    for (int r = 0; r < f.rows; ++r)
+        for (int c = 0; c < f.cols; ++c)
+            f.x[r * f.cols + c] = p[element_offset(r, c, ldm, layout == mem_row_major)];
+}
+
+template <int M, int N, int K, typename T>
+inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm,
+                              layout_t layout) {
+    __syncwarp();
+    for (int r = 0; r < f.rows; ++r)
+        for (int c = 0; c < f.cols; ++c)
+            p[element_offset(r, c, ldm, layout == mem_row_major)] = f.x[r * f.cols + c];
+}
+
+// d = a b + c (d may be c).
+template <int M, int N, int K, typename T, typename LayoutA, typename LayoutB>
+inline void mma_sync(fragment<accumulator, M, N, K, float>& d,
+                     const fragment<matrix_a, M, N, K, T, LayoutA>& a,
+                     const fragment<matrix_b, M, N, K, T, LayoutB>& b,
+                     const fragment<accumulator, M, N, K, float>& c) {
+    __syncwarp();
+    float out[M * N];
+    for (int m = 0; m < M; ++m) {
+        for (int n = 0; n < N; ++n) {
+            float sum = c.x[m * N + n];
+            for (int k = 0; k < K; ++k) sum = fmaf(float(a.x[m * K + k]), float(b.x[k * N + n]), sum);
+            out[m * N + n] = sum;
+        }
+    }
+    for (int i = 0; i < M * N; ++i) d.x[i] = out[i];
+}
+
+}  // namespace wmma
+}  // namespace nvcuda
 
 // ---- Atomics ---------------------------------------------------------------------------
 

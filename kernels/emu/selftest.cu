@@ -1,6 +1,7 @@
 // selftest.cu: kernels that test the emulator itself (tests/emulator.rs): thread coordinates,
 // barriers and the block reductions of common.cuh, every shuffle, votes, atomics, static and
-// dynamic shared memory (NaN in every block), races a missing barrier leaves, and the misuses
+// dynamic shared memory (NaN in every block), races a missing barrier leaves, the portable
+// WMMA, and the misuses
 // the emulator must report. build.rs compiles this file into the emulator library only; nvcc
 // never sees it.
 #include "common.cuh"
@@ -191,11 +192,48 @@ CCPL_KERNEL(selftest_conversions, Params) {
     o[3] = __float_as_uint(__bfloat162float(b));
 }
 
+// The portable nvcuda::wmma: out = A B + C for 16x16 float matrices in in[0..256) (A),
+// in[256..768) (B, C), all row-major; arg 0 multiplies in __half, 1 in __nv_bfloat16. B is
+// loaded column-major from its transpose and D stored column-major, so both layouts of loads
+// and stores are exercised. One warp.
+template <typename T> __device__ void selftest_wmma_in(const Params& p) {
+    namespace wmma = nvcuda::wmma;
+    __shared__ T a[256];
+    __shared__ T b_transposed[256];
+    __shared__ float c[256];
+    __shared__ float d[256];
+    const float* in = ptr<float>(p.in);
+    for (int i = threadIdx.x; i < 256; i += kWarp) {
+        a[i] = T(in[i]);
+        b_transposed[i % 16 * 16 + i / 16] = T(in[256 + i]);
+        c[i] = in[512 + i];
+    }
+    __syncthreads();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::load_matrix_sync(fa, a, 16);
+    wmma::load_matrix_sync(fb, b_transposed, 16);
+    wmma::load_matrix_sync(acc, c, 16, wmma::mem_row_major);
+    wmma::mma_sync(acc, fa, fb, acc);
+    wmma::store_matrix_sync(d, acc, 16, wmma::mem_col_major);
+    __syncthreads();
+    for (int i = threadIdx.x; i < 256; i += kWarp) mut_ptr<float>(p.out)[i] = d[i % 16 * 16 + i / 16];
+}
+CCPL_KERNEL(selftest_wmma, Params) {
+    if (p.arg) {
+        selftest_wmma_in<__nv_bfloat16>(p);
+    } else {
+        selftest_wmma_in<__half>(p);
+    }
+}
+
 // The misuses the emulator must report (arg selects one; out is written so nothing is dead):
 // 0 __syncthreads at two call sites, 1 thread 0 returns before a barrier the others reach,
 // 2 half a warp shuffles while the other half waits at a barrier (deadlock), 3 a mask without
 // the calling lane, 4 a shuffle reading a lane outside its mask, 5 __trap(), 6 half a warp
-// returns while the other half shuffles with the full mask.
+// returns while the other half shuffles with the full mask, 7 half a warp returns while the
+// other half calls a (warp-collective) wmma operation.
 CCPL_KERNEL(selftest_misuse, Params) {
     const int lane = threadIdx.x % kWarp;
     int v = lane;
@@ -228,6 +266,14 @@ CCPL_KERNEL(selftest_misuse, Params) {
         case 6:
             if (lane >= 16) return;
             v = __shfl_xor_sync(kFullMask, v, 1);
+            break;
+        case 7:
+            if (lane >= 16) return;
+            {
+                nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc;
+                nvcuda::wmma::fill_fragment(acc, 1.0f);
+                v = (int)acc.x[0];
+            }
             break;
         default: break;
     }

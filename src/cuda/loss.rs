@@ -7,15 +7,14 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtrMut};
 
 use super::neighbor::{DeviceCenters, Scatter};
-use super::{Kernels, buf, buf_mut};
+use super::{Kernels, buf, buf_mut, guarded_addresses};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::kernels::Buf;
 use crate::kernels::loss::{LayerPlan, LayerWorkspace};
 use crate::shape::FeatureShape;
 
 /// One layer of the CCP loss on one stream, with its workspace (rows, normalised rows,
-/// norms, logits, row statistics, the loss): allocated once by [`new`](Self::new) for a shape
+/// norms, row statistics, the loss): allocated once by [`new`](Self::new) for a shape
 /// and a number of centres, reused by every step. `T` is the storage type of the feature maps
 /// (`f32`, `f16` or `bf16`).
 ///
@@ -53,8 +52,8 @@ pub struct CcpLayer<T: Dtype> {
 
 impl<T: Dtype> CcpLayer<T> {
     /// A layer for feature maps of `shape` with `num_centers` centres per step and
-    /// temperature `tau`; allocates its workspace on `stream` (about `B*S*S` float32 for the
-    /// logits plus six `B*S*C` row matrices).
+    /// temperature `tau`; allocates its workspace on `stream`: six `B*S*C` row matrices of `T`
+    /// and four `B*S` float32 statistics (`S = 8N`), no `(B, S, S)` logits.
     pub fn new(
         kernels: Arc<Kernels>,
         stream: Arc<CudaStream>,
@@ -68,7 +67,7 @@ impl<T: Dtype> CcpLayer<T> {
             |&n| stream.alloc_zeros::<T>(n),
             |&n| stream.alloc_zeros::<f32>(n),
         )?;
-        stream.memcpy_htod(&[1.0f32], &mut workspace.one)?;
+        stream.memcpy_htod(&[1.0f32], &mut workspace.rows.one)?;
         let centers = DeviceCenters::alloc(&stream, shape.height(), shape.width(), num_centers)?;
         Ok(Self {
             kernels,
@@ -103,7 +102,7 @@ impl<T: Dtype> CcpLayer<T> {
         let guarded = self
             .workspace
             .map_mut(|s| buf_mut(s, stream), |s| buf_mut(s, stream));
-        let bufs = addresses(&guarded);
+        let bufs = guarded.try_map(guarded_addresses, guarded_addresses)?;
         self.plan
             .forward::<T, _>(&self.kernels.on(stream)?, &centers, feat_q, feat_k, &bufs)?;
         self.forward_done = true;
@@ -112,7 +111,7 @@ impl<T: Dtype> CcpLayer<T> {
 
     /// The loss of the last forward: one float32 on the device.
     pub fn loss(&self) -> &CudaSlice<f32> {
-        &self.workspace.loss
+        &self.workspace.rows.loss
     }
 
     /// The backward of the last forward: adds `upstream[0]` (one float32 on the device, `1.0`
@@ -138,7 +137,7 @@ impl<T: Dtype> CcpLayer<T> {
         let guarded = self
             .workspace
             .map_mut(|s| buf_mut(s, stream), |s| buf_mut(s, stream));
-        let bufs = addresses(&guarded);
+        let bufs = guarded.try_map(guarded_addresses, guarded_addresses)?;
         self.plan.backward::<T, _>(
             &self.kernels.on(stream)?,
             &centers,
@@ -148,14 +147,5 @@ impl<T: Dtype> CcpLayer<T> {
             grad_feat_k,
             scatter,
         )
-    }
-}
-
-/// The addresses of a workspace whose guards are held elsewhere.
-fn addresses<G>(guarded: &LayerWorkspace<(Buf, G), (Buf, G)>) -> LayerWorkspace<Buf, Buf> {
-    let infallible = |b: &(Buf, G)| Ok::<_, std::convert::Infallible>(b.0);
-    match guarded.try_map(infallible, infallible) {
-        Ok(bufs) => bufs,
-        Err(never) => match never {},
     }
 }

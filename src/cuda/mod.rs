@@ -11,9 +11,11 @@
 //! ```
 
 pub mod info_nce;
+pub mod info_nce_fused;
 pub mod loss;
 pub mod neighbor;
 pub mod normalize;
+pub mod rows_loss;
 pub mod similarity;
 
 use std::collections::HashMap;
@@ -229,4 +231,10 @@ pub(crate) fn buf_mut<'a, T>(
     let len = slice.len();
     let (addr, guard) = slice.device_ptr_mut(stream);
     (Buf { addr, len }, guard)
+}
+
+/// The address of a buffer whose guard is held elsewhere (as a workspace's `try_map` takes
+/// it).
+pub(crate) fn guarded_addresses<G>(guarded: &(Buf, G)) -> Result<Buf> {
+    Ok(guarded.0)
 }

@@ -5,9 +5,11 @@
 //! One module per kernel family, named like its `kernels/*.cu` source.
 
 pub mod info_nce;
+pub mod info_nce_fused;
 pub mod loss;
 pub mod neighbor;
 pub mod normalize;
+pub mod rows_loss;
 pub mod similarity;
 
 use crate::error::Result;

@@ -320,16 +320,95 @@ impl<D: TestDevice> TestCenters<D> {
     }
 }
 
-/// A layer's loss, and its gradients with respect to the difference rows, with every value
-/// the kernels store in `T` (rows, normalised rows and their gradients; the logits in f32)
-/// rounded once, computed by the reference stage by stage: what the tolerance of a 16-bit
-/// type is measured on. Scatter `grad_rows_*` with [`scatter_model`] for the feature maps.
-pub struct LayerModel {
+/// The power of two the f16 kernels scale G by before rounding it for their second product
+/// (`kGScale` of `kernels/info_nce_fused.cu`); the other types need none.
+pub fn g_scale<T: Element>() -> f64 {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<half::f16>() {
+        32768.0
+    } else {
+        1.0
+    }
+}
+
+/// The fused backward's `(dq, dk)` of unit rows `q`, `k` with `G = softmax(L) - I` rounded as
+/// the kernels for `T` store it before their second product (times [`g_scale`]; f32 keeps G
+/// in float, f64 is the exact reference), exact otherwise, not rounded at the end.
+/// `logits` and `forward` are the reference's.
+#[allow(clippy::too_many_arguments)]
+pub fn fused_backward_model<T: Element>(
+    logits: &[f64],
+    forward: &reference::InfoNceForward,
+    q: &[f64],
+    k: &[f64],
+    shape: &RowShape,
+    tau: f64,
+    upstream: f64,
+) -> (Vec<f64>, Vec<f64>) {
+    let (s, c) = (shape.rows, shape.width);
+    let scale = upstream / (shape.batch * s) as f64 / tau;
+    let round_g = |g: f64| T::from_f64(g * g_scale::<T>()).to_f64() / g_scale::<T>();
+    let mut dq = vec![0.0; shape.len()];
+    let mut dk = vec![0.0; shape.len()];
+    for b in 0..shape.batch {
+        for i in 0..s {
+            let row = b * s + i;
+            for j in 0..s {
+                // P_ii - 1 as the kernels form it: expm1 of minus the row loss.
+                let g = round_g(if i == j {
+                    (-forward.row_loss[row]).exp_m1()
+                } else {
+                    (logits[row * s + j] - forward.row_lse[row]).exp()
+                });
+                for x in 0..c {
+                    dq[row * c + x] += g * k[(b * s + j) * c + x] * scale;
+                    dk[(b * s + j) * c + x] += g * q[row * c + x] * scale;
+                }
+            }
+        }
+    }
+    (dq, dk)
+}
+
+/// The rows loss of two row matrices, and its gradients with respect to them, with every
+/// value the kernels store in `T` (normalised rows, G for the tensor cores' second product,
+/// the gradient of the normalised rows, the result) rounded once, computed stage by stage:
+/// what the tolerance of a 16-bit type is measured on. The logits are not rounded: the fused
+/// kernels never store them. `rows_model::<f64>` is the exact reference.
+pub struct RowsModel {
     pub loss: f64,
     pub grad_rows_q: Vec<f64>,
     pub grad_rows_k: Vec<f64>,
 }
 
+/// `rows_q` and `rows_k` are the kernels' input rows (values exact in `T`).
+pub fn rows_model<T: Element>(
+    rows_q: &[f64],
+    rows_k: &[f64],
+    rows: &RowShape,
+    tau: f64,
+    upstream: f64,
+) -> RowsModel {
+    let c = rows.width;
+    let unit_q = rounded::<T>(&reference::normalize_rows(rows_q, c).unwrap().rows);
+    let unit_k = rounded::<T>(&reference::normalize_rows(rows_k, c).unwrap().rows);
+    let logits = reference::similarity(&unit_q, &unit_k, rows, tau).unwrap();
+    let forward = reference::info_nce_forward(&logits, rows.batch, rows.rows).unwrap();
+    let (dq, dk) =
+        fused_backward_model::<T>(&logits, &forward, &unit_q, &unit_k, rows, tau, upstream);
+    let back = |rows: &[f64], grad_unit: &[f64]| {
+        let grad_unit = rounded::<T>(grad_unit);
+        rounded::<T>(&reference::normalize_rows_backward(rows, &grad_unit, c).unwrap())
+    };
+    RowsModel {
+        loss: forward.loss,
+        grad_rows_q: back(rows_q, &dq),
+        grad_rows_k: back(rows_k, &dk),
+    }
+}
+
+/// A layer's loss, and its gradients with respect to the difference rows, by the rounding
+/// model of [`rows_model`] on the difference rows rounded to `T`. Scatter `grad_rows_*` with
+/// [`scatter_model`] for the feature maps.
 pub fn layer_model<T: Element>(
     feat_q: &[f64],
     feat_k: &[f64],
@@ -337,33 +416,9 @@ pub fn layer_model<T: Element>(
     centers: &Centers,
     tau: f64,
     upstream: f64,
-) -> LayerModel {
+) -> RowsModel {
     let rows = RowShape::new(shape.batch(), centers.rows(), shape.channels()).unwrap();
-    let c = shape.channels();
     let rows_q = rounded::<T>(&reference::neighbor_diff(feat_q, shape, centers).unwrap());
     let rows_k = rounded::<T>(&reference::neighbor_diff(feat_k, shape, centers).unwrap());
-    let unit_q = rounded::<T>(&reference::normalize_rows(&rows_q, c).unwrap().rows);
-    let unit_k = rounded::<T>(&reference::normalize_rows(&rows_k, c).unwrap().rows);
-    let logits = rounded::<f32>(&reference::similarity(&unit_q, &unit_k, &rows, tau).unwrap());
-    let forward = reference::info_nce_forward(&logits, rows.batch, rows.rows).unwrap();
-    let grads = reference::info_nce_backward(
-        &logits,
-        &forward.row_lse,
-        &unit_q,
-        &unit_k,
-        &rows,
-        tau,
-        upstream,
-        true,
-    )
-    .unwrap();
-    let back = |rows: &[f64], grad_unit: &[f64]| {
-        let grad_unit = rounded::<T>(grad_unit);
-        rounded::<T>(&reference::normalize_rows_backward(rows, &grad_unit, c).unwrap())
-    };
-    LayerModel {
-        loss: forward.loss,
-        grad_rows_q: back(&rows_q, &grads.dq),
-        grad_rows_k: back(&rows_k, grads.dk.as_ref().unwrap()),
-    }
+    rows_model::<T>(&rows_q, &rows_k, &rows, tau, upstream)
 }

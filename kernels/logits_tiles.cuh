@@ -1,0 +1,61 @@
+// logits_tiles.cuh: 64x64 tiles of logits q kᵀ (unscaled) for similarity.cu and
+// info_nce_fused.cu, computed by the FMA tile GEMM (float) or on tensor cores (__half,
+// __nv_bfloat16), read at the FMA GEMM's thread mapping (gemm_row(i), gemm_col(j)) either
+// way. Both kernels take the same path per type, so the fused kernels recompute exactly the
+// logits similarity_{T} stores.
+#pragma once
+
+#include "tile_gemm.cuh"
+#include "tile_mma.cuh"
+
+namespace ccpl {
+
+template <typename T> constexpr bool kTensorCores = !std::is_same<T, float>::value;
+
+// The logits tiles of a block, one at a time.
+template <typename T, bool kMma = kTensorCores<T>> struct LogitsTiles;
+
+template <typename T> struct LogitsTiles<T, false> {
+    GemmShared& smem;
+    GemmAcc acc;
+    // The tile a[a0.., :] . b[b0.., :], unscaled.
+    __device__ __forceinline__ void compute(const T* a, const T* b, int64_t S, int64_t C,
+                                            int64_t a0, int64_t b0) {
+#pragma unroll
+        for (int i = 0; i < Gemm::kMicro; ++i)
+#pragma unroll
+            for (int j = 0; j < Gemm::kMicro; ++j) acc[i][j] = 0.0f;
+        gemm_row_products(smem, a, b, S, C, a0, b0, acc);
+    }
+    __device__ __forceinline__ float at(int i, int j) const { return acc[i][j]; }
+    // Done reading this tile.
+    __device__ __forceinline__ void release() {}
+};
+
+template <typename T> struct LogitsTiles<T, true> {
+    MmaStage<T>& stage;
+    MmaTile& tile;
+    __device__ __forceinline__ void compute(const T* a, const T* b, int64_t S, int64_t C,
+                                            int64_t a0, int64_t b0) {
+        mma_row_products(stage, tile, a, b, S, C, a0, b0);
+        __syncthreads();  // the tile, stored by every warp
+    }
+    __device__ __forceinline__ float at(int i, int j) const { return tile[gemm_row(i)][gemm_col(j)]; }
+    __device__ __forceinline__ void release() { __syncthreads(); }  // before the next store
+};
+
+// Calls body(tiles) with the block's logits tiles for T over their shared memory.
+template <typename T, typename Body> __device__ __forceinline__ void with_logits_tiles(const Body& body) {
+    if constexpr (kTensorCores<T>) {
+        __shared__ MmaStage<T> stage;
+        __shared__ MmaTile tile;
+        LogitsTiles<T> tiles{stage, tile};
+        body(tiles);
+    } else {
+        __shared__ GemmShared smem;
+        LogitsTiles<T> tiles{smem, {}};
+        body(tiles);
+    }
+}
+
+}  // namespace ccpl

@@ -1,0 +1,141 @@
+//! The CCP loss of two row matrices on the GPU, for frameworks with a learned projection head
+//! (spec step 4): the caller gives the head's outputs for the generated and the content
+//! image, `(B, S, C')`, and gets the loss on the device and the gradient with respect to
+//! those rows. The sequence is [`crate::kernels::rows_loss`]'s (normalisation, fused
+//! InfoNCE: memory `O(B*S*C')`, no `(B, S, S)` logits).
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut};
+
+use super::{Kernels, buf, buf_mut, guarded_addresses};
+use crate::dtype::Dtype;
+use crate::error::{Error, Result, check_len};
+use crate::kernels::rows_loss::{RowsPlan, RowsWorkspace};
+use crate::shape::RowShape;
+
+/// The rows loss on one stream with its workspace (a copy of both row matrices, their
+/// normalised rows and norms, the row statistics, the loss): allocated once by
+/// [`new`](Self::new), reused by every step. `T` is the storage type of the rows (`f32`,
+/// `f16` or `bf16`).
+///
+/// ```no_run
+/// use ccpl::cuda::{self, Kernels, rows_loss::CcpRows};
+/// use ccpl::RowShape;
+/// # fn main() -> ccpl::Result<()> {
+/// let ctx = cuda::context(0)?;
+/// let kernels = Kernels::for_context(&ctx)?;
+/// let stream = ctx.default_stream();
+/// let shape = RowShape::new(8, 8192, 128)?; // B images, S rows of the head's C' outputs
+/// let mut loss = CcpRows::<half::bf16>::new(kernels, stream.clone(), shape, ccpl::DEFAULT_TAU)?;
+///
+/// let rows_q = stream.alloc_zeros::<half::bf16>(shape.len())?; // head(generated) rows
+/// let rows_k = stream.alloc_zeros::<half::bf16>(shape.len())?; // head(content) rows
+/// let mut grad_q = stream.alloc_zeros::<half::bf16>(shape.len())?;
+/// loss.forward(&rows_q, &rows_k)?;
+/// loss.backward(None, &mut grad_q, None)?; // grad_q = dloss/drows_q (written)
+/// let value = stream.clone_dtoh(loss.loss())?; // the only wait on the host
+/// # let _ = value; Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct CcpRows<T: Dtype> {
+    kernels: Arc<Kernels>,
+    stream: Arc<CudaStream>,
+    plan: RowsPlan,
+    workspace: RowsWorkspace<CudaSlice<T>, CudaSlice<f32>>,
+    forward_done: bool,
+}
+
+impl<T: Dtype> CcpRows<T> {
+    /// The loss of row matrices of `shape` at temperature `tau`; allocates its workspace on
+    /// `stream` (five `B*S*C` row matrices of `T`, four `B*S` float32 statistics).
+    pub fn new(
+        kernels: Arc<Kernels>,
+        stream: Arc<CudaStream>,
+        shape: RowShape,
+        tau: f64,
+    ) -> Result<Self> {
+        let plan = RowsPlan::new(shape, tau)?;
+        kernels.on(&stream)?;
+        let mut workspace = RowsWorkspace::lengths(&shape)?.try_map(
+            |&n| stream.alloc_zeros::<T>(n),
+            |&n| stream.alloc_zeros::<f32>(n),
+        )?;
+        stream.memcpy_htod(&[1.0f32], &mut workspace.one)?;
+        Ok(Self {
+            kernels,
+            stream,
+            plan,
+            workspace,
+            forward_done: false,
+        })
+    }
+
+    /// The shape and temperature.
+    pub fn plan(&self) -> &RowsPlan {
+        &self.plan
+    }
+
+    /// The forward on `rows_q` (the head's rows of the generated image) and `rows_k` (of the
+    /// content image), both `(B, S, C)`; they are copied, so the caller may reuse them before
+    /// the backward. The loss stays on the device: [`loss`](Self::loss). Nothing is
+    /// allocated and nothing waits.
+    pub fn forward(
+        &mut self,
+        rows_q: &impl DevicePtr<T>,
+        rows_k: &impl DevicePtr<T>,
+    ) -> Result<()> {
+        let len = self.plan.shape().len();
+        check_len("rows_q", len, rows_q.len())?;
+        check_len("rows_k", len, rows_k.len())?;
+        self.stream
+            .memcpy_dtod(rows_q, &mut self.workspace.rows_q)?;
+        self.stream
+            .memcpy_dtod(rows_k, &mut self.workspace.rows_k)?;
+        let stream = &*self.stream;
+        let guarded = self
+            .workspace
+            .map_mut(|s| buf_mut(s, stream), |s| buf_mut(s, stream));
+        let bufs = guarded.try_map(guarded_addresses, guarded_addresses)?;
+        self.plan
+            .forward::<T, _>(&self.kernels.on(stream)?, &bufs)?;
+        self.forward_done = true;
+        Ok(())
+    }
+
+    /// The loss of the last forward: one float32 on the device.
+    pub fn loss(&self) -> &CudaSlice<f32> {
+        &self.workspace.loss
+    }
+
+    /// The backward of the last forward: WRITES (does not accumulate) `upstream[0]` (one
+    /// float32 on the device, `1.0` when `None`) times the gradient of the loss with respect
+    /// to `rows_q` into `grad_rows_q`, and with respect to `rows_k` into `grad_rows_k` when
+    /// given (the original detaches the content side). A framework hands these to the head's
+    /// backward. Nothing is allocated and nothing waits.
+    pub fn backward<G: DevicePtrMut<T>>(
+        &mut self,
+        upstream: Option<&CudaView<'_, f32>>,
+        grad_rows_q: &mut G,
+        grad_rows_k: Option<&mut G>,
+    ) -> Result<()> {
+        if !self.forward_done {
+            return Err(Error::BackwardBeforeForward);
+        }
+        let stream = &*self.stream;
+        let (grad_rows_q, _q_guard) = buf_mut(grad_rows_q, stream);
+        let (grad_rows_k, _k_guard) = grad_rows_k.map(|g| buf_mut(g, stream)).unzip();
+        let (upstream, _upstream_guard) = upstream.map(|u| buf(u, stream)).unzip();
+        let guarded = self
+            .workspace
+            .map_mut(|s| buf_mut(s, stream), |s| buf_mut(s, stream));
+        let bufs = guarded.try_map(guarded_addresses, guarded_addresses)?;
+        self.plan.backward::<T, _>(
+            &self.kernels.on(stream)?,
+            &bufs,
+            upstream,
+            grad_rows_q,
+            grad_rows_k,
+        )
+    }
+}

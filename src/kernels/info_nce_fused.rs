@@ -1,0 +1,94 @@
+//! Plans of `kernels/info_nce_fused.cu`: the InfoNCE forward and backward of the logits
+//! `q kᵀ / tau` recomputed tile by tile on the chip, never stored. The results are those of
+//! [`similarity`](super::similarity) followed by [`info_nce`](super::info_nce), in
+//! `O(B*S*C)` memory instead of `O(B*S*S)`.
+
+use super::info_nce::Side;
+use super::{Buf, LaunchPlan, i32_of, inv_tau, row_count, tile_grid};
+use crate::dtype::Dtype;
+use crate::error::{Result, check_len};
+use crate::ffi;
+use crate::shape::RowShape;
+
+/// `info_nce_fused_forward_{T}`: per row of the logits `L = q kᵀ / tau` of normalised rows
+/// `q`, `k` `(B, S, C)`, `row_lse = logsumexp_j L[b,i,j]` and `row_loss = row_lse - L[b,i,i]`
+/// (float32, `B*S` each). One block per 64 rows of an image; the mean is
+/// [`info_nce_loss`](super::info_nce::info_nce_loss)'s.
+pub fn info_nce_fused_forward<T: Dtype>(
+    shape: &RowShape,
+    tau: f64,
+    q: Buf,
+    k: Buf,
+    row_lse: Buf,
+    row_loss: Buf,
+) -> Result<LaunchPlan<ffi::ccpl_info_nce_fused_forward_params>> {
+    let inv_tau = inv_tau(tau)?;
+    let rows = row_count(shape)?;
+    check_len("q", shape.len(), q.len)?;
+    check_len("k", shape.len(), k.len)?;
+    check_len("row_lse", rows, row_lse.len)?;
+    check_len("row_loss", rows, row_loss.len)?;
+    Ok(LaunchPlan {
+        kernel: format!("info_nce_fused_forward_{}", T::SUFFIX),
+        // grid.y the 64-row tile, grid.z the image.
+        grid: tile_grid(shape.batch, shape.rows, 1)?,
+        block: (ffi::CCPL_SIMILARITY_BLOCK, 1, 1),
+        shared_bytes: 0,
+        params: ffi::ccpl_info_nce_fused_forward_params {
+            q: q.addr,
+            k: k.addr,
+            row_lse: row_lse.addr,
+            row_loss: row_loss.addr,
+            batch: i32_of(shape.batch),
+            rows: i32_of(shape.rows),
+            width: i32_of(shape.width),
+            inv_tau,
+        },
+    })
+}
+
+/// `info_nce_fused_backward_{T}`: with `G = (softmax(L) - I) * upstream[0] / (B*S)` and
+/// `L = q kᵀ / tau` recomputed, the gradient of the loss with respect to the normalised rows
+/// of `side`: `dq = G k / tau` or `dk = Gᵀ q / tau`, written to `grad` `(B, S, C)`.
+/// `upstream` is one float32 on the device; `row_lse` and `row_loss` are the forward's. One
+/// block per 64x64 tile of `grad`.
+#[allow(clippy::too_many_arguments)]
+pub fn info_nce_fused_backward<T: Dtype>(
+    shape: &RowShape,
+    tau: f64,
+    side: Side,
+    q: Buf,
+    k: Buf,
+    row_lse: Buf,
+    row_loss: Buf,
+    upstream: Buf,
+    grad: Buf,
+) -> Result<LaunchPlan<ffi::ccpl_info_nce_fused_backward_params>> {
+    let inv_tau = inv_tau(tau)?;
+    let rows = row_count(shape)?;
+    check_len("q", shape.len(), q.len)?;
+    check_len("k", shape.len(), k.len)?;
+    check_len("row_lse", rows, row_lse.len)?;
+    check_len("row_loss", rows, row_loss.len)?;
+    check_len("upstream", 1, upstream.len)?;
+    check_len("grad", shape.len(), grad.len)?;
+    Ok(LaunchPlan {
+        kernel: format!("info_nce_fused_backward_{}", T::SUFFIX),
+        grid: tile_grid(shape.batch, shape.rows, shape.width)?,
+        block: (ffi::CCPL_SIMILARITY_BLOCK, 1, 1),
+        shared_bytes: 0,
+        params: ffi::ccpl_info_nce_fused_backward_params {
+            q: q.addr,
+            k: k.addr,
+            row_lse: row_lse.addr,
+            row_loss: row_loss.addr,
+            upstream: upstream.addr,
+            grad: grad.addr,
+            batch: i32_of(shape.batch),
+            rows: i32_of(shape.rows),
+            width: i32_of(shape.width),
+            transpose: (side == Side::K).into(),
+            inv_tau,
+        },
+    })
+}

@@ -1,0 +1,317 @@
+//! `kernels/info_nce_fused.cu` against the CPU reference, on the emulator and the GPU: the
+//! row logsumexp and losses of the logits `q kᵀ / tau` computed on the chip (no overflow at
+//! tau = 0.01, precise when the diagonal dominates), and the backward into q and k with the
+//! logits recomputed, for every storage type; and the fused path against the materialised
+//! one (similarity + info_nce) on the same device. f16/bf16 run on tensor cores (WMMA; the
+//! emulator's portable nvcuda::wmma), whose second product takes G rounded to T: the
+//! tolerance is measured on a model that rounds G as the kernel does.
+
+mod common;
+
+use ccpl::kernels::info_nce::{self, Side};
+use ccpl::kernels::{info_nce_fused, similarity};
+use ccpl::{Dtype, RowShape, reference};
+use common::Rng;
+use common::device::{
+    F32_TOLERANCE, TestDevice, assert_close, from_f64, fused_backward_model, rounded,
+    stored_tolerance, to_f64, tolerance,
+};
+
+/// `(B, S, C)`: odd sizes, S = 8 with C = 1, S not a multiple of the 64-row tile, C over one
+/// 64-column tile; on the GPU S = 8192 and C = 520.
+fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {
+    let mut dims = vec![(2, 104, 37), (1, 8, 1), (1, 72, 70), (3, 65, 5)];
+    if dev.large_sizes() {
+        dims.extend([(1, 8192, 3), (2, 1000, 129), (1, 700, 520)]);
+    }
+    dims.into_iter()
+        .map(|(b, s, c)| RowShape::new(b, s, c).unwrap())
+        .collect()
+}
+
+/// How the rows relate: independent (the loss is about log S), or k close to q (the
+/// diagonal dominates its row: tiny row losses and P_ii - 1).
+#[derive(Debug, Clone, Copy)]
+enum Rows {
+    Random,
+    Aligned,
+}
+
+/// Temperatures and row relations per shape: tau = 0.01 gives logits near +-100. Rows of
+/// width 1 normalise to +-1, so aligned rows would be equal: left out (see kernel_info_nce).
+fn regimes(shape: &RowShape) -> Vec<(f64, Rows)> {
+    let mut regimes = vec![
+        (0.07, Rows::Random),
+        (0.01, Rows::Random),
+        (0.5, Rows::Random),
+    ];
+    if shape.width > 1 {
+        regimes.push((0.07, Rows::Aligned));
+    }
+    regimes
+}
+
+/// Unit rows `q` and `k` as f64 of values exact in `T`.
+fn unit_rows<T: Dtype>(rng: &mut Rng, shape: &RowShape, rows: Rows) -> (Vec<f64>, Vec<f64>) {
+    let q = rng.vec(shape.len());
+    let k: Vec<f64> = match rows {
+        Rows::Random => rng.vec(shape.len()),
+        Rows::Aligned => q.iter().map(|v| v + 0.3 * rng.symmetric()).collect(),
+    };
+    let unit = |v: &[f64]| {
+        let n = reference::normalize_rows(v, shape.width).unwrap().rows;
+        to_f64(&from_f64::<T>(&n))
+    };
+    (unit(&q), unit(&k))
+}
+
+fn label<D: TestDevice>(dev: &D, shape: &RowShape, tau: f64, rows: Rows) -> String {
+    format!(
+        "B={} S={} C={} tau={tau} {rows:?} on the {}",
+        shape.batch,
+        shape.rows,
+        shape.width,
+        dev.name()
+    )
+}
+
+/// The upstream gradient the backward scales by, read from device memory.
+const UPSTREAM: f32 = 0.75;
+
+/// The device's outputs of one path (fused or materialised): row statistics and gradients.
+struct Outputs {
+    row_lse: Vec<f64>,
+    row_loss: Vec<f64>,
+    dq: Vec<f64>,
+    dk: Vec<f64>,
+}
+
+/// The fused path: forward, then the backward into both sides; outputs NaN-filled first.
+fn run_fused<T: Dtype, D: TestDevice>(
+    dev: &D,
+    shape: &RowShape,
+    tau: f64,
+    q: &[f64],
+    k: &[f64],
+) -> Outputs {
+    let count = shape.batch * shape.rows;
+    let mut q_dev = dev.upload(&from_f64::<T>(q));
+    let mut k_dev = dev.upload(&from_f64::<T>(k));
+    let mut lse_dev = dev.alloc_nan::<f32>(count);
+    let mut row_loss_dev = dev.alloc_nan::<f32>(count);
+    let mut upstream_dev = dev.upload(&[UPSTREAM]);
+    let forward = info_nce_fused::info_nce_fused_forward::<T>(
+        shape,
+        tau,
+        dev.buf(&mut q_dev),
+        dev.buf(&mut k_dev),
+        dev.buf(&mut lse_dev),
+        dev.buf(&mut row_loss_dev),
+    )
+    .unwrap();
+    dev.run(&forward);
+    let mut grad = |side| {
+        let mut grad_dev = dev.alloc_nan::<T>(shape.len());
+        let plan = info_nce_fused::info_nce_fused_backward::<T>(
+            shape,
+            tau,
+            side,
+            dev.buf(&mut q_dev),
+            dev.buf(&mut k_dev),
+            dev.buf(&mut lse_dev),
+            dev.buf(&mut row_loss_dev),
+            dev.buf(&mut upstream_dev),
+            dev.buf(&mut grad_dev),
+        )
+        .unwrap();
+        dev.run(&plan);
+        to_f64(&dev.download(&grad_dev))
+    };
+    let (dq, dk) = (grad(Side::Q), grad(Side::K));
+    Outputs {
+        row_lse: to_f64(&dev.download(&lse_dev)),
+        row_loss: to_f64(&dev.download(&row_loss_dev)),
+        dq,
+        dk,
+    }
+}
+
+/// The materialised path on the same device: similarity, info_nce_forward, info_nce_backward.
+fn run_materialised<T: Dtype, D: TestDevice>(
+    dev: &D,
+    shape: &RowShape,
+    tau: f64,
+    q: &[f64],
+    k: &[f64],
+) -> Outputs {
+    let count = shape.batch * shape.rows;
+    let mut q_dev = dev.upload(&from_f64::<T>(q));
+    let mut k_dev = dev.upload(&from_f64::<T>(k));
+    let mut logits_dev = dev.alloc_nan::<f32>(shape.logits_len());
+    let mut lse_dev = dev.alloc_nan::<f32>(count);
+    let mut row_loss_dev = dev.alloc_nan::<f32>(count);
+    let mut upstream_dev = dev.upload(&[UPSTREAM]);
+    let logits = similarity::similarity::<T>(
+        shape,
+        tau,
+        dev.buf(&mut q_dev),
+        dev.buf(&mut k_dev),
+        dev.buf(&mut logits_dev),
+    )
+    .unwrap();
+    dev.run(&logits);
+    let forward = info_nce::info_nce_forward(
+        shape,
+        dev.buf(&mut logits_dev),
+        dev.buf(&mut lse_dev),
+        dev.buf(&mut row_loss_dev),
+    )
+    .unwrap();
+    dev.run(&forward);
+    let mut grad = |side| {
+        let mut grad_dev = dev.alloc_nan::<T>(shape.len());
+        let other = match side {
+            Side::Q => &mut k_dev,
+            Side::K => &mut q_dev,
+        };
+        let plan = info_nce::info_nce_backward::<T>(
+            shape,
+            tau,
+            side,
+            dev.buf(&mut logits_dev),
+            dev.buf(&mut lse_dev),
+            dev.buf(&mut row_loss_dev),
+            dev.buf(other),
+            dev.buf(&mut upstream_dev),
+            dev.buf(&mut grad_dev),
+        )
+        .unwrap();
+        dev.run(&plan);
+        to_f64(&dev.download(&grad_dev))
+    };
+    let (dq, dk) = (grad(Side::Q), grad(Side::K));
+    Outputs {
+        row_lse: to_f64(&dev.download(&lse_dev)),
+        row_loss: to_f64(&dev.download(&row_loss_dev)),
+        dq,
+        dk,
+    }
+}
+
+/// The reference on the exact logits of the rows, and the rounding model of the fused
+/// backward in `T`.
+struct Expected {
+    forward: reference::InfoNceForward,
+    dq: Vec<f64>,
+    dk: Vec<f64>,
+    model_dq: Vec<f64>,
+    model_dk: Vec<f64>,
+}
+
+/// The reference, and the backward as the kernels compute it with every value they store in
+/// `T` rounded once, exact otherwise: G as [`fused_backward_model`] rounds it, then the result.
+fn expected<T: Dtype>(shape: &RowShape, tau: f64, q: &[f64], k: &[f64]) -> Expected {
+    let logits = reference::similarity(q, k, shape, tau).unwrap();
+    let forward = reference::info_nce_forward(&logits, shape.batch, shape.rows).unwrap();
+    let upstream = UPSTREAM as f64;
+    let grads =
+        reference::info_nce_backward(&logits, &forward.row_lse, q, k, shape, tau, upstream, true)
+            .unwrap();
+    let (model_dq, model_dk) =
+        fused_backward_model::<T>(&logits, &forward, q, k, shape, tau, upstream);
+    Expected {
+        forward,
+        dq: grads.dq,
+        dk: grads.dk.unwrap(),
+        model_dq: rounded::<T>(&model_dq),
+        model_dk: rounded::<T>(&model_dk),
+    }
+}
+
+/// The fused kernels against the reference on the exact logits of the same (T-exact) rows:
+/// the statistics to the float32 tolerance for every T (the inputs are exact, the arithmetic
+/// float), the gradients to the tolerance measured on the rounding model.
+fn check_fused<T: Dtype, D: TestDevice>(
+    dev: &D,
+    shape: &RowShape,
+    tau: f64,
+    rows: Rows,
+    rng: &mut Rng,
+) {
+    let (q, k) = unit_rows::<T>(rng, shape, rows);
+    let want = expected::<T>(shape, tau, &q, &k);
+    let got = run_fused::<T, D>(dev, shape, tau, &q, &k);
+    let what = format!("{} {}", T::SUFFIX, label(dev, shape, tau, rows));
+    let forward = |name| format!("info_nce_fused_forward {name} {what}");
+    let (row_lse, row_loss) = (&want.forward.row_lse, &want.forward.row_loss);
+    assert_close(&forward("lse"), &got.row_lse, row_lse, F32_TOLERANCE);
+    assert_close(&forward("row_loss"), &got.row_loss, row_loss, F32_TOLERANCE);
+    for (side, got, exact, model) in [
+        ("dq", &got.dq, &want.dq, &want.model_dq),
+        ("dk", &got.dk, &want.dk, &want.model_dk),
+    ] {
+        let name = format!("info_nce_fused_backward {side} {what}");
+        assert_close(&name, got, exact, tolerance::<T>(model, exact));
+    }
+}
+
+fn info_nce_fused_matches_reference<D: TestDevice>(dev: &D) {
+    let mut rng = Rng::new(16);
+    for shape in shapes(dev) {
+        for (tau, rows) in regimes(&shape) {
+            for_each_dtype!(check_fused(dev, &shape, tau, rows, &mut rng));
+        }
+    }
+}
+
+/// The fused path against the materialised one on the same device and rows. The logits
+/// tiles hold the same bits (both compute them alike per type: logits_tiles.cuh), so the
+/// statistics differ by the order of their sums only, and so do the f32 gradients. f16/bf16
+/// gradients: by at most the sum of the two paths' tolerances against the reference (the
+/// fused one's rounding of G included), as the triangle inequality gives.
+fn check_same_as_materialised<T: Dtype, D: TestDevice>(
+    dev: &D,
+    shape: &RowShape,
+    tau: f64,
+    rows: Rows,
+    rng: &mut Rng,
+) {
+    let (q, k) = unit_rows::<T>(rng, shape, rows);
+    let fused = run_fused::<T, D>(dev, shape, tau, &q, &k);
+    let materialised = run_materialised::<T, D>(dev, shape, tau, &q, &k);
+    let want = expected::<T>(shape, tau, &q, &k);
+    let what = format!("{} {}", T::SUFFIX, label(dev, shape, tau, rows));
+    for (name, got, other) in [
+        ("lse", &fused.row_lse, &materialised.row_lse),
+        ("row_loss", &fused.row_loss, &materialised.row_loss),
+    ] {
+        let name = format!("fused vs materialised {name} {what}");
+        assert_close(&name, got, other, F32_TOLERANCE);
+    }
+    for (name, got, other, exact, model) in [
+        ("dq", &fused.dq, &materialised.dq, &want.dq, &want.model_dq),
+        ("dk", &fused.dk, &materialised.dk, &want.dk, &want.model_dk),
+    ] {
+        let tol = if T::SUFFIX == "f32" {
+            F32_TOLERANCE
+        } else {
+            tolerance::<T>(model, exact) + stored_tolerance::<T>(exact)
+        };
+        let name = format!("fused vs materialised {name} {what}");
+        assert_close(&name, got, other, tol);
+    }
+}
+
+fn info_nce_fused_matches_materialised<D: TestDevice>(dev: &D) {
+    let mut rng = Rng::new(17);
+    for shape in shapes(dev) {
+        for (tau, rows) in regimes(&shape) {
+            for_each_dtype!(check_same_as_materialised(dev, &shape, tau, rows, &mut rng));
+        }
+    }
+}
+
+on_every_device!(
+    info_nce_fused_matches_reference,
+    info_nce_fused_matches_materialised
+);

@@ -1,0 +1,107 @@
+//! The rows loss (`kernels::rows_loss::RowsPlan`: normalisation, fused InfoNCE, mean, and
+//! the backward through both into the rows) against the CPU reference composed stage by
+//! stage, on the emulator and the GPU, for every storage type, with the default upstream
+//! gradient and one from device memory, for one side and for both.
+
+mod common;
+
+use ccpl::kernels::rows_loss::{RowsPlan, RowsWorkspace};
+use ccpl::{Dtype, RowShape};
+use common::Rng;
+use common::device::{TestDevice, assert_close, random, rows_model, to_f64, tolerance};
+
+const TAU: f64 = 0.07;
+
+/// `(B, S, C)`: odd sizes, S = 8, S past a tile, C over one 64-column tile; on the GPU
+/// S = 8192 and C = 257. Not C = 1: a row of width 1 normalises to +-1 whatever its length,
+/// so its gradient is eps-sized and its relative error says nothing (kernel_normalize and
+/// kernel_info_nce_fused test C = 1 stage by stage).
+fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {
+    let mut dims = vec![(2, 104, 37), (1, 8, 3), (1, 72, 70)];
+    if dev.large_sizes() {
+        dims.extend([(1, 8192, 16), (2, 1000, 257)]);
+    }
+    dims.into_iter()
+        .map(|(b, s, c)| RowShape::new(b, s, c).unwrap())
+        .collect()
+}
+
+fn check_rows<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, rng: &mut Rng) {
+    // Rows of a projection head: any scale, not normalised.
+    let rows_q: Vec<T> = random(rng, shape.len(), 3.0);
+    let rows_k: Vec<T> = random(rng, shape.len(), 0.5);
+    let (rows_q_f64, rows_k_f64) = (to_f64(&rows_q), to_f64(&rows_k));
+    let label = format!(
+        "{} B={} S={} C={} on the {}",
+        T::SUFFIX,
+        shape.batch,
+        shape.rows,
+        shape.width,
+        dev.name()
+    );
+    let plan = RowsPlan::new(*shape, TAU).unwrap();
+    let mut ws = RowsWorkspace::lengths(shape)
+        .unwrap()
+        .try_map(
+            |&n| Ok::<_, ()>(dev.alloc_nan::<T>(n)),
+            |&n| Ok(dev.alloc_nan::<f32>(n)),
+        )
+        .unwrap();
+    ws.one = dev.upload(&[1.0f32]);
+    ws.rows_q = dev.upload(&rows_q);
+    ws.rows_k = dev.upload(&rows_k);
+    let bufs = ws.map_mut(|m| dev.buf(m), |m| dev.buf(m));
+    plan.forward::<T, _>(&dev.launcher(), &bufs)
+        .unwrap_or_else(|e| panic!("forward {label}: {e}"));
+    let loss = dev.download(&ws.loss)[0] as f64;
+    let exact = rows_model::<f64>(&rows_q_f64, &rows_k_f64, shape, TAU, 1.0);
+    let model = rows_model::<T>(&rows_q_f64, &rows_k_f64, shape, TAU, 1.0);
+    let tol = tolerance::<T>(&[model.loss], &[exact.loss]);
+    assert_close(&format!("rows loss {label}"), &[loss], &[exact.loss], tol);
+
+    // Backward twice from the same forward: the default upstream (1) into q only, then 2.5
+    // from device memory into both; the gradients are written over NaN.
+    for (upstream, both) in [(None, false), (Some(2.5f32), true)] {
+        let u = upstream.unwrap_or(1.0) as f64;
+        let exact = rows_model::<f64>(&rows_q_f64, &rows_k_f64, shape, TAU, u);
+        let model = rows_model::<T>(&rows_q_f64, &rows_k_f64, shape, TAU, u);
+        let mut grad_q_dev = dev.alloc_nan::<T>(shape.len());
+        let mut grad_k_dev = dev.alloc_nan::<T>(shape.len());
+        let mut upstream_dev = dev.upload(&[upstream.unwrap_or(f32::NAN)]);
+        let upstream_buf = upstream.map(|_| dev.buf(&mut upstream_dev));
+        let grad_k_buf = dev.buf(&mut grad_k_dev);
+        let bufs = ws.map_mut(|m| dev.buf(m), |m| dev.buf(m));
+        plan.backward::<T, _>(
+            &dev.launcher(),
+            &bufs,
+            upstream_buf,
+            dev.buf(&mut grad_q_dev),
+            both.then_some(grad_k_buf),
+        )
+        .unwrap_or_else(|e| panic!("backward {label}: {e}"));
+        let got = to_f64(&dev.download(&grad_q_dev));
+        let what = format!("rows grad_rows_q upstream={u} {label}");
+        let tol = tolerance::<T>(&model.grad_rows_q, &exact.grad_rows_q);
+        assert_close(&what, &got, &exact.grad_rows_q, tol);
+        let got = to_f64(&dev.download(&grad_k_dev));
+        if both {
+            let what = format!("rows grad_rows_k upstream={u} {label}");
+            let tol = tolerance::<T>(&model.grad_rows_k, &exact.grad_rows_k);
+            assert_close(&what, &got, &exact.grad_rows_k, tol);
+        } else {
+            assert!(
+                got.iter().all(|g| g.is_nan()),
+                "grad_rows_k written without being asked for: {label}"
+            );
+        }
+    }
+}
+
+fn rows_loss_matches_reference<D: TestDevice>(dev: &D) {
+    let mut rng = Rng::new(18);
+    for shape in shapes(dev) {
+        for_each_dtype!(check_rows(dev, &shape, &mut rng));
+    }
+}
+
+on_every_device!(rows_loss_matches_reference);
