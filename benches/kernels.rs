@@ -1,7 +1,10 @@
 //! Each kernel on its own, forward and backward, on the GPU, at the sizes of
 //! `benches/configs.txt`: for a `layer` configuration every kernel its loss launches (the
 //! difference rows and their scatter at the feature map's size, then the row kernels at width
-//! C); for a `rows` configuration the row kernels at the head's width D.
+//! C); for a `rows` configuration the row kernels at the head's width D. The InfoNCE runs
+//! both ways: the materialised kernels (`similarity`, `info_nce_forward`,
+//! `info_nce_backward_*`, through the `(B, S, S)` logits) and the fused ones
+//! (`info_nce_fused_forward`, `info_nce_fused_backward_*`, logits recomputed on the chip).
 //!
 //! The inputs of each kernel are what the loss would give it (the forward runs once on random
 //! feature maps or rows before timing), in enough independent sets to overflow the L2; the
@@ -13,6 +16,7 @@
 mod common;
 
 use ccpl::cuda::info_nce::{self as nce, Side};
+use ccpl::cuda::info_nce_fused as fused;
 use ccpl::cuda::neighbor::{self, DeviceCenters, Scatter};
 use ccpl::cuda::{normalize, similarity};
 use ccpl::{Centers, DEFAULT_TAU, Dtype, FeatureShape, RowShape};
@@ -178,6 +182,25 @@ fn kernels<T: Dtype>() -> Vec<(&'static str, Launch<T>)> {
         ("info_nce_backward_dk", |gpu, _, set| {
             info_nce_backward(gpu, set, Side::K)
         }),
+        ("info_nce_fused_forward", |gpu, _, set| {
+            let l = &mut set.loss;
+            fused::info_nce_fused_forward(
+                &gpu.kernels,
+                &gpu.stream,
+                &l.shape,
+                DEFAULT_TAU,
+                &l.unit_q,
+                &l.unit_k,
+                &mut l.row_lse,
+                &mut l.row_loss,
+            )
+        }),
+        ("info_nce_fused_backward_dq", |gpu, _, set| {
+            info_nce_fused_backward(gpu, set, Side::Q)
+        }),
+        ("info_nce_fused_backward_dk", |gpu, _, set| {
+            info_nce_fused_backward(gpu, set, Side::K)
+        }),
     ]
 }
 
@@ -220,11 +243,28 @@ fn info_nce_backward<T: Dtype>(gpu: &Gpu, set: &mut Set<T>, side: Side) -> ccpl:
     )
 }
 
+fn info_nce_fused_backward<T: Dtype>(gpu: &Gpu, set: &mut Set<T>, side: Side) -> ccpl::Result<()> {
+    let l = &mut set.loss;
+    fused::info_nce_fused_backward(
+        &gpu.kernels,
+        &gpu.stream,
+        &l.shape,
+        DEFAULT_TAU,
+        side,
+        &l.unit_q,
+        &l.unit_k,
+        &l.row_lse,
+        &l.row_loss,
+        &l.one,
+        &mut l.grad_unit,
+    )
+}
+
 /// Whether `kernel` is part of `cfg`'s loss (as tools/bench/common.py's kernels_of says).
 fn runs(kernel: &str, cfg: &Config) -> bool {
     match kernel {
         k if k.starts_with("neighbor") => matches!(cfg.suite, Suite::Layer { .. }),
-        "info_nce_backward_dk" => cfg.grad_k(),
+        "info_nce_backward_dk" | "info_nce_fused_backward_dk" => cfg.grad_k(),
         _ => true,
     }
 }

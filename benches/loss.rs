@@ -1,10 +1,14 @@
 //! The whole loss of one layer, forward plus backward, on the GPU, at the sizes of
 //! `benches/configs.txt` (the same list the PyTorch baselines run):
 //!
-//! - `layer` configurations: the crate's [`CcpLayer`] from two feature maps (identity head),
-//!   forward, then the backward into `d feat_q`;
-//! - `rows` configurations: the loss from head output rows, the crate's kernels in the order
-//!   its layer loss runs them (normalise, logits, cross-entropy, mean, and back).
+//! - `layer` configurations: the crate's [`CcpLayer`] from two feature maps (identity head;
+//!   difference rows, the rows loss with the fused InfoNCE, scatter), forward, then the
+//!   backward into `d feat_q`: `loss/<config>/<dtype>`;
+//! - `rows` configurations: the loss from head output rows, two ways on the same inputs: the
+//!   crate's [`CcpRows`] (normalisation and the fused InfoNCE, memory `O(B*S*C)`):
+//!   `loss/<config>/<dtype>`; and the standalone kernels chained with the `(B, S, S)` logits
+//!   in memory (benches/common's `RowsLoss`): `loss_materialised/<config>/<dtype>`, or a
+//!   "does not fit" status where those logits do not fit.
 //!
 //! Each step rotates through enough input sets to overflow the L2; the time is CUDA events
 //! around back-to-back steps. Before timing, a size small enough for the float64 CPU reference
@@ -19,7 +23,9 @@ mod common;
 use ccpl::cuda::info_nce::Side;
 use ccpl::cuda::loss::CcpLayer;
 use ccpl::cuda::neighbor::{DeviceCenters, Scatter};
+use ccpl::cuda::rows_loss::CcpRows;
 use ccpl::kernels::loss::LayerWorkspace;
+use ccpl::kernels::rows_loss::RowsWorkspace;
 use ccpl::reference::relative_error as rel_err;
 use ccpl::reference::{
     ccp_layer_loss, info_nce_backward, info_nce_forward, normalize_rows, normalize_rows_backward,
@@ -102,9 +108,16 @@ fn fits(gpu: &Gpu, id: &str, bytes: usize) -> bool {
     }
 }
 
-/// Times `step(i)` (input set `i % sets`) under `id` = `loss/<config>/<dtype>`.
-fn time_step(c: &mut Criterion, gpu: &Gpu, cfg: &Config, dtype: &str, mut step: impl FnMut(usize)) {
-    let mut group = c.benchmark_group("loss");
+/// Times `step(i)` (input set `i % sets`) under `<group>/<config>/<dtype>`.
+fn time_step(
+    c: &mut Criterion,
+    gpu: &Gpu,
+    cfg: &Config,
+    group: &str,
+    dtype: &str,
+    mut step: impl FnMut(usize),
+) {
+    let mut group = c.benchmark_group(group);
     group.sampling_mode(SamplingMode::Flat);
     group.bench_function(BenchmarkId::new(&cfg.name, dtype), |b| {
         b.iter_custom(|iters| time_iters(&gpu.stream, iters, &mut step))
@@ -231,7 +244,7 @@ fn bench_layer<T: Dtype>(
     };
     report(id, device_bytes, sets, loss, check, check_guard::<T>());
 
-    time_step(c, gpu, cfg, T::SUFFIX, |i| {
+    time_step(c, gpu, cfg, "loss", T::SUFFIX, |i| {
         let ((_, q), (_, k)) = &inputs[i % sets];
         layer.forward(q, k, &device_centers).expect("forward");
         layer
@@ -270,6 +283,90 @@ fn reference_rows(
     Ok((forward.loss, dq, dk))
 }
 
+/// One implementation of the loss from rows, timed under its own criterion group.
+trait RowsVariant<T: Dtype> {
+    /// One forward plus backward: `d rows_q` into `grad_q`, and `d rows_k` into `grad_k`
+    /// when given.
+    fn step(
+        &mut self,
+        q: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        grad_q: &mut CudaSlice<T>,
+        grad_k: Option<&mut CudaSlice<T>>,
+    ) -> ccpl::Result<()>;
+    /// The loss of the last step, on the device.
+    fn loss(&self) -> &CudaSlice<f32>;
+}
+
+/// The crate's rows loss: normalisation and the fused InfoNCE (no logits in memory).
+impl<T: Dtype> RowsVariant<T> for CcpRows<T> {
+    fn step(
+        &mut self,
+        q: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        grad_q: &mut CudaSlice<T>,
+        grad_k: Option<&mut CudaSlice<T>>,
+    ) -> ccpl::Result<()> {
+        self.forward(q, k)?;
+        self.backward(None, grad_q, grad_k)
+    }
+    fn loss(&self) -> &CudaSlice<f32> {
+        CcpRows::loss(self)
+    }
+}
+
+/// The same loss composed of the standalone kernels, the `(B, S, S)` logits in memory.
+struct Materialised<'a, T: Dtype> {
+    gpu: &'a Gpu,
+    loss: RowsLoss<T>,
+}
+
+impl<T: Dtype> RowsVariant<T> for Materialised<'_, T> {
+    fn step(
+        &mut self,
+        q: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        grad_q: &mut CudaSlice<T>,
+        grad_k: Option<&mut CudaSlice<T>>,
+    ) -> ccpl::Result<()> {
+        self.loss.forward(self.gpu, q, k)?;
+        self.loss.backward(self.gpu, Side::Q, q, grad_q)?;
+        match grad_k {
+            Some(grad_k) => self.loss.backward(self.gpu, Side::K, k, grad_k),
+            None => Ok(()),
+        }
+    }
+    fn loss(&self) -> &CudaSlice<f32> {
+        &self.loss.loss
+    }
+}
+
+/// Device bytes of [`CcpRows`]'s workspace for `shape` (rows in `T`, statistics float32).
+fn fused_rows_bytes<T: Dtype>(shape: &RowShape) -> ccpl::Result<usize> {
+    let total = std::cell::Cell::new(0);
+    let add = |n: &usize, size: usize| {
+        total.set(total.get() + n * size);
+        Ok::<(), std::convert::Infallible>(())
+    };
+    let lengths = RowsWorkspace::lengths(shape)?;
+    let counted = lengths.try_map(|n| add(n, size_of::<T>()), |n| add(n, size_of::<f32>()));
+    debug_assert!(counted.is_ok());
+    Ok(total.get())
+}
+
+/// The input sets of a rows configuration, the gradients' buffers, and the reference of the
+/// first set when it is small enough to check.
+struct RowsInputs<T: Dtype> {
+    grad_k: bool,
+    sets: Vec<(CudaSlice<T>, CudaSlice<T>)>,
+    grad_q: CudaSlice<T>,
+    grad_k_buf: CudaSlice<T>,
+    expected: Option<(f64, Vec<f64>, Option<Vec<f64>>)>,
+}
+
+/// The rows suite: the fused [`CcpRows`] (`loss/<config>/<dtype>`), then the materialised
+/// composition (`loss_materialised/<config>/<dtype>`) where its logits fit, on the same
+/// inputs.
 #[allow(clippy::too_many_arguments)]
 fn bench_rows<T: Dtype>(
     c: &mut Criterion,
@@ -280,78 +377,114 @@ fn bench_rows<T: Dtype>(
     grad_k: bool,
     rng: &mut Rng,
 ) -> ccpl::Result<()> {
-    let e = std::mem::size_of::<T>();
+    let e = size_of::<T>();
     let set_bytes = 2 * shape.len() * e;
     let grads_bytes = 2 * shape.len() * e;
     if !fits(
         gpu,
         id,
-        RowsLoss::<T>::workspace_bytes(&shape) + set_bytes + grads_bytes,
+        fused_rows_bytes::<T>(&shape)? + set_bytes + grads_bytes,
     ) {
         return Ok(());
     }
-    let free = gpu.free_bytes();
-    let mut loss = RowsLoss::<T>::new(gpu, shape)?;
-    gpu.stream.synchronize()?;
-    let device_bytes = free.saturating_sub(gpu.free_bytes());
-
-    let sets = gpu.input_sets(set_bytes);
-    let mut inputs = Vec::with_capacity(sets);
-    for _ in 0..sets {
-        inputs.push((
-            common::random::<T>(gpu, shape.len(), rng)?,
-            common::random::<T>(gpu, shape.len(), rng)?,
-        ));
+    let count = gpu.input_sets(set_bytes);
+    let mut sets = Vec::with_capacity(count);
+    let mut first = None;
+    for _ in 0..count {
+        let (q_host, q) = common::random::<T>(gpu, shape.len(), rng)?;
+        let (k_host, k) = common::random::<T>(gpu, shape.len(), rng)?;
+        first.get_or_insert((q_host, k_host));
+        sets.push((q, k));
     }
-    let mut grad_q: CudaSlice<T> = gpu.stream.alloc_zeros(shape.len())?;
-    let mut grad_k_buf: CudaSlice<T> = gpu.stream.alloc_zeros(shape.len())?;
-
-    // One step before timing, read back, checked when small enough (as for a layer).
-    let ((q_host, q), (k_host, k)) = &inputs[0];
-    let grad_k_out = grad_k.then_some(&mut grad_k_buf);
-    rows_step(gpu, &mut loss, q, k, &mut grad_q, grad_k_out)?;
-    let value = f64::from(gpu.stream.clone_dtoh(&loss.loss)?[0]);
-    let check = if shape.batch * shape.rows * shape.rows * shape.width <= CHECK_LIMIT {
-        let (expected, dq, dk) = reference_rows(&to_f64(q_host), &to_f64(k_host), &shape, grad_k)?;
-        let mut errs = vec![rel_err(&to_f64(&gpu.stream.clone_dtoh(&grad_q)?), &dq)];
-        if let Some(dk) = dk {
-            errs.push(rel_err(&to_f64(&gpu.stream.clone_dtoh(&grad_k_buf)?), &dk));
+    let expected = match first {
+        Some((q, k)) if shape.batch * shape.rows * shape.rows * shape.width <= CHECK_LIMIT => {
+            Some(reference_rows(&to_f64(&q), &to_f64(&k), &shape, grad_k)?)
         }
-        Some((rel(value, expected), errs))
-    } else {
-        None
+        _ => None,
     };
-    report(id, device_bytes, sets, value, check, check_guard::<T>());
+    let mut inputs = RowsInputs {
+        grad_k,
+        sets,
+        grad_q: gpu.stream.alloc_zeros(shape.len())?,
+        grad_k_buf: gpu.stream.alloc_zeros(shape.len())?,
+        expected,
+    };
 
-    time_step(c, gpu, cfg, T::SUFFIX, |i| {
-        let ((_, q), (_, k)) = &inputs[i % sets];
-        rows_step(
-            gpu,
-            &mut loss,
-            q,
-            k,
-            &mut grad_q,
-            grad_k.then_some(&mut grad_k_buf),
-        )
-        .expect("loss step");
-    });
-    Ok(())
+    let free = gpu.free_bytes();
+    let mut fused = CcpRows::<T>::new(gpu.kernels.clone(), gpu.stream.clone(), shape, DEFAULT_TAU)?;
+    gpu.stream.synchronize()?;
+    let fused_bytes = free.saturating_sub(gpu.free_bytes());
+    bench_rows_variant(c, gpu, cfg, "loss", &mut fused, fused_bytes, &mut inputs)?;
+    drop(fused);
+    gpu.stream.synchronize()?; // the fused workspace freed before measuring what is free
+
+    let id = format!("loss_materialised/{}/{}", cfg.name, T::SUFFIX);
+    if !fits(gpu, &id, RowsLoss::<T>::workspace_bytes(&shape)) {
+        return Ok(());
+    }
+    let free = gpu.free_bytes();
+    let mut materialised = Materialised {
+        gpu,
+        loss: RowsLoss::<T>::new(gpu, shape)?,
+    };
+    gpu.stream.synchronize()?;
+    let materialised_bytes = free.saturating_sub(gpu.free_bytes());
+    bench_rows_variant(
+        c,
+        gpu,
+        cfg,
+        "loss_materialised",
+        &mut materialised,
+        materialised_bytes,
+        &mut inputs,
+    )
 }
 
-/// One forward plus backward of the loss from rows: `d rows_q` into `grad_q`, and `d rows_k`
-/// into `grad_k` when given.
-fn rows_step<T: Dtype>(
+/// Runs `variant` once on the first input set, reads back and checks it (against the
+/// reference when there is one), reports it as `<group>/<config>/<dtype>`, then times it.
+fn bench_rows_variant<T: Dtype>(
+    c: &mut Criterion,
     gpu: &Gpu,
-    loss: &mut RowsLoss<T>,
-    q: &CudaSlice<T>,
-    k: &CudaSlice<T>,
-    grad_q: &mut CudaSlice<T>,
-    grad_k: Option<&mut CudaSlice<T>>,
+    cfg: &Config,
+    group: &str,
+    variant: &mut impl RowsVariant<T>,
+    device_bytes: usize,
+    inputs: &mut RowsInputs<T>,
 ) -> ccpl::Result<()> {
-    loss.forward(gpu, q, k)?;
-    loss.backward(gpu, Side::Q, q, grad_q)?;
-    match grad_k {
-        Some(grad_k) => loss.backward(gpu, Side::K, k, grad_k),
-        None => Ok(()),
-    }
+    let id = format!("{group}/{}/{}", cfg.name, T::SUFFIX);
+    let RowsInputs {
+        grad_k,
+        sets,
+        grad_q,
+        grad_k_buf,
+        expected,
+    } = inputs;
+    // The gradients' buffers hold the previous variant's results: NaN first, so that an
+    // element this variant does not write fails the check.
+    let nan = vec![T::from_f64(f64::NAN); grad_q.len()];
+    gpu.stream.memcpy_htod(&nan, grad_q)?;
+    gpu.stream.memcpy_htod(&nan, grad_k_buf)?;
+    let (q, k) = &sets[0];
+    variant.step(q, k, grad_q, grad_k.then_some(&mut *grad_k_buf))?;
+    let value = f64::from(gpu.stream.clone_dtoh(variant.loss())?[0]);
+    let check = match expected {
+        Some((expected, dq, dk)) => {
+            let mut errs = vec![rel_err(&to_f64(&gpu.stream.clone_dtoh(grad_q)?), dq)];
+            if let Some(dk) = dk {
+                errs.push(rel_err(&to_f64(&gpu.stream.clone_dtoh(grad_k_buf)?), dk));
+            }
+            Some((rel(value, *expected), errs))
+        }
+        None => None,
+    };
+    let count = sets.len();
+    report(&id, device_bytes, count, value, check, check_guard::<T>());
+
+    time_step(c, gpu, cfg, group, T::SUFFIX, |i| {
+        let (q, k) = &sets[i % count];
+        variant
+            .step(q, k, grad_q, grad_k.then_some(&mut *grad_k_buf))
+            .expect("loss step");
+    });
+    Ok(())
 }

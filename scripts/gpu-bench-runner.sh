@@ -21,7 +21,7 @@ work=$(mktemp -d)
 export CRITERION_HOME=$work/criterion CCPL_REQUIRE_GPU=1 PYTHONUNBUFFERED=1
 # Criterion: short warm-up and measurement (a step takes microseconds to tens of ms, so even
 # 0.2 s holds thousands of the short ones), 10 samples, flat sampling (set in the benches);
-# the loss, the headline numbers, gets a little longer than each of the ~190 kernel benches.
+# the loss, the headline numbers, gets a little longer than each of the ~250 kernel benches (materialised and fused).
 crit=(--sample-size 10 --nresamples 1000 --noplot)
 crit_loss=("${crit[@]}" --warm-up-time 0.1 --measurement-time 0.3)
 crit_kernels=("${crit[@]}" --warm-up-time 0.05 --measurement-time 0.2)

@@ -117,6 +117,19 @@ class Cost:
     bytes_logits: float  # extra traffic of a design that keeps the f32 logits in memory
     flops: float
     exps: float
+    # What the crate's fused InfoNCE executes (kernels/info_nce_fused.cu): the forward computes
+    # the logits once; each side's backward recomputes them once per 64-wide tile of the width
+    # (its output is tiled over the width), then multiplies G by the other side's rows.
+    flops_fused: float = 0.0
+    exps_fused: float = 0.0
+
+
+FUSED_WIDTH_TILE = 64  # the fused backward's tile of output columns (Gemm::kTile)
+
+
+def fused_recomputes(width: int) -> int:
+    """How many times one fused backward launch computes the (B, S, S) logits."""
+    return -(-width // FUSED_WIDTH_TILE)
 
 
 def loss_cost(cfg: Config, dtype: str) -> Cost:
@@ -132,7 +145,17 @@ def loss_cost(cfg: Config, dtype: str) -> Cost:
     bytes_logits = float(LOGIT_BYTES * b * s * s * (2 + cfg.grad_count))
     flops = 2.0 * b * s * s * d * (1 + cfg.grad_count)  # q k^T, then G k (and G^T q)
     exps = float(b * s * s)  # one exponential per logit (a backward that recomputes P doubles it)
-    return Cost(bytes_min, bytes_logits, flops, exps)
+    r = fused_recomputes(d)
+    product = 2.0 * b * s * s * d  # one (B, S, S, D) matrix product
+    flops_fused = product * (1 + cfg.grad_count * (r + 1))
+    exps_fused = float(b * s * s) * (1 + cfg.grad_count * r)
+    return Cost(bytes_min, bytes_logits, flops, exps, flops_fused, exps_fused)
+
+
+def fused_cost(cost: Cost) -> Cost:
+    """The fused design's own floor terms: the minimal bytes, the FLOPs and exponentials it
+    executes."""
+    return Cost(cost.bytes_min, 0.0, cost.flops_fused, cost.exps_fused)
 
 
 def write_record(path: str, record: dict) -> None:
@@ -178,6 +201,9 @@ KERNELS = (
     "info_nce_forward",
     "info_nce_backward_dq",
     "info_nce_backward_dk",
+    "info_nce_fused_forward",
+    "info_nce_fused_backward_dq",
+    "info_nce_fused_backward_dk",
 )
 
 
@@ -203,12 +229,19 @@ def kernel_cost(kernel: str, cfg: Config, dtype: str) -> Cost:
     if kernel in ("info_nce_backward_dq", "info_nce_backward_dk"):
         nbytes = LOGIT_BYTES * (b * s * s + 2 * rows) + 2 * rows * d * e  # logits, lse, row loss
         return Cost(float(nbytes), 0.0, 2.0 * b * s * s * d, float(b * s * s))
+    # Fused: the rates count the work executed, recomputed logits included.
+    if kernel == "info_nce_fused_forward":
+        return Cost(float(2 * rows * d * e + 2 * LOGIT_BYTES * rows), 0.0, 2.0 * b * s * s * d, float(b * s * s))
+    if kernel in ("info_nce_fused_backward_dq", "info_nce_fused_backward_dk"):
+        r = fused_recomputes(d)
+        nbytes = 3 * rows * d * e + 2 * LOGIT_BYTES * rows  # q, k, the gradient; lse, row loss
+        return Cost(float(nbytes), 0.0, 2.0 * b * s * s * d * (r + 1), float(b * s * s * r))
     raise ValueError(f"unknown kernel {kernel}")
 
 
 def kernels_of(cfg: Config) -> tuple[str, ...]:
     """The kernels the kernel benches time for a configuration (benches/kernels.rs, `runs`)."""
-    ks = [k for k in KERNELS if k != "info_nce_backward_dk" or cfg.grads == "qk"]
+    ks = [k for k in KERNELS if not k.endswith("_backward_dk") or cfg.grads == "qk"]
     if cfg.suite == "rows":
         ks = [k for k in ks if not k.startswith("neighbor")]
     return tuple(ks)

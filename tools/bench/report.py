@@ -154,39 +154,52 @@ def target_text(cfg: common.Config, ours, eager, compiled, floor_ms) -> str:
 
 
 def loss_tables(configs, crit, statuses, baselines, ceil: Ceilings) -> list[str]:
+    """Ours is the crate's fused path (CcpLayer, CcpRows: `loss/...`); for rows configurations
+    the materialised composition of the standalone kernels (`loss_materialised/...`) stands
+    beside it. Speed-ups, the floor and the targets are the fused path's."""
     main = [
-        "| config | dtype | S | ours | eager | compile | compile, CUDA graphs | Inf-CL | eager / ours | compile / ours | floor (limit) | % of floor | target |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | dtype | S | ours (fused) | ours, materialised | eager | compile | compile, CUDA graphs | Inf-CL"
+        " | eager / ours | compile / ours | floor (limit) | % of floor | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     roof = [
-        "| config | dtype | bytes (min) | + logits | GFLOP | Gexp | floor, minimal | floor, logits in memory | ours |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| config | dtype | bytes (min) | + logits | GFLOP | GFLOP, fused | Gexp | Gexp, fused | floor, minimal"
+        " | floor, fused's work | floor, logits in memory | ours (fused) | ours, materialised |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     memory = [
-        "| config | dtype | ours, device memory | eager, peak of a step | compile, peak of a step | Inf-CL, peak of a step |",
-        "|---|---|---|---|---|---|",
+        "| config | dtype | ours (fused), device memory | ours, materialised, device memory"
+        " | eager, peak of a step | compile, peak of a step | Inf-CL, peak of a step |",
+        "|---|---|---|---|---|---|---|",
     ]
     for cfg in configs:
         for dtype in cfg.dtypes:
             ours_txt, ours = ours_cell(crit, statuses, ("loss", cfg.name, dtype))
+            mat_txt = "-"
+            if cfg.suite == "rows":
+                mat_txt, _ = ours_cell(crit, statuses, ("loss_materialised", cfg.name, dtype))
             recs = {impl: baselines.get((cfg.name, dtype, impl)) for impl in ("eager", "compile", "compile-graphs", "infcl")}
             cells = {impl: cell(rec) for impl, rec in recs.items()}
             cost = common.loss_cost(cfg, dtype)
             floor_ms, limit = ceil.floor(cost, dtype)
+            fused_ms, _ = ceil.floor(common.fused_cost(cost), dtype)
             design_ms, _ = ceil.floor(cost, dtype, with_logits=True)
             pct = f"{100 * floor_ms / ours:.3g}%" if floor_ms and ours else "-"
             floor_txt = f"{fmt_time_ms(floor_ms)} ({limit})" if floor_ms else limit
             main.append(
-                f"| {cfg.name} | {dtype} | {cfg.rows} | {ours_txt} | {cells['eager'][0]} | {cells['compile'][0]} "
+                f"| {cfg.name} | {dtype} | {cfg.rows} | {ours_txt} | {mat_txt} | {cells['eager'][0]} | {cells['compile'][0]} "
                 f"| {cells['compile-graphs'][0]} | {cells['infcl'][0]} | {ratio(cells['eager'][1], ours)} "
                 f"| {ratio(cells['compile'][1], ours)} | {floor_txt} | {pct} "
                 f"| {target_text(cfg, ours, cells['eager'][1], cells['compile'][1], floor_ms)} |"
             )
             roof.append(
                 f"| {cfg.name} | {dtype} | {fmt_bytes(cost.bytes_min)} | {fmt_bytes(cost.bytes_logits)} "
-                f"| {cost.flops / 1e9:.4g} | {cost.exps / 1e9:.4g} | {fmt_time_ms(floor_ms)} | {fmt_time_ms(design_ms)} | {ours_txt} |"
+                f"| {cost.flops / 1e9:.4g} | {cost.flops_fused / 1e9:.4g} | {cost.exps / 1e9:.4g} | {cost.exps_fused / 1e9:.4g} "
+                f"| {fmt_time_ms(floor_ms)} | {fmt_time_ms(fused_ms)} | {fmt_time_ms(design_ms)} | {ours_txt} | {mat_txt} |"
             )
-            ours_mem = statuses.get(f"loss/{cfg.name}/{dtype}", {}).get("device_bytes")
+
+            def device_bytes(group):
+                return fmt_bytes(statuses.get(f"{group}/{cfg.name}/{dtype}", {}).get("device_bytes"))
 
             def peak(impl):
                 rec = recs[impl]
@@ -194,8 +207,9 @@ def loss_tables(configs, crit, statuses, baselines, ceil: Ceilings) -> list[str]
                     return "-"
                 return fmt_bytes(rec.get("peak_step_bytes")) if rec.get("status") == "ok" else rec.get("status", "?")
 
+            mat_mem = device_bytes("loss_materialised") if cfg.suite == "rows" else "-"
             memory.append(
-                f"| {cfg.name} | {dtype} | {fmt_bytes(ours_mem)} | {peak('eager')} | {peak('compile')} | {peak('infcl')} |"
+                f"| {cfg.name} | {dtype} | {device_bytes('loss')} | {mat_mem} | {peak('eager')} | {peak('compile')} | {peak('infcl')} |"
             )
     return ["## The loss, forward plus backward", "", *main, "", "### Floor model terms", "", *roof, "", "### Memory", "", *memory, ""]
 
@@ -265,7 +279,9 @@ def header(roof: dict, args) -> list[str]:
         f"- f32 floors use the {args.f32_rate} matrix rate; bf16 floors the bf16 rate",
         "- times: medians per forward plus backward (ours: criterion, CUDA events around back-to-back"
         " iterations; PyTorch: CUDA events per step); floor: max(bytes / copy bandwidth, FLOPs / matrix"
-        " rate, exponentials / exp rate), BENCHMARKS.md explains the model",
+        " rate, exponentials / exp rate), BENCHMARKS.md explains the model; ours (fused): the crate's"
+        " CcpLayer / CcpRows (logits recomputed, never stored); ours, materialised: the standalone kernels"
+        " with the (B, S, S) logits in memory",
         "",
     ]
 
