@@ -341,19 +341,6 @@ impl<T: Dtype> RowsVariant<T> for Materialised<'_, T> {
     }
 }
 
-/// Device bytes of [`CcpRows`]'s workspace for `shape` (rows in `T`, statistics float32).
-fn fused_rows_bytes<T: Dtype>(shape: &RowShape) -> ccpl::Result<usize> {
-    let total = std::cell::Cell::new(0);
-    let add = |n: &usize, size: usize| {
-        total.set(total.get() + n * size);
-        Ok::<(), std::convert::Infallible>(())
-    };
-    let lengths = RowsWorkspace::lengths(shape)?;
-    let counted = lengths.try_map(|n| add(n, size_of::<T>()), |n| add(n, size_of::<f32>()));
-    debug_assert!(counted.is_ok());
-    Ok(total.get())
-}
-
 /// The input sets of a rows configuration, the gradients' buffers, and the reference of the
 /// first set when it is small enough to check.
 struct RowsInputs<T: Dtype> {
@@ -383,7 +370,7 @@ fn bench_rows<T: Dtype>(
     if !fits(
         gpu,
         id,
-        fused_rows_bytes::<T>(&shape)? + set_bytes + grads_bytes,
+        RowsWorkspace::lengths(&shape)?.bytes::<T>() + set_bytes + grads_bytes,
     ) {
         return Ok(());
     }

@@ -337,3 +337,19 @@ fn layer_launches_its_stages_in_order_or_nothing() {
     assert_eq!(LayerPlan::new(s, 5, 0.0).unwrap_err(), Error::Tau(0.0));
     assert_eq!(LayerPlan::new(s, 5, 1e-40).unwrap_err(), Error::Tau(1e-40));
 }
+
+/// The workspace of a layer is O(B*S*C): six row matrices in `T` and four `B*S` float32
+/// statistics plus two scalars, no `(B, S, S)` logits (the fused InfoNCE recomputes them).
+#[test]
+fn layer_workspace_is_rows_and_statistics_only() {
+    let shape = FeatureShape::new(1, 128, 128, 128, Layout::Nchw).unwrap();
+    let n = 8192; // S = 65,536: materialised logits would be 17 GB
+    let (rows, stats) = (8 * n * 128, 8 * n);
+    let lengths = LayerWorkspace::lengths(&shape, n).unwrap();
+    assert_eq!(
+        lengths.bytes::<half::bf16>(),
+        6 * rows * 2 + (4 * stats + 2) * 4
+    );
+    assert_eq!(lengths.bytes::<f32>(), 6 * rows * 4 + (4 * stats + 2) * 4);
+    assert!(lengths.bytes::<half::bf16>() < 110 << 20);
+}

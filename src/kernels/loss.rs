@@ -42,14 +42,7 @@ impl LayerWorkspace<usize, usize> {
     /// Device bytes of a workspace of these lengths whose rows are stored in `T` (the
     /// statistics are float32): what [`crate::cuda::loss::CcpLayer::new`] allocates.
     pub fn bytes<T: crate::Dtype>(&self) -> usize {
-        let total = std::cell::Cell::new(0);
-        let add = |n: &usize, size: usize| {
-            total.set(total.get() + n * size);
-            Ok::<(), std::convert::Infallible>(())
-        };
-        let counted = self.try_map(|n| add(n, size_of::<T>()), |n| add(n, size_of::<f32>()));
-        debug_assert!(counted.is_ok());
-        total.get()
+        self.rows.bytes::<T>() + self.grad_rows * size_of::<T>()
     }
 }
 

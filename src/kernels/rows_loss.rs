@@ -65,6 +65,15 @@ impl RowsWorkspace<usize, usize> {
             one: 1,
         })
     }
+
+    /// Device bytes of a workspace of these lengths whose rows are stored in `T` (the
+    /// statistics are float32): what [`crate::cuda::rows_loss::CcpRows::new`] allocates.
+    pub fn bytes<T: crate::Dtype>(&self) -> usize {
+        let rows = self.rows_q + self.rows_k + self.unit_q + self.unit_k + self.grad_unit;
+        let stats =
+            self.norms_q + self.norms_k + self.row_lse + self.row_loss + self.loss + self.one;
+        rows * size_of::<T>() + stats * size_of::<f32>()
+    }
 }
 
 impl<R, F> RowsWorkspace<R, F> {
