@@ -8,7 +8,10 @@ mod common;
 use ccpl::kernels::info_nce::{self, Side};
 use ccpl::{Dtype, RowShape, reference};
 use common::Rng;
-use common::device::{F32_TOLERANCE, TestDevice, assert_close, from_f64, stored_tolerance, to_f64};
+use common::device::{
+    F32_TOLERANCE, Rows, TestDevice, assert_close, from_f64, label, stored_tolerance, to_f64,
+    unit_rows,
+};
 
 /// `(B, S, C)`: odd sizes, S = 8 with C = 1, S past a tile; on the GPU S = 8192.
 fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {
@@ -19,15 +22,6 @@ fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {
     dims.into_iter()
         .map(|(b, s, c)| RowShape::new(b, s, c).unwrap())
         .collect()
-}
-
-/// How the rows relate: independent (the loss is about log S), or k close to q (the
-/// diagonal dominates its row by about 10: the row losses are about S e^-10, and P_ii - 1 is
-/// that small too, which a float `exp(L_ii - lse) - 1` would get wrong).
-#[derive(Debug, Clone, Copy)]
-enum Rows {
-    Random,
-    Aligned,
 }
 
 /// The temperatures and row relations each shape is checked with: tau = 0.01 gives logits
@@ -42,36 +36,12 @@ fn regimes(shape: &RowShape) -> Vec<(f64, Rows)> {
     regimes
 }
 
-/// Unit rows `q` and `k` as f64 of values exact in `T`.
-fn unit_rows<T: Dtype>(rng: &mut Rng, shape: &RowShape, rows: Rows) -> (Vec<f64>, Vec<f64>) {
-    let q = rng.vec(shape.len());
-    let k: Vec<f64> = match rows {
-        Rows::Random => rng.vec(shape.len()),
-        Rows::Aligned => q.iter().map(|v| v + 0.3 * rng.symmetric()).collect(),
-    };
-    let unit = |v: &[f64]| {
-        let n = reference::normalize_rows(v, shape.width).unwrap().rows;
-        to_f64(&from_f64::<T>(&n))
-    };
-    (unit(&q), unit(&k))
-}
-
 /// The logits as the similarity kernel stores them (float32), and as f64.
 fn logits(q: &[f64], k: &[f64], shape: &RowShape, tau: f64) -> (Vec<f32>, Vec<f64>) {
     let exact = reference::similarity(q, k, shape, tau).unwrap();
     let stored: Vec<f32> = from_f64(&exact);
     let as_f64 = to_f64(&stored);
     (stored, as_f64)
-}
-
-fn label<D: TestDevice>(dev: &D, shape: &RowShape, tau: f64, rows: Rows) -> String {
-    format!(
-        "B={} S={} C={} tau={tau} {rows:?} on the {}",
-        shape.batch,
-        shape.rows,
-        shape.width,
-        dev.name()
-    )
 }
 
 fn check_forward<D: TestDevice>(dev: &D, shape: &RowShape, tau: f64, rows: Rows, rng: &mut Rng) {

@@ -13,8 +13,8 @@ use ccpl::kernels::{info_nce_fused, similarity};
 use ccpl::{Dtype, RowShape, reference};
 use common::Rng;
 use common::device::{
-    F32_TOLERANCE, TestDevice, assert_close, from_f64, fused_backward_model, rounded,
-    stored_tolerance, to_f64, tolerance,
+    F32_TOLERANCE, Rows, TestDevice, assert_close, from_f64, fused_backward_model, label, rounded,
+    stored_tolerance, to_f64, tolerance, unit_rows,
 };
 
 /// `(B, S, C)`: odd sizes, S = 8 with C = 1, S not a multiple of the 64-row tile, C over one
@@ -29,14 +29,6 @@ fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {
         .collect()
 }
 
-/// How the rows relate: independent (the loss is about log S), or k close to q (the
-/// diagonal dominates its row: tiny row losses and P_ii - 1).
-#[derive(Debug, Clone, Copy)]
-enum Rows {
-    Random,
-    Aligned,
-}
-
 /// Temperatures and row relations per shape: tau = 0.01 gives logits near +-100. Rows of
 /// width 1 normalise to +-1, so aligned rows would be equal: left out (see kernel_info_nce).
 fn regimes(shape: &RowShape) -> Vec<(f64, Rows)> {
@@ -49,30 +41,6 @@ fn regimes(shape: &RowShape) -> Vec<(f64, Rows)> {
         regimes.push((0.07, Rows::Aligned));
     }
     regimes
-}
-
-/// Unit rows `q` and `k` as f64 of values exact in `T`.
-fn unit_rows<T: Dtype>(rng: &mut Rng, shape: &RowShape, rows: Rows) -> (Vec<f64>, Vec<f64>) {
-    let q = rng.vec(shape.len());
-    let k: Vec<f64> = match rows {
-        Rows::Random => rng.vec(shape.len()),
-        Rows::Aligned => q.iter().map(|v| v + 0.3 * rng.symmetric()).collect(),
-    };
-    let unit = |v: &[f64]| {
-        let n = reference::normalize_rows(v, shape.width).unwrap().rows;
-        to_f64(&from_f64::<T>(&n))
-    };
-    (unit(&q), unit(&k))
-}
-
-fn label<D: TestDevice>(dev: &D, shape: &RowShape, tau: f64, rows: Rows) -> String {
-    format!(
-        "B={} S={} C={} tau={tau} {rows:?} on the {}",
-        shape.batch,
-        shape.rows,
-        shape.width,
-        dev.name()
-    )
 }
 
 /// The upstream gradient the backward scales by, read from device memory.

@@ -12,7 +12,7 @@ use ccpl::kernels::{Buf, KernelParams, LaunchPlan, Launcher};
 use ccpl::{Centers, Dtype, Element, FeatureShape, Result, RowShape, ffi, reference};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
 
-use super::rel_err;
+use super::{Rng, rel_err};
 
 /// An element type a test moves to and from a device (the storage types, f32 and i32).
 pub trait Elem: DeviceRepr + ValidAsZeroBits + Copy + Default + 'static {}
@@ -421,4 +421,38 @@ pub fn layer_model<T: Element>(
     let rows_q = rounded::<T>(&reference::neighbor_diff(feat_q, shape, centers).unwrap());
     let rows_k = rounded::<T>(&reference::neighbor_diff(feat_k, shape, centers).unwrap());
     rows_model::<T>(&rows_q, &rows_k, &rows, tau, upstream)
+}
+
+/// How the rows of an InfoNCE test relate: independent (the loss is about log S), or k close
+/// to q (the diagonal dominates its row by about 10: the row losses are about S e^-10, and
+/// P_ii - 1 is that small too, which a float `exp(L_ii - lse) - 1` would get wrong).
+#[derive(Debug, Clone, Copy)]
+pub enum Rows {
+    Random,
+    Aligned,
+}
+
+/// Unit rows `q` and `k` as f64 of values exact in `T`.
+pub fn unit_rows<T: Dtype>(rng: &mut Rng, shape: &RowShape, rows: Rows) -> (Vec<f64>, Vec<f64>) {
+    let q = rng.vec(shape.len());
+    let k: Vec<f64> = match rows {
+        Rows::Random => rng.vec(shape.len()),
+        Rows::Aligned => q.iter().map(|v| v + 0.3 * rng.symmetric()).collect(),
+    };
+    let unit = |v: &[f64]| {
+        let n = reference::normalize_rows(v, shape.width).unwrap().rows;
+        to_f64(&from_f64::<T>(&n))
+    };
+    (unit(&q), unit(&k))
+}
+
+/// A test case's name in failure messages.
+pub fn label<D: TestDevice>(dev: &D, shape: &RowShape, tau: f64, rows: Rows) -> String {
+    format!(
+        "B={} S={} C={} tau={tau} {rows:?} on the {}",
+        shape.batch,
+        shape.rows,
+        shape.width,
+        dev.name()
+    )
 }
