@@ -1,18 +1,21 @@
-//! Build script: Rust bindings of the shared header (bindgen), the kernels compiled by nvcc
-//! and embedded (a cubin per target architecture plus PTX for the newest one), and, with the
-//! `emulator` feature, the same kernel sources compiled for the CPU.
+//! Build script: the Rust bindings of the shared header `kernels/ccpl.h` (committed in
+//! `src/ffi/bindings.rs`, checked against the header where libclang is: `build/bindings.rs`),
+//! and the kernels compiled by nvcc and embedded (a cubin per target architecture plus PTX
+//! for the newest one). Nothing else: the CPU emulator is the `ccpl-emu` crate's.
 //!
 //! Environment it reads:
 //! - `CCPL_NVCC`: path of nvcc to use; else `CUDA_HOME`/`CUDA_PATH`, else nvcc on `PATH`,
 //!   else the toolchain that `scripts/bootstrap` installs under `.toolchain/`.
 //! - `CCPL_CUDA_ARCH`: comma-separated compute capabilities, default `90` (e.g. `80,90`).
 //! - `CCPL_REQUIRE_NVCC=1`: fail the build instead of building without kernels.
-//! - `LIBCLANG_PATH`: libclang for bindgen; defaults to `.toolchain/libclang` when present.
-//! - `CCPL_KERNEL_DIR`: with `emulator`, the kernel sources the emulator library is built
-//!   from instead of `kernels/` (nvcc always uses `kernels/`); see `build/emulator.rs`.
+//! - `LIBCLANG_PATH`, `CCPL_REQUIRE_BINDGEN`, `CCPL_UPDATE_BINDINGS`: see `build/bindings.rs`.
 
-#[path = "build/emulator.rs"]
-mod emulator;
+#[path = "build/bindings.rs"]
+mod bindings;
+#[path = "build/files.rs"]
+mod files;
+
+use files::files_under;
 
 use std::env;
 use std::fmt::Write as _;
@@ -27,7 +30,6 @@ const ENV_VARS: &[&str] = &[
     "CUDA_HOME",
     "CUDA_PATH",
     "PATH",
-    "LIBCLANG_PATH",
 ];
 
 fn main() {
@@ -38,12 +40,17 @@ fn main() {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=build/emulator.rs");
+    println!("cargo:rerun-if-changed=build");
     for file in files_under(&kernels) {
         println!("cargo:rerun-if-changed={}", file.display());
     }
 
-    generate_bindings(&manifest, &kernels, &out);
+    bindings::check_committed(
+        &manifest,
+        &kernels.join("ccpl.h"),
+        &manifest.join("src/ffi/bindings.rs"),
+        "(ccpl|CCPL)_.*",
+    );
 
     let sources: Vec<PathBuf> = files_under(&kernels)
         .into_iter()
@@ -59,59 +66,20 @@ fn main() {
             }
             println!("cargo:warning=ccpl: building without CUDA kernels: {why}");
             format!(
-                "pub const NOT_BUILT: Option<&str> = Some({why:?});\n\
-                     pub const IMAGES: &[KernelImage] = &[];\n\
-                     pub const PTXAS_REPORT: &str = \"\";\n"
+                "{NOT_BUILT_DOC}pub const NOT_BUILT: Option<&str> = Some({why:?});\n\
+                 {IMAGES_DOC}pub const IMAGES: &[KernelImage] = &[];\n\
+                 {REPORT_DOC}pub const PTXAS_REPORT: &str = \"\";\n"
             )
         }
     };
     fs::write(out.join("kernels.rs"), embedded).unwrap();
-
-    if env::var_os("CARGO_FEATURE_EMULATOR").is_some() {
-        emulator::build(&manifest, &out);
-    }
 }
 
-/// Every file below `dir`, sorted, so the generated code does not depend on directory order.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in fs::read_dir(&d).unwrap_or_else(|e| panic!("reading {}: {e}", d.display())) {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                files.push(path);
-            }
-        }
-    }
-    files.sort();
-    files
-}
-
-fn generate_bindings(manifest: &Path, kernels: &Path, out: &Path) {
-    let bundled = manifest.join(".toolchain/libclang");
-    if env::var_os("LIBCLANG_PATH").is_none() && bundled.join("libclang.so").exists() {
-        // SAFETY: the build script is single-threaded here; clang-sys reads this when bindgen loads libclang.
-        unsafe { env::set_var("LIBCLANG_PATH", &bundled) };
-    }
-    let bindings = bindgen::Builder::default()
-        .header(kernels.join("ccpl.h").to_string_lossy())
-        .clang_args(["-x", "c", "-std=c11"])
-        .allowlist_type("ccpl_.*")
-        .allowlist_var("CCPL_.*")
-        .derive_default(true)
-        .derive_debug(true)
-        .generate()
-        .unwrap_or_else(|e| {
-            panic!(
-                "bindgen could not parse kernels/ccpl.h ({e}). It needs libclang: run \
-                 scripts/bootstrap (installs it under .toolchain/) or set LIBCLANG_PATH."
-            )
-        });
-    bindings.write_to_file(out.join("ccpl_sys.rs")).unwrap();
-}
+// Doc comments of the generated constants (`src/ffi` includes them).
+const NOT_BUILT_DOC: &str = "/// Why the kernels were not built, or `None` when they were.\n";
+const IMAGES_DOC: &str = "/// Every kernel family as nvcc compiled it.\n";
+const REPORT_DOC: &str =
+    "/// The whole `-Xptxas -v` report of the build (registers, shared memory, spills).\n";
 
 fn find_nvcc(manifest: &Path) -> Result<PathBuf, String> {
     let works = |p: &Path| {
@@ -187,8 +155,8 @@ fn compile_kernels(nvcc_path: &Path, kernels: &Path, sources: &[PathBuf], out: &
     let archs = cuda_archs();
     let newest = *archs.last().unwrap();
     let mut report = String::new();
-    let mut code = String::from(
-        "pub const NOT_BUILT: Option<&str> = None;\npub const IMAGES: &[KernelImage] = &[\n",
+    let mut code = format!(
+        "{NOT_BUILT_DOC}pub const NOT_BUILT: Option<&str> = None;\n{IMAGES_DOC}pub const IMAGES: &[KernelImage] = &[\n"
     );
     for source in sources {
         let family = source.file_stem().unwrap().to_string_lossy().into_owned();
@@ -239,7 +207,11 @@ fn compile_kernels(nvcc_path: &Path, kernels: &Path, sources: &[PathBuf], out: &
         .unwrap();
     }
     code.push_str("];\n");
-    writeln!(code, "pub const PTXAS_REPORT: &str = {report:?};").unwrap();
+    writeln!(
+        code,
+        "{REPORT_DOC}pub const PTXAS_REPORT: &str = {report:?};"
+    )
+    .unwrap();
     code
 }
 

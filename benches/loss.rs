@@ -20,12 +20,12 @@
 
 mod common;
 
+use ccpl::cuda::CcpLayer;
+use ccpl::cuda::CcpRows;
 use ccpl::cuda::info_nce::Side;
-use ccpl::cuda::loss::CcpLayer;
-use ccpl::cuda::neighbor::{DeviceCenters, Scatter};
-use ccpl::cuda::rows_loss::CcpRows;
-use ccpl::kernels::loss::LayerWorkspace;
-use ccpl::kernels::rows_loss::RowsWorkspace;
+use ccpl::cuda::{DeviceCenters, Scatter};
+use ccpl::plan::layer::LayerWorkspace;
+use ccpl::plan::rows::RowsWorkspace;
 use ccpl::reference::relative_error as rel_err;
 use ccpl::reference::{
     ccp_layer_loss, info_nce_backward, info_nce_forward, normalize_rows, normalize_rows_backward,

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use cudarc::driver::{CudaContext, CudaSlice};
 
-use ccpl::cuda::{self, Kernels, loss::CcpLayer, neighbor::DeviceCenters, neighbor::Scatter};
+use ccpl::cuda::{self, CcpLayer, DeviceCenters, Kernels, Scatter};
 use ccpl::reference::{ccp_layer_loss, relative_error};
 use ccpl::sampling::SplitMix64;
 use ccpl::{Centers, FeatureShape, Layout};

@@ -39,9 +39,14 @@
 /* Threads per block of each kernel family (the launch plans in Rust read these). */
 #define CCPL_NEIGHBOR_BLOCK 256
 #define CCPL_NORMALIZE_BLOCK 256
-#define CCPL_SIMILARITY_TILE 64
-#define CCPL_SIMILARITY_BLOCK 256
 #define CCPL_INFO_NCE_BLOCK 256
+
+/*
+ * The tiled kernels (similarity, info_nce_backward, info_nce_fused; tile_gemm.cuh and
+ * tile_mma.cuh): one block of CCPL_TILE_THREADS threads per CCPL_TILE_SIDE-square output tile.
+ */
+#define CCPL_TILE_SIDE 64
+#define CCPL_TILE_THREADS 256
 
 /* ---- Launch parameters, one struct per kernel --------------------------------------- */
 

@@ -2,8 +2,9 @@
 // accumulation for half types), warp and block reductions, the neighbour convention, and the
 // macros that turn one templated kernel into its per-dtype entry points.
 //
-// The same sources compile with nvcc (__CUDACC__) and, for the CPU emulator, with the host
-// C++ compiler against kernels/emu/cuda_emu.h, which provides the CUDA built-ins used here.
+// The same sources compile with nvcc (__CUDACC__) and, for the CPU emulator (the ccpl-emu
+// crate), with the host C++ compiler against its cuda_emu.h, which provides the CUDA built-ins
+// used here.
 #pragma once
 
 #include "ccpl.h"
@@ -16,7 +17,7 @@
 // Dynamic shared memory of the launch, viewed as an array of `type`.
 #define CCPL_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
 #else
-#include "emu/cuda_emu.h"
+#include "cuda_emu.h"  // emu/runtime/, on the emulator's include path
 #endif
 
 // The three storage types, each with its kernel-name suffix.
@@ -31,6 +32,11 @@ namespace ccpl {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarp = 32;
+
+// The tiled kernels' output tile (tile_gemm.cuh, tile_mma.cuh): its side and the threads of
+// the block that computes it.
+constexpr int kTileSide = CCPL_TILE_SIDE;
+constexpr int kTileThreads = CCPL_TILE_THREADS;
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -48,6 +54,17 @@ template <typename T> __device__ __forceinline__ const T* ptr(uint64_t addr) {
 }
 template <typename T> __device__ __forceinline__ T* mut_ptr(uint64_t addr) {
     return reinterpret_cast<T*>(addr);
+}
+
+// body(std::true_type{}) or body(std::false_type{}) as `flag` is set: a launch parameter
+// turned into a template argument (`decltype(x)::value`), the one dispatch of every kernel
+// with a transposed variant.
+template <typename Body> __device__ __forceinline__ void bool_switch(int32_t flag, const Body& body) {
+    if (flag) {
+        body(std::true_type{});
+    } else {
+        body(std::false_type{});
+    }
 }
 
 // Neighbour direction k (0..7) as (dh, dw), decoded from CCPL_NEIGHBOR_SLOTS (ccpl.h).
@@ -76,16 +93,6 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     __syncthreads();
     v = lane < warps ? scratch[lane] : 0.0f;
     return warp_sum(v);
-}
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-    const int warps = blockDim.x / kWarp;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < warps ? scratch[lane] : -INFINITY;
-    return warp_max(v);
 }
 
 }  // namespace ccpl

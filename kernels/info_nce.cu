@@ -63,21 +63,19 @@ __device__ void info_nce_loss(const ccpl_info_nce_loss_params& p) {
 template <typename T, bool kTranspose>
 __device__ void info_nce_backward_tile(const ccpl_info_nce_backward_params& p, GemmShared& smem) {
     const int64_t S = p.rows, C = p.width, b = blockIdx.z;
-    const int64_t r0 = (int64_t)blockIdx.y * Gemm::kTile, c0 = (int64_t)blockIdx.x * Gemm::kTile;
+    const int64_t r0 = (int64_t)blockIdx.y * kTileSide, c0 = (int64_t)blockIdx.x * kTileSide;
     const float* __restrict__ L = ptr<float>(p.logits) + b * S * S;
     const float* __restrict__ lse = ptr<float>(p.row_lse) + b * S;
     const float* __restrict__ row_loss = ptr<float>(p.row_loss) + b * S;
     const T* __restrict__ other = ptr<T>(p.other) + b * S * C;
-    // P_ij = exp(L_ij - lse_i) off the diagonal; P_ii - 1 = exp(-row_loss_i) - 1 on it, by
-    // expm1, which keeps its precision when P_ii is close to 1.
-    const auto softmax_minus_eye = [&](int64_t i, int64_t j) {
-        return i == j ? expm1f(-row_loss[i]) : expf(L[i * S + j] - lse[i]);
+    const auto g = [&](int64_t i, int64_t j) {
+        return softmax_minus_eye(i == j, L[i * S + j], lse[i], row_loss[i]);
     };
     // A: G (rows r0.., read along j) or Gᵀ (rows are columns of L, read along them).
     const auto load_g = [&](int m, int64_t k) {
         const int64_t r = r0 + m;
         if (r >= S || k >= S) return 0.0f;
-        return kTranspose ? softmax_minus_eye(k, r) : softmax_minus_eye(r, k);
+        return kTranspose ? g(k, r) : g(r, k);
     };
     // B: the other side's normalised rows, read along C.
     const auto load_other = [&](int64_t k, int n) {
@@ -101,11 +99,9 @@ __device__ void info_nce_backward_tile(const ccpl_info_nce_backward_params& p, G
 
 template <typename T> __device__ void info_nce_backward(const ccpl_info_nce_backward_params& p) {
     __shared__ GemmShared smem;
-    if (p.transpose) {
-        info_nce_backward_tile<T, true>(p, smem);
-    } else {
-        info_nce_backward_tile<T, false>(p, smem);
-    }
+    bool_switch(p.transpose, [&](auto transpose) {
+        info_nce_backward_tile<T, decltype(transpose)::value>(p, smem);
+    });
 }
 
 }  // namespace ccpl

@@ -25,13 +25,13 @@ template <typename T, typename Tiles>
 __device__ void info_nce_fused_forward_rows(const ccpl_info_nce_fused_forward_params& p,
                                             Tiles& tiles, float* diagonal) {
     const int64_t S = p.rows, C = p.width, b = blockIdx.z;
-    const int64_t i0 = (int64_t)blockIdx.y * Gemm::kTile;
+    const int64_t i0 = (int64_t)blockIdx.y * kTileSide;
     const T* __restrict__ q = ptr<T>(p.q) + b * S * C;
     const T* __restrict__ k = ptr<T>(p.k) + b * S * C;
     RowStats stats[Gemm::kMicro];
 #pragma unroll
     for (int i = 0; i < Gemm::kMicro; ++i) stats[i] = row_stats_empty();
-    for (int64_t j0 = 0; j0 < S; j0 += Gemm::kTile) {
+    for (int64_t j0 = 0; j0 < S; j0 += kTileSide) {
         tiles.compute(q, k, S, C, i0, j0);
 #pragma unroll
         for (int i = 0; i < Gemm::kMicro; ++i) {
@@ -74,7 +74,7 @@ __device__ void info_nce_fused_forward_rows(const ccpl_info_nce_fused_forward_pa
 
 template <typename T>
 __device__ void info_nce_fused_forward(const ccpl_info_nce_fused_forward_params& p) {
-    __shared__ float diagonal[Gemm::kTile];
+    __shared__ float diagonal[kTileSide];
     with_logits_tiles<T>([&](auto& tiles) { info_nce_fused_forward_rows<T>(p, tiles, diagonal); });
 }
 
@@ -89,13 +89,12 @@ template <typename T> struct FusedBackwardTile {
     float inv_tau;
 
     // G at own row r, other row c (rows past S: 0) from the unscaled logit of the pair:
-    // G_ij = P_ij - [i == j] of the softmax row i (i = r, or c with kTranspose), with
-    // P_ii - 1 = expm1(-row_loss_i), precise when P_ii is close to 1.
+    // entry (i, j) of softmax - I of the softmax row i = r (c with kTranspose).
     template <bool kTranspose>
     __device__ __forceinline__ float g(int64_t r, int64_t c, float dot) const {
         if (r >= S || c >= S) return 0.0f;
         const int64_t row = kTranspose ? c : r;
-        return r == c ? expm1f(-row_loss[row]) : expf(dot * inv_tau - lse[row]);
+        return softmax_minus_eye(r == c, dot * inv_tau, lse[row], row_loss[row]);
     }
     // The other side's rows n0.. at output column `col` of the tile, zero outside.
     __device__ __forceinline__ T other_at(int64_t n, int col) const {
@@ -109,13 +108,13 @@ template <typename T> struct FusedBackwardTile {
 // GEMM 2 adds G · other[n0.., c0..] to the accumulators.
 struct FmaBackwardShared {
     GemmShared gemm;
-    float g[Gemm::kTile][Gemm::kStride];
+    float g[kTileSide][Gemm::kStride];
 };
 
 template <typename T, bool kTranspose>
 __device__ void info_nce_fused_backward_fma(const FusedBackwardTile<T>& t, FmaBackwardShared& smem,
                                             GemmAcc& out) {
-    for (int64_t n0 = 0; n0 < t.S; n0 += Gemm::kTile) {
+    for (int64_t n0 = 0; n0 < t.S; n0 += kTileSide) {
         GemmAcc logits = {};
         gemm_row_products(smem.gemm, t.own, t.other, t.S, t.C, t.r0, n0, logits);
 #pragma unroll
@@ -130,7 +129,7 @@ __device__ void info_nce_fused_backward_fma(const FusedBackwardTile<T>& t, FmaBa
         const auto load_g = [&](int m, int64_t n) { return smem.g[m][n]; };
         const auto load_other = [&](int64_t n, int col) { return to_float(t.other_at(n0 + n, col)); };
         // gemm_tile ends with a barrier: the next G may overwrite this one.
-        gemm_tile<true, false, true>(smem.gemm, Gemm::kTile, load_g, load_other, out);  // summed apart from out
+        gemm_tile<true, false, true>(smem.gemm, kTileSide, load_g, load_other, out);  // summed apart from out
     }
 }
 
@@ -145,10 +144,10 @@ template <typename T> constexpr float kGScale = std::is_same<T, __half>::value ?
 template <typename T> struct MmaBackwardShared {
     union {
         MmaStage<T> stage;                             // GEMM 1's operands
-        __align__(32) T other[Gemm::kTile][Mma::kTileLd];  // GEMM 2's B
+        __align__(32) T other[kTileSide][Mma::kTileLd];  // GEMM 2's B
     };
     MmaTile logits;                                // GEMM 1's result, then the output tile
-    __align__(32) T g[Gemm::kTile][Mma::kTileLd];  // GEMM 2's A
+    __align__(32) T g[kTileSide][Mma::kTileLd];  // GEMM 2's A
 };
 
 template <typename T, bool kTranspose>
@@ -157,11 +156,11 @@ __device__ void info_nce_fused_backward_mma(const FusedBackwardTile<T>& t, MmaBa
     MmaAcc acc[Mma::kBlocksPerWarp];
 #pragma unroll
     for (int f = 0; f < Mma::kBlocksPerWarp; ++f) wmma::fill_fragment(acc[f], 0.0f);
-    for (int64_t n0 = 0; n0 < t.S; n0 += Gemm::kTile) {
+    for (int64_t n0 = 0; n0 < t.S; n0 += kTileSide) {
         mma_row_products(smem.stage, smem.logits, t.own, t.other, t.S, t.C, t.r0, n0);
         __syncthreads();  // the logits tile, stored by every warp; the stage free
-        for (int e = threadIdx.x; e < Gemm::kTile * Gemm::kTile; e += CCPL_SIMILARITY_BLOCK) {
-            const int m = e / Gemm::kTile, n = e % Gemm::kTile;
+        for (int e = threadIdx.x; e < kTileSide * kTileSide; e += kTileThreads) {
+            const int m = e / kTileSide, n = e % kTileSide;
             const float g = t.template g<kTranspose>(t.r0 + m, n0 + n, smem.logits[m][n]);
             smem.g[m][n] = from_float<T>(g * kGScale<T>);
             smem.other[m][n] = t.other_at(n0 + m, n);
@@ -192,8 +191,8 @@ __device__ void info_nce_fused_backward_tile(const ccpl_info_nce_fused_backward_
     const T* __restrict__ k = ptr<T>(p.k) + b * S * C;
     const FusedBackwardTile<T> t{S,
                                  C,
-                                 (int64_t)blockIdx.y * Gemm::kTile,
-                                 (int64_t)blockIdx.x * Gemm::kTile,
+                                 (int64_t)blockIdx.y * kTileSide,
+                                 (int64_t)blockIdx.x * kTileSide,
                                  ptr<float>(p.row_lse) + b * S,
                                  ptr<float>(p.row_loss) + b * S,
                                  kTranspose ? k : q,
@@ -218,23 +217,16 @@ __device__ void info_nce_fused_backward_tile(const ccpl_info_nce_fused_backward_
     }
 }
 
+// The backward's shared memory for T: the tensor-core or the FMA path's.
+template <typename T>
+using FusedBackwardShared = std::conditional_t<kTensorCores<T>, MmaBackwardShared<T>, FmaBackwardShared>;
+
 template <typename T>
 __device__ void info_nce_fused_backward(const ccpl_info_nce_fused_backward_params& p) {
-    if constexpr (kTensorCores<T>) {
-        __shared__ MmaBackwardShared<T> smem;
-        if (p.transpose) {
-            info_nce_fused_backward_tile<T, true>(p, smem);
-        } else {
-            info_nce_fused_backward_tile<T, false>(p, smem);
-        }
-    } else {
-        __shared__ FmaBackwardShared smem;
-        if (p.transpose) {
-            info_nce_fused_backward_tile<T, true>(p, smem);
-        } else {
-            info_nce_fused_backward_tile<T, false>(p, smem);
-        }
-    }
+    __shared__ FusedBackwardShared<T> smem;
+    bool_switch(p.transpose, [&](auto transpose) {
+        info_nce_fused_backward_tile<T, decltype(transpose)::value>(p, smem);
+    });
 }
 
 }  // namespace ccpl

@@ -1,5 +1,6 @@
 // row_stats.cuh: the running statistics of a row of logits for its logsumexp, shared by
-// info_nce.cu (a warp per row of stored logits) and info_nce_fused.cu (logits tile by tile).
+// info_nce.cu (a warp per row of stored logits) and info_nce_fused.cu (logits tile by tile),
+// and the entries of softmax - I that both backward kernels form from them.
 //
 // A row seen so far is (max, rest): its maximum and rest = the sum of exp(x - max) over its
 // elements other than (one) maximum, rescaled when the maximum grows. One exp per element,
@@ -40,6 +41,14 @@ __device__ __forceinline__ RowStats row_stats_merge(RowStats a, RowStats b) {
         b = t;
     }
     return RowStats{a.max, a.rest + (b.rest + 1.0f) * expf(b.max - a.max)};
+}
+
+// Entry (i, j) of softmax(L) - I from row i's statistics as the forward left them (lse_i and
+// row_loss_i = lse_i - L_ii): P_ij = exp(L_ij - lse_i) off the diagonal; on it, P_ii - 1 =
+// expm1(-row_loss_i), which keeps its precision when P_ii is close to 1 (exp(L_ii - lse_i) - 1
+// would cancel). The one formula of every backward kernel.
+__device__ __forceinline__ float softmax_minus_eye(bool diagonal, float logit, float lse, float row_loss) {
+    return diagonal ? expm1f(-row_loss) : expf(logit - lse);
 }
 
 }  // namespace ccpl

@@ -1,23 +1,22 @@
 // tile_gemm.cuh: the shared-memory tile loop of similarity.cu (logits = q kᵀ), info_nce.cu
 // (gradients = G · rows) and info_nce_fused.cu (both, tile by tile): one block computes one
-// 64x64 tile of out = A·B with float accumulation. The operands come from callbacks, so the same loop serves plain rows,
-// transposed reads and operands computed on the fly.
+// 64x64 tile of out = A·B with float accumulation. The operands come from callbacks, so the
+// same loop serves plain rows, transposed reads and operands computed on the fly.
 #pragma once
 
 #include "common.cuh"
 
 namespace ccpl {
 
+// The FMA tile of kTileSide x kTileSide (common.cuh) over kTileThreads threads.
 struct Gemm {
-    static constexpr int kTile = CCPL_SIMILARITY_TILE;       // output tile side
-    static constexpr int kThreads = CCPL_SIMILARITY_BLOCK;   // threads per block
-    static constexpr int kSide = 16;                         // threads per tile side
-    static constexpr int kMicro = kTile / kSide;             // each thread: kMicro x kMicro
-    static constexpr int kStep = 32;                         // reduction depth per stage
-    static constexpr int kStride = kTile + 1;                // padded: conflict-free stores
+    static constexpr int kSide = 16;                  // threads per tile side
+    static constexpr int kMicro = kTileSide / kSide;  // each thread: kMicro x kMicro
+    static constexpr int kStep = 32;                  // reduction depth per stage
+    static constexpr int kStride = kTileSide + 1;     // padded: conflict-free stores
 };
-static_assert(Gemm::kSide * Gemm::kSide == Gemm::kThreads, "one thread per micro-tile");
-static_assert(Gemm::kMicro * Gemm::kSide == Gemm::kTile, "micro-tiles cover the tile");
+static_assert(Gemm::kSide * Gemm::kSide == kTileThreads, "one thread per micro-tile");
+static_assert(Gemm::kMicro * Gemm::kSide == kTileSide, "micro-tiles cover the tile");
 
 // Both operand tiles of one stage, reduction-index major: a[kk][m], b[kk][n].
 struct GemmShared {
@@ -38,9 +37,9 @@ __device__ __forceinline__ int gemm_col(int j) { return (int)threadIdx.x % Gemm:
 template <bool kAlongK, typename Load>
 __device__ __forceinline__ void gemm_fill(float (*tile)[Gemm::kStride], const Load& load) {
 #pragma unroll
-    for (int e = threadIdx.x; e < Gemm::kTile * Gemm::kStep; e += Gemm::kThreads) {
-        const int m = kAlongK ? e / Gemm::kStep : e % Gemm::kTile;
-        const int kk = kAlongK ? e % Gemm::kStep : e / Gemm::kTile;
+    for (int e = threadIdx.x; e < kTileSide * Gemm::kStep; e += kTileThreads) {
+        const int m = kAlongK ? e / Gemm::kStep : e % kTileSide;
+        const int kk = kAlongK ? e % Gemm::kStep : e / kTileSide;
         tile[kk][m] = load(m, kk);
     }
 }

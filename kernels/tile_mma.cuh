@@ -4,7 +4,7 @@
 // band w/2 and two 16-column blocks of it. The operands are staged in shared memory in T,
 // the results stored to a float tile in shared memory, so the callers read them with any
 // thread mapping (fragment layouts are never relied on). The emulator runs the same code
-// through the portable nvcuda::wmma of kernels/emu/cuda_emu.h.
+// through the portable nvcuda::wmma of emu/runtime/cuda_emu.h.
 #pragma once
 
 #include "common.cuh"
@@ -16,19 +16,19 @@ namespace ccpl {
 
 namespace wmma = nvcuda::wmma;
 
+// The tensor-core tile of kTileSide x kTileSide (common.cuh) over kTileThreads threads.
 struct Mma {
-    static constexpr int kTile = CCPL_SIMILARITY_TILE;  // output tile side
-    static constexpr int kFrag = 16;                    // m = n = k of one mma
-    static constexpr int kDepth = 32;                   // reduction depth staged per step
+    static constexpr int kFrag = 16;   // m = n = k of one mma
+    static constexpr int kDepth = 32;  // reduction depth staged per step
     // Padded leading dimensions: multiples of 8 elements (16 bytes) as WMMA requires, and
     // every 16-row band starts 32-byte aligned.
-    static constexpr int kStageLd = kDepth + 8;  // T
-    static constexpr int kTileLd = kTile + 8;    // T
-    static constexpr int kAccLd = kTile + 4;     // float
-    static constexpr int kBlocksPerWarp = 2;     // 16x16 output blocks of a warp
+    static constexpr int kStageLd = kDepth + 8;    // T
+    static constexpr int kTileLd = kTileSide + 8;  // T
+    static constexpr int kAccLd = kTileSide + 4;   // float
+    static constexpr int kBlocksPerWarp = 2;       // 16x16 output blocks of a warp
 };
-static_assert(Mma::kTile / Mma::kFrag * (Mma::kTile / Mma::kFrag) ==
-                  Mma::kBlocksPerWarp * CCPL_SIMILARITY_BLOCK / kWarp,
+static_assert(kTileSide / Mma::kFrag * (kTileSide / Mma::kFrag) ==
+                  Mma::kBlocksPerWarp * kTileThreads / kWarp,
               "the 8 warps cover the 64x64 tile");
 
 // The warp's 16-row band and its first 16-column block.
@@ -42,13 +42,13 @@ template <typename T>
 using MmaA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
 
 // The 64x64 float result tile, row-major.
-using MmaTile = float[Mma::kTile][Mma::kAccLd];
+using MmaTile = float[kTileSide][Mma::kAccLd];
 
 // Operand tiles of one stage of the logits product: rows m of a and rows n of b, kDepth
 // columns of C each.
 template <typename T> struct MmaStage {
-    __align__(32) T a[Mma::kTile][Mma::kStageLd];
-    __align__(32) T b[Mma::kTile][Mma::kStageLd];
+    __align__(32) T a[kTileSide][Mma::kStageLd];
+    __align__(32) T b[kTileSide][Mma::kStageLd];
 };
 
 // tile[m][kk] = rows[row0 + m][c0 + kk] of a row matrix (S, C), zero outside it; consecutive
@@ -56,7 +56,7 @@ template <typename T> struct MmaStage {
 template <typename T>
 __device__ __forceinline__ void mma_fill_rows(T (*tile)[Mma::kStageLd], const T* __restrict__ rows,
                                               int64_t S, int64_t C, int64_t row0, int64_t c0) {
-    for (int e = threadIdx.x; e < Mma::kTile * Mma::kDepth; e += CCPL_SIMILARITY_BLOCK) {
+    for (int e = threadIdx.x; e < kTileSide * Mma::kDepth; e += kTileThreads) {
         const int m = e / Mma::kDepth, kk = e % Mma::kDepth;
         const int64_t r = row0 + m, c = c0 + kk;
         tile[m][kk] = r < S && c < C ? rows[r * C + c] : from_float<T>(0.0f);
@@ -108,7 +108,7 @@ __device__ __forceinline__ void mma_accumulate(const T (*g)[Mma::kTileLd],
                                                MmaAcc (&acc)[Mma::kBlocksPerWarp]) {
     const int band = mma_band();
 #pragma unroll
-    for (int kk = 0; kk < Mma::kTile; kk += Mma::kFrag) {
+    for (int kk = 0; kk < kTileSide; kk += Mma::kFrag) {
         MmaA<T> fa;
         wmma::load_matrix_sync(fa, &g[band][kk], Mma::kTileLd);
 #pragma unroll

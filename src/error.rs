@@ -56,9 +56,6 @@ pub enum Error {
     KernelsNotBuilt(&'static str),
     /// An error reported by the CUDA driver.
     Cuda(String),
-    /// A launch the CPU emulator (feature `emulator`) rejected or stopped: an unknown kernel,
-    /// bad dimensions, a deadlock, a barrier or warp collective used against CUDA's rules.
-    Emulator(String),
     /// A backward was asked for before any forward filled what it reads.
     BackwardBeforeForward,
 }
@@ -108,7 +105,6 @@ impl fmt::Display for Error {
             Error::NoGpu(msg) => write!(f, "no GPU: {msg}"),
             Error::KernelsNotBuilt(why) => write!(f, "CUDA kernels were not built: {why}"),
             Error::Cuda(msg) => write!(f, "CUDA error: {msg}"),
-            Error::Emulator(msg) => write!(f, "emulated launch failed: {msg}"),
             Error::BackwardBeforeForward => write!(f, "backward called before forward"),
         }
     }

@@ -2,22 +2,21 @@
 //!
 //! CUDA kernels, with a float64 CPU reference, for the Contrastive Coherence Preserving loss
 //! (CCPL, Wu et al., ECCV 2022): the loss that makes style-transfer networks temporally
-//! coherent on video while training on single images. The contract is
-//! `shared/ccpl-spec.md`; the README has the two commands and the API in brief.
+//! coherent on video while training on single images. The contract, the loss step by step,
+//! is [`contract`] (`docs/ccpl-loss.md` in the repository); the README has the two commands
+//! and the API in brief.
 //!
-//! - [`reference`]: every stage and its backward in `f64`, the oracle;
-//! - [`cuda`]: the kernels on the caller's context and stream;
-//! - [`kernels`]: the launch plans both the GPU and the CPU emulator execute;
-//! - `emu` (feature `emulator`): the same `.cu` sources run on the CPU, for tests.
+//! - [`reference`](mod@reference): every stage and its backward in `f64`, the oracle;
+//! - [`plan`]: the launch plans both the GPU and the CPU emulator (crate `ccpl-emu`) execute;
+//! - [`cuda`]: the kernels on the caller's context and stream, and the loss objects
+//!   [`cuda::CcpLayer`] and [`cuda::CcpRows`].
 #![warn(missing_docs)]
 
 pub mod cuda;
 pub mod dtype;
-#[cfg(feature = "emulator")]
-pub mod emu;
 pub mod error;
 pub mod ffi;
-pub mod kernels;
+pub mod plan;
 pub mod reference;
 pub mod sampling;
 pub mod shape;
@@ -26,6 +25,9 @@ pub use dtype::{Dtype, Element};
 pub use error::{Error, Result, check_tau};
 pub use sampling::Centers;
 pub use shape::{FeatureShape, Layout, RowShape};
+
+#[doc = include_str!("../docs/ccpl-loss.md")]
+pub mod contract {}
 
 /// The default temperature of the paper.
 pub const DEFAULT_TAU: f64 = 0.07;

@@ -5,10 +5,10 @@
 
 mod common;
 
+use ccpl::cuda::CcpLayer;
+use ccpl::cuda::CcpRows;
 use ccpl::cuda::info_nce::{self, Side};
-use ccpl::cuda::loss::CcpLayer;
 use ccpl::cuda::neighbor::{self, DeviceCenters, Scatter};
-use ccpl::cuda::rows_loss::CcpRows;
 use ccpl::cuda::{normalize, similarity};
 use ccpl::{Centers, Error, FeatureShape, Layout, RowShape, reference};
 use common::Rng;

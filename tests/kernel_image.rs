@@ -5,10 +5,10 @@
 use std::collections::BTreeSet;
 
 use ccpl::cuda::entry_points;
-use ccpl::kernels::info_nce::{self, Side};
-use ccpl::kernels::loss::LayerWorkspace;
-use ccpl::kernels::neighbor::{self, CentersBuf, Scatter};
-use ccpl::kernels::{Buf, info_nce_fused, normalize, similarity};
+use ccpl::plan::info_nce::{self, Side};
+use ccpl::plan::layer::LayerWorkspace;
+use ccpl::plan::neighbor::{self, CentersBuf, Scatter};
+use ccpl::plan::{Buf, info_nce_fused, normalize, similarity};
 use ccpl::{Dtype, FeatureShape, Layout, RowShape, ffi};
 use half::{bf16, f16};
 

@@ -8,8 +8,8 @@
 
 mod common;
 
-use ccpl::kernels::info_nce::{self, Side};
-use ccpl::kernels::{info_nce_fused, similarity};
+use ccpl::plan::info_nce::{self, Side};
+use ccpl::plan::{info_nce_fused, similarity};
 use ccpl::{Dtype, RowShape, reference};
 use common::Rng;
 use common::device::{

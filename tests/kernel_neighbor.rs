@@ -4,7 +4,7 @@
 
 mod common;
 
-use ccpl::kernels::neighbor::{self, Scatter};
+use ccpl::plan::neighbor::{self, Scatter};
 use ccpl::{Centers, Dtype, FeatureShape, Layout, reference};
 use common::Rng;
 use common::device::{

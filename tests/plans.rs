@@ -4,12 +4,10 @@
 
 use std::cell::RefCell;
 
-use ccpl::kernels::info_nce::{self, Side};
-use ccpl::kernels::loss::{LayerPlan, LayerWorkspace};
-use ccpl::kernels::neighbor::{self, CentersBuf, Scatter};
-use ccpl::kernels::{
-    Buf, KernelParams, LaunchPlan, Launcher, info_nce_fused, normalize, similarity,
-};
+use ccpl::plan::info_nce::{self, Side};
+use ccpl::plan::layer::{LayerPlan, LayerWorkspace};
+use ccpl::plan::neighbor::{self, CentersBuf, Scatter};
+use ccpl::plan::{Buf, KernelParams, LaunchPlan, Launcher, info_nce_fused, normalize, similarity};
 use ccpl::{Error, FeatureShape, Layout, Result, RowShape};
 
 fn buf(len: usize) -> Buf {
@@ -258,6 +256,7 @@ fn row_plans_check_lengths_temperature_and_grid_limits() {
 struct Recorder(RefCell<Vec<String>>);
 
 impl Launcher for Recorder {
+    type Error = ccpl::Error;
     fn launch<P: KernelParams>(&self, plan: &LaunchPlan<P>) -> Result<()> {
         self.0.borrow_mut().push(plan.kernel.clone());
         Ok(())

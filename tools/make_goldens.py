@@ -4,7 +4,7 @@
 The loss is written the way the original CCPL code writes it (NeighborSample + PatchNCELoss of
 JarrentWu1031/CCPL, net.py: gather centre and neighbour rows, subtract, normalise, bmm, the
 positive concatenated with the diagonal-masked negatives, cross-entropy), with the three fixes
-of the spec (shared/ccpl-spec.md, "What the original does that this crate must not"):
+of the contract (docs/ccpl-loss.md, "Where ccpl departs from the original code"):
 
 - the finite derivative of the normalisation at an exactly-zero row (the original's
   `x.pow(2).sum().pow(0.5)` gives NaN there);

@@ -3,12 +3,12 @@
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
-use super::{Kernels, buf, buf_mut};
+use super::Kernels;
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::kernels::Launcher;
-use crate::kernels::info_nce as plan;
-pub use crate::kernels::info_nce::Side;
+use crate::plan::Launcher;
+use crate::plan::info_nce as plan;
+pub use crate::plan::info_nce::Side;
 use crate::shape::RowShape;
 
 /// Writes, per row of the logits `(B, S, S)`, `row_lse = logsumexp_j L[b,i,j]` and
@@ -24,12 +24,11 @@ pub fn info_nce_forward(
     row_lse: &mut impl DevicePtrMut<f32>,
     row_loss: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
-    let (logits, _logits_guard) = buf(logits, stream);
-    let (row_lse, _lse_guard) = buf_mut(row_lse, stream);
-    let (row_loss, _loss_guard) = buf_mut(row_loss, stream);
-    kernels
-        .on(stream)?
-        .launch(&plan::info_nce_forward(shape, logits, row_lse, row_loss)?)
+    let launcher = kernels.on(stream)?;
+    let logits = launcher.read(logits);
+    let row_lse = launcher.write(row_lse);
+    let row_loss = launcher.write(row_loss);
+    launcher.launch(&plan::info_nce_forward(shape, logits, row_lse, row_loss)?)
 }
 
 /// Writes `loss[0] = mean(row_loss)`, or adds it with `accumulate` (to sum several layers on
@@ -43,11 +42,10 @@ pub fn info_nce_loss(
     loss: &mut impl DevicePtrMut<f32>,
     accumulate: bool,
 ) -> Result<()> {
-    let (row_loss, _row_loss_guard) = buf(row_loss, stream);
-    let (loss, _loss_guard) = buf_mut(loss, stream);
-    kernels
-        .on(stream)?
-        .launch(&plan::info_nce_loss(row_loss, loss, accumulate)?)
+    let launcher = kernels.on(stream)?;
+    let row_loss = launcher.read(row_loss);
+    let loss = launcher.write(loss);
+    launcher.launch(&plan::info_nce_loss(row_loss, loss, accumulate)?)
 }
 
 /// Writes the gradient of the loss with respect to the normalised rows of `side` into `grad`
@@ -70,14 +68,15 @@ pub fn info_nce_backward<T: Dtype>(
     upstream: &impl DevicePtr<f32>,
     grad: &mut impl DevicePtrMut<T>,
 ) -> Result<()> {
-    let (logits, _logits_guard) = buf(logits, stream);
-    let (row_lse, _lse_guard) = buf(row_lse, stream);
-    let (row_loss, _loss_guard) = buf(row_loss, stream);
-    let (other, _other_guard) = buf(other, stream);
-    let (upstream, _upstream_guard) = buf(upstream, stream);
-    let (grad, _grad_guard) = buf_mut(grad, stream);
+    let launcher = kernels.on(stream)?;
+    let logits = launcher.read(logits);
+    let row_lse = launcher.read(row_lse);
+    let row_loss = launcher.read(row_loss);
+    let other = launcher.read(other);
+    let upstream = launcher.read(upstream);
+    let grad = launcher.write(grad);
     let launch = plan::info_nce_backward::<T>(
         shape, tau, side, logits, row_lse, row_loss, other, upstream, grad,
     )?;
-    kernels.on(stream)?.launch(&launch)
+    launcher.launch(&launch)
 }

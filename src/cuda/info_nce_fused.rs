@@ -4,12 +4,12 @@
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
-use super::{Kernels, buf, buf_mut};
+use super::Kernels;
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::kernels::Launcher;
-pub use crate::kernels::info_nce::Side;
-use crate::kernels::info_nce_fused as plan;
+use crate::plan::Launcher;
+pub use crate::plan::info_nce::Side;
+use crate::plan::info_nce_fused as plan;
 use crate::shape::RowShape;
 
 /// Writes, per row of the logits `L = q kᵀ / tau` of the normalised rows `q`, `k` `(B, S, C)`,
@@ -30,12 +30,13 @@ pub fn info_nce_fused_forward<T: Dtype>(
     row_lse: &mut impl DevicePtrMut<f32>,
     row_loss: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
-    let (q, _q_guard) = buf(q, stream);
-    let (k, _k_guard) = buf(k, stream);
-    let (row_lse, _lse_guard) = buf_mut(row_lse, stream);
-    let (row_loss, _loss_guard) = buf_mut(row_loss, stream);
+    let launcher = kernels.on(stream)?;
+    let q = launcher.read(q);
+    let k = launcher.read(k);
+    let row_lse = launcher.write(row_lse);
+    let row_loss = launcher.write(row_loss);
     let launch = plan::info_nce_fused_forward::<T>(shape, tau, q, k, row_lse, row_loss)?;
-    kernels.on(stream)?.launch(&launch)
+    launcher.launch(&launch)
 }
 
 /// Writes the gradient of the loss with respect to the normalised rows of `side` into `grad`
@@ -58,14 +59,15 @@ pub fn info_nce_fused_backward<T: Dtype>(
     upstream: &impl DevicePtr<f32>,
     grad: &mut impl DevicePtrMut<T>,
 ) -> Result<()> {
-    let (q, _q_guard) = buf(q, stream);
-    let (k, _k_guard) = buf(k, stream);
-    let (row_lse, _lse_guard) = buf(row_lse, stream);
-    let (row_loss, _loss_guard) = buf(row_loss, stream);
-    let (upstream, _upstream_guard) = buf(upstream, stream);
-    let (grad, _grad_guard) = buf_mut(grad, stream);
+    let launcher = kernels.on(stream)?;
+    let q = launcher.read(q);
+    let k = launcher.read(k);
+    let row_lse = launcher.read(row_lse);
+    let row_loss = launcher.read(row_loss);
+    let upstream = launcher.read(upstream);
+    let grad = launcher.write(grad);
     let launch = plan::info_nce_fused_backward::<T>(
         shape, tau, side, q, k, row_lse, row_loss, upstream, grad,
     )?;
-    kernels.on(stream)?.launch(&launch)
+    launcher.launch(&launch)
 }

@@ -12,12 +12,18 @@
 
 pub mod info_nce;
 pub mod info_nce_fused;
-pub mod loss;
+pub mod layer;
 pub mod neighbor;
 pub mod normalize;
-pub mod rows_loss;
+mod resident;
+pub mod rows;
 pub mod similarity;
 
+pub use layer::CcpLayer;
+pub use neighbor::{DeviceCenters, Scatter};
+pub use rows::CcpRows;
+
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
@@ -29,7 +35,7 @@ use cudarc::nvrtc::Ptx;
 
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::kernels::{Buf, KernelParams, LaunchPlan, Launcher};
+use crate::plan::{Buf, KernelParams, LaunchPlan, Launcher};
 
 /// Library names of the CUDA driver, probed before cudarc is asked anything (cudarc panics
 /// when the library is missing).
@@ -147,6 +153,7 @@ impl Kernels {
         Ok(CudaLauncher {
             kernels: self,
             stream,
+            guards: RefCell::new(Vec::new()),
         })
     }
 }
@@ -187,14 +194,47 @@ pub fn entry_points(ptx: &str) -> impl Iterator<Item = &str> {
     })
 }
 
-/// Executes launch plans on one CUDA stream.
-#[derive(Debug, Clone, Copy)]
+/// Executes launch plans on one CUDA stream, and collects the buffers they use: [`read`]
+/// and [`write`] give a buffer's address for a plan and keep cudarc's guard of it (its
+/// read/write ordering between streams) until the launcher drops, after the launches that
+/// use it are enqueued. So a wrapper is: take the launcher, name its buffers, make the plan,
+/// launch.
+///
+/// [`read`]: CudaLauncher::read
+/// [`write`]: CudaLauncher::write
+#[derive(Debug)]
 pub struct CudaLauncher<'a> {
     kernels: &'a Kernels,
     stream: &'a CudaStream,
+    guards: RefCell<Vec<SyncOnDrop<'a>>>,
+}
+
+impl<'a> CudaLauncher<'a> {
+    /// The stream the launches go to.
+    pub fn stream(&self) -> &'a CudaStream {
+        self.stream
+    }
+
+    /// `slice` as a buffer the launches read.
+    pub fn read<T>(&self, slice: &'a impl DevicePtr<T>) -> Buf {
+        let len = slice.len();
+        let (addr, guard) = slice.device_ptr(self.stream);
+        self.guards.borrow_mut().push(guard);
+        Buf { addr, len }
+    }
+
+    /// `slice` as a buffer the launches write.
+    pub fn write<T>(&self, slice: &'a mut impl DevicePtrMut<T>) -> Buf {
+        let len = slice.len();
+        let (addr, guard) = slice.device_ptr_mut(self.stream);
+        self.guards.borrow_mut().push(guard);
+        Buf { addr, len }
+    }
 }
 
 impl Launcher for CudaLauncher<'_> {
+    type Error = Error;
+
     fn launch<P: KernelParams>(&self, plan: &LaunchPlan<P>) -> Result<()> {
         let function = self.kernels.function(&plan.kernel)?;
         let cfg = LaunchConfig {
@@ -205,36 +245,10 @@ impl Launcher for CudaLauncher<'_> {
         let mut builder = self.stream.launch_builder(function);
         builder.arg(&plan.params);
         // SAFETY: the plan's struct matches the kernel's one parameter (both come from
-        // kernels/ccpl.h) and its addresses were taken from buffers the caller holds across
-        // this call, validated against the plan's shapes.
+        // kernels/ccpl.h) and its addresses were taken from buffers whose guards this
+        // launcher holds (or the caller holds across this call), validated against the plan's
+        // shapes.
         unsafe { builder.launch(cfg) }?;
         Ok(())
     }
-}
-
-/// A buffer read by a launch on `stream`: its address and length, and the guard to hold
-/// until the launch is enqueued (it keeps cudarc's read/write ordering between streams).
-pub(crate) fn buf<'a, T>(
-    slice: &'a impl DevicePtr<T>,
-    stream: &'a CudaStream,
-) -> (Buf, SyncOnDrop<'a>) {
-    let len = slice.len();
-    let (addr, guard) = slice.device_ptr(stream);
-    (Buf { addr, len }, guard)
-}
-
-/// A buffer written by a launch on `stream`, as [`buf`].
-pub(crate) fn buf_mut<'a, T>(
-    slice: &'a mut impl DevicePtrMut<T>,
-    stream: &'a CudaStream,
-) -> (Buf, SyncOnDrop<'a>) {
-    let len = slice.len();
-    let (addr, guard) = slice.device_ptr_mut(stream);
-    (Buf { addr, len }, guard)
-}
-
-/// The address of a buffer whose guard is held elsewhere (as a workspace's `try_map` takes
-/// it).
-pub(crate) fn guarded_addresses<G>(guarded: &(Buf, G)) -> Result<Buf> {
-    Ok(guarded.0)
 }

@@ -2,14 +2,14 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
-use super::{Kernels, buf, buf_mut};
+use super::{CudaLauncher, Kernels};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-pub use crate::kernels::neighbor::Scatter;
-use crate::kernels::neighbor::{self as plan, CentersBuf};
-use crate::kernels::{Buf, Launcher};
+use crate::plan::Launcher;
+pub use crate::plan::neighbor::Scatter;
+use crate::plan::neighbor::{self as plan, CentersBuf};
 use crate::sampling::Centers;
 use crate::shape::FeatureShape;
 
@@ -59,44 +59,40 @@ impl DeviceCenters {
             map: stream.alloc_zeros(height * width)?,
         })
     }
+    /// `Err` unless `other` is for the same map and count as these centres.
+    pub(crate) fn check_same_map(&self, other: &DeviceCenters) -> Result<()> {
+        if (self.height, self.width, self.len()) == (other.height, other.width, other.len()) {
+            return Ok(());
+        }
+        Err(Error::Shape(format!(
+            "{} centres of a {}x{} map were given where {} of a {}x{} map are expected",
+            other.len(),
+            other.height,
+            other.width,
+            self.len(),
+            self.height,
+            self.width
+        )))
+    }
     /// Copies `other` into these centres on `stream`; both must be for the same map and count.
     pub(crate) fn copy_from(
         &mut self,
         stream: &Arc<CudaStream>,
         other: &DeviceCenters,
     ) -> Result<()> {
-        if (self.height, self.width, self.len()) != (other.height, other.width, other.len()) {
-            return Err(Error::Shape(format!(
-                "{} centres of a {}x{} map were given where {} of a {}x{} map are expected",
-                other.len(),
-                other.height,
-                other.width,
-                self.len(),
-                self.height,
-                self.width
-            )));
-        }
+        self.check_same_map(other)?;
         stream.memcpy_dtod(&other.flat, &mut self.flat)?;
         stream.memcpy_dtod(&other.map, &mut self.map)?;
         Ok(())
     }
-    /// The addresses for a launch on `stream`; hold the guards until the launch is enqueued.
-    pub(crate) fn buf<'a>(&'a self, stream: &'a CudaStream) -> (CentersBuf, [SyncOnDrop<'a>; 2]) {
-        let (flat, flat_guard) = self.flat.device_ptr(stream);
-        let (map, map_guard) = self.map.device_ptr(stream);
-        let buf = CentersBuf {
+    /// The addresses for the launches of `launcher`, which holds their guards.
+    pub(crate) fn buf<'a>(&'a self, launcher: &CudaLauncher<'a>) -> CentersBuf {
+        CentersBuf {
             height: self.height,
             width: self.width,
-            flat: Buf {
-                addr: flat,
-                len: self.flat.len(),
-            },
-            map: Buf {
-                addr: map,
-                len: self.map.len(),
-            },
-        };
-        (buf, [flat_guard, map_guard])
+            flat: launcher.read(&self.flat),
+            map: launcher.read(&self.map),
+        }
     }
 }
 
@@ -111,11 +107,12 @@ pub fn neighbor_diff<T: Dtype>(
     feat: &impl DevicePtr<T>,
     rows: &mut impl DevicePtrMut<T>,
 ) -> Result<()> {
-    let (feat, _feat_guard) = buf(feat, stream);
-    let (rows, _rows_guard) = buf_mut(rows, stream);
-    let (centers, _centers_guards) = centers.buf(stream);
+    let launcher = kernels.on(stream)?;
+    let feat = launcher.read(feat);
+    let rows = launcher.write(rows);
+    let centers = centers.buf(&launcher);
     let launch = plan::neighbor_diff::<T>(shape, &centers, feat, rows)?;
-    kernels.on(stream)?.launch(&launch)
+    launcher.launch(&launch)
 }
 
 /// Adds the backward scatter of `grad_rows` `(B, 8N, C)` into `grad_feat` (shape `shape`):
@@ -132,9 +129,10 @@ pub fn neighbor_diff_backward<T: Dtype>(
     grad_feat: &mut impl DevicePtrMut<T>,
     scatter: Scatter,
 ) -> Result<()> {
-    let (grad_rows, _rows_guard) = buf(grad_rows, stream);
-    let (grad_feat, _feat_guard) = buf_mut(grad_feat, stream);
-    let (centers, _centers_guards) = centers.buf(stream);
+    let launcher = kernels.on(stream)?;
+    let grad_rows = launcher.read(grad_rows);
+    let grad_feat = launcher.write(grad_feat);
+    let centers = centers.buf(&launcher);
     let launch = plan::neighbor_diff_backward::<T>(shape, &centers, grad_rows, grad_feat, scatter)?;
-    kernels.on(stream)?.launch(&launch)
+    launcher.launch(&launch)
 }

@@ -2,11 +2,11 @@
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
-use super::{Kernels, buf, buf_mut};
+use super::Kernels;
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::kernels::Launcher;
-use crate::kernels::normalize as plan;
+use crate::plan::Launcher;
+use crate::plan::normalize as plan;
 use crate::shape::RowShape;
 
 /// Writes `out = rows / (||row|| + 1e-7)` and `norms = ||row||` (float32, one per row) for
@@ -21,12 +21,11 @@ pub fn normalize_rows<T: Dtype>(
     out: &mut impl DevicePtrMut<T>,
     norms: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
-    let (rows, _rows_guard) = buf(rows, stream);
-    let (out, _out_guard) = buf_mut(out, stream);
-    let (norms, _norms_guard) = buf_mut(norms, stream);
-    kernels
-        .on(stream)?
-        .launch(&plan::normalize_rows::<T>(shape, rows, out, norms)?)
+    let launcher = kernels.on(stream)?;
+    let rows = launcher.read(rows);
+    let out = launcher.write(out);
+    let norms = launcher.write(norms);
+    launcher.launch(&plan::normalize_rows::<T>(shape, rows, out, norms)?)
 }
 
 /// Writes the gradient of the rows before normalisation, `grad_rows`, from the gradient of
@@ -43,10 +42,11 @@ pub fn normalize_rows_backward<T: Dtype>(
     grad_out: &impl DevicePtr<T>,
     grad_rows: &mut impl DevicePtrMut<T>,
 ) -> Result<()> {
-    let (rows, _rows_guard) = buf(rows, stream);
-    let (norms, _norms_guard) = buf(norms, stream);
-    let (grad_out, _grad_out_guard) = buf(grad_out, stream);
-    let (grad_rows, _grad_rows_guard) = buf_mut(grad_rows, stream);
+    let launcher = kernels.on(stream)?;
+    let rows = launcher.read(rows);
+    let norms = launcher.read(norms);
+    let grad_out = launcher.read(grad_out);
+    let grad_rows = launcher.write(grad_rows);
     let launch = plan::normalize_rows_backward::<T>(shape, rows, norms, grad_out, grad_rows)?;
-    kernels.on(stream)?.launch(&launch)
+    launcher.launch(&launch)
 }

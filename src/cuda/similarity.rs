@@ -2,11 +2,11 @@
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
-use super::{Kernels, buf, buf_mut};
+use super::Kernels;
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::kernels::Launcher;
-use crate::kernels::similarity as plan;
+use crate::plan::Launcher;
+use crate::plan::similarity as plan;
 use crate::shape::RowShape;
 
 /// Writes `logits[b, i, j] = q[b, i, :] . k[b, j, :] / tau` (float32, `(B, S, S)`) for `q`
@@ -22,10 +22,9 @@ pub fn similarity<T: Dtype>(
     k: &impl DevicePtr<T>,
     logits: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
-    let (q, _q_guard) = buf(q, stream);
-    let (k, _k_guard) = buf(k, stream);
-    let (logits, _logits_guard) = buf_mut(logits, stream);
-    kernels
-        .on(stream)?
-        .launch(&plan::similarity::<T>(shape, tau, q, k, logits)?)
+    let launcher = kernels.on(stream)?;
+    let q = launcher.read(q);
+    let k = launcher.read(k);
+    let logits = launcher.write(logits);
+    launcher.launch(&plan::similarity::<T>(shape, tau, q, k, logits)?)
 }

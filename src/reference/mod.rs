@@ -1,5 +1,5 @@
 //! The CPU reference: every stage of the loss and its backward in `f64`, written to read like
-//! the spec (`shared/ccpl-spec.md`). It is the oracle the kernels are tested against.
+//! the contract (`docs/ccpl-loss.md`, [`crate::contract`]). It is the oracle the kernels are tested against.
 //!
 //! One module per kernel family, named like its `kernels/*.cu` twin, plus the end-to-end loss.
 

@@ -6,10 +6,10 @@
 use std::sync::Arc;
 
 use ccpl::cuda::{self, CudaLauncher, Kernels};
-use ccpl::emu::{self, Emulator};
-use ccpl::kernels::neighbor::{CentersBuf, Scatter};
-use ccpl::kernels::{Buf, KernelParams, LaunchPlan, Launcher};
+use ccpl::plan::neighbor::{CentersBuf, Scatter};
+use ccpl::plan::{Buf, KernelParams, LaunchPlan, Launcher};
 use ccpl::{Centers, Dtype, Element, FeatureShape, Result, RowShape, ffi, reference};
+use ccpl_emu::{self as emu, Emulator};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
 
 use super::{Rng, rel_err};
@@ -66,7 +66,8 @@ impl Emu {
 /// A launcher by reference.
 pub struct Borrowed<'a, L>(&'a L);
 impl<L: Launcher> Launcher for Borrowed<'_, L> {
-    fn launch<P: KernelParams>(&self, plan: &LaunchPlan<P>) -> Result<()> {
+    type Error = L::Error;
+    fn launch<P: KernelParams>(&self, plan: &LaunchPlan<P>) -> Result<(), L::Error> {
         self.0.launch(plan)
     }
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch baselines of the CCP loss, forward plus backward, at the sizes of benches/configs.txt.
 
-Written from the spec (shared/ccpl-spec.md) the way the original implementation computes the
+Written from the contract (docs/ccpl-loss.md) the way the original implementation computes the
 loss: gather the centre and neighbour rows, subtract, normalise (`x / (||x|| + 1e-7)`), `bmm`,
 fill the diagonal with -inf, concatenate the positive in front, divide by tau, cross-entropy
 against class 0. Timed in eager mode, under torch.compile, and (B = 1 only) with Inf-CL's fused

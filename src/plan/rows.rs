@@ -3,48 +3,54 @@
 //! Normalisation of both, the fused InfoNCE (`kernels/info_nce_fused.cu`: the `(B, S, S)`
 //! logits never exist, memory is `O(B*S*C')`), the mean on the device; and the backward
 //! through the InfoNCE and the normalisation. The per-layer loss
-//! ([`LayerPlan`](super::loss::LayerPlan)) is this between its neighbour differences and
+//! ([`LayerPlan`](super::layer::LayerPlan)) is this between its neighbour differences and
 //! their scatter. Generic over the [`Launcher`], like every plan sequence.
 
 use super::info_nce::{self, Side};
 use super::info_nce_fused;
 use super::normalize;
-use super::{Buf, LaunchPlan, Launcher, inv_tau, row_count, tile_grid};
+use super::{Buf, LaunchPlan, Launcher, inv_tau, row_count, tile_grid, workspace};
 use crate::dtype::Dtype;
 use crate::error::Result;
 use crate::ffi;
 use crate::shape::RowShape;
 
-/// The workspace of the rows loss: the rows the forward reads, what it computes and the
-/// backward reads, and the backward's scratch. Generic over what holds a buffer: `R` for rows
-/// in the storage type `T`, `F` for float32 statistics (device slices for an owner, [`Buf`]s
-/// for the plans, and lengths from [`RowsWorkspace::lengths`]).
-#[derive(Debug, Clone, PartialEq)]
-pub struct RowsWorkspace<R, F> {
-    /// The rows of the generated image (`q` before normalisation), `(B, S, C)`: the forward's
-    /// input, read again by the backward.
-    pub rows_q: R,
-    /// The rows of the content image (`k` before normalisation), `(B, S, C)`.
-    pub rows_k: R,
-    /// Normalised `rows_q` (`q`), `(B, S, C)`.
-    pub unit_q: R,
-    /// Normalised `rows_k` (`k`), `(B, S, C)`.
-    pub unit_k: R,
-    /// Backward scratch: the gradient of the normalised rows of one side, `(B, S, C)`.
-    pub grad_unit: R,
-    /// Norms of `rows_q`, `B*S`.
-    pub norms_q: F,
-    /// Norms of `rows_k`, `B*S`.
-    pub norms_k: F,
-    /// Row logsumexp of the logits, `B*S`.
-    pub row_lse: F,
-    /// Row losses, `B*S`.
-    pub row_loss: F,
-    /// The loss, one value.
-    pub loss: F,
-    /// One value, `1.0`: the upstream gradient when the caller gives none. Its owner sets it
-    /// once.
-    pub one: F,
+workspace! {
+    /// The workspace of the rows loss: the rows the forward reads, what it computes and the
+    /// backward reads, and the backward's scratch. Generic over what holds a buffer: `R` for
+    /// rows in the storage type `T`, `F` for float32 statistics (device slices for an owner,
+    /// [`Buf`]s for the plans, and lengths from [`RowsWorkspace::lengths`]).
+    pub struct RowsWorkspace {
+        rows {
+            /// The rows of the generated image (`q` before normalisation), `(B, S, C)`: the
+            /// forward's input, read again by the backward.
+            rows_q,
+            /// The rows of the content image (`k` before normalisation), `(B, S, C)`.
+            rows_k,
+            /// Normalised `rows_q` (`q`), `(B, S, C)`.
+            unit_q,
+            /// Normalised `rows_k` (`k`), `(B, S, C)`.
+            unit_k,
+            /// Backward scratch: the gradient of the normalised rows of one side, `(B, S, C)`.
+            grad_unit,
+        }
+        stats {
+            /// Norms of `rows_q`, `B*S`.
+            norms_q,
+            /// Norms of `rows_k`, `B*S`.
+            norms_k,
+            /// Row logsumexp of the logits, `B*S`.
+            row_lse,
+            /// Row losses, `B*S`.
+            row_loss,
+            /// The loss, one value.
+            loss,
+            /// One value, `1.0`: the upstream gradient when the caller gives none. Its owner
+            /// sets it once.
+            one,
+        }
+        nested {}
+    }
 }
 
 impl RowsWorkspace<usize, usize> {
@@ -64,60 +70,6 @@ impl RowsWorkspace<usize, usize> {
             loss: 1,
             one: 1,
         })
-    }
-
-    /// Device bytes of a workspace of these lengths whose rows are stored in `T` (the
-    /// statistics are float32): what [`crate::cuda::rows_loss::CcpRows::new`] allocates.
-    pub fn bytes<T: crate::Dtype>(&self) -> usize {
-        let rows = self.rows_q + self.rows_k + self.unit_q + self.unit_k + self.grad_unit;
-        let stats =
-            self.norms_q + self.norms_k + self.row_lse + self.row_loss + self.loss + self.one;
-        rows * size_of::<T>() + stats * size_of::<f32>()
-    }
-}
-
-impl<R, F> RowsWorkspace<R, F> {
-    /// A workspace of something made from each buffer (say, an allocation from its length).
-    pub fn try_map<R2, F2, E>(
-        &self,
-        mut row: impl FnMut(&R) -> Result<R2, E>,
-        mut stat: impl FnMut(&F) -> Result<F2, E>,
-    ) -> Result<RowsWorkspace<R2, F2>, E> {
-        Ok(RowsWorkspace {
-            rows_q: row(&self.rows_q)?,
-            rows_k: row(&self.rows_k)?,
-            unit_q: row(&self.unit_q)?,
-            unit_k: row(&self.unit_k)?,
-            grad_unit: row(&self.grad_unit)?,
-            norms_q: stat(&self.norms_q)?,
-            norms_k: stat(&self.norms_k)?,
-            row_lse: stat(&self.row_lse)?,
-            row_loss: stat(&self.row_loss)?,
-            loss: stat(&self.loss)?,
-            one: stat(&self.one)?,
-        })
-    }
-
-    /// A workspace of something borrowed mutably from each buffer (say, its address and the
-    /// guard that must live while a launch uses it).
-    pub fn map_mut<'a, R2, F2>(
-        &'a mut self,
-        mut row: impl FnMut(&'a mut R) -> R2,
-        mut stat: impl FnMut(&'a mut F) -> F2,
-    ) -> RowsWorkspace<R2, F2> {
-        RowsWorkspace {
-            rows_q: row(&mut self.rows_q),
-            rows_k: row(&mut self.rows_k),
-            unit_q: row(&mut self.unit_q),
-            unit_k: row(&mut self.unit_k),
-            grad_unit: row(&mut self.grad_unit),
-            norms_q: stat(&mut self.norms_q),
-            norms_k: stat(&mut self.norms_k),
-            row_lse: stat(&mut self.row_lse),
-            row_loss: stat(&mut self.row_loss),
-            loss: stat(&mut self.loss),
-            one: stat(&mut self.one),
-        }
     }
 }
 
@@ -153,7 +105,7 @@ impl RowsPlan {
         &self,
         launcher: &L,
         ws: &RowsWorkspace<Buf, Buf>,
-    ) -> Result<()> {
+    ) -> Result<(), L::Error> {
         self.forward_plans::<T>(ws)?.launch(launcher)
     }
 
@@ -169,7 +121,7 @@ impl RowsPlan {
         upstream: Option<Buf>,
         grad_rows_q: Buf,
         grad_rows_k: Option<Buf>,
-    ) -> Result<()> {
+    ) -> Result<(), L::Error> {
         let upstream = upstream.unwrap_or(ws.one);
         let q = self.side_plans::<T>(ws, upstream, Side::Q, grad_rows_q)?;
         let k = match grad_rows_k {
@@ -248,7 +200,7 @@ pub(crate) struct RowsForward {
 }
 
 impl RowsForward {
-    pub(crate) fn launch<L: Launcher>(&self, launcher: &L) -> Result<()> {
+    pub(crate) fn launch<L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
         launcher.launch(&self.norm_q)?;
         launcher.launch(&self.norm_k)?;
         launcher.launch(&self.info_nce)?;
@@ -263,7 +215,7 @@ pub(crate) struct RowsSide {
 }
 
 impl RowsSide {
-    pub(crate) fn launch<L: Launcher>(&self, launcher: &L) -> Result<()> {
+    pub(crate) fn launch<L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
         launcher.launch(&self.info_nce)?;
         launcher.launch(&self.normalize)
     }

@@ -1,17 +1,18 @@
 //! The CCP loss of two row matrices on the GPU, for frameworks with a learned projection head
 //! (spec step 4): the caller gives the head's outputs for the generated and the content
 //! image, `(B, S, C')`, and gets the loss on the device and the gradient with respect to
-//! those rows. The sequence is [`crate::kernels::rows_loss`]'s (normalisation, fused
+//! those rows. The sequence is [`crate::plan::rows`]'s (normalisation, fused
 //! InfoNCE: memory `O(B*S*C')`, no `(B, S, S)` logits).
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut};
 
-use super::{Kernels, buf, buf_mut, guarded_addresses};
+use super::Kernels;
+use super::resident::{Resident, alloc};
 use crate::dtype::Dtype;
-use crate::error::{Error, Result, check_len};
-use crate::kernels::rows_loss::{RowsPlan, RowsWorkspace};
+use crate::error::{Result, check_len};
+use crate::plan::rows::{RowsPlan, RowsWorkspace};
 use crate::shape::RowShape;
 
 /// The rows loss on one stream with its workspace (a copy of both row matrices, their
@@ -20,7 +21,7 @@ use crate::shape::RowShape;
 /// `f16` or `bf16`).
 ///
 /// ```no_run
-/// use ccpl::cuda::{self, Kernels, rows_loss::CcpRows};
+/// use ccpl::cuda::{self, CcpRows, Kernels};
 /// use ccpl::RowShape;
 /// # fn main() -> ccpl::Result<()> {
 /// let ctx = cuda::context(0)?;
@@ -39,11 +40,8 @@ use crate::shape::RowShape;
 /// ```
 #[derive(Debug)]
 pub struct CcpRows<T: Dtype> {
-    kernels: Arc<Kernels>,
-    stream: Arc<CudaStream>,
     plan: RowsPlan,
-    workspace: RowsWorkspace<CudaSlice<T>, CudaSlice<f32>>,
-    forward_done: bool,
+    resident: Resident<RowsWorkspace<CudaSlice<T>, CudaSlice<f32>>>,
 }
 
 impl<T: Dtype> CcpRows<T> {
@@ -56,18 +54,11 @@ impl<T: Dtype> CcpRows<T> {
         tau: f64,
     ) -> Result<Self> {
         let plan = RowsPlan::new(shape, tau)?;
-        kernels.on(&stream)?;
-        let mut workspace = RowsWorkspace::lengths(&shape)?.try_map(
-            |&n| stream.alloc_zeros::<T>(n),
-            |&n| stream.alloc_zeros::<f32>(n),
-        )?;
-        stream.memcpy_htod(&[1.0f32], &mut workspace.one)?;
+        let workspace =
+            RowsWorkspace::lengths(&shape)?.try_map(alloc::<T>(&stream), alloc::<f32>(&stream))?;
         Ok(Self {
-            kernels,
-            stream,
             plan,
-            workspace,
-            forward_done: false,
+            resident: Resident::new(kernels, stream, workspace, |ws| &mut ws.one)?,
         })
     }
 
@@ -88,24 +79,20 @@ impl<T: Dtype> CcpRows<T> {
         let len = self.plan.shape().len();
         check_len("rows_q", len, rows_q.len())?;
         check_len("rows_k", len, rows_k.len())?;
-        self.stream
-            .memcpy_dtod(rows_q, &mut self.workspace.rows_q)?;
-        self.stream
-            .memcpy_dtod(rows_k, &mut self.workspace.rows_k)?;
-        let stream = &*self.stream;
-        let guarded = self
-            .workspace
-            .map_mut(|s| buf_mut(s, stream), |s| buf_mut(s, stream));
-        let bufs = guarded.try_map(guarded_addresses, guarded_addresses)?;
-        self.plan
-            .forward::<T, _>(&self.kernels.on(stream)?, &bufs)?;
-        self.forward_done = true;
+        let stream = self.resident.stream().clone();
+        let (launcher, ws) = self.resident.forward()?;
+        stream.memcpy_dtod(rows_q, &mut ws.rows_q)?;
+        stream.memcpy_dtod(rows_k, &mut ws.rows_k)?;
+        let bufs = ws.map_mut(|s| launcher.write(s), |s| launcher.write(s));
+        self.plan.forward::<T, _>(&launcher, &bufs)?;
+        drop(launcher);
+        self.resident.forward_done();
         Ok(())
     }
 
     /// The loss of the last forward: one float32 on the device.
     pub fn loss(&self) -> &CudaSlice<f32> {
-        &self.workspace.loss
+        &self.resident.workspace().loss
     }
 
     /// The backward of the last forward: WRITES (does not accumulate) `upstream[0]` (one
@@ -119,23 +106,12 @@ impl<T: Dtype> CcpRows<T> {
         grad_rows_q: &mut G,
         grad_rows_k: Option<&mut G>,
     ) -> Result<()> {
-        if !self.forward_done {
-            return Err(Error::BackwardBeforeForward);
-        }
-        let stream = &*self.stream;
-        let (grad_rows_q, _q_guard) = buf_mut(grad_rows_q, stream);
-        let (grad_rows_k, _k_guard) = grad_rows_k.map(|g| buf_mut(g, stream)).unzip();
-        let (upstream, _upstream_guard) = upstream.map(|u| buf(u, stream)).unzip();
-        let guarded = self
-            .workspace
-            .map_mut(|s| buf_mut(s, stream), |s| buf_mut(s, stream));
-        let bufs = guarded.try_map(guarded_addresses, guarded_addresses)?;
-        self.plan.backward::<T, _>(
-            &self.kernels.on(stream)?,
-            &bufs,
-            upstream,
-            grad_rows_q,
-            grad_rows_k,
-        )
+        let (launcher, ws) = self.resident.backward()?;
+        let grad_rows_q = launcher.write(grad_rows_q);
+        let grad_rows_k = grad_rows_k.map(|g| launcher.write(g));
+        let upstream = upstream.map(|u| launcher.read(u));
+        let bufs = ws.map_mut(|s| launcher.write(s), |s| launcher.write(s));
+        self.plan
+            .backward::<T, _>(&launcher, &bufs, upstream, grad_rows_q, grad_rows_k)
     }
 }

@@ -4,13 +4,14 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut};
 
+use super::Kernels;
 use super::neighbor::{DeviceCenters, Scatter};
-use super::{Kernels, buf, buf_mut, guarded_addresses};
+use super::resident::{Resident, alloc};
 use crate::dtype::Dtype;
-use crate::error::{Error, Result};
-use crate::kernels::loss::{LayerPlan, LayerWorkspace};
+use crate::error::{Result, check_len};
+use crate::plan::layer::{LayerPlan, LayerWorkspace};
 use crate::shape::FeatureShape;
 
 /// One layer of the CCP loss on one stream, with its workspace (rows, normalised rows,
@@ -20,7 +21,7 @@ use crate::shape::FeatureShape;
 ///
 /// ```no_run
 /// use std::sync::Arc;
-/// use ccpl::cuda::{self, Kernels, loss::CcpLayer, neighbor::{DeviceCenters, Scatter}};
+/// use ccpl::cuda::{self, CcpLayer, DeviceCenters, Kernels, Scatter};
 /// use ccpl::{Centers, FeatureShape, Layout};
 /// # fn main() -> ccpl::Result<()> {
 /// let ctx = cuda::context(0)?;
@@ -41,13 +42,10 @@ use crate::shape::FeatureShape;
 /// ```
 #[derive(Debug)]
 pub struct CcpLayer<T: Dtype> {
-    kernels: Arc<Kernels>,
-    stream: Arc<CudaStream>,
     plan: LayerPlan,
-    workspace: LayerWorkspace<CudaSlice<T>, CudaSlice<f32>>,
+    resident: Resident<LayerWorkspace<CudaSlice<T>, CudaSlice<f32>>>,
     /// The forward's centres, copied so that the backward scatters with the same ones.
     centers: DeviceCenters,
-    forward_done: bool,
 }
 
 impl<T: Dtype> CcpLayer<T> {
@@ -62,20 +60,13 @@ impl<T: Dtype> CcpLayer<T> {
         tau: f64,
     ) -> Result<Self> {
         let plan = LayerPlan::new(shape, num_centers, tau)?;
-        kernels.on(&stream)?;
-        let mut workspace = LayerWorkspace::lengths(&shape, num_centers)?.try_map(
-            |&n| stream.alloc_zeros::<T>(n),
-            |&n| stream.alloc_zeros::<f32>(n),
-        )?;
-        stream.memcpy_htod(&[1.0f32], &mut workspace.rows.one)?;
+        let workspace = LayerWorkspace::lengths(&shape, num_centers)?
+            .try_map(alloc::<T>(&stream), alloc::<f32>(&stream))?;
         let centers = DeviceCenters::alloc(&stream, shape.height(), shape.width(), num_centers)?;
         Ok(Self {
-            kernels,
-            stream,
             plan,
-            workspace,
+            resident: Resident::new(kernels, stream, workspace, |ws| &mut ws.rows.one)?,
             centers,
-            forward_done: false,
         })
     }
 
@@ -90,28 +81,30 @@ impl<T: Dtype> CcpLayer<T> {
     /// and nothing waits.
     pub fn forward(
         &mut self,
-        feat_q: &impl cudarc::driver::DevicePtr<T>,
-        feat_k: &impl cudarc::driver::DevicePtr<T>,
+        feat_q: &impl DevicePtr<T>,
+        feat_k: &impl DevicePtr<T>,
         centers: &DeviceCenters,
     ) -> Result<()> {
-        self.centers.copy_from(&self.stream, centers)?;
-        let stream = &*self.stream;
-        let (feat_q, _q_guard) = buf(feat_q, stream);
-        let (feat_k, _k_guard) = buf(feat_k, stream);
-        let (centers, _centers_guards) = self.centers.buf(stream);
-        let guarded = self
-            .workspace
-            .map_mut(|s| buf_mut(s, stream), |s| buf_mut(s, stream));
-        let bufs = guarded.try_map(guarded_addresses, guarded_addresses)?;
+        let len = self.plan.shape().len();
+        check_len("feat_q", len, feat_q.len())?;
+        check_len("feat_k", len, feat_k.len())?;
+        self.centers.check_same_map(centers)?;
+        let stream = self.resident.stream().clone();
+        let (launcher, ws) = self.resident.forward()?;
+        self.centers.copy_from(&stream, centers)?;
+        let centers = self.centers.buf(&launcher);
+        let (feat_q, feat_k) = (launcher.read(feat_q), launcher.read(feat_k));
+        let bufs = ws.map_mut(|s| launcher.write(s), |s| launcher.write(s));
         self.plan
-            .forward::<T, _>(&self.kernels.on(stream)?, &centers, feat_q, feat_k, &bufs)?;
-        self.forward_done = true;
+            .forward::<T, _>(&launcher, &centers, feat_q, feat_k, &bufs)?;
+        drop(launcher);
+        self.resident.forward_done();
         Ok(())
     }
 
     /// The loss of the last forward: one float32 on the device.
     pub fn loss(&self) -> &CudaSlice<f32> {
-        &self.workspace.rows.loss
+        &self.resident.workspace().rows.loss
     }
 
     /// The backward of the last forward: adds `upstream[0]` (one float32 on the device, `1.0`
@@ -126,20 +119,14 @@ impl<T: Dtype> CcpLayer<T> {
         grad_feat_k: Option<&mut G>,
         scatter: Scatter,
     ) -> Result<()> {
-        if !self.forward_done {
-            return Err(Error::BackwardBeforeForward);
-        }
-        let stream = &*self.stream;
-        let (grad_feat_q, _q_guard) = buf_mut(grad_feat_q, stream);
-        let (grad_feat_k, _k_guard) = grad_feat_k.map(|g| buf_mut(g, stream)).unzip();
-        let (upstream, _upstream_guard) = upstream.map(|u| buf(u, stream)).unzip();
-        let (centers, _centers_guards) = self.centers.buf(stream);
-        let guarded = self
-            .workspace
-            .map_mut(|s| buf_mut(s, stream), |s| buf_mut(s, stream));
-        let bufs = guarded.try_map(guarded_addresses, guarded_addresses)?;
+        let (launcher, ws) = self.resident.backward()?;
+        let grad_feat_q = launcher.write(grad_feat_q);
+        let grad_feat_k = grad_feat_k.map(|g| launcher.write(g));
+        let upstream = upstream.map(|u| launcher.read(u));
+        let centers = self.centers.buf(&launcher);
+        let bufs = ws.map_mut(|s| launcher.write(s), |s| launcher.write(s));
         self.plan.backward::<T, _>(
-            &self.kernels.on(stream)?,
+            &launcher,
             &centers,
             &bufs,
             upstream,

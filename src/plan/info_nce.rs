@@ -100,7 +100,7 @@ pub fn info_nce_backward<T: Dtype>(
     Ok(LaunchPlan {
         kernel: format!("info_nce_backward_{}", T::SUFFIX),
         grid: tile_grid(shape.batch, shape.rows, shape.width)?,
-        block: (ffi::CCPL_SIMILARITY_BLOCK, 1, 1),
+        block: (ffi::CCPL_TILE_THREADS, 1, 1),
         shared_bytes: 0,
         params: ffi::ccpl_info_nce_backward_params {
             logits: logits.addr,

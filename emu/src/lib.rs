@@ -1,6 +1,7 @@
-//! The CPU emulator (feature `emulator`, for tests): the same `kernels/*.cu` sources,
-//! compiled by the host C++ compiler against `kernels/emu/cuda_emu.h`, executing the same
-//! [`LaunchPlan`]s as the GPU, with host addresses in place of device ones.
+//! The CPU emulator of `ccpl`'s kernels (for tests): the same `kernels/*.cu` sources,
+//! compiled by the host C++ compiler against `runtime/cuda_emu.h`, executing the same
+//! [`LaunchPlan`]s as the GPU, with host addresses in place of device ones. `ccpl`'s kernel
+//! tests use it as a dev-dependency; it is not published.
 //!
 //! Each thread of a block is a fiber; a scheduler seeded per launch runs them in random order,
 //! switching at every barrier, warp collective, atomic and fence, and shared memory starts as
@@ -8,12 +9,12 @@
 //! written changes the result rather than passing by luck. Barriers and warp collectives
 //! keep CUDA's per-thread rules: a barrier some thread cannot reach, a shuffle whose mask
 //! leaves out the calling lane or names a lane that exited, and a deadlock all end the launch
-//! with [`Error::Emulator`], never a hang.
+//! with [`Error::Launch`], never a hang.
 //!
 //! ```
-//! use ccpl::emu::{self, Emulator};
-//! use ccpl::kernels::{LaunchPlan, Launcher};
-//! # fn main() -> ccpl::Result<()> {
+//! use ccpl::plan::{LaunchPlan, Launcher};
+//! use ccpl_emu::{self as emu, Emulator};
+//! # fn main() -> Result<(), emu::Error> {
 //! let input: Vec<f32> = (0..100).map(|i| (i % 7) as f32).collect();
 //! let mut sums = vec![f32::NAN; 3];
 //! let plan = LaunchPlan {
@@ -51,17 +52,46 @@
 //!   limit, registers, spills and speed.
 
 use std::ffi::{CStr, CString, c_char, c_void};
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::error::{Error, Result};
-use crate::kernels::{Buf, KernelParams, LaunchPlan, Launcher};
+use ccpl::plan::{Buf, KernelParams, LaunchPlan, Launcher};
 
-/// The parameter struct of the emulator's self-test kernels (`kernels/emu/selftest.h`).
+/// The parameter struct of the emulator's self-test kernels (`runtime/selftest.h`; bindgen's
+/// output, committed and checked by the build script as `ccpl`'s own bindings are).
 pub mod selftest {
-    #![allow(non_camel_case_types, missing_docs)]
-    include!(concat!(env!("OUT_DIR"), "/emu_selftest.rs"));
+    #![allow(non_camel_case_types, missing_docs, clippy::all)]
+    include!("selftest_bindings.rs");
     // SAFETY: plain `repr(C)` data, as the kernels' own parameter structs.
     unsafe impl cudarc::driver::DeviceRepr for ccpl_emu_selftest_params {}
+}
+
+/// What an emulated launch reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Error {
+    /// The plan was refused before any launch: a `ccpl` error (a bad shape, length, tau).
+    Plan(ccpl::Error),
+    /// The emulator rejected or stopped the launch: an unknown kernel, bad dimensions, a
+    /// deadlock, a barrier or warp collective used against CUDA's rules. The message names
+    /// the launch's seed, to replay it.
+    Launch(String),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Plan(e) => write!(f, "{e}"),
+            Error::Launch(msg) => write!(f, "emulated launch failed: {msg}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<ccpl::Error> for Error {
+    fn from(e: ccpl::Error) -> Self {
+        Error::Plan(e)
+    }
 }
 
 /// Kernel code that the emulator does not run, as `(source, what)`: the GPU side of every
@@ -112,11 +142,12 @@ impl Emulator {
 }
 
 impl Launcher for Emulator {
-    fn launch<P: KernelParams>(&self, plan: &LaunchPlan<P>) -> Result<()> {
+    type Error = Error;
+
+    fn launch<P: KernelParams>(&self, plan: &LaunchPlan<P>) -> Result<(), Error> {
         let seed = self.next_seed.fetch_add(1, Ordering::Relaxed);
-        let name = CString::new(plan.kernel.as_str()).map_err(|_| {
-            Error::Emulator(format!("kernel name {:?} has a NUL byte", plan.kernel))
-        })?;
+        let name = CString::new(plan.kernel.as_str())
+            .map_err(|_| Error::Launch(format!("kernel name {:?} has a NUL byte", plan.kernel)))?;
         let grid = [plan.grid.0, plan.grid.1, plan.grid.2];
         let block = [plan.block.0, plan.block.1, plan.block.2];
         let mut err = [0 as c_char; 1024];
@@ -141,7 +172,7 @@ impl Launcher for Emulator {
         }
         // SAFETY: the runtime writes a NUL-terminated message into `err` on every error.
         let message = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
-        Err(Error::Emulator(format!("{message} (launch seed {seed})")))
+        Err(Error::Launch(format!("{message} (launch seed {seed})")))
     }
 }
 

@@ -1,11 +1,10 @@
-// selftest.cu: kernels that test the emulator itself (tests/emulator.rs): thread coordinates,
-// barriers and the block reductions of common.cuh, every shuffle, votes, atomics, static and
-// dynamic shared memory (NaN in every block), races a missing barrier leaves, the portable
-// WMMA, and the misuses
-// the emulator must report. build.rs compiles this file into the emulator library only; nvcc
-// never sees it.
+// selftest.cu: kernels that test the emulator itself (emu/tests/emulator.rs): thread
+// coordinates, barriers and the block reduction of common.cuh, every shuffle, votes, atomics,
+// static and dynamic shared memory (NaN in every block), races a missing barrier leaves, the
+// portable WMMA, and the misuses the emulator must report. emu/build.rs compiles this file into
+// the emulator library only; nvcc never sees it.
 #include "common.cuh"
-#include "emu/selftest.h"
+#include "selftest.h"
 
 using Params = ccpl_emu_selftest_params;
 using ccpl::kFullMask;
@@ -32,6 +31,19 @@ __device__ __forceinline__ float segment_sum(const Params& p) {
     return s;
 }
 
+// The maximum over the block, as block_sum of common.cuh (the kernels need no block maximum;
+// this one gives the self-tests a second reduction sharing the same scratch).
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+    const int warps = blockDim.x / kWarp;
+    v = ccpl::warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : -INFINITY;
+    return ccpl::warp_max(v);
+}
+
 }  // namespace selftest
 
 // out[12 * global thread]: threadIdx, blockIdx, blockDim, gridDim.
@@ -51,7 +63,7 @@ CCPL_KERNEL(selftest_block_reduce, Params) {
     __shared__ float scratch[32];
     const float s = selftest::segment_sum(p);
     const float sum = ccpl::block_sum(s, scratch);
-    const float max = ccpl::block_max(s, scratch);
+    const float max = selftest::block_max(s, scratch);
     const float twice = ccpl::block_sum(2.0f * s, scratch);
     if (threadIdx.x == blockDim.x - 1) {
         float* out = mut_ptr<float>(p.out) + 3 * blockIdx.x;

@@ -22,7 +22,7 @@ pub fn similarity<T: Dtype>(
     Ok(LaunchPlan {
         kernel: format!("similarity_{}", T::SUFFIX),
         grid: tile_grid(shape.batch, shape.rows, shape.rows)?,
-        block: (ffi::CCPL_SIMILARITY_BLOCK, 1, 1),
+        block: (ffi::CCPL_TILE_THREADS, 1, 1),
         shared_bytes: 0,
         params: ffi::ccpl_similarity_params {
             q: q.addr,

@@ -1,5 +1,7 @@
-//! The CPU emulator's part of the build (feature `emulator`): the kernel sources compiled by
-//! the host C++ compiler against `kernels/emu/cuda_emu.h` into the static library `ccpl_emu`.
+//! Build script of the CPU emulator: the product's kernel sources (`../kernels/*.cu`) and the
+//! emulator's own self-test kernels (`runtime/selftest.cu`) compiled by the host C++ compiler
+//! against `runtime/cuda_emu.h`, with the runtime, into the static library `ccpl_emu`; and the
+//! committed bindings of `runtime/selftest.h` checked as the product's are.
 //!
 //! Static `__shared__` variables need one copy per block, refilled with NaN at the start of
 //! every block. The compiler cannot collect them by itself (a named section cannot hold both
@@ -7,33 +9,41 @@
 //! `__shared__` declaration becomes a static variable followed by its registration with the
 //! runtime, and the result is compiled. Line markers keep diagnostics on the original lines.
 //!
-//! `CCPL_KERNEL_DIR` replaces `kernels/` for this library only (never for nvcc): the
-//! planted-bug check (`scripts/planted-bugs`) builds the emulated tests against mutated copies.
+//! `CCPL_KERNEL_DIR` replaces `kernels/` for this library only (never for nvcc), and
+//! `CCPL_EMU_RUNTIME_DIR` replaces `runtime/`: the planted-bug check (`planted-bugs`) builds the
+//! emulated tests against mutated copies.
+
+#[path = "../build/bindings.rs"]
+mod bindings;
+#[path = "../build/files.rs"]
+mod files;
+
+use files::files_under;
 
 use std::env;
 use std::fmt::Write as _;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// What `cuda_emu.h` defines `__shared__` as; it fails to compile wherever it is not rewritten.
 const MARKER: &str = "CCPL_EMU_SHARED_DECLARATION_NOT_REWRITTEN_BY_BUILD_RS";
 
-/// Builds `ccpl_emu` and the bindings of the self-test kernels' parameters.
-pub fn build(manifest: &Path, out: &Path) {
-    println!("cargo:rerun-if-env-changed=CCPL_KERNEL_DIR");
-    let kernels = match env::var_os("CCPL_KERNEL_DIR") {
-        Some(dir) => {
-            let dir = PathBuf::from(dir);
-            for file in super::files_under(&dir) {
-                println!("cargo:rerun-if-changed={}", file.display());
-            }
-            dir
-        }
-        None => manifest.join("kernels"),
-    };
-    let emu = kernels.join("emu");
+fn main() {
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap());
+    let workspace = manifest.parent().unwrap();
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=../build");
+    let kernels = source_dir("CCPL_KERNEL_DIR", workspace.join("kernels"));
+    let emu = source_dir("CCPL_EMU_RUNTIME_DIR", manifest.join("runtime"));
+    bindings::check_committed(
+        workspace,
+        &manifest.join("runtime/selftest.h"),
+        &manifest.join("src/selftest_bindings.rs"),
+        "ccpl_emu_.*",
+    );
     // The families (kernels/*.cu, as nvcc builds them) and the emulator's own test kernels.
-    let mut sources: Vec<PathBuf> = super::files_under(&kernels)
+    let mut sources: Vec<PathBuf> = files_under(&kernels)
         .into_iter()
         .filter(|p| {
             p.parent() == Some(kernels.as_path()) && p.extension().is_some_and(|e| e == "cu")
@@ -46,11 +56,12 @@ pub fn build(manifest: &Path, out: &Path) {
         .std("c++17")
         .opt_level(2)
         .include(&kernels)
+        .include(&emu)
         .flag("-x")
         .flag("c++")
         .flag("-Wall")
         .flag("-Wno-unknown-pragmas");
-    let rewritten = out.join("emu");
+    let rewritten = out.join("rewritten");
     fs::create_dir_all(&rewritten).unwrap();
     let mut lib = base.clone();
     lib.file(emu.join("runtime.cpp"));
@@ -70,17 +81,16 @@ pub fn build(manifest: &Path, out: &Path) {
     // Nothing refers to the kernels' objects but their static registrations: link them all.
     lib.link_lib_modifier("+whole-archive");
     lib.compile("ccpl_emu");
+}
 
-    bindgen::Builder::default()
-        .header(emu.join("selftest.h").to_string_lossy())
-        .clang_args(["-x", "c", "-std=c11"])
-        .allowlist_type("ccpl_emu_.*")
-        .derive_default(true)
-        .derive_debug(true)
-        .generate()
-        .unwrap_or_else(|e| panic!("bindgen could not parse kernels/emu/selftest.h: {e}"))
-        .write_to_file(out.join("emu_selftest.rs"))
-        .unwrap();
+/// `default`, or the folder `var` names; every file in it reruns the build when it changes.
+fn source_dir(var: &str, default: PathBuf) -> PathBuf {
+    println!("cargo:rerun-if-env-changed={var}");
+    let dir = env::var_os(var).map_or(default, PathBuf::from);
+    for file in files_under(&dir) {
+        println!("cargo:rerun-if-changed={}", file.display());
+    }
+    dir
 }
 
 /// Rewrites every `MARKER <declaration>;` of preprocessed C++ as a static variable and a

@@ -1,8 +1,8 @@
 //! The loss of one layer with the identity head, as a sequence of launch plans over buffers.
-//! Generic over the [`Launcher`], so the GPU ([`crate::cuda::loss`]) and the CPU emulator run
+//! Generic over the [`Launcher`], so the GPU ([`crate::cuda::layer`]) and the CPU emulator run
 //! the very same launch code.
 //!
-//! The layer is the rows loss ([`super::rows_loss`]) between the neighbour differences and
+//! The layer is the rows loss ([`super::rows`]) between the neighbour differences and
 //! their scatter. Forward: difference rows of `feat_q` and `feat_k`, then the rows loss
 //! (normalisation, fused InfoNCE, mean). Backward: per side, the rows loss's backward into the
 //! difference rows, scattered into `grad_feat_q` (and `grad_feat_k` on request). Memory is
@@ -10,23 +10,29 @@
 
 use super::info_nce::Side;
 use super::neighbor::{self, CentersBuf, Scatter};
-use super::rows_loss::{RowsPlan, RowsSide, RowsWorkspace};
-use super::{Buf, Launcher};
+use super::rows::{RowsPlan, RowsSide, RowsWorkspace};
+use super::{Buf, Launcher, workspace};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::ffi;
 use crate::shape::{FeatureShape, RowShape};
 
-/// The workspace of one layer's loss: the rows loss's (the difference rows are its input
-/// rows), and the backward's scratch between the rows loss and the scatter. Generic over what
-/// holds a buffer, as [`RowsWorkspace`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct LayerWorkspace<R, F> {
-    /// The rows loss's workspace; `rows.rows_q` and `rows.rows_k` hold the difference rows
-    /// of `feat_q` and `feat_k`, `(B, S, C)`.
-    pub rows: RowsWorkspace<R, F>,
-    /// Backward scratch: the gradient of the difference rows of one side, `(B, S, C)`.
-    pub grad_rows: R,
+workspace! {
+    /// The workspace of one layer's loss: the rows loss's (the difference rows are its input
+    /// rows), and the backward's scratch between the rows loss and the scatter. Generic over
+    /// what holds a buffer, as [`RowsWorkspace`].
+    pub struct LayerWorkspace {
+        rows {
+            /// Backward scratch: the gradient of the difference rows of one side, `(B, S, C)`.
+            grad_rows,
+        }
+        stats {}
+        nested {
+            /// The rows loss's workspace; `rows.rows_q` and `rows.rows_k` hold the difference
+            /// rows of `feat_q` and `feat_k`, `(B, S, C)`.
+            rows: RowsWorkspace,
+        }
+    }
 }
 
 impl LayerWorkspace<usize, usize> {
@@ -37,39 +43,6 @@ impl LayerWorkspace<usize, usize> {
             rows: RowsWorkspace::lengths(&rows)?,
             grad_rows: rows.len(),
         })
-    }
-
-    /// Device bytes of a workspace of these lengths whose rows are stored in `T` (the
-    /// statistics are float32): what [`crate::cuda::loss::CcpLayer::new`] allocates.
-    pub fn bytes<T: crate::Dtype>(&self) -> usize {
-        self.rows.bytes::<T>() + self.grad_rows * size_of::<T>()
-    }
-}
-
-impl<R, F> LayerWorkspace<R, F> {
-    /// A workspace of something made from each buffer (say, an allocation from its length).
-    pub fn try_map<R2, F2, E>(
-        &self,
-        mut row: impl FnMut(&R) -> Result<R2, E>,
-        stat: impl FnMut(&F) -> Result<F2, E>,
-    ) -> Result<LayerWorkspace<R2, F2>, E> {
-        Ok(LayerWorkspace {
-            rows: self.rows.try_map(&mut row, stat)?,
-            grad_rows: row(&self.grad_rows)?,
-        })
-    }
-
-    /// A workspace of something borrowed mutably from each buffer (say, its address and the
-    /// guard that must live while a launch uses it).
-    pub fn map_mut<'a, R2, F2>(
-        &'a mut self,
-        mut row: impl FnMut(&'a mut R) -> R2,
-        stat: impl FnMut(&'a mut F) -> F2,
-    ) -> LayerWorkspace<R2, F2> {
-        LayerWorkspace {
-            rows: self.rows.map_mut(&mut row, stat),
-            grad_rows: row(&mut self.grad_rows),
-        }
     }
 }
 
@@ -149,7 +122,7 @@ impl LayerPlan {
         feat_q: Buf,
         feat_k: Buf,
         ws: &LayerWorkspace<Buf, Buf>,
-    ) -> Result<()> {
+    ) -> Result<(), L::Error> {
         self.check_centers(centers)?;
         let (shape, rows) = (&self.shape, &ws.rows);
         let diff_q = neighbor::neighbor_diff::<T>(shape, centers, feat_q, rows.rows_q)?;
@@ -174,7 +147,7 @@ impl LayerPlan {
         grad_feat_q: Buf,
         grad_feat_k: Option<Buf>,
         scatter: Scatter,
-    ) -> Result<()> {
+    ) -> Result<(), L::Error> {
         self.check_centers(centers)?;
         let upstream = upstream.unwrap_or(ws.rows.one);
         let q = self.side_plans::<T>(centers, ws, upstream, Side::Q, grad_feat_q, scatter)?;

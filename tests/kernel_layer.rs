@@ -1,13 +1,13 @@
 //! The per-layer loss (identity head) run as the crate's sequence of launch plans
-//! (`kernels::loss::LayerPlan`, the code the GPU path runs) against the CPU reference's
+//! (`plan::layer::LayerPlan`, the code the GPU path runs) against the CPU reference's
 //! `ccp_layer_loss`, on the emulator and the GPU, for every storage type: the loss, and the
 //! gradients of feat_q and feat_k accumulated into the caller's buffers, with the default
 //! upstream gradient and one from device memory, with both scatters.
 
 mod common;
 
-use ccpl::kernels::loss::{LayerPlan, LayerWorkspace};
-use ccpl::kernels::neighbor::Scatter;
+use ccpl::plan::layer::{LayerPlan, LayerWorkspace};
+use ccpl::plan::neighbor::Scatter;
 use ccpl::{Centers, Dtype, FeatureShape, Layout, reference};
 use common::Rng;
 use common::device::{

@@ -32,7 +32,7 @@ pub fn info_nce_fused_forward<T: Dtype>(
         kernel: format!("info_nce_fused_forward_{}", T::SUFFIX),
         // grid.y the 64-row tile, grid.z the image.
         grid: tile_grid(shape.batch, shape.rows, 1)?,
-        block: (ffi::CCPL_SIMILARITY_BLOCK, 1, 1),
+        block: (ffi::CCPL_TILE_THREADS, 1, 1),
         shared_bytes: 0,
         params: ffi::ccpl_info_nce_fused_forward_params {
             q: q.addr,
@@ -75,7 +75,7 @@ pub fn info_nce_fused_backward<T: Dtype>(
     Ok(LaunchPlan {
         kernel: format!("info_nce_fused_backward_{}", T::SUFFIX),
         grid: tile_grid(shape.batch, shape.rows, shape.width)?,
-        block: (ffi::CCPL_SIMILARITY_BLOCK, 1, 1),
+        block: (ffi::CCPL_TILE_THREADS, 1, 1),
         shared_bytes: 0,
         params: ffi::ccpl_info_nce_fused_backward_params {
             q: q.addr,

@@ -1,17 +1,17 @@
 // cuda_emu.h: the CUDA built-ins the kernels use, for the host C++ compiler, so that the very
-// same kernels/*.cu sources run on the CPU (the `emulator` feature, for tests).
+// same kernels/*.cu sources run on the CPU (the ccpl-emu crate, for tests).
 //
-// Each thread of a block is a fiber (kernels/emu/runtime.cpp); a seeded scheduler switches
+// Each thread of a block is a fiber (emu/runtime/runtime.cpp); a seeded scheduler switches
 // between them in random order at every barrier, warp collective and atomic, so kernel logic
 // that depends on luck (a missing __syncthreads(), a read of shared memory before it is
 // written) gives a wrong or NaN result instead of passing. Shared memory starts as NaN bytes
 // (0xFF) in every block. Misuse (a barrier not all threads reach, a warp mask that leaves out
 // the calling lane) ends the launch with an error, never a hang.
 //
-// Static `__shared__` variables: build.rs preprocesses every source, turns each
+// Static `__shared__` variables: emu/build.rs preprocesses every source, turns each
 // `__shared__` declaration into a static variable and registers it with the runtime, which
 // refills it with NaN at the start of every block (one copy per block: blocks run one after
-// another). The marker below fails to compile anywhere build.rs did not rewrite it.
+// another). The marker below fails to compile anywhere emu/build.rs did not rewrite it.
 //
 // What the emulator cannot run (inline PTX: mma, cp.async, ldmatrix) goes behind
 // `#ifdef CCPL_EMULATOR` with a portable fallback; those paths are checked on a GPU only.
@@ -19,7 +19,7 @@
 #pragma once
 
 #ifdef __CUDACC__
-#error "kernels/emu/cuda_emu.h is the CPU emulator; nvcc uses the CUDA headers"
+#error "emu/runtime/cuda_emu.h is the CPU emulator; nvcc uses the CUDA headers"
 #endif
 
 #include <math.h>
@@ -56,21 +56,6 @@ struct dim3 {
     constexpr dim3(unsigned int x_, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 
-#define CCPL_EMU_VECTOR2(name, T, align) \
-    struct __attribute__((aligned(align))) name { T x, y; }; \
-    inline name make_##name(T x, T y) { return name{x, y}; }
-#define CCPL_EMU_VECTOR4(name, T, align) \
-    struct __attribute__((aligned(align))) name { T x, y, z, w; }; \
-    inline name make_##name(T x, T y, T z, T w) { return name{x, y, z, w}; }
-CCPL_EMU_VECTOR2(float2, float, 8)
-CCPL_EMU_VECTOR4(float4, float, 16)
-CCPL_EMU_VECTOR2(int2, int, 8)
-CCPL_EMU_VECTOR4(int4, int, 16)
-CCPL_EMU_VECTOR2(uint2, unsigned int, 8)
-CCPL_EMU_VECTOR4(uint4, unsigned int, 16)
-CCPL_EMU_VECTOR2(double2, double, 16)
-#undef CCPL_EMU_VECTOR2
-#undef CCPL_EMU_VECTOR4
 
 constexpr int warpSize = 32;
 
@@ -90,7 +75,7 @@ extern Coordinates g_coords;
 #define blockDim (static_cast<const dim3&>(::ccpl_emu::g_coords.block_dim))
 #define gridDim (static_cast<const dim3&>(::ccpl_emu::g_coords.grid_dim))
 
-// ---- The runtime (kernels/emu/runtime.cpp) ---------------------------------------------
+// ---- The runtime (emu/runtime/runtime.cpp) ---------------------------------------------
 
 namespace ccpl_emu {
 
@@ -118,7 +103,7 @@ struct KernelRegistration {
     KernelRegistration(const char* name, size_t params_size, void (*thunk)(const void*));
 };
 
-// Registers a static __shared__ variable so that every block sees it NaN-filled (build.rs
+// Registers a static __shared__ variable so that every block sees it NaN-filled (emu/build.rs
 // writes these next to each rewritten declaration).
 struct StaticShared {
     StaticShared(void* address, size_t bytes);
@@ -199,9 +184,6 @@ struct SyncWarp {
 };
 }  // namespace ccpl_emu
 
-#define __threadfence() ::ccpl_emu::yield_point()
-#define __threadfence_block() ::ccpl_emu::yield_point()
-#define __threadfence_system() ::ccpl_emu::yield_point()
 #define __trap() ::ccpl_emu::fail("__trap() was called", __FILE__, __LINE__)
 
 // ---- Half-precision storage types --------------------------------------------------------
@@ -277,33 +259,13 @@ struct __nv_bfloat16 {
     __nv_bfloat16(float f) : __x(::ccpl_emu::float_to_bfloat16_bits(f)) {}
     operator float() const { return ::ccpl_emu::bfloat16_bits_to_float(__x); }
 };
-struct __attribute__((aligned(4))) __half2 {
-    __half x, y;
-};
-struct __attribute__((aligned(4))) __nv_bfloat162 {
-    __nv_bfloat16 x, y;
-};
 
 inline __half __float2half_rn(float f) { return __half(f); }
-inline __half __float2half(float f) { return __half(f); }
 inline float __half2float(__half h) { return static_cast<float>(h); }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16(f); }
-inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16(f); }
 inline float __bfloat162float(__nv_bfloat16 b) { return static_cast<float>(b); }
 inline unsigned short __half_as_ushort(__half h) { return h.__x; }
-inline __half __ushort_as_half(unsigned short u) { __half h; h.__x = u; return h; }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.__x; }
-inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { __nv_bfloat16 b; b.__x = u; return b; }
-inline __half2 __floats2half2_rn(float a, float b) { return __half2{__half(a), __half(b)}; }
-inline float2 __half22float2(__half2 h) { return float2{float(h.x), float(h.y)}; }
-inline float __low2float(__half2 h) { return float(h.x); }
-inline float __high2float(__half2 h) { return float(h.y); }
-inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
-    return __nv_bfloat162{__nv_bfloat16(a), __nv_bfloat16(b)};
-}
-inline float2 __bfloat1622float2(__nv_bfloat162 b) { return float2{float(b.x), float(b.y)}; }
-inline float __low2float(__nv_bfloat162 b) { return float(b.x); }
-inline float __high2float(__nv_bfloat162 b) { return float(b.y); }
 
 // ---- Warp matrix multiply-accumulate (nvcuda::wmma) --------------------------------------
 //
@@ -415,12 +377,6 @@ CCPL_EMU_ATOMIC(atomicAdd, float, old + val)
 CCPL_EMU_ATOMIC(atomicAdd, double, old + val)
 CCPL_EMU_ATOMIC(atomicAdd, __half, __half(float(old) + float(val)))
 CCPL_EMU_ATOMIC(atomicAdd, __nv_bfloat16, __nv_bfloat16(float(old) + float(val)))
-CCPL_EMU_ATOMIC(atomicSub, int, old - val)
-CCPL_EMU_ATOMIC(atomicSub, unsigned int, old - val)
-CCPL_EMU_ATOMIC(atomicExch, int, val)
-CCPL_EMU_ATOMIC(atomicExch, unsigned int, val)
-CCPL_EMU_ATOMIC(atomicExch, unsigned long long, val)
-CCPL_EMU_ATOMIC(atomicExch, float, val)
 CCPL_EMU_ATOMIC(atomicMax, int, old > val ? old : val)
 CCPL_EMU_ATOMIC(atomicMax, unsigned int, old > val ? old : val)
 CCPL_EMU_ATOMIC(atomicMax, long long, old > val ? old : val)
@@ -429,12 +385,6 @@ CCPL_EMU_ATOMIC(atomicMin, int, old < val ? old : val)
 CCPL_EMU_ATOMIC(atomicMin, unsigned int, old < val ? old : val)
 CCPL_EMU_ATOMIC(atomicMin, long long, old < val ? old : val)
 CCPL_EMU_ATOMIC(atomicMin, unsigned long long, old < val ? old : val)
-CCPL_EMU_ATOMIC(atomicAnd, int, old & val)
-CCPL_EMU_ATOMIC(atomicAnd, unsigned int, old & val)
-CCPL_EMU_ATOMIC(atomicOr, int, old | val)
-CCPL_EMU_ATOMIC(atomicOr, unsigned int, old | val)
-CCPL_EMU_ATOMIC(atomicXor, int, old ^ val)
-CCPL_EMU_ATOMIC(atomicXor, unsigned int, old ^ val)
 #undef CCPL_EMU_ATOMIC
 
 template <typename T> inline T ccpl_emu_atomic_cas(T* address, T compare, T val) {
@@ -451,38 +401,8 @@ inline unsigned short atomicCAS(unsigned short* a, unsigned short c, unsigned sh
 
 // ---- Math and bit intrinsics -----------------------------------------------------------
 
-inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
-inline double rsqrt(double x) { return 1.0 / sqrt(x); }
-inline float __expf(float x) { return expf(x); }
-inline float __logf(float x) { return logf(x); }
-inline float __log2f(float x) { return log2f(x); }
-inline float __powf(float x, float y) { return powf(x, y); }
-inline float __fdividef(float a, float b) { return a / b; }
-inline float __frcp_rn(float x) { return 1.0f / x; }
-inline float __fsqrt_rn(float x) { return sqrtf(x); }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
-inline float __saturatef(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
-inline float __int_as_float(int i) { return ::ccpl_emu::from_bits<float>(static_cast<uint32_t>(i)); }
-inline int __float_as_int(float f) { return static_cast<int>(::ccpl_emu::to_bits(f)); }
-inline float __uint_as_float(unsigned int u) { return ::ccpl_emu::from_bits<float>(u); }
 inline unsigned int __float_as_uint(float f) { return static_cast<unsigned int>(::ccpl_emu::to_bits(f)); }
 inline int __popc(unsigned int x) { return __builtin_popcount(x); }
-inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
-inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned int>(x)); }
 
-// CUDA's min/max: fminf/fmaxf semantics for floating point, the usual ones for integers.
-template <typename A, typename B> inline typename std::common_type<A, B>::type min(A a, B b) {
-    using C = typename std::common_type<A, B>::type;
-    if constexpr (std::is_floating_point<C>::value) return fmin(C(a), C(b));
-    else return C(a) < C(b) ? C(a) : C(b);
-}
-template <typename A, typename B> inline typename std::common_type<A, B>::type max(A a, B b) {
-    using C = typename std::common_type<A, B>::type;
-    if constexpr (std::is_floating_point<C>::value) return fmax(C(a), C(b));
-    else return C(a) > C(b) ? C(a) : C(b);
-}
 
-template <typename T> inline T __ldg(const T* p) { return *p; }

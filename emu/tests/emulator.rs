@@ -1,12 +1,13 @@
 //! The CPU emulator itself: thread coordinates, barriers, every warp collective, atomics,
 //! shared memory, the seeded scheduler catching races, the misuses it must report, and a real
-//! kernel family run through its launch plan. The kernels are `kernels/emu/selftest.cu`.
+//! kernel family run through its launch plan. The kernels are `emu/runtime/selftest.cu`.
 
 use std::time::Instant;
 
-use ccpl::emu::{self, Emulator, selftest::ccpl_emu_selftest_params as Params};
-use ccpl::kernels::{LaunchPlan, Launcher, neighbor};
-use ccpl::{Centers, Dtype, Error, FeatureShape, Layout};
+use ccpl::plan::{LaunchPlan, Launcher, neighbor};
+use ccpl::{Centers, Dtype, FeatureShape, Layout};
+use ccpl_emu::Error;
+use ccpl_emu::{self as emu, Emulator, selftest::ccpl_emu_selftest_params as Params};
 use half::{bf16, f16};
 
 /// SplitMix64: deterministic test inputs without a dependency.
@@ -43,7 +44,7 @@ fn run(
     output: u64,
     n: i32,
     arg: i32,
-) -> ccpl::Result<()> {
+) -> Result<(), Error> {
     emu.launch(&LaunchPlan {
         kernel: kernel.into(),
         grid,
@@ -62,10 +63,10 @@ fn lin(x: u32) -> (u32, u32, u32) {
     (x, 1, 1)
 }
 
-fn emulator_error(result: ccpl::Result<()>) -> String {
+fn emulator_error(result: Result<(), Error>) -> String {
     match result {
-        Err(Error::Emulator(message)) => message,
-        other => panic!("expected Error::Emulator, got {other:?}"),
+        Err(Error::Launch(message)) => message,
+        other => panic!("expected Error::Launch, got {other:?}"),
     }
 }
 
@@ -438,7 +439,7 @@ fn shared_run(
     shared_bytes: u32,
     overrun: bool,
     seed: u64,
-) -> ccpl::Result<(Vec<f32>, Vec<f32>)> {
+) -> Result<(Vec<f32>, Vec<f32>), Error> {
     let input = integer_inputs((blocks * threads) as usize, 17);
     let mut out = vec![f32::NAN; 5 * (blocks * threads) as usize];
     run(
@@ -709,7 +710,7 @@ fn bad_launches_are_rejected() {
 
 /// `kernels/*.cu` files and `common.cuh` with text from `needle`.
 fn kernel_files_containing(needle: &str) -> Vec<String> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernels");
     let mut files: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -1,13 +1,15 @@
-//! The shared header `kernels/ccpl.h`, as bindgen generates it at build time, and the
-//! kernel images that build.rs embedded.
-#![allow(
+//! The shared header `kernels/ccpl.h` as Rust (bindgen's output, committed in `bindings.rs`
+//! and checked against the header by the build script), and the kernel images that the build
+//! script embedded.
+
+#[allow(
     non_camel_case_types,
     non_upper_case_globals,
     missing_docs,
     clippy::all
 )]
-
-include!(concat!(env!("OUT_DIR"), "/ccpl_sys.rs"));
+mod bindings;
+pub use bindings::*;
 
 /// One kernel family (one `kernels/*.cu`) as compiled by nvcc.
 #[derive(Debug)]

@@ -1,0 +1,75 @@
+//! What [`CcpLayer`](super::CcpLayer) and [`CcpRows`](super::CcpRows) share: their kernels and
+//! stream, a workspace allocated once on that stream, and whether a forward has filled it.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+
+use super::{CudaLauncher, Kernels};
+use crate::error::{Error, Result};
+
+/// A loss object's state on its stream; `W` is its workspace of device slices.
+#[derive(Debug)]
+pub(crate) struct Resident<W> {
+    kernels: Arc<Kernels>,
+    stream: Arc<CudaStream>,
+    workspace: W,
+    forward_done: bool,
+}
+
+/// Allocates a zeroed buffer of `T` of each length it is given: with `T` the storage type for
+/// a workspace's rows and `f32` for its statistics, the workspace of a shape's lengths.
+pub(crate) fn alloc<T: DeviceRepr + ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+) -> impl FnMut(&usize) -> Result<CudaSlice<T>> + '_ {
+    |&n| Ok(stream.alloc_zeros::<T>(n)?)
+}
+
+impl<W> Resident<W> {
+    /// `workspace` on `stream`, after checking that the stream is the kernels' context's.
+    /// `one` picks the workspace's `1.0` (the default upstream gradient), set here.
+    pub(crate) fn new(
+        kernels: Arc<Kernels>,
+        stream: Arc<CudaStream>,
+        mut workspace: W,
+        one: impl FnOnce(&mut W) -> &mut CudaSlice<f32>,
+    ) -> Result<Self> {
+        kernels.on(&stream)?;
+        stream.memcpy_htod(&[1.0f32], one(&mut workspace))?;
+        Ok(Self {
+            kernels,
+            stream,
+            workspace,
+            forward_done: false,
+        })
+    }
+
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub(crate) fn workspace(&self) -> &W {
+        &self.workspace
+    }
+
+    /// A launcher on the stream, and the workspace to name its buffers with; the forward is
+    /// marked undone until [`forward_done`](Self::forward_done) (a forward that fails half
+    /// way leaves no backward to run on a half-written workspace).
+    pub(crate) fn forward(&mut self) -> Result<(CudaLauncher<'_>, &mut W)> {
+        self.forward_done = false;
+        Ok((self.kernels.on(&self.stream)?, &mut self.workspace))
+    }
+
+    /// Marks the workspace as filled by a forward.
+    pub(crate) fn forward_done(&mut self) {
+        self.forward_done = true;
+    }
+
+    /// A launcher and the workspace a forward filled, or `Err(BackwardBeforeForward)`.
+    pub(crate) fn backward(&mut self) -> Result<(CudaLauncher<'_>, &mut W)> {
+        if !self.forward_done {
+            return Err(Error::BackwardBeforeForward);
+        }
+        Ok((self.kernels.on(&self.stream)?, &mut self.workspace))
+    }
+}

@@ -1,0 +1,169 @@
+//! Launch plans: for each kernel, a pure function from validated shapes and buffer addresses
+//! to the kernel's name, grid, block, shared memory and parameter struct; and the sequences
+//! of plans that make a loss ([`rows`], [`layer`]). The GPU path ([`crate::cuda`]) and the
+//! CPU emulator (the `ccpl-emu` crate) execute the very same plans through a [`Launcher`].
+//!
+//! One module per kernel family, named like its `kernels/*.cu` source, and one per loss.
+
+pub mod info_nce;
+pub mod info_nce_fused;
+pub mod layer;
+pub mod neighbor;
+pub mod normalize;
+pub mod rows;
+pub mod similarity;
+
+use crate::error::{Error, Result};
+
+/// One kernel launch, ready to execute.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaunchPlan<P> {
+    /// Entry point, e.g. `neighbor_diff_f32`.
+    pub kernel: String,
+    /// Grid dimensions.
+    pub grid: (u32, u32, u32),
+    /// Block dimensions.
+    pub block: (u32, u32, u32),
+    /// Dynamic shared memory in bytes.
+    pub shared_bytes: u32,
+    /// The kernel's one argument, a struct of `kernels/ccpl.h`.
+    pub params: P,
+}
+
+/// A buffer as a kernel sees it: its address (device, or host under the emulator) and its
+/// length in elements, which the plan checks against the shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Buf {
+    /// Address of element 0.
+    pub addr: u64,
+    /// Number of elements.
+    pub len: usize,
+}
+
+/// A launch parameter struct of `kernels/ccpl.h`.
+pub trait KernelParams: cudarc::driver::DeviceRepr + Copy + std::fmt::Debug {}
+impl<P: cudarc::driver::DeviceRepr + Copy + std::fmt::Debug> KernelParams for P {}
+
+/// Something that executes launch plans in order: a CUDA stream or the CPU emulator.
+pub trait Launcher {
+    /// What a failed launch reports. A plan refused before any launch (bad shapes, lengths,
+    /// tau) reports a crate [`Error`], which converts into it.
+    type Error: std::error::Error + From<Error>;
+    /// Enqueues one launch (the GPU does not wait for it; the emulator runs it to completion).
+    fn launch<P: KernelParams>(&self, plan: &LaunchPlan<P>) -> Result<(), Self::Error>;
+}
+
+/// Threads per warp: the kernels that give a row to a warp are planned with it.
+pub(crate) const WARP: usize = 32;
+
+/// Blocks of `block` threads for a grid-stride loop over `total` items, capped so the grid
+/// stays small enough to keep every block busy (the loop covers the rest).
+pub(crate) fn grid_stride_blocks(total: usize, block: u32) -> u32 {
+    const MAX_BLOCKS: usize = 65_535;
+    total.div_ceil(block as usize).clamp(1, MAX_BLOCKS) as u32
+}
+
+/// `usize` to the kernels' `i32`; shapes are validated to fit before plans are made.
+pub(crate) fn i32_of(n: usize) -> i32 {
+    i32::try_from(n).expect("shape validated to fit i32")
+}
+
+/// `1/tau` as the kernels take it: `tau` checked, and its inverse finite in `f32`.
+pub(crate) fn inv_tau(tau: f64) -> Result<f32> {
+    crate::error::check_tau(tau)?;
+    let inv = (1.0 / tau) as f32;
+    if inv.is_finite() {
+        Ok(inv)
+    } else {
+        Err(Error::Tau(tau))
+    }
+}
+
+/// Grid of the tiled products (`kernels/tile_gemm.cuh`): one block per
+/// `CCPL_TILE_SIDE`-square tile of an `m x n` output, `grid.z` the image.
+pub(crate) fn tile_grid(batch: usize, m: usize, n: usize) -> Result<(u32, u32, u32)> {
+    const MAX_YZ: usize = 65_535;
+    let tile = crate::ffi::CCPL_TILE_SIDE as usize;
+    let (x, y) = (n.div_ceil(tile), m.div_ceil(tile));
+    if batch > MAX_YZ || y > MAX_YZ || x > i32::MAX as usize {
+        return Err(Error::Shape(format!(
+            "a batch of {batch} {m}x{n} products exceeds the CUDA grid (batch and rows/{tile} at most {MAX_YZ})"
+        )));
+    }
+    Ok((x as u32, y as u32, batch as u32))
+}
+
+/// The number of rows `B*S` of a row matrix, which the kernels count in `i32`.
+pub(crate) fn row_count(shape: &crate::shape::RowShape) -> Result<usize> {
+    let n = shape.batch * shape.rows;
+    if n > i32::MAX as usize {
+        return Err(Error::Shape(format!(
+            "{n} rows exceed the i32 range of the kernels"
+        )));
+    }
+    Ok(n)
+}
+
+/// Defines a workspace: a struct of the buffers a loss keeps between its launches, generic
+/// over what holds a buffer (`R` for rows in the storage type, `F` for float32 statistics: a
+/// length, a device slice, a [`Buf`]), with the maps between its forms and, for lengths, its
+/// size in bytes. Written once here so that no workspace lists its fields by hand twice.
+macro_rules! workspace {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            rows { $($(#[$row_meta:meta])* $row:ident),* $(,)? }
+            stats { $($(#[$stat_meta:meta])* $stat:ident),* $(,)? }
+            nested { $($(#[$nest_meta:meta])* $nest:ident: $nest_ty:ident),* $(,)? }
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct $name<R, F> {
+            $($(#[$row_meta])* pub $row: R,)*
+            $($(#[$stat_meta])* pub $stat: F,)*
+            $($(#[$nest_meta])* pub $nest: $nest_ty<R, F>,)*
+        }
+
+        impl<R, F> $name<R, F> {
+            /// A workspace of something made from each buffer (say, an allocation from its
+            /// length).
+            pub fn try_map<R2, F2, E>(
+                &self,
+                mut row: impl FnMut(&R) -> Result<R2, E>,
+                mut stat: impl FnMut(&F) -> Result<F2, E>,
+            ) -> Result<$name<R2, F2>, E> {
+                Ok($name {
+                    $($row: row(&self.$row)?,)*
+                    $($stat: stat(&self.$stat)?,)*
+                    $($nest: self.$nest.try_map(&mut row, &mut stat)?,)*
+                })
+            }
+
+            /// A workspace of something borrowed mutably from each buffer (say, its address,
+            /// with the guard that must live while a launch uses it).
+            pub fn map_mut<'a, R2, F2>(
+                &'a mut self,
+                mut row: impl FnMut(&'a mut R) -> R2,
+                mut stat: impl FnMut(&'a mut F) -> F2,
+            ) -> $name<R2, F2> {
+                $name {
+                    $($row: row(&mut self.$row),)*
+                    $($stat: stat(&mut self.$stat),)*
+                    $($nest: self.$nest.map_mut(&mut row, &mut stat),)*
+                }
+            }
+        }
+
+        impl $name<usize, usize> {
+            /// Bytes of a workspace of these lengths whose rows are stored in `T` (the
+            /// statistics are float32): what its owner allocates.
+            pub fn bytes<T: crate::Dtype>(&self) -> usize {
+                0 $(+ self.$row * size_of::<T>())*
+                  $(+ self.$stat * size_of::<f32>())*
+                  $(+ self.$nest.bytes::<T>())*
+            }
+        }
+    };
+}
+pub(crate) use workspace;
