@@ -263,22 +263,44 @@ fn bad_tau() {
         shape,
         centers: centers.clone(),
     }];
-    for tau in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 0.0, -0.0, -0.07] {
+    // Each tau with the words of the rule it breaks: one rule for the reference and the
+    // plans (the kernels take 1/tau as a float32).
+    let subnormal = f64::MIN_POSITIVE / 4.0;
+    let cases: [(f64, &[&str]); 9] = [
+        (f64::NAN, &["not finite"]),
+        (f64::INFINITY, &["not finite"]),
+        (f64::NEG_INFINITY, &["not finite"]),
+        (0.0, &["not > 0"]),
+        (-0.0, &["not > 0"]),
+        (-0.07, &["not > 0"]),
+        (subnormal, &["subnormal"]),
+        (1e-300, &["1/tau", "float32"]),
+        (2.9e-39, &["1/tau", "float32"]),
+    ];
+    for (tau, words) in cases {
+        let plan = ccpl::plan::layer::LayerPlan::new(shape, centers.len(), tau);
         let results = [
             check_tau(tau),
             similarity(&v, &v, &rows, tau).map(drop),
             info_nce_backward(&logits, &lse, &v, &v, &rows, tau, 1.0, false).map(drop),
             ccp_layer_loss(&feat, &feat, &shape, &centers, tau, true).map(drop),
             ccp_loss(&layers, tau, false).map(drop),
+            plan.map(drop),
         ];
         for result in results {
-            let err = expect_err(result, &["tau", "finite and > 0", &tau.to_string()]);
+            let err = expect_err(result, &[&["tau", &tau.to_string()], words].concat());
             assert!(
                 matches!(err, Error::Tau(t) if t.to_bits() == tau.to_bits()),
                 "{err:?} for tau {tau}"
             );
         }
     }
+    // The smallest tau of the rule works in both: 1/tau just below float32's maximum.
+    let smallest = 1.0 / f32::MAX as f64;
+    assert_eq!(check_tau(smallest), Ok(()));
+    assert!(ccpl::plan::layer::LayerPlan::new(shape, centers.len(), smallest).is_ok());
+    let loss = ccp_layer_loss(&feat, &feat, &shape, &centers, smallest, false).unwrap();
+    assert!(loss.loss.is_finite(), "{loss:?}");
 }
 
 #[test]
