@@ -303,6 +303,35 @@ fn bad_tau() {
     assert!(loss.loss.is_finite(), "{loss:?}");
 }
 
+/// What a careless caller can reach from safe code gives an answer or an error, never a
+/// panic or an overflow: indices out of range, sizes beyond usize, an empty range to draw from.
+#[test]
+fn no_panic_from_safe_code() {
+    let shape = FeatureShape::new(2, 3, 4, 5, Layout::Nchw).unwrap();
+    assert_eq!(shape.index(1, 2, 3, 4), Some(shape.len() - 1));
+    for (b, c, h, w) in [(2, 0, 0, 0), (0, 3, 0, 0), (0, 0, 4, 0), (0, 0, 0, 5)] {
+        assert_eq!(shape.index(b, c, h, w), None);
+    }
+    assert_eq!(
+        shape.index(usize::MAX, usize::MAX, usize::MAX, usize::MAX),
+        None
+    );
+    let err = ccpl::plan::neighbor::rows_len(&shape, usize::MAX).unwrap_err();
+    assert!(matches!(err, Error::Shape(_)), "{err:?}");
+    assert_eq!(ccpl::sampling::SplitMix64::new(1).below(0), None);
+    // The largest row shapes new accepts: every size they report is in range.
+    for (b, s, c) in [(1, i32::MAX as usize, 1), (i32::MAX as usize, 1, 1 << 20)] {
+        let rows = RowShape::new(b, s, c).unwrap();
+        assert_eq!(rows.len(), b * s * c);
+        assert_eq!(rows.logits_len(), b * s * s);
+    }
+    is_shape_error(RowShape::new(i32::MAX as usize, i32::MAX as usize, 2));
+}
+
+fn is_shape_error<T: std::fmt::Debug>(result: ccpl::Result<T>) {
+    assert!(matches!(result, Err(Error::Shape(_))), "{result:?}");
+}
+
 #[test]
 fn no_gpu_without_a_driver() {
     if cuda::driver_present() {

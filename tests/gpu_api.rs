@@ -67,7 +67,7 @@ fn every_wrapper_matches_reference() {
 
     // Normalisation, into a view of a larger buffer.
     let mut unit_dev = nan(rows.len() + 2 * PAD);
-    let mut norms_dev = nan(rows.batch * rows.rows);
+    let mut norms_dev = nan(rows.batch() * rows.rows());
     {
         let mut unit_view = unit_dev.slice_mut(PAD..PAD + rows.len());
         normalize::normalize_rows(
@@ -116,7 +116,7 @@ fn every_wrapper_matches_reference() {
     assert_close("cuda similarity", &logits, &want_logits, F32_TOLERANCE);
 
     // InfoNCE forward, loss, backward (dq and dk).
-    let count = rows.batch * rows.rows;
+    let count = rows.batch() * rows.rows();
     let (mut lse_dev, mut row_loss_dev, mut loss_dev) = (nan(count), nan(count), nan(1));
     info_nce::info_nce_forward(
         kernels,
@@ -128,7 +128,7 @@ fn every_wrapper_matches_reference() {
     )
     .unwrap();
     info_nce::info_nce_loss(kernels, stream, &row_loss_dev, &mut loss_dev, false).unwrap();
-    let want_fwd = reference::info_nce_forward(&logits, rows.batch, rows.rows).unwrap();
+    let want_fwd = reference::info_nce_forward(&logits, rows.batch(), rows.rows()).unwrap();
     assert_close(
         "cuda info_nce_forward",
         &download(&lse_dev),

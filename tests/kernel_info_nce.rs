@@ -30,7 +30,7 @@ fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {
 /// tells nothing about precision, left out.
 fn regimes(shape: &RowShape) -> Vec<(f64, Rows)> {
     let mut regimes = vec![(0.07, Rows::Random), (0.01, Rows::Random)];
-    if shape.width > 1 {
+    if shape.width() > 1 {
         regimes.push((0.07, Rows::Aligned));
     }
     regimes
@@ -47,8 +47,8 @@ fn logits(q: &[f64], k: &[f64], shape: &RowShape, tau: f64) -> (Vec<f32>, Vec<f6
 fn check_forward<D: TestDevice>(dev: &D, shape: &RowShape, tau: f64, rows: Rows, rng: &mut Rng) {
     let (q, k) = unit_rows::<f32>(rng, shape, rows);
     let (logits_f32, logits_f64) = logits(&q, &k, shape, tau);
-    let want = reference::info_nce_forward(&logits_f64, shape.batch, shape.rows).unwrap();
-    let count = shape.batch * shape.rows;
+    let want = reference::info_nce_forward(&logits_f64, shape.batch(), shape.rows()).unwrap();
+    let count = shape.batch() * shape.rows();
     let mut logits_dev = dev.upload(&logits_f32);
     let mut lse_dev = dev.alloc_nan::<f32>(count);
     let mut row_loss_dev = dev.alloc_nan::<f32>(count);
@@ -109,7 +109,7 @@ fn check_backward<T: Dtype, D: TestDevice>(
 ) {
     let (q, k) = unit_rows::<T>(rng, shape, rows);
     let (logits_f32, logits_f64) = logits(&q, &k, shape, tau);
-    let forward = reference::info_nce_forward(&logits_f64, shape.batch, shape.rows).unwrap();
+    let forward = reference::info_nce_forward(&logits_f64, shape.batch(), shape.rows()).unwrap();
     let want = reference::info_nce_backward(
         &logits_f64,
         &forward.row_lse,

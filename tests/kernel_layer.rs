@@ -58,7 +58,7 @@ fn features<T: Dtype>(rng: &mut Rng, case: &Case) -> (Vec<T>, Vec<T>) {
             for c in 0..s.channels() {
                 for h in 1..4.min(s.height()) {
                     for w in 1..4.min(s.width()) {
-                        feat_q[s.index(b, c, h, w)] = T::from_f64(0.5);
+                        feat_q[s.index(b, c, h, w).unwrap()] = T::from_f64(0.5);
                     }
                 }
             }

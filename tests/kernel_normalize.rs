@@ -24,9 +24,9 @@ fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {
 
 /// Random rows with row 0 (and row 5 when there is one) exactly zero and row 3 tiny.
 fn rows<T: Dtype>(rng: &mut Rng, shape: &RowShape) -> Vec<T> {
-    let c = shape.width;
+    let c = shape.width();
     let mut rows: Vec<T> = random(rng, shape.len(), 1.0);
-    let count = shape.batch * shape.rows;
+    let count = shape.batch() * shape.rows();
     for r in [0, 5].into_iter().filter(|&r| r < count) {
         rows[r * c..(r + 1) * c].fill(T::from_f64(0.0));
     }
@@ -41,7 +41,7 @@ fn rows<T: Dtype>(rng: &mut Rng, shape: &RowShape) -> Vec<T> {
 fn zero_rows(shape: &RowShape) -> Vec<usize> {
     [0, 5]
         .into_iter()
-        .filter(|&r| r < shape.batch * shape.rows)
+        .filter(|&r| r < shape.batch() * shape.rows())
         .collect()
 }
 
@@ -49,19 +49,19 @@ fn name<T: Dtype, D: TestDevice>(dev: &D, what: &str, s: &RowShape) -> String {
     format!(
         "{what} {} B={} S={} C={} on the {}",
         T::SUFFIX,
-        s.batch,
-        s.rows,
-        s.width,
+        s.batch(),
+        s.rows(),
+        s.width(),
         dev.name()
     )
 }
 
 fn check_normalize_rows<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, rng: &mut Rng) {
     let rows = rows::<T>(rng, shape);
-    let want = reference::normalize_rows(&to_f64(&rows), shape.width).unwrap();
+    let want = reference::normalize_rows(&to_f64(&rows), shape.width()).unwrap();
     let mut rows_dev = dev.upload(&rows);
     let mut out_dev = dev.alloc_nan::<T>(shape.len());
-    let mut norms_dev = dev.alloc_nan::<f32>(shape.batch * shape.rows);
+    let mut norms_dev = dev.alloc_nan::<f32>(shape.batch() * shape.rows());
     let plan = normalize::normalize_rows::<T>(
         shape,
         dev.buf(&mut rows_dev),
@@ -76,7 +76,7 @@ fn check_normalize_rows<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, rng:
     assert_close(&what, &out, &want.rows, stored_tolerance::<T>(&want.rows));
     assert_close(&format!("{what} norms"), &norms, &want.norms, F32_TOLERANCE);
     for r in zero_rows(shape) {
-        let row = &out[r * shape.width..(r + 1) * shape.width];
+        let row = &out[r * shape.width()..(r + 1) * shape.width()];
         assert!(
             row.iter().all(|&v| v == 0.0),
             "{what}: zero row {r} gave {row:?}"
@@ -109,9 +109,9 @@ fn check_normalize_rows_backward<T: Dtype, D: TestDevice>(
     let grad_out: Vec<T> = random(rng, shape.len(), 1.0);
     let rows_f64 = to_f64(&rows);
     let want =
-        reference::normalize_rows_backward(&rows_f64, &to_f64(&grad_out), shape.width).unwrap();
+        reference::normalize_rows_backward(&rows_f64, &to_f64(&grad_out), shape.width()).unwrap();
     // The forward's norms as the kernel stores them (float32).
-    let norms: Vec<f32> = reference::normalize_rows(&rows_f64, shape.width)
+    let norms: Vec<f32> = reference::normalize_rows(&rows_f64, shape.width())
         .unwrap()
         .norms
         .iter()
@@ -137,7 +137,7 @@ fn check_normalize_rows_backward<T: Dtype, D: TestDevice>(
     // element by element against the reference stored in T (f16 overflows to +-inf there:
     // g/1e-7 exceeds its range).
     let zero = zero_rows(shape);
-    let c = shape.width;
+    let c = shape.width();
     for &r in &zero {
         let want_t = rounded::<T>(&want[r * c..(r + 1) * c]);
         for (i, (&g, &w)) in got[r * c..(r + 1) * c].iter().zip(&want_t).enumerate() {
@@ -150,7 +150,7 @@ fn check_normalize_rows_backward<T: Dtype, D: TestDevice>(
         }
     }
     let (mut got_rest, mut want_rest) = (Vec::new(), Vec::new());
-    for r in (0..shape.batch * shape.rows).filter(|r| !zero.contains(r)) {
+    for r in (0..shape.batch() * shape.rows()).filter(|r| !zero.contains(r)) {
         got_rest.extend_from_slice(&got[r * c..(r + 1) * c]);
         want_rest.extend_from_slice(&want[r * c..(r + 1) * c]);
     }

@@ -34,9 +34,9 @@ fn check_rows<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, rng: &mut Rng)
     let label = format!(
         "{} B={} S={} C={} on the {}",
         T::SUFFIX,
-        shape.batch,
-        shape.rows,
-        shape.width,
+        shape.batch(),
+        shape.rows(),
+        shape.width(),
         dev.name()
     );
     let plan = RowsPlan::new(*shape, TAU).unwrap();

@@ -30,7 +30,7 @@ fn centers(n: usize) -> CentersBuf {
 #[test]
 fn neighbor_plans_check_every_buffer_and_the_centres() {
     let (s, c) = (shape(), centers(5));
-    let rows = neighbor::rows_len(&s, 5);
+    let rows = neighbor::rows_len(&s, 5).unwrap();
     assert_eq!(rows, 2 * 40 * 3);
     let plan = neighbor::neighbor_diff::<f32>(&s, &c, buf(s.len()), buf(rows)).unwrap();
     assert_eq!(plan.kernel, "neighbor_diff_f32");

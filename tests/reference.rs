@@ -111,7 +111,7 @@ fn rows_are_direction_major_centre_minus_neighbour() {
             for c in 0..channels {
                 for h in 0..height {
                     for w in 0..width {
-                        feat[shape.index(b, c, h, w)] = distinct_value(b, c, h, w);
+                        feat[shape.index(b, c, h, w).unwrap()] = distinct_value(b, c, h, w);
                     }
                 }
             }
@@ -475,6 +475,31 @@ fn sampling_is_seeded() {
     }
     // Two draws of 8 from 900 positions coincide with probability ~1e-24.
     assert_eq!(differ, 100, "different seeds gave the same centres");
+}
+
+/// The draw is a partial Fisher-Yates shuffle of the interior positions (what the contract
+/// says): the sparse one of `Centers::sample` gives, seed for seed, the centres of the plain
+/// one written here over the whole interior.
+#[test]
+fn sampling_is_the_partial_fisher_yates_shuffle() {
+    for (h, w, num_s, seed) in [(5, 5, 9, 1), (9, 7, 4, 2), (32, 32, 8, 3), (40, 3, 38, 4)] {
+        let (iw, total) = (w - 2, (h - 2) * (w - 2));
+        let mut pool: Vec<usize> = (0..total).collect();
+        let mut rng = ccpl::sampling::SplitMix64::new(seed);
+        let n = num_s.min(total);
+        for i in 0..n {
+            let j = i + rng.below((total - i) as u64).unwrap() as usize;
+            pool.swap(i, j);
+        }
+        let want: Vec<i32> = pool[..n]
+            .iter()
+            .map(|&p| ((p / iw + 1) * w + p % iw + 1) as i32)
+            .collect();
+        assert_eq!(
+            Centers::sample(h, w, num_s, seed).unwrap().flat(),
+            &want[..]
+        );
+    }
 }
 
 /// Pearson's chi-square of observed counts against equal expected counts.

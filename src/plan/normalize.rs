@@ -36,8 +36,8 @@ pub fn normalize_rows<T: Dtype>(
             rows: rows.addr,
             out: out.addr,
             norms: norms.addr,
-            num_rows: i32_of(num_rows),
-            width: i32_of(shape.width),
+            num_rows: i32_of(num_rows)?,
+            width: i32_of(shape.width())?,
         },
     })
 }
@@ -66,8 +66,8 @@ pub fn normalize_rows_backward<T: Dtype>(
             norms: norms.addr,
             grad_out: grad_out.addr,
             grad_rows: grad_rows.addr,
-            num_rows: i32_of(num_rows),
-            width: i32_of(shape.width),
+            num_rows: i32_of(num_rows)?,
+            width: i32_of(shape.width())?,
         },
     })
 }

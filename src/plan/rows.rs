@@ -86,7 +86,7 @@ impl RowsPlan {
     pub fn new(shape: RowShape, tau: f64) -> Result<Self> {
         inv_tau(tau)?;
         row_count(&shape)?;
-        tile_grid(shape.batch, shape.rows, shape.width)?;
+        tile_grid(shape.batch(), shape.rows(), shape.width())?;
         Ok(Self { shape, tau })
     }
     /// Shape of the rows, `(B, S, C)`.

@@ -282,10 +282,10 @@ pub fn scatter_model<T: Element>(
                     centre += v;
                     let (dh, dw) = ffi::neighbor_delta(k);
                     let (nh, nw) = (h.wrapping_add_signed(dh), wp.wrapping_add_signed(dw));
-                    let at = shape.index(b, c, nh, nw);
+                    let at = shape.index(b, c, nh, nw).unwrap();
                     g[at] = round(g[at] - v);
                 }
-                let at = shape.index(b, c, h, wp);
+                let at = shape.index(b, c, h, wp).unwrap();
                 g[at] = round(g[at] + round(centre));
             }
         }
@@ -345,12 +345,12 @@ pub fn fused_backward_model<T: Element>(
     tau: f64,
     upstream: f64,
 ) -> (Vec<f64>, Vec<f64>) {
-    let (s, c) = (shape.rows, shape.width);
-    let scale = upstream / (shape.batch * s) as f64 / tau;
+    let (s, c) = (shape.rows(), shape.width());
+    let scale = upstream / (shape.batch() * s) as f64 / tau;
     let round_g = |g: f64| T::from_f64(g * g_scale::<T>()).to_f64() / g_scale::<T>();
     let mut dq = vec![0.0; shape.len()];
     let mut dk = vec![0.0; shape.len()];
-    for b in 0..shape.batch {
+    for b in 0..shape.batch() {
         for i in 0..s {
             let row = b * s + i;
             for j in 0..s {
@@ -389,11 +389,11 @@ pub fn rows_model<T: Element>(
     tau: f64,
     upstream: f64,
 ) -> RowsModel {
-    let c = rows.width;
+    let c = rows.width();
     let unit_q = rounded::<T>(&reference::normalize_rows(rows_q, c).unwrap().rows);
     let unit_k = rounded::<T>(&reference::normalize_rows(rows_k, c).unwrap().rows);
     let logits = reference::similarity(&unit_q, &unit_k, rows, tau).unwrap();
-    let forward = reference::info_nce_forward(&logits, rows.batch, rows.rows).unwrap();
+    let forward = reference::info_nce_forward(&logits, rows.batch(), rows.rows()).unwrap();
     let (dq, dk) =
         fused_backward_model::<T>(&logits, &forward, &unit_q, &unit_k, rows, tau, upstream);
     let back = |rows: &[f64], grad_unit: &[f64]| {
@@ -441,7 +441,7 @@ pub fn unit_rows<T: Dtype>(rng: &mut Rng, shape: &RowShape, rows: Rows) -> (Vec<
         Rows::Aligned => q.iter().map(|v| v + 0.3 * rng.symmetric()).collect(),
     };
     let unit = |v: &[f64]| {
-        let n = reference::normalize_rows(v, shape.width).unwrap().rows;
+        let n = reference::normalize_rows(v, shape.width()).unwrap().rows;
         to_f64(&from_f64::<T>(&n))
     };
     (unit(&q), unit(&k))
@@ -451,9 +451,9 @@ pub fn unit_rows<T: Dtype>(rng: &mut Rng, shape: &RowShape, rows: Rows) -> (Vec<
 pub fn label<D: TestDevice>(dev: &D, shape: &RowShape, tau: f64, rows: Rows) -> String {
     format!(
         "B={} S={} C={} tau={tau} {rows:?} on the {}",
-        shape.batch,
-        shape.rows,
-        shape.width,
+        shape.batch(),
+        shape.rows(),
+        shape.width(),
         dev.name()
     )
 }
