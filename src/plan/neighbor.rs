@@ -98,6 +98,44 @@ pub fn neighbor_diff<T: Dtype>(
     })
 }
 
+/// `neighbor_diff_normalize_{T}`: the difference rows `(B, 8N, C)` of a feature map,
+/// normalised (`out`, in `T`) with their norms (`norms`, float32, `B*8N`), without storing
+/// the difference rows: [`neighbor_diff`] then
+/// [`normalize_rows`](super::normalize::normalize_rows), except that the differences are
+/// formed in float, so `out` is right wherever `T` holds it (f16 differences past 65504).
+pub fn neighbor_diff_normalize<T: Dtype>(
+    shape: &FeatureShape,
+    centers: &CentersBuf,
+    feat: Buf,
+    out: Buf,
+    norms: Buf,
+) -> Result<LaunchPlan<ffi::ccpl_neighbor_diff_normalize_params>> {
+    centers.check(shape)?;
+    check_len("feat", shape.len(), feat.len)?;
+    check_len("out", rows_len(shape, centers.len())?, out.len)?;
+    // B*8N <= B*8N*C, within usize by rows_len.
+    let num_rows = shape.batch() * ffi::CCPL_NUM_NEIGHBORS as usize * centers.len();
+    check_len("norms", num_rows, norms.len)?;
+    Ok(LaunchPlan {
+        kernel: format!("neighbor_diff_normalize_{}", T::SUFFIX),
+        grid: super::normalize::grid(num_rows),
+        block: (ffi::CCPL_NORMALIZE_BLOCK, 1, 1),
+        shared_bytes: 0,
+        params: ffi::ccpl_neighbor_diff_normalize_params {
+            feat: feat.addr,
+            centers: centers.flat.addr,
+            out: out.addr,
+            norms: norms.addr,
+            batch: i32_of(shape.batch())?,
+            channels: i32_of(shape.channels())?,
+            height: i32_of(shape.height())?,
+            width: i32_of(shape.width())?,
+            num_centers: i32_of(centers.len())?,
+            layout: shape.layout().code(),
+        },
+    })
+}
+
 /// How the backward scatter adds up overlapping windows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Scatter {
