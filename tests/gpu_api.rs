@@ -434,7 +434,7 @@ fn ccp_layer_matches_reference() {
     let (feat_q, feat_k) = (to_f64(&feat_q), to_f64(&feat_k));
     let model = layer_model::<half::bf16>(&feat_q, &feat_k, &shape, &centers, TAU, 1.0);
     let loss = stream.clone_dtoh(layer.loss()).unwrap()[0] as f64;
-    let tol = tolerance::<half::bf16>(&[model.loss], &[want.loss]);
+    let tol = tolerance(&[model.loss], &[want.loss]);
     assert_close("CcpLayer bf16 loss", &[loss], &[want.loss], tol);
     let zeros = vec![0.0; shape.len()];
     let model = scatter_model::<half::bf16>(
@@ -445,7 +445,7 @@ fn ccp_layer_matches_reference() {
         Scatter::Deterministic,
     );
     let got = to_f64(&stream.clone_dtoh(&grad_q).unwrap());
-    let tol = tolerance::<half::bf16>(&model, &want.grad_feat_q);
+    let tol = tolerance(&model, &want.grad_feat_q);
     assert_close("CcpLayer bf16 grad_feat_q", &got, &want.grad_feat_q, tol);
 }
 
@@ -531,9 +531,9 @@ fn ccp_rows_matches_reference() {
     let want = rows_model::<f64>(&q, &k, &shape, TAU, 1.0);
     let model = rows_model::<half::bf16>(&q, &k, &shape, TAU, 1.0);
     let got = stream.clone_dtoh(loss.loss()).unwrap()[0] as f64;
-    let tol = tolerance::<half::bf16>(&[model.loss], &[want.loss]);
+    let tol = tolerance(&[model.loss], &[want.loss]);
     assert_close("CcpRows bf16 loss", &[got], &[want.loss], tol);
     let got = to_f64(&stream.clone_dtoh(&grad_q).unwrap());
-    let tol = tolerance::<half::bf16>(&model.grad_rows_q, &want.grad_rows_q);
+    let tol = tolerance(&model.grad_rows_q, &want.grad_rows_q);
     assert_close("CcpRows bf16 grad_rows_q", &got, &want.grad_rows_q, tol);
 }

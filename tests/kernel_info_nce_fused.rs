@@ -219,7 +219,7 @@ fn check_fused<T: Dtype, D: TestDevice>(
         ("dk", &got.dk, &want.dk, &want.model_dk),
     ] {
         let name = format!("info_nce_fused_backward {side} {what}");
-        assert_close(&name, got, exact, tolerance::<T>(model, exact));
+        assert_close(&name, got, exact, tolerance(model, exact));
     }
 }
 
@@ -263,7 +263,7 @@ fn check_same_as_materialised<T: Dtype, D: TestDevice>(
         let tol = if T::SUFFIX == "f32" {
             F32_TOLERANCE
         } else {
-            tolerance::<T>(model, exact) + stored_tolerance::<T>(exact)
+            tolerance(model, exact) + stored_tolerance::<T>(exact)
         };
         let name = format!("fused vs materialised {name} {what}");
         assert_close(&name, got, other, tol);

@@ -127,7 +127,7 @@ fn check_layer<T: Dtype, D: TestDevice>(dev: &D, case: &Case, rng: &mut Rng) {
     let loss = dev.download(&ws.rows.loss)[0] as f64;
     // The rounding model of what the kernels store in T (f32 included: see `tolerance`).
     let model = |u: f64| layer_model::<T>(&feat_q_f64, &feat_k_f64, shape, centers, TAU, u);
-    let tol = tolerance::<T>(&[model(1.0).loss], &[exact.loss]);
+    let tol = tolerance(&[model(1.0).loss], &[exact.loss]);
     assert_close(&format!("layer loss {label}"), &[loss], &[exact.loss], tol);
 
     // Backward twice from the same forward, each gradient compared directly (its own relative
@@ -181,7 +181,7 @@ fn check_layer<T: Dtype, D: TestDevice>(dev: &D, case: &Case, rng: &mut Rng) {
                 assert_within_bound(&what, &got, want, &bound, &start, rounding::<T>());
             } else {
                 let stored = scatter_model::<T>(&start, grad_rows, shape, centers, scatter);
-                let tol = tolerance::<T>(&added(stored), want);
+                let tol = tolerance(&added(stored), want);
                 assert_close(&what, &got, want, tol);
             }
         }

@@ -215,7 +215,7 @@ fn check_neighbor_diff_backward<T: Dtype, D: TestDevice>(dev: &D, case: &Case, r
         Scatter::Atomic,
     );
     let what = name::<T, D>(dev, "neighbor_diff_backward atomic", case);
-    assert_close(&what, &got, &want, tolerance::<T>(&model, &want));
+    assert_close(&what, &got, &want, tolerance(&model, &want));
 
     let first = scatter(dev, case, &grad_rows, &initial, Scatter::Deterministic);
     let model = scatter_model::<T>(
@@ -226,7 +226,7 @@ fn check_neighbor_diff_backward<T: Dtype, D: TestDevice>(dev: &D, case: &Case, r
         Scatter::Deterministic,
     );
     let what = name::<T, D>(dev, "neighbor_diff_backward deterministic", case);
-    assert_close(&what, &to_f64(&first), &want, tolerance::<T>(&model, &want));
+    assert_close(&what, &to_f64(&first), &want, tolerance(&model, &want));
     // On the emulator the second run is scheduled by another seed.
     let second = scatter(dev, case, &grad_rows, &initial, Scatter::Deterministic);
     let bits = |v: &[T]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();

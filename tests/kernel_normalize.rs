@@ -232,7 +232,7 @@ fn check_at_scale<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, scale: f64
         dev.run(&plan);
         let got = to_f64(&dev.download(&grad_rows_dev));
         let tol = if normalized {
-            tolerance::<T>(&model, &exact)
+            tolerance(&model, &exact)
         } else {
             stored_tolerance::<T>(&exact)
         };

@@ -81,7 +81,7 @@ fn check_rows<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, regime: Regime
     let loss = dev.download(&ws.loss)[0] as f64;
     let exact = rows_model::<f64>(&rows_q_f64, &rows_k_f64, shape, tau, 1.0);
     let model = rows_model::<T>(&rows_q_f64, &rows_k_f64, shape, tau, 1.0);
-    let tol = tolerance::<T>(&[model.loss], &[exact.loss]);
+    let tol = tolerance(&[model.loss], &[exact.loss]);
     assert_close(&format!("rows loss {label}"), &[loss], &[exact.loss], tol);
 
     // Backward twice from the same forward: the default upstream (1) into q only, then 2.5
@@ -106,12 +106,12 @@ fn check_rows<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, regime: Regime
         .unwrap_or_else(|e| panic!("backward {label}: {e}"));
         let got = to_f64(&dev.download(&grad_q_dev));
         let what = format!("rows grad_rows_q upstream={u} {label}");
-        let tol = tolerance::<T>(&model.grad_rows_q, &exact.grad_rows_q);
+        let tol = tolerance(&model.grad_rows_q, &exact.grad_rows_q);
         assert_close(&what, &got, &exact.grad_rows_q, tol);
         let got = to_f64(&dev.download(&grad_k_dev));
         if both {
             let what = format!("rows grad_rows_k upstream={u} {label}");
-            let tol = tolerance::<T>(&model.grad_rows_k, &exact.grad_rows_k);
+            let tol = tolerance(&model.grad_rows_k, &exact.grad_rows_k);
             assert_close(&what, &got, &exact.grad_rows_k, tol);
         } else {
             assert!(

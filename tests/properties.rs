@@ -340,7 +340,7 @@ fn layer_agrees<T: Dtype>(case: &LayerCase) -> Result<(), TestCaseError> {
     .map_err(|e| TestCaseError::fail(e.to_string()))?;
 
     let loss = dev.download(&ws.rows.loss)[0] as f64;
-    let tol = tolerance_at::<T>(&[model.loss], &[exact.loss], case.tau);
+    let tol = tolerance_at(&[model.loss], &[exact.loss], case.tau);
     close(&format!("loss {}", T::SUFFIX), &[loss], &[exact.loss], tol)?;
     let zeros = vec![0.0; shape.len()];
     let sides = [
@@ -362,7 +362,7 @@ fn layer_agrees<T: Dtype>(case: &LayerCase) -> Result<(), TestCaseError> {
             &what,
             &to_f64(&dev.download(got)),
             want,
-            tolerance_at::<T>(&stored, want, case.tau),
+            tolerance_at(&stored, want, case.tau),
         )?;
     }
     Ok(())
@@ -459,7 +459,7 @@ fn rows_agree<T: Dtype>(case: &RowsCase) -> Result<(), TestCaseError> {
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
 
     let loss = dev.download(&ws.loss)[0] as f64;
-    let tol = tolerance_at::<T>(&[model.loss], &[exact.loss], case.tau);
+    let tol = tolerance_at(&[model.loss], &[exact.loss], case.tau);
     close(
         &format!("rows loss {}", T::SUFFIX),
         &[loss],
@@ -479,7 +479,7 @@ fn rows_agree<T: Dtype>(case: &RowsCase) -> Result<(), TestCaseError> {
             &what,
             &to_f64(&dev.download(got)),
             want,
-            tolerance_at::<T>(stored, want, case.tau),
+            tolerance_at(stored, want, case.tau),
         )?;
     }
     Ok(())

@@ -235,22 +235,22 @@ pub fn rounds<T: Dtype>() -> bool {
 /// tolerance is the spec's 1e-5, except where the result is ill-conditioned in the values
 /// stored: rows of width 1 normalise to +-(1 - eps/|d|), their gradient lives in the eps part,
 /// which a float32 normalised row keeps to a few bits.
-pub fn tolerance<T: Dtype>(model: &[f64], exact: &[f64]) -> f64 {
-    tolerance_at::<T>(model, exact, ccpl::DEFAULT_TAU)
+pub fn tolerance(model: &[f64], exact: &[f64]) -> f64 {
+    tolerance_at(model, exact, ccpl::DEFAULT_TAU)
 }
 
 /// [`tolerance`] at temperature `tau`: the float32 arithmetic's share is the spec's 1e-5 at the
 /// paper's tau (0.07) and above, and grows as 1/tau below it. The logits carry float32's
 /// relative error times their magnitude, up to 1/tau; the softmax, and so the loss and the
 /// gradients, carry that absolute error of the logits.
-pub fn tolerance_at<T: Dtype>(model: &[f64], exact: &[f64], tau: f64) -> f64 {
+pub fn tolerance_at(model: &[f64], exact: &[f64], tau: f64) -> f64 {
     2.0 * rel_err(model, exact) + F32_TOLERANCE * (ccpl::DEFAULT_TAU / tau).max(1.0)
 }
 
 /// Tolerance of a result that is only rounded to `T` when stored: the model is the reference
 /// rounded once.
 pub fn stored_tolerance<T: Dtype>(exact: &[f64]) -> f64 {
-    tolerance::<T>(&rounded::<T>(exact), exact)
+    tolerance(&rounded::<T>(exact), exact)
 }
 
 /// Asserts `||got - want|| / ||want|| <= tol` and reports the measured error (run with
