@@ -2,7 +2,9 @@
 //! (`plan::layer::LayerPlan`, the code the GPU path runs) against the CPU reference's
 //! `ccp_layer_loss`, on the emulator and the GPU, for every storage type: the loss, and the
 //! gradients of feat_q and feat_k accumulated into the caller's buffers, with the default
-//! upstream gradient and one from device memory, with both scatters.
+//! upstream gradient and one from device memory, with both scatters, each gradient compared
+//! directly (what was added to the buffer, against the gradient); and the same at the edges of
+//! each type's range.
 
 mod common;
 
