@@ -15,7 +15,7 @@
 // c = l, l + 32, ...):
 //
 //     const ScaledNorm n = scaled_norm(lane, C, load);  // every lane of the warp calls it
-//     out[c] = from_float<T>(load(c, n.scale) * n.unit_factor());  // c / (||row|| + eps)
+//     out[c] = from_float<T>(load(c, n.scale) * n.unit_factor());  // element / (||row|| + eps)
 //     norms[row] = n.norm();                                        // ||row||, inf past FLT_MAX
 //
 // where load(c, scale) returns element c times `scale`, a power of two (see scaled_norm).

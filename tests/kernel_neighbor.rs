@@ -199,34 +199,35 @@ fn scatter<T: Dtype, D: TestDevice>(
 fn check_neighbor_diff_backward<T: Dtype, D: TestDevice>(dev: &D, case: &Case, rng: &mut Rng) {
     let rows_len = neighbor::rows_len(&case.shape, case.centers.len()).unwrap();
     let grad_rows: Vec<T> = random(rng, rows_len, 1.0);
-    // A non-zero starting gradient: the scatter adds to what the caller's buffer holds.
+    // A non-zero starting gradient: the scatter adds to what the caller's buffer holds. What
+    // it added (the result minus the start) is compared with the scatter itself.
     let initial: Vec<T> = random(rng, case.shape.len(), 1.0);
     let (grad_rows_f64, initial_f64) = (to_f64(&grad_rows), to_f64(&initial));
-    let mut want = initial_f64.clone();
+    let added =
+        |sum: &[f64]| -> Vec<f64> { sum.iter().zip(&initial_f64).map(|(s, a)| s - a).collect() };
+    let mut want = vec![0.0; case.shape.len()];
     reference::neighbor_diff_backward(&grad_rows_f64, &case.shape, &case.centers, &mut want)
         .unwrap();
+    let model = |scatter| {
+        let sum = scatter_model::<T>(
+            &initial_f64,
+            &grad_rows_f64,
+            &case.shape,
+            &case.centers,
+            scatter,
+        );
+        added(&sum)
+    };
 
     let got = to_f64(&scatter(dev, case, &grad_rows, &initial, Scatter::Atomic));
-    let model = scatter_model::<T>(
-        &initial_f64,
-        &grad_rows_f64,
-        &case.shape,
-        &case.centers,
-        Scatter::Atomic,
-    );
     let what = name::<T, D>(dev, "neighbor_diff_backward atomic", case);
-    assert_close(&what, &got, &want, tolerance(&model, &want));
+    let tol = tolerance(&model(Scatter::Atomic), &want);
+    assert_close(&what, &added(&got), &want, tol);
 
     let first = scatter(dev, case, &grad_rows, &initial, Scatter::Deterministic);
-    let model = scatter_model::<T>(
-        &initial_f64,
-        &grad_rows_f64,
-        &case.shape,
-        &case.centers,
-        Scatter::Deterministic,
-    );
     let what = name::<T, D>(dev, "neighbor_diff_backward deterministic", case);
-    assert_close(&what, &to_f64(&first), &want, tolerance(&model, &want));
+    let tol = tolerance(&model(Scatter::Deterministic), &want);
+    assert_close(&what, &added(&to_f64(&first)), &want, tol);
     // On the emulator the second run is scheduled by another seed.
     let second = scatter(dev, case, &grad_rows, &initial, Scatter::Deterministic);
     let bits = |v: &[T]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
