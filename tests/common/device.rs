@@ -221,11 +221,6 @@ pub fn random<T: Element>(rng: &mut super::Rng, len: usize, scale: f64) -> Vec<T
 /// The spec's tolerance for float32 results: relative norm error below 1e-5.
 pub const F32_TOLERANCE: f64 = 1e-5;
 
-/// Whether storing a float32 result in `T` rounds it (f16, bf16).
-pub fn rounds<T: Dtype>() -> bool {
-    T::SUFFIX != "f32"
-}
-
 /// Tolerance of a result stored in `T`, given `model`: the result as the algorithm would give
 /// it if every value it stores in `T` were the exact value rounded once (computed by the test
 /// from the reference), and `exact`, the reference. Twice the model's measured error (the
