@@ -12,7 +12,8 @@ use ccpl::plan::layer::{LayerPlan, LayerWorkspace};
 use ccpl::plan::neighbor::Scatter;
 use ccpl::{Centers, Dtype, FeatureShape, Layout, ffi, reference};
 use common::device::{
-    TestCenters, TestDevice, assert_close, layer_model, random, scatter_model, to_f64, tolerance,
+    TestCenters, TestDevice, assert_close, largest, layer_model, random, scatter_model, to_f64,
+    tolerance,
 };
 use common::{Rng, rel_err};
 
@@ -60,12 +61,7 @@ fn features<T: Dtype>(rng: &mut Rng, case: &Case) -> (Vec<T>, Vec<T>) {
         // At a centre: it enters 9 of the difference rows.
         let p = case.centers.flat()[0] as usize;
         let (h, w) = (p / case.shape.width(), p % case.shape.width());
-        let largest = if T::SUFFIX == "f16" {
-            65504.0
-        } else {
-            f32::MAX as f64
-        };
-        feat_q[case.shape.index(0, 0, h, w).unwrap()] = T::from_f64(0.9 * largest);
+        feat_q[case.shape.index(0, 0, h, w).unwrap()] = T::from_f64(0.9 * largest::<T>());
     }
     if case.flat {
         // A 3x3 patch, equal in every channel and image: the window of the centre (2, 2)

@@ -8,8 +8,8 @@ use ccpl::plan::normalize;
 use ccpl::{Dtype, RowShape, reference};
 use common::Rng;
 use common::device::{
-    F32_TOLERANCE, TestDevice, assert_close, normalize_backward_from_normalized, random, rounded,
-    stored_tolerance, to_f64, tolerance,
+    F32_TOLERANCE, TestDevice, assert_close, largest, normalize_backward_from_normalized, random,
+    rounded, stored_tolerance, to_f64, tolerance,
 };
 
 /// Odd widths, C = 1, S = 8, a wide row; on the GPU S = 8192 and C = 4099.
@@ -176,11 +176,7 @@ fn normalize_rows_backward_matches_reference<D: TestDevice>(dev: &D) {
 fn check_at_scale<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, scale: f64, rng: &mut Rng) {
     let c = shape.width();
     let mut rows: Vec<T> = random(rng, shape.len(), scale);
-    let largest = match T::SUFFIX {
-        "f16" => 65504.0,
-        _ => f32::MAX as f64,
-    };
-    rows[c] = T::from_f64(0.9 * largest);
+    rows[c] = T::from_f64(0.9 * largest::<T>());
     let rows_f64 = to_f64(&rows);
     let want = reference::normalize_rows(&rows_f64, c).unwrap();
     let what = format!(

@@ -8,7 +8,7 @@ mod common;
 use ccpl::plan::rows::{RowsPlan, RowsWorkspace};
 use ccpl::{Dtype, RowShape};
 use common::Rng;
-use common::device::{TestDevice, assert_close, random, rows_model, to_f64, tolerance};
+use common::device::{TestDevice, assert_close, largest, random, rows_model, to_f64, tolerance};
 
 const TAU: f64 = 0.07;
 
@@ -47,12 +47,7 @@ fn check_rows<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, regime: Regime
     let mut rows_q: Vec<T> = random(rng, shape.len(), 3.0 * regime.scale);
     let rows_k: Vec<T> = random(rng, shape.len(), 0.5 * regime.scale);
     if regime.spike {
-        let largest = if T::SUFFIX == "f16" {
-            65504.0
-        } else {
-            f32::MAX as f64
-        };
-        rows_q[1] = T::from_f64(0.9 * largest);
+        rows_q[1] = T::from_f64(0.9 * largest::<T>());
     }
     let (rows_q_f64, rows_k_f64) = (to_f64(&rows_q), to_f64(&rows_k));
     let label = format!(

@@ -24,7 +24,8 @@ use ccpl::plan::{Buf, KernelParams, LaunchPlan, Launcher, info_nce, normalize};
 use ccpl::sampling::SplitMix64;
 use ccpl::{Centers, Dtype, Element, FeatureShape, Layout, RowShape, check_tau, reference};
 use common::device::{
-    Emu, TestCenters, TestDevice, layer_model, rows_model, scatter_model, to_f64, tolerance_at,
+    Emu, TestCenters, TestDevice, largest, layer_model, rows_model, scatter_model, to_f64,
+    tolerance_at,
 };
 use common::{Rng, rel_err};
 use proptest::prelude::*;
@@ -167,7 +168,7 @@ struct LayerCase {
     width: usize,
     num_s: usize,
     layout: Layout,
-    /// The largest magnitude: features are +-10^(e - spread u), u uniform in [0, 1).
+    /// The largest magnitude and how many orders below it values spread ([`spread_values`]).
     exponent: f64,
     spread: f64,
     tau: f64,
@@ -188,24 +189,29 @@ impl LayerCase {
     fn centers(&self) -> Centers {
         Centers::sample(self.height, self.width, self.num_s, self.seed).unwrap()
     }
-    /// Two feature maps of magnitudes spread over `spread` orders below 10^exponent, random
-    /// signs, rounded to `T`.
+    /// Two feature maps (see [`spread_values`]).
     fn features<T: Element>(&self) -> (Vec<T>, Vec<T>) {
         let mut rng = Rng::new(self.seed);
-        let mut feat = || -> Vec<T> {
-            (0..self.shape().len())
-                .map(|_| {
-                    let magnitude = 10f64.powf(self.exponent - self.spread * rng.unit());
-                    T::from_f64(if rng.unit() < 0.5 {
-                        -magnitude
-                    } else {
-                        magnitude
-                    })
-                })
-                .collect()
-        };
-        (feat(), feat())
+        let len = self.shape().len();
+        let (e, spread) = (self.exponent, self.spread);
+        let feat_q = spread_values(&mut rng, len, e, spread);
+        (feat_q, spread_values(&mut rng, len, e, spread))
     }
+}
+
+/// `len` values of magnitudes spread over `spread` orders below `10^exponent`
+/// (`10^(exponent - spread u)`, u uniform in [0, 1)), random signs, rounded to `T`.
+fn spread_values<T: Element>(rng: &mut Rng, len: usize, exponent: f64, spread: f64) -> Vec<T> {
+    (0..len)
+        .map(|_| {
+            let magnitude = 10f64.powf(exponent - spread * rng.unit());
+            T::from_f64(if rng.unit() < 0.5 {
+                -magnitude
+            } else {
+                magnitude
+            })
+        })
+        .collect()
 }
 
 /// Layers of `channels` channels, maps of 3 to `side`, features up to 10^`exponents`,
@@ -270,15 +276,6 @@ fn reference_is_finite_and_bounded_at_any_magnitude() {
 }
 
 // ---- The kernels on the emulator against the reference ----------------------------------
-
-/// The largest finite value of `T`.
-fn largest<T: Dtype>() -> f64 {
-    if T::SUFFIX == "f16" {
-        65504.0
-    } else {
-        f32::MAX as f64
-    }
-}
 
 /// Whether values of these magnitudes, rounded to `T`, stay within half its range (the
 /// kernels' float arithmetic may round a value at the edge past it).
@@ -419,19 +416,9 @@ fn rows_agree<T: Dtype>(case: &RowsCase) -> Result<(), TestCaseError> {
     let dev = Emu::new(case.seed);
     let shape = RowShape::new(case.batch, case.rows, case.width).unwrap();
     let mut rng = Rng::new(case.seed);
-    let mut rows = || -> Vec<T> {
-        (0..shape.len())
-            .map(|_| {
-                let magnitude = 10f64.powf(case.exponent - case.spread * rng.unit());
-                T::from_f64(if rng.unit() < 0.5 {
-                    -magnitude
-                } else {
-                    magnitude
-                })
-            })
-            .collect()
-    };
-    let (rows_q, rows_k) = (rows(), rows());
+    let (e, spread) = (case.exponent, case.spread);
+    let rows_q: Vec<T> = spread_values(&mut rng, shape.len(), e, spread);
+    let rows_k: Vec<T> = spread_values(&mut rng, shape.len(), e, spread);
     let (rows_q_f64, rows_k_f64) = (to_f64(&rows_q), to_f64(&rows_k));
     let exact = rows_model::<f64>(&rows_q_f64, &rows_k_f64, &shape, case.tau, 1.0);
     let model = rows_model::<T>(&rows_q_f64, &rows_k_f64, &shape, case.tau, 1.0);

@@ -218,6 +218,15 @@ pub fn random<T: Element>(rng: &mut super::Rng, len: usize, scale: f64) -> Vec<T
         .collect()
 }
 
+/// The largest finite value of `T` (bf16's is float32's, to its rounding).
+pub fn largest<T: Dtype>() -> f64 {
+    if T::SUFFIX == "f16" {
+        65504.0
+    } else {
+        f32::MAX as f64
+    }
+}
+
 /// The spec's tolerance for float32 results: relative norm error below 1e-5.
 pub const F32_TOLERANCE: f64 = 1e-5;
 
