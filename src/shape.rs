@@ -142,7 +142,7 @@ impl FeatureShape {
 /// Made only by [`RowShape::new`], which validates it, so every size it reports fits the
 /// kernels; its fields are private:
 ///
-/// ```compile_fail
+/// ```compile_fail,E0451
 /// let unchecked = ccpl::RowShape { batch: usize::MAX, rows: 8, width: 4 };
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
