@@ -1,7 +1,8 @@
 //! Each kernel on its own, forward and backward, on the GPU, at the sizes of
 //! `benches/configs.txt`: for a `layer` configuration every kernel its loss launches (the
-//! difference rows and their scatter at the feature map's size, then the row kernels at width
-//! C); for a `rows` configuration the row kernels at the head's width D. The InfoNCE runs
+//! difference rows, normalised as they are formed or not, and their scatter at the feature
+//! map's size, then the row kernels at width C); for a `rows` configuration the row kernels at
+//! the head's width D. The InfoNCE runs
 //! both ways: the materialised kernels (`similarity`, `info_nce_forward`,
 //! `info_nce_backward_*`, through the `(B, S, S)` logits) and the fused ones
 //! (`info_nce_fused_forward`, `info_nce_fused_backward_*`, logits recomputed on the chip).
@@ -122,6 +123,20 @@ fn kernels<T: Dtype>() -> Vec<(&'static str, Launch<T>)> {
                 &layer.centers,
                 feat_q,
                 &mut set.rows_q,
+            )
+        }),
+        ("neighbor_diff_normalize", |gpu, layer, set| {
+            let (layer, (feat_q, _, _)) =
+                layer.zip(set.feat.as_ref()).expect("a layer configuration");
+            let l = &mut set.loss;
+            neighbor::neighbor_diff_normalize(
+                &gpu.kernels,
+                &gpu.stream,
+                &layer.shape,
+                &layer.centers,
+                feat_q,
+                &mut l.unit_q,
+                &mut l.norms_q,
             )
         }),
         ("neighbor_diff_backward_atomic", |gpu, layer, set| {

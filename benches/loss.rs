@@ -261,10 +261,10 @@ fn reference_rows(
     shape: &RowShape,
     grad_k: bool,
 ) -> ccpl::Result<(f64, Vec<f64>, Option<Vec<f64>>)> {
-    let unit_q = normalize_rows(q, shape.width)?;
-    let unit_k = normalize_rows(k, shape.width)?;
+    let unit_q = normalize_rows(q, shape.width())?;
+    let unit_k = normalize_rows(k, shape.width())?;
     let logits = similarity(&unit_q.rows, &unit_k.rows, shape, DEFAULT_TAU)?;
-    let forward = info_nce_forward(&logits, shape.batch, shape.rows)?;
+    let forward = info_nce_forward(&logits, shape.batch(), shape.rows())?;
     let grads = info_nce_backward(
         &logits,
         &forward.row_lse,
@@ -275,10 +275,10 @@ fn reference_rows(
         1.0,
         grad_k,
     )?;
-    let dq = normalize_rows_backward(q, &grads.dq, shape.width)?;
+    let dq = normalize_rows_backward(q, &grads.dq, shape.width())?;
     let dk = grads
         .dk
-        .map(|dk| normalize_rows_backward(k, &dk, shape.width))
+        .map(|dk| normalize_rows_backward(k, &dk, shape.width()))
         .transpose()?;
     Ok((forward.loss, dq, dk))
 }
@@ -384,7 +384,9 @@ fn bench_rows<T: Dtype>(
         sets.push((q, k));
     }
     let expected = match first {
-        Some((q, k)) if shape.batch * shape.rows * shape.rows * shape.width <= CHECK_LIMIT => {
+        Some((q, k))
+            if shape.batch() * shape.rows() * shape.rows() * shape.width() <= CHECK_LIMIT =>
+        {
             Some(reference_rows(&to_f64(&q), &to_f64(&k), &shape, grad_k)?)
         }
         _ => None,

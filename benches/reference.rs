@@ -64,7 +64,7 @@ impl Inputs {
             .expect("normalize")
             .rows;
         let logits = similarity(&q, &k, &rows, DEFAULT_TAU).expect("similarity");
-        let row_lse = info_nce_forward(&logits, b, rows.rows)
+        let row_lse = info_nce_forward(&logits, b, rows.rows())
             .expect("info_nce")
             .row_lse;
         let grad_rows = rng.vec(rows.len());
@@ -87,7 +87,7 @@ impl Inputs {
 fn stages(c: &mut Criterion) {
     for size in SIZES {
         let x = Inputs::new(size);
-        let width = x.rows.width;
+        let width = x.rows.width();
         let mut group = c.benchmark_group("reference");
         group.bench_function(BenchmarkId::new("neighbor_diff", size.name), |b| {
             b.iter(|| neighbor_diff(black_box(&x.feat_q), &x.shape, &x.centers))
@@ -114,7 +114,7 @@ fn stages(c: &mut Criterion) {
             b.iter(|| similarity(black_box(&x.q), &x.k, &x.rows, DEFAULT_TAU))
         });
         group.bench_function(BenchmarkId::new("info_nce_forward", size.name), |b| {
-            b.iter(|| info_nce_forward(black_box(&x.logits), x.rows.batch, x.rows.rows))
+            b.iter(|| info_nce_forward(black_box(&x.logits), x.rows.batch(), x.rows.rows()))
         });
         group.bench_function(BenchmarkId::new("info_nce_backward", size.name), |b| {
             b.iter(|| {

@@ -81,7 +81,30 @@ typedef struct ccpl_neighbor_diff_backward_params {
     int32_t layout;
 } ccpl_neighbor_diff_backward_params;
 
-/* normalize_rows_{T}: out = rows / (||row|| + eps), norms = ||row||. */
+/*
+ * neighbor_diff_normalize_{T}: the difference rows of neighbor_diff_{T}, normalised as
+ * normalize_rows_{T} does, without storing the difference rows: out[b, k*N + x, :] = d / (||d||
+ * + eps) and norms = ||d|| with d = f[b, :, p_x] - f[b, :, p_x + off_k] formed in float. The
+ * normalised rows are representable in T even where d is not (f16 differences past 65504).
+ */
+typedef struct ccpl_neighbor_diff_normalize_params {
+    uint64_t feat;    /* in:  (B,C,H,W) or (B,H,W,C), T */
+    uint64_t centers; /* in:  int32[N] */
+    uint64_t out;     /* out: (B, 8N, C), T, normalised difference rows */
+    uint64_t norms;   /* out: float[B*8N] */
+    int32_t batch;
+    int32_t channels;
+    int32_t height;
+    int32_t width;
+    int32_t num_centers;
+    int32_t layout;
+} ccpl_neighbor_diff_normalize_params;
+
+/*
+ * normalize_rows_{T}: out = rows / (||row|| + eps), norms = ||row|| (row_norm.cuh: no overflow
+ * of the sum of squares; a norm beyond float's range is stored as inf, the row still
+ * normalised right).
+ */
 typedef struct ccpl_normalize_rows_params {
     uint64_t rows;  /* in:  (R, C), T */
     uint64_t out;   /* out: (R, C), T */
@@ -90,14 +113,19 @@ typedef struct ccpl_normalize_rows_params {
     int32_t width;
 } ccpl_normalize_rows_params;
 
-/* normalize_rows_backward_{T}: grad_rows = g/(n+eps) - d (d.g) / (n (n+eps)^2), 0 term at n == 0. */
+/*
+ * normalize_rows_backward_{T}: grad_rows = g/(n+eps) - d (d.g) / (n (n+eps)^2), 0 term at
+ * n == 0. From the rows before normalisation d, or (normalized == 1) from the forward's
+ * normalised rows v = d/(n+eps), which are representable where d may not be.
+ */
 typedef struct ccpl_normalize_rows_backward_params {
-    uint64_t rows;      /* in:  (R, C), T, the rows before normalisation */
+    uint64_t rows;      /* in:  (R, C), T, d; or v with normalized == 1 */
     uint64_t norms;     /* in:  float[R], from the forward */
     uint64_t grad_out;  /* in:  (R, C), T */
     uint64_t grad_rows; /* out: (R, C), T */
     int32_t num_rows;
     int32_t width;
+    int32_t normalized;
 } ccpl_normalize_rows_backward_params;
 
 /* similarity_{T}: logits[b, i, j] = q[b, i, :] . k[b, j, :] * inv_tau. */
@@ -120,7 +148,10 @@ typedef struct ccpl_info_nce_forward_params {
     int32_t rows;
 } ccpl_info_nce_forward_params;
 
-/* info_nce_loss: loss = mean(row_loss) in a fixed order (one block); += when accumulate. */
+/*
+ * info_nce_loss: loss = mean(row_loss) in a fixed order (one block), summed in double so that
+ * the sum cannot overflow where the mean fits; += when accumulate.
+ */
 typedef struct ccpl_info_nce_loss_params {
     uint64_t row_loss; /* in:  float[count] */
     uint64_t loss;     /* out: float[1] */

@@ -72,7 +72,8 @@ __device__ __forceinline__ int window_slot(int k) { return (CCPL_NEIGHBOR_SLOTS 
 __device__ __forceinline__ int neighbor_dh(int k) { return window_slot(k) / 3 - 1; }
 __device__ __forceinline__ int neighbor_dw(int k) { return window_slot(k) % 3 - 1; }
 
-__device__ __forceinline__ float warp_sum(float v) {
+// Sum over the warp (float, or double where a sum must not overflow); every lane gets it.
+template <typename V> __device__ __forceinline__ V warp_sum(V v) {
     for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(kFullMask, v, o);
     return v;
 }
@@ -82,9 +83,9 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
-// `scratch` holds 32 floats of shared memory; the call begins and ends with a barrier, so
+// `scratch` holds 32 values of shared memory; the call begins and ends with a barrier, so
 // back-to-back calls may reuse it.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+template <typename V> __device__ __forceinline__ V block_sum(V v, V* scratch) {
     const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
     const int warps = blockDim.x / kWarp;
     v = warp_sum(v);

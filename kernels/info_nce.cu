@@ -36,23 +36,20 @@ __device__ void info_nce_forward(const ccpl_info_nce_forward_params& p) {
     }
 }
 
-// loss = mean of row_loss (+= with accumulate), by one block in a fixed order: each thread
-// a Kahan-compensated sum of a fixed strided subset, then the fixed shuffle tree. The same
-// bits on every run.
+// loss = mean of row_loss (+= with accumulate), by one block in a fixed order: each thread a
+// sum of a fixed strided subset, then the fixed shuffle tree. The same bits on every run. In
+// double: a float sum of B*S row losses overflows where their mean fits (a low temperature
+// gives row losses near 2/tau), and double's 53 bits keep the sum of up to 2^31 float terms
+// within float's rounding of the mean.
 __device__ void info_nce_loss(const ccpl_info_nce_loss_params& p) {
-    __shared__ float scratch[kWarp];
+    __shared__ double scratch[kWarp];
     const float* __restrict__ row_loss = ptr<float>(p.row_loss);
-    float sum = 0.0f, compensation = 0.0f;
-    for (int64_t i = threadIdx.x; i < p.count; i += blockDim.x) {
-        const float y = row_loss[i] - compensation;
-        const float t = sum + y;
-        compensation = (t - sum) - y;
-        sum = t;
-    }
+    double sum = 0.0;
+    for (int64_t i = threadIdx.x; i < p.count; i += blockDim.x) sum += row_loss[i];
     sum = block_sum(sum, scratch);
     if (threadIdx.x == 0) {
         float* loss = mut_ptr<float>(p.loss);
-        const float mean = sum / (float)p.count;
+        const float mean = (float)(sum / (double)p.count);
         *loss = p.accumulate ? *loss + mean : mean;
     }
 }

@@ -1,5 +1,7 @@
 //! Centres: the positions whose 3x3 neighbourhoods give the difference rows.
 
+use std::collections::{HashMap, HashSet};
+
 use crate::error::{Error, Result};
 use crate::shape::FeatureShape;
 
@@ -24,28 +26,34 @@ pub struct Centers {
 
 impl Centers {
     /// Draws `N = min(num_s, (H-2)(W-2))` distinct centres uniformly without replacement from
-    /// the interior, with a seeded generator: the same seed gives the same centres.
+    /// the interior, in random order, with a seeded generator: the same seed gives the same
+    /// centres. Time and memory are `O(N)`, whatever the size of the map.
     pub fn sample(height: usize, width: usize, num_s: usize, seed: u64) -> Result<Self> {
         check_map(height, width)?;
         if num_s == 0 {
             return Err(Error::NoCenters);
         }
         let (ih, iw) = (height - 2, width - 2);
-        let n = num_s.min(ih * iw);
-        // Partial Fisher-Yates over the interior positions: the first n slots are the draw.
-        let mut pool: Vec<i32> = (0..ih * iw)
-            .map(|i| ((i / iw + 1) * width + i % iw + 1) as i32)
-            .collect();
+        let total = ih * iw;
+        let n = num_s.min(total);
+        // A partial Fisher-Yates shuffle of the interior positions 0..total, whose first n
+        // slots are the draw (uniform, in random order). Only the slots a swap has touched
+        // differ from the identity; they live in `moved`, so nothing is O(total).
+        let mut moved: HashMap<usize, usize> = HashMap::with_capacity(2 * n);
         let mut rng = SplitMix64::new(seed);
+        let mut flat = Vec::with_capacity(n);
         for i in 0..n {
-            let j = i + rng.below((pool.len() - i) as u64) as usize;
-            pool.swap(i, j);
+            let remaining = (total - i) as u64; // >= 1: i < n <= total
+            let j = i + rng.below(remaining).unwrap_or(0) as usize;
+            let at_i = moved.get(&i).copied().unwrap_or(i);
+            let at_j = moved.insert(j, at_i).unwrap_or(j);
+            // Position at_j of the interior, as a flat index of the map (< H*W, within i32).
+            flat.push(((at_j / iw + 1) * width + at_j % iw + 1) as i32);
         }
-        pool.truncate(n);
         Ok(Self {
             height,
             width,
-            flat: pool,
+            flat,
         })
     }
 
@@ -56,7 +64,7 @@ impl Centers {
         if flat.is_empty() {
             return Err(Error::NoCenters);
         }
-        let mut seen = vec![false; height * width];
+        let mut seen = HashSet::with_capacity(flat.len());
         let mut out = Vec::with_capacity(flat.len());
         for (index, &p) in flat.iter().enumerate() {
             let inside = p >= 0 && (p as u64) < (height * width) as u64 && {
@@ -71,7 +79,7 @@ impl Centers {
                     width,
                 });
             }
-            if std::mem::replace(&mut seen[p as usize], true) {
+            if !seen.insert(p) {
                 return Err(Error::CenterRepeated { index, flat: p });
             }
             out.push(p as i32);
@@ -154,7 +162,8 @@ fn check_map(height: usize, width: usize) -> Result<()> {
 /// let mut rng = ccpl::sampling::SplitMix64::new(7);
 /// let u = rng.unit();
 /// assert!((0.0..1.0).contains(&u));
-/// assert!(rng.below(10) < 10);
+/// assert!(rng.below(10).unwrap() < 10);
+/// assert_eq!(rng.below(0), None); // 0..0 is empty
 /// ```
 #[derive(Debug, Clone)]
 pub struct SplitMix64(u64);
@@ -172,13 +181,14 @@ impl SplitMix64 {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
-    /// Uniform in `0..n` (`n > 0`), without modulo bias (rejection).
-    pub fn below(&mut self, n: u64) -> u64 {
-        let zone = u64::MAX - u64::MAX % n;
+    /// Uniform in `0..n`, without modulo bias (rejection); `None` when `n == 0`, an empty
+    /// range.
+    pub fn below(&mut self, n: u64) -> Option<u64> {
+        let zone = u64::MAX - u64::MAX.checked_rem(n)?;
         loop {
             let r = self.next_u64();
             if r < zone {
-                return r % n;
+                return Some(r % n);
             }
         }
     }

@@ -110,8 +110,22 @@ impl FeatureShape {
     pub fn interior(&self) -> usize {
         (self.height - 2) * (self.width - 2)
     }
-    /// Index of element `(b, c, h, w)` in a buffer of this layout.
-    pub fn index(&self, b: usize, c: usize, h: usize, w: usize) -> usize {
+    /// Index of element `(b, c, h, w)` in a buffer of this layout, or `None` when a
+    /// coordinate is out of range.
+    ///
+    /// ```
+    /// use ccpl::{FeatureShape, Layout};
+    /// let shape = FeatureShape::new(2, 3, 4, 5, Layout::Nhwc).unwrap();
+    /// assert_eq!(shape.index(1, 2, 3, 4), Some(shape.len() - 1));
+    /// assert_eq!(shape.index(2, 0, 0, 0), None);
+    /// ```
+    pub fn index(&self, b: usize, c: usize, h: usize, w: usize) -> Option<usize> {
+        let inside = b < self.batch && c < self.channels && h < self.height && w < self.width;
+        inside.then(|| self.offset(b, c, h, w))
+    }
+    /// [`index`](Self::index) of coordinates known to be in range (below `len()`, so the
+    /// arithmetic cannot overflow).
+    pub(crate) fn offset(&self, b: usize, c: usize, h: usize, w: usize) -> usize {
         match self.layout {
             Layout::Nchw => ((b * self.channels + c) * self.height + h) * self.width + w,
             Layout::Nhwc => ((b * self.height + h) * self.width + w) * self.channels + c,
@@ -124,18 +138,23 @@ impl FeatureShape {
 }
 
 /// Shape of a batch of row matrices `(B, S, C)`: difference rows, normalised rows.
+///
+/// Made only by [`RowShape::new`], which validates it, so every size it reports fits the
+/// kernels; its fields are private:
+///
+/// ```compile_fail,E0451
+/// let unchecked = ccpl::RowShape { batch: usize::MAX, rows: 8, width: 4 };
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RowShape {
-    /// Batch size `B`.
-    pub batch: usize,
-    /// Rows per image `S`.
-    pub rows: usize,
-    /// Row width `C`.
-    pub width: usize,
+    batch: usize,
+    rows: usize,
+    width: usize,
 }
 
 impl RowShape {
-    /// Validates `B >= 1`, `S >= 1`, `C >= 1`, each within `i32`.
+    /// Validates `B >= 1`, `S >= 1`, `C >= 1`, each within `i32`, and the sizes of the row
+    /// matrices and the logits (`B*S*max(S, C)`) within `usize`.
     pub fn new(batch: usize, rows: usize, width: usize) -> Result<Self> {
         if batch == 0 {
             return Err(Error::EmptyBatch);
@@ -157,7 +176,23 @@ impl RowShape {
             .ok_or_else(|| Error::Shape("row matrix size overflows usize".into()))?;
         Ok(Self { batch, rows, width })
     }
-    /// Elements of the row matrices, `B*S*C`.
+    /// Batch size `B`.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    /// Rows per image `S`.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// Row width `C`.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+    /// Rows of the whole batch, `B*S` (within `usize`: validated by [`new`](Self::new)).
+    pub fn count(&self) -> usize {
+        self.batch * self.rows
+    }
+    /// Elements of the row matrices, `B*S*C` (within `usize`: validated).
     pub fn len(&self) -> usize {
         self.batch * self.rows * self.width
     }
@@ -165,7 +200,7 @@ impl RowShape {
     pub fn is_empty(&self) -> bool {
         false
     }
-    /// Elements of the logits, `B*S*S`.
+    /// Elements of the logits, `B*S*S` (within `usize`: validated).
     pub fn logits_len(&self) -> usize {
         self.batch * self.rows * self.rows
     }

@@ -263,22 +263,73 @@ fn bad_tau() {
         shape,
         centers: centers.clone(),
     }];
-    for tau in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 0.0, -0.0, -0.07] {
+    // Each tau with the words of the rule it breaks: one rule for the reference and the
+    // plans (the kernels take 1/tau as a float32).
+    let subnormal = f64::MIN_POSITIVE / 4.0;
+    let cases: [(f64, &[&str]); 9] = [
+        (f64::NAN, &["not finite"]),
+        (f64::INFINITY, &["not finite"]),
+        (f64::NEG_INFINITY, &["not finite"]),
+        (0.0, &["not > 0"]),
+        (-0.0, &["not > 0"]),
+        (-0.07, &["not > 0"]),
+        (subnormal, &["subnormal"]),
+        (1e-300, &["1/tau", "float32"]),
+        (2.9e-39, &["1/tau", "float32"]),
+    ];
+    for (tau, words) in cases {
+        let plan = ccpl::plan::layer::LayerPlan::new(shape, centers.len(), tau);
         let results = [
             check_tau(tau),
             similarity(&v, &v, &rows, tau).map(drop),
             info_nce_backward(&logits, &lse, &v, &v, &rows, tau, 1.0, false).map(drop),
             ccp_layer_loss(&feat, &feat, &shape, &centers, tau, true).map(drop),
             ccp_loss(&layers, tau, false).map(drop),
+            plan.map(drop),
         ];
         for result in results {
-            let err = expect_err(result, &["tau", "finite and > 0", &tau.to_string()]);
+            let err = expect_err(result, &[&["tau", &tau.to_string()], words].concat());
             assert!(
                 matches!(err, Error::Tau(t) if t.to_bits() == tau.to_bits()),
                 "{err:?} for tau {tau}"
             );
         }
     }
+    // The smallest tau of the rule works in both: 1/tau just below float32's maximum.
+    let smallest = 1.0 / f32::MAX as f64;
+    assert_eq!(check_tau(smallest), Ok(()));
+    assert!(ccpl::plan::layer::LayerPlan::new(shape, centers.len(), smallest).is_ok());
+    let loss = ccp_layer_loss(&feat, &feat, &shape, &centers, smallest, false).unwrap();
+    assert!(loss.loss.is_finite(), "{loss:?}");
+}
+
+/// What a careless caller can reach from safe code gives an answer or an error, never a
+/// panic or an overflow: indices out of range, sizes beyond usize, an empty range to draw from.
+#[test]
+fn no_panic_from_safe_code() {
+    let shape = FeatureShape::new(2, 3, 4, 5, Layout::Nchw).unwrap();
+    assert_eq!(shape.index(1, 2, 3, 4), Some(shape.len() - 1));
+    for (b, c, h, w) in [(2, 0, 0, 0), (0, 3, 0, 0), (0, 0, 4, 0), (0, 0, 0, 5)] {
+        assert_eq!(shape.index(b, c, h, w), None);
+    }
+    assert_eq!(
+        shape.index(usize::MAX, usize::MAX, usize::MAX, usize::MAX),
+        None
+    );
+    let err = ccpl::plan::neighbor::rows_len(&shape, usize::MAX).unwrap_err();
+    assert!(matches!(err, Error::Shape(_)), "{err:?}");
+    assert_eq!(ccpl::sampling::SplitMix64::new(1).below(0), None);
+    // The largest row shapes new accepts: every size they report is in range.
+    for (b, s, c) in [(1, i32::MAX as usize, 1), (i32::MAX as usize, 1, 1 << 20)] {
+        let rows = RowShape::new(b, s, c).unwrap();
+        assert_eq!(rows.len(), b * s * c);
+        assert_eq!(rows.logits_len(), b * s * s);
+    }
+    is_shape_error(RowShape::new(i32::MAX as usize, i32::MAX as usize, 2));
+}
+
+fn is_shape_error<T: std::fmt::Debug>(result: ccpl::Result<T>) {
+    assert!(matches!(result, Err(Error::Shape(_))), "{result:?}");
 }
 
 #[test]

@@ -67,7 +67,7 @@ fn every_wrapper_matches_reference() {
 
     // Normalisation, into a view of a larger buffer.
     let mut unit_dev = nan(rows.len() + 2 * PAD);
-    let mut norms_dev = nan(rows.batch * rows.rows);
+    let mut norms_dev = nan(rows.batch() * rows.rows());
     {
         let mut unit_view = unit_dev.slice_mut(PAD..PAD + rows.len());
         normalize::normalize_rows(
@@ -116,7 +116,7 @@ fn every_wrapper_matches_reference() {
     assert_close("cuda similarity", &logits, &want_logits, F32_TOLERANCE);
 
     // InfoNCE forward, loss, backward (dq and dk).
-    let count = rows.batch * rows.rows;
+    let count = rows.batch() * rows.rows();
     let (mut lse_dev, mut row_loss_dev, mut loss_dev) = (nan(count), nan(count), nan(1));
     info_nce::info_nce_forward(
         kernels,
@@ -128,7 +128,7 @@ fn every_wrapper_matches_reference() {
     )
     .unwrap();
     info_nce::info_nce_loss(kernels, stream, &row_loss_dev, &mut loss_dev, false).unwrap();
-    let want_fwd = reference::info_nce_forward(&logits, rows.batch, rows.rows).unwrap();
+    let want_fwd = reference::info_nce_forward(&logits, rows.batch(), rows.rows()).unwrap();
     assert_close(
         "cuda info_nce_forward",
         &download(&lse_dev),
@@ -208,6 +208,7 @@ fn every_wrapper_matches_reference() {
         &want_grad_rows,
         F32_TOLERANCE,
     );
+    // What the scatter added to a random start, compared with the scatter itself.
     for scatter in [Scatter::Atomic, Scatter::Deterministic] {
         let start: Vec<f32> = random(&mut rng, shape.len(), 1.0);
         let mut grad_feat_dev = stream.clone_htod(&start).unwrap();
@@ -221,11 +222,63 @@ fn every_wrapper_matches_reference() {
             scatter,
         )
         .unwrap();
-        let mut want = to_f64(&start);
+        let mut want = vec![0.0; shape.len()];
         reference::neighbor_diff_backward(&grad_rows, &shape, &centers, &mut want).unwrap();
+        let added: Vec<f64> = download(&grad_feat_dev)
+            .iter()
+            .zip(&start)
+            .map(|(g, &s)| g - s as f64)
+            .collect();
         let what = format!("cuda neighbor_diff_backward {scatter:?}");
-        assert_close(&what, &download(&grad_feat_dev), &want, F32_TOLERANCE);
+        assert_close(&what, &added, &want, F32_TOLERANCE);
     }
+
+    // The difference rows normalised as they are formed, and back from the normalised rows.
+    let mut unit_dev = nan(rows.len());
+    let mut unit_norms_dev = nan(rows.count());
+    neighbor::neighbor_diff_normalize(
+        kernels,
+        stream,
+        &shape,
+        &device_centers,
+        &feat_view,
+        &mut unit_dev,
+        &mut unit_norms_dev,
+    )
+    .unwrap();
+    let want_unit = reference::normalize_rows(&want_rows, 7).unwrap();
+    let unit = download(&unit_dev);
+    assert_close(
+        "cuda neighbor_diff_normalize",
+        &unit,
+        &want_unit.rows,
+        F32_TOLERANCE,
+    );
+    let what = "cuda neighbor_diff_normalize norms";
+    assert_close(
+        what,
+        &download(&unit_norms_dev),
+        &want_unit.norms,
+        F32_TOLERANCE,
+    );
+    let mut grad_rows_dev = nan(rows.len());
+    normalize::normalize_rows_backward_normalized(
+        kernels,
+        stream,
+        &rows,
+        &unit_dev,
+        &unit_norms_dev,
+        &grad_out_dev,
+        &mut grad_rows_dev,
+    )
+    .unwrap();
+    let what = "cuda normalize_rows_backward_normalized";
+    assert_close(
+        what,
+        &download(&grad_rows_dev),
+        &want_grad_rows,
+        F32_TOLERANCE,
+    );
 
     // Bad input is an Err before any launch, and leaves the output untouched.
     let mut short = nan(rows.len() - 1);
@@ -311,24 +364,54 @@ fn ccp_layer_matches_reference() {
                 scatter,
             )
             .unwrap();
+        // What the backward added to the start, compared with the gradient itself.
         for (side, got, start, grad) in [
             ("q", &grad_q, &start_q, &want.grad_feat_q),
             ("k", &grad_k, &start_k, want.grad_feat_k.as_ref().unwrap()),
         ] {
-            let want: Vec<f64> = to_f64(start)
+            let want: Vec<f64> = grad.iter().map(|g| 0.5 * g).collect();
+            let added: Vec<f64> = to_f64(&stream.clone_dtoh(got).unwrap())
                 .iter()
-                .zip(grad)
-                .map(|(s, g)| s + 0.5 * g)
+                .zip(start)
+                .map(|(g, &s)| g - s as f64)
                 .collect();
-            let got = to_f64(&stream.clone_dtoh(got).unwrap());
             assert_close(
                 &format!("CcpLayer grad_feat_{side} step {step} {scatter:?}"),
-                &got,
+                &added,
                 &want,
                 F32_TOLERANCE,
             );
         }
     }
+
+    // A forward that fails leaves the layer as it was: the same loss, and a backward that
+    // gives the same bits as before with the last forward's centres.
+    let backward_bits = |layer: &mut CcpLayer<f32>| {
+        let mut grad = stream.alloc_zeros::<f32>(shape.len()).unwrap();
+        layer
+            .backward(None, &mut grad, None, Scatter::Deterministic)
+            .unwrap();
+        stream.clone_dtoh(&grad).unwrap()
+    };
+    let (loss_before, bits_before) = (
+        stream.clone_dtoh(layer.loss()).unwrap(),
+        backward_bits(&mut layer),
+    );
+    let short = stream.alloc_zeros::<f32>(shape.len() - 1).unwrap();
+    let fresh = DeviceCenters::upload(stream, &Centers::sample(13, 15, 21, 99).unwrap()).unwrap();
+    let failed = [
+        layer.forward(&feat_q_dev, &short, &fresh),
+        layer.forward(&short, &feat_k_dev, &fresh),
+        layer.forward(&feat_q_dev, &feat_k_dev, &wrong),
+    ];
+    for err in failed {
+        assert!(
+            matches!(err, Err(Error::Length { .. } | Error::Shape(_))),
+            "{err:?}"
+        );
+    }
+    assert_eq!(stream.clone_dtoh(layer.loss()).unwrap(), loss_before);
+    assert_eq!(backward_bits(&mut layer), bits_before);
 
     // bf16: the loss and grad_feat_q against the reference on the same (rounded) inputs,
     // within the tolerance measured on the rounding model, as the kernel tests do.
@@ -351,7 +434,7 @@ fn ccp_layer_matches_reference() {
     let (feat_q, feat_k) = (to_f64(&feat_q), to_f64(&feat_k));
     let model = layer_model::<half::bf16>(&feat_q, &feat_k, &shape, &centers, TAU, 1.0);
     let loss = stream.clone_dtoh(layer.loss()).unwrap()[0] as f64;
-    let tol = tolerance::<half::bf16>(&[model.loss], &[want.loss]);
+    let tol = tolerance(&[model.loss], &[want.loss]);
     assert_close("CcpLayer bf16 loss", &[loss], &[want.loss], tol);
     let zeros = vec![0.0; shape.len()];
     let model = scatter_model::<half::bf16>(
@@ -362,13 +445,14 @@ fn ccp_layer_matches_reference() {
         Scatter::Deterministic,
     );
     let got = to_f64(&stream.clone_dtoh(&grad_q).unwrap());
-    let tol = tolerance::<half::bf16>(&model, &want.grad_feat_q);
+    let tol = tolerance(&model, &want.grad_feat_q);
     assert_close("CcpLayer bf16 grad_feat_q", &got, &want.grad_feat_q, tol);
 }
 
 /// `CcpRows`: the rows loss of a projection head's outputs on the device against the
-/// reference composed stage by stage, in f32 and bf16, rows passed as views (copied by the
-/// forward), the gradients written over NaN; and its errors.
+/// reference composed stage by stage, in f32 and bf16, rows passed as views (read by the
+/// forward only: overwritten before the backward), the gradients written over NaN; its errors,
+/// after which the object is as it was.
 #[test]
 fn ccp_rows_matches_reference() {
     let Some(gpu) = gpu("gpu_api::ccp_rows_matches_reference") else {
@@ -400,11 +484,25 @@ fn ccp_rows_matches_reference() {
     let want = rows_model::<f64>(&q, &k, &shape, TAU, 0.5);
     let got = stream.clone_dtoh(loss.loss()).unwrap()[0] as f64;
     assert_close("CcpRows loss", &[got], &[want.loss], F32_TOLERANCE);
+    // The backward does not read the input rows: the caller may reuse them.
+    let (mut rows_q_dev, mut rows_k_dev) = (rows_q_dev, rows_k_dev);
+    stream.memset_zeros(&mut rows_q_dev).unwrap();
+    stream.memset_zeros(&mut rows_k_dev).unwrap();
     let upstream = stream.clone_htod(&[0.5f32]).unwrap();
     let mut grad_q = stream.clone_htod(&vec![f32::NAN; shape.len()]).unwrap();
     let mut grad_k = stream.clone_htod(&vec![f32::NAN; shape.len()]).unwrap();
     loss.backward(Some(&upstream.as_view()), &mut grad_q, Some(&mut grad_k))
         .unwrap();
+    let bits_before = stream.clone_dtoh(&grad_q).unwrap();
+    // A forward that fails leaves the object as it was.
+    assert!(matches!(
+        loss.forward(&rows_k_dev, &short),
+        Err(Error::Length { what: "rows_k", .. })
+    ));
+    let mut again = stream.clone_htod(&vec![f32::NAN; shape.len()]).unwrap();
+    loss.backward(Some(&upstream.as_view()), &mut again, None)
+        .unwrap();
+    assert_eq!(stream.clone_dtoh(&again).unwrap(), bits_before);
     for (side, got, want) in [
         ("q", &grad_q, &want.grad_rows_q),
         ("k", &grad_k, &want.grad_rows_k),
@@ -433,9 +531,9 @@ fn ccp_rows_matches_reference() {
     let want = rows_model::<f64>(&q, &k, &shape, TAU, 1.0);
     let model = rows_model::<half::bf16>(&q, &k, &shape, TAU, 1.0);
     let got = stream.clone_dtoh(loss.loss()).unwrap()[0] as f64;
-    let tol = tolerance::<half::bf16>(&[model.loss], &[want.loss]);
+    let tol = tolerance(&[model.loss], &[want.loss]);
     assert_close("CcpRows bf16 loss", &[got], &[want.loss], tol);
     let got = to_f64(&stream.clone_dtoh(&grad_q).unwrap());
-    let tol = tolerance::<half::bf16>(&model.grad_rows_q, &want.grad_rows_q);
+    let tol = tolerance(&model.grad_rows_q, &want.grad_rows_q);
     assert_close("CcpRows bf16 grad_rows_q", &got, &want.grad_rows_q, tol);
 }

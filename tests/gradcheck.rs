@@ -208,18 +208,18 @@ fn info_nce_backward_matches_finite_differences() {
         for upstream in [1.0, -2.5, 0.3] {
             let shape = RowShape::new(rng.range(2, 3), rng.odd(3, 11), rng.odd(3, 7)).unwrap();
             let (q, k) = (
-                unit_rows(&mut rng, shape.batch * shape.rows, shape.width),
-                unit_rows(&mut rng, shape.batch * shape.rows, shape.width),
+                unit_rows(&mut rng, shape.batch() * shape.rows(), shape.width()),
+                unit_rows(&mut rng, shape.batch() * shape.rows(), shape.width()),
             );
             let loss = |q: &[f64], k: &[f64]| {
                 let logits = similarity(q, k, &shape, tau).unwrap();
                 upstream
-                    * info_nce_forward(&logits, shape.batch, shape.rows)
+                    * info_nce_forward(&logits, shape.batch(), shape.rows())
                         .unwrap()
                         .loss
             };
             let logits = similarity(&q, &k, &shape, tau).unwrap();
-            let forward = info_nce_forward(&logits, shape.batch, shape.rows).unwrap();
+            let forward = info_nce_forward(&logits, shape.batch(), shape.rows()).unwrap();
             let grads = info_nce_backward(
                 &logits,
                 &forward.row_lse,
@@ -271,10 +271,18 @@ fn layer_loss(
     tau: f64,
 ) -> f64 {
     let rows = RowShape::new(shape.batch(), centers.rows(), shape.channels()).unwrap();
-    let q = normalize_rows(&neighbor_diff(feat_q, shape, centers).unwrap(), rows.width).unwrap();
-    let k = normalize_rows(&neighbor_diff(feat_k, shape, centers).unwrap(), rows.width).unwrap();
+    let q = normalize_rows(
+        &neighbor_diff(feat_q, shape, centers).unwrap(),
+        rows.width(),
+    )
+    .unwrap();
+    let k = normalize_rows(
+        &neighbor_diff(feat_k, shape, centers).unwrap(),
+        rows.width(),
+    )
+    .unwrap();
     let logits = similarity(&q.rows, &k.rows, &rows, tau).unwrap();
-    info_nce_forward(&logits, rows.batch, rows.rows)
+    info_nce_forward(&logits, rows.batch(), rows.rows())
         .unwrap()
         .loss
 }

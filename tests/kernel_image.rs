@@ -27,11 +27,14 @@ fn planned<T: Dtype>() -> Vec<String> {
     };
     let lens = LayerWorkspace::lengths(&shape, 2).unwrap();
     let rows = RowShape::new(1, 16, 3).unwrap();
-    let r = buf(lens.rows.rows_q);
+    let r = buf(lens.rows.unit_q);
     let s = buf(lens.rows.norms_q);
     let l = buf(rows.logits_len());
     let mut names = vec![
         neighbor::neighbor_diff::<T>(&shape, &centers, buf(shape.len()), r)
+            .unwrap()
+            .kernel,
+        neighbor::neighbor_diff_normalize::<T>(&shape, &centers, buf(shape.len()), r, s)
             .unwrap()
             .kernel,
         normalize::normalize_rows::<T>(&rows, r, r, s)
@@ -88,8 +91,9 @@ fn every_planned_kernel_is_in_the_image_and_nothing_else() {
         .chain(planned::<f16>())
         .chain(planned::<bf16>())
         .collect();
-    // 10 typed kernels (each backward's two sides share one) x 3 types + 2 float-only ones.
-    assert_eq!(planned.len(), 9 * 3 + 2, "{planned:?}");
+    // 10 typed kernels (each backward's two sides or two modes share one) x 3 types + 2
+    // float-only ones.
+    assert_eq!(planned.len(), 10 * 3 + 2, "{planned:?}");
     let mut in_ptx = BTreeSet::new();
     for image in ffi::IMAGES {
         let entries: BTreeSet<String> = entry_points(image.ptx).map(str::to_string).collect();

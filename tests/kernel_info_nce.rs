@@ -30,7 +30,7 @@ fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {
 /// tells nothing about precision, left out.
 fn regimes(shape: &RowShape) -> Vec<(f64, Rows)> {
     let mut regimes = vec![(0.07, Rows::Random), (0.01, Rows::Random)];
-    if shape.width > 1 {
+    if shape.width() > 1 {
         regimes.push((0.07, Rows::Aligned));
     }
     regimes
@@ -47,8 +47,8 @@ fn logits(q: &[f64], k: &[f64], shape: &RowShape, tau: f64) -> (Vec<f32>, Vec<f6
 fn check_forward<D: TestDevice>(dev: &D, shape: &RowShape, tau: f64, rows: Rows, rng: &mut Rng) {
     let (q, k) = unit_rows::<f32>(rng, shape, rows);
     let (logits_f32, logits_f64) = logits(&q, &k, shape, tau);
-    let want = reference::info_nce_forward(&logits_f64, shape.batch, shape.rows).unwrap();
-    let count = shape.batch * shape.rows;
+    let want = reference::info_nce_forward(&logits_f64, shape.batch(), shape.rows()).unwrap();
+    let count = shape.batch() * shape.rows();
     let mut logits_dev = dev.upload(&logits_f32);
     let mut lse_dev = dev.alloc_nan::<f32>(count);
     let mut row_loss_dev = dev.alloc_nan::<f32>(count);
@@ -109,7 +109,7 @@ fn check_backward<T: Dtype, D: TestDevice>(
 ) {
     let (q, k) = unit_rows::<T>(rng, shape, rows);
     let (logits_f32, logits_f64) = logits(&q, &k, shape, tau);
-    let forward = reference::info_nce_forward(&logits_f64, shape.batch, shape.rows).unwrap();
+    let forward = reference::info_nce_forward(&logits_f64, shape.batch(), shape.rows()).unwrap();
     let want = reference::info_nce_backward(
         &logits_f64,
         &forward.row_lse,
@@ -164,7 +164,7 @@ fn info_nce_backward_matches_reference<D: TestDevice>(dev: &D) {
 }
 
 /// The mean over a million equal row losses: a plain float sum per thread drifts by about
-/// 4e-5 here, its roundings all leaning the same way.
+/// 4e-5 here, its roundings all leaning the same way (the kernel sums in double).
 fn info_nce_loss_is_precise_over_a_million_rows<D: TestDevice>(dev: &D) {
     let row_loss = vec![2.3f32; 1_000_003];
     let want = to_f64(&row_loss).iter().sum::<f64>() / row_loss.len() as f64;
@@ -178,8 +178,30 @@ fn info_nce_loss_is_precise_over_a_million_rows<D: TestDevice>(dev: &D) {
     assert_close(&what, &[loss], &[want], F32_TOLERANCE);
 }
 
+/// Row losses near 2/tau at a low temperature (tau = 1e-36 gives logits up to 1e36): their
+/// float32 sum overflows (5000 x 4e35 = 2e39 > 3.4e38) where their mean fits.
+fn info_nce_loss_mean_does_not_overflow<D: TestDevice>(dev: &D) {
+    let mut rng = Rng::new(9);
+    let row_loss: Vec<f32> = (0..5000)
+        .map(|_| (4e35 * (1.0 + rng.unit())) as f32)
+        .collect();
+    let want = to_f64(&row_loss).iter().sum::<f64>() / row_loss.len() as f64;
+    let mut row_loss_dev = dev.upload(&row_loss);
+    let mut loss_dev = dev.alloc_nan::<f32>(1);
+    let plan =
+        info_nce::info_nce_loss(dev.buf(&mut row_loss_dev), dev.buf(&mut loss_dev), false).unwrap();
+    dev.run(&plan);
+    let loss = dev.download(&loss_dev)[0] as f64;
+    let what = format!(
+        "info_nce_loss of 5000 row losses near 6e35 on the {}",
+        dev.name()
+    );
+    assert_close(&what, &[loss], &[want], F32_TOLERANCE);
+}
+
 on_every_device!(
     info_nce_forward_matches_reference,
     info_nce_backward_matches_reference,
-    info_nce_loss_is_precise_over_a_million_rows
+    info_nce_loss_is_precise_over_a_million_rows,
+    info_nce_loss_mean_does_not_overflow
 );

@@ -37,7 +37,7 @@ fn regimes(shape: &RowShape) -> Vec<(f64, Rows)> {
         (0.01, Rows::Random),
         (0.5, Rows::Random),
     ];
-    if shape.width > 1 {
+    if shape.width() > 1 {
         regimes.push((0.07, Rows::Aligned));
     }
     regimes
@@ -62,7 +62,7 @@ fn run_fused<T: Dtype, D: TestDevice>(
     q: &[f64],
     k: &[f64],
 ) -> Outputs {
-    let count = shape.batch * shape.rows;
+    let count = shape.batch() * shape.rows();
     let mut q_dev = dev.upload(&from_f64::<T>(q));
     let mut k_dev = dev.upload(&from_f64::<T>(k));
     let mut lse_dev = dev.alloc_nan::<f32>(count);
@@ -112,7 +112,7 @@ fn run_materialised<T: Dtype, D: TestDevice>(
     q: &[f64],
     k: &[f64],
 ) -> Outputs {
-    let count = shape.batch * shape.rows;
+    let count = shape.batch() * shape.rows();
     let mut q_dev = dev.upload(&from_f64::<T>(q));
     let mut k_dev = dev.upload(&from_f64::<T>(k));
     let mut logits_dev = dev.alloc_nan::<f32>(shape.logits_len());
@@ -180,7 +180,7 @@ struct Expected {
 /// `T` rounded once, exact otherwise: G as [`fused_backward_model`] rounds it, then the result.
 fn expected<T: Dtype>(shape: &RowShape, tau: f64, q: &[f64], k: &[f64]) -> Expected {
     let logits = reference::similarity(q, k, shape, tau).unwrap();
-    let forward = reference::info_nce_forward(&logits, shape.batch, shape.rows).unwrap();
+    let forward = reference::info_nce_forward(&logits, shape.batch(), shape.rows()).unwrap();
     let upstream = UPSTREAM as f64;
     let grads =
         reference::info_nce_backward(&logits, &forward.row_lse, q, k, shape, tau, upstream, true)
@@ -219,7 +219,7 @@ fn check_fused<T: Dtype, D: TestDevice>(
         ("dk", &got.dk, &want.dk, &want.model_dk),
     ] {
         let name = format!("info_nce_fused_backward {side} {what}");
-        assert_close(&name, got, exact, tolerance::<T>(model, exact));
+        assert_close(&name, got, exact, tolerance(model, exact));
     }
 }
 
@@ -263,7 +263,7 @@ fn check_same_as_materialised<T: Dtype, D: TestDevice>(
         let tol = if T::SUFFIX == "f32" {
             F32_TOLERANCE
         } else {
-            tolerance::<T>(model, exact) + stored_tolerance::<T>(exact)
+            tolerance(model, exact) + stored_tolerance::<T>(exact)
         };
         let name = format!("fused vs materialised {name} {what}");
         assert_close(&name, got, other, tol);

@@ -8,7 +8,7 @@ mod common;
 use ccpl::plan::rows::{RowsPlan, RowsWorkspace};
 use ccpl::{Dtype, RowShape};
 use common::Rng;
-use common::device::{TestDevice, assert_close, random, rows_model, to_f64, tolerance};
+use common::device::{TestDevice, assert_close, largest, random, rows_model, to_f64, tolerance};
 
 const TAU: f64 = 0.07;
 
@@ -26,20 +26,40 @@ fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {
         .collect()
 }
 
-fn check_rows<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, rng: &mut Rng) {
+/// The rows' magnitude and the temperature of a check.
+#[derive(Debug, Clone, Copy)]
+struct Regime {
+    /// Rows of q uniform in `[-3 scale, 3 scale)`, of k in `[-scale/2, scale/2)`.
+    scale: f64,
+    /// One element of q near the storage type's largest value.
+    spike: bool,
+    tau: f64,
+}
+
+const PLAIN: Regime = Regime {
+    scale: 1.0,
+    spike: false,
+    tau: TAU,
+};
+
+fn check_rows<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, regime: Regime, rng: &mut Rng) {
     // Rows of a projection head: any scale, not normalised.
-    let rows_q: Vec<T> = random(rng, shape.len(), 3.0);
-    let rows_k: Vec<T> = random(rng, shape.len(), 0.5);
+    let mut rows_q: Vec<T> = random(rng, shape.len(), 3.0 * regime.scale);
+    let rows_k: Vec<T> = random(rng, shape.len(), 0.5 * regime.scale);
+    if regime.spike {
+        rows_q[1] = T::from_f64(0.9 * largest::<T>());
+    }
     let (rows_q_f64, rows_k_f64) = (to_f64(&rows_q), to_f64(&rows_k));
     let label = format!(
-        "{} B={} S={} C={} on the {}",
+        "{} B={} S={} C={} {regime:?} on the {}",
         T::SUFFIX,
-        shape.batch,
-        shape.rows,
-        shape.width,
+        shape.batch(),
+        shape.rows(),
+        shape.width(),
         dev.name()
     );
-    let plan = RowsPlan::new(*shape, TAU).unwrap();
+    let tau = regime.tau;
+    let plan = RowsPlan::new(*shape, tau).unwrap();
     let mut ws = RowsWorkspace::lengths(shape)
         .unwrap()
         .try_map(
@@ -48,23 +68,23 @@ fn check_rows<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, rng: &mut Rng)
         )
         .unwrap();
     ws.one = dev.upload(&[1.0f32]);
-    ws.rows_q = dev.upload(&rows_q);
-    ws.rows_k = dev.upload(&rows_k);
+    let (mut rows_q_dev, mut rows_k_dev) = (dev.upload(&rows_q), dev.upload(&rows_k));
+    let (rows_q_buf, rows_k_buf) = (dev.buf(&mut rows_q_dev), dev.buf(&mut rows_k_dev));
     let bufs = ws.map_mut(|m| dev.buf(m), |m| dev.buf(m));
-    plan.forward::<T, _>(&dev.launcher(), &bufs)
+    plan.forward::<T, _>(&dev.launcher(), rows_q_buf, rows_k_buf, &bufs)
         .unwrap_or_else(|e| panic!("forward {label}: {e}"));
     let loss = dev.download(&ws.loss)[0] as f64;
-    let exact = rows_model::<f64>(&rows_q_f64, &rows_k_f64, shape, TAU, 1.0);
-    let model = rows_model::<T>(&rows_q_f64, &rows_k_f64, shape, TAU, 1.0);
-    let tol = tolerance::<T>(&[model.loss], &[exact.loss]);
+    let exact = rows_model::<f64>(&rows_q_f64, &rows_k_f64, shape, tau, 1.0);
+    let model = rows_model::<T>(&rows_q_f64, &rows_k_f64, shape, tau, 1.0);
+    let tol = tolerance(&[model.loss], &[exact.loss]);
     assert_close(&format!("rows loss {label}"), &[loss], &[exact.loss], tol);
 
     // Backward twice from the same forward: the default upstream (1) into q only, then 2.5
     // from device memory into both; the gradients are written over NaN.
     for (upstream, both) in [(None, false), (Some(2.5f32), true)] {
         let u = upstream.unwrap_or(1.0) as f64;
-        let exact = rows_model::<f64>(&rows_q_f64, &rows_k_f64, shape, TAU, u);
-        let model = rows_model::<T>(&rows_q_f64, &rows_k_f64, shape, TAU, u);
+        let exact = rows_model::<f64>(&rows_q_f64, &rows_k_f64, shape, tau, u);
+        let model = rows_model::<T>(&rows_q_f64, &rows_k_f64, shape, tau, u);
         let mut grad_q_dev = dev.alloc_nan::<T>(shape.len());
         let mut grad_k_dev = dev.alloc_nan::<T>(shape.len());
         let mut upstream_dev = dev.upload(&[upstream.unwrap_or(f32::NAN)]);
@@ -81,12 +101,12 @@ fn check_rows<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, rng: &mut Rng)
         .unwrap_or_else(|e| panic!("backward {label}: {e}"));
         let got = to_f64(&dev.download(&grad_q_dev));
         let what = format!("rows grad_rows_q upstream={u} {label}");
-        let tol = tolerance::<T>(&model.grad_rows_q, &exact.grad_rows_q);
+        let tol = tolerance(&model.grad_rows_q, &exact.grad_rows_q);
         assert_close(&what, &got, &exact.grad_rows_q, tol);
         let got = to_f64(&dev.download(&grad_k_dev));
         if both {
             let what = format!("rows grad_rows_k upstream={u} {label}");
-            let tol = tolerance::<T>(&model.grad_rows_k, &exact.grad_rows_k);
+            let tol = tolerance(&model.grad_rows_k, &exact.grad_rows_k);
             assert_close(&what, &got, &exact.grad_rows_k, tol);
         } else {
             assert!(
@@ -100,8 +120,25 @@ fn check_rows<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, rng: &mut Rng)
 fn rows_loss_matches_reference<D: TestDevice>(dev: &D) {
     let mut rng = Rng::new(18);
     for shape in shapes(dev) {
-        for_each_dtype!(check_rows(dev, &shape, &mut rng));
+        for_each_dtype!(check_rows(dev, &shape, PLAIN, &mut rng));
     }
 }
 
-on_every_device!(rows_loss_matches_reference);
+/// Rows of 1e20 (their squares past float's range), one element near the storage type's
+/// largest value, and a temperature of 1e-37 (row losses of about 4e36, whose float32 sum over
+/// the 208 rows, 8e38, passes f32::MAX while their mean fits; gradients near 1e34, beyond
+/// f16's range, so f16 is left out there).
+fn rows_loss_at_extreme_scales<D: TestDevice>(dev: &D) {
+    let mut rng = Rng::new(19);
+    let shape = RowShape::new(2, 104, 37).unwrap();
+    let regime = |scale, spike, tau| Regime { scale, spike, tau };
+    for regime in [regime(1e20, false, TAU), regime(1.0, true, TAU)] {
+        check_rows::<f32, D>(dev, &shape, regime, &mut rng);
+        check_rows::<half::bf16, D>(dev, &shape, regime, &mut rng);
+    }
+    check_rows::<half::f16, D>(dev, &shape, regime(1.0, true, TAU), &mut rng);
+    check_rows::<f32, D>(dev, &shape, regime(1.0, false, 1e-37), &mut rng);
+    check_rows::<half::bf16, D>(dev, &shape, regime(1.0, false, 1e-37), &mut rng);
+}
+
+on_every_device!(rows_loss_matches_reference, rows_loss_at_extreme_scales);

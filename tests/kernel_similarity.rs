@@ -41,9 +41,9 @@ fn check_similarity<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, rng: &mu
     let what = format!(
         "similarity {} B={} S={} C={} on the {}",
         T::SUFFIX,
-        shape.batch,
-        shape.rows,
-        shape.width,
+        shape.batch(),
+        shape.rows(),
+        shape.width(),
         dev.name()
     );
     // The inputs are exact in T and the logits are float32 whatever T: the float32 tolerance.

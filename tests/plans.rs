@@ -30,7 +30,7 @@ fn centers(n: usize) -> CentersBuf {
 #[test]
 fn neighbor_plans_check_every_buffer_and_the_centres() {
     let (s, c) = (shape(), centers(5));
-    let rows = neighbor::rows_len(&s, 5);
+    let rows = neighbor::rows_len(&s, 5).unwrap();
     assert_eq!(rows, 2 * 40 * 3);
     let plan = neighbor::neighbor_diff::<f32>(&s, &c, buf(s.len()), buf(rows)).unwrap();
     assert_eq!(plan.kernel, "neighbor_diff_f32");
@@ -272,7 +272,7 @@ fn layer_launches_its_stages_in_order_or_nothing() {
     // O(B*S*C): no (B, S, S) logits buffer.
     assert_eq!(
         (
-            lens.rows.rows_q,
+            lens.rows.unit_q,
             lens.rows.norms_q,
             lens.grad_rows,
             lens.rows.loss
@@ -288,10 +288,8 @@ fn layer_launches_its_stages_in_order_or_nothing() {
     assert_eq!(
         rec.0.take(),
         [
-            "neighbor_diff_f32",
-            "neighbor_diff_f32",
-            "normalize_rows_f32",
-            "normalize_rows_f32",
+            "neighbor_diff_normalize_f32",
+            "neighbor_diff_normalize_f32",
             "info_nce_fused_forward_f32",
             "info_nce_loss"
         ]
@@ -337,8 +335,10 @@ fn layer_launches_its_stages_in_order_or_nothing() {
     assert_eq!(LayerPlan::new(s, 5, 1e-40).unwrap_err(), Error::Tau(1e-40));
 }
 
-/// The workspace of a layer is O(B*S*C): six row matrices in `T` and four `B*S` float32
-/// statistics plus two scalars, no `(B, S, S)` logits (the fused InfoNCE recomputes them).
+/// The workspace of a layer is O(B*S*C): four row matrices in `T` (the normalised rows of
+/// both sides and two backward scratches: the difference rows themselves are never stored)
+/// and four `B*S` float32 statistics plus two scalars, no `(B, S, S)` logits (the fused
+/// InfoNCE recomputes them).
 #[test]
 fn layer_workspace_is_rows_and_statistics_only() {
     let shape = FeatureShape::new(1, 128, 128, 128, Layout::Nchw).unwrap();
@@ -347,8 +347,8 @@ fn layer_workspace_is_rows_and_statistics_only() {
     let lengths = LayerWorkspace::lengths(&shape, n).unwrap();
     assert_eq!(
         lengths.bytes::<half::bf16>(),
-        6 * rows * 2 + (4 * stats + 2) * 4
+        4 * rows * 2 + (4 * stats + 2) * 4
     );
-    assert_eq!(lengths.bytes::<f32>(), 6 * rows * 4 + (4 * stats + 2) * 4);
+    assert_eq!(lengths.bytes::<f32>(), 4 * rows * 4 + (4 * stats + 2) * 4);
     assert!(lengths.bytes::<half::bf16>() < 110 << 20);
 }

@@ -111,7 +111,7 @@ fn rows_are_direction_major_centre_minus_neighbour() {
             for c in 0..channels {
                 for h in 0..height {
                     for w in 0..width {
-                        feat[shape.index(b, c, h, w)] = distinct_value(b, c, h, w);
+                        feat[shape.index(b, c, h, w).unwrap()] = distinct_value(b, c, h, w);
                     }
                 }
             }
@@ -353,6 +353,64 @@ fn zero_rows_give_finite_gradients() {
     );
 }
 
+/// The loss is scale-invariant in the features (eps aside: 1e-7 against norms of about 1
+/// here, and less the larger the scale), so features multiplied by any power of ten whose
+/// norms float64 holds give the same loss, and gradients divided by that power: the norm's
+/// sum of squares must not overflow (1e155 and up squares past float64's range). (Small
+/// scales are not scale-invariant: there eps dominates the norm.)
+#[test]
+fn loss_and_gradients_at_any_scale_float64_holds() {
+    let shape = FeatureShape::new(2, 5, 6, 7, Layout::Nhwc).unwrap();
+    let centers = Centers::sample(6, 7, 6, 11).unwrap();
+    let mut rng = Rng::new(12);
+    // Features of magnitude 1e50: eps is 1e-57 of the norms, far below float64's precision.
+    let big = |rng: &mut Rng| {
+        rng.vec(shape.len())
+            .iter()
+            .map(|v| v * 1e50)
+            .collect::<Vec<_>>()
+    };
+    let (feat_q, feat_k) = (big(&mut rng), big(&mut rng));
+    let base = ccp_layer_loss(&feat_q, &feat_k, &shape, &centers, 0.07, true).unwrap();
+    for exponent in [100, 155, 200, 250] {
+        let scale = 10f64.powi(exponent - 50);
+        let scaled = |f: &[f64]| f.iter().map(|v| v * scale).collect::<Vec<_>>();
+        let got = ccp_layer_loss(
+            &scaled(&feat_q),
+            &scaled(&feat_k),
+            &shape,
+            &centers,
+            0.07,
+            true,
+        )
+        .unwrap();
+        let what = format!("features x 1e{exponent}");
+        assert!(
+            (got.loss - base.loss).abs() < 1e-12,
+            "{what}: {} vs {}",
+            got.loss,
+            base.loss
+        );
+        let unscaled = |g: &[f64]| g.iter().map(|v| v * scale).collect::<Vec<_>>();
+        let err_q = rel_err(&unscaled(&got.grad_feat_q), &base.grad_feat_q);
+        let err_k = rel_err(
+            &unscaled(got.grad_feat_k.as_ref().unwrap()),
+            base.grad_feat_k.as_ref().unwrap(),
+        );
+        assert!(
+            err_q < 1e-12 && err_k < 1e-12,
+            "{what}: gradients off by {err_q:.2e}, {err_k:.2e}"
+        );
+    }
+    // One element near float64's largest value in a row of ordinary ones: the row's norm is
+    // that element, its normalised row about (1, 0, ...).
+    let mut row = vec![0.25; 4];
+    row[1] = 1e308;
+    let normalized = normalize_rows(&row, 4).unwrap();
+    assert_eq!(normalized.norms[0], 1e308);
+    assert!((normalized.rows[1] - 1.0).abs() < 1e-15 && normalized.rows[0] > 0.0);
+}
+
 #[test]
 fn info_nce_backward_rows_sum_to_zero_for_equal_keys() {
     // With every k_j equal, dq_i = sum_j G_ij k / tau = 0 since each row of G sums to 0.
@@ -475,6 +533,31 @@ fn sampling_is_seeded() {
     }
     // Two draws of 8 from 900 positions coincide with probability ~1e-24.
     assert_eq!(differ, 100, "different seeds gave the same centres");
+}
+
+/// The draw is a partial Fisher-Yates shuffle of the interior positions (what the contract
+/// says): the sparse one of `Centers::sample` gives, seed for seed, the centres of the plain
+/// one written here over the whole interior.
+#[test]
+fn sampling_is_the_partial_fisher_yates_shuffle() {
+    for (h, w, num_s, seed) in [(5, 5, 9, 1), (9, 7, 4, 2), (32, 32, 8, 3), (40, 3, 38, 4)] {
+        let (iw, total) = (w - 2, (h - 2) * (w - 2));
+        let mut pool: Vec<usize> = (0..total).collect();
+        let mut rng = ccpl::sampling::SplitMix64::new(seed);
+        let n = num_s.min(total);
+        for i in 0..n {
+            let j = i + rng.below((total - i) as u64).unwrap() as usize;
+            pool.swap(i, j);
+        }
+        let want: Vec<i32> = pool[..n]
+            .iter()
+            .map(|&p| ((p / iw + 1) * w + p % iw + 1) as i32)
+            .collect();
+        assert_eq!(
+            Centers::sample(h, w, num_s, seed).unwrap().flat(),
+            &want[..]
+        );
+    }
 }
 
 /// Pearson's chi-square of observed counts against equal expected counts.

@@ -323,12 +323,12 @@ pub struct RowsLoss<T: Dtype> {
 impl<T: Dtype> RowsLoss<T> {
     /// Bytes of the workspace for `shape`.
     pub fn workspace_bytes(shape: &RowShape) -> usize {
-        let stats = shape.batch * shape.rows;
+        let stats = shape.batch() * shape.rows();
         3 * shape.len() * element_bytes::<T>() + 4 * (shape.logits_len() + 4 * stats + 2)
     }
 
     pub fn new(gpu: &Gpu, shape: RowShape) -> ccpl::Result<Self> {
-        let stats = shape.batch * shape.rows;
+        let stats = shape.batch() * shape.rows();
         let s = &gpu.stream;
         Ok(Self {
             shape,

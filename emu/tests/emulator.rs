@@ -788,7 +788,7 @@ fn check_neighbor_diff<T: Dtype>(layout: Layout) {
         map: emu::buf(&map),
     };
     let n = centers.len();
-    let mut rows = vec![T::from_f64(f64::NAN); neighbor::rows_len(&shape, n)];
+    let mut rows = vec![T::from_f64(f64::NAN); neighbor::rows_len(&shape, n).unwrap()];
     let plan = neighbor::neighbor_diff::<T>(&shape, &buf, emu::buf(&feat), emu::buf_mut(&mut rows))
         .unwrap();
     emulator(4).launch(&plan).unwrap();
@@ -799,8 +799,8 @@ fn check_neighbor_diff<T: Dtype>(layout: Layout) {
                 let (h, w) = (p as usize / 9, p as usize % 9);
                 let (nh, nw) = ((h as isize + dh) as usize, (w as isize + dw) as usize);
                 for c in 0..5 {
-                    let centre = feat[shape.index(b, c, h, w)].to_f64() as f32;
-                    let neighbour = feat[shape.index(b, c, nh, nw)].to_f64() as f32;
+                    let centre = feat[shape.index(b, c, h, w).unwrap()].to_f64() as f32;
+                    let neighbour = feat[shape.index(b, c, nh, nw).unwrap()].to_f64() as f32;
                     let want = T::from_f64((centre - neighbour) as f64);
                     let got = rows[((b * 8 + k) * n + x) * 5 + c];
                     assert_eq!(

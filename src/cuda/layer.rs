@@ -10,11 +10,11 @@ use super::Kernels;
 use super::neighbor::{DeviceCenters, Scatter};
 use super::resident::{Resident, alloc};
 use crate::dtype::Dtype;
-use crate::error::{Result, check_len};
+use crate::error::Result;
 use crate::plan::layer::{LayerPlan, LayerWorkspace};
 use crate::shape::FeatureShape;
 
-/// One layer of the CCP loss on one stream, with its workspace (rows, normalised rows,
+/// One layer of the CCP loss on one stream, with its workspace (normalised difference rows,
 /// norms, row statistics, the loss): allocated once by [`new`](Self::new) for a shape
 /// and a number of centres, reused by every step. `T` is the storage type of the feature maps
 /// (`f32`, `f16` or `bf16`).
@@ -50,7 +50,7 @@ pub struct CcpLayer<T: Dtype> {
 
 impl<T: Dtype> CcpLayer<T> {
     /// A layer for feature maps of `shape` with `num_centers` centres per step and
-    /// temperature `tau`; allocates its workspace on `stream`: six `B*S*C` row matrices of `T`
+    /// temperature `tau`; allocates its workspace on `stream`: four `B*S*C` row matrices of `T`
     /// and four `B*S` float32 statistics (`S = 8N`), no `(B, S, S)` logits.
     pub fn new(
         kernels: Arc<Kernels>,
@@ -77,28 +77,29 @@ impl<T: Dtype> CcpLayer<T> {
 
     /// The forward on `feat_q` (the generated image's features) and `feat_k` (the content
     /// image's), both of the layer's shape, with this step's `centers` (`N` of them, for the
-    /// layer's map). The loss stays on the device: [`loss`](Self::loss). Nothing is allocated
-    /// and nothing waits.
+    /// layer's map; the layer keeps a copy for the backward). The loss stays on the device:
+    /// [`loss`](Self::loss). Nothing is allocated and nothing waits. A call that returns an
+    /// error before enqueuing leaves the layer as it was: the last forward's backward still
+    /// runs, with the last forward's centres.
     pub fn forward(
         &mut self,
         feat_q: &impl DevicePtr<T>,
         feat_k: &impl DevicePtr<T>,
         centers: &DeviceCenters,
     ) -> Result<()> {
-        let len = self.plan.shape().len();
-        check_len("feat_q", len, feat_q.len())?;
-        check_len("feat_k", len, feat_k.len())?;
-        self.centers.check_same_map(centers)?;
         let stream = self.resident.stream().clone();
-        let (launcher, ws) = self.resident.forward()?;
-        self.centers.copy_from(&stream, centers)?;
-        let centers = self.centers.buf(&launcher);
+        let (launcher, ws, forward_done) = self.resident.forward_parts()?;
+        let centers_buf = centers.buf(&launcher);
         let (feat_q, feat_k) = (launcher.read(feat_q), launcher.read(feat_k));
         let bufs = ws.map_mut(|s| launcher.write(s), |s| launcher.write(s));
-        self.plan
-            .forward::<T, _>(&launcher, &centers, feat_q, feat_k, &bufs)?;
-        drop(launcher);
-        self.resident.forward_done();
+        let plans = self
+            .plan
+            .forward_plans::<T>(&centers_buf, feat_q, feat_k, &bufs)?;
+        self.centers.check_same_map(centers)?;
+        *forward_done = false;
+        self.centers.copy_from(&stream, centers)?;
+        plans.launch(&launcher)?;
+        *forward_done = true;
         Ok(())
     }
 

@@ -115,6 +115,33 @@ pub fn neighbor_diff<T: Dtype>(
     launcher.launch(&launch)
 }
 
+/// Writes the difference rows of `feat` (shape `shape`) normalised, `out = d / (||d|| + 1e-7)`
+/// `(B, 8N, C)`, and their norms `||d||` (float32, `B*8N`), without storing the difference
+/// rows: [`neighbor_diff`] then [`normalize_rows`](super::normalize::normalize_rows), except
+/// that the differences are formed in float, so `out` is right wherever `T` holds it (f16
+/// differences past 65504). Back through it with
+/// [`normalize_rows_backward_normalized`](super::normalize::normalize_rows_backward_normalized)
+/// then [`neighbor_diff_backward`].
+///
+/// Everything is validated before the launch; nothing is allocated and nothing waits.
+pub fn neighbor_diff_normalize<T: Dtype>(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    shape: &FeatureShape,
+    centers: &DeviceCenters,
+    feat: &impl DevicePtr<T>,
+    out: &mut impl DevicePtrMut<T>,
+    norms: &mut impl DevicePtrMut<f32>,
+) -> Result<()> {
+    let launcher = kernels.on(stream)?;
+    let feat = launcher.read(feat);
+    let out = launcher.write(out);
+    let norms = launcher.write(norms);
+    let centers = centers.buf(&launcher);
+    let launch = plan::neighbor_diff_normalize::<T>(shape, &centers, feat, out, norms)?;
+    launcher.launch(&launch)
+}
+
 /// Adds the backward scatter of `grad_rows` `(B, 8N, C)` into `grad_feat` (shape `shape`):
 /// a centre gets `+g`, its neighbour `-g`. [`Scatter::Deterministic`] gives the same bits on
 /// every run; [`Scatter::Atomic`] is faster and may differ in the last bits.

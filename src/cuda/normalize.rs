@@ -10,7 +10,8 @@ use crate::plan::normalize as plan;
 use crate::shape::RowShape;
 
 /// Writes `out = rows / (||row|| + 1e-7)` and `norms = ||row||` (float32, one per row) for
-/// the `B*S` rows of width `C` of `shape`. A zero row gives a zero row.
+/// the `B*S` rows of width `C` of `shape`. A zero row gives a zero row. Right at any magnitude
+/// (the norm is taken at scale); a norm past float32's range is written as `inf`.
 ///
 /// Everything is validated before the launch; nothing is allocated and nothing waits.
 pub fn normalize_rows<T: Dtype>(
@@ -48,5 +49,31 @@ pub fn normalize_rows_backward<T: Dtype>(
     let grad_out = launcher.read(grad_out);
     let grad_rows = launcher.write(grad_rows);
     let launch = plan::normalize_rows_backward::<T>(shape, rows, norms, grad_out, grad_rows)?;
+    launcher.launch(&launch)
+}
+
+/// [`normalize_rows_backward`] from the forward's normalised rows (`normalized`, its `out`)
+/// instead of the rows before normalisation: `T` holds the normalised rows where it may not
+/// hold the rows (the output of
+/// [`neighbor_diff_normalize`](super::neighbor::neighbor_diff_normalize)).
+///
+/// Everything is validated before the launch; nothing is allocated and nothing waits.
+pub fn normalize_rows_backward_normalized<T: Dtype>(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    shape: &RowShape,
+    normalized: &impl DevicePtr<T>,
+    norms: &impl DevicePtr<f32>,
+    grad_out: &impl DevicePtr<T>,
+    grad_rows: &mut impl DevicePtrMut<T>,
+) -> Result<()> {
+    let launcher = kernels.on(stream)?;
+    let normalized = launcher.read(normalized);
+    let norms = launcher.read(norms);
+    let grad_out = launcher.read(grad_out);
+    let grad_rows = launcher.write(grad_rows);
+    let launch = plan::normalize_rows_backward_normalized::<T>(
+        shape, normalized, norms, grad_out, grad_rows,
+    )?;
     launcher.launch(&launch)
 }

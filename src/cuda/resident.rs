@@ -52,17 +52,15 @@ impl<W> Resident<W> {
         &self.workspace
     }
 
-    /// A launcher on the stream, and the workspace to name its buffers with; the forward is
-    /// marked undone until [`forward_done`](Self::forward_done) (a forward that fails half
-    /// way leaves no backward to run on a half-written workspace).
-    pub(crate) fn forward(&mut self) -> Result<(CudaLauncher<'_>, &mut W)> {
-        self.forward_done = false;
-        Ok((self.kernels.on(&self.stream)?, &mut self.workspace))
-    }
-
-    /// Marks the workspace as filled by a forward.
-    pub(crate) fn forward_done(&mut self) {
-        self.forward_done = true;
+    /// For a forward: a launcher on the stream, the workspace to name its buffers with, and
+    /// whether the workspace holds a forward's results. Used in this order, so that a failed
+    /// forward leaves the object as it was: make every launch of the forward (which checks
+    /// every argument); only then set the flag to `false`, enqueue, and set it to `true` when
+    /// everything is enqueued (a forward that fails half way leaves no backward to run on a
+    /// half-written workspace).
+    pub(crate) fn forward_parts(&mut self) -> Result<(CudaLauncher<'_>, &mut W, &mut bool)> {
+        let launcher = self.kernels.on(&self.stream)?;
+        Ok((launcher, &mut self.workspace, &mut self.forward_done))
     }
 
     /// A launcher and the workspace a forward filled, or `Err(BackwardBeforeForward)`.

@@ -11,12 +11,12 @@ use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut};
 use super::Kernels;
 use super::resident::{Resident, alloc};
 use crate::dtype::Dtype;
-use crate::error::{Result, check_len};
+use crate::error::Result;
 use crate::plan::rows::{RowsPlan, RowsWorkspace};
 use crate::shape::RowShape;
 
-/// The rows loss on one stream with its workspace (a copy of both row matrices, their
-/// normalised rows and norms, the row statistics, the loss): allocated once by
+/// The rows loss on one stream with its workspace (the normalised rows of both sides and
+/// their norms, the row statistics, the loss): allocated once by
 /// [`new`](Self::new), reused by every step. `T` is the storage type of the rows (`f32`,
 /// `f16` or `bf16`).
 ///
@@ -46,7 +46,7 @@ pub struct CcpRows<T: Dtype> {
 
 impl<T: Dtype> CcpRows<T> {
     /// The loss of row matrices of `shape` at temperature `tau`; allocates its workspace on
-    /// `stream` (five `B*S*C` row matrices of `T`, four `B*S` float32 statistics).
+    /// `stream` (three `B*S*C` row matrices of `T`, four `B*S` float32 statistics).
     pub fn new(
         kernels: Arc<Kernels>,
         stream: Arc<CudaStream>,
@@ -68,25 +68,23 @@ impl<T: Dtype> CcpRows<T> {
     }
 
     /// The forward on `rows_q` (the head's rows of the generated image) and `rows_k` (of the
-    /// content image), both `(B, S, C)`; they are copied, so the caller may reuse them before
-    /// the backward. The loss stays on the device: [`loss`](Self::loss). Nothing is
-    /// allocated and nothing waits.
+    /// content image), both `(B, S, C)`; only the forward reads them (the backward works from
+    /// the normalised rows it keeps), so the caller may reuse them as soon as this returns
+    /// (stream order). The loss stays on the device: [`loss`](Self::loss). Nothing is
+    /// allocated and nothing waits. A call that returns an error before enqueuing leaves
+    /// the object as it was: the last forward's backward still runs.
     pub fn forward(
         &mut self,
         rows_q: &impl DevicePtr<T>,
         rows_k: &impl DevicePtr<T>,
     ) -> Result<()> {
-        let len = self.plan.shape().len();
-        check_len("rows_q", len, rows_q.len())?;
-        check_len("rows_k", len, rows_k.len())?;
-        let stream = self.resident.stream().clone();
-        let (launcher, ws) = self.resident.forward()?;
-        stream.memcpy_dtod(rows_q, &mut ws.rows_q)?;
-        stream.memcpy_dtod(rows_k, &mut ws.rows_k)?;
+        let (launcher, ws, forward_done) = self.resident.forward_parts()?;
+        let (rows_q, rows_k) = (launcher.read(rows_q), launcher.read(rows_k));
         let bufs = ws.map_mut(|s| launcher.write(s), |s| launcher.write(s));
-        self.plan.forward::<T, _>(&launcher, &bufs)?;
-        drop(launcher);
-        self.resident.forward_done();
+        let plans = self.plan.forward_plans::<T>(rows_q, rows_k, &bufs)?;
+        *forward_done = false;
+        plans.launch(&launcher)?;
+        *forward_done = true;
         Ok(())
     }
 

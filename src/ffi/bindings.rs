@@ -93,6 +93,47 @@ const _: () = {
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
+pub struct ccpl_neighbor_diff_normalize_params {
+    pub feat: u64,
+    pub centers: u64,
+    pub out: u64,
+    pub norms: u64,
+    pub batch: i32,
+    pub channels: i32,
+    pub height: i32,
+    pub width: i32,
+    pub num_centers: i32,
+    pub layout: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ccpl_neighbor_diff_normalize_params"]
+        [::std::mem::size_of::<ccpl_neighbor_diff_normalize_params>() - 56usize];
+    ["Alignment of ccpl_neighbor_diff_normalize_params"]
+        [::std::mem::align_of::<ccpl_neighbor_diff_normalize_params>() - 8usize];
+    ["Offset of field: ccpl_neighbor_diff_normalize_params::feat"]
+        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, feat) - 0usize];
+    ["Offset of field: ccpl_neighbor_diff_normalize_params::centers"]
+        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, centers) - 8usize];
+    ["Offset of field: ccpl_neighbor_diff_normalize_params::out"]
+        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, out) - 16usize];
+    ["Offset of field: ccpl_neighbor_diff_normalize_params::norms"]
+        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, norms) - 24usize];
+    ["Offset of field: ccpl_neighbor_diff_normalize_params::batch"]
+        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, batch) - 32usize];
+    ["Offset of field: ccpl_neighbor_diff_normalize_params::channels"]
+        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, channels) - 36usize];
+    ["Offset of field: ccpl_neighbor_diff_normalize_params::height"]
+        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, height) - 40usize];
+    ["Offset of field: ccpl_neighbor_diff_normalize_params::width"]
+        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, width) - 44usize];
+    ["Offset of field: ccpl_neighbor_diff_normalize_params::num_centers"]
+        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, num_centers) - 48usize];
+    ["Offset of field: ccpl_neighbor_diff_normalize_params::layout"]
+        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, layout) - 52usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_normalize_rows_params {
     pub rows: u64,
     pub out: u64,
@@ -126,11 +167,12 @@ pub struct ccpl_normalize_rows_backward_params {
     pub grad_rows: u64,
     pub num_rows: i32,
     pub width: i32,
+    pub normalized: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of ccpl_normalize_rows_backward_params"]
-        [::std::mem::size_of::<ccpl_normalize_rows_backward_params>() - 40usize];
+        [::std::mem::size_of::<ccpl_normalize_rows_backward_params>() - 48usize];
     ["Alignment of ccpl_normalize_rows_backward_params"]
         [::std::mem::align_of::<ccpl_normalize_rows_backward_params>() - 8usize];
     ["Offset of field: ccpl_normalize_rows_backward_params::rows"]
@@ -145,6 +187,8 @@ const _: () = {
         [::std::mem::offset_of!(ccpl_normalize_rows_backward_params, num_rows) - 32usize];
     ["Offset of field: ccpl_normalize_rows_backward_params::width"]
         [::std::mem::offset_of!(ccpl_normalize_rows_backward_params, width) - 36usize];
+    ["Offset of field: ccpl_normalize_rows_backward_params::normalized"]
+        [::std::mem::offset_of!(ccpl_normalize_rows_backward_params, normalized) - 40usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]

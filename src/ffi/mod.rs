@@ -44,6 +44,7 @@ macro_rules! device_repr {
 device_repr!(
     ccpl_neighbor_diff_params,
     ccpl_neighbor_diff_backward_params,
+    ccpl_neighbor_diff_normalize_params,
     ccpl_normalize_rows_params,
     ccpl_normalize_rows_backward_params,
     ccpl_similarity_params,

@@ -39,8 +39,8 @@ pub fn info_nce_forward(
             logits: logits.addr,
             row_lse: row_lse.addr,
             row_loss: row_loss.addr,
-            batch: i32_of(shape.batch),
-            rows: i32_of(shape.rows),
+            batch: i32_of(shape.batch())?,
+            rows: i32_of(shape.rows())?,
         },
     })
 }
@@ -67,7 +67,7 @@ pub fn info_nce_loss(
         params: ffi::ccpl_info_nce_loss_params {
             row_loss: row_loss.addr,
             loss: loss.addr,
-            count: i32_of(row_loss.len),
+            count: i32_of(row_loss.len)?,
             accumulate: accumulate.into(),
         },
     })
@@ -99,7 +99,7 @@ pub fn info_nce_backward<T: Dtype>(
     check_len("grad", shape.len(), grad.len)?;
     Ok(LaunchPlan {
         kernel: format!("info_nce_backward_{}", T::SUFFIX),
-        grid: tile_grid(shape.batch, shape.rows, shape.width)?,
+        grid: tile_grid(shape.batch(), shape.rows(), shape.width())?,
         block: (ffi::CCPL_TILE_THREADS, 1, 1),
         shared_bytes: 0,
         params: ffi::ccpl_info_nce_backward_params {
@@ -109,9 +109,9 @@ pub fn info_nce_backward<T: Dtype>(
             other: other.addr,
             upstream: upstream.addr,
             grad: grad.addr,
-            batch: i32_of(shape.batch),
-            rows: i32_of(shape.rows),
-            width: i32_of(shape.width),
+            batch: i32_of(shape.batch())?,
+            rows: i32_of(shape.rows())?,
+            width: i32_of(shape.width())?,
             transpose: (side == Side::K).into(),
             inv_tau,
         },

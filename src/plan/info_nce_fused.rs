@@ -31,7 +31,7 @@ pub fn info_nce_fused_forward<T: Dtype>(
     Ok(LaunchPlan {
         kernel: format!("info_nce_fused_forward_{}", T::SUFFIX),
         // grid.y the 64-row tile, grid.z the image.
-        grid: tile_grid(shape.batch, shape.rows, 1)?,
+        grid: tile_grid(shape.batch(), shape.rows(), 1)?,
         block: (ffi::CCPL_TILE_THREADS, 1, 1),
         shared_bytes: 0,
         params: ffi::ccpl_info_nce_fused_forward_params {
@@ -39,9 +39,9 @@ pub fn info_nce_fused_forward<T: Dtype>(
             k: k.addr,
             row_lse: row_lse.addr,
             row_loss: row_loss.addr,
-            batch: i32_of(shape.batch),
-            rows: i32_of(shape.rows),
-            width: i32_of(shape.width),
+            batch: i32_of(shape.batch())?,
+            rows: i32_of(shape.rows())?,
+            width: i32_of(shape.width())?,
             inv_tau,
         },
     })
@@ -74,7 +74,7 @@ pub fn info_nce_fused_backward<T: Dtype>(
     check_len("grad", shape.len(), grad.len)?;
     Ok(LaunchPlan {
         kernel: format!("info_nce_fused_backward_{}", T::SUFFIX),
-        grid: tile_grid(shape.batch, shape.rows, shape.width)?,
+        grid: tile_grid(shape.batch(), shape.rows(), shape.width())?,
         block: (ffi::CCPL_TILE_THREADS, 1, 1),
         shared_bytes: 0,
         params: ffi::ccpl_info_nce_fused_backward_params {
@@ -84,9 +84,9 @@ pub fn info_nce_fused_backward<T: Dtype>(
             row_loss: row_loss.addr,
             upstream: upstream.addr,
             grad: grad.addr,
-            batch: i32_of(shape.batch),
-            rows: i32_of(shape.rows),
-            width: i32_of(shape.width),
+            batch: i32_of(shape.batch())?,
+            rows: i32_of(shape.rows())?,
+            width: i32_of(shape.width())?,
             transpose: (side == Side::K).into(),
             inv_tau,
         },

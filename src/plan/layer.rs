@@ -3,24 +3,26 @@
 //! the very same launch code.
 //!
 //! The layer is the rows loss ([`super::rows`]) between the neighbour differences and
-//! their scatter. Forward: difference rows of `feat_q` and `feat_k`, then the rows loss
-//! (normalisation, fused InfoNCE, mean). Backward: per side, the rows loss's backward into the
-//! difference rows, scattered into `grad_feat_q` (and `grad_feat_k` on request). Memory is
-//! `O(B*S*C)`: the `(B, S, S)` logits are never stored.
+//! their scatter. Forward: the normalised difference rows of `feat_q` and `feat_k`, formed and
+//! normalised in float before anything is stored in `T` (`neighbor_diff_normalize`: f16
+//! features whose differences pass 65504 stay right), then the rows loss's fused InfoNCE and
+//! mean. Backward: per side, the rows loss's backward into the difference rows (from the
+//! normalised rows and norms), scattered into `grad_feat_q` (and `grad_feat_k` on request).
+//! Memory is `O(B*S*C)`: neither the `(B, S, S)` logits nor the difference rows are stored.
 
 use super::info_nce::Side;
 use super::neighbor::{self, CentersBuf, Scatter};
-use super::rows::{RowsPlan, RowsSide, RowsWorkspace};
+use super::rows::{LossPlans, RowsPlan, RowsSide, RowsWorkspace};
 use super::{Buf, Launcher, workspace};
 use crate::dtype::Dtype;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_len};
 use crate::ffi;
 use crate::shape::{FeatureShape, RowShape};
 
 workspace! {
-    /// The workspace of one layer's loss: the rows loss's (the difference rows are its input
-    /// rows), and the backward's scratch between the rows loss and the scatter. Generic over
-    /// what holds a buffer, as [`RowsWorkspace`].
+    /// The workspace of one layer's loss: the rows loss's (its normalised rows and norms are
+    /// those of the difference rows), and the backward's scratch between the rows loss and
+    /// the scatter. Generic over what holds a buffer, as [`RowsWorkspace`].
     pub struct LayerWorkspace {
         rows {
             /// Backward scratch: the gradient of the difference rows of one side, `(B, S, C)`.
@@ -28,8 +30,8 @@ workspace! {
         }
         stats {}
         nested {
-            /// The rows loss's workspace; `rows.rows_q` and `rows.rows_k` hold the difference
-            /// rows of `feat_q` and `feat_k`, `(B, S, C)`.
+            /// The rows loss's workspace; `rows.unit_q` and `rows.unit_k` hold the normalised
+            /// difference rows of `feat_q` and `feat_k`, `(B, S, C)`.
             rows: RowsWorkspace,
         }
     }
@@ -123,14 +125,30 @@ impl LayerPlan {
         feat_k: Buf,
         ws: &LayerWorkspace<Buf, Buf>,
     ) -> Result<(), L::Error> {
+        self.forward_plans::<T>(centers, feat_q, feat_k, ws)?
+            .launch(launcher)
+    }
+
+    /// The forward's plans, checked, not launched.
+    pub(crate) fn forward_plans<T: Dtype>(
+        &self,
+        centers: &CentersBuf,
+        feat_q: Buf,
+        feat_k: Buf,
+        ws: &LayerWorkspace<Buf, Buf>,
+    ) -> Result<LayerForward> {
         self.check_centers(centers)?;
         let (shape, rows) = (&self.shape, &ws.rows);
-        let diff_q = neighbor::neighbor_diff::<T>(shape, centers, feat_q, rows.rows_q)?;
-        let diff_k = neighbor::neighbor_diff::<T>(shape, centers, feat_k, rows.rows_k)?;
-        let loss = self.rows.forward_plans::<T>(rows)?;
-        launcher.launch(&diff_q)?;
-        launcher.launch(&diff_k)?;
-        loss.launch(launcher)
+        check_len("feat_q", shape.len(), feat_q.len)?;
+        check_len("feat_k", shape.len(), feat_k.len)?;
+        let unit = |feat, unit, norms| {
+            neighbor::neighbor_diff_normalize::<T>(shape, centers, feat, unit, norms)
+        };
+        Ok(LayerForward {
+            unit_q: unit(feat_q, rows.unit_q, rows.norms_q)?,
+            unit_k: unit(feat_k, rows.unit_k, rows.norms_k)?,
+            loss: self.rows.loss_plans::<T>(rows)?,
+        })
     }
 
     /// The backward after [`forward`](Self::forward) with the same `centers` and `ws`: adds
@@ -186,6 +204,21 @@ impl LayerPlan {
                 scatter,
             )?,
         })
+    }
+}
+
+/// The forward: both sides' normalised difference rows, then the loss.
+pub(crate) struct LayerForward {
+    unit_q: super::LaunchPlan<ffi::ccpl_neighbor_diff_normalize_params>,
+    unit_k: super::LaunchPlan<ffi::ccpl_neighbor_diff_normalize_params>,
+    loss: LossPlans,
+}
+
+impl LayerForward {
+    pub(crate) fn launch<L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
+        launcher.launch(&self.unit_q)?;
+        launcher.launch(&self.unit_k)?;
+        self.loss.launch(launcher)
     }
 }
 

@@ -63,20 +63,16 @@ pub(crate) fn grid_stride_blocks(total: usize, block: u32) -> u32 {
     total.div_ceil(block as usize).clamp(1, MAX_BLOCKS) as u32
 }
 
-/// `usize` to the kernels' `i32`; shapes are validated to fit before plans are made.
-pub(crate) fn i32_of(n: usize) -> i32 {
-    i32::try_from(n).expect("shape validated to fit i32")
+/// `usize` to the kernels' `i32` (validated shapes fit; an error, never a panic, if not).
+pub(crate) fn i32_of(n: usize) -> Result<i32> {
+    i32::try_from(n).map_err(|_| Error::Shape(format!("{n} exceeds the i32 range of the kernels")))
 }
 
-/// `1/tau` as the kernels take it: `tau` checked, and its inverse finite in `f32`.
+/// `1/tau` as the kernels take it: finite by [`check_tau`](crate::check_tau)'s rule, the
+/// reference's too.
 pub(crate) fn inv_tau(tau: f64) -> Result<f32> {
     crate::error::check_tau(tau)?;
-    let inv = (1.0 / tau) as f32;
-    if inv.is_finite() {
-        Ok(inv)
-    } else {
-        Err(Error::Tau(tau))
-    }
+    Ok((1.0 / tau) as f32)
 }
 
 /// Grid of the tiled products (`kernels/tile_gemm.cuh`): one block per
@@ -95,7 +91,7 @@ pub(crate) fn tile_grid(batch: usize, m: usize, n: usize) -> Result<(u32, u32, u
 
 /// The number of rows `B*S` of a row matrix, which the kernels count in `i32`.
 pub(crate) fn row_count(shape: &crate::shape::RowShape) -> Result<usize> {
-    let n = shape.batch * shape.rows;
+    let n = shape.count();
     if n > i32::MAX as usize {
         return Err(Error::Shape(format!(
             "{n} rows exceed the i32 range of the kernels"

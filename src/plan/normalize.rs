@@ -6,10 +6,11 @@ use crate::error::{Result, check_len};
 use crate::ffi;
 use crate::shape::RowShape;
 
-/// Blocks of `CCPL_NORMALIZE_BLOCK` threads, one warp per row, a grid-stride loop over rows.
-fn grid(num_rows: usize) -> (u32, u32, u32) {
+/// Blocks of `CCPL_NORMALIZE_BLOCK` threads, one warp per row, a grid-stride loop over rows
+/// (here and in `neighbor_diff_normalize`, which normalises its rows the same way).
+pub(crate) fn grid(num_rows: usize) -> (u32, u32, u32) {
     (
-        grid_stride_blocks(num_rows * WARP, ffi::CCPL_NORMALIZE_BLOCK),
+        grid_stride_blocks(num_rows.saturating_mul(WARP), ffi::CCPL_NORMALIZE_BLOCK),
         1,
         1,
     )
@@ -36,8 +37,8 @@ pub fn normalize_rows<T: Dtype>(
             rows: rows.addr,
             out: out.addr,
             norms: norms.addr,
-            num_rows: i32_of(num_rows),
-            width: i32_of(shape.width),
+            num_rows: i32_of(num_rows)?,
+            width: i32_of(shape.width())?,
         },
     })
 }
@@ -51,8 +52,40 @@ pub fn normalize_rows_backward<T: Dtype>(
     grad_out: Buf,
     grad_rows: Buf,
 ) -> Result<LaunchPlan<ffi::ccpl_normalize_rows_backward_params>> {
+    backward::<T>(shape, ("rows", rows, false), norms, grad_out, grad_rows)
+}
+
+/// The same gradient from the forward's normalised rows (`out` of
+/// [`normalize_rows`], or of [`neighbor_diff_normalize`](super::neighbor::neighbor_diff_normalize))
+/// instead of the rows before normalisation: what the losses use, as `T` holds the
+/// normalised rows where it may not hold the rows (f16 differences past 65504).
+pub fn normalize_rows_backward_normalized<T: Dtype>(
+    shape: &RowShape,
+    normalized: Buf,
+    norms: Buf,
+    grad_out: Buf,
+    grad_rows: Buf,
+) -> Result<LaunchPlan<ffi::ccpl_normalize_rows_backward_params>> {
+    backward::<T>(
+        shape,
+        ("normalized", normalized, true),
+        norms,
+        grad_out,
+        grad_rows,
+    )
+}
+
+/// The backward from `saved`, the rows or (`.2`) the normalised rows, named `.0`.
+fn backward<T: Dtype>(
+    shape: &RowShape,
+    saved: (&'static str, Buf, bool),
+    norms: Buf,
+    grad_out: Buf,
+    grad_rows: Buf,
+) -> Result<LaunchPlan<ffi::ccpl_normalize_rows_backward_params>> {
+    let (what, rows, normalized) = saved;
     let num_rows = row_count(shape)?;
-    check_len("rows", shape.len(), rows.len)?;
+    check_len(what, shape.len(), rows.len)?;
     check_len("norms", num_rows, norms.len)?;
     check_len("grad_out", shape.len(), grad_out.len)?;
     check_len("grad_rows", shape.len(), grad_rows.len)?;
@@ -66,8 +99,9 @@ pub fn normalize_rows_backward<T: Dtype>(
             norms: norms.addr,
             grad_out: grad_out.addr,
             grad_rows: grad_rows.addr,
-            num_rows: i32_of(num_rows),
-            width: i32_of(shape.width),
+            num_rows: i32_of(num_rows)?,
+            width: i32_of(shape.width())?,
+            normalized: normalized.into(),
         },
     })
 }

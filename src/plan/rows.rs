@@ -2,7 +2,8 @@
 //! head (spec step 4): the rows are the head's outputs, the gradient goes back to them.
 //! Normalisation of both, the fused InfoNCE (`kernels/info_nce_fused.cu`: the `(B, S, S)`
 //! logits never exist, memory is `O(B*S*C')`), the mean on the device; and the backward
-//! through the InfoNCE and the normalisation. The per-layer loss
+//! through the InfoNCE and the normalisation, from the normalised rows and their norms (the
+//! input rows are not kept). The per-layer loss
 //! ([`LayerPlan`](super::layer::LayerPlan)) is this between its neighbour differences and
 //! their scatter. Generic over the [`Launcher`], like every plan sequence.
 
@@ -11,33 +12,29 @@ use super::info_nce_fused;
 use super::normalize;
 use super::{Buf, LaunchPlan, Launcher, inv_tau, row_count, tile_grid, workspace};
 use crate::dtype::Dtype;
-use crate::error::Result;
+use crate::error::{Result, check_len};
 use crate::ffi;
 use crate::shape::RowShape;
 
 workspace! {
-    /// The workspace of the rows loss: the rows the forward reads, what it computes and the
-    /// backward reads, and the backward's scratch. Generic over what holds a buffer: `R` for
-    /// rows in the storage type `T`, `F` for float32 statistics (device slices for an owner,
-    /// [`Buf`]s for the plans, and lengths from [`RowsWorkspace::lengths`]).
+    /// The workspace of the rows loss: what the forward computes and the backward reads, and
+    /// the backward's scratch; the input rows stay the caller's (the forward reads them, the
+    /// backward does not). Generic over what holds a buffer: `R` for rows in the storage
+    /// type `T`, `F` for float32 statistics (device slices for an owner, [`Buf`]s for the
+    /// plans, and lengths from [`RowsWorkspace::lengths`]).
     pub struct RowsWorkspace {
         rows {
-            /// The rows of the generated image (`q` before normalisation), `(B, S, C)`: the
-            /// forward's input, read again by the backward.
-            rows_q,
-            /// The rows of the content image (`k` before normalisation), `(B, S, C)`.
-            rows_k,
-            /// Normalised `rows_q` (`q`), `(B, S, C)`.
+            /// The normalised rows of the generated image (`q`), `(B, S, C)`.
             unit_q,
-            /// Normalised `rows_k` (`k`), `(B, S, C)`.
+            /// The normalised rows of the content image (`k`), `(B, S, C)`.
             unit_k,
             /// Backward scratch: the gradient of the normalised rows of one side, `(B, S, C)`.
             grad_unit,
         }
         stats {
-            /// Norms of `rows_q`, `B*S`.
+            /// Norms of the rows of `q`, `B*S`.
             norms_q,
-            /// Norms of `rows_k`, `B*S`.
+            /// Norms of the rows of `k`, `B*S`.
             norms_k,
             /// Row logsumexp of the logits, `B*S`.
             row_lse,
@@ -58,8 +55,6 @@ impl RowsWorkspace<usize, usize> {
     pub fn lengths(shape: &RowShape) -> Result<Self> {
         let (elements, stats) = (shape.len(), row_count(shape)?);
         Ok(Self {
-            rows_q: elements,
-            rows_k: elements,
             unit_q: elements,
             unit_k: elements,
             grad_unit: elements,
@@ -86,7 +81,7 @@ impl RowsPlan {
     pub fn new(shape: RowShape, tau: f64) -> Result<Self> {
         inv_tau(tau)?;
         row_count(&shape)?;
-        tile_grid(shape.batch, shape.rows, shape.width)?;
+        tile_grid(shape.batch(), shape.rows(), shape.width())?;
         Ok(Self { shape, tau })
     }
     /// Shape of the rows, `(B, S, C)`.
@@ -98,22 +93,24 @@ impl RowsPlan {
         self.tau
     }
 
-    /// The forward of the rows in `ws.rows_q` and `ws.rows_k`: writes every buffer of `ws`
-    /// the backward reads, and `ws.loss`. Every plan is made (and so every buffer checked)
-    /// before the first launch.
+    /// The forward of the rows `rows_q` and `rows_k` (`(B, S, C)` each, read by the forward
+    /// only): writes every buffer of `ws` the backward reads, and `ws.loss`. Every plan is
+    /// made (and so every buffer checked) before the first launch.
     pub fn forward<T: Dtype, L: Launcher>(
         &self,
         launcher: &L,
+        rows_q: Buf,
+        rows_k: Buf,
         ws: &RowsWorkspace<Buf, Buf>,
     ) -> Result<(), L::Error> {
-        self.forward_plans::<T>(ws)?.launch(launcher)
+        self.forward_plans::<T>(rows_q, rows_k, ws)?
+            .launch(launcher)
     }
 
-    /// The backward after [`forward`](Self::forward) with the same `ws` (its `rows_q` and
-    /// `rows_k` unchanged): WRITES (does not accumulate) `upstream[0]` (one float32 on the
-    /// device; `ws.one` when `None`) times the gradient of the loss with respect to the rows
-    /// into `grad_rows_q`, and into `grad_rows_k` when given. Every plan is made before the
-    /// first launch.
+    /// The backward after [`forward`](Self::forward) with the same `ws`: WRITES (does not
+    /// accumulate) `upstream[0]` (one float32 on the device; `ws.one` when `None`) times the
+    /// gradient of the loss with respect to the rows into `grad_rows_q`, and into
+    /// `grad_rows_k` when given. Every plan is made before the first launch.
     pub fn backward<T: Dtype, L: Launcher>(
         &self,
         launcher: &L,
@@ -137,14 +134,26 @@ impl RowsPlan {
     /// The forward's plans, checked, not launched.
     pub(crate) fn forward_plans<T: Dtype>(
         &self,
+        rows_q: Buf,
+        rows_k: Buf,
         ws: &RowsWorkspace<Buf, Buf>,
     ) -> Result<RowsForward> {
         let shape = &self.shape;
+        check_len("rows_q", shape.len(), rows_q.len)?;
+        check_len("rows_k", shape.len(), rows_k.len)?;
         Ok(RowsForward {
-            norm_q: normalize::normalize_rows::<T>(shape, ws.rows_q, ws.unit_q, ws.norms_q)?,
-            norm_k: normalize::normalize_rows::<T>(shape, ws.rows_k, ws.unit_k, ws.norms_k)?,
+            norm_q: normalize::normalize_rows::<T>(shape, rows_q, ws.unit_q, ws.norms_q)?,
+            norm_k: normalize::normalize_rows::<T>(shape, rows_k, ws.unit_k, ws.norms_k)?,
+            loss: self.loss_plans::<T>(ws)?,
+        })
+    }
+
+    /// The plans from the normalised rows and norms in `ws` on: the fused InfoNCE and the
+    /// mean. Checked, not launched.
+    pub(crate) fn loss_plans<T: Dtype>(&self, ws: &RowsWorkspace<Buf, Buf>) -> Result<LossPlans> {
+        Ok(LossPlans {
             info_nce: info_nce_fused::info_nce_fused_forward::<T>(
-                shape,
+                &self.shape,
                 self.tau,
                 ws.unit_q,
                 ws.unit_k,
@@ -163,9 +172,9 @@ impl RowsPlan {
         side: Side,
         grad_rows: Buf,
     ) -> Result<RowsSide> {
-        let (rows, norms) = match side {
-            Side::Q => (ws.rows_q, ws.norms_q),
-            Side::K => (ws.rows_k, ws.norms_k),
+        let (unit, norms) = match side {
+            Side::Q => (ws.unit_q, ws.norms_q),
+            Side::K => (ws.unit_k, ws.norms_k),
         };
         let shape = &self.shape;
         Ok(RowsSide {
@@ -180,9 +189,9 @@ impl RowsPlan {
                 upstream,
                 ws.grad_unit,
             )?,
-            normalize: normalize::normalize_rows_backward::<T>(
+            normalize: normalize::normalize_rows_backward_normalized::<T>(
                 shape,
-                rows,
+                unit,
                 norms,
                 ws.grad_unit,
                 grad_rows,
@@ -191,24 +200,36 @@ impl RowsPlan {
     }
 }
 
-/// The forward: both normalisations, the fused InfoNCE, the mean.
+/// The forward: both normalisations, then the loss.
 pub(crate) struct RowsForward {
     norm_q: LaunchPlan<ffi::ccpl_normalize_rows_params>,
     norm_k: LaunchPlan<ffi::ccpl_normalize_rows_params>,
-    info_nce: LaunchPlan<ffi::ccpl_info_nce_fused_forward_params>,
-    mean: LaunchPlan<ffi::ccpl_info_nce_loss_params>,
+    loss: LossPlans,
 }
 
 impl RowsForward {
     pub(crate) fn launch<L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
         launcher.launch(&self.norm_q)?;
         launcher.launch(&self.norm_k)?;
+        self.loss.launch(launcher)
+    }
+}
+
+/// The loss of normalised rows: the fused InfoNCE, the mean.
+pub(crate) struct LossPlans {
+    info_nce: LaunchPlan<ffi::ccpl_info_nce_fused_forward_params>,
+    mean: LaunchPlan<ffi::ccpl_info_nce_loss_params>,
+}
+
+impl LossPlans {
+    pub(crate) fn launch<L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
         launcher.launch(&self.info_nce)?;
         launcher.launch(&self.mean)
     }
 }
 
-/// The backward of one side: into the normalised rows, through the normalisation.
+/// The backward of one side: into the normalised rows, through the normalisation (from the
+/// normalised rows and norms the forward kept).
 pub(crate) struct RowsSide {
     info_nce: LaunchPlan<ffi::ccpl_info_nce_fused_backward_params>,
     normalize: LaunchPlan<ffi::ccpl_normalize_rows_backward_params>,

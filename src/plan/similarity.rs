@@ -21,16 +21,16 @@ pub fn similarity<T: Dtype>(
     check_len("logits", shape.logits_len(), logits.len)?;
     Ok(LaunchPlan {
         kernel: format!("similarity_{}", T::SUFFIX),
-        grid: tile_grid(shape.batch, shape.rows, shape.rows)?,
+        grid: tile_grid(shape.batch(), shape.rows(), shape.rows())?,
         block: (ffi::CCPL_TILE_THREADS, 1, 1),
         shared_bytes: 0,
         params: ffi::ccpl_similarity_params {
             q: q.addr,
             k: k.addr,
             logits: logits.addr,
-            batch: i32_of(shape.batch),
-            rows: i32_of(shape.rows),
-            width: i32_of(shape.width),
+            batch: i32_of(shape.batch())?,
+            rows: i32_of(shape.rows())?,
+            width: i32_of(shape.width())?,
             inv_tau,
         },
     })

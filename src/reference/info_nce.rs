@@ -67,14 +67,10 @@ pub fn info_nce_backward(
 ) -> Result<InfoNceGrads> {
     check_tau(tau)?;
     check_len("logits", shape.logits_len(), logits.len())?;
-    check_len("row_lse", shape.batch * shape.rows, row_lse.len())?;
+    check_len("row_lse", shape.batch() * shape.rows(), row_lse.len())?;
     check_len("q", shape.len(), q.len())?;
     check_len("k", shape.len(), k.len())?;
-    let RowShape {
-        batch,
-        rows: s,
-        width: c_len,
-    } = *shape;
+    let (batch, s, c_len) = (shape.batch(), shape.rows(), shape.width());
     let scale = upstream / (batch * s) as f64;
     let mut dq = vec![0.0; shape.len()];
     let mut dk = vec![0.0; if want_dk { shape.len() } else { 0 }];

@@ -51,10 +51,10 @@ pub fn ccp_layer_loss<T: Element>(
     // Forward: difference rows, normalised rows, logits, InfoNCE.
     let diff_q = neighbor_diff(feat_q, shape, centers)?;
     let diff_k = neighbor_diff(feat_k, shape, centers)?;
-    let q = normalize_rows(&diff_q, rows.width)?;
-    let k = normalize_rows(&diff_k, rows.width)?;
+    let q = normalize_rows(&diff_q, rows.width())?;
+    let k = normalize_rows(&diff_k, rows.width())?;
     let logits = similarity(&q.rows, &k.rows, &rows, tau)?;
-    let forward = info_nce_forward(&logits, rows.batch, rows.rows)?;
+    let forward = info_nce_forward(&logits, rows.batch(), rows.rows())?;
 
     // Backward, from d(loss)/d(loss) = 1.
     let grads = info_nce_backward(

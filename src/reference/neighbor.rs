@@ -24,8 +24,8 @@ pub fn neighbor_diff<T: Element>(
                 let (h, w, nh, nw) = center_and_neighbor(shape, centers, k, x);
                 let r = k * n + x;
                 for c in 0..c_len {
-                    let center = feat[shape.index(b, c, h, w)].to_f64();
-                    let neighbor = feat[shape.index(b, c, nh, nw)].to_f64();
+                    let center = feat[shape.offset(b, c, h, w)].to_f64();
+                    let neighbor = feat[shape.offset(b, c, nh, nw)].to_f64();
                     rows[(b * s + r) * c_len + c] = center - neighbor;
                 }
             }
@@ -54,8 +54,8 @@ pub fn neighbor_diff_backward(
                 let r = k * n + x;
                 for c in 0..c_len {
                     let g = grad_rows[(b * s + r) * c_len + c];
-                    grad_feat[shape.index(b, c, h, w)] += g;
-                    grad_feat[shape.index(b, c, nh, nw)] -= g;
+                    grad_feat[shape.offset(b, c, h, w)] += g;
+                    grad_feat[shape.offset(b, c, nh, nw)] -= g;
                 }
             }
         }

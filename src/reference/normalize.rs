@@ -42,23 +42,34 @@ pub fn normalize_rows_backward(rows: &[f64], grad_out: &[f64], width: usize) -> 
     for ((d, g), gd) in row_triples {
         let n = norm(d);
         let scale = n + CCPL_NORM_EPS;
+        // d (d.g) / (n (n+eps)^2) written with u = d/n as u (u.g) (n/(n+eps)) / (n+eps), so
+        // that no product of small numbers underflows and no square of a large one overflows.
+        let u_dot_g: f64 = if n > 0.0 {
+            (0..width).map(|c| d[c] / n * g[c]).sum()
+        } else {
+            0.0
+        };
         for c in 0..width {
-            gd[c] = g[c] / scale;
-        }
-        if n > 0.0 {
-            // d (d.g) / (n (n+eps)^2), written with u = d/n so that no product of small
-            // numbers underflows: u (u.g) n / (n+eps)^2.
-            let u_dot_g: f64 = (0..width).map(|c| d[c] / n * g[c]).sum();
-            for c in 0..width {
-                gd[c] -= d[c] / n * u_dot_g * n / (scale * scale);
-            }
+            let along = if n > 0.0 {
+                d[c] / n * u_dot_g * (n / scale)
+            } else {
+                0.0
+            };
+            gd[c] = (g[c] - along) / scale;
         }
     }
     Ok(grad_rows)
 }
 
+/// `||row||_2`, the row scaled by its largest magnitude first so that the sum of squares
+/// neither overflows (elements from about 1e154 up) nor underflows: the norm is right for
+/// every row whose norm float64 holds.
 fn norm(row: &[f64]) -> f64 {
-    row.iter().map(|x| x * x).sum::<f64>().sqrt()
+    let max = row.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    if max == 0.0 || !max.is_finite() {
+        return max;
+    }
+    max * row.iter().map(|x| (x / max).powi(2)).sum::<f64>().sqrt()
 }
 
 /// A row matrix needs a width of at least 1 and a whole, non-zero number of rows.

@@ -8,11 +8,7 @@ pub fn similarity(q: &[f64], k: &[f64], shape: &RowShape, tau: f64) -> Result<Ve
     check_tau(tau)?;
     check_len("q", shape.len(), q.len())?;
     check_len("k", shape.len(), k.len())?;
-    let RowShape {
-        batch,
-        rows: s,
-        width: c_len,
-    } = *shape;
+    let (batch, s, c_len) = (shape.batch(), shape.rows(), shape.width());
     let mut logits = vec![0.0; shape.logits_len()];
     for b in 0..batch {
         for i in 0..s {

@@ -193,6 +193,7 @@ def fmt_bytes(n: float | None) -> str:
 # one launch, counted as each input read once and each output written once.
 KERNELS = (
     "neighbor_diff",
+    "neighbor_diff_normalize",
     "neighbor_diff_backward_atomic",
     "neighbor_diff_backward_deterministic",
     "normalize_rows",
@@ -211,6 +212,11 @@ def kernel_cost(kernel: str, cfg: Config, dtype: str) -> Cost:
     e = ELEMENT_BYTES[dtype]
     b, s, d = cfg.batch, cfg.rows, cfg.width
     rows = b * s
+    if kernel == "neighbor_diff_normalize":
+        # The difference rows formed and normalised in registers: the touched positions read,
+        # the normalised rows and the norms written (the row's three passes hit the cache).
+        feat = e * b * cfg.channels * touched_positions(cfg)
+        return Cost(float(feat + rows * d * e + LOGIT_BYTES * rows), 0.0, 4.0 * rows * d, 0.0)
     if kernel.startswith("neighbor_diff"):
         p = touched_positions(cfg)
         feat = e * b * cfg.channels * p
