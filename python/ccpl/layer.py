@@ -23,6 +23,7 @@ from ._common import (
     check_float,
     check_pair,
     check_tau,
+    check_tensor,
     deterministic,
     loss_dtype,
     on_device,
@@ -52,6 +53,8 @@ def ccp_layer_loss(
     indices ``h*W + w`` (see ``sample_centers``). Returns a 0-dim float32 tensor (float64 for
     float64 features).
     """
+    feat_q, feat_k = check_tensor("feat_q", feat_q), check_tensor("feat_k", feat_k)
+    centers = check_tensor("centers", centers)
     return _layer_loss(feat_q, feat_k, centers, check_tau(tau), bool(grad_k))[0]
 
 

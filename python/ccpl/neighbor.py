@@ -16,6 +16,7 @@ from ._common import (
     channels_last,
     check_centers,
     check_float,
+    check_tensor,
     deterministic,
     on_device,
     raw,
@@ -57,7 +58,6 @@ def _check(feat: Tensor, centers: Tensor) -> tuple[bool, Tensor]:
     return channels_last("feat", feat), check_centers(centers)
 
 
-@torch.library.custom_op("ccpl::neighbor_diff", mutates_args=())
 def neighbor_diff(feat: Tensor, centers: Tensor) -> Tensor:
     """The difference rows of a feature map: ``(B, 8N, C)``, row ``k*N + x`` of image ``b``
     is ``feat[b, :, p_x] - feat[b, :, p_x + off_k]`` (centre minus neighbour ``k``, in the 3x3
@@ -67,6 +67,11 @@ def neighbor_diff(feat: Tensor, centers: Tensor) -> Tensor:
     CUDA (float64 too on the CPU). ``centers``: 1-D int64 CPU tensor of distinct interior flat
     indices ``h*W + w`` (see ``sample_centers``). The rows have ``feat``'s dtype.
     """
+    return _neighbor_diff(check_tensor("feat", feat), check_tensor("centers", centers))
+
+
+@torch.library.custom_op("ccpl::neighbor_diff", mutates_args=())
+def _neighbor_diff(feat: Tensor, centers: Tensor) -> Tensor:
     last, centers = _check(feat, centers)
     centers = centers.contiguous()
     b, c, h, w = feat.shape
@@ -79,7 +84,7 @@ def neighbor_diff(feat: Tensor, centers: Tensor) -> Tensor:
     return rows
 
 
-@neighbor_diff.register_fake
+@_neighbor_diff.register_fake
 def _(feat, centers):
     _check(feat, centers)
     b, c, _, _ = feat.shape
@@ -87,7 +92,7 @@ def _(feat, centers):
 
 
 @torch.library.custom_op("ccpl::neighbor_diff_backward", mutates_args=())
-def neighbor_diff_backward(
+def _neighbor_diff_backward(
     grad_rows: Tensor, centers: Tensor, size: list[int], channels_last: bool
 ) -> Tensor:
     """The gradient of the feature map of ``size`` (``(B, C, H, W)``, channels last or not)
@@ -111,7 +116,7 @@ def neighbor_diff_backward(
     return grad
 
 
-@neighbor_diff_backward.register_fake
+@_neighbor_diff_backward.register_fake
 def _(grad_rows, centers, size, channels_last):
     return _empty_feature(grad_rows, size, channels_last)
 
@@ -130,7 +135,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_rows):
     (centers,) = ctx.saved_tensors
-    return neighbor_diff_backward(grad_rows, centers, ctx.size, ctx.channels_last), None
+    return _neighbor_diff_backward(grad_rows, centers, ctx.size, ctx.channels_last), None
 
 
-neighbor_diff.register_autograd(_backward, setup_context=_setup_context)
+_neighbor_diff.register_autograd(_backward, setup_context=_setup_context)

@@ -17,6 +17,7 @@ from ._common import (
     check_pair,
     check_rows,
     check_tau,
+    check_tensor,
     loss_dtype,
     on_device,
     raw,
@@ -36,6 +37,7 @@ def rows_loss(q_rows: Tensor, k_rows: Tensor, tau: float = DEFAULT_TAU) -> Tenso
     the same dtype (float32, float16 or bfloat16 on CUDA; float64 too on the CPU) and device.
     Returns a 0-dim float32 tensor (float64 for float64 rows).
     """
+    q_rows, k_rows = check_tensor("q_rows", q_rows), check_tensor("k_rows", k_rows)
     return _rows_loss(q_rows, k_rows, check_tau(tau))[0]
 
 

@@ -40,11 +40,7 @@ pub unsafe fn on_stream<R>(
     let kernels = kernels(ordinal)?;
     // SAFETY: the stream belongs to this context and outlives the call (the caller's
     // contract); the wrapper never destroys it.
-    let stream = unsafe {
-        kernels
-            .context()
-            .wrap_borrowed_stream(stream as CUstream)
-    };
+    let stream = unsafe { kernels.context().wrap_borrowed_stream(stream as CUstream) };
     let launcher = kernels.on(&stream)?;
     launch(&launcher)
 }

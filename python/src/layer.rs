@@ -17,8 +17,8 @@ use pyo3::prelude::*;
 use crate::neighbor::{Shape, diff_backward_host, host_centers, scatter, table_buf};
 use crate::rows::{self, ABSENT};
 use crate::{
-    Device, HostDtype, Raw, check_len, cuda, cuda_only, host_scalar, split,
-    split_host, store, to_py, with_host_dtype, with_kernel_dtype,
+    Device, HostDtype, Raw, check_len, cuda, cuda_only, host_scalar, split, split_host, store,
+    to_py, with_host_dtype, with_kernel_dtype,
 };
 
 /// The rows shape of a layer: `(B, 8N, C)`.
@@ -49,7 +49,9 @@ fn workspace<T: Dtype>(
         None => [ABSENT; 2],
     };
     Ok(LayerWorkspace {
-        rows: rows::workspace::<T>(rows, rows_q, rows_k, units, stats, loss, grad_unit, upstream)?,
+        rows: rows::workspace::<T>(
+            rows, rows_q, rows_k, units, stats, loss, grad_unit, upstream,
+        )?,
         grad_rows,
     })
 }
@@ -91,8 +93,23 @@ pub fn backward_device<T: Dtype, L: Launcher>(
 ) -> Result<(), L::Error> {
     let plan = LayerPlan::new(shape, centers.len(), tau)?;
     let [saved_rows, stats] = saved;
-    let ws = workspace::<T>(plan.rows(), saved_rows, stats, ABSENT, Some(scratch), upstream)?;
-    plan.backward::<T, _>(launcher, centers, &ws, Some(upstream), grad_q, grad_k, scatter)
+    let ws = workspace::<T>(
+        plan.rows(),
+        saved_rows,
+        stats,
+        ABSENT,
+        Some(scratch),
+        upstream,
+    )?;
+    plan.backward::<T, _>(
+        launcher,
+        centers,
+        &ws,
+        Some(upstream),
+        grad_q,
+        grad_k,
+        scatter,
+    )
 }
 
 /// The forward on the host, in float64: fills `saved_rows` and `stats` (float64) and returns

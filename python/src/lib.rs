@@ -24,6 +24,8 @@ pub mod cuda;
 pub mod layer;
 pub mod neighbor;
 pub mod rows;
+#[cfg(test)]
+mod tests;
 
 use ccpl::plan::Buf;
 use ccpl::{Element, Error};
@@ -190,7 +192,11 @@ pub unsafe fn host_scalar<T: Element>(raw: Raw) -> ccpl::Result<f64> {
 /// `buf` cut into `N` consecutive buffers of `len` elements of `T`, after checking that it
 /// holds exactly that many: how a saved tensor of shape `(N, ...)` holds several workspace
 /// buffers.
-pub fn split<T, const N: usize>(what: &'static str, buf: Buf, len: usize) -> ccpl::Result<[Buf; N]> {
+pub fn split<T, const N: usize>(
+    what: &'static str,
+    buf: Buf,
+    len: usize,
+) -> ccpl::Result<[Buf; N]> {
     check_len(what, N * len, buf.len)?;
     Ok(std::array::from_fn(|i| Buf {
         addr: buf.addr + (i * len * size_of::<T>()) as u64,

@@ -25,7 +25,11 @@ impl Shape {
     /// The validated shape; channels last is the NHWC layout.
     pub fn feature(self) -> Result<FeatureShape> {
         let Shape(b, c, h, w, channels_last) = self;
-        let layout = if channels_last { Layout::Nhwc } else { Layout::Nchw };
+        let layout = if channels_last {
+            Layout::Nhwc
+        } else {
+            Layout::Nchw
+        };
         FeatureShape::new(b, c, h, w, layout)
     }
 }
@@ -123,7 +127,13 @@ pub fn diff_backward_host<G: Element, T: Element>(
 /// Checks `centers` (int64, host) for a `height x width` map and writes their table into
 /// `table` (int32, host, `N + H*W`), for the device ops.
 #[pyfunction]
-fn center_table(py: Python<'_>, height: usize, width: usize, centers: Raw, table: Raw) -> PyResult<()> {
+fn center_table(
+    py: Python<'_>,
+    height: usize,
+    width: usize,
+    centers: Raw,
+    table: Raw,
+) -> PyResult<()> {
     py.detach(|| {
         // SAFETY: both are live contiguous host tensors of the named types (int64, int32).
         let centers = unsafe { host_centers(height, width, centers) }?;

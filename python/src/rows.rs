@@ -117,7 +117,12 @@ pub fn forward_host<T: Element>(
     let forward = info_nce_forward(&logits, shape.batch, shape.rows)?;
     units[..n].copy_from_slice(&unit_q.rows);
     units[n..].copy_from_slice(&unit_k.rows);
-    let kept = [&unit_q.norms, &unit_k.norms, &forward.row_lse, &forward.row_loss];
+    let kept = [
+        &unit_q.norms,
+        &unit_k.norms,
+        &forward.row_lse,
+        &forward.row_loss,
+    ];
     for (slot, values) in stats.chunks_exact_mut(bs).zip(kept) {
         slot.copy_from_slice(values);
     }
@@ -152,9 +157,15 @@ pub fn backward_host<T: Element>(
         upstream,
         grad_k.is_some(),
     )?;
-    store(grad_q, &normalize_rows_backward(&widen(q), &grads.dq, shape.width)?)?;
+    store(
+        grad_q,
+        &normalize_rows_backward(&widen(q), &grads.dq, shape.width)?,
+    )?;
     if let (Some(grad_k), Some(dk)) = (grad_k, grads.dk) {
-        store(grad_k, &normalize_rows_backward(&widen(k), &dk, shape.width)?)?;
+        store(
+            grad_k,
+            &normalize_rows_backward(&widen(k), &dk, shape.width)?,
+        )?;
     }
     Ok(())
 }
