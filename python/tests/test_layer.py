@@ -38,11 +38,11 @@ def case_inputs(case, dtype=torch.float64, device="cpu", channels_last=False):
 
 
 def reference(feat_q, feat_k, centers, tau):
-    """The original formulation in float64: the loss, its gradient in feat_q (feat_k detached,
-    as the original) and in feat_k (not detached)."""
-    q = feat_q.detach().double().requires_grad_()
-    k = feat_k.detach().double().requires_grad_()
-    c = centers.to(q.device)
+    """The original formulation in float64 on the CPU: the loss, its gradient in feat_q (feat_k
+    detached, as the original) and in feat_k (not detached)."""
+    q = feat_q.detach().double().cpu().requires_grad_()
+    k = feat_k.detach().double().cpu().requires_grad_()
+    c = centers
     loss = original.layer_loss(q, k, c, tau)
     (grad_q,) = torch.autograd.grad(loss, q)
     (grad_k,) = torch.autograd.grad(original.layer_loss(q, k, c, tau, detach_k=False), k)
@@ -106,13 +106,13 @@ def test_layer_loss_16_bit_on_cuda(cuda, dtype):
         for case in CASES[:3]:  # the flat cases overflow float16 by design (README, known limit)
             feat_q, feat_k, centers, tau = case_inputs(case, dtype, cuda)
             got, want = ours(feat_q, feat_k, centers, tau), reference(feat_q, feat_k, centers, tau)
-            c = centers.to(cuda)
-            rows = [rounded(original.difference_rows(f.double(), c), dtype) for f in (feat_q, feat_k)]
+            host = [f.detach().double().cpu() for f in (feat_q, feat_k)]
+            rows = [rounded(original.difference_rows(f, centers), dtype) for f in host]
             loss, grad_rows_q, grad_rows_k = rows_model(*rows, tau, dtype)
             model = [loss]
-            for f, g in ((feat_q, grad_rows_q), (feat_k, grad_rows_k)):
-                x = f.detach().double().requires_grad_()
-                (grad,) = torch.autograd.grad(original.difference_rows(x, c), x, g.to(cuda))
+            for f, g in zip(host, (grad_rows_q, grad_rows_k)):
+                x = f.requires_grad_()
+                (grad,) = torch.autograd.grad(original.difference_rows(x, centers), x, g)
                 model.append(rounded(grad, dtype))
             for what, g, w, m in zip(("loss", "grad_q", "grad_k"), got, want, model):
                 assert_close(f"{dtype} {case} {what}", g, w, sixteen_bit_tolerance(m, w))

@@ -90,7 +90,6 @@ def test_drop_in_with_float32_heads_on_the_cpu():
 
 
 def test_drop_in_on_cuda_float32(cuda):
-    torch.backends.cuda.matmul.allow_tf32 = False  # the heads' products in float32, as on the CPU
     compare(
         random_heads(3, torch.float32), pyramid(torch.float32, cuda, seed=3),
         pyramid(torch.float32, cuda, seed=7), 8, 1, 4, 0.07, (F32_TOLERANCE, F32_TOLERANCE), device=cuda,
@@ -98,7 +97,6 @@ def test_drop_in_on_cuda_float32(cuda):
 
 
 def test_drop_in_on_cuda_channels_last(cuda):
-    torch.backends.cuda.matmul.allow_tf32 = False
     compare(
         random_heads(4, torch.float32), pyramid(torch.float32, cuda, seed=4, channels_last=True),
         pyramid(torch.float32, cuda, seed=8, channels_last=True), 8, 0, 4, 0.1,
@@ -117,9 +115,10 @@ def test_drop_in_under_autocast_on_cuda(cuda):
         rows_q = mlp[11](mlp[10](mlp[9](ccpl.neighbor_diff(feats_q[3], centers[3]))))
         rows_k = mlp[11](mlp[10](mlp[9](ccpl.neighbor_diff(feats_k[3], centers[3]))))
     assert rows_q.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    rows_q, rows_k = rows_q.cpu(), rows_k.cpu()
     exact = original.rows_loss(rows_q.double(), rows_k.double(), 0.07)
-    model = rows_model(rows_q.cpu(), rows_k.cpu(), 0.07, torch.bfloat16)[0]
-    assert_close("autocast loss", loss, exact, sixteen_bit_tolerance(model, exact.cpu()))
+    model = rows_model(rows_q, rows_k, 0.07, torch.bfloat16)[0]
+    assert_close("autocast loss", loss, exact, sixteen_bit_tolerance(model, exact))
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in mlp[9:12].parameters())
 

@@ -20,9 +20,10 @@ from conftest import (
 
 
 def reference(q_rows, k_rows, tau):
-    """The original formulation in float64: loss, and gradients of both rows (k not detached)."""
-    q = q_rows.detach().double().requires_grad_()
-    k = k_rows.detach().double().requires_grad_()
+    """The original formulation in float64 on the CPU: loss, and gradients of both rows (k not
+    detached)."""
+    q = q_rows.detach().double().cpu().requires_grad_()
+    k = k_rows.detach().double().cpu().requires_grad_()
     loss = original.rows_loss(q, k, tau, detach_k=False)
     grad_q, grad_k = torch.autograd.grad(loss, (q, k))
     return loss.detach(), grad_q, grad_k
@@ -70,7 +71,7 @@ def test_rows_loss_on_cuda(cuda, dtype):
             tols = [F32_TOLERANCE] * 3
         else:
             model = rows_model(q.cpu(), k.cpu(), 0.07, dtype)
-            tols = [sixteen_bit_tolerance(m, w.cpu()) for m, w in zip(model, want)]
+            tols = [sixteen_bit_tolerance(m, w) for m, w in zip(model, want)]
         for what, g, w, tol in zip(("loss", "grad_q", "grad_k"), got, want, tols):
             assert_close(f"{dtype} {shape} {what}", g, w, tol)
 
