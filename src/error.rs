@@ -127,8 +127,9 @@ pub fn check_tau(tau: f64) -> Result<()> {
     }
 }
 
-/// Checks a buffer length.
-pub(crate) fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<()> {
+/// Checks that a buffer named `what` holds `expected` elements: `Err(Error::Length)` if not.
+/// Public for the framework integrations, which check their tensors the crate's way.
+pub fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<()> {
     if expected == actual {
         Ok(())
     } else {

@@ -11,14 +11,14 @@
 use ccpl::plan::layer::{LayerPlan, LayerWorkspace};
 use ccpl::plan::neighbor::{CentersBuf, Scatter};
 use ccpl::plan::{Buf, Launcher};
-use ccpl::{Centers, Dtype, Element, FeatureShape, Result, RowShape, reference};
+use ccpl::{Centers, Dtype, Element, FeatureShape, Result, RowShape, check_len, reference};
 use pyo3::prelude::*;
 
 use crate::neighbor::{Shape, diff_backward_host, host_centers, scatter, table_buf};
 use crate::rows::{self, ABSENT};
 use crate::{
-    Device, HostDtype, Raw, check_len, cuda, cuda_only, host_scalar, split, split_host, store,
-    to_py, with_host_dtype, with_kernel_dtype,
+    Device, HostDtype, Raw, cuda, cuda_only, host_scalar, split, split_host, store, to_py,
+    with_host_dtype, with_kernel_dtype,
 };
 
 /// The rows shape of a layer: `(B, 8N, C)`.

@@ -28,7 +28,7 @@ pub mod rows;
 mod tests;
 
 use ccpl::plan::Buf;
-use ccpl::{Element, Error};
+use ccpl::{Element, Error, check_len};
 use half::{bf16, f16};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -212,19 +212,6 @@ pub fn split_host<'a, T, const N: usize>(
 ) -> ccpl::Result<[&'a [T]; N]> {
     check_len(what, N * len, data.len())?;
     Ok(std::array::from_fn(|i| &data[i * len..(i + 1) * len]))
-}
-
-/// `Err(Error::Length)` unless `actual == expected`.
-pub fn check_len(what: &'static str, expected: usize, actual: usize) -> ccpl::Result<()> {
-    if expected == actual {
-        Ok(())
-    } else {
-        Err(Error::Length {
-            what,
-            expected,
-            actual,
-        })
-    }
 }
 
 /// Rounds float64 values into a host buffer of `T`.

@@ -9,11 +9,11 @@
 
 use ccpl::plan::neighbor::{self as plan, CentersBuf, Scatter};
 use ccpl::plan::{Buf, Launcher};
-use ccpl::{Centers, Dtype, Element, FeatureShape, Layout, Result, reference};
+use ccpl::{Centers, Dtype, Element, FeatureShape, Layout, Result, check_len, reference};
 use pyo3::prelude::*;
 
 use crate::{
-    Device, Raw, accumulate, check_len, cuda, cuda_only, store, to_py, widen, with_host_dtype,
+    Device, Raw, accumulate, cuda, cuda_only, store, to_py, widen, with_host_dtype,
     with_kernel_dtype,
 };
 

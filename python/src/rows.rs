@@ -13,12 +13,12 @@ use ccpl::plan::{Buf, Launcher};
 use ccpl::reference::{
     info_nce_backward, info_nce_forward, normalize_rows, normalize_rows_backward, similarity,
 };
-use ccpl::{Dtype, Element, Result, RowShape};
+use ccpl::{Dtype, Element, Result, RowShape, check_len};
 use pyo3::prelude::*;
 
 use crate::{
-    Device, HostDtype, Raw, check_len, cuda, cuda_only, host_scalar, split, split_host, store,
-    to_py, widen, with_host_dtype, with_kernel_dtype,
+    Device, HostDtype, Raw, cuda, cuda_only, host_scalar, split, split_host, store, to_py, widen,
+    with_host_dtype, with_kernel_dtype,
 };
 
 /// A buffer a sequence of plans does not touch: a plan that did would refuse its length.
