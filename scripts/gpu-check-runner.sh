@@ -42,6 +42,12 @@ run() { # name, command...
             done
         done
     fi
+    # The Python package's tests on CUDA tensors, with this machine's torch.
+    site=$(mktemp -d)
+    run "python package install" python3 -m pip install --quiet --no-index --no-deps \
+        --target "$site" "$here"/python/wheels/*.whl
+    run "python tests" env PYTHONPATH="$site" python3 -m pytest -rs -p no:cacheprovider \
+        "$here/python/tests"
     echo "=== failures: $failures"
 } 2>&1 | tee "$log"
 exit $(grep -c '^=== .*: FAIL' "$log")

@@ -153,8 +153,9 @@ fn tau_rule_broken(tau: f64) -> Option<&'static str> {
     }
 }
 
-/// Checks a buffer length.
-pub(crate) fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<()> {
+/// Checks that a buffer named `what` holds `expected` elements: `Err(Error::Length)` if not.
+/// Public for the framework integrations, which check their tensors the crate's way.
+pub fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<()> {
     if expected == actual {
         Ok(())
     } else {

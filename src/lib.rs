@@ -22,7 +22,7 @@ pub mod sampling;
 pub mod shape;
 
 pub use dtype::{Dtype, Element};
-pub use error::{Error, Result, check_tau};
+pub use error::{Error, Result, check_len, check_tau};
 pub use sampling::Centers;
 pub use shape::{FeatureShape, Layout, RowShape};
 

@@ -1,0 +1,33 @@
+"""ccpl: the Contrastive Coherence Preserving loss (CCPL, Wu et al., ECCV 2022) for PyTorch, on
+handwritten CUDA kernels (CUDA tensors) and a float64 reference (CPU tensors).
+
+- ``CCPL(mlp)``: a drop-in for the original's module (same constructor, forward and state
+  dict), with its three defects fixed;
+- ``ccp_layer_loss``: one layer's loss with the identity head;
+- ``neighbor_diff``, then your head, then ``rows_loss``: the loss with a learned head;
+- ``sample_centers``: the centres of one layer.
+
+The ops are ``torch.library`` custom ops (``torch.ops.ccpl.*``): autograd, ``torch.compile``
+and ``torch.library.opcheck`` work with them. On CUDA they run on the current stream of the
+tensors' device and never wait on the host.
+"""
+
+from ._ccpl import kernels_built
+from ._ccpl import version as _version
+from ._common import DEFAULT_TAU
+from .layer import ccp_layer_loss
+from .module import CCPL
+from .neighbor import neighbor_diff, sample_centers
+from .rows import rows_loss
+
+__version__ = _version()
+
+__all__ = [
+    "CCPL",
+    "DEFAULT_TAU",
+    "ccp_layer_loss",
+    "kernels_built",
+    "neighbor_diff",
+    "rows_loss",
+    "sample_centers",
+]

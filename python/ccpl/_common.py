@@ -1,0 +1,173 @@
+"""What every op shares: the checks of its arguments, and how a tensor reaches the Rust side.
+
+Every check reads metadata only (type, dtype, device, shape, strides), so the ops' fake
+implementations run the same checks under ``torch.compile``. Values (the centres) are checked
+in Rust before anything runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _ccpl
+
+DEFAULT_TAU: float = _ccpl.DEFAULT_TAU
+"""The paper's temperature, 0.07."""
+
+NEIGHBORS = 8
+"""Difference rows per centre: the 8 neighbours of the 3x3 window."""
+
+KERNEL_DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+"""Storage types of the CUDA kernels (they accumulate in float32)."""
+
+HOST_DTYPES = {**KERNEL_DTYPES, torch.float64: "f64"}
+"""Storage types of the CPU path (the float64 reference reads any of them; float64 is what
+``torch.autograd.gradcheck`` needs)."""
+
+
+def check_tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_float(name: str, t: object) -> Tensor:
+    """A floating-point tensor of a dtype the device's path supports."""
+    t = check_tensor(name, t)
+    kind = t.device.type
+    if kind == "cuda":
+        supported = KERNEL_DTYPES
+    elif kind in ("cpu", "meta"):
+        supported = HOST_DTYPES
+    else:
+        raise TypeError(f"{name} is on {t.device}: ccpl runs on CPU and CUDA tensors")
+    if t.dtype not in supported:
+        names = ", ".join(str(d).removeprefix("torch.") for d in supported)
+        raise TypeError(f"{name} has dtype {t.dtype}; on {kind} ccpl takes {names}")
+    return t
+
+
+def check_pair(names: tuple[str, str], a: Tensor, b: Tensor) -> None:
+    """Two tensors of one op: the same device, dtype and shape."""
+    if a.device != b.device:
+        raise ValueError(f"{names[0]} is on {a.device} but {names[1]} is on {b.device}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{names[0]} has dtype {a.dtype} but {names[1]} has {b.dtype}")
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{names[0]} has shape {tuple(a.shape)} but {names[1]} has {tuple(b.shape)}"
+        )
+
+
+def channels_last(name: str, feat: Tensor) -> bool:
+    """Whether a `(B, C, H, W)` feature map is stored channels last (NHWC) rather than
+    contiguous (NCHW); anything else is refused, never copied behind the caller's back."""
+    if feat.dim() != 4:
+        raise ValueError(
+            f"{name} must be a (B, C, H, W) feature map, got shape {tuple(feat.shape)}"
+        )
+    if feat.is_contiguous():
+        return False
+    if feat.is_contiguous(memory_format=torch.channels_last):
+        return True
+    raise ValueError(
+        f"{name} is neither contiguous (NCHW) nor channels_last (NHWC), its strides are "
+        f"{feat.stride()}: call .contiguous() or .contiguous(memory_format=torch.channels_last)"
+    )
+
+
+def check_rows(name: str, rows: Tensor) -> None:
+    """Rows `(B, S, C)`, contiguous."""
+    if rows.dim() != 3:
+        raise ValueError(f"{name} must be rows (B, S, C), got shape {tuple(rows.shape)}")
+    if not rows.is_contiguous():
+        raise ValueError(
+            f"{name} is not contiguous (strides {rows.stride()}): call .contiguous()"
+        )
+
+
+def check_centers(centers: object) -> Tensor:
+    """Centres as the ops take them: a 1-D int64 CPU tensor of flat indices `h*W + w`. Their
+    values (inside the interior, none repeated) are checked in Rust before any work."""
+    centers = check_tensor("centers", centers)
+    if centers.dtype != torch.int64:
+        raise TypeError(f"centers must be int64 (a LongTensor), got {centers.dtype}")
+    if centers.dim() != 1:
+        raise ValueError(f"centers must be 1-D, got shape {tuple(centers.shape)}")
+    if centers.device.type not in ("cpu", "meta"):
+        raise ValueError(
+            f"centers are on {centers.device}: they must be a CPU tensor (they are checked on "
+            "the host and copied to the GPU without a wait; move them with .cpu())"
+        )
+    if centers.shape[0] == 0:
+        raise ValueError("centers is empty: at least one centre is needed")
+    return centers
+
+
+def check_tau(tau: object) -> float:
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
+        raise TypeError(f"tau must be a real number, got {type(tau).__name__}")
+    value = float(tau)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"tau must be finite and > 0, got {value}")
+    return value
+
+
+def saved_dtypes(t: Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """The dtypes of what a forward keeps for its backward: rows and row statistics. On CUDA,
+    what the kernels keep (the rows' dtype, float32); on the CPU, float64 for both."""
+    if t.device.type == "cuda":
+        return t.dtype, torch.float32
+    return torch.float64, torch.float64
+
+
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The loss of inputs of `dtype`: float32 (as autocast keeps losses), float64 for float64
+    inputs. The upstream gradient reaches the Rust side in it."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def target(t: Tensor) -> tuple[str, Optional[int], int]:
+    """`(dtype, device index, stream)` for the Rust side: PyTorch's current stream of the
+    tensor's device, or no device for the CPU."""
+    dtype = HOST_DTYPES[t.dtype]
+    if t.device.type == "cuda":
+        return dtype, t.device.index, torch.cuda.current_stream(t.device).cuda_stream
+    return dtype, None, 0
+
+
+def raw(t: Optional[Tensor]) -> Optional[tuple[int, int]]:
+    """A contiguous tensor as the Rust side takes it: its address and number of elements."""
+    return None if t is None else (t.data_ptr(), t.numel())
+
+
+def on_device(t: Tensor):
+    """The tensor's CUDA device made current for the call (the Rust side launches in that
+    device's context), or nothing on the CPU."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def centers_table(centers: Tensor, height: int, width: int, device: torch.device):
+    """On CUDA, the centres as the kernels read them: checked and laid out on the host (the
+    `N` flat indices, then the index of the centre at each of the `H*W` positions or -1), in
+    pinned memory, and copied to the device on the current stream without a wait. `None` on
+    the CPU, where the Rust side reads `centers` itself."""
+    if device.type != "cuda":
+        return None
+    table = torch.empty(centers.numel() + height * width, dtype=torch.int32, pin_memory=True)
+    _ccpl.center_table(height, width, raw(centers), raw(table))
+    return table.to(device, non_blocking=True)
+
+
+def deterministic() -> bool:
+    """PyTorch's switch for deterministic algorithms picks the deterministic scatter of the
+    neighbour differences' backward (the same bits on every run); otherwise the atomic one."""
+    return torch.are_deterministic_algorithms_enabled()

@@ -1,0 +1,46 @@
+//! The kernels on PyTorch's stream: a launcher on a borrowed `CUstream`, with the kernels
+//! loaded once per device and kept for the life of the process.
+
+use std::sync::{Arc, Mutex};
+
+use ccpl::Result;
+use ccpl::cuda::{CudaLauncher, Kernels};
+use cudarc::driver::sys::CUstream;
+
+/// The kernels loaded into each device's primary context (the one PyTorch uses), by ordinal.
+/// Loading reads the embedded cubins once (milliseconds); keeping them makes every later call
+/// a plain launch. They are released when the process ends.
+static LOADED: Mutex<Vec<(usize, Arc<Kernels>)>> = Mutex::new(Vec::new());
+
+/// The kernels of device `ordinal`, loaded on first use.
+fn kernels(ordinal: usize) -> Result<Arc<Kernels>> {
+    let mut loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, kernels)) = loaded.iter().find(|(o, _)| *o == ordinal) {
+        return Ok(kernels.clone());
+    }
+    let kernels = Kernels::for_context(&ccpl::cuda::context(ordinal)?)?;
+    loaded.push((ordinal, kernels.clone()));
+    Ok(kernels)
+}
+
+/// Runs `launch` with a launcher on the borrowed `stream` of device `ordinal`: the launches
+/// are enqueued behind PyTorch's work on that stream, and nothing waits for them.
+///
+/// # Safety
+///
+/// `stream` is a live stream of device `ordinal`'s primary context (PyTorch's current stream
+/// of the tensors' device), and every address the plans take is a live device buffer there,
+/// of the length the plan is given, until the launches have run: PyTorch's caching allocator
+/// keeps a tensor's memory for its stream's later work, so tensors alive during the call are.
+pub unsafe fn on_stream<R>(
+    ordinal: usize,
+    stream: usize,
+    launch: impl FnOnce(&CudaLauncher<'_>) -> Result<R>,
+) -> Result<R> {
+    let kernels = kernels(ordinal)?;
+    // SAFETY: the stream belongs to this context and outlives the call (the caller's
+    // contract); the wrapper never destroys it.
+    let stream = unsafe { kernels.context().wrap_borrowed_stream(stream as CUstream) };
+    let launcher = kernels.on(&stream)?;
+    launch(&launcher)
+}

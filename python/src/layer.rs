@@ -1,0 +1,276 @@
+//! The CCP loss of one layer with the identity head (`ccpl.ccp_layer_loss`): forward and
+//! backward.
+//!
+//! The forward keeps two tensors for the backward: `saved_rows` and `stats` `(4, B, S)`, as in
+//! [`crate::rows`]. On CUDA, `saved_rows` is `(2, B, S, C)` = `[unit_q, unit_k]` (the
+//! normalised difference rows: the crate's layer sequence, [`LayerPlan`], never keeps the
+//! difference rows themselves, and no `(B, S, S)` logits); with the backward's scratch
+//! `(2, B, S, C)` = `[grad_unit, grad_rows]` they are the crate's layer workspace
+//! ([`LayerWorkspace`]). On the CPU, the float64 reference keeps everything in float64 and
+//! `saved_rows` is `(4, B, S, C)` = `[rows_q, rows_k, unit_q, unit_k]`.
+
+use ccpl::plan::layer::{LayerPlan, LayerWorkspace};
+use ccpl::plan::neighbor::{CentersBuf, Scatter};
+use ccpl::plan::{Buf, Launcher};
+use ccpl::{Centers, Dtype, Element, FeatureShape, Result, RowShape, check_len, reference};
+use pyo3::prelude::*;
+
+use crate::neighbor::{Shape, diff_backward_host, host_centers, scatter, table_buf};
+use crate::rows::{self, ABSENT};
+use crate::{
+    Device, HostDtype, Raw, cuda, cuda_only, host_scalar, split, split_host, store, to_py,
+    with_host_dtype, with_kernel_dtype,
+};
+
+/// The rows shape of a layer: `(B, 8N, C)`.
+fn row_shape(shape: &FeatureShape, num_centers: usize) -> Result<RowShape> {
+    RowShape::new(
+        shape.batch(),
+        num_centers * ccpl::ffi::CCPL_NUM_NEIGHBORS as usize,
+        shape.channels(),
+    )
+}
+
+/// The layer workspace over the op's tensors: `saved_rows` `(2, B, S, C)` of `T` (the
+/// normalised difference rows of q and k: the device path keeps no difference rows), `stats`
+/// `(4, B, S)` of float32, the `loss` ([`ABSENT`] in the backward), the backward's `scratch`
+/// `(2, B, S, C)` and `upstream` (both [`ABSENT`] in the forward).
+fn workspace<T: Dtype>(
+    rows: &RowShape,
+    saved_rows: Buf,
+    stats: Buf,
+    loss: Buf,
+    scratch: Option<Buf>,
+    upstream: Buf,
+) -> Result<LayerWorkspace<Buf, Buf>> {
+    let [grad_unit, grad_rows] = match scratch {
+        Some(scratch) => split::<T, 2>("backward scratch", scratch, rows.len())?,
+        None => [ABSENT; 2],
+    };
+    Ok(LayerWorkspace {
+        rows: rows::workspace::<T>(rows, saved_rows, stats, loss, grad_unit, upstream)?,
+        grad_rows,
+    })
+}
+
+/// The forward on a device: the loss into `loss` (one float32), `saved_rows` and `stats` for
+/// the backward. Six launches.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_device<T: Dtype, L: Launcher>(
+    launcher: &L,
+    shape: FeatureShape,
+    centers: &CentersBuf,
+    tau: f64,
+    feat_q: Buf,
+    feat_k: Buf,
+    saved: [Buf; 2],
+    loss: Buf,
+) -> Result<(), L::Error> {
+    let plan = LayerPlan::new(shape, centers.len(), tau)?;
+    let [saved_rows, stats] = saved;
+    let ws = workspace::<T>(plan.rows(), saved_rows, stats, loss, None, ABSENT)?;
+    plan.forward::<T, _>(launcher, centers, feat_q, feat_k, &ws)
+}
+
+/// The backward on a device: ADDS `upstream[0]` (float32) times the gradient of the loss with
+/// respect to `feat_q` to `grad_q`, and to `feat_k` to `grad_k` when given. `scratch` holds
+/// `2*B*S*C` elements. Three launches per side.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_device<T: Dtype, L: Launcher>(
+    launcher: &L,
+    shape: FeatureShape,
+    centers: &CentersBuf,
+    tau: f64,
+    saved: [Buf; 2],
+    upstream: Buf,
+    scratch: Buf,
+    grad_q: Buf,
+    grad_k: Option<Buf>,
+    scatter: Scatter,
+) -> Result<(), L::Error> {
+    let plan = LayerPlan::new(shape, centers.len(), tau)?;
+    let [saved_rows, stats] = saved;
+    let ws = workspace::<T>(
+        plan.rows(),
+        saved_rows,
+        stats,
+        ABSENT,
+        Some(scratch),
+        upstream,
+    )?;
+    plan.backward::<T, _>(
+        launcher,
+        centers,
+        &ws,
+        Some(upstream),
+        grad_q,
+        grad_k,
+        scatter,
+    )
+}
+
+/// The forward on the host, in float64: fills `saved_rows` and `stats` (float64) and returns
+/// the loss.
+pub fn forward_host<T: Element>(
+    shape: &FeatureShape,
+    centers: &Centers,
+    tau: f64,
+    feat_q: &[T],
+    feat_k: &[T],
+    saved_rows: &mut [f64],
+    stats: &mut [f64],
+) -> Result<f64> {
+    let rows = row_shape(shape, centers.len())?;
+    let n = rows.len();
+    check_len("saved rows", 4 * n, saved_rows.len())?;
+    let (diff, units) = saved_rows.split_at_mut(2 * n);
+    diff[..n].copy_from_slice(&reference::neighbor_diff(feat_q, shape, centers)?);
+    diff[n..].copy_from_slice(&reference::neighbor_diff(feat_k, shape, centers)?);
+    rows::forward_host::<f64>(&rows, tau, &diff[..n], &diff[n..], units, stats)
+}
+
+/// The backward on the host, in float64 from what [`forward_host`] kept: ADDS `upstream` times
+/// the gradient with respect to `feat_q` to `grad_q`, and to `feat_k` to `grad_k` when given.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_host<T: Element>(
+    shape: &FeatureShape,
+    centers: &Centers,
+    tau: f64,
+    saved_rows: &[f64],
+    stats: &[f64],
+    upstream: f64,
+    grad_q: &mut [T],
+    grad_k: Option<&mut [T]>,
+) -> Result<()> {
+    let rows = row_shape(shape, centers.len())?;
+    let n = rows.len();
+    let [diff, units] = split_host::<f64, 2>("saved rows", saved_rows, 2 * n)?;
+    let [diff_q, diff_k] = split_host::<f64, 2>("saved difference rows", diff, n)?;
+    let mut grad_rows_q = vec![0.0; n];
+    let mut grad_rows_k = grad_k.as_ref().map(|_| vec![0.0; n]);
+    rows::backward_host::<f64>(
+        &rows,
+        tau,
+        diff_q,
+        diff_k,
+        units,
+        stats,
+        upstream,
+        &mut grad_rows_q,
+        grad_rows_k.as_deref_mut(),
+    )?;
+    diff_backward_host(shape, centers, &grad_rows_q, grad_q)?;
+    if let (Some(grad_k), Some(grad_rows_k)) = (grad_k, grad_rows_k) {
+        diff_backward_host(shape, centers, &grad_rows_k, grad_k)?;
+    }
+    Ok(())
+}
+
+/// The forward of `ccp_layer_loss`.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn layer_forward(
+    py: Python<'_>,
+    dtype: String,
+    device: Option<usize>,
+    stream: usize,
+    shape: Shape,
+    tau: f64,
+    centers: Raw,
+    table: Option<Raw>,
+    feat_q: Raw,
+    feat_k: Raw,
+    saved: [Raw; 2],
+    loss: Raw,
+) -> PyResult<()> {
+    let device = Device::new(device, stream);
+    py.detach(|| {
+        let shape = shape.feature()?;
+        match device {
+            Device::Cuda { ordinal, stream } => {
+                let table = cuda_only(table, "the centres' device table")?.buf();
+                let centers = table_buf(shape.height(), shape.width(), centers.1, table)?;
+                with_kernel_dtype!(dtype.as_str(), T => unsafe {
+                    // SAFETY: live device tensors on this stream (the package's contract).
+                    cuda::on_stream(ordinal, stream, |l| {
+                        forward_device::<T, _>(
+                            l, shape, &centers, tau, feat_q.buf(), feat_k.buf(),
+                            saved.map(Raw::buf), loss.buf(),
+                        )
+                    })
+                })
+            }
+            Device::Cpu => with_host_dtype!(dtype.as_str(), T => unsafe {
+                // SAFETY: live contiguous host tensors of the named types (the package's
+                // contract): features of T, saved float64, the loss of T's loss type.
+                let centers = host_centers(shape.height(), shape.width(), centers)?;
+                let [saved_rows, stats] = saved;
+                let value = forward_host::<T>(
+                    &shape, &centers, tau, feat_q.host(), feat_k.host(),
+                    saved_rows.host_mut(), stats.host_mut(),
+                )?;
+                store(loss.host_mut::<<T as HostDtype>::Loss>(), &[value])
+            }),
+        }
+    })
+    .map_err(to_py)
+}
+
+/// The backward of `ccp_layer_loss`: adds into `grad_q` (and `grad_k` when given).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn layer_backward(
+    py: Python<'_>,
+    dtype: String,
+    device: Option<usize>,
+    stream: usize,
+    shape: Shape,
+    tau: f64,
+    centers: Raw,
+    table: Option<Raw>,
+    saved: [Raw; 2],
+    upstream: Raw,
+    scratch: Option<Raw>,
+    grad_q: Raw,
+    grad_k: Option<Raw>,
+    deterministic: bool,
+) -> PyResult<()> {
+    let device = Device::new(device, stream);
+    py.detach(|| {
+        let shape = shape.feature()?;
+        match device {
+            Device::Cuda { ordinal, stream } => {
+                let table = cuda_only(table, "the centres' device table")?.buf();
+                let scratch = cuda_only(scratch, "the backward's scratch")?.buf();
+                let centers = table_buf(shape.height(), shape.width(), centers.1, table)?;
+                with_kernel_dtype!(dtype.as_str(), T => unsafe {
+                    // SAFETY: live device tensors on this stream (the package's contract).
+                    cuda::on_stream(ordinal, stream, |l| {
+                        backward_device::<T, _>(
+                            l, shape, &centers, tau, saved.map(Raw::buf), upstream.buf(),
+                            scratch, grad_q.buf(), grad_k.map(Raw::buf), scatter(deterministic),
+                        )
+                    })
+                })
+            }
+            Device::Cpu => with_host_dtype!(dtype.as_str(), T => unsafe {
+                // SAFETY: live contiguous host tensors of the named types (the package's
+                // contract).
+                let centers = host_centers(shape.height(), shape.width(), centers)?;
+                let [saved_rows, stats] = saved;
+                let upstream = host_scalar::<<T as HostDtype>::Loss>(upstream)?;
+                backward_host::<T>(
+                    &shape, &centers, tau, saved_rows.host(), stats.host(), upstream,
+                    grad_q.host_mut(), grad_k.map(|g| g.host_mut()),
+                )
+            }),
+        }
+    })
+    .map_err(to_py)
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(layer_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(layer_backward, m)?)?;
+    Ok(())
+}

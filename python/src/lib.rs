@@ -1,0 +1,276 @@
+//! `ccpl._ccpl`: the native half of the Python package `ccpl`, the CCP loss for PyTorch.
+//!
+//! The package's torch custom ops (`python/ccpl/*.py`) check every tensor (type, dtype, device,
+//! shape, layout, contiguity) and allocate every buffer with PyTorch (so CUDA memory comes
+//! from its caching allocator), then call these functions with raw tensor addresses:
+//!
+//! - on the CPU, the crate's float64 reference ([`ccpl::reference`]);
+//! - on CUDA, the crate's launch plans ([`ccpl::plan`]) on PyTorch's current stream of the
+//!   tensors' device, borrowed, never synchronised ([`cuda`]).
+//!
+//! One module per op, forward and backward side by side: [`neighbor`] (difference rows and
+//! their scatter), [`rows`] (the loss of a learned head's rows), [`layer`] (one layer's loss
+//! with the identity head). Their CUDA halves are generic over the [`Launcher`], so the Rust
+//! tests run them on the CPU emulator against their CPU halves.
+//!
+//! These functions are private to the package: they trust the addresses and lengths they are
+//! given (a tensor's `data_ptr()` and `numel()`, contiguous, of the named dtype, on the named
+//! device). Everything else, shapes, centres, tau, is checked again here, and a bad value is a
+//! Python exception, never a crash.
+//!
+//! [`Launcher`]: ccpl::plan::Launcher
+
+pub mod cuda;
+pub mod layer;
+pub mod neighbor;
+pub mod rows;
+#[cfg(test)]
+mod tests;
+
+use ccpl::plan::Buf;
+use ccpl::{Element, Error, check_len};
+use half::{bf16, f16};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+/// A tensor as Python passes it: `(data_ptr(), numel())`, contiguous, of the dtype named next
+/// to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromPyObject)]
+pub struct Raw(pub u64, pub usize);
+
+impl Raw {
+    /// The tensor as a kernel buffer (a device address on CUDA).
+    pub fn buf(self) -> Buf {
+        Buf {
+            addr: self.0,
+            len: self.1,
+        }
+    }
+
+    /// The host tensor's elements.
+    ///
+    /// # Safety
+    ///
+    /// `self` is a live, contiguous host tensor of `T`, not written during the borrow.
+    pub unsafe fn host<'a, T>(self) -> &'a [T] {
+        if self.1 == 0 {
+            return &[];
+        }
+        // SAFETY: by the contract above.
+        unsafe { std::slice::from_raw_parts(self.0 as *const T, self.1) }
+    }
+
+    /// The host tensor's elements, to write.
+    ///
+    /// # Safety
+    ///
+    /// `self` is a live, contiguous host tensor of `T`, not otherwise accessed during the
+    /// borrow.
+    pub unsafe fn host_mut<'a, T>(self) -> &'a mut [T] {
+        if self.1 == 0 {
+            return &mut [];
+        }
+        // SAFETY: by the contract above.
+        unsafe { std::slice::from_raw_parts_mut(self.0 as *mut T, self.1) }
+    }
+}
+
+/// Where an op runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// The host: the float64 reference.
+    Cpu,
+    /// CUDA device `ordinal`, on the stream `stream` (a `CUstream`, PyTorch's
+    /// `torch.cuda.current_stream(device).cuda_stream`).
+    Cuda {
+        /// The device's ordinal.
+        ordinal: usize,
+        /// The raw stream handle, borrowed.
+        stream: usize,
+    },
+}
+
+impl Device {
+    /// From Python's `(device.index or None, stream)`.
+    fn new(ordinal: Option<usize>, stream: usize) -> Self {
+        match ordinal {
+            None => Device::Cpu,
+            Some(ordinal) => Device::Cuda { ordinal, stream },
+        }
+    }
+}
+
+/// A storage type of a host tensor: the kernels' three and float64 (for `gradcheck`). The loss
+/// is kept in `Loss`, float64 for float64 tensors and float32 otherwise, as the CUDA path.
+pub trait HostDtype: Element {
+    /// The loss's type for tensors of this type.
+    type Loss: Element;
+}
+impl HostDtype for f64 {
+    type Loss = f64;
+}
+impl HostDtype for f32 {
+    type Loss = f32;
+}
+impl HostDtype for f16 {
+    type Loss = f32;
+}
+impl HostDtype for bf16 {
+    type Loss = f32;
+}
+
+/// Runs `$body` with `$t` bound to the host storage type named by `$dtype` ("f32", "f16",
+/// "bf16", "f64"); `Err(Error::Dtype)` for any other name.
+macro_rules! with_host_dtype {
+    ($dtype:expr, $t:ident => $body:expr) => {{
+        match $dtype {
+            "f64" => {
+                type $t = f64;
+                $body
+            }
+            "f32" => {
+                type $t = f32;
+                $body
+            }
+            "f16" => {
+                type $t = half::f16;
+                $body
+            }
+            "bf16" => {
+                type $t = half::bf16;
+                $body
+            }
+            other => Err(ccpl::Error::Dtype(format!(
+                "{other} on the CPU (f64, f32, f16 and bf16 are supported)"
+            ))),
+        }
+    }};
+}
+pub(crate) use with_host_dtype;
+
+/// Runs `$body` with `$t` bound to the kernels' storage type named by `$dtype` ("f32", "f16",
+/// "bf16"); `Err(Error::Dtype)` for any other name.
+macro_rules! with_kernel_dtype {
+    ($dtype:expr, $t:ident => $body:expr) => {{
+        match $dtype {
+            "f32" => {
+                type $t = f32;
+                $body
+            }
+            "f16" => {
+                type $t = half::f16;
+                $body
+            }
+            "bf16" => {
+                type $t = half::bf16;
+                $body
+            }
+            other => Err(ccpl::Error::Dtype(format!(
+                "{other} on CUDA (the kernels take f32, f16 and bf16)"
+            ))),
+        }
+    }};
+}
+pub(crate) use with_kernel_dtype;
+
+/// A buffer that only the CUDA path takes (the centres' device table, a backward's scratch).
+pub fn cuda_only(buf: Option<Raw>, what: &str) -> ccpl::Result<Raw> {
+    buf.ok_or_else(|| Error::Shape(format!("a CUDA op needs {what}")))
+}
+
+/// The one value of a host tensor of `T` (an upstream gradient), as float64.
+///
+/// # Safety
+///
+/// `raw` is a live contiguous host tensor of `T`.
+pub unsafe fn host_scalar<T: Element>(raw: Raw) -> ccpl::Result<f64> {
+    check_len("upstream gradient", 1, raw.1)?;
+    // SAFETY: the caller's contract.
+    Ok(unsafe { raw.host::<T>() }[0].to_f64())
+}
+
+/// `buf` cut into `N` consecutive buffers of `len` elements of `T`, after checking that it
+/// holds exactly that many: how a saved tensor of shape `(N, ...)` holds several workspace
+/// buffers.
+pub fn split<T, const N: usize>(
+    what: &'static str,
+    buf: Buf,
+    len: usize,
+) -> ccpl::Result<[Buf; N]> {
+    check_len(what, N * len, buf.len)?;
+    Ok(std::array::from_fn(|i| Buf {
+        addr: buf.addr + (i * len * size_of::<T>()) as u64,
+        len,
+    }))
+}
+
+/// The same for host memory: `N` consecutive slices of `len` elements.
+pub fn split_host<'a, T, const N: usize>(
+    what: &'static str,
+    data: &'a [T],
+    len: usize,
+) -> ccpl::Result<[&'a [T]; N]> {
+    check_len(what, N * len, data.len())?;
+    Ok(std::array::from_fn(|i| &data[i * len..(i + 1) * len]))
+}
+
+/// Rounds float64 values into a host buffer of `T`.
+pub fn store<T: Element>(out: &mut [T], values: &[f64]) -> ccpl::Result<()> {
+    check_len("output", values.len(), out.len())?;
+    for (o, &v) in out.iter_mut().zip(values) {
+        *o = T::from_f64(v);
+    }
+    Ok(())
+}
+
+/// Adds float64 values into a host buffer of `T` (a gradient accumulated as the kernels do).
+pub fn accumulate<T: Element>(out: &mut [T], values: &[f64]) -> ccpl::Result<()> {
+    check_len("gradient", values.len(), out.len())?;
+    for (o, &v) in out.iter_mut().zip(values) {
+        *o = T::from_f64(o.to_f64() + v);
+    }
+    Ok(())
+}
+
+/// A host buffer of `T` as float64.
+pub fn widen<T: Element>(data: &[T]) -> Vec<f64> {
+    data.iter().map(|x| x.to_f64()).collect()
+}
+
+/// The crate's errors as Python's: a wrong type is a `TypeError`, no GPU or a failed launch a
+/// `RuntimeError`, every other bad input (shapes, centres, tau) a `ValueError`.
+pub fn to_py(e: Error) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        Error::Dtype(_) => PyTypeError::new_err(msg),
+        Error::NoGpu(_)
+        | Error::KernelsNotBuilt(_)
+        | Error::Cuda(_)
+        | Error::BackwardBeforeForward => PyRuntimeError::new_err(msg),
+        _ => PyValueError::new_err(msg),
+    }
+}
+
+/// Whether the CUDA kernels were built into this package (nvcc was found at build time).
+#[pyfunction]
+fn kernels_built() -> bool {
+    ccpl::cuda::kernels_built().is_ok()
+}
+
+/// The crate version.
+#[pyfunction]
+fn version() -> &'static str {
+    env!("CARGO_PKG_VERSION")
+}
+
+#[pymodule]
+fn _ccpl(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(kernels_built, m)?)?;
+    m.add_function(wrap_pyfunction!(version, m)?)?;
+    m.add("NORM_EPS", ccpl::ffi::CCPL_NORM_EPS)?;
+    m.add("DEFAULT_TAU", ccpl::DEFAULT_TAU)?;
+    neighbor::register(m)?;
+    rows::register(m)?;
+    layer::register(m)?;
+    Ok(())
+}

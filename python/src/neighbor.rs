@@ -1,0 +1,239 @@
+//! Difference rows and their backward scatter (`ccpl.neighbor_diff`), and the centres as the
+//! kernels read them.
+//!
+//! The centres reach the kernels as one int32 table of `N + H*W` entries, built on the host
+//! from the caller's int64 centres (and checked there: interior, distinct) and copied to the
+//! device by PyTorch without a wait (pinned memory, `non_blocking=True`): the `N` flat indices
+//! in sampling order, then for each of the `H*W` positions the index of the centre there or
+//! -1 (the inverse map of the deterministic scatter).
+
+use ccpl::plan::neighbor::{self as plan, CentersBuf, Scatter};
+use ccpl::plan::{Buf, Launcher};
+use ccpl::{Centers, Dtype, Element, FeatureShape, Layout, Result, check_len, reference};
+use pyo3::prelude::*;
+
+use crate::{
+    Device, Raw, accumulate, cuda, cuda_only, store, to_py, widen, with_host_dtype,
+    with_kernel_dtype,
+};
+
+/// A feature map's shape as Python passes it: `(B, C, H, W, channels_last)`.
+#[derive(Debug, Clone, Copy, FromPyObject)]
+pub struct Shape(usize, usize, usize, usize, bool);
+
+impl Shape {
+    /// The validated shape; channels last is the NHWC layout.
+    pub fn feature(self) -> Result<FeatureShape> {
+        let Shape(b, c, h, w, channels_last) = self;
+        let layout = if channels_last {
+            Layout::Nhwc
+        } else {
+            Layout::Nchw
+        };
+        FeatureShape::new(b, c, h, w, layout)
+    }
+}
+
+/// The caller's centres (int64 on the host), checked for a `height x width` map.
+///
+/// # Safety
+///
+/// `centers` is a live contiguous int64 host tensor.
+pub unsafe fn host_centers(height: usize, width: usize, centers: Raw) -> Result<Centers> {
+    // SAFETY: the caller's contract.
+    Centers::from_flat(height, width, unsafe { centers.host::<i64>() })
+}
+
+/// Writes the kernels' table of `centers` (the flat indices, then the inverse map) into
+/// `table`, which must hold `N + H*W` entries.
+pub fn fill_table(centers: &Centers, table: &mut [i32]) -> Result<()> {
+    let n = centers.len();
+    check_len(
+        "centre table",
+        n + centers.height() * centers.width(),
+        table.len(),
+    )?;
+    let (flat, map) = table.split_at_mut(n);
+    flat.copy_from_slice(centers.flat());
+    map.copy_from_slice(&centers.center_map());
+    Ok(())
+}
+
+/// The table of [`fill_table`] for `n` centres of a `height x width` map, wherever it lives,
+/// as the plans take it.
+pub fn table_buf(height: usize, width: usize, n: usize, table: Buf) -> Result<CentersBuf> {
+    check_len("centre table", n + height * width, table.len)?;
+    Ok(CentersBuf {
+        height,
+        width,
+        flat: Buf {
+            addr: table.addr,
+            len: n,
+        },
+        map: Buf {
+            addr: table.addr + (n * size_of::<i32>()) as u64,
+            len: height * width,
+        },
+    })
+}
+
+/// The rows `(B, 8N, C)` of `feat` on a device: one launch.
+pub fn diff_device<T: Dtype, L: Launcher>(
+    launcher: &L,
+    shape: &FeatureShape,
+    centers: &CentersBuf,
+    feat: Buf,
+    rows: Buf,
+) -> Result<(), L::Error> {
+    launcher.launch(&plan::neighbor_diff::<T>(shape, centers, feat, rows)?)
+}
+
+/// Adds the scatter of `grad_rows` into `grad_feat` on a device: one launch.
+pub fn diff_backward_device<T: Dtype, L: Launcher>(
+    launcher: &L,
+    shape: &FeatureShape,
+    centers: &CentersBuf,
+    grad_rows: Buf,
+    grad_feat: Buf,
+    scatter: Scatter,
+) -> Result<(), L::Error> {
+    launcher.launch(&plan::neighbor_diff_backward::<T>(
+        shape, centers, grad_rows, grad_feat, scatter,
+    )?)
+}
+
+/// The rows of `feat` on the host, from the float64 reference, rounded to `T`.
+pub fn diff_host<T: Element>(
+    shape: &FeatureShape,
+    centers: &Centers,
+    feat: &[T],
+    rows: &mut [T],
+) -> Result<()> {
+    store(rows, &reference::neighbor_diff(feat, shape, centers)?)
+}
+
+/// Adds the scatter of `grad_rows` into `grad_feat` on the host (float64, then rounded).
+pub fn diff_backward_host<G: Element, T: Element>(
+    shape: &FeatureShape,
+    centers: &Centers,
+    grad_rows: &[G],
+    grad_feat: &mut [T],
+) -> Result<()> {
+    let mut grad = vec![0.0; shape.len()];
+    reference::neighbor_diff_backward(&widen(grad_rows), shape, centers, &mut grad)?;
+    accumulate(grad_feat, &grad)
+}
+
+/// Checks `centers` (int64, host) for a `height x width` map and writes their table into
+/// `table` (int32, host, `N + H*W`), for the device ops.
+#[pyfunction]
+fn center_table(
+    py: Python<'_>,
+    height: usize,
+    width: usize,
+    centers: Raw,
+    table: Raw,
+) -> PyResult<()> {
+    py.detach(|| {
+        // SAFETY: both are live contiguous host tensors of the named types (int64, int32).
+        let centers = unsafe { host_centers(height, width, centers) }?;
+        fill_table(&centers, unsafe { table.host_mut::<i32>() })
+    })
+    .map_err(to_py)
+}
+
+/// `rows = neighbor_diff(feat)` for `shape` and the centres (`table` on CUDA).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn neighbor_diff(
+    py: Python<'_>,
+    dtype: String,
+    device: Option<usize>,
+    stream: usize,
+    shape: Shape,
+    centers: Raw,
+    table: Option<Raw>,
+    feat: Raw,
+    rows: Raw,
+) -> PyResult<()> {
+    let device = Device::new(device, stream);
+    py.detach(|| {
+        let shape = shape.feature()?;
+        match device {
+            Device::Cuda { ordinal, stream } => {
+                let table = cuda_only(table, "the centres' device table")?.buf();
+                let centers = table_buf(shape.height(), shape.width(), centers.1, table)?;
+                with_kernel_dtype!(dtype.as_str(), T => unsafe {
+                    // SAFETY: live device tensors on this stream (the package's contract).
+                    cuda::on_stream(ordinal, stream, |l| {
+                        diff_device::<T, _>(l, &shape, &centers, feat.buf(), rows.buf())
+                    })
+                })
+            }
+            Device::Cpu => with_host_dtype!(dtype.as_str(), T => unsafe {
+                // SAFETY: live contiguous host tensors of T (the package's contract).
+                let centers = host_centers(shape.height(), shape.width(), centers)?;
+                diff_host::<T>(&shape, &centers, feat.host(), rows.host_mut())
+            }),
+        }
+    })
+    .map_err(to_py)
+}
+
+/// `grad_feat += neighbor_diff_backward(grad_rows)`; `deterministic` picks the scatter.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn neighbor_diff_backward(
+    py: Python<'_>,
+    dtype: String,
+    device: Option<usize>,
+    stream: usize,
+    shape: Shape,
+    centers: Raw,
+    table: Option<Raw>,
+    grad_rows: Raw,
+    grad_feat: Raw,
+    deterministic: bool,
+) -> PyResult<()> {
+    let device = Device::new(device, stream);
+    let scatter = scatter(deterministic);
+    py.detach(|| {
+        let shape = shape.feature()?;
+        match device {
+            Device::Cuda { ordinal, stream } => {
+                let table = cuda_only(table, "the centres' device table")?.buf();
+                let centers = table_buf(shape.height(), shape.width(), centers.1, table)?;
+                with_kernel_dtype!(dtype.as_str(), T => unsafe {
+                    // SAFETY: live device tensors on this stream (the package's contract).
+                    cuda::on_stream(ordinal, stream, |l| {
+                        diff_backward_device::<T, _>(
+                            l, &shape, &centers, grad_rows.buf(), grad_feat.buf(), scatter,
+                        )
+                    })
+                })
+            }
+            Device::Cpu => with_host_dtype!(dtype.as_str(), T => unsafe {
+                // SAFETY: live contiguous host tensors of T (the package's contract).
+                let centers = host_centers(shape.height(), shape.width(), centers)?;
+                diff_backward_host::<T, T>(&shape, &centers, grad_rows.host(), grad_feat.host_mut())
+            }),
+        }
+    })
+    .map_err(to_py)
+}
+
+/// PyTorch's `torch.are_deterministic_algorithms_enabled()` as the crate's scatter.
+pub fn scatter(deterministic: bool) -> Scatter {
+    if deterministic {
+        Scatter::Deterministic
+    } else {
+        Scatter::Atomic
+    }
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(center_table, m)?)?;
+    m.add_function(wrap_pyfunction!(neighbor_diff, m)?)?;
+    m.add_function(wrap_pyfunction!(neighbor_diff_backward, m)?)?;
+    Ok(())
+}

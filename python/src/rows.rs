@@ -1,0 +1,259 @@
+//! The CCP loss of a learned head's rows (`ccpl.rows_loss`): forward and backward.
+//!
+//! What the forward keeps for the backward is two tensors the package allocates with PyTorch
+//! and autograd saves: `units`, the normalised rows `(2, B, S, C)` = `[q, k]`, and `stats`,
+//! `(4, B, S)` = `[norms_q, norms_k, row_lse, row_loss]`; with the rows themselves (the op's
+//! inputs) they are the crate's rows workspace ([`RowsWorkspace`]). On CUDA they are in the
+//! rows' dtype and float32, as the kernels keep them; on the CPU both are float64, so the CPU
+//! path is the float64 reference from end to end. The backward's scratch (the gradient of
+//! the normalised rows, `(B, S, C)`) is allocated by the package for the backward only.
+
+use ccpl::plan::rows::{RowsPlan, RowsWorkspace};
+use ccpl::plan::{Buf, Launcher};
+use ccpl::reference::{
+    info_nce_backward, info_nce_forward, normalize_rows, normalize_rows_backward, similarity,
+};
+use ccpl::{Dtype, Element, Result, RowShape, check_len};
+use pyo3::prelude::*;
+
+use crate::{
+    Device, HostDtype, Raw, cuda, cuda_only, host_scalar, split, split_host, store, to_py, widen,
+    with_host_dtype, with_kernel_dtype,
+};
+
+/// A buffer a sequence of plans does not touch: a plan that did would refuse its length.
+pub const ABSENT: Buf = Buf { addr: 0, len: 0 };
+
+/// The rows workspace over the op's tensors: the saved `units` `(2, B, S, C)` of `T` and
+/// `stats` `(4, B, S)` of float32, the `loss` (the forward's output, [`ABSENT`] in the
+/// backward), the backward's scratch `grad_unit` and its `upstream` gradient (both [`ABSENT`]
+/// in the forward).
+pub fn workspace<T: Dtype>(
+    shape: &RowShape,
+    units: Buf,
+    stats: Buf,
+    loss: Buf,
+    grad_unit: Buf,
+    upstream: Buf,
+) -> Result<RowsWorkspace<Buf, Buf>> {
+    let [unit_q, unit_k] = split::<T, 2>("saved normalised rows", units, shape.len())?;
+    let [norms_q, norms_k, row_lse, row_loss] =
+        split::<f32, 4>("saved row statistics", stats, shape.count())?;
+    Ok(RowsWorkspace {
+        unit_q,
+        unit_k,
+        grad_unit,
+        norms_q,
+        norms_k,
+        row_lse,
+        row_loss,
+        loss,
+        // The upstream gradient is always the caller's (autograd's), never the default 1.
+        one: upstream,
+    })
+}
+
+/// The forward on a device: the loss into `loss` (one float32), the `saved` `[units, stats]`
+/// for the backward. Four launches.
+pub fn forward_device<T: Dtype, L: Launcher>(
+    launcher: &L,
+    shape: RowShape,
+    tau: f64,
+    rows: [Buf; 2],
+    saved: [Buf; 2],
+    loss: Buf,
+) -> Result<(), L::Error> {
+    let plan = RowsPlan::new(shape, tau)?;
+    let ([q, k], [units, stats]) = (rows, saved);
+    let ws = workspace::<T>(&shape, units, stats, loss, ABSENT, ABSENT)?;
+    plan.forward::<T, _>(launcher, q, k, &ws)
+}
+
+/// The backward on a device, from the forward's `saved` (the normalised rows and their
+/// norms; the rows themselves are not read again): WRITES
+/// `upstream[0]` (float32) times the gradient of the loss with respect to `q` into `grad_q`,
+/// and to `k` into `grad_k` when given. `grad_unit` is scratch of `B*S*C` elements. Two
+/// launches per side.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_device<T: Dtype, L: Launcher>(
+    launcher: &L,
+    shape: RowShape,
+    tau: f64,
+    saved: [Buf; 2],
+    upstream: Buf,
+    grad_unit: Buf,
+    grad_q: Buf,
+    grad_k: Option<Buf>,
+) -> Result<(), L::Error> {
+    let plan = RowsPlan::new(shape, tau)?;
+    let [units, stats] = saved;
+    let ws = workspace::<T>(&shape, units, stats, ABSENT, grad_unit, upstream)?;
+    plan.backward::<T, _>(launcher, &ws, Some(upstream), grad_q, grad_k)
+}
+
+/// The forward on the host, in float64: fills `units` and `stats` (float64) and returns the
+/// loss.
+pub fn forward_host<T: Element>(
+    shape: &RowShape,
+    tau: f64,
+    q: &[T],
+    k: &[T],
+    units: &mut [f64],
+    stats: &mut [f64],
+) -> Result<f64> {
+    let (n, bs) = (shape.len(), shape.count());
+    check_len("q_rows", n, q.len())?;
+    check_len("k_rows", n, k.len())?;
+    check_len("saved normalised rows", 2 * n, units.len())?;
+    check_len("saved row statistics", 4 * bs, stats.len())?;
+    let unit_q = normalize_rows(&widen(q), shape.width())?;
+    let unit_k = normalize_rows(&widen(k), shape.width())?;
+    let logits = similarity(&unit_q.rows, &unit_k.rows, shape, tau)?;
+    let forward = info_nce_forward(&logits, shape.batch(), shape.rows())?;
+    units[..n].copy_from_slice(&unit_q.rows);
+    units[n..].copy_from_slice(&unit_k.rows);
+    let kept = [
+        &unit_q.norms,
+        &unit_k.norms,
+        &forward.row_lse,
+        &forward.row_loss,
+    ];
+    for (slot, values) in stats.chunks_exact_mut(bs).zip(kept) {
+        slot.copy_from_slice(values);
+    }
+    Ok(forward.loss)
+}
+
+/// The backward on the host, in float64 from what [`forward_host`] kept: writes `upstream`
+/// times the gradient with respect to `q` into `grad_q`, and to `k` into `grad_k` when given.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_host<T: Element>(
+    shape: &RowShape,
+    tau: f64,
+    q: &[T],
+    k: &[T],
+    units: &[f64],
+    stats: &[f64],
+    upstream: f64,
+    grad_q: &mut [T],
+    grad_k: Option<&mut [T]>,
+) -> Result<()> {
+    let [unit_q, unit_k] = split_host::<f64, 2>("saved normalised rows", units, shape.len())?;
+    let [_, _, row_lse, _] = split_host::<f64, 4>("saved row statistics", stats, shape.count())?;
+    let logits = similarity(unit_q, unit_k, shape, tau)?;
+    let grads = info_nce_backward(
+        &logits,
+        row_lse,
+        unit_q,
+        unit_k,
+        shape,
+        tau,
+        upstream,
+        grad_k.is_some(),
+    )?;
+    store(
+        grad_q,
+        &normalize_rows_backward(&widen(q), &grads.dq, shape.width())?,
+    )?;
+    if let (Some(grad_k), Some(dk)) = (grad_k, grads.dk) {
+        store(
+            grad_k,
+            &normalize_rows_backward(&widen(k), &dk, shape.width())?,
+        )?;
+    }
+    Ok(())
+}
+
+/// The forward of `rows_loss` on `(B, S, C)` rows `[q, k]`.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn rows_forward(
+    py: Python<'_>,
+    dtype: String,
+    device: Option<usize>,
+    stream: usize,
+    shape: (usize, usize, usize),
+    tau: f64,
+    rows: [Raw; 2],
+    saved: [Raw; 2],
+    loss: Raw,
+) -> PyResult<()> {
+    let device = Device::new(device, stream);
+    py.detach(|| {
+        let shape = RowShape::new(shape.0, shape.1, shape.2)?;
+        match device {
+            Device::Cuda { ordinal, stream } => with_kernel_dtype!(dtype.as_str(), T => unsafe {
+                // SAFETY: live device tensors on this stream (the package's contract).
+                cuda::on_stream(ordinal, stream, |l| {
+                    forward_device::<T, _>(
+                        l, shape, tau, rows.map(Raw::buf), saved.map(Raw::buf), loss.buf(),
+                    )
+                })
+            }),
+            Device::Cpu => with_host_dtype!(dtype.as_str(), T => unsafe {
+                // SAFETY: live contiguous host tensors of the named types (the package's
+                // contract): rows of T, saved float64, the loss of T's loss type.
+                let ([q, k], [units, stats]) = (rows, saved);
+                let value = forward_host::<T>(
+                    &shape, tau, q.host(), k.host(), units.host_mut(), stats.host_mut(),
+                )?;
+                store(loss.host_mut::<<T as HostDtype>::Loss>(), &[value])
+            }),
+        }
+    })
+    .map_err(to_py)
+}
+
+/// The backward of `rows_loss`: the gradient of `q` (and of `k` when `grad_k` is given).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn rows_backward(
+    py: Python<'_>,
+    dtype: String,
+    device: Option<usize>,
+    stream: usize,
+    shape: (usize, usize, usize),
+    tau: f64,
+    rows: [Raw; 2],
+    saved: [Raw; 2],
+    upstream: Raw,
+    scratch: Option<Raw>,
+    grad_q: Raw,
+    grad_k: Option<Raw>,
+) -> PyResult<()> {
+    let device = Device::new(device, stream);
+    py.detach(|| {
+        let shape = RowShape::new(shape.0, shape.1, shape.2)?;
+        match device {
+            Device::Cuda { ordinal, stream } => {
+                let scratch = cuda_only(scratch, "the backward's scratch")?.buf();
+                with_kernel_dtype!(dtype.as_str(), T => unsafe {
+                    // SAFETY: live device tensors on this stream (the package's contract).
+                    cuda::on_stream(ordinal, stream, |l| {
+                        backward_device::<T, _>(
+                            l, shape, tau, saved.map(Raw::buf), upstream.buf(), scratch,
+                            grad_q.buf(), grad_k.map(Raw::buf),
+                        )
+                    })
+                })
+            }
+            Device::Cpu => with_host_dtype!(dtype.as_str(), T => unsafe {
+                // SAFETY: live contiguous host tensors of the named types (the package's
+                // contract).
+                let ([q, k], [units, stats]) = (rows, saved);
+                let upstream = host_scalar::<<T as HostDtype>::Loss>(upstream)?;
+                backward_host::<T>(
+                    &shape, tau, q.host(), k.host(), units.host(), stats.host(), upstream,
+                    grad_q.host_mut(), grad_k.map(|g| g.host_mut()),
+                )
+            }),
+        }
+    })
+    .map_err(to_py)
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(rows_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(rows_backward, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,338 @@
+//! The CUDA halves of the ops on the CPU emulator (the same kernels, the same launch code, host
+//! buffers in place of PyTorch's), against their CPU halves (the float64 reference): the
+//! loss, the gradients, and every buffer the forward keeps for the backward, which must hold
+//! the same values in the same places on both paths. float32 storage: the contract's
+//! tolerance, 1e-5 (the kernels' numerics in every dtype are the crate's tests' subject).
+
+use ccpl::plan::neighbor::{Scatter, rows_len};
+use ccpl::plan::{Buf, KernelParams, LaunchPlan, Launcher};
+use ccpl::reference::relative_error;
+use ccpl::sampling::SplitMix64;
+use ccpl::{Centers, Error, FeatureShape, Layout, RowShape};
+use ccpl_emu::{Emulator, buf, buf_mut};
+
+use crate::neighbor::{self, fill_table, table_buf};
+use crate::{layer, rows, split};
+
+const F32_TOLERANCE: f64 = 1e-5;
+
+fn emulator(seed: u64) -> Emulator {
+    // SAFETY: every plan these tests launch addresses vectors alive for the whole test, of the
+    // lengths the plans were checked against.
+    unsafe { Emulator::new(seed) }
+}
+
+fn random(rng: &mut SplitMix64, len: usize) -> Vec<f32> {
+    (0..len).map(|_| (2.0 * rng.unit() - 1.0) as f32).collect()
+}
+
+fn nan(len: usize) -> Vec<f32> {
+    vec![f32::NAN; len]
+}
+
+fn widen(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f64]) {
+    let err = relative_error(&widen(got), want);
+    eprintln!("measured {what}: rel err {err:.3e} (tolerance {F32_TOLERANCE:.0e})");
+    assert!(err <= F32_TOLERANCE, "{what}: relative error {err:.3e}");
+}
+
+/// The centres' table on the host, as the package copies it to the device.
+fn table(centers: &Centers) -> Vec<i32> {
+    let mut table = vec![i32::MIN; centers.len() + centers.height() * centers.width()];
+    fill_table(centers, &mut table).unwrap();
+    table
+}
+
+#[test]
+fn table_holds_the_flat_indices_then_the_inverse_map() {
+    let centers = Centers::from_flat(4, 5, &[12, 6]).unwrap();
+    let table = table(&centers);
+    assert_eq!(&table[..2], &[12, 6]);
+    assert_eq!(table[2 + 12], 0);
+    assert_eq!(table[2 + 6], 1);
+    assert_eq!(table[2..].iter().filter(|&&x| x == -1).count(), 18);
+    let bufs = table_buf(
+        4,
+        5,
+        2,
+        Buf {
+            addr: 1000,
+            len: 22,
+        },
+    )
+    .unwrap();
+    assert_eq!((bufs.flat.addr, bufs.flat.len), (1000, 2));
+    assert_eq!((bufs.map.addr, bufs.map.len), (1008, 20));
+    assert!(matches!(
+        table_buf(
+            4,
+            5,
+            2,
+            Buf {
+                addr: 1000,
+                len: 21
+            }
+        ),
+        Err(Error::Length { .. })
+    ));
+    let mut short = vec![0; 21];
+    assert!(fill_table(&centers, &mut short).is_err());
+}
+
+#[test]
+fn split_cuts_consecutive_buffers_and_checks_the_total() {
+    let parts = split::<u16, 3>("x", Buf { addr: 64, len: 12 }, 4).unwrap();
+    assert_eq!(parts.map(|b| (b.addr, b.len)), [(64, 4), (72, 4), (80, 4)]);
+    assert!(split::<u16, 3>("x", Buf { addr: 64, len: 13 }, 4).is_err());
+}
+
+#[test]
+fn neighbor_diff_on_the_emulator_matches_the_host_path() {
+    let mut rng = SplitMix64::new(1);
+    for layout in [Layout::Nchw, Layout::Nhwc] {
+        let shape = FeatureShape::new(2, 3, 7, 6, layout).unwrap();
+        let centers = Centers::sample(7, 6, 11, 2).unwrap();
+        let table = table(&centers);
+        let feat = random(&mut rng, shape.len());
+        let n = rows_len(&shape, centers.len()).unwrap();
+        let emu = emulator(3);
+        let bufs = table_buf(7, 6, centers.len(), buf(&table)).unwrap();
+
+        let (mut rows, mut want) = (nan(n), vec![0.0f32; n]);
+        neighbor::diff_device::<f32, _>(&emu, &shape, &bufs, buf(&feat), buf_mut(&mut rows))
+            .unwrap();
+        neighbor::diff_host(&shape, &centers, &feat, &mut want).unwrap();
+        assert_eq!(rows, want, "{layout:?}");
+
+        let grad_rows = random(&mut rng, n);
+        let initial = random(&mut rng, shape.len());
+        for scatter in [Scatter::Atomic, Scatter::Deterministic] {
+            let (mut got, mut want) = (initial.clone(), initial.clone());
+            neighbor::diff_backward_device::<f32, _>(
+                &emu,
+                &shape,
+                &bufs,
+                buf(&grad_rows),
+                buf_mut(&mut got),
+                scatter,
+            )
+            .unwrap();
+            neighbor::diff_backward_host(&shape, &centers, &grad_rows, &mut want).unwrap();
+            assert_close(
+                &format!("scatter {layout:?} {scatter:?}"),
+                &got,
+                &widen(&want),
+            );
+        }
+    }
+}
+
+#[test]
+fn rows_loss_on_the_emulator_matches_the_host_path() {
+    let mut rng = SplitMix64::new(4);
+    let shape = RowShape::new(2, 24, 5).unwrap();
+    let (n, bs) = (shape.len(), shape.count());
+    let (q, k) = (random(&mut rng, n), random(&mut rng, n));
+    let tau = 0.1;
+    let emu = emulator(5);
+
+    let (mut units, mut stats, mut loss) = (nan(2 * n), nan(4 * bs), nan(1));
+    rows::forward_device::<f32, _>(
+        &emu,
+        shape,
+        tau,
+        [buf(&q), buf(&k)],
+        [buf_mut(&mut units), buf_mut(&mut stats)],
+        buf_mut(&mut loss),
+    )
+    .unwrap();
+    let (mut host_units, mut host_stats) = (vec![0.0; 2 * n], vec![0.0; 4 * bs]);
+    let host_loss =
+        rows::forward_host(&shape, tau, &q, &k, &mut host_units, &mut host_stats).unwrap();
+    assert_close("loss", &loss, &[host_loss]);
+    assert_close("saved normalised rows", &units, &host_units);
+    assert_close("saved row statistics", &stats, &host_stats);
+
+    for grad_k in [false, true] {
+        let upstream = [0.75f32];
+        let (mut grad_q, mut grad_k_rows, mut scratch) = (nan(n), nan(n), nan(n));
+        rows::backward_device::<f32, _>(
+            &emu,
+            shape,
+            tau,
+            [buf(&units), buf(&stats)],
+            buf(&upstream),
+            buf_mut(&mut scratch),
+            buf_mut(&mut grad_q),
+            grad_k.then(|| buf_mut(&mut grad_k_rows)),
+        )
+        .unwrap();
+        let (mut want_q, mut want_k) = (vec![0.0f32; n], vec![0.0f32; n]);
+        rows::backward_host(
+            &shape,
+            tau,
+            &q,
+            &k,
+            &host_units,
+            &host_stats,
+            0.75,
+            &mut want_q,
+            grad_k.then_some(&mut want_k[..]),
+        )
+        .unwrap();
+        assert_close("grad_q", &grad_q, &widen(&want_q));
+        if grad_k {
+            assert_close("grad_k", &grad_k_rows, &widen(&want_k));
+        } else {
+            assert!(grad_k_rows.iter().all(|x| x.is_nan()), "grad_k untouched");
+        }
+    }
+}
+
+#[test]
+fn layer_loss_on_the_emulator_matches_the_host_path() {
+    let mut rng = SplitMix64::new(6);
+    for layout in [Layout::Nchw, Layout::Nhwc] {
+        let shape = FeatureShape::new(2, 4, 6, 7, layout).unwrap();
+        let centers = Centers::sample(6, 7, 9, 7).unwrap();
+        let table = table(&centers);
+        let n = rows_len(&shape, centers.len()).unwrap();
+        let bs = shape.batch() * centers.rows();
+        let (feat_q, feat_k) = (random(&mut rng, shape.len()), random(&mut rng, shape.len()));
+        let tau = 0.07;
+        let emu = emulator(8);
+        let bufs = table_buf(6, 7, centers.len(), buf(&table)).unwrap();
+
+        // The device keeps the normalised rows, the host also the difference rows before them.
+        let (mut saved_rows, mut stats, mut loss) = (nan(2 * n), nan(4 * bs), nan(1));
+        layer::forward_device::<f32, _>(
+            &emu,
+            shape,
+            &bufs,
+            tau,
+            buf(&feat_q),
+            buf(&feat_k),
+            [buf_mut(&mut saved_rows), buf_mut(&mut stats)],
+            buf_mut(&mut loss),
+        )
+        .unwrap();
+        let (mut host_rows, mut host_stats) = (vec![0.0; 4 * n], vec![0.0; 4 * bs]);
+        let host_loss = layer::forward_host(
+            &shape,
+            &centers,
+            tau,
+            &feat_q,
+            &feat_k,
+            &mut host_rows,
+            &mut host_stats,
+        )
+        .unwrap();
+        assert_close("loss", &loss, &[host_loss]);
+        assert_close("saved rows", &saved_rows, &host_rows[2 * n..]);
+        assert_close("saved row statistics", &stats, &host_stats);
+
+        let upstream = [1.5f32];
+        let initial = random(&mut rng, shape.len());
+        let (mut grad_q, mut grad_k, mut scratch) = (initial.clone(), initial.clone(), nan(2 * n));
+        layer::backward_device::<f32, _>(
+            &emu,
+            shape,
+            &bufs,
+            tau,
+            [buf(&saved_rows), buf(&stats)],
+            buf(&upstream),
+            buf_mut(&mut scratch),
+            buf_mut(&mut grad_q),
+            Some(buf_mut(&mut grad_k)),
+            Scatter::Deterministic,
+        )
+        .unwrap();
+        let (mut want_q, mut want_k) = (initial.clone(), initial.clone());
+        layer::backward_host(
+            &shape,
+            &centers,
+            tau,
+            &host_rows,
+            &host_stats,
+            1.5,
+            &mut want_q,
+            Some(&mut want_k[..]),
+        )
+        .unwrap();
+        // The gradient is added to what the buffers held, on both paths.
+        assert_close(&format!("grad_q {layout:?}"), &grad_q, &widen(&want_q));
+        assert_close(&format!("grad_k {layout:?}"), &grad_k, &widen(&want_k));
+    }
+}
+
+/// Fails the test on any launch.
+struct NoLaunch;
+impl Launcher for NoLaunch {
+    type Error = Error;
+    fn launch<P: KernelParams>(&self, plan: &LaunchPlan<P>) -> Result<(), Error> {
+        panic!("{} was launched", plan.kernel)
+    }
+}
+
+#[test]
+fn saved_tensors_of_the_wrong_size_are_refused_before_any_launch() {
+    let shape = FeatureShape::new(1, 2, 5, 5, Layout::Nchw).unwrap();
+    let centers = Centers::sample(5, 5, 3, 1).unwrap();
+    let table = table(&centers);
+    let bufs = table_buf(5, 5, 3, buf(&table)).unwrap();
+    let n = rows_len(&shape, centers.len()).unwrap();
+    let (feat, rows, stats, one) = (
+        vec![0f32; 50],
+        vec![0f32; 2 * n],
+        vec![0f32; 4 * 24],
+        [0f32],
+    );
+    let short = Buf {
+        addr: buf(&rows).addr,
+        len: 2 * n - 1,
+    };
+    let forward = |saved: [Buf; 2], loss: Buf| {
+        layer::forward_device::<f32, _>(
+            &NoLaunch,
+            shape,
+            &bufs,
+            0.07,
+            buf(&feat),
+            buf(&feat),
+            saved,
+            loss,
+        )
+    };
+    assert!(matches!(
+        forward([short, buf(&stats)], buf(&one)),
+        Err(Error::Length { .. })
+    ));
+    let short_stats = Buf {
+        addr: buf(&stats).addr,
+        len: 95,
+    };
+    assert!(matches!(
+        forward([buf(&rows), short_stats], buf(&one)),
+        Err(Error::Length { .. })
+    ));
+    let no_loss = Buf { addr: 0, len: 0 };
+    assert!(matches!(
+        forward([buf(&rows), buf(&stats)], no_loss),
+        Err(Error::Length { .. })
+    ));
+    assert!(matches!(
+        rows::forward_device::<f32, _>(
+            &NoLaunch,
+            RowShape::new(1, 24, 2).unwrap(),
+            0.0,
+            [buf(&feat), buf(&feat)],
+            [buf(&rows), buf(&stats)],
+            buf(&one),
+        ),
+        Err(Error::Tau(_))
+    ));
+}
