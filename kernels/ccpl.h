@@ -1,8 +1,8 @@
 /*
  * ccpl.h: the only ABI between the CUDA kernels and Rust.
  *
- * Plain C11 with <stdint.h> only: bindgen reads it for the Rust side (build.rs), nvcc and the
- * CPU emulator include it for the kernels. Every kernel takes exactly one of the structs below
+ * Plain C11 with <stdint.h> only: bindgen reads it for the Rust side (build.rs), NVRTC (or
+ * nvcc) and the CPU emulator include it for the kernels. Every kernel takes exactly one of the structs below
  * by value. Device addresses are 64-bit integers (host addresses under the emulator).
  *
  * Storage types: tensors that hold features or rows (feature maps, difference rows,
@@ -13,7 +13,11 @@
 #ifndef CCPL_H
 #define CCPL_H
 
+#ifdef __CUDACC_RTC__
+#include <cuda/std/cstdint> /* NVRTC has no C library headers */
+#else
 #include <stdint.h>
+#endif
 
 /* ---- Constants ---------------------------------------------------------------------- */
 

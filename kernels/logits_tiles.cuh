@@ -1,7 +1,7 @@
 // logits_tiles.cuh: 64x64 tiles of logits q kᵀ (unscaled) for similarity.cu and
 // info_nce_fused.cu, computed by the FMA tile GEMM (float) or on tensor cores (__half,
-// __nv_bfloat16), read at the FMA GEMM's thread mapping (gemm_row(i), gemm_col(j)) either
-// way. Both kernels take the same path per type, so the fused kernels recompute exactly the
+// __nv_bfloat16: kTensorCores), read at the FMA GEMM's thread mapping (gemm_row(i),
+// gemm_col(j)) either way. Both kernels take the same path per type, so the fused kernels recompute exactly the
 // logits similarity_{T} stores.
 #pragma once
 
@@ -10,7 +10,11 @@
 
 namespace ccpl {
 
-template <typename T> constexpr bool kTensorCores = !std::is_same<T, float>::value;
+// Tensor cores for the 16-bit types: __half on every architecture built (sm_75 on), and
+// __nv_bfloat16 from sm_80, its first with bf16 WMMA; on sm_75 bf16 takes the FMA tile.
+template <typename T>
+constexpr bool kTensorCores = std::is_same<T, __half>::value ||
+                              (std::is_same<T, __nv_bfloat16>::value && CCPL_ARCH >= 800);
 
 // The logits tiles of a block, one at a time.
 template <typename T, bool kMma = kTensorCores<T>> struct LogitsTiles;

@@ -1,6 +1,6 @@
 // tile_mma.cuh: the tensor-core tile GEMMs of info_nce_fused.cu for 16-bit storage types
-// (__half, __nv_bfloat16): WMMA m16n16k16 with float accumulators (bf16 needs sm_80+; the
-// crate builds sm_90). A block of 8 warps computes a 64x64 float tile; warp w owns the 16-row
+// (__half, __nv_bfloat16): WMMA m16n16k16 with float accumulators (bf16 from sm_80 only:
+// kTensorCores of logits_tiles.cuh). A block of 8 warps computes a 64x64 float tile; warp w owns the 16-row
 // band w/2 and two 16-column blocks of it. The operands are staged in shared memory in T,
 // the results stored to a float tile in shared memory, so the callers read them with any
 // thread mapping (fragment layouts are never relied on). The emulator runs the same code
