@@ -171,7 +171,8 @@ typedef struct ccpl_info_nce_fused_forward_params {
 
 /*
  * info_nce_fused_backward_{T}: info_nce_backward with the logits recomputed from q and k
- * (the same bits as similarity_{T} stores) instead of read:
+ * (the same bits as similarity_{T} stores: the scaling by inv_tau is rounded on its own,
+ * never fused into the subtraction that follows) instead of read:
  * transpose == 0: grad[b,i,:] = sum_j G[b,i,j] k[b,j,:] * inv_tau   (dq)
  * transpose == 1: grad[b,j,:] = sum_i G[b,i,j] q[b,i,:] * inv_tau   (dk)
  */

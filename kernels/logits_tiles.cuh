@@ -48,6 +48,11 @@ template <typename T> struct LogitsTiles<T, true> {
     __device__ __forceinline__ void release() { __syncthreads(); }  // before the next store
 };
 
+// The logit of an unscaled dot product of a tile: rounded on its own (__fmul_rn), so that
+// the fused kernels form the bits similarity_{T} stores. A plain product would be fused by
+// nvcc into the add or subtraction that uses it (dot * inv_tau - lse as one FMA).
+__device__ __forceinline__ float tile_logit(float dot, float inv_tau) { return __fmul_rn(dot, inv_tau); }
+
 // Calls body(tiles) with the block's logits tiles for T over their shared memory.
 template <typename T, typename Body> __device__ __forceinline__ void with_logits_tiles(const Body& body) {
     if constexpr (kTensorCores<T>) {

@@ -94,6 +94,22 @@ impl From<ccpl::Error> for Error {
     }
 }
 
+/// The architecture the emulator models, as a compute capability (`CCPL_EMU_ARCH` when the
+/// emulator was built, default 90: H100, H200): its tensor cores' arithmetic, its shared
+/// memory maximum and the kernel paths compiled for it (`CCPL_ARCH`).
+pub const ARCH: u32 = parse_arch(env!("CCPL_EMU_ARCH"));
+
+const fn parse_arch(digits: &str) -> u32 {
+    let bytes = digits.as_bytes();
+    let mut value = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        value = value * 10 + (bytes[i] - b'0') as u32;
+        i += 1;
+    }
+    value
+}
+
 /// Kernel code that the emulator does not run, as `(source, what)`: the GPU side of every
 /// `#ifdef CCPL_EMULATOR` in `kernels/`. Empty while every kernel runs whole on the CPU.
 pub const GPU_ONLY_PATHS: &[(&str, &str)] = &[];
@@ -104,12 +120,15 @@ unsafe extern "C" {
         grid: *const u32,
         block: *const u32,
         shared_bytes: u32,
+        shared_opt_in: i32,
         params: *const c_void,
         params_size: usize,
         seed: u64,
         err: *mut c_char,
         err_len: usize,
     ) -> i32;
+    fn ccpl_emu_hmma_dot(arch: i32, bf16: i32, c: f32, a: *const f64, b: *const f64, k: i32)
+    -> f32;
     fn ccpl_emu_kernel_count() -> usize;
     fn ccpl_emu_kernel_name(i: usize) -> *const c_char;
 }
@@ -160,6 +179,7 @@ impl Launcher for Emulator {
                 grid.as_ptr(),
                 block.as_ptr(),
                 plan.shared_bytes,
+                plan.shared_opt_in.into(),
                 (&plan.params as *const P).cast(),
                 size_of::<P>(),
                 seed,
@@ -203,4 +223,20 @@ pub fn kernel_names() -> Vec<&'static str> {
             })
             .collect()
     }
+}
+
+/// One element of a WMMA `mma_sync` (m16n16k16, float accumulator) as the tensor cores of
+/// `sm_{arch}` compute it, by the model the emulator's `mma_sync` uses (`runtime/hmma.h`):
+/// `c + sum_k a[k] b[k]` over `K = a.len()` products, the factors values of `f16` (or of
+/// `bf16` when `bf16`), exact in `f64`. For tests of the model against its published
+/// vectors and, on a GPU, against the hardware.
+///
+/// # Panics
+///
+/// When `a` and `b` differ in length.
+pub fn hmma_dot(arch: u32, bf16: bool, c: f32, a: &[f64], b: &[f64]) -> f32 {
+    assert_eq!(a.len(), b.len(), "as many factors on both sides");
+    let k = i32::try_from(a.len()).expect("a WMMA product is short");
+    // SAFETY: two arrays of `k` doubles; the model reads them and nothing else.
+    unsafe { ccpl_emu_hmma_dot(arch as i32, bf16.into(), c, a.as_ptr(), b.as_ptr(), k) }
 }

@@ -80,6 +80,7 @@ pub fn neighbor_diff<T: Dtype>(
         ),
         block: (block, 1, 1),
         shared_bytes: 0,
+        shared_opt_in: false,
         params: ffi::ccpl_neighbor_diff_params {
             feat: feat.addr,
             centers: centers.flat.addr,
@@ -130,6 +131,7 @@ pub fn neighbor_diff_backward<T: Dtype>(
         ),
         block: (block, 1, 1),
         shared_bytes: 0,
+        shared_opt_in: false,
         params: ffi::ccpl_neighbor_diff_backward_params {
             grad_rows: grad_rows.addr,
             centers: centers.flat.addr,

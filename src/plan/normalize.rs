@@ -32,6 +32,7 @@ pub fn normalize_rows<T: Dtype>(
         grid: grid(num_rows),
         block: (ffi::CCPL_NORMALIZE_BLOCK, 1, 1),
         shared_bytes: 0,
+        shared_opt_in: false,
         params: ffi::ccpl_normalize_rows_params {
             rows: rows.addr,
             out: out.addr,
@@ -61,6 +62,7 @@ pub fn normalize_rows_backward<T: Dtype>(
         grid: grid(num_rows),
         block: (ffi::CCPL_NORMALIZE_BLOCK, 1, 1),
         shared_bytes: 0,
+        shared_opt_in: false,
         params: ffi::ccpl_normalize_rows_backward_params {
             rows: rows.addr,
             norms: norms.addr,
