@@ -22,6 +22,7 @@
 //!     grid: (1, 1, 1),
 //!     block: (64, 1, 1),
 //!     shared_bytes: 0,
+//!     shared_opt_in: false,
 //!     params: emu::selftest::ccpl_emu_selftest_params {
 //!         in_: emu::buf(&input).addr,
 //!         out: emu::buf_mut(&mut sums).addr,
@@ -36,6 +37,20 @@
 //! # Ok(()) }
 //! ```
 //!
+//! What it models of the hardware, so that a test that would fail on a GPU fails here first
+//! (`docs/hardware.md` has the sources and the limits):
+//! - tensor-core arithmetic: `wmma::mma_sync` adds as the tensor cores of [`ARCH`] do
+//!   (`runtime/hmma.h`, [`hmma_dot`]: blocks of products aligned to the largest, truncated
+//!   toward zero, rounded toward zero), not as `fmaf` would;
+//! - FMA contraction: the kernels are compiled with `-ffp-contract=fast` (and `-mfma`), so
+//!   `a*b+c` is fused as nvcc fuses it by default; `__fmul_rn` and `__fadd_rn` are not fused;
+//! - alignment: every WMMA load and store checks the CUDA C++ rules (32-byte pointer, ldm a
+//!   multiple of 16 bytes), every typed access its type's alignment, and each static
+//!   `__shared__` variable sits at no more than its declared alignment, as ptxas may place it;
+//! - shared memory: 48 KiB per block (static and dynamic) unless the plan opts in
+//!   ([`LaunchPlan::shared_opt_in`](ccpl::plan::LaunchPlan)), then the maximum of [`ARCH`];
+//!   at most 48 KiB of static shared memory.
+//!
 //! What only a GPU checks:
 //! - code behind `#ifdef CCPL_EMULATOR` in the kernels (inline PTX such as mma, cp.async,
 //!   ldmatrix, with a portable fallback here); [`GPU_ONLY_PATHS`] lists it;
@@ -44,12 +59,13 @@
 //!   atomics and fences, so such a sequence runs whole;
 //! - anything between blocks: blocks run one after another, so two blocks racing on an
 //!   element agree, and a block that waits for another one would never end;
-//! - rounding of the GPU's own arithmetic: `__expf` and friends are exact here, the host
-//!   compiler does not contract `a*b+c` into FMAs the way nvcc does, and the portable WMMA
-//!   (`nvcuda::wmma`, every lane holding the whole tile) adds its products in k order where
-//!   tensor cores may not;
-//! - out-of-bounds global accesses (host memory, unchecked), the 48 KiB static shared memory
-//!   limit, registers, spills and speed.
+//! - the rest of the GPU's own rounding: `__expf` and friends are exact here, and the host
+//!   compiler fuses `a*b+c` where it can, which is not always where ptxas does (kernels whose
+//!   bits must match spell out `__fmul_rn`); the tensor-core model of sm_75 is inferred, not
+//!   validated (`tests/hmma_hardware.rs` compares it with a GPU's);
+//! - out-of-bounds global accesses (host memory, unchecked), static shared memory a block
+//!   declares but never reaches (it counts towards the limits on a GPU), registers, spills
+//!   and speed.
 
 use std::ffi::{CStr, CString, c_char, c_void};
 use std::fmt;

@@ -2,6 +2,9 @@
 //! shared memory, the seeded scheduler catching races, the misuses it must report, and a real
 //! kernel family run through its launch plan. The kernels are `emu/runtime/selftest.cu`.
 
+#[path = "common/hmma_vectors.rs"]
+mod hmma_vectors;
+
 use std::time::Instant;
 
 use ccpl::plan::{LaunchPlan, Launcher, neighbor};
@@ -749,100 +752,22 @@ fn misaligned_accesses_are_errors() {
     launch(4, &mut out).unwrap();
 }
 
-/// The tensor-core model (runtime/hmma.h) on the vectors that tell the architectures apart
-/// (one k16 product, the rest of A's row and B's column zero): extra alignment bits, the
-/// final rounding toward zero, the block size and order, the unnormalised product exponent,
-/// truncation in sign-magnitude, a bf16 subnormal result. Expected values: the published
-/// model's (sm_90 and sm_80 validated on hardware, sm_75 inferred).
+/// The tensor-core model (runtime/hmma.h) on the vectors that tell the architectures apart:
+/// extra alignment bits, the final rounding toward zero, the block size and order, the
+/// unnormalised product exponent, truncation in sign-magnitude, a bf16 subnormal result.
 #[test]
 fn hmma_model_gives_each_architectures_bits() {
-    let t = 2f64.powi(-12);
-    let h = 2f64.powi(-13);
-    let one = 1.0 + 2f64.powi(-23); // 0x1.000002p+0
-    type Vector = (&'static str, bool, f32, Vec<(usize, f64, f64)>, [f64; 3]);
-    let vectors: Vec<Vector> = vec![
-        (
-            "V1 one extra bit",
-            false,
-            1.0,
-            vec![(0, t, t), (1, t, t)],
-            [one, one, 1.0],
-        ),
-        (
-            "V2 two extra bits",
-            false,
-            1.0,
-            vec![(0, t, t), (1, t, h), (2, t, h)],
-            [one, 1.0, 1.0],
-        ),
-        (
-            "V3 not three",
-            false,
-            1.0,
-            vec![(0, t, t), (1, t, h), (2, h, h), (3, h, h)],
-            [1.0; 3],
-        ),
-        ("V4 final RZ", false, 1.0, vec![(0, 3.0 * t, t)], [one; 3]),
-        (
-            "V5 final RZ, negative",
-            false,
-            -1.0,
-            vec![(0, -3.0 * t, t)],
-            [-one; 3],
-        ),
-        (
-            "V6 block of 16",
-            false,
-            0.0,
-            vec![(0, 1.0, 1.0), (1, t, t), (15, t, t)],
-            [one, 1.0, 1.0],
-        ),
-        (
-            "V7 blocks of 8 in order",
-            false,
-            0.0,
-            vec![(0, t, t), (8, 1.0, 1.0), (9, t, t)],
-            [one, one, 1.0],
-        ),
-        (
-            "V8 product exponent e(a) + e(b)",
-            false,
-            0.0,
-            vec![(0, 1.5, 1.5), (1, -1.5, 1.5), (2, t, h), (3, t, h)],
-            [2f64.powi(-24), 0.0, 0.0],
-        ),
-        (
-            "V9 sign-magnitude truncation",
-            false,
-            1.0,
-            vec![(0, -h, h)],
-            [1.0; 3],
-        ),
-        (
-            "V11 bf16 subnormal result",
-            true,
-            0.0,
-            vec![(0, 1.5 * 2f64.powi(-74), 2f64.powi(-75))],
-            [2f64.powi(-149); 3],
-        ),
-    ];
-    for (name, bf16, c, products, expected) in vectors {
-        let (mut a, mut b) = ([0.0; 16], [0.0; 16]);
-        for (k, x, y) in products {
-            (a[k], b[k]) = (x, y);
+    for v in hmma_vectors::vectors() {
+        let (a, b) = v.factors();
+        for arch in [75, 80, 86, 89, 90, 100] {
+            let got = emu::hmma_dot(arch, v.bf16, v.c, &a, &b);
+            assert_eq!(
+                Some(got),
+                v.expected_on(arch),
+                "{} on sm_{arch}: {got:e}",
+                v.name
+            );
         }
-        for (arch, want) in [90, 80, 75].into_iter().zip(expected) {
-            let got = emu::hmma_dot(arch, bf16, c, &a, &b);
-            assert_eq!(got, want as f32, "{name} on sm_{arch}: {got:e}");
-        }
-        assert_eq!(
-            emu::hmma_dot(86, bf16, c, &a, &b),
-            emu::hmma_dot(80, bf16, c, &a, &b)
-        );
-        assert_eq!(
-            emu::hmma_dot(100, bf16, c, &a, &b),
-            emu::hmma_dot(90, bf16, c, &a, &b)
-        );
     }
 }
 
