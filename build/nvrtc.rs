@@ -49,7 +49,7 @@ impl Nvrtc {
         let mut count = 0;
         // SAFETY: one out-parameter, then an array of that many ints, as nvrtc.h declares.
         self.check(unsafe { count_fn(&mut count) }, "nvrtcGetNumSupportedArchs")?;
-        let mut archs = vec![0 as c_int; count.max(0) as usize];
+        let mut archs: Vec<c_int> = vec![0; count.max(0) as usize];
         self.check(
             unsafe { list_fn(archs.as_mut_ptr()) },
             "nvrtcGetSupportedArchs",

@@ -2,8 +2,9 @@
  * ccpl.h: the only ABI between the CUDA kernels and Rust.
  *
  * Plain C11 with <stdint.h> only: bindgen reads it for the Rust side (build.rs), NVRTC (or
- * nvcc) and the CPU emulator include it for the kernels. Every kernel takes exactly one of the structs below
- * by value. Device addresses are 64-bit integers (host addresses under the emulator).
+ * nvcc) and the CPU emulator include it for the kernels. Every kernel takes exactly one of
+ * the structs below by value. Device addresses are 64-bit integers (host addresses under the
+ * emulator).
  *
  * Storage types: tensors that hold features or rows (feature maps, difference rows,
  * normalised rows and their gradients) are in the kernel's storage type T (float, __half or

@@ -1,8 +1,8 @@
 // logits_tiles.cuh: 64x64 tiles of logits q kᵀ (unscaled) for similarity.cu and
 // info_nce_fused.cu, computed by the FMA tile GEMM (float) or on tensor cores (__half,
 // __nv_bfloat16: kTensorCores), read at the FMA GEMM's thread mapping (gemm_row(i),
-// gemm_col(j)) either way. Both kernels take the same path per type, so the fused kernels recompute exactly the
-// logits similarity_{T} stores.
+// gemm_col(j)) either way. Both kernels take the same path per type and scale by tile_logit,
+// so the fused kernels recompute exactly the logits similarity_{T} stores.
 #pragma once
 
 #include "tile_gemm.cuh"

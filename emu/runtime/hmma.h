@@ -51,42 +51,60 @@ inline float round_toward_zero(double x) {
     return f;
 }
 
+// The exponent of a nonzero normal double (every f16, bf16 and float value is one).
+inline int exponent_of(double x) {
+    uint64_t bits;
+    memcpy(&bits, &x, 8);
+    return static_cast<int>(bits >> 52 & 0x7ff) - 1023;
+}
+
+// 2^e, for e in the normal range of double.
+inline double power_of_two(int e) {
+    const uint64_t bits = static_cast<uint64_t>(e + 1023) << 52;
+    double x;
+    memcpy(&x, &bits, 8);
+    return x;
+}
+
 // One fused block: c + sum_{i<n} a[i] b[i], the inputs exact in double, with emin the input
-// format's (input_emin).
+// format's (input_emin). Exact integer arithmetic on the aligned terms: a product of two
+// 16-bit values is exact in double, and so is its scaling by a power of two.
 inline float hmma_block(const HmmaModel& model, int emin, float c, const double* a, const double* b, int n) {
     bool nan = isnan(c), plus_inf = c == INFINITY, minus_inf = c == -INFINITY;
+    bool any = false;
+    int e_max = 0;
     for (int i = 0; i < n; ++i) {
         const double p = a[i] * b[i];
-        nan |= isnan(p);
-        plus_inf |= p == INFINITY;
-        minus_inf |= p == -INFINITY;
+        if (!isfinite(p)) {
+            nan |= isnan(p);
+            plus_inf |= p == INFINITY;
+            minus_inf |= p == -INFINITY;
+            continue;
+        }
+        if (a[i] == 0 || b[i] == 0) continue;  // takes no part in the alignment
+        const int ea = exponent_of(a[i]), eb = exponent_of(b[i]);
+        const int e = (ea < emin ? emin : ea) + (eb < emin ? emin : eb);  // not normalised
+        e_max = any && e_max > e ? e_max : e;
+        any = true;
     }
     if (nan || (plus_inf && minus_inf)) return NAN;
     if (plus_inf) return INFINITY;
     if (minus_inf) return -INFINITY;
-    const auto exponent = [](double x, int lowest) { return ilogb(x) < lowest ? lowest : ilogb(x); };
-    bool any = false;
-    int e_max = 0;
-    for (int i = 0; i < n; ++i) {
-        if (a[i] == 0 || b[i] == 0) continue;
-        const int e = exponent(a[i], emin) + exponent(b[i], emin);
-        e_max = any && e_max > e ? e_max : e;
-        any = true;
-    }
     if (c != 0) {
-        const int e = exponent(c, -126);
+        const int e = exponent_of(c) < -126 ? -126 : exponent_of(c);
         e_max = any && e_max > e ? e_max : e;
         any = true;
     }
     if (!any) return 0.0f;
     if (e_max < model.min_exp) e_max = model.min_exp;
     const int grid = e_max - 23 - model.extra_bits;
-    // Each term is below 2^(26 + extra_bits) grid units: the sum of 17 fits an int64 exactly.
-    int64_t sum = 0;
-    for (int i = 0; i < n; ++i) sum += static_cast<int64_t>(trunc(ldexp(a[i] * b[i], -grid)));
-    sum += static_cast<int64_t>(trunc(ldexp(static_cast<double>(c), -grid)));
+    const double scale = power_of_two(-grid);
+    // Each term is below 2^(26 + extra_bits) grid units, truncated toward zero by the
+    // conversion; the sum of 17 fits an int64 exactly.
+    int64_t sum = static_cast<int64_t>(static_cast<double>(c) * scale);
+    for (int i = 0; i < n; ++i) sum += static_cast<int64_t>(a[i] * b[i] * scale);
     if (sum == 0) return 0.0f;
-    return round_toward_zero(ldexp(static_cast<double>(sum), grid));
+    return round_toward_zero(static_cast<double>(sum) * power_of_two(grid));
 }
 
 // c + sum_{k<K} a[k] b[k] as one element of an mma_sync: blocks of the model in ascending k.

@@ -42,7 +42,7 @@ constexpr uint32_t kMaxThreads = 1024;
 // (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES), then the architecture's maximum
 // (cudaDevAttrMaxSharedMemoryPerBlockOptin; CUDA C++ Programming Guide, compute capabilities).
 constexpr uint32_t kSharedWithoutOptIn = 48 * 1024;
-constexpr uint32_t kSharedOptInMax = kArch >= 90 ? 227 * 1024 : kArch == 80 ? 163 * 1024 : kArch >= 86 ? 99 * 1024 : 64 * 1024;
+constexpr uint32_t kSharedOptInMax = 1024 * (kArch >= 90 ? 227 : kArch == 80 ? 163 : kArch >= 86 ? 99 : 64);
 // Bytes after the dynamic shared memory that must still be 0xFF when a block ends.
 constexpr size_t kSharedRedZone = 4096;
 constexpr size_t kStackBytes = 128 * 1024;
