@@ -4,10 +4,15 @@
 //! committed bindings of `runtime/selftest.h` checked as the product's are.
 //!
 //! Static `__shared__` variables need one copy per block, refilled with NaN at the start of
-//! every block. The compiler cannot collect them by itself (a named section cannot hold both
+//! every block, placed no better aligned than declared, and counted towards the launch's
+//! shared memory. The compiler cannot collect them by itself (a named section cannot hold both
 //! the variables of inline functions and the others), so each source is preprocessed, every
-//! `__shared__` declaration becomes a static variable followed by its registration with the
-//! runtime, and the result is compiled. Line markers keep diagnostics on the original lines.
+//! `__shared__` declaration becomes storage held and registered by the runtime
+//! (`SharedHolder`) with a reference of the declared name, and the result is compiled. Line
+//! markers keep diagnostics on the original lines.
+//!
+//! The kernels are compiled as the GPU compiles them where it matters to their results: with
+//! the architecture `CCPL_EMU_ARCH` models, FMA contraction, and alignment checks.
 //!
 //! `CCPL_KERNEL_DIR` replaces `kernels/` for this library only (never for nvcc), and
 //! `CCPL_EMU_RUNTIME_DIR` replaces `runtime/`: the planted-bug check (`planted-bugs`) builds the
@@ -68,7 +73,7 @@ fn main() {
     // a*b+c contracted into one fused multiply-add, as nvcc and NVRTC do by default (--fmad):
     // the host compiler fuses within and across statements (after inlining), as ptxas does,
     // though not always the same pairs. Kernels whose bits must not depend on it spell out
-    // __fmul_rn, __fadd_rn or __fmaf_rn. Needs a host with FMA (x86-64-v3, any aarch64).
+    // __fmul_rn or __fadd_rn. Needs a host with FMA (x86-64-v3, any aarch64).
     base.flag("-ffp-contract=fast");
     if env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64") {
         base.flag("-mfma");
