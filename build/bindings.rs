@@ -13,7 +13,7 @@ use std::fs;
 use std::path::Path;
 
 /// Checks (or rewrites) `committed`, the bindings of `header` restricted to `allowlist` (a
-/// regex of type and variable names). `workspace` is where `.toolchain/` would be.
+/// regex of type and variable names). `workspace` is the workspace root.
 pub fn check_committed(workspace: &Path, header: &Path, committed: &Path, allowlist: &str) {
     for var in [
         "LIBCLANG_PATH",
@@ -24,7 +24,7 @@ pub fn check_committed(workspace: &Path, header: &Path, committed: &Path, allowl
     }
     println!("cargo:rerun-if-changed={}", header.display());
     println!("cargo:rerun-if-changed={}", committed.display());
-    let bundled = workspace.join(".toolchain/libclang");
+    let bundled = toolchain_dir(workspace).join("libclang");
     let have_bundled = bundled.join("libclang.so").exists();
     let update = flag("CCPL_UPDATE_BINDINGS");
     if !(update || flag("CCPL_REQUIRE_BINDGEN") || have_bundled) {
@@ -57,6 +57,13 @@ pub fn check_committed(workspace: &Path, header: &Path, committed: &Path, allowl
             header.display()
         );
     }
+}
+
+/// Where `scripts/bootstrap` installs the build's tools: `CCPL_TOOLCHAIN`, else `.toolchain/`
+/// of the workspace.
+pub fn toolchain_dir(workspace: &Path) -> std::path::PathBuf {
+    println!("cargo:rerun-if-env-changed=CCPL_TOOLCHAIN");
+    env::var_os("CCPL_TOOLCHAIN").map_or_else(|| workspace.join(".toolchain"), Into::into)
 }
 
 fn flag(var: &str) -> bool {

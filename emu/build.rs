@@ -4,10 +4,15 @@
 //! committed bindings of `runtime/selftest.h` checked as the product's are.
 //!
 //! Static `__shared__` variables need one copy per block, refilled with NaN at the start of
-//! every block. The compiler cannot collect them by itself (a named section cannot hold both
+//! every block, placed no better aligned than declared, and counted towards the launch's
+//! shared memory. The compiler cannot collect them by itself (a named section cannot hold both
 //! the variables of inline functions and the others), so each source is preprocessed, every
-//! `__shared__` declaration becomes a static variable followed by its registration with the
-//! runtime, and the result is compiled. Line markers keep diagnostics on the original lines.
+//! `__shared__` declaration becomes storage held and registered by the runtime
+//! (`SharedHolder`) with a reference of the declared name, and the result is compiled. Line
+//! markers keep diagnostics on the original lines.
+//!
+//! The kernels are compiled as the GPU compiles them where it matters to their results: with
+//! the architecture `CCPL_EMU_ARCH` models, FMA contraction, and alignment checks.
 //!
 //! `CCPL_KERNEL_DIR` replaces `kernels/` for this library only (never for nvcc), and
 //! `CCPL_EMU_RUNTIME_DIR` replaces `runtime/`: the planted-bug check (`planted-bugs`) builds the
@@ -51,16 +56,28 @@ fn main() {
         .collect();
     sources.push(emu.join("selftest.cu"));
 
+    let arch = modelled_arch();
     let mut base = cc::Build::new();
     base.cpp(true)
         .std("c++17")
         .opt_level(2)
         .include(&kernels)
         .include(&emu)
+        .define("CCPL_EMU_ARCH", arch.to_string().as_str())
         .flag("-x")
         .flag("c++")
         .flag("-Wall")
         .flag("-Wno-unknown-pragmas");
+    // Every typed load and store checks its alignment (the handler is runtime.cpp's).
+    base.flag("-fsanitize=alignment");
+    // a*b+c contracted into one fused multiply-add, as nvcc and NVRTC do by default (--fmad):
+    // the host compiler fuses within and across statements (after inlining), as ptxas does,
+    // though not always the same pairs. Kernels whose bits must not depend on it spell out
+    // __fmul_rn or __fadd_rn. Needs a host with FMA (x86-64-v3, any aarch64).
+    base.flag("-ffp-contract=fast");
+    if env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64") {
+        base.flag("-mfma");
+    }
     let rewritten = out.join("rewritten");
     fs::create_dir_all(&rewritten).unwrap();
     let mut lib = base.clone();
@@ -83,6 +100,25 @@ fn main() {
     lib.compile("ccpl_emu");
 }
 
+/// The architecture the emulator models: `CCPL_EMU_ARCH` (a compute capability), default 90
+/// (H100, H200). It decides the tensor cores' arithmetic (runtime/hmma.h), the shared memory
+/// maximum and the kernels' CCPL_ARCH (bf16 takes the FMA tile on 75).
+fn modelled_arch() -> u32 {
+    const MODELLED: &[u32] = &[75, 80, 86, 89, 90, 100];
+    println!("cargo:rerun-if-env-changed=CCPL_EMU_ARCH");
+    let arch = env::var("CCPL_EMU_ARCH").map_or(90, |v| {
+        v.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("CCPL_EMU_ARCH={v:?} is not a compute capability like 90"))
+    });
+    assert!(
+        MODELLED.contains(&arch),
+        "CCPL_EMU_ARCH={arch}: the emulator models {MODELLED:?}"
+    );
+    println!("cargo:rustc-env=CCPL_EMU_ARCH={arch}");
+    arch
+}
+
 /// `default`, or the folder `var` names; every file in it reruns the build when it changes.
 fn source_dir(var: &str, default: PathBuf) -> PathBuf {
     println!("cargo:rerun-if-env-changed={var}");
@@ -93,8 +129,12 @@ fn source_dir(var: &str, default: PathBuf) -> PathBuf {
     dir
 }
 
-/// Rewrites every `MARKER <declaration>;` of preprocessed C++ as a static variable and a
-/// registration of each declared name: `static T a[n]; static const StaticShared r0(&a, sizeof(a));`.
+/// Rewrites every `MARKER <declaration>;` of preprocessed C++ as a struct holding the
+/// declaration, its storage (`SharedHolder`, which registers it and places it at no more than
+/// its alignment) and a reference to each declared name:
+/// `struct S0 { T a[n]; }; static SharedHolder<S0> h0; auto& a = h0.use().a;`. Inside a function
+/// `use()` runs each time the declaration is reached, counting the variable's bytes towards
+/// the launch's shared memory; at namespace scope the reference is bound once (`get()`).
 fn rewrite_shared(text: &str) -> Result<String, String> {
     let mut code = String::with_capacity(text.len());
     let mut rest = text;
@@ -112,26 +152,68 @@ fn rewrite_shared(text: &str) -> Result<String, String> {
                 "{location}: `extern __shared__` (dynamic shared memory): use CCPL_DYNAMIC_SHARED(type, name)"
             ));
         }
-        code.push_str(before);
-        if !words(prefix).any(|w| w == "static") {
-            code.push_str("static");
-        }
-        code.push_str(declaration);
-        code.push(';');
-        for name in declared_names(declaration)
-            .map_err(|e| format!("{location}: `__shared__{declaration};`: {e}"))?
-        {
+        let in_function = in_function(&text[..text.len() - rest.len() + at]);
+        code.push_str(&before[..before.len() - prefix.len()]);
+        let attributes = match find_word(prefix, "static") {
+            Some(i) => format!("{}{}", &prefix[..i], &prefix[i + "static".len()..]),
+            None => prefix.to_string(),
+        };
+        let names = declared_names(declaration)
+            .map_err(|e| format!("{location}: `__shared__{declaration};`: {e}"))?;
+        write!(
+            code,
+            "struct ccpl_emu_shared_{count} {{ {attributes} {declaration}; }}; \
+             static ::ccpl_emu::SharedHolder<ccpl_emu_shared_{count}> ccpl_emu_holder_{count};"
+        )
+        .unwrap();
+        let access = if in_function { "use" } else { "get" };
+        for name in names {
             write!(
                 code,
-                " static const ::ccpl_emu::StaticShared ccpl_emu_static_shared_{count}(&{name}, sizeof({name}));"
+                " auto& {name} = ccpl_emu_holder_{count}.{access}().{name};"
             )
             .unwrap();
-            count += 1;
         }
+        count += 1;
         rest = &after[end + 1..];
     }
     code.push_str(rest);
     Ok(code)
+}
+
+/// Whether the end of `text` lies inside a function body: inside a brace that is not a
+/// namespace's or an `extern "C"` block's.
+fn in_function(text: &str) -> bool {
+    let mut open: Vec<bool> = Vec::new(); // per open brace: whether it is a function body's
+    let mut last_words: Vec<&str> = Vec::new();
+    let mut word_start = None;
+    for (i, c) in text.char_indices() {
+        if is_ident(c) {
+            word_start.get_or_insert(i);
+            continue;
+        }
+        if let Some(start) = word_start.take() {
+            last_words.push(&text[start..i]);
+        }
+        match c {
+            '{' => {
+                let scope = last_words
+                    .iter()
+                    .rev()
+                    .take(2)
+                    .any(|w| *w == "namespace" || *w == "extern");
+                open.push(!scope);
+                last_words.clear();
+            }
+            '}' => {
+                open.pop();
+                last_words.clear();
+            }
+            ';' | ')' | '(' => last_words.clear(),
+            _ => {}
+        }
+    }
+    open.contains(&true)
 }
 
 fn is_ident(c: char) -> bool {

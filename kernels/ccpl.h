@@ -1,9 +1,10 @@
 /*
  * ccpl.h: the only ABI between the CUDA kernels and Rust.
  *
- * Plain C11 with <stdint.h> only: bindgen reads it for the Rust side (build.rs), nvcc and the
- * CPU emulator include it for the kernels. Every kernel takes exactly one of the structs below
- * by value. Device addresses are 64-bit integers (host addresses under the emulator).
+ * Plain C11 with <stdint.h> only: bindgen reads it for the Rust side (build.rs), NVRTC (or
+ * nvcc) and the CPU emulator include it for the kernels. Every kernel takes exactly one of
+ * the structs below by value. Device addresses are 64-bit integers (host addresses under the
+ * emulator).
  *
  * Storage types: tensors that hold features or rows (feature maps, difference rows,
  * normalised rows and their gradients) are in the kernel's storage type T (float, __half or
@@ -13,7 +14,11 @@
 #ifndef CCPL_H
 #define CCPL_H
 
+#ifdef __CUDACC_RTC__
+#include <cuda/std/cstdint> /* NVRTC has no C library headers */
+#else
 #include <stdint.h>
+#endif
 
 /* ---- Constants ---------------------------------------------------------------------- */
 
@@ -198,7 +203,8 @@ typedef struct ccpl_info_nce_fused_forward_params {
 
 /*
  * info_nce_fused_backward_{T}: info_nce_backward with the logits recomputed from q and k
- * (the same bits as similarity_{T} stores) instead of read:
+ * (the same bits as similarity_{T} stores: the scaling by inv_tau is rounded on its own,
+ * never fused into the subtraction that follows) instead of read:
  * transpose == 0: grad[b,i,:] = sum_j G[b,i,j] k[b,j,:] * inv_tau   (dq)
  * transpose == 1: grad[b,j,:] = sum_i G[b,i,j] q[b,i,:] * inv_tau   (dk)
  */

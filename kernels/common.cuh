@@ -9,6 +9,16 @@
 
 #include "ccpl.h"
 
+#ifdef __CUDACC_RTC__
+// NVRTC (the default build, build.rs) has no C++ standard library: the std names the kernels
+// use (type traits) come from libcu++, and INFINITY, a macro of <math.h>, from its limits.
+#include <cuda/std/limits>
+#include <cuda/std/type_traits>
+namespace std {
+using namespace cuda::std;
+}
+#define INFINITY (::cuda::std::numeric_limits<float>::infinity())
+#endif
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -18,6 +28,15 @@
 #define CCPL_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
 #else
 #include "cuda_emu.h"  // emu/runtime/, on the emulator's include path
+#endif
+
+// The compute capability the code is compiled for, times 10 (__CUDA_ARCH__: 750, 800, 900);
+// the emulator defines it as the architecture it models (cuda_emu.h). nvcc's host pass
+// generates no device code: any value parses there.
+#ifdef __CUDA_ARCH__
+#define CCPL_ARCH __CUDA_ARCH__
+#elif !defined(CCPL_ARCH)
+#define CCPL_ARCH 900
 #endif
 
 // The three storage types, each with its kernel-name suffix.

@@ -4,8 +4,9 @@
 // similarity.cu + info_nce.cu (17 GB at S = 65536), which stay as the standalone kernels.
 //
 // Two ways to compute a tile, chosen by the storage type (logits_tiles.cuh); either way the
-// logits tiles hold the same bits as similarity_{T} stores, so the forward equals the
-// materialised path's up to the order of the row statistics' sums:
+// logits hold the same bits as similarity_{T} stores (tile_logit), so the forward equals the
+// materialised path's up to the order of the row statistics' sums, and the f32 backward equals
+// it bit for bit given the same statistics:
 // - float: the FMA tile GEMM of tile_gemm.cuh;
 // - __half, __nv_bfloat16: tensor cores (tile_mma.cuh), float accumulation. The backward's
 //   second product takes G rounded to T (as FlashAttention does its P): a relative error of
@@ -39,7 +40,7 @@ __device__ void info_nce_fused_forward_rows(const ccpl_info_nce_fused_forward_pa
             for (int j = 0; j < Gemm::kMicro; ++j) {
                 const int64_t row = i0 + gemm_row(i), col = j0 + gemm_col(j);
                 if (col >= S) continue;
-                const float logit = tiles.at(i, j) * p.inv_tau;
+                const float logit = tile_logit(tiles.at(i, j), p.inv_tau);
                 row_stats_push(stats[i], logit);
                 if (row == col) diagonal[gemm_row(i)] = logit;
             }
@@ -94,7 +95,7 @@ template <typename T> struct FusedBackwardTile {
     __device__ __forceinline__ float g(int64_t r, int64_t c, float dot) const {
         if (r >= S || c >= S) return 0.0f;
         const int64_t row = kTranspose ? c : r;
-        return softmax_minus_eye(r == c, dot * inv_tau, lse[row], row_loss[row]);
+        return softmax_minus_eye(r == c, tile_logit(dot, inv_tau), lse[row], row_loss[row]);
     }
     // The other side's rows n0.. at output column `col` of the tile, zero outside.
     __device__ __forceinline__ T other_at(int64_t n, int col) const {

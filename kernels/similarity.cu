@@ -18,7 +18,7 @@ template <typename T> __device__ void similarity(const ccpl_similarity_params& p
 #pragma unroll
             for (int j = 0; j < Gemm::kMicro; ++j) {
                 const int64_t col = j0 + gemm_col(j);
-                if (row < S && col < S) logits[row * S + col] = tiles.at(i, j) * p.inv_tau;
+                if (row < S && col < S) logits[row * S + col] = tile_logit(tiles.at(i, j), p.inv_tau);
             }
         }
     });

@@ -19,8 +19,12 @@ run() { # name, command...
     echo "date:   $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     ldd --version | head -1
+    # First: do the tensor cores add as the emulator's model says (every test's tolerance on
+    # f16/bf16 rests on it)?
+    run "tests hmma_hardware" "$here/bin/hmma_hardware" --test-threads=1 --nocapture
     run "main job" "$here/ccp_loss"
     for bin in "$here"/bin/*; do
+        [ "$(basename "$bin")" = hmma_hardware ] && continue
         run "tests $(basename "$bin")" "$bin" --test-threads=1
     done
     sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)

@@ -52,7 +52,7 @@ pub enum Error {
     Dtype(String),
     /// No usable GPU: no CUDA driver, no device, or the device could not be opened.
     NoGpu(String),
-    /// The crate was built without its CUDA kernels (no nvcc at build time).
+    /// The crate was built without its CUDA kernels (no CUDA compiler at build time).
     KernelsNotBuilt(&'static str),
     /// An error reported by the CUDA driver.
     Cuda(String),

@@ -1,7 +1,8 @@
-//! What build.rs embedded: real nvcc output (no stub), in a form the GPU machines' driver takes.
+//! What build.rs embedded: real compiler output (no stub), a cubin for every architecture of
+//! the support matrix, in a form the drivers of the CUDA 12 line (R525 on) take.
 
 use ccpl::cuda::{self, entry_points};
-use ccpl::ffi::{IMAGES, NOT_BUILT};
+use ccpl::ffi::{IMAGES, NOT_BUILT, TOOLCHAIN};
 
 /// `kernels/*.cu`, the families build.rs must have compiled.
 fn kernel_sources() -> Vec<String> {
@@ -68,10 +69,55 @@ fn every_kernel_source_is_embedded_as_cubin_and_ptx() {
     }
 }
 
-/// The GPU machines run driver 580 (CUDA 13.0), which takes PTX ISA 9.0 at most: a newer nvvm
-/// (13.5 writes `.version 9.5`) would build fine here and fail to load there.
+/// The support matrix (README): a cubin for Turing, Ampere, Ada and Hopper (and Blackwell
+/// where the compiler has it), and PTX for sm_80, which the driver compiles for any newer GPU
+/// with every feature of the kernels (bf16 tensor cores). `CCPL_CUDA_ARCH` narrows it.
 #[test]
-fn ptx_isa_is_one_the_cuda_13_0_driver_loads() {
+fn the_default_build_covers_the_support_matrix() {
+    let Some(toolchain) = TOOLCHAIN else {
+        eprintln!("SKIPPED: kernels not built");
+        return;
+    };
+    if let Some(list) = toolchain.arch_list {
+        eprintln!("SKIPPED: CCPL_CUDA_ARCH={list} narrowed the architectures");
+        return;
+    }
+    let mut required = vec![75, 80, 86, 89, 90];
+    if toolchain.cuda >= (12, 8) {
+        required.extend([100, 120]); // Blackwell, from CUDA 12.8 on
+    }
+    for image in IMAGES {
+        let archs: Vec<u32> = image.cubins.iter().map(|(a, _)| *a).collect();
+        assert_eq!(archs, required, "{}: cubins", image.family);
+        assert_eq!(image.ptx_arch, 80, "{}: PTX", image.family);
+    }
+}
+
+/// The PTX ISA each CUDA release writes (and its driver reads at most).
+fn ptx_isa_of(cuda: (u32, u32)) -> (u32, u32) {
+    match cuda {
+        (12, minor @ 0..=5) => (8, minor),
+        (12, 6) => (8, 5),
+        (12, 8) => (8, 7),
+        (12, 9) => (8, 8),
+        (13, 0) => (9, 0),
+        other => panic!("CUDA {other:?}: add its PTX ISA here"),
+    }
+}
+
+/// The compiler matches its own PTX ISA (wheels of mixed releases, such as a newer nvvm, would
+/// build fine here and fail to load on the GPU), and the default toolchain is CUDA 12's, so
+/// the cubins load on every driver from R525 on. A CUDA 13 toolkit (set by CCPL_NVCC or
+/// CUDA_HOME) is the user's choice, for drivers from R580 on.
+#[test]
+fn ptx_isa_is_the_toolchains_and_cuda_12_by_default() {
+    let Some(toolchain) = TOOLCHAIN else {
+        eprintln!("SKIPPED: kernels not built");
+        return;
+    };
+    if toolchain.compiler.starts_with("NVRTC") {
+        assert_eq!(toolchain.cuda.0, 12, "{toolchain:?}");
+    }
     for image in IMAGES {
         let version = image
             .ptx
@@ -79,11 +125,12 @@ fn ptx_isa_is_one_the_cuda_13_0_driver_loads() {
             .find_map(|l| l.trim().strip_prefix(".version "))
             .unwrap_or_else(|| panic!("{}: PTX without .version", image.family));
         let (major, minor) = version.trim().split_once('.').unwrap();
-        let (major, minor): (u32, u32) = (major.parse().unwrap(), minor.parse().unwrap());
+        let isa: (u32, u32) = (major.parse().unwrap(), minor.parse().unwrap());
         assert!(
-            (major, minor) <= (9, 0),
-            "{}: PTX ISA {version} is newer than CUDA 13.0's 9.0",
-            image.family
+            isa <= ptx_isa_of(toolchain.cuda),
+            "{}: PTX ISA {version} is newer than CUDA {:?} writes",
+            image.family,
+            toolchain.cuda
         );
     }
 }

@@ -32,6 +32,8 @@
 
 // Set while compiling for the emulator: the portable side of a GPU-only path.
 #define CCPL_EMULATOR 1
+// The compute capability the kernels see (common.cuh): the one the emulator models.
+#define CCPL_ARCH (CCPL_EMU_ARCH * 10)
 
 // ---- Qualifiers ------------------------------------------------------------------------
 
@@ -103,11 +105,40 @@ struct KernelRegistration {
     KernelRegistration(const char* name, size_t params_size, void (*thunk)(const void*));
 };
 
-// Registers a static __shared__ variable so that every block sees it NaN-filled (emu/build.rs
-// writes these next to each rewritten declaration).
-struct StaticShared {
-    StaticShared(void* address, size_t bytes);
+// A static __shared__ declaration's storage (emu/build.rs turns `__shared__ D;` into a struct
+// S { D; } held by one of these, and each declared name into a reference to its member).
+// Registered so that every block sees it NaN-filled, and placed at an address that is a
+// multiple of its alignment but of no larger power of two: where a GPU's ptxas may place it,
+// so a WMMA operand that is not declared 32-byte aligned fails the alignment check here
+// instead of working by luck.
+struct SharedRegistration {
+    SharedRegistration(void* address, size_t bytes);
+    // Counts the variable's bytes towards the running launch's static shared memory (once per
+    // launch) and checks the launch's limits.
+    void use(const char* file, int line);
+    size_t bytes;
+    uint64_t launch = 0;  // the last launch that used it
 };
+template <typename S> struct SharedHolder {
+    static constexpr size_t kAlign = alignof(S);
+    alignas(2 * kAlign) unsigned char storage[sizeof(S) + kAlign];
+    SharedRegistration registration{storage + kAlign, sizeof(S)};
+    S& get() { return *reinterpret_cast<S*>(storage + kAlign); }
+    S& use(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+        registration.use(file, line);
+        return get();
+    }
+};
+
+// The architecture the emulator models (CCPL_EMU_ARCH from emu/build.rs: 75, 80, 86, 89, 90,
+// 100), for the kernels' CCPL_ARCH (common.cuh) and the tensor cores' arithmetic below.
+#ifndef CCPL_EMU_ARCH
+#error "emu/build.rs defines CCPL_EMU_ARCH, the modelled architecture"
+#endif
+constexpr int kArch = CCPL_EMU_ARCH;
+
+// Formats a message into a per-thread buffer (for fail()).
+const char* message(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 
 // Bit copies between a value of at most 8 bytes and the 64-bit slot the runtime exchanges.
 template <typename T> inline uint64_t to_bits(const T& v) {
@@ -272,9 +303,44 @@ inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.__x; }
 // A portable model of the WMMA API: every lane holds the whole tile (row-major in x[]), so
 // the kernels must not rely on which elements a lane holds (they may use x[]/num_elements
 // only element-wise and layout-agnostically). Each operation is warp-collective as on the
-// GPU: all 32 lanes must call it (a __syncwarp() at its entry checks that). The products of
-// 16-bit inputs are exact in float and accumulate by fmaf in k order; the GPU's tensor cores
-// may add in another order.
+// GPU: all 32 lanes must call it (a __syncwarp() at its entry checks that). Loads and stores
+// check the CUDA C++ alignment rules; mma_sync adds as the modelled architecture's tensor
+// cores do (hmma.h), not as fmaf would.
+
+namespace ccpl_emu {
+
+// The CUDA C++ Programming Guide's rule for load_matrix_sync and store_matrix_sync: "mptr
+// must be a 256-bit aligned pointer" and ldm a multiple of 16 bytes (8 __half, 4 float).
+// (The PTX ISA's wmma.load asks more, every row 32-byte aligned: the common padding by 8
+// halves breaks it, and the C++ API it implements is documented with the rule checked here.)
+inline void check_wmma_operand(const char* op, const void* p, unsigned ldm, size_t element, const char* file,
+                               int line) {
+    if (reinterpret_cast<uintptr_t>(p) % 32 != 0) {
+        fail(message("%s: the pointer %p is not 32-byte (256-bit) aligned, as WMMA requires (declare the "
+                     "operand __align__(32))",
+                     op, p),
+             file, line);
+    }
+    if (ldm * element % 16 != 0) {
+        fail(message("%s: ldm = %u elements of %zu bytes is not a multiple of 16 bytes, as WMMA requires", op, ldm,
+                     element),
+             file, line);
+    }
+}
+
+// The result of one warp's last mma_sync, by content: every lane of the warp holds the same
+// tile and calls mma_sync with it, so one lane computes and the others copy.
+struct MmaMemo {
+    bool valid = false;
+    size_t tag = 0;
+    unsigned char inputs[3 * 16 * 16 * sizeof(float)];
+    float out[16 * 16];
+};
+MmaMemo& mma_memo();  // the calling lane's warp's
+
+}  // namespace ccpl_emu
+
+#include "hmma.h"
 
 namespace nvcuda {
 namespace wmma {
@@ -317,48 +383,75 @@ inline size_t element_offset(int r, int c, unsigned ldm, bool row_major_layout) 
 }
 
 template <typename Use, int M, int N, int K, typename T, typename Layout>
-inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ldm) {
+inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ldm,
+                             const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     static_assert(!std::is_same<Use, accumulator>::value, "an accumulator load needs a layout");
     __syncwarp();
+    ::ccpl_emu::check_wmma_operand("wmma::load_matrix_sync", p, ldm, sizeof(T), file, line);
     constexpr bool row = std::is_same<Layout, row_major>::value;
     for (int r = 0; r < f.rows; ++r)
         for (int c = 0; c < f.cols; ++c) f.x[r * f.cols + c] = p[element_offset(r, c, ldm, row)];
 }
 
 template <int M, int N, int K, typename T>
-inline void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const T* p, unsigned ldm,
-                             layout_t layout) {
+inline void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const T* p, unsigned ldm, layout_t layout,
+                             const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     __syncwarp();
+    ::ccpl_emu::check_wmma_operand("wmma::load_matrix_sync", p, ldm, sizeof(T), file, line);
     for (int r = 0; r < f.rows; ++r)
         for (int c = 0; c < f.cols; ++c)
             f.x[r * f.cols + c] = p[element_offset(r, c, ldm, layout == mem_row_major)];
 }
 
 template <int M, int N, int K, typename T>
-inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm,
-                              layout_t layout) {
+inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t layout,
+                              const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     __syncwarp();
+    ::ccpl_emu::check_wmma_operand("wmma::store_matrix_sync", p, ldm, sizeof(T), file, line);
     for (int r = 0; r < f.rows; ++r)
         for (int c = 0; c < f.cols; ++c)
             p[element_offset(r, c, ldm, layout == mem_row_major)] = f.x[r * f.cols + c];
 }
 
-// d = a b + c (d may be c).
+// What an mma_sync's memo entry is for: its shape and input type.
+template <int M, int N, int K, typename T> constexpr size_t memo_tag() {
+    return (size_t)M << 24 | (size_t)N << 16 | (size_t)K << 8 | (std::is_same<T, __nv_bfloat16>::value ? 2 : 1);
+}
+
+// d = a b + c (d may be c), element by element as the modelled tensor cores add
+// (ccpl_emu::hmma_dot).
 template <int M, int N, int K, typename T, typename LayoutA, typename LayoutB>
 inline void mma_sync(fragment<accumulator, M, N, K, float>& d,
                      const fragment<matrix_a, M, N, K, T, LayoutA>& a,
                      const fragment<matrix_b, M, N, K, T, LayoutB>& b,
                      const fragment<accumulator, M, N, K, float>& c) {
+    static_assert(M * N <= 256 && M * K <= 256 && K * N <= 256, "the memo holds 16x16 tiles");
     __syncwarp();
-    float out[M * N];
-    for (int m = 0; m < M; ++m) {
-        for (int n = 0; n < N; ++n) {
-            float sum = c.x[m * N + n];
-            for (int k = 0; k < K; ++k) sum = fmaf(float(a.x[m * K + k]), float(b.x[k * N + n]), sum);
-            out[m * N + n] = sum;
+    ::ccpl_emu::MmaMemo& memo = ::ccpl_emu::mma_memo();
+    unsigned char inputs[sizeof memo.inputs];
+    memcpy(inputs, a.x, sizeof a.x);
+    memcpy(inputs + sizeof a.x, b.x, sizeof b.x);
+    memcpy(inputs + sizeof a.x + sizeof b.x, c.x, sizeof c.x);
+    const size_t tag = memo_tag<M, N, K, T>();
+    const size_t used = sizeof a.x + sizeof b.x + sizeof c.x;
+    if (!(memo.valid && memo.tag == tag && memcmp(memo.inputs, inputs, used) == 0)) {
+        constexpr ::ccpl_emu::HmmaModel model = ::ccpl_emu::hmma_model(::ccpl_emu::kArch);
+        constexpr int emin = ::ccpl_emu::input_emin<T>();
+        for (int m = 0; m < M; ++m) {
+            for (int n = 0; n < N; ++n) {
+                double row[K], column[K];
+                for (int k = 0; k < K; ++k) {
+                    row[k] = float(a.x[m * K + k]);
+                    column[k] = float(b.x[k * N + n]);
+                }
+                memo.out[m * N + n] = ::ccpl_emu::hmma_dot(model, emin, c.x[m * N + n], row, column, K);
+            }
         }
+        memcpy(memo.inputs, inputs, used);
+        memo.tag = tag;
+        memo.valid = true;
     }
-    for (int i = 0; i < M * N; ++i) d.x[i] = out[i];
+    for (int i = 0; i < M * N; ++i) d.x[i] = memo.out[i];
 }
 
 }  // namespace wmma
@@ -400,6 +493,22 @@ inline unsigned short atomicCAS(unsigned short* a, unsigned short c, unsigned sh
 }
 
 // ---- Math and bit intrinsics -----------------------------------------------------------
+
+// Multiply and add rounded on their own, never fused into an FMA (CUDA: "will never be merged
+// into a single multiply-add instruction"): the empty asm makes the host compiler, which
+// contracts a*b+c here as nvcc does (emu/build.rs), take the rounded value as it is.
+namespace ccpl_emu {
+inline float unfused(float x) {
+#if defined(__x86_64__)
+    asm("" : "+x"(x));
+#else
+    asm("" : "+m"(x));
+#endif
+    return x;
+}
+}  // namespace ccpl_emu
+inline float __fmul_rn(float a, float b) { return ::ccpl_emu::unfused(a * b); }
+inline float __fadd_rn(float a, float b) { return ::ccpl_emu::unfused(a + b); }
 
 inline unsigned int __float_as_uint(float f) { return static_cast<unsigned int>(::ccpl_emu::to_bits(f)); }
 inline int __popc(unsigned int x) { return __builtin_popcount(x); }

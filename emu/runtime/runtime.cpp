@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstdarg>
 #include <cstdio>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -37,7 +38,11 @@ namespace {
 
 constexpr uint32_t kWarp = 32;
 constexpr uint32_t kMaxThreads = 1024;
-constexpr uint32_t kMaxDynamicShared = 227 * 1024;
+// Shared memory of a block (static and dynamic together): 48 KiB unless the launch opted in
+// (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES), then the architecture's maximum
+// (cudaDevAttrMaxSharedMemoryPerBlockOptin; CUDA C++ Programming Guide, compute capabilities).
+constexpr uint32_t kSharedWithoutOptIn = 48 * 1024;
+constexpr uint32_t kSharedOptInMax = 1024 * (kArch >= 90 ? 227 : kArch == 80 ? 163 : kArch >= 86 ? 99 : 64);
 // Bytes after the dynamic shared memory that must still be 0xFF when a block ends.
 constexpr size_t kSharedRedZone = 4096;
 constexpr size_t kStackBytes = 128 * 1024;
@@ -246,11 +251,15 @@ struct Launch {
     Fiber* current = nullptr;
     unsigned char* dynamic_shared = nullptr;
     uint32_t dynamic_bytes = 0;
+    bool shared_opt_in = false;
+    uint64_t id = 0;            // this launch's number (SharedRegistration::launch)
+    size_t static_bytes = 0;    // static shared memory the launch's blocks reached so far
     std::string error;  // the first error; the launch stops at it
 };
 
 std::mutex g_launch_mutex;  // static shared memory and the fiber stacks are process-wide
 Launch* g_launch = nullptr;
+uint64_t g_launches = 0;
 
 // Fiber stacks, each with a guard page below it, kept for later launches.
 std::vector<Fiber>& fiber_pool(uint32_t threads) {
@@ -529,7 +538,7 @@ const Kernel* find_kernel(const char* name) {
     return found;
 }
 
-std::string check_dims(const dim3& grid, const dim3& block, uint32_t shared_bytes) {
+std::string check_dims(const dim3& grid, const dim3& block) {
     if (!grid.x || !grid.y || !grid.z || !block.x || !block.y || !block.z) return "a grid or block dimension is 0";
     if (block.x > kMaxThreads || block.y > kMaxThreads || block.z > 64 ||
         uint64_t{block.x} * block.y * block.z > kMaxThreads) {
@@ -539,9 +548,25 @@ std::string check_dims(const dim3& grid, const dim3& block, uint32_t shared_byte
     if (grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535) {
         return format("grid (%u,%u,%u) exceeds the limits (x < 2^31, y, z <= 65535)", grid.x, grid.y, grid.z);
     }
-    if (shared_bytes > kMaxDynamicShared) {
-        return format("%u bytes of dynamic shared memory exceed the %u a block may have", shared_bytes,
-                      kMaxDynamicShared);
+    return {};
+}
+
+// The shared memory limits of a launch with `static_bytes` of static shared memory (those its
+// blocks reached so far): an empty string when they hold, else why not.
+std::string shared_limits(size_t static_bytes, uint32_t dynamic, bool opt_in) {
+    const size_t total = static_bytes + dynamic;
+    if (static_bytes > kSharedWithoutOptIn) {
+        return format("%zu bytes of static shared memory exceed the %u a kernel may declare (ptxas refuses it)",
+                      static_bytes, kSharedWithoutOptIn);
+    }
+    if (!opt_in && total > kSharedWithoutOptIn) {
+        return format("%zu bytes of shared memory (%zu static, %u dynamic) exceed the %u a block may use without "
+                      "opting in: the plan must set shared_opt_in (LaunchPlan::with_dynamic_shared)",
+                      total, static_bytes, dynamic, kSharedWithoutOptIn);
+    }
+    if (total > kSharedOptInMax) {
+        return format("%zu bytes of shared memory (%zu static, %u dynamic) exceed the %u a block may have on sm_%d",
+                      total, static_bytes, dynamic, kSharedOptInMax, kArch);
     }
     return {};
 }
@@ -638,13 +663,36 @@ void fail(const char* what, const char* file, int line) {
 
 void* dynamic_shared() { return g_launch->dynamic_shared; }
 
+const char* message(const char* fmt, ...) {
+    static thread_local char buffer[1024];
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(buffer, sizeof buffer, fmt, args);
+    va_end(args);
+    return buffer;
+}
+
+MmaMemo& mma_memo() {
+    static MmaMemo memos[kMaxThreads / kWarp];
+    return memos[g_launch->current->linear / kWarp];
+}
+
 KernelRegistration::KernelRegistration(const char* name, size_t params_size, void (*thunk)(const void*)) {
     kernels().push_back(Kernel{name, params_size, thunk});
 }
 
-StaticShared::StaticShared(void* address, size_t bytes) {
+SharedRegistration::SharedRegistration(void* address, size_t bytes_) : bytes(bytes_) {
     static_shared().push_back(SharedVariable{address, bytes});
     memset(address, 0xFF, bytes);  // registered mid-block when first reached: NaN from here on
+}
+
+void SharedRegistration::use(const char* file, int line) {
+    Launch* L = g_launch;
+    if (!L || launch == L->id) return;  // namespace scope (static initialisation), or counted
+    launch = L->id;
+    L->static_bytes += bytes;
+    const std::string bad = shared_limits(L->static_bytes, L->dynamic_bytes, L->shared_opt_in);
+    if (!bad.empty()) abort_launch(format("%s (at the __shared__ declaration %s:%d)", bad.c_str(), file, line));
 }
 
 }  // namespace ccpl_emu
@@ -657,8 +705,8 @@ using namespace ccpl_emu;
 // memory, `params` the kernel's parameter struct (its size checked against the kernel's).
 // Returns 0, or an error code with a message in `err`.
 extern "C" int ccpl_emu_launch(const char* name, const uint32_t grid[3], const uint32_t block[3],
-                               uint32_t shared_bytes, const void* params, size_t params_size, uint64_t seed,
-                               char* err, size_t err_len) {
+                               uint32_t shared_bytes, int32_t shared_opt_in, const void* params, size_t params_size,
+                               uint64_t seed, char* err, size_t err_len) {
     std::lock_guard<std::mutex> lock(g_launch_mutex);
     const Kernel* kernel = find_kernel(name);
     if (!kernel) return report(err, err_len, kUnknownKernel, format("no kernel named %s in the emulator (or more than one)", name));
@@ -668,11 +716,14 @@ extern "C" int ccpl_emu_launch(const char* name, const uint32_t grid[3], const u
                              params_size));
     }
     const dim3 g(grid[0], grid[1], grid[2]), b(block[0], block[1], block[2]);
-    std::string bad = check_dims(g, b, shared_bytes);
+    std::string bad = check_dims(g, b);
+    if (bad.empty()) bad = shared_limits(0, shared_bytes, shared_opt_in != 0);
     if (!bad.empty()) return report(err, err_len, kBadLaunch, format("%s: %s", name, bad.c_str()));
 
     Launch L(kernel, params, b.x * b.y * b.z, seed);
     L.dynamic_bytes = shared_bytes;
+    L.shared_opt_in = shared_opt_in != 0;
+    L.id = ++g_launches;
     L.fibers = &fiber_pool(L.threads);
     if (L.fibers->size() < L.threads) {
         return report(err, err_len, kBadLaunch, format("%s: could not map stacks for %u threads", name, L.threads));
@@ -697,6 +748,56 @@ extern "C" int ccpl_emu_launch(const char* name, const uint32_t grid[3], const u
     return kOk;
 }
 
+// One element of an mma_sync as the tensor cores of sm_{arch} add (hmma.h): c + sum a[k] b[k]
+// for k < K, the inputs __nv_bfloat16 values when bf16, else __half ones (exact in double).
+extern "C" float ccpl_emu_hmma_dot(int32_t arch, int32_t bf16, float c, const double* a, const double* b, int32_t K) {
+    return hmma_dot(hmma_model(arch), bf16 ? input_emin<__nv_bfloat16>() : input_emin<__half>(), c, a, b, K);
+}
+
 // The registered kernels, for tests that compare them with the GPU images.
 extern "C" size_t ccpl_emu_kernel_count() { return kernels().size(); }
 extern "C" const char* ccpl_emu_kernel_name(size_t i) { return i < kernels().size() ? kernels()[i].name : nullptr; }
+
+// ---- Misaligned accesses ---------------------------------------------------------------------
+//
+// emu/build.rs compiles the kernels with -fsanitize=alignment: every load and store through a
+// typed pointer checks the type's alignment, and a misaligned one calls this handler (GCC's and
+// Clang's UBSan ABI), defined here instead of linking the sanitizer runtime. Inside a launch it
+// ends the launch with the kernel's file and line; elsewhere (the runtime itself) it aborts.
+
+namespace {
+struct SourceLocation {
+    const char* file;
+    uint32_t line;
+    uint32_t column;
+};
+struct TypeDescriptor {
+    uint16_t kind;
+    uint16_t info;
+    char name[1];
+};
+struct TypeMismatchData {
+    SourceLocation location;
+    const TypeDescriptor* type;
+    unsigned char log_alignment;
+    unsigned char check_kind;
+};
+}  // namespace
+
+extern "C" void __ubsan_handle_type_mismatch_v1(TypeMismatchData* data, uintptr_t pointer) {
+    const unsigned long alignment = 1ul << data->log_alignment;
+    const char* what = pointer == 0 ? "a null pointer is dereferenced" : "a misaligned access";
+    const std::string message =
+        format("%s: address 0x%lx for type %s, which needs %lu-byte alignment", what,
+               static_cast<unsigned long>(pointer), data->type->name, alignment);
+    if (g_launch && g_launch->current) {
+        abort_launch(format("%s at %s:%u (%s)", message.c_str(), data->location.file, data->location.line,
+                            where(*g_launch->current).c_str()));
+    }
+    fprintf(stderr, "ccpl-emu: %s at %s:%u\n", message.c_str(), data->location.file, data->location.line);
+    abort();
+}
+extern "C" void __ubsan_handle_type_mismatch_v1_abort(TypeMismatchData* data, uintptr_t pointer) {
+    __ubsan_handle_type_mismatch_v1(data, pointer);
+    abort();
+}

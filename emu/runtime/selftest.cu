@@ -210,10 +210,10 @@ CCPL_KERNEL(selftest_conversions, Params) {
 // and stores are exercised. One warp.
 template <typename T> __device__ void selftest_wmma_in(const Params& p) {
     namespace wmma = nvcuda::wmma;
-    __shared__ T a[256];
-    __shared__ T b_transposed[256];
-    __shared__ float c[256];
-    __shared__ float d[256];
+    __shared__ __align__(32) T a[256];
+    __shared__ __align__(32) T b_transposed[256];
+    __shared__ __align__(32) float c[256];
+    __shared__ __align__(32) float d[256];
     const float* in = ptr<float>(p.in);
     for (int i = threadIdx.x; i < 256; i += kWarp) {
         a[i] = T(in[i]);
@@ -290,4 +290,41 @@ CCPL_KERNEL(selftest_misuse, Params) {
         default: break;
     }
     mut_ptr<int>(p.out)[selftest::global_thread()] = v;
+}
+
+// More static shared memory than a kernel may declare (ptxas refuses it; the emulator ends
+// the launch at the declaration).
+CCPL_KERNEL(selftest_large_static, Params) {
+    __shared__ float big[13 * 1024];
+    big[threadIdx.x] = 1.0f;
+    mut_ptr<float>(p.out)[threadIdx.x] = big[threadIdx.x];
+}
+
+// Misaligned accesses the emulator must report (arg selects one; one warp): 0 a WMMA store 16
+// bytes past a 32-byte aligned array, 1 a WMMA load with ldm = 4 halves (8 bytes), 2 a float
+// read 2 bytes past a float, 3 a WMMA store into a float tile declared without __align__(32),
+// which the emulator places 4 bytes past a multiple of 8 (as ptxas may). 4: the same tile
+// declared __align__(32), no error.
+CCPL_KERNEL(selftest_misaligned, Params) {
+    namespace wmma = nvcuda::wmma;
+    __shared__ __align__(32) float aligned_tile[16 * 17 + 8];
+    __shared__ float plain_tile[16 * 16];
+    __shared__ __align__(32) __half halves[16 * 16];
+    for (int i = threadIdx.x; i < 256; i += kWarp) halves[i] = __float2half_rn(1.0f);
+    __syncwarp();
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 1.0f);
+    float v = 0.0f;
+    switch (p.arg) {
+        case 0: wmma::store_matrix_sync(aligned_tile + 4, acc, 16, wmma::mem_row_major); break;
+        case 1: {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
+            wmma::load_matrix_sync(a, halves, 4);
+            break;
+        }
+        case 2: v = *reinterpret_cast<const float*>(reinterpret_cast<const char*>(aligned_tile) + 2); break;
+        case 3: wmma::store_matrix_sync(plain_tile, acc, 16, wmma::mem_row_major); break;
+        default: wmma::store_matrix_sync(aligned_tile, acc, 16, wmma::mem_row_major); break;
+    }
+    mut_ptr<float>(p.out)[threadIdx.x] = v;
 }

@@ -22,6 +22,7 @@
 //!     grid: (1, 1, 1),
 //!     block: (64, 1, 1),
 //!     shared_bytes: 0,
+//!     shared_opt_in: false,
 //!     params: emu::selftest::ccpl_emu_selftest_params {
 //!         in_: emu::buf(&input).addr,
 //!         out: emu::buf_mut(&mut sums).addr,
@@ -36,6 +37,20 @@
 //! # Ok(()) }
 //! ```
 //!
+//! What it models of the hardware, so that a test that would fail on a GPU fails here first
+//! (`docs/hardware.md` has the sources and the limits):
+//! - tensor-core arithmetic: `wmma::mma_sync` adds as the tensor cores of [`ARCH`] do
+//!   (`runtime/hmma.h`, [`hmma_dot`]: blocks of products aligned to the largest, truncated
+//!   toward zero, rounded toward zero), not as `fmaf` would;
+//! - FMA contraction: the kernels are compiled with `-ffp-contract=fast` (and `-mfma`), so
+//!   `a*b+c` is fused as nvcc fuses it by default; `__fmul_rn` and `__fadd_rn` are not fused;
+//! - alignment: every WMMA load and store checks the CUDA C++ rules (32-byte pointer, ldm a
+//!   multiple of 16 bytes), every typed access its type's alignment, and each static
+//!   `__shared__` variable sits at no more than its declared alignment, as ptxas may place it;
+//! - shared memory: 48 KiB per block (static and dynamic) unless the plan opts in
+//!   ([`LaunchPlan::shared_opt_in`](ccpl::plan::LaunchPlan)), then the maximum of [`ARCH`];
+//!   at most 48 KiB of static shared memory.
+//!
 //! What only a GPU checks:
 //! - code behind `#ifdef CCPL_EMULATOR` in the kernels (inline PTX such as mma, cp.async,
 //!   ldmatrix, with a portable fallback here); [`GPU_ONLY_PATHS`] lists it;
@@ -44,12 +59,13 @@
 //!   atomics and fences, so such a sequence runs whole;
 //! - anything between blocks: blocks run one after another, so two blocks racing on an
 //!   element agree, and a block that waits for another one would never end;
-//! - rounding of the GPU's own arithmetic: `__expf` and friends are exact here, the host
-//!   compiler does not contract `a*b+c` into FMAs the way nvcc does, and the portable WMMA
-//!   (`nvcuda::wmma`, every lane holding the whole tile) adds its products in k order where
-//!   tensor cores may not;
-//! - out-of-bounds global accesses (host memory, unchecked), the 48 KiB static shared memory
-//!   limit, registers, spills and speed.
+//! - the rest of the GPU's own rounding: `__expf` and friends are exact here, and the host
+//!   compiler fuses `a*b+c` where it can, which is not always where ptxas does (kernels whose
+//!   bits must match spell out `__fmul_rn`); the tensor-core model of sm_75 is inferred, not
+//!   validated (`tests/hmma_hardware.rs` compares it with a GPU's);
+//! - out-of-bounds global accesses (host memory, unchecked), static shared memory a block
+//!   declares but never reaches (it counts towards the limits on a GPU), registers, spills
+//!   and speed.
 
 use std::ffi::{CStr, CString, c_char, c_void};
 use std::fmt;
@@ -94,6 +110,22 @@ impl From<ccpl::Error> for Error {
     }
 }
 
+/// The architecture the emulator models, as a compute capability (`CCPL_EMU_ARCH` when the
+/// emulator was built, default 90: H100, H200): its tensor cores' arithmetic, its shared
+/// memory maximum and the kernel paths compiled for it (`CCPL_ARCH`).
+pub const ARCH: u32 = parse_arch(env!("CCPL_EMU_ARCH"));
+
+const fn parse_arch(digits: &str) -> u32 {
+    let bytes = digits.as_bytes();
+    let mut value = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        value = value * 10 + (bytes[i] - b'0') as u32;
+        i += 1;
+    }
+    value
+}
+
 /// Kernel code that the emulator does not run, as `(source, what)`: the GPU side of every
 /// `#ifdef CCPL_EMULATOR` in `kernels/`. Empty while every kernel runs whole on the CPU.
 pub const GPU_ONLY_PATHS: &[(&str, &str)] = &[];
@@ -104,12 +136,15 @@ unsafe extern "C" {
         grid: *const u32,
         block: *const u32,
         shared_bytes: u32,
+        shared_opt_in: i32,
         params: *const c_void,
         params_size: usize,
         seed: u64,
         err: *mut c_char,
         err_len: usize,
     ) -> i32;
+    fn ccpl_emu_hmma_dot(arch: i32, bf16: i32, c: f32, a: *const f64, b: *const f64, k: i32)
+    -> f32;
     fn ccpl_emu_kernel_count() -> usize;
     fn ccpl_emu_kernel_name(i: usize) -> *const c_char;
 }
@@ -160,6 +195,7 @@ impl Launcher for Emulator {
                 grid.as_ptr(),
                 block.as_ptr(),
                 plan.shared_bytes,
+                plan.shared_opt_in.into(),
                 (&plan.params as *const P).cast(),
                 size_of::<P>(),
                 seed,
@@ -203,4 +239,20 @@ pub fn kernel_names() -> Vec<&'static str> {
             })
             .collect()
     }
+}
+
+/// One element of a WMMA `mma_sync` (m16n16k16, float accumulator) as the tensor cores of
+/// `sm_{arch}` compute it, by the model the emulator's `mma_sync` uses (`runtime/hmma.h`):
+/// `c + sum_k a[k] b[k]` over `K = a.len()` products, the factors values of `f16` (or of
+/// `bf16` when `bf16`), exact in `f64`. For tests of the model against its published
+/// vectors and, on a GPU, against the hardware.
+///
+/// # Panics
+///
+/// When `a` and `b` differ in length.
+pub fn hmma_dot(arch: u32, bf16: bool, c: f32, a: &[f64], b: &[f64]) -> f32 {
+    assert_eq!(a.len(), b.len(), "as many factors on both sides");
+    let k = i32::try_from(a.len()).expect("a WMMA product is short");
+    // SAFETY: two arrays of `k` doubles; the model reads them and nothing else.
+    unsafe { ccpl_emu_hmma_dot(arch as i32, bf16.into(), c, a.as_ptr(), b.as_ptr(), k) }
 }

@@ -2,6 +2,9 @@
 //! shared memory, the seeded scheduler catching races, the misuses it must report, and a real
 //! kernel family run through its launch plan. The kernels are `emu/runtime/selftest.cu`.
 
+#[path = "common/hmma_vectors.rs"]
+mod hmma_vectors;
+
 use std::time::Instant;
 
 use ccpl::plan::{LaunchPlan, Launcher, neighbor};
@@ -45,19 +48,25 @@ fn run(
     n: i32,
     arg: i32,
 ) -> Result<(), Error> {
-    emu.launch(&LaunchPlan {
+    let plan = LaunchPlan {
         kernel: kernel.into(),
         grid,
         block,
-        shared_bytes,
+        shared_bytes: 0,
+        shared_opt_in: false,
         params: Params {
             in_: input,
             out: output,
             n,
             arg,
         },
-    })
+    };
+    emu.launch(&plan.with_dynamic_shared(SELFTEST_STATIC_SHARED, shared_bytes))
 }
+
+/// An upper bound of the static shared memory of any self-test kernel but
+/// `selftest_large_static` (selftest.cu), for their plans' opt-in.
+const SELFTEST_STATIC_SHARED: u32 = 4096;
 
 fn lin(x: u32) -> (u32, u32, u32) {
     (x, 1, 1)
@@ -458,7 +467,8 @@ fn shared_run(
 
 #[test]
 fn shared_memory_is_nan_in_every_block() {
-    for (blocks, threads, shared_bytes) in [(3u32, 64u32, 64 * 4 + 13), (2, 1024, 227 * 1024)] {
+    // 63 KiB: over the 48 KiB without opt-in, within every architecture's maximum.
+    for (blocks, threads, shared_bytes) in [(3u32, 64u32, 64 * 4 + 13), (2, 1024, 63 * 1024)] {
         let (input, out) = shared_run(blocks, threads, shared_bytes, false, 2).unwrap();
         for b in 0..blocks as usize {
             for t in 0..threads as usize {
@@ -647,6 +657,179 @@ fn wmma_multiplies_exactly() {
     }
 }
 
+/// Shared memory a block may have with the opt-in on the modelled architecture (CUDA C++
+/// Programming Guide, compute capabilities).
+fn shared_max() -> u32 {
+    1024 * match emu::ARCH {
+        75 => 64,
+        80 => 163,
+        86 | 89 => 99,
+        _ => 227,
+    }
+}
+
+/// The 48 KiB a block may use without opting in count static and dynamic shared memory
+/// together, and the plan's opt-in (`LaunchPlan::with_dynamic_shared`) lifts them to the
+/// architecture's maximum; a kernel may not declare over 48 KiB of static shared memory.
+#[test]
+fn shared_memory_over_48_kib_needs_the_opt_in() {
+    let mut out = vec![f32::NAN; 5 * 64];
+    let input = integer_inputs(64, 3);
+    let mut launch = |dynamic: u32, opt_in: Option<bool>| {
+        let plan = LaunchPlan {
+            kernel: "selftest_shared".into(),
+            grid: lin(1),
+            block: lin(64),
+            shared_bytes: 0,
+            shared_opt_in: false,
+            params: Params {
+                in_: emu::buf(&input).addr,
+                out: emu::buf_mut(&mut out).addr,
+                n: dynamic as i32,
+                arg: 0,
+            },
+        };
+        let mut plan = plan.with_dynamic_shared(SELFTEST_STATIC_SHARED, dynamic);
+        if let Some(forced) = opt_in {
+            plan.shared_opt_in = forced;
+        }
+        emulator(7).launch(&plan)
+    };
+    launch(40 * 1024, None).unwrap();
+    // 48 KiB of dynamic and the kernel's static shared memory: over the limit without opt-in.
+    let message = emulator_error(launch(48 * 1024, Some(false)));
+    assert!(message.contains("without opting in"), "{message}");
+    launch(48 * 1024, None).expect("the plan opts in");
+    launch(shared_max() - SELFTEST_STATIC_SHARED, None).unwrap();
+    let message = emulator_error(launch(shared_max() - 16, None));
+    assert!(message.contains("a block may have on sm_"), "{message}");
+
+    let message = emulator_error(run(
+        &emulator(0),
+        "selftest_large_static",
+        lin(1),
+        lin(32),
+        0,
+        0,
+        emu::buf_mut(&mut out).addr,
+        0,
+        0,
+    ));
+    assert!(message.contains("static shared memory"), "{message}");
+}
+
+/// WMMA operands not aligned as CUDA requires, and a misaligned float access, end the launch
+/// with an error naming the rule; a tile declared without __align__(32) is one of them.
+#[test]
+fn misaligned_accesses_are_errors() {
+    let mut out = vec![f32::NAN; 32];
+    let launch = |arg: i32, out: &mut Vec<f32>| {
+        run(
+            &emulator(arg as u64),
+            "selftest_misaligned",
+            lin(1),
+            lin(32),
+            0,
+            0,
+            emu::buf_mut(out).addr,
+            0,
+            arg,
+        )
+    };
+    for (arg, expected) in [
+        (0, "is not 32-byte (256-bit) aligned"),
+        (1, "is not a multiple of 16 bytes"),
+        (2, "misaligned access"),
+        (3, "is not 32-byte (256-bit) aligned"),
+    ] {
+        let message = emulator_error(launch(arg, &mut out));
+        assert!(message.contains(expected), "case {arg}: {message}");
+        assert!(
+            message.contains("selftest.cu:"),
+            "case {arg} names the line: {message}"
+        );
+    }
+    launch(4, &mut out).unwrap();
+}
+
+/// The tensor-core model (runtime/hmma.h) on the vectors that tell the architectures apart:
+/// extra alignment bits, the final rounding toward zero, the block size and order, the
+/// unnormalised product exponent, truncation in sign-magnitude, a bf16 subnormal result.
+#[test]
+fn hmma_model_gives_each_architectures_bits() {
+    for v in hmma_vectors::vectors() {
+        let (a, b) = v.factors();
+        for arch in [75, 80, 86, 89, 90, 100] {
+            let got = emu::hmma_dot(arch, v.bf16, v.c, &a, &b);
+            assert_eq!(
+                Some(got),
+                v.expected_on(arch),
+                "{} on sm_{arch}: {got:e}",
+                v.name
+            );
+        }
+    }
+}
+
+/// The emulator's mma_sync adds as the modelled architecture's tensor cores do: every element
+/// of a product of random inputs of mixed magnitudes equals the model's, bit for bit, and
+/// differs from float fmaf somewhere (which a test of the model would otherwise not notice).
+#[test]
+fn wmma_adds_as_the_tensor_cores_of_the_modelled_architecture() {
+    let mut rng = 0x9e37_79b9u64;
+    let mut next = || {
+        rng = rng
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1442695040888963407);
+        let unit = (rng >> 11) as f64 / (1u64 << 53) as f64;
+        let magnitude = 2f64.powi((rng % 9) as i32 - 4);
+        ((unit - 0.5) * magnitude) as f32
+    };
+    let input: Vec<f32> = (0..768).map(|_| next()).collect();
+    for (arg, bf16) in [(0, false), (1, true)] {
+        let exact = |x: f32| {
+            if bf16 {
+                half::bf16::from_f32(x).to_f64()
+            } else {
+                half::f16::from_f32(x).to_f64()
+            }
+        };
+        let mut out = vec![f32::NAN; 256];
+        run(
+            &emulator(arg as u64),
+            "selftest_wmma",
+            lin(1),
+            lin(32),
+            0,
+            emu::buf(&input).addr,
+            emu::buf_mut(&mut out).addr,
+            256,
+            arg,
+        )
+        .unwrap();
+        let mut differs_from_fmaf = 0;
+        for i in 0..256 {
+            let (m, n) = (i / 16, i % 16);
+            let a: Vec<f64> = (0..16).map(|k| exact(input[m * 16 + k])).collect();
+            let b: Vec<f64> = (0..16).map(|k| exact(input[256 + k * 16 + n])).collect();
+            let c = input[512 + i];
+            let want = emu::hmma_dot(emu::ARCH, bf16, c, &a, &b);
+            assert_eq!(
+                out[i].to_bits(),
+                want.to_bits(),
+                "element {i} ({})",
+                ["f16", "bf16"][arg as usize]
+            );
+            let fmaf = (0..16).fold(c, |acc, k| (a[k] as f32).mul_add(b[k] as f32, acc));
+            differs_from_fmaf += usize::from(fmaf != want);
+        }
+        assert!(
+            differs_from_fmaf > 0,
+            "the model never differs from fmaf on these inputs"
+        );
+    }
+}
+
 #[test]
 fn bad_launches_are_rejected() {
     let mut out = vec![0u32; 12];
@@ -661,8 +844,8 @@ fn bad_launches_are_rejected() {
         (
             (1, 1, 1),
             (1, 1, 1),
-            227 * 1024 + 1,
-            "dynamic shared memory",
+            shared_max() + 1,
+            "a block may have on sm_",
         ),
     ] {
         let message = emulator_error(run(
@@ -702,6 +885,7 @@ fn bad_launches_are_rejected() {
         grid: lin(1),
         block: lin(1),
         shared_bytes: 0,
+        shared_opt_in: false,
         params: ccpl::ffi::ccpl_neighbor_diff_params::default(),
     };
     let message = emulator_error(emu.launch(&plan));

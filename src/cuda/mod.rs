@@ -77,7 +77,7 @@ pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
         .map_err(|e| Error::NoGpu(format!("device {ordinal} could not be opened: {e}")))
 }
 
-/// `Err(KernelsNotBuilt)` when the crate was built without nvcc.
+/// `Err(KernelsNotBuilt)` when the crate was built without a CUDA compiler.
 pub fn kernels_built() -> Result<()> {
     match ffi::NOT_BUILT {
         Some(why) => Err(Error::KernelsNotBuilt(why)),

@@ -11,24 +11,37 @@
 mod bindings;
 pub use bindings::*;
 
-/// One kernel family (one `kernels/*.cu`) as compiled by nvcc.
+/// One kernel family (one `kernels/*.cu`) as compiled.
 #[derive(Debug)]
 pub struct KernelImage {
     /// The source file's stem, e.g. `"neighbor"`.
     pub family: &'static str,
-    /// Compute capability the PTX targets (the newest in `CCPL_CUDA_ARCH`).
+    /// Compute capability the PTX targets: the oldest built from sm_80 on (every feature
+    /// of the kernels), so that the driver compiles it for any newer GPU.
     pub ptx_arch: u32,
     /// PTX text: the fallback for devices without a matching cubin.
     pub ptx: &'static str,
-    /// `(compute capability, cubin)` for every architecture in `CCPL_CUDA_ARCH`.
+    /// `(compute capability, cubin)` for every architecture built.
     pub cubins: &'static [(u32, &'static [u8])],
 }
 
+/// What compiled the embedded kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Toolchain {
+    /// The compiler, e.g. `"NVRTC 12.9 + ptxas 12.9"` or `"nvcc 13.0 (/usr/local/cuda/bin/nvcc)"`.
+    pub compiler: &'static str,
+    /// `(major, minor)` of its CUDA release: a driver of that major line loads the cubins
+    /// (CUDA 12: R525 on; CUDA 13: R580 on).
+    pub cuda: (u32, u32),
+    /// `CCPL_CUDA_ARCH` when it narrowed the architectures, else `None` (the default matrix).
+    pub arch_list: Option<&'static str>,
+}
+
 mod embedded {
-    use super::KernelImage;
+    use super::{KernelImage, Toolchain};
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
-pub use embedded::{IMAGES, NOT_BUILT, PTXAS_REPORT};
+pub use embedded::{IMAGES, NOT_BUILT, PTXAS_REPORT, TOOLCHAIN};
 
 /// Direction `k` (0..7) of the neighbour convention as `(dh, dw)`, decoded from
 /// `CCPL_NEIGHBOR_SLOTS` exactly as the kernels decode it.

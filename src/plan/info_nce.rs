@@ -35,6 +35,7 @@ pub fn info_nce_forward(
         grid: (grid_stride_blocks(rows * WARP, block), 1, 1),
         block: (block, 1, 1),
         shared_bytes: 0,
+        shared_opt_in: false,
         params: ffi::ccpl_info_nce_forward_params {
             logits: logits.addr,
             row_lse: row_lse.addr,
@@ -64,6 +65,7 @@ pub fn info_nce_loss(
         grid: (1, 1, 1),
         block: (ffi::CCPL_INFO_NCE_BLOCK, 1, 1),
         shared_bytes: 0,
+        shared_opt_in: false,
         params: ffi::ccpl_info_nce_loss_params {
             row_loss: row_loss.addr,
             loss: loss.addr,
@@ -102,6 +104,7 @@ pub fn info_nce_backward<T: Dtype>(
         grid: tile_grid(shape.batch(), shape.rows(), shape.width())?,
         block: (ffi::CCPL_TILE_THREADS, 1, 1),
         shared_bytes: 0,
+        shared_opt_in: false,
         params: ffi::ccpl_info_nce_backward_params {
             logits: logits.addr,
             row_lse: row_lse.addr,

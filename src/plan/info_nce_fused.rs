@@ -34,6 +34,7 @@ pub fn info_nce_fused_forward<T: Dtype>(
         grid: tile_grid(shape.batch(), shape.rows(), 1)?,
         block: (ffi::CCPL_TILE_THREADS, 1, 1),
         shared_bytes: 0,
+        shared_opt_in: false,
         params: ffi::ccpl_info_nce_fused_forward_params {
             q: q.addr,
             k: k.addr,
@@ -77,6 +78,7 @@ pub fn info_nce_fused_backward<T: Dtype>(
         grid: tile_grid(shape.batch(), shape.rows(), shape.width())?,
         block: (ffi::CCPL_TILE_THREADS, 1, 1),
         shared_bytes: 0,
+        shared_opt_in: false,
         params: ffi::ccpl_info_nce_fused_backward_params {
             q: q.addr,
             k: k.addr,

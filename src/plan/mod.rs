@@ -26,8 +26,28 @@ pub struct LaunchPlan<P> {
     pub block: (u32, u32, u32),
     /// Dynamic shared memory in bytes.
     pub shared_bytes: u32,
+    /// Whether the launch raises the kernel's limit of dynamic shared memory to
+    /// `shared_bytes` (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`). A block may use
+    /// [`SHARED_WITHOUT_OPT_IN`] bytes of shared memory, static and dynamic together, without
+    /// it, and its architecture's maximum with it (99 KiB on sm_86 and sm_89, 163 KiB on sm_80,
+    /// 227 KiB on sm_90). [`LaunchPlan::with_dynamic_shared`] sets both fields.
+    pub shared_opt_in: bool,
     /// The kernel's one argument, a struct of `kernels/ccpl.h`.
     pub params: P,
+}
+
+/// Shared memory a block may use without opting in: 48 KiB, static and dynamic together.
+pub const SHARED_WITHOUT_OPT_IN: u32 = 48 * 1024;
+
+impl<P> LaunchPlan<P> {
+    /// The plan with `bytes` of dynamic shared memory, for a kernel that declares
+    /// `static_bytes` of static shared memory: it opts in when the two exceed
+    /// [`SHARED_WITHOUT_OPT_IN`]. The one place plans decide it.
+    pub fn with_dynamic_shared(mut self, static_bytes: u32, bytes: u32) -> Self {
+        self.shared_bytes = bytes;
+        self.shared_opt_in = static_bytes.saturating_add(bytes) > SHARED_WITHOUT_OPT_IN;
+        self
+    }
 }
 
 /// A buffer as a kernel sees it: its address (device, or host under the emulator) and its

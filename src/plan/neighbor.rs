@@ -84,6 +84,7 @@ pub fn neighbor_diff<T: Dtype>(
         ),
         block: (block, 1, 1),
         shared_bytes: 0,
+        shared_opt_in: false,
         params: ffi::ccpl_neighbor_diff_params {
             feat: feat.addr,
             centers: centers.flat.addr,
@@ -121,6 +122,7 @@ pub fn neighbor_diff_normalize<T: Dtype>(
         grid: super::normalize::grid(num_rows),
         block: (ffi::CCPL_NORMALIZE_BLOCK, 1, 1),
         shared_bytes: 0,
+        shared_opt_in: false,
         params: ffi::ccpl_neighbor_diff_normalize_params {
             feat: feat.addr,
             centers: centers.flat.addr,
@@ -172,6 +174,7 @@ pub fn neighbor_diff_backward<T: Dtype>(
         ),
         block: (block, 1, 1),
         shared_bytes: 0,
+        shared_opt_in: false,
         params: ffi::ccpl_neighbor_diff_backward_params {
             grad_rows: grad_rows.addr,
             centers: centers.flat.addr,

@@ -33,6 +33,7 @@ pub fn normalize_rows<T: Dtype>(
         grid: grid(num_rows),
         block: (ffi::CCPL_NORMALIZE_BLOCK, 1, 1),
         shared_bytes: 0,
+        shared_opt_in: false,
         params: ffi::ccpl_normalize_rows_params {
             rows: rows.addr,
             out: out.addr,
@@ -94,6 +95,7 @@ fn backward<T: Dtype>(
         grid: grid(num_rows),
         block: (ffi::CCPL_NORMALIZE_BLOCK, 1, 1),
         shared_bytes: 0,
+        shared_opt_in: false,
         params: ffi::ccpl_normalize_rows_backward_params {
             rows: rows.addr,
             norms: norms.addr,

@@ -24,6 +24,7 @@ pub fn similarity<T: Dtype>(
         grid: tile_grid(shape.batch(), shape.rows(), shape.rows())?,
         block: (ffi::CCPL_TILE_THREADS, 1, 1),
         shared_bytes: 0,
+        shared_opt_in: false,
         params: ffi::ccpl_similarity_params {
             q: q.addr,
             k: k.addr,
