@@ -1,9 +1,7 @@
 // normalize.cu: rows divided by their L2 norm plus epsilon, and the backward of that.
-#include "common.cuh"
+#include "row_norm.cuh"
 
 namespace ccpl {
-
-constexpr float kNormEps = (float)CCPL_NORM_EPS;
 
 // Rows are spread over warps, one warp per row: lanes stride over the row (coalesced for any
 // width, C = 1 included) and reduce with shuffles, so a row needs no shared memory and no
@@ -34,36 +32,18 @@ template <typename T> __device__ void normalize_rows(const ccpl_normalize_rows_p
     }
 }
 
-// g_d = g/(n+eps) - d (d.g) / (n (n+eps)^2). With u = d/n and a = u.g this is
-//     g_d = ((g - u a) + u a eps/(n+eps)) / (n+eps),
-// the component of g across the row plus what is left of the one along it. Written so, the
-// cancellation of the along-row component happens exactly (for C = 1, u = +-1 and g - u a
-// is 0 exactly) instead of in the difference of two rounded terms, and no product of small
-// numbers underflows. Where n == 0 the second term of the spec is 0: g_d = g/eps, never NaN.
+// The spec's backward (row_norm.cuh), a warp per row.
 template <typename T>
 __device__ void normalize_rows_backward(const ccpl_normalize_rows_backward_params& p) {
-    const int lane = threadIdx.x % kWarp;
     const int64_t C = p.width;
     for (int64_t row = first_warp_row(); row < p.num_rows; row += warp_row_stride()) {
         const T* __restrict__ d = ptr<T>(p.rows) + row * C;
         const T* __restrict__ g = ptr<T>(p.grad_out) + row * C;
         T* __restrict__ grad = mut_ptr<T>(p.grad_rows) + row * C;
-        const float norm = ptr<float>(p.norms)[row];
-        const float scale = 1.0f / (norm + kNormEps);
-        if (norm > 0.0f) {
-            float along = 0.0f;
-            for (int64_t c = lane; c < C; c += kWarp) {
-                along = fmaf(to_float(d[c]) / norm, to_float(g[c]), along);
-            }
-            along = warp_sum(along);
-            const float kept = kNormEps * scale;  // eps/(n+eps): what survives along u
-            for (int64_t c = lane; c < C; c += kWarp) {
-                const float u_along = to_float(d[c]) / norm * along;
-                grad[c] = from_float<T>(((to_float(g[c]) - u_along) + u_along * kept) * scale);
-            }
-        } else {
-            for (int64_t c = lane; c < C; c += kWarp) grad[c] = from_float<T>(to_float(g[c]) * scale);
-        }
+        warp_unit_row_backward(
+            C, ptr<float>(p.norms)[row], [&](int64_t c) { return to_float(d[c]); },
+            [&](int64_t c) { return to_float(g[c]); },
+            [&](int64_t c, float v) { grad[c] = from_float<T>(v); });
     }
 }
 

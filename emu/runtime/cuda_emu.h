@@ -186,6 +186,10 @@ struct SyncWarp {
 
 #define __trap() ::ccpl_emu::fail("__trap() was called", __FILE__, __LINE__)
 
+// A memory fence: host memory is coherent, and blocks run one after another, so what is
+// left of it is a point where the scheduler may switch threads.
+#define __threadfence() ::ccpl_emu::yield_point()
+
 // ---- Half-precision storage types --------------------------------------------------------
 
 namespace ccpl_emu {
@@ -401,6 +405,9 @@ inline unsigned short atomicCAS(unsigned short* a, unsigned short c, unsigned sh
 
 // ---- Math and bit intrinsics -----------------------------------------------------------
 
+// A product rounded to nearest, never contracted into an FMA (the host compiler does not
+// contract; nvcc would, without the intrinsic).
+inline float __fmul_rn(float a, float b) { return a * b; }
 inline unsigned int __float_as_uint(float f) { return static_cast<unsigned int>(::ccpl_emu::to_bits(f)); }
 inline int __popc(unsigned int x) { return __builtin_popcount(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }

@@ -52,6 +52,12 @@ impl<W> Resident<W> {
         &self.workspace
     }
 
+    /// The workspace, for a change that leaves what a forward filled as it was (the
+    /// sampler's state).
+    pub(crate) fn workspace_mut(&mut self) -> &mut W {
+        &mut self.workspace
+    }
+
     /// A launcher on the stream, and the workspace to name its buffers with; the forward is
     /// marked undone until [`forward_done`](Self::forward_done) (a forward that fails half
     /// way leaves no backward to run on a half-written workspace).

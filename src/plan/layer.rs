@@ -10,7 +10,7 @@
 
 use super::info_nce::Side;
 use super::neighbor::{self, CentersBuf, Scatter};
-use super::rows::{RowsPlan, RowsSide, RowsWorkspace};
+use super::rows::{RowsForward, RowsPlan, RowsSide, RowsWorkspace};
 use super::{Buf, Launcher, workspace};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
@@ -123,14 +123,25 @@ impl LayerPlan {
         feat_k: Buf,
         ws: &LayerWorkspace<Buf, Buf>,
     ) -> Result<(), L::Error> {
+        self.forward_plans::<T>(centers, feat_q, feat_k, ws)?
+            .launch(launcher)
+    }
+
+    /// The forward's plans, checked, not launched.
+    pub(crate) fn forward_plans<T: Dtype>(
+        &self,
+        centers: &CentersBuf,
+        feat_q: Buf,
+        feat_k: Buf,
+        ws: &LayerWorkspace<Buf, Buf>,
+    ) -> Result<LayerForward> {
         self.check_centers(centers)?;
         let (shape, rows) = (&self.shape, &ws.rows);
-        let diff_q = neighbor::neighbor_diff::<T>(shape, centers, feat_q, rows.rows_q)?;
-        let diff_k = neighbor::neighbor_diff::<T>(shape, centers, feat_k, rows.rows_k)?;
-        let loss = self.rows.forward_plans::<T>(rows)?;
-        launcher.launch(&diff_q)?;
-        launcher.launch(&diff_k)?;
-        loss.launch(launcher)
+        Ok(LayerForward {
+            diff_q: neighbor::neighbor_diff::<T>(shape, centers, feat_q, rows.rows_q)?,
+            diff_k: neighbor::neighbor_diff::<T>(shape, centers, feat_k, rows.rows_k)?,
+            loss: self.rows.forward_plans::<T>(rows)?,
+        })
     }
 
     /// The backward after [`forward`](Self::forward) with the same `centers` and `ws`: adds
@@ -148,6 +159,20 @@ impl LayerPlan {
         grad_feat_k: Option<Buf>,
         scatter: Scatter,
     ) -> Result<(), L::Error> {
+        self.backward_plans::<T>(centers, ws, upstream, grad_feat_q, grad_feat_k, scatter)?
+            .launch(launcher)
+    }
+
+    /// The backward's plans, checked, not launched.
+    pub(crate) fn backward_plans<T: Dtype>(
+        &self,
+        centers: &CentersBuf,
+        ws: &LayerWorkspace<Buf, Buf>,
+        upstream: Option<Buf>,
+        grad_feat_q: Buf,
+        grad_feat_k: Option<Buf>,
+        scatter: Scatter,
+    ) -> Result<LayerBackward> {
         self.check_centers(centers)?;
         let upstream = upstream.unwrap_or(ws.rows.one);
         let q = self.side_plans::<T>(centers, ws, upstream, Side::Q, grad_feat_q, scatter)?;
@@ -157,11 +182,7 @@ impl LayerPlan {
             }
             None => None,
         };
-        for side in std::iter::once(q).chain(k) {
-            side.rows.launch(launcher)?;
-            launcher.launch(&side.scatter)?;
-        }
-        Ok(())
+        Ok(LayerBackward { q, k })
     }
 
     /// One side's plans: the rows loss's backward into `ws.grad_rows`, then its scatter.
@@ -186,6 +207,37 @@ impl LayerPlan {
                 scatter,
             )?,
         })
+    }
+}
+
+/// The forward's launches: both sides' difference rows, then the rows loss.
+pub(crate) struct LayerForward {
+    diff_q: super::LaunchPlan<ffi::ccpl_neighbor_diff_params>,
+    diff_k: super::LaunchPlan<ffi::ccpl_neighbor_diff_params>,
+    loss: RowsForward,
+}
+
+impl LayerForward {
+    pub(crate) fn launch<L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
+        launcher.launch(&self.diff_q)?;
+        launcher.launch(&self.diff_k)?;
+        self.loss.launch(launcher)
+    }
+}
+
+/// The backward's launches: each side's.
+pub(crate) struct LayerBackward {
+    q: SidePlans,
+    k: Option<SidePlans>,
+}
+
+impl LayerBackward {
+    pub(crate) fn launch<L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
+        for side in std::iter::once(&self.q).chain(&self.k) {
+            side.rows.launch(launcher)?;
+            launcher.launch(&side.scatter)?;
+        }
+        Ok(())
     }
 }
 
