@@ -211,7 +211,7 @@ fn draws_are_uniform_distinct_and_independent() {
     for d in &draws {
         ranks[d.iter().filter(|&&p| p < d[0]).count()] += 1.0;
     }
-    let stat = chi_square(&ranks, &vec![total / N as f64; N]);
+    let stat = chi_square(&ranks, &[total / N as f64; N]);
     eprintln!(
         "order: chi-square {stat:.1} (3 dof, critical {})",
         critical(3)

@@ -36,16 +36,17 @@ pub fn takes(rows: usize) -> bool {
     rows <= MAX_ROWS
 }
 
-/// The counters of a sampler starting at `step` under `seed`, as the kernels read them.
+/// The counters of a sampler starting at `step` under `seed`, as the kernels read them (each
+/// 64-bit value as two 32-bit words, low first); no block counted.
 pub fn counters(seed: u64, step: u64) -> [i32; COUNTERS] {
     let mut words = [0i32; COUNTERS];
-    let word = |v: u64, high: bool| (if high { v >> 32 } else { v }) as u32 as i32;
-    let (s, t) = (
-        ffi::CCPL_COUNTER_SEED as usize,
-        ffi::CCPL_COUNTER_STEP as usize,
-    );
-    (words[s], words[s + 1]) = (word(seed, false), word(seed, true));
-    (words[t], words[t + 1]) = (word(step, false), word(step, true));
+    for (at, value) in [
+        (ffi::CCPL_COUNTER_SEED, seed),
+        (ffi::CCPL_COUNTER_STEP, step),
+    ] {
+        words[at as usize] = value as u32 as i32;
+        words[at as usize + 1] = (value >> 32) as u32 as i32;
+    }
     words
 }
 
@@ -155,17 +156,15 @@ pub fn gather<T: Dtype>(
         ..Default::default()
     };
     for ((l, first), out) in layers.iter().zip(firsts).zip(params.layers.iter_mut()) {
-        let rows = l.rows.unwrap_or(GatherRows {
-            feat_q: Buf { addr: 0, len: 0 },
-            feat_k: Buf { addr: 0, len: 0 },
-            rows_q: Buf { addr: 0, len: 0 },
-            rows_k: Buf { addr: 0, len: 0 },
+        // A layer drawn only has null feature maps (the kernel's sign to gather nothing).
+        let (feat_q, feat_k, rows_q, rows_k) = l.rows.map_or((0, 0, 0, 0), |r| {
+            (r.feat_q.addr, r.feat_k.addr, r.rows_q.addr, r.rows_k.addr)
         });
         *out = ffi::ccpl_small_s_gather_layer {
-            feat_q: rows.feat_q.addr,
-            feat_k: rows.feat_k.addr,
-            rows_q: rows.rows_q.addr,
-            rows_k: rows.rows_k.addr,
+            feat_q,
+            feat_k,
+            rows_q,
+            rows_k,
             centers: l.centers.flat.addr,
             center_map: l.centers.map.addr,
             batch: i32_of(l.shape.batch()),
