@@ -144,8 +144,8 @@ impl LossWorkspace<usize, usize, usize> {
 /// How a layer's loss runs.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Path {
-    /// In the small-S launches: the layer's index among them and its part of the workspace.
-    Small { index: usize, at: SmallOffsets },
+    /// In the small-S launches: the layer's part of the workspace.
+    Small { at: SmallOffsets },
     /// On the fused path: the layer's plan and its index among the fused layers.
     Fused { plan: LayerPlan, index: usize },
 }
@@ -191,7 +191,7 @@ impl LossPlan {
             )));
         }
         super::inv_tau(tau)?;
-        let (mut small, mut fused) = (0, 0);
+        let mut fused = 0;
         let mut at = SmallOffsets { rows: 0, stats: 0 };
         let mut planned = Vec::with_capacity(layers.len());
         for &(shape, num_s) in layers {
@@ -202,10 +202,9 @@ impl LossPlan {
             let rows = num_centers * ffi::CCPL_NUM_NEIGHBORS as usize;
             let path = if small_s::takes(rows) {
                 let row_shape = RowShape::new(shape.batch(), rows, shape.channels())?;
-                let path = Path::Small { index: small, at };
+                let path = Path::Small { at };
                 at.rows += row_shape.len();
                 at.stats += super::row_count(&row_shape)?;
-                small += 1;
                 path
             } else {
                 let path = Path::Fused {
@@ -225,8 +224,22 @@ impl LossPlan {
             layers: planned,
             tau,
         };
-        // Every launch's grid and parameters are checked here once, on placeholder buffers.
-        plan.workspace()?;
+        // Every launch of a step made once, on placeholder buffers of the right lengths, so
+        // that a loss the kernels cannot run (a grid past CUDA's limits) is refused here.
+        let nowhere = |len: usize| Buf { addr: 0, len };
+        let ws = plan.workspace()?.try_map(
+            |&n| Ok::<_, Error>(nowhere(n)),
+            |&n| Ok(nowhere(n)),
+            |&n| Ok(nowhere(n)),
+        )?;
+        let feats: Vec<_> = plan
+            .layers
+            .iter()
+            .map(|l| (nowhere(l.shape.len()), nowhere(l.shape.len())))
+            .collect();
+        let grads: Vec<_> = feats.iter().map(|f| f.0).collect();
+        plan.forward::<f32, _>(&Unlaunched, &feats, &ws, Draw::Sample)?;
+        plan.backward::<f32, _>(&Unlaunched, &ws, None, &grads, Some(&grads))?;
         Ok(plan)
     }
 
@@ -257,7 +270,7 @@ impl LossPlan {
 
     fn small_layers(&self) -> impl Iterator<Item = (&Layer, SmallOffsets)> {
         self.layers.iter().filter_map(|l| match l.path {
-            Path::Small { at, .. } => Some((l, at)),
+            Path::Small { at } => Some((l, at)),
             Path::Fused { .. } => None,
         })
     }
@@ -348,7 +361,7 @@ impl LossPlan {
             let mut layers = Vec::with_capacity(self.layers.len());
             for ((l, c), &(feat_q, feat_k)) in self.layers.iter().zip(&centers).zip(feats) {
                 let rows = match l.path {
-                    Path::Small { at, .. } => {
+                    Path::Small { at } => {
                         let small = self.small_ws(ws)?;
                         let len = l.rows()?.len();
                         Some(GatherRows {
@@ -451,7 +464,7 @@ impl LossPlan {
             }
             let mut layers = Vec::new();
             for (i, (l, c)) in self.layers.iter().zip(&centers).enumerate() {
-                let Path::Small { at, .. } = l.path else {
+                let Path::Small { at } = l.path else {
                     continue;
                 };
                 let len = l.rows()?.len();
@@ -495,6 +508,16 @@ impl LossPlan {
         for layer in &fused {
             layer.launch(launcher)?;
         }
+        Ok(())
+    }
+}
+
+/// Makes plans and launches nothing: the checks of [`LossPlan::new`].
+struct Unlaunched;
+
+impl Launcher for Unlaunched {
+    type Error = Error;
+    fn launch<P: super::KernelParams>(&self, _: &super::LaunchPlan<P>) -> Result<()> {
         Ok(())
     }
 }
