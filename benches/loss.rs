@@ -12,7 +12,8 @@
 //!   difference rows, the rows loss with the fused InfoNCE, scatter), forward, then the
 //!   backward into `d feat_q`: `loss/<config>/<dtype>`;
 //! - `rows` configurations: the loss from head output rows, two ways on the same inputs: the
-//!   crate's [`CcpRows`] (normalisation and the fused InfoNCE, memory `O(B*S*C)`):
+//!   crate's [`CcpRows`] (up to S = 512 the small-S path, one launch forward and a scale
+//!   backward; above, normalisation and the fused InfoNCE; memory `O(B*S*C)` either way):
 //!   `loss/<config>/<dtype>`; and the standalone kernels chained with the `(B, S, S)` logits
 //!   in memory (benches/common's `RowsLoss`): `loss_materialised/<config>/<dtype>`, or a
 //!   "does not fit" status where those logits do not fit.
@@ -332,7 +333,7 @@ trait RowsVariant<T: Dtype> {
     fn loss(&self) -> &CudaSlice<f32>;
 }
 
-/// The crate's rows loss: normalisation and the fused InfoNCE (no logits in memory).
+/// The crate's rows loss: the small-S path or the fused InfoNCE (no logits in memory).
 impl<T: Dtype> RowsVariant<T> for CcpRows<T> {
     fn step(
         &mut self,
