@@ -1,11 +1,19 @@
-//! The whole loss of one layer, forward plus backward, on the GPU, at the sizes of
-//! `benches/configs.txt` (the same list the PyTorch baselines run):
+//! The whole loss, forward plus backward, on the GPU, at the sizes of `benches/configs.txt`
+//! (the same list the PyTorch baselines run):
 //!
-//! - `layer` configurations: the crate's [`CcpLayer`] from two feature maps (identity head;
+//! - the paper's training step: the `layer` configurations tagged `paper` with the same batch
+//!   and `num_s` make one step of the three-layer loss (`paper-step-n8`, `paper-step-n64`),
+//!   timed first, three ways: the crate's [`CcpLoss`] (three launches a step, the centres
+//!   drawn on the device) on a stream, `loss_step/<step>/<dtype>`; the same step captured once
+//!   in a CUDA graph and replayed, `loss_step_graph/<step>/<dtype>`; and three [`CcpLayer`]s
+//!   (the fused path, nine launches a layer, the centres uploaded), `loss_step_layers/...`.
+//!   Every variant zeroes the gradients first, as a training step does;
+//! - `layer` configurations, one layer: the crate's [`CcpLayer`] from two feature maps (identity head;
 //!   difference rows, the rows loss with the fused InfoNCE, scatter), forward, then the
 //!   backward into `d feat_q`: `loss/<config>/<dtype>`;
 //! - `rows` configurations: the loss from head output rows, two ways on the same inputs: the
-//!   crate's [`CcpRows`] (normalisation and the fused InfoNCE, memory `O(B*S*C)`):
+//!   crate's [`CcpRows`] (up to S = 512 the small-S path, one launch forward and a scale
+//!   backward; above, normalisation and the fused InfoNCE; memory `O(B*S*C)` either way):
 //!   `loss/<config>/<dtype>`; and the standalone kernels chained with the `(B, S, S)` logits
 //!   in memory (benches/common's `RowsLoss`): `loss_materialised/<config>/<dtype>`, or a
 //!   "does not fit" status where those logits do not fit.
@@ -20,9 +28,9 @@
 
 mod common;
 
-use ccpl::cuda::CcpLayer;
 use ccpl::cuda::CcpRows;
 use ccpl::cuda::info_nce::Side;
+use ccpl::cuda::{self as gpu_api, CcpLayer, CcpLoss};
 use ccpl::cuda::{DeviceCenters, Scatter};
 use ccpl::plan::layer::LayerWorkspace;
 use ccpl::plan::rows::RowsWorkspace;
@@ -34,7 +42,7 @@ use ccpl::reference::{
 use ccpl::{Centers, DEFAULT_TAU, Dtype, Element, FeatureShape, RowShape};
 use common::{Config, Field, Gpu, Rng, RowsLoss, Suite, status, time_iters};
 use criterion::{BenchmarkId, Criterion, SamplingMode};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaStream, sys};
 
 /// The largest `B*S*S*C` checked against the CPU reference before timing (a second or so of
 /// float64 on one core).
@@ -56,6 +64,21 @@ fn main() {
         return;
     };
     let mut c = Criterion::default().configure_from_args();
+    for step in paper_steps() {
+        for dtype in &step.dtypes {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+                || with_dtype!(dtype.as_str(), T => bench_step::<T>(&mut c, &gpu, &step)),
+            ));
+            let failure = match outcome {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e.to_string(),
+                Err(panic) => common::panic_message(panic.as_ref()),
+            };
+            let id = format!("loss_step/{}/{dtype}", step.name);
+            eprintln!("{id}: ERROR: {failure}");
+            status(&id, "error", &[("reason", Field::Str(failure))]);
+        }
+    }
     for cfg in common::configs() {
         for dtype in &cfg.dtypes {
             let id = format!("loss/{}/{dtype}", cfg.name);
@@ -115,12 +138,24 @@ fn time_step(
     cfg: &Config,
     group: &str,
     dtype: &str,
+    step: impl FnMut(usize),
+) {
+    time_on(c, &gpu.stream, group, &cfg.name, dtype, step);
+}
+
+/// Times `step(i)` on `stream` under `<group>/<name>/<dtype>`.
+fn time_on(
+    c: &mut Criterion,
+    stream: &CudaStream,
+    group: &str,
+    name: &str,
+    dtype: &str,
     mut step: impl FnMut(usize),
 ) {
     let mut group = c.benchmark_group(group);
     group.sampling_mode(SamplingMode::Flat);
-    group.bench_function(BenchmarkId::new(&cfg.name, dtype), |b| {
-        b.iter_custom(|iters| time_iters(&gpu.stream, iters, &mut step))
+    group.bench_function(BenchmarkId::new(name, dtype), |b| {
+        b.iter_custom(|iters| time_iters(stream, iters, &mut step))
     });
     group.finish();
 }
@@ -298,7 +333,7 @@ trait RowsVariant<T: Dtype> {
     fn loss(&self) -> &CudaSlice<f32>;
 }
 
-/// The crate's rows loss: normalisation and the fused InfoNCE (no logits in memory).
+/// The crate's rows loss: the small-S path or the fused InfoNCE (no logits in memory).
 impl<T: Dtype> RowsVariant<T> for CcpRows<T> {
     fn step(
         &mut self,
@@ -475,5 +510,220 @@ fn bench_rows_variant<T: Dtype>(
             .step(q, k, grad_q, grad_k.then_some(&mut *grad_k_buf))
             .expect("loss step");
     });
+    Ok(())
+}
+
+/// One training step of the multi-layer loss: layers with the same batch and `num_s`.
+struct PaperStep {
+    name: String,
+    layers: Vec<(FeatureShape, usize)>,
+    dtypes: Vec<String>,
+}
+
+/// The paper's steps: the `layer` configurations tagged `paper`, grouped by batch and
+/// `num_s` in file order, the dtypes they all list.
+fn paper_steps() -> Vec<PaperStep> {
+    let mut steps: Vec<PaperStep> = Vec::new();
+    for cfg in common::configs().into_iter().filter(|c| c.tag == "paper") {
+        let Suite::Layer { shape, num_s } = cfg.suite else {
+            continue;
+        };
+        let name = format!("paper-step-n{num_s}");
+        match steps
+            .iter_mut()
+            .find(|s| s.name == name && s.layers[0].0.batch() == shape.batch())
+        {
+            Some(step) => {
+                step.layers.push((shape, num_s));
+                step.dtypes.retain(|d| cfg.dtypes.contains(d));
+            }
+            None => steps.push(PaperStep {
+                name,
+                layers: vec![(shape, num_s)],
+                dtypes: cfg.dtypes.clone(),
+            }),
+        }
+    }
+    steps
+}
+
+const STEP_SEED: u64 = 7;
+
+/// The three variants of one paper step in `T` (module docs). One input set: the centres
+/// change every step, so a step does not find the previous one's windows in the L2.
+fn bench_step<T: Dtype>(c: &mut Criterion, gpu: &Gpu, step: &PaperStep) -> ccpl::Result<()> {
+    let id = format!("loss_step/{}/{}", step.name, T::SUFFIX);
+    let mut rng = Rng::new(20_220_708);
+    let e = size_of::<T>();
+    let inputs_bytes: usize = step.layers.iter().map(|(s, _)| 3 * s.len() * e).sum();
+    let workspace = ccpl::plan::loss::LossPlan::new(&step.layers, DEFAULT_TAU)?
+        .workspace()?
+        .bytes::<T>();
+    if !fits(gpu, &id, workspace + inputs_bytes) {
+        return Ok(());
+    }
+    let mut host = Vec::new();
+    let mut feats = Vec::new();
+    for (shape, _) in &step.layers {
+        let ((q_host, q), (k_host, k)) = (
+            common::random::<T>(gpu, shape.len(), &mut rng)?,
+            common::random::<T>(gpu, shape.len(), &mut rng)?,
+        );
+        host.push((q_host, k_host));
+        feats.push((q, k));
+    }
+    let mut grads: Vec<CudaSlice<T>> = step
+        .layers
+        .iter()
+        .map(|(s, _)| gpu.stream.alloc_zeros(s.len()))
+        .collect::<Result<_, _>>()?;
+    let zero =
+        |grads: &mut [CudaSlice<T>], stream: &std::sync::Arc<CudaStream>| -> ccpl::Result<()> {
+            for g in grads {
+                stream.memset_zeros(g)?;
+            }
+            Ok(())
+        };
+
+    // CcpLoss on the bench's stream: checked against the reference on the centres of step 0.
+    let free = gpu.free_bytes();
+    let mut loss = CcpLoss::<T>::new(
+        gpu.kernels.clone(),
+        gpu.stream.clone(),
+        &step.layers,
+        DEFAULT_TAU,
+        STEP_SEED,
+    )?;
+    gpu.stream.synchronize()?;
+    let device_bytes = free.saturating_sub(gpu.free_bytes());
+    let run = |loss: &mut CcpLoss<T>,
+               grads: &mut [CudaSlice<T>],
+               stream: &std::sync::Arc<CudaStream>,
+               feats: &[(CudaSlice<T>, CudaSlice<T>)]|
+     -> ccpl::Result<()> {
+        zero(grads, stream)?;
+        let inputs: Vec<_> = feats.iter().map(|(q, k)| (q, k)).collect();
+        loss.forward(&inputs)?;
+        loss.backward(None, &mut grads.iter_mut().collect::<Vec<_>>(), None)
+    };
+    run(&mut loss, &mut grads, &gpu.stream, &feats)?;
+    let value = f64::from(gpu.stream.clone_dtoh(loss.loss())?[0]);
+    let (mut expected, mut grad_errs) = (0.0, Vec::new());
+    for (l, ((shape, num_s), (q, k))) in step.layers.iter().zip(&host).enumerate() {
+        let centers = Centers::philox(
+            shape.height(),
+            shape.width(),
+            *num_s,
+            STEP_SEED,
+            0,
+            l as u32,
+        )?;
+        let want = ccp_layer_loss(q, k, shape, &centers, DEFAULT_TAU, false)?;
+        expected += want.loss;
+        grad_errs.push(rel_err(
+            &to_f64(&gpu.stream.clone_dtoh(&grads[l])?),
+            &want.grad_feat_q,
+        ));
+    }
+    report(
+        &id,
+        device_bytes,
+        1,
+        value,
+        Some((rel(value, expected), grad_errs)),
+        check_guard::<T>(),
+    );
+    time_on(c, &gpu.stream, "loss_step", &step.name, T::SUFFIX, |_| {
+        run(&mut loss, &mut grads, &gpu.stream, &feats).expect("loss step");
+    });
+    drop(loss);
+
+    // The same step captured in a CUDA graph, on a stream of a context handle of its own
+    // whose buffers are not event-tracked (what a capture needs), replayed.
+    let ctx = gpu_api::context(0)?;
+    // SAFETY: every buffer of the captured step is used on this one stream.
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx.new_stream()?;
+    let graph_feats: Vec<(CudaSlice<T>, CudaSlice<T>)> = host
+        .iter()
+        .map(|(q, k)| Ok((stream.clone_htod(q)?, stream.clone_htod(k)?)))
+        .collect::<ccpl::Result<_>>()?;
+    let mut graph_grads: Vec<CudaSlice<T>> = step
+        .layers
+        .iter()
+        .map(|(s, _)| stream.alloc_zeros(s.len()))
+        .collect::<Result<_, _>>()?;
+    let mut loss = CcpLoss::<T>::new(
+        gpu.kernels.clone(),
+        stream.clone(),
+        &step.layers,
+        DEFAULT_TAU,
+        STEP_SEED,
+    )?;
+    run(&mut loss, &mut graph_grads, &stream, &graph_feats)?; // first launches, outside the graph
+    stream.synchronize()?;
+    stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+    run(&mut loss, &mut graph_grads, &stream, &graph_feats)?;
+    let graph = stream
+        .end_capture(sys::CUgraphInstantiate_flags(0))?
+        .ok_or_else(|| ccpl::Error::Cuda("the capture recorded no work".into()))?;
+    graph.launch()?;
+    let replayed = f64::from(stream.clone_dtoh(loss.loss())?[0]);
+    status(
+        &format!("loss_step_graph/{}/{}", step.name, T::SUFFIX),
+        if replayed.is_finite() {
+            "ok"
+        } else {
+            "non-finite loss"
+        },
+        &[("loss", Field::Num(replayed))],
+    );
+    time_on(c, &stream, "loss_step_graph", &step.name, T::SUFFIX, |_| {
+        graph.launch().expect("graph replay");
+    });
+    drop(graph);
+    drop(loss);
+
+    // Three CcpLayers, the fused path, the centres of step 0 uploaded once.
+    let mut layers = Vec::new();
+    for (shape, num_s) in &step.layers {
+        let n = (*num_s).min(shape.interior());
+        layers.push(CcpLayer::<T>::new(
+            gpu.kernels.clone(),
+            gpu.stream.clone(),
+            *shape,
+            n,
+            DEFAULT_TAU,
+        )?);
+    }
+    let centers = step
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(l, (s, n))| {
+            DeviceCenters::upload(
+                &gpu.stream,
+                &Centers::philox(s.height(), s.width(), *n, STEP_SEED, 0, l as u32)?,
+            )
+        })
+        .collect::<ccpl::Result<Vec<_>>>()?;
+    time_on(
+        c,
+        &gpu.stream,
+        "loss_step_layers",
+        &step.name,
+        T::SUFFIX,
+        |_| {
+            zero(&mut grads, &gpu.stream).expect("zero");
+            for (((layer, (q, k)), centers), grad) in
+                layers.iter_mut().zip(&feats).zip(&centers).zip(&mut grads)
+            {
+                layer.forward(q, k, centers).expect("forward");
+                layer
+                    .backward(None, grad, None, Scatter::default())
+                    .expect("backward");
+            }
+        },
+    );
     Ok(())
 }

@@ -1,16 +1,18 @@
 //! The main job: the CCP loss and its gradient at the paper's configuration (batch 8, art
 //! layers relu2_1, relu3_1, relu4_1 of VGG-19 at a 256 crop, num_s = 8, tau = 0.07) on random
-//! non-negative VGG-like features. On the GPU when there is one (checked against the CPU
-//! reference), else with the CPU reference alone.
+//! non-negative VGG-like features. On the GPU when there is one, with `CcpLoss` (the whole
+//! loss in three launches a step, the centres drawn on the device; timed on a stream and as a
+//! replayed CUDA graph, then checked against the CPU reference on the centres the device
+//! drew), else with the CPU reference alone.
 //!
 //!     cargo run --release --example ccp_loss
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use cudarc::driver::{CudaContext, CudaSlice};
+use cudarc::driver::{CudaContext, CudaSlice, sys};
 
-use ccpl::cuda::{self, CcpLayer, DeviceCenters, Kernels, Scatter};
+use ccpl::cuda::{self, CcpLoss, Kernels};
 use ccpl::reference::{ccp_layer_loss, relative_error};
 use ccpl::sampling::SplitMix64;
 use ccpl::{Centers, FeatureShape, Layout};
@@ -18,6 +20,8 @@ use ccpl::{Centers, FeatureShape, Layout};
 const BATCH: usize = 8;
 const NUM_S: usize = 8;
 const TAU: f64 = 0.07;
+/// The seed of the centres: the CPU reference takes step 0's draw, the GPU draws on the device.
+const SEED: u64 = 2022;
 /// (name, channels, side) of the art layers at a 256x256 crop.
 const LAYERS: [(&str, usize, usize); 3] = [
     ("relu2_1", 128, 128),
@@ -29,7 +33,7 @@ fn main() -> ccpl::Result<()> {
     let layers: Vec<Layer> = LAYERS
         .iter()
         .enumerate()
-        .map(|(i, &(name, c, side))| Layer::random(name, c, side, i as u64))
+        .map(|(i, &(name, c, side))| Layer::random(name, c, side, i as u32))
         .collect::<ccpl::Result<_>>()?;
     println!(
         "CCP loss, paper configuration: B={BATCH}, num_s={NUM_S} (S={}), tau={TAU}, layers {}",
@@ -46,7 +50,7 @@ fn main() -> ccpl::Result<()> {
 }
 
 /// One layer's inputs: the generated image's features (`feat_q`), the content image's
-/// (`feat_k`) and this step's centres.
+/// (`feat_k`) and the centres of step 0 (those the device draws first).
 struct Layer {
     name: &'static str,
     shape: FeatureShape,
@@ -58,7 +62,8 @@ struct Layer {
 impl Layer {
     /// VGG-like features: non-negative (after a ReLU, so about half are exact zeros) and
     /// spatially smooth; the generated image's are the content's, changed by a style.
-    fn random(name: &'static str, channels: usize, side: usize, seed: u64) -> ccpl::Result<Self> {
+    fn random(name: &'static str, channels: usize, side: usize, layer: u32) -> ccpl::Result<Self> {
+        let seed = layer as u64;
         let shape = FeatureShape::new(BATCH, channels, side, side, Layout::Nchw)?;
         let mut rng = Rng(SplitMix64::new(seed));
         let mut content = vec![0.0f32; shape.len()];
@@ -78,7 +83,7 @@ impl Layer {
             .iter()
             .map(|&v| (1.3 * v + rng.normal() - 0.1).max(0.0))
             .collect();
-        let centers = Centers::sample(side, side, NUM_S, 1000 + seed)?;
+        let centers = Centers::philox(side, side, NUM_S, SEED, 0, layer)?;
         Ok(Self {
             name,
             shape,
@@ -116,77 +121,95 @@ fn on_cpu(layers: &[Layer]) -> ccpl::Result<()> {
     Ok(())
 }
 
-/// One layer's buffers on the device and its loss, with its workspace.
-struct GpuLayer {
-    feat_q: CudaSlice<f32>,
-    feat_k: CudaSlice<f32>,
-    grad_q: CudaSlice<f32>,
-    centers: DeviceCenters,
-    loss: CcpLayer<f32>,
-}
-
 fn on_gpu(ctx: Arc<CudaContext>, layers: &[Layer]) -> ccpl::Result<()> {
+    // A stream of our own, and cudarc's event tracking off for the buffers below: what a
+    // capture into a CUDA graph needs (the legacy default stream cannot be captured).
+    // SAFETY: everything below uses this one stream.
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx.new_stream()?;
     let kernels = Kernels::for_context(&ctx)?;
-    let stream = ctx.default_stream();
     println!("GPU: {}", ctx.name()?);
-    let mut gpu = Vec::new();
-    for layer in layers {
-        gpu.push(GpuLayer {
-            feat_q: stream.clone_htod(&layer.feat_q)?,
-            feat_k: stream.clone_htod(&layer.feat_k)?,
-            grad_q: stream.alloc_zeros::<f32>(layer.shape.len())?,
-            centers: DeviceCenters::upload(&stream, &layer.centers)?,
-            loss: CcpLayer::new(kernels.clone(), stream.clone(), layer.shape, NUM_S, TAU)?,
-        });
-    }
-    // One training step's loss work: forward and backward of every layer, back to back.
-    let step = |gpu: &mut [GpuLayer]| -> ccpl::Result<()> {
-        for l in gpu {
-            stream.memset_zeros(&mut l.grad_q)?;
-            l.loss.forward(&l.feat_q, &l.feat_k, &l.centers)?;
-            l.loss
-                .backward(None, &mut l.grad_q, None, Scatter::Deterministic)?;
+    let shapes: Vec<(FeatureShape, usize)> = layers.iter().map(|l| (l.shape, NUM_S)).collect();
+    let mut loss = CcpLoss::<f32>::new(kernels, stream.clone(), &shapes, TAU, SEED)?;
+    let feats = layers
+        .iter()
+        .map(|l| Ok((stream.clone_htod(&l.feat_q)?, stream.clone_htod(&l.feat_k)?)))
+        .collect::<ccpl::Result<Vec<_>>>()?;
+    let mut grads = layers
+        .iter()
+        .map(|l| stream.alloc_zeros::<f32>(l.shape.len()))
+        .collect::<Result<Vec<_>, _>>()?;
+    // One training step's loss work: zero the gradients, forward (new centres drawn on the
+    // device), backward; three kernel launches.
+    let step = |loss: &mut CcpLoss<f32>, grads: &mut [CudaSlice<f32>]| -> ccpl::Result<()> {
+        for g in grads.iter_mut() {
+            stream.memset_zeros(g)?;
         }
-        Ok(())
+        let inputs: Vec<_> = feats.iter().map(|(q, k)| (q, k)).collect();
+        loss.forward(&inputs)?;
+        loss.backward(None, &mut grads.iter_mut().collect::<Vec<_>>(), None)
     };
-    step(&mut gpu)?; // warm-up: module load, first launches
+    step(&mut loss, &mut grads)?; // warm-up: module load, first launches
     stream.synchronize()?;
     const STEPS: usize = 20;
     let start = Instant::now();
     for _ in 0..STEPS {
-        step(&mut gpu)?;
+        step(&mut loss, &mut grads)?;
     }
     stream.synchronize()?;
     let per_step = ms(start) / STEPS as f64;
 
+    // The same step captured once in a CUDA graph and replayed: each replay draws new centres.
+    stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+    step(&mut loss, &mut grads)?;
+    let graph = stream
+        .end_capture(sys::CUgraphInstantiate_flags(0))?
+        .ok_or_else(|| ccpl::Error::Cuda("the capture recorded no work".into()))?;
+    graph.launch()?;
+    stream.synchronize()?;
+    let start = Instant::now();
+    for _ in 0..STEPS {
+        graph.launch()?;
+    }
+    stream.synchronize()?;
+    let per_replay = ms(start) / STEPS as f64;
+    // The step that ran last: the warm-up, the timed steps, the replays (the capture ran none).
+    let last = (1 + STEPS + 1 + STEPS - 1) as u64;
+
     let (mut total, mut worst) = (0.0, 0.0f64);
-    for (layer, l) in layers.iter().zip(&gpu) {
-        let value = stream.clone_dtoh(l.loss.loss())?[0] as f64;
-        let grad: Vec<f64> = stream
-            .clone_dtoh(&l.grad_q)?
-            .iter()
-            .map(|&g| g as f64)
-            .collect();
+    for (i, (layer, grad)) in layers.iter().zip(&grads).enumerate() {
+        let centers = Centers::philox(
+            layer.shape.height(),
+            layer.shape.width(),
+            NUM_S,
+            SEED,
+            last,
+            i as u32,
+        )?;
         let reference = ccp_layer_loss(
             &layer.feat_q,
             &layer.feat_k,
             &layer.shape,
-            &layer.centers,
+            &centers,
             TAU,
             false,
         )?;
-        let loss_err = relative_error(&[value], &[reference.loss]);
+        let grad: Vec<f64> = stream.clone_dtoh(grad)?.iter().map(|&g| g as f64).collect();
         let grad_err = relative_error(&grad, &reference.grad_feat_q);
         println!(
-            "  {:8} loss {value:.6}  |grad feat_q| {:.6e}  (vs CPU reference: loss {loss_err:.1e}, grad {grad_err:.1e} relative)",
+            "  {:8} loss {:.6}  |grad feat_q| {:.6e}  (vs CPU reference: grad {grad_err:.1e} relative)",
             layer.name,
+            reference.loss,
             norm(&grad),
         );
-        total += value;
-        worst = worst.max(loss_err).max(grad_err);
+        total += reference.loss;
+        worst = worst.max(grad_err);
     }
+    let value = stream.clone_dtoh(loss.loss())?[0] as f64;
+    worst = worst.max(relative_error(&[value], &[total]));
     println!(
-        "total loss {total:.6}  (GPU, forward + backward of all layers: {per_step:.3} ms per step, mean of {STEPS})"
+        "total loss {value:.6}  (CPU reference {total:.6}; GPU, forward + backward of all layers: \
+         {per_step:.3} ms per step on a stream, {per_replay:.3} ms per CUDA-graph replay, mean of {STEPS})"
     );
     // The kernels' f32 tolerance (F32_TOLERANCE of the tests); relative_error is infinite for NaN.
     if worst > 1e-5 {

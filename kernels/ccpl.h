@@ -53,6 +53,31 @@
 #define CCPL_TILE_SIDE 64
 #define CCPL_TILE_THREADS 256
 
+/*
+ * The small-S path (small_s.cu): the whole loss of every layer in three launches, for layers
+ * whose S = 8N is at most CCPL_SMALL_S_MAX_ROWS (docs/small-s.md has the arithmetic). One
+ * block of small_s_rows owns CCPL_SMALL_S_TILE_ROWS rows of one image and keeps their float
+ * logits against all S rows of the other side in static shared memory (16 x 512 floats,
+ * 32 KB). A launch takes at most CCPL_SMALL_S_MAX_LAYERS layers, each described by a
+ * descriptor in the launch parameters (so a captured CUDA graph holds every address).
+ */
+#define CCPL_SMALL_S_MAX_ROWS 512
+#define CCPL_SMALL_S_TILE_ROWS 16
+#define CCPL_SMALL_S_MAX_LAYERS 8
+#define CCPL_SMALL_S_BLOCK 256
+
+/*
+ * The counters of the small-S path: uint32 words in device memory. The sampler's key (seed)
+ * and counter (step), 64 bits each, low word first; and, for the gather and the rows kernel,
+ * the number of blocks that have finished (the last one does the launch's closing work:
+ * advancing the step, summing the loss; then it resets the count to 0).
+ */
+#define CCPL_COUNTER_SEED 0
+#define CCPL_COUNTER_STEP 2
+#define CCPL_COUNTER_GATHER_DONE 4
+#define CCPL_COUNTER_ROWS_DONE 5
+#define CCPL_COUNTERS 6
+
 /* ---- Launch parameters, one struct per kernel --------------------------------------- */
 
 /* neighbor_diff_{T}: rows[b, k*N + x, :] = f[b, :, p_x] - f[b, :, p_x + off_k]. */
@@ -221,5 +246,108 @@ typedef struct ccpl_info_nce_fused_backward_params {
     int32_t transpose;
     float inv_tau;
 } ccpl_info_nce_fused_backward_params;
+
+/*
+ * small_s_gather_{T}: for every layer, the centres (drawn when `sample`, else read from
+ * `centers`) and, for the layers that have rows here, the difference rows of both feature
+ * maps in float. Drawing: N distinct interior positions, uniform, in random order, from
+ * Philox-4x32-10 keyed by the seed with the counter (step, layer, word / 4); the layer's first
+ * block writes them to `centers` and keeps `center_map` in step; the last block to finish
+ * advances the step by one. A layer without feature maps (feat_q == 0) is only drawn (its
+ * loss runs on the fused path).
+ */
+typedef struct ccpl_small_s_gather_layer {
+    uint64_t feat_q;     /* in:  (B,C,H,W) or (B,H,W,C), T; 0: draw the centres only */
+    uint64_t feat_k;     /* in:  the same shape, T */
+    uint64_t rows_q;     /* out: (B, 8N, C), float */
+    uint64_t rows_k;     /* out: (B, 8N, C), float */
+    uint64_t centers;    /* int32[N]: out when sampling, in otherwise */
+    uint64_t center_map; /* int32[H*W]: the centre index at each position, or -1 */
+    int32_t batch;
+    int32_t channels;
+    int32_t height;
+    int32_t width;
+    int32_t num_centers;
+    int32_t layout;      /* CCPL_LAYOUT_* */
+    int32_t first_block; /* the layer's blocks are first_block .. the next layer's first */
+} ccpl_small_s_gather_layer;
+
+typedef struct ccpl_small_s_gather_params {
+    ccpl_small_s_gather_layer layers[CCPL_SMALL_S_MAX_LAYERS];
+    uint64_t counters; /* uint32[CCPL_COUNTERS], device */
+    int32_t num_layers;
+    int32_t sample; /* 1: draw the centres and advance the step; 0: use `centers` */
+} ccpl_small_s_gather_params;
+
+/*
+ * small_s_rows_{T}: for every layer, image and tile of CCPL_SMALL_S_TILE_ROWS rows, the rows
+ * loss of rows_q against rows_k (normalisation, logits, cross-entropy) and the gradient of
+ * the loss with respect to the raw rows, for an upstream gradient of 1, in float:
+ * transpose == 0: grad_rows = d loss / d rows_q; row_lse, row_loss written; the per-layer
+ *                 losses and their sum written by the last block (one fixed order);
+ *                 copy_q, copy_k (when not 0) receive the rows in float;
+ * transpose == 1: grad_rows = d loss / d rows_k from the forward's row_lse and row_loss.
+ */
+typedef struct ccpl_small_s_rows_layer {
+    uint64_t rows_q;    /* in:  (B, S, C), T */
+    uint64_t rows_k;    /* in:  (B, S, C), T */
+    uint64_t grad_rows; /* out: (B, S, C), float */
+    uint64_t row_lse;   /* float[B*S]: out (transpose 0), in (transpose 1) */
+    uint64_t row_loss;  /* float[B*S]: out (transpose 0), in (transpose 1) */
+    uint64_t copy_q;    /* out: (B, S, C), float, or 0 */
+    uint64_t copy_k;    /* out: (B, S, C), float, or 0 */
+    int32_t batch;
+    int32_t rows;        /* S, at most CCPL_SMALL_S_MAX_ROWS */
+    int32_t width;       /* C */
+    int32_t first_block; /* B * ceil(S / CCPL_SMALL_S_TILE_ROWS) blocks from here */
+} ccpl_small_s_rows_layer;
+
+typedef struct ccpl_small_s_rows_params {
+    ccpl_small_s_rows_layer layers[CCPL_SMALL_S_MAX_LAYERS];
+    uint64_t partials;   /* float[gridDim.x]: each block's share of its layer's loss */
+    uint64_t counters;   /* uint32[CCPL_COUNTERS], device */
+    uint64_t layer_loss; /* out: float[num_layers] */
+    uint64_t loss;       /* out: float[1], the sum of the layers' losses */
+    int32_t num_layers;
+    int32_t transpose;
+    float inv_tau;
+} ccpl_small_s_rows_params;
+
+/*
+ * small_s_scatter_{T}: grad_feat += upstream[0] * the scatter of grad_rows (a centre gets +g,
+ * its neighbour -g), deterministic (one writer per element, a fixed order), every layer;
+ * blockIdx.y is the side (0: q, 1: k; a layer with grad_feat_k == 0 has no k side).
+ */
+typedef struct ccpl_small_s_scatter_layer {
+    uint64_t grad_rows_q; /* in:  (B, 8N, C), float */
+    uint64_t grad_rows_k; /* in:  (B, 8N, C), float */
+    uint64_t grad_feat_q; /* in/out: layout of the feature map, T, accumulated into */
+    uint64_t grad_feat_k; /* in/out, or 0 */
+    uint64_t centers;     /* int32[N] */
+    uint64_t center_map;  /* int32[H*W] */
+    int32_t batch;
+    int32_t channels;
+    int32_t height;
+    int32_t width;
+    int32_t num_centers;
+    int32_t layout;
+    int32_t first_block;
+} ccpl_small_s_scatter_layer;
+
+typedef struct ccpl_small_s_scatter_params {
+    ccpl_small_s_scatter_layer layers[CCPL_SMALL_S_MAX_LAYERS];
+    uint64_t upstream; /* in: float[1], on the device */
+    int32_t num_layers;
+} ccpl_small_s_scatter_params;
+
+/* small_s_scale_{T}: out = upstream[0] * grad_rows, rounded to T; blockIdx.y the side. */
+typedef struct ccpl_small_s_scale_params {
+    uint64_t grad_rows_q; /* in:  float[count] */
+    uint64_t grad_rows_k; /* in:  float[count] */
+    uint64_t out_q;       /* out: T[count] */
+    uint64_t out_k;       /* out: T[count], or 0 */
+    uint64_t upstream;    /* in:  float[1], on the device */
+    int32_t count;
+} ccpl_small_s_scale_params;
 
 #endif /* CCPL_H */

@@ -1,7 +1,8 @@
 // row_norm.cuh: the L2 norm of a row, and the row normalised by it, without overflow or
-// underflow of the sum of squares. Every kernel that normalises a row goes through here
-// (normalize.cu; neighbor.cu's difference rows normalised as they are formed), so that all of
-// them agree with the float64 reference at any magnitude float holds.
+// underflow of the sum of squares; and the backward of that normalisation. Every kernel that
+// normalises a row goes through here (normalize.cu; neighbor.cu's difference rows normalised
+// as they are formed; small_s.cu), so that all of them agree with the float64 reference at
+// any magnitude float holds.
 //
 // Why: the square of a float overflows from |x| about 1.8e19 (sum of squares inf: the row
 // normalises to 0, the loss to ln S, the gradients to 0) and underflows below about 1e-19
@@ -84,6 +85,39 @@ __device__ __forceinline__ ScaledNorm scaled_norm(int lane, int64_t C, const Loa
         squares = fmaf(x, x, squares);
     }
     return ScaledNorm{sqrtf(warp_sum(squares)), scale};
+}
+
+// The backward of v = d / (n + eps) (spec step 5) for a row of norm n spread over a warp (lane
+// l holds c = l, l + 32, ...; every lane calls it): g_d = g/(n+eps) - d (d.g) / (n (n+eps)^2).
+// With u = d/n and a = u.g this is
+//     g_d = ((g - u a) + u a eps/(n+eps)) / (n+eps),
+// the component of g across the row plus what is left of the one along it. Written so, the
+// cancellation of the along-row component happens exactly (for C = 1, u = +-1 and g - u a
+// is 0 exactly) instead of in the difference of two rounded terms, and no product of small
+// numbers underflows; the division by n+eps (not a product with its inverse, subnormal past
+// 2^126) keeps large rows precise. Where n == 0 the second term of the spec is 0: g_d = g/eps,
+// never NaN. A norm past float's range (inf) makes g_d = 0: the true value, below
+// |g|/FLT_MAX, is at most subnormal.
+//
+// u(c) is the row's direction u_c (the caller knows how to form it best: d_c/n from the rows
+// before normalisation, or from normalised rows at their own scale); load_g(c) reads g_c;
+// store(c, value) writes g_d[c] and may overwrite g (each lane reads its elements first).
+template <typename U, typename LoadG, typename Store>
+__device__ __forceinline__ void unit_row_backward(int lane, int64_t C, float norm, const U& u,
+                                                  const LoadG& load_g, const Store& store) {
+    const float denom = norm + kNormEps;
+    if (norm > 0.0f) {
+        float along = 0.0f;
+        for (int64_t c = lane; c < C; c += kWarp) along = fmaf(u(c), load_g(c), along);
+        along = warp_sum(along);
+        const float kept = kNormEps / denom;  // eps/(n+eps): what survives along u
+        for (int64_t c = lane; c < C; c += kWarp) {
+            const float u_along = u(c) * along;
+            store(c, ((load_g(c) - u_along) + u_along * kept) / denom);
+        }
+    } else {
+        for (int64_t c = lane; c < C; c += kWarp) store(c, load_g(c) / denom);
+    }
 }
 
 }  // namespace ccpl

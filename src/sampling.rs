@@ -57,6 +57,53 @@ impl Centers {
         })
     }
 
+    /// The centres the device sampler draws (the small-S path of
+    /// [`CcpLoss`](crate::cuda::CcpLoss), `kernels/philox.cuh`) for layer `layer` at step `step`
+    /// under `seed`, word for word: `N = min(num_s, (H-2)(W-2))` distinct interior positions,
+    /// uniform without replacement, in random order. Position `i` is drawn uniformly from the
+    /// interior (Lemire's unbiased multiply-shift on the words of [`CenterStream`]) and drawn
+    /// again while it equals an earlier one, which makes it uniform among the positions not
+    /// drawn before.
+    ///
+    /// ```
+    /// use ccpl::Centers;
+    /// let a = Centers::philox(64, 64, 8, 7, 0, 1).unwrap();
+    /// let b = Centers::philox(64, 64, 8, 7, 1, 1).unwrap(); // the next step
+    /// assert_eq!(a.len(), 8);
+    /// assert_ne!(a, b);
+    /// ```
+    pub fn philox(
+        height: usize,
+        width: usize,
+        num_s: usize,
+        seed: u64,
+        step: u64,
+        layer: u32,
+    ) -> Result<Self> {
+        check_map(height, width)?;
+        if num_s == 0 {
+            return Err(Error::NoCenters);
+        }
+        let (inner_width, interior) = (width - 2, (height - 2) * (width - 2));
+        let n = num_s.min(interior);
+        let mut stream = CenterStream::new(seed, step, layer);
+        let mut seen = std::collections::HashSet::with_capacity(n);
+        let mut flat = Vec::with_capacity(n);
+        while flat.len() < n {
+            // The interior is below 2^31 positions (check_map).
+            let v = stream.below(interior as u32) as usize;
+            let pos = ((v / inner_width + 1) * width + v % inner_width + 1) as i32;
+            if seen.insert(pos) {
+                flat.push(pos);
+            }
+        }
+        Ok(Self {
+            height,
+            width,
+            flat,
+        })
+    }
+
     /// Takes centres given by the caller (flat indices `h*W + w`), checking that each lies in
     /// the interior and none repeats.
     pub fn from_flat(height: usize, width: usize, flat: &[i64]) -> Result<Self> {
@@ -195,5 +242,81 @@ impl SplitMix64 {
     /// Uniform in `[0, 1)`, 53 random bits.
     pub fn unit(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Philox-4x32-10 (Salmon, Moraes, Dror, Shaw, SC 2011): the 4 words of the counter-based
+/// generator at `counter` under `key`, as the device computes them (`kernels/philox.cuh`).
+///
+/// ```
+/// // Random123's known answer for the zero counter and key.
+/// assert_eq!(
+///     ccpl::sampling::philox4x32_10([0; 4], [0; 2]),
+///     [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]
+/// );
+/// ```
+pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    let [mut c0, mut c1, mut c2, mut c3] = counter;
+    let [mut k0, mut k1] = key;
+    for _ in 0..10 {
+        let p0 = 0xD251_1F53u64 * c0 as u64;
+        let p1 = 0xCD9E_8D57u64 * c2 as u64;
+        (c0, c1, c2, c3) = (
+            (p1 >> 32) as u32 ^ c1 ^ k0,
+            p1 as u32,
+            (p0 >> 32) as u32 ^ c3 ^ k1,
+            p0 as u32,
+        );
+        k0 = k0.wrapping_add(0x9E37_79B9);
+        k1 = k1.wrapping_add(0xBB67_AE85);
+    }
+    [c0, c1, c2, c3]
+}
+
+/// The stream of 32-bit words the device draws one layer's centres from at one step: word
+/// `w` is word `w % 4` of [`philox4x32_10`] at the counter `(step low, step high, layer,
+/// w / 4)` under the key `(seed low, seed high)`. Counter-based: a step needs no state but
+/// its number, and different layers and steps read disjoint counters.
+#[derive(Debug, Clone)]
+pub struct CenterStream {
+    counter: [u32; 4],
+    key: [u32; 2],
+    words: [u32; 4],
+    next: usize,
+}
+
+impl CenterStream {
+    /// The stream of layer `layer` at step `step` under `seed`.
+    pub fn new(seed: u64, step: u64, layer: u32) -> Self {
+        Self {
+            counter: [step as u32, (step >> 32) as u32, layer, 0],
+            key: [seed as u32, (seed >> 32) as u32],
+            words: [0; 4],
+            next: 4,
+        }
+    }
+
+    /// The next word.
+    pub fn word(&mut self) -> u32 {
+        if self.next == 4 {
+            self.words = philox4x32_10(self.counter, self.key);
+            self.counter[3] = self.counter[3].wrapping_add(1);
+            self.next = 0;
+        }
+        self.next += 1;
+        self.words[self.next - 1]
+    }
+
+    /// Uniform in `0..n` (`n > 0`, an interior's size), without bias: Lemire's
+    /// multiply-shift, with rejection of the low products below `2^32 mod n`.
+    fn below(&mut self, n: u32) -> u32 {
+        let mut m = self.word() as u64 * n as u64;
+        if (m as u32) < n {
+            let threshold = n.wrapping_neg() % n;
+            while (m as u32) < threshold {
+                m = self.word() as u64 * n as u64;
+            }
+        }
+        (m >> 32) as u32
     }
 }

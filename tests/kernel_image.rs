@@ -8,7 +8,7 @@ use ccpl::cuda::entry_points;
 use ccpl::plan::info_nce::{self, Side};
 use ccpl::plan::layer::LayerWorkspace;
 use ccpl::plan::neighbor::{self, CentersBuf, Scatter};
-use ccpl::plan::{Buf, info_nce_fused, normalize, similarity};
+use ccpl::plan::{Buf, info_nce_fused, normalize, similarity, small_s};
 use ccpl::{Dtype, FeatureShape, Layout, RowShape, ffi};
 use half::{bf16, f16};
 
@@ -66,7 +66,57 @@ fn planned<T: Dtype>() -> Vec<String> {
             info_nce_fused::info_nce_fused_backward::<T>(&rows, 0.07, side, r, r, s, s, buf(1), r);
         names.push(plan.unwrap().kernel);
     }
+    names.extend(small_s_planned::<T>(&shape, &centers));
     names
+}
+
+/// The small-S path's kernels for `T`: the gather, the rows (as `CcpRows` launches it on rows
+/// in `T`), the scatter and the scale.
+fn small_s_planned<T: Dtype>(shape: &FeatureShape, centers: &CentersBuf) -> Vec<String> {
+    let rows = RowShape::new(1, 16, 3).unwrap();
+    let (r, s) = (buf(rows.len()), buf(16));
+    let rows_layer = small_s::RowsLayer {
+        shape: rows,
+        rows_q: r,
+        rows_k: r,
+        grad_rows: r,
+        row_lse: s,
+        row_loss: s,
+        copies: None,
+    };
+    let totals = small_s::RowsTotals {
+        partials: buf(1),
+        counters: buf(small_s::COUNTERS),
+        layer_loss: buf(1),
+        loss: buf(1),
+    };
+    let gather = small_s::GatherLayer {
+        shape: *shape,
+        centers: *centers,
+        rows: None,
+    };
+    let side = small_s::ScatterSide {
+        grad_rows: buf(rows.len()),
+        grad_feat: buf(shape.len()),
+    };
+    let scatter = small_s::ScatterLayer {
+        shape: *shape,
+        centers: *centers,
+        q: side,
+        k: None,
+    };
+    vec![
+        small_s::gather::<T>(&[gather], buf(small_s::COUNTERS), true)
+            .unwrap()
+            .kernel,
+        small_s::rows_forward::<T>(&[rows_layer], 0.07, &totals)
+            .unwrap()
+            .kernel,
+        small_s::scatter::<T>(&[scatter], buf(1)).unwrap().kernel,
+        small_s::scale::<T>(rows.len(), buf(1), (r, r), None)
+            .unwrap()
+            .kernel,
+    ]
 }
 
 fn built() -> bool {
@@ -91,9 +141,9 @@ fn every_planned_kernel_is_in_the_image_and_nothing_else() {
         .chain(planned::<f16>())
         .chain(planned::<bf16>())
         .collect();
-    // 10 typed kernels (each backward's two sides or two modes share one) x 3 types + 2
+    // 14 typed kernels (each backward's two sides or two modes share one) x 3 types + 2
     // float-only ones.
-    assert_eq!(planned.len(), 10 * 3 + 2, "{planned:?}");
+    assert_eq!(planned.len(), 14 * 3 + 2, "{planned:?}");
     let mut in_ptx = BTreeSet::new();
     for image in ffi::IMAGES {
         let entries: BTreeSet<String> = entry_points(image.ptx).map(str::to_string).collect();

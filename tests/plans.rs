@@ -352,3 +352,207 @@ fn layer_workspace_is_rows_and_statistics_only() {
     assert_eq!(lengths.bytes::<f32>(), 4 * rows * 4 + (4 * stats + 2) * 4);
     assert!(lengths.bytes::<half::bf16>() < 110 << 20);
 }
+
+/// The whole loss: small-S layers share three launches a training step (draw and gather, the
+/// rows' loss and gradient, the scatter), a layer above S = 512 adds its fused launches and
+/// one for its share of the total; any wrong buffer is an Err before anything is launched.
+#[test]
+fn loss_launches_three_kernels_a_step_or_nothing() {
+    use ccpl::plan::loss::{Draw, LossPlan};
+    let small = FeatureShape::new(2, 3, 7, 9, Layout::Nchw).unwrap();
+    let large = FeatureShape::new(1, 2, 12, 12, Layout::Nhwc).unwrap();
+    let plan = LossPlan::new(&[(small, 5), (large, 65), (small, 100)], 0.07).unwrap();
+    // 65 centres: S = 520, the fused path; 100 clamped to the 35 interior positions: S = 280.
+    assert_eq!(
+        (0..3)
+            .map(|l| (plan.is_small(l), plan.num_centers(l)))
+            .collect::<Vec<_>>(),
+        [(true, 5), (false, 65), (true, 35)]
+    );
+    let lens = plan.workspace().unwrap();
+    let ws = lens
+        .try_map(|&n| Ok::<_, ()>(buf(n)), |&n| Ok(buf(n)), |&n| Ok(buf(n)))
+        .unwrap();
+    let feats = [
+        (buf(small.len()), buf(small.len())),
+        (buf(large.len()), buf(large.len())),
+        (buf(small.len()), buf(small.len())),
+    ];
+    let grads = [buf(small.len()), buf(large.len()), buf(small.len())];
+    let rec = Recorder::default();
+    plan.forward::<f32, _>(&rec, &feats, &ws, Draw::Sample)
+        .unwrap();
+    let fused_forward = [
+        "neighbor_diff_normalize_f32",
+        "neighbor_diff_normalize_f32",
+        "info_nce_fused_forward_f32",
+        "info_nce_loss",
+        "info_nce_loss",
+    ];
+    let forward = [
+        &["small_s_gather_f32", "small_s_rows_f32"][..],
+        &fused_forward,
+    ]
+    .concat();
+    assert_eq!(rec.0.take(), forward);
+    plan.backward::<f32, _>(&rec, &ws, None, &grads, None)
+        .unwrap();
+    let fused_backward = [
+        "info_nce_fused_backward_f32",
+        "normalize_rows_backward_f32",
+        "neighbor_diff_backward_deterministic_f32",
+    ];
+    let backward = [&["small_s_scatter_f32"][..], &fused_backward].concat();
+    assert_eq!(rec.0.take(), backward);
+    plan.backward::<half::bf16, _>(&rec, &ws, None, &grads, Some(&grads))
+        .unwrap();
+    assert_eq!(
+        rec.0.take()[..2],
+        ["small_s_rows_f32", "small_s_scatter_bf16"],
+        "the content side: the transposed rows launch, then one scatter for both sides"
+    );
+
+    // Only small-S layers: three launches a step.
+    let paper = LossPlan::new(&[(small, 5), (small, 8)], 0.07).unwrap();
+    let pws = paper
+        .workspace()
+        .unwrap()
+        .try_map(|&n| Ok::<_, ()>(buf(n)), |&n| Ok(buf(n)), |&n| Ok(buf(n)))
+        .unwrap();
+    let two = [feats[0], feats[0]];
+    paper
+        .forward::<f32, _>(&rec, &two, &pws, Draw::Given)
+        .unwrap();
+    paper
+        .backward::<f32, _>(&rec, &pws, None, &[grads[0]; 2], None)
+        .unwrap();
+    assert_eq!(
+        rec.0.take(),
+        [
+            "small_s_gather_f32",
+            "small_s_rows_f32",
+            "small_s_scatter_f32"
+        ]
+    );
+
+    // Wrong buffers, anywhere: an Err naming it, nothing launched.
+    let mut bad = ws.clone();
+    bad.loss = buf(2);
+    let err = plan.forward::<f32, _>(&rec, &feats, &bad, Draw::Sample);
+    assert!(matches!(err, Err(Error::Length { what: "loss", .. })));
+    let mut bad = ws.clone();
+    bad.fused[0].rows.row_loss = buf(3);
+    let err = plan.forward::<f32, _>(&rec, &feats, &bad, Draw::Sample);
+    assert!(matches!(err, Err(Error::Length { .. })));
+    let short = [feats[0], feats[1], (buf(small.len()), buf(small.len() - 1))];
+    let err = plan.forward::<f32, _>(&rec, &short, &ws, Draw::Sample);
+    assert!(matches!(err, Err(Error::Length { what: "feat_k", .. })));
+    let err = plan.forward::<f32, _>(&rec, &feats[..2], &ws, Draw::Sample);
+    assert!(matches!(err, Err(Error::Length { .. })));
+    let err = plan.backward::<f32, _>(&rec, &ws, None, &[grads[0], grads[1], buf(1)], None);
+    assert!(matches!(
+        err,
+        Err(Error::Length {
+            what: "grad_feat",
+            ..
+        })
+    ));
+    let err = plan.backward::<f32, _>(&rec, &ws, Some(buf(2)), &grads, None);
+    assert!(matches!(
+        err,
+        Err(Error::Length {
+            what: "upstream",
+            ..
+        })
+    ));
+    let mut bad = ws.clone();
+    bad.counters = buf(5);
+    let err = plan.forward::<f32, _>(&rec, &feats, &bad, Draw::Sample);
+    assert!(matches!(
+        err,
+        Err(Error::Length {
+            what: "counters",
+            ..
+        })
+    ));
+    assert!(rec.0.take().is_empty());
+
+    // No layer, too many, no centres, a bad tau.
+    assert!(matches!(LossPlan::new(&[], 0.07), Err(Error::Shape(_))));
+    assert!(matches!(
+        LossPlan::new(&[(small, 5); 9], 0.07),
+        Err(Error::Shape(_))
+    ));
+    assert_eq!(
+        LossPlan::new(&[(small, 0)], 0.07).unwrap_err(),
+        Error::NoCenters
+    );
+    assert_eq!(
+        LossPlan::new(&[(small, 5)], -1.0).unwrap_err(),
+        Error::Tau(-1.0)
+    );
+}
+
+/// The small-S kernels' own limits: S at most 512, at most 8 layers a launch, every buffer's
+/// length, a part of a buffer within it.
+#[test]
+fn small_s_plans_check_their_limits() {
+    use ccpl::plan::small_s::{self, RowsLayer, RowsTotals, SmallRowsPlan};
+    let rows = |s: usize| RowShape::new(2, s, 3).unwrap();
+    assert!(SmallRowsPlan::new(rows(512), 0.07).is_ok());
+    assert!(matches!(
+        SmallRowsPlan::new(rows(513), 0.07),
+        Err(Error::Shape(_))
+    ));
+    let layer = |shape: RowShape| RowsLayer {
+        shape,
+        rows_q: buf(shape.len()),
+        rows_k: buf(shape.len()),
+        grad_rows: buf(shape.len()),
+        row_lse: buf(shape.batch() * shape.rows()),
+        row_loss: buf(shape.batch() * shape.rows()),
+        copies: None,
+    };
+    let totals = |blocks: usize, layers: usize| RowsTotals {
+        partials: buf(blocks),
+        counters: buf(small_s::COUNTERS),
+        layer_loss: buf(layers),
+        loss: buf(1),
+    };
+    // One block per 16 rows of an image: 2 * ceil(520/16) would be 66, but 520 is refused.
+    let plan = small_s::rows_forward::<f32>(&[layer(rows(40))], 0.07, &totals(6, 1)).unwrap();
+    assert_eq!((plan.grid, plan.block), ((6, 1, 1), (256, 1, 1)));
+    let err = small_s::rows_forward::<f32>(&[layer(rows(520))], 0.07, &totals(66, 1));
+    assert!(matches!(err, Err(Error::Shape(_))));
+    let err = small_s::rows_forward::<f32>(&[layer(rows(40))], 0.07, &totals(5, 1));
+    assert!(matches!(
+        err,
+        Err(Error::Length {
+            what: "partials",
+            ..
+        })
+    ));
+    let nine = [layer(rows(8)); 9];
+    let err = small_s::rows_forward::<f32>(&nine, 0.07, &totals(9, 9));
+    assert!(matches!(err, Err(Error::Shape(_))));
+    let err = small_s::rows_transposed::<f32>(
+        &[RowsLayer {
+            copies: Some((buf(240), buf(240))),
+            ..layer(rows(40))
+        }],
+        0.07,
+    );
+    assert!(matches!(err, Err(Error::Shape(_))));
+    assert!(matches!(
+        small_s::scale::<f32>(10, buf(1), (buf(10), buf(9)), None),
+        Err(Error::Length { what: "out", .. })
+    ));
+    assert!(matches!(buf(10).part::<f32>(8, 3), Err(Error::Shape(_))));
+    assert_eq!(
+        buf(10).part::<f32>(8, 2).unwrap(),
+        Buf {
+            addr: 0x1000 + 32,
+            len: 2
+        }
+    );
+}

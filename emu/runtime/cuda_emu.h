@@ -217,6 +217,10 @@ struct SyncWarp {
 
 #define __trap() ::ccpl_emu::fail("__trap() was called", __FILE__, __LINE__)
 
+// A memory fence: host memory is coherent, and blocks run one after another, so what is
+// left of it is a point where the scheduler may switch threads.
+#define __threadfence() ::ccpl_emu::yield_point()
+
 // ---- Half-precision storage types --------------------------------------------------------
 
 namespace ccpl_emu {

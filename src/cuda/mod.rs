@@ -13,6 +13,7 @@
 pub mod info_nce;
 pub mod info_nce_fused;
 pub mod layer;
+pub mod loss;
 pub mod neighbor;
 pub mod normalize;
 mod resident;
@@ -20,6 +21,7 @@ pub mod rows;
 pub mod similarity;
 
 pub use layer::CcpLayer;
+pub use loss::CcpLoss;
 pub use neighbor::{DeviceCenters, Scatter};
 pub use rows::CcpRows;
 

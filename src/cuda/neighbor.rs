@@ -6,7 +6,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use super::{CudaLauncher, Kernels};
 use crate::dtype::Dtype;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_len};
 use crate::plan::Launcher;
 pub use crate::plan::neighbor::Scatter;
 use crate::plan::neighbor::{self as plan, CentersBuf};
@@ -61,17 +61,18 @@ impl DeviceCenters {
     }
     /// `Err` unless `other` is for the same map and count as these centres.
     pub(crate) fn check_same_map(&self, other: &DeviceCenters) -> Result<()> {
-        if (self.height, self.width, self.len()) == (other.height, other.width, other.len()) {
+        other.check_map(self.height, self.width, self.len())
+    }
+    /// `Err` unless these are `n` centres of a `height x width` map.
+    pub(crate) fn check_map(&self, height: usize, width: usize, n: usize) -> Result<()> {
+        if (self.height, self.width, self.len()) == (height, width, n) {
             return Ok(());
         }
         Err(Error::Shape(format!(
-            "{} centres of a {}x{} map were given where {} of a {}x{} map are expected",
-            other.len(),
-            other.height,
-            other.width,
+            "{} centres of a {}x{} map were given where {n} of a {height}x{width} map are expected",
             self.len(),
             self.height,
-            self.width
+            self.width,
         )))
     }
     /// Copies `other` into these centres on `stream`; both must be for the same map and count.
@@ -81,8 +82,19 @@ impl DeviceCenters {
         other: &DeviceCenters,
     ) -> Result<()> {
         self.check_same_map(other)?;
-        stream.memcpy_dtod(&other.flat, &mut self.flat)?;
-        stream.memcpy_dtod(&other.map, &mut self.map)?;
+        other.copy_into(stream, &mut self.flat, &mut self.map)
+    }
+    /// Copies these centres into `flat` (`int32[N]`) and `map` (`int32[H*W]`) on `stream`.
+    pub(crate) fn copy_into(
+        &self,
+        stream: &Arc<CudaStream>,
+        flat: &mut CudaSlice<i32>,
+        map: &mut CudaSlice<i32>,
+    ) -> Result<()> {
+        check_len("centres", self.flat.len(), flat.len())?;
+        check_len("center map", self.map.len(), map.len())?;
+        stream.memcpy_dtod(&self.flat, flat)?;
+        stream.memcpy_dtod(&self.map, map)?;
         Ok(())
     }
     /// The addresses for the launches of `launcher`, which holds their guards.

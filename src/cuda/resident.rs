@@ -52,6 +52,12 @@ impl<W> Resident<W> {
         &self.workspace
     }
 
+    /// The workspace, for a change that leaves what a forward filled as it was (the
+    /// sampler's state).
+    pub(crate) fn workspace_mut(&mut self) -> &mut W {
+        &mut self.workspace
+    }
+
     /// For a forward: a launcher on the stream, the workspace to name its buffers with, and
     /// whether the workspace holds a forward's results. Used in this order, so that a failed
     /// forward leaves the object as it was: make every launch of the forward (which checks

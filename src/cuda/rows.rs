@@ -1,8 +1,10 @@
 //! The CCP loss of two row matrices on the GPU, for frameworks with a learned projection head
 //! (spec step 4): the caller gives the head's outputs for the generated and the content
 //! image, `(B, S, C')`, and gets the loss on the device and the gradient with respect to
-//! those rows. The sequence is [`crate::plan::rows`]'s (normalisation, fused
-//! InfoNCE: memory `O(B*S*C')`, no `(B, S, S)` logits).
+//! those rows. Up to `S = 512` the small-S path ([`crate::plan::small_s::SmallRowsPlan`]):
+//! the forward is one launch that leaves the loss and the gradient of the rows, the backward
+//! scales it; above, [`crate::plan::rows`]'s fused path (normalisation, fused InfoNCE: memory
+//! `O(B*S*C')`, no `(B, S, S)` logits).
 
 use std::sync::Arc;
 
@@ -12,13 +14,20 @@ use super::Kernels;
 use super::resident::{Resident, alloc};
 use crate::dtype::Dtype;
 use crate::error::Result;
+use crate::plan::Launcher;
 use crate::plan::rows::{RowsPlan, RowsWorkspace};
+use crate::plan::small_s::{self, SmallRowsPlan, SmallRowsWorkspace};
 use crate::shape::RowShape;
 
-/// The rows loss on one stream with its workspace (the normalised rows of both sides and
-/// their norms, the row statistics, the loss): allocated once by
-/// [`new`](Self::new), reused by every step. `T` is the storage type of the rows (`f32`,
-/// `f16` or `bf16`).
+/// The rows loss on one stream with its workspace, allocated once by [`new`](Self::new),
+/// reused by every step. `T` is the storage type of the rows (`f32`, `f16` or `bf16`).
+///
+/// Up to `S = 512` rows per image the forward is one launch (normalisation, logits,
+/// cross-entropy, and the gradient of the generated side's rows, in float) and the backward
+/// one more (the gradient times the upstream gradient, rounded to `T`), plus one when the
+/// content side's gradient is asked for; the workspace holds float copies of both row
+/// matrices and their gradients. Above, the fused path: the normalised rows of both sides
+/// and their norms, the row statistics; the `(B, S, S)` logits are never stored.
 ///
 /// ```no_run
 /// use ccpl::cuda::{self, CcpRows, Kernels};
@@ -40,31 +49,73 @@ use crate::shape::RowShape;
 /// ```
 #[derive(Debug)]
 pub struct CcpRows<T: Dtype> {
-    plan: RowsPlan,
-    resident: Resident<RowsWorkspace<CudaSlice<T>, CudaSlice<f32>>>,
+    path: Path<T>,
+}
+
+/// The small-S path (with the count of finished blocks its forward keeps), or the fused one.
+#[derive(Debug)]
+enum Path<T: Dtype> {
+    Small {
+        plan: SmallRowsPlan,
+        resident: Resident<SmallRowsWorkspace<CudaSlice<f32>, CudaSlice<f32>>>,
+        counters: CudaSlice<i32>,
+    },
+    Fused {
+        plan: RowsPlan,
+        resident: Resident<RowsWorkspace<CudaSlice<T>, CudaSlice<f32>>>,
+    },
 }
 
 impl<T: Dtype> CcpRows<T> {
     /// The loss of row matrices of `shape` at temperature `tau`; allocates its workspace on
-    /// `stream` (three `B*S*C` row matrices of `T`, four `B*S` float32 statistics).
+    /// `stream`.
     pub fn new(
         kernels: Arc<Kernels>,
         stream: Arc<CudaStream>,
         shape: RowShape,
         tau: f64,
     ) -> Result<Self> {
-        let plan = RowsPlan::new(shape, tau)?;
-        let workspace =
-            RowsWorkspace::lengths(&shape)?.try_map(alloc::<T>(&stream), alloc::<f32>(&stream))?;
-        Ok(Self {
-            plan,
-            resident: Resident::new(kernels, stream, workspace, |ws| &mut ws.one)?,
-        })
+        let path = if small_s::takes(shape.rows()) {
+            let plan = SmallRowsPlan::new(shape, tau)?;
+            let workspace = plan
+                .workspace()?
+                .try_map(alloc::<f32>(&stream), alloc::<f32>(&stream))?;
+            Path::Small {
+                plan,
+                counters: stream.alloc_zeros::<i32>(small_s::COUNTERS)?,
+                resident: Resident::new(kernels, stream, workspace, |ws| &mut ws.one)?,
+            }
+        } else {
+            let plan = RowsPlan::new(shape, tau)?;
+            let workspace = RowsWorkspace::lengths(&shape)?
+                .try_map(alloc::<T>(&stream), alloc::<f32>(&stream))?;
+            Path::Fused {
+                plan,
+                resident: Resident::new(kernels, stream, workspace, |ws| &mut ws.one)?,
+            }
+        };
+        Ok(Self { path })
     }
 
-    /// The shape and temperature.
-    pub fn plan(&self) -> &RowsPlan {
-        &self.plan
+    /// Shape of the rows, `(B, S, C)`.
+    pub fn shape(&self) -> &RowShape {
+        match &self.path {
+            Path::Small { plan, .. } => plan.shape(),
+            Path::Fused { plan, .. } => plan.shape(),
+        }
+    }
+
+    /// Temperature.
+    pub fn tau(&self) -> f64 {
+        match &self.path {
+            Path::Small { plan, .. } => plan.tau(),
+            Path::Fused { plan, .. } => plan.tau(),
+        }
+    }
+
+    /// Whether the loss runs on the small-S path (`S` at most 512).
+    pub fn is_small(&self) -> bool {
+        matches!(self.path, Path::Small { .. })
     }
 
     /// The forward on `rows_q` (the head's rows of the generated image) and `rows_k` (of the
@@ -78,19 +129,40 @@ impl<T: Dtype> CcpRows<T> {
         rows_q: &impl DevicePtr<T>,
         rows_k: &impl DevicePtr<T>,
     ) -> Result<()> {
-        let (launcher, ws, forward_done) = self.resident.forward_parts()?;
-        let (rows_q, rows_k) = (launcher.read(rows_q), launcher.read(rows_k));
-        let bufs = ws.map_mut(|s| launcher.write(s), |s| launcher.write(s));
-        let plans = self.plan.forward_plans::<T>(rows_q, rows_k, &bufs)?;
-        *forward_done = false;
-        plans.launch(&launcher)?;
-        *forward_done = true;
+        match &mut self.path {
+            Path::Small {
+                plan,
+                resident,
+                counters,
+            } => {
+                let (launcher, ws, forward_done) = resident.forward_parts()?;
+                let (rows_q, rows_k) = (launcher.read(rows_q), launcher.read(rows_k));
+                let counters = launcher.write(counters);
+                let bufs = ws.map_mut(|s| launcher.write(s), |s| launcher.write(s));
+                let plan = plan.forward_plan::<T>(rows_q, rows_k, &bufs, counters)?;
+                *forward_done = false;
+                launcher.launch(&plan)?;
+                *forward_done = true;
+            }
+            Path::Fused { plan, resident } => {
+                let (launcher, ws, forward_done) = resident.forward_parts()?;
+                let (rows_q, rows_k) = (launcher.read(rows_q), launcher.read(rows_k));
+                let bufs = ws.map_mut(|s| launcher.write(s), |s| launcher.write(s));
+                let plans = plan.forward_plans::<T>(rows_q, rows_k, &bufs)?;
+                *forward_done = false;
+                plans.launch(&launcher)?;
+                *forward_done = true;
+            }
+        }
         Ok(())
     }
 
     /// The loss of the last forward: one float32 on the device.
     pub fn loss(&self) -> &CudaSlice<f32> {
-        &self.resident.workspace().loss
+        match &self.path {
+            Path::Small { resident, .. } => &resident.workspace().loss,
+            Path::Fused { resident, .. } => &resident.workspace().loss,
+        }
     }
 
     /// The backward of the last forward: WRITES (does not accumulate) `upstream[0]` (one
@@ -104,12 +176,23 @@ impl<T: Dtype> CcpRows<T> {
         grad_rows_q: &mut G,
         grad_rows_k: Option<&mut G>,
     ) -> Result<()> {
-        let (launcher, ws) = self.resident.backward()?;
-        let grad_rows_q = launcher.write(grad_rows_q);
-        let grad_rows_k = grad_rows_k.map(|g| launcher.write(g));
-        let upstream = upstream.map(|u| launcher.read(u));
-        let bufs = ws.map_mut(|s| launcher.write(s), |s| launcher.write(s));
-        self.plan
-            .backward::<T, _>(&launcher, &bufs, upstream, grad_rows_q, grad_rows_k)
+        match &mut self.path {
+            Path::Small { plan, resident, .. } => {
+                let (launcher, ws) = resident.backward()?;
+                let grad_rows_q = launcher.write(grad_rows_q);
+                let grad_rows_k = grad_rows_k.map(|g| launcher.write(g));
+                let upstream = upstream.map(|u| launcher.read(u));
+                let bufs = ws.map_mut(|s| launcher.write(s), |s| launcher.write(s));
+                plan.backward::<T, _>(&launcher, &bufs, upstream, grad_rows_q, grad_rows_k)
+            }
+            Path::Fused { plan, resident } => {
+                let (launcher, ws) = resident.backward()?;
+                let grad_rows_q = launcher.write(grad_rows_q);
+                let grad_rows_k = grad_rows_k.map(|g| launcher.write(g));
+                let upstream = upstream.map(|u| launcher.read(u));
+                let bufs = ws.map_mut(|s| launcher.write(s), |s| launcher.write(s));
+                plan.backward::<T, _>(&launcher, &bufs, upstream, grad_rows_q, grad_rows_k)
+            }
+        }
     }
 }

@@ -12,6 +12,15 @@ pub const CCPL_NORMALIZE_BLOCK: u32 = 256;
 pub const CCPL_INFO_NCE_BLOCK: u32 = 256;
 pub const CCPL_TILE_SIDE: u32 = 64;
 pub const CCPL_TILE_THREADS: u32 = 256;
+pub const CCPL_SMALL_S_MAX_ROWS: u32 = 512;
+pub const CCPL_SMALL_S_TILE_ROWS: u32 = 16;
+pub const CCPL_SMALL_S_MAX_LAYERS: u32 = 8;
+pub const CCPL_SMALL_S_BLOCK: u32 = 256;
+pub const CCPL_COUNTER_SEED: u32 = 0;
+pub const CCPL_COUNTER_STEP: u32 = 2;
+pub const CCPL_COUNTER_GATHER_DONE: u32 = 4;
+pub const CCPL_COUNTER_ROWS_DONE: u32 = 5;
+pub const CCPL_COUNTERS: u32 = 6;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_neighbor_diff_params {
@@ -392,4 +401,254 @@ const _: () = {
         [::std::mem::offset_of!(ccpl_info_nce_fused_backward_params, transpose) - 60usize];
     ["Offset of field: ccpl_info_nce_fused_backward_params::inv_tau"]
         [::std::mem::offset_of!(ccpl_info_nce_fused_backward_params, inv_tau) - 64usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct ccpl_small_s_gather_layer {
+    pub feat_q: u64,
+    pub feat_k: u64,
+    pub rows_q: u64,
+    pub rows_k: u64,
+    pub centers: u64,
+    pub center_map: u64,
+    pub batch: i32,
+    pub channels: i32,
+    pub height: i32,
+    pub width: i32,
+    pub num_centers: i32,
+    pub layout: i32,
+    pub first_block: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ccpl_small_s_gather_layer"]
+        [::std::mem::size_of::<ccpl_small_s_gather_layer>() - 80usize];
+    ["Alignment of ccpl_small_s_gather_layer"]
+        [::std::mem::align_of::<ccpl_small_s_gather_layer>() - 8usize];
+    ["Offset of field: ccpl_small_s_gather_layer::feat_q"]
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, feat_q) - 0usize];
+    ["Offset of field: ccpl_small_s_gather_layer::feat_k"]
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, feat_k) - 8usize];
+    ["Offset of field: ccpl_small_s_gather_layer::rows_q"]
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, rows_q) - 16usize];
+    ["Offset of field: ccpl_small_s_gather_layer::rows_k"]
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, rows_k) - 24usize];
+    ["Offset of field: ccpl_small_s_gather_layer::centers"]
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, centers) - 32usize];
+    ["Offset of field: ccpl_small_s_gather_layer::center_map"]
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, center_map) - 40usize];
+    ["Offset of field: ccpl_small_s_gather_layer::batch"]
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, batch) - 48usize];
+    ["Offset of field: ccpl_small_s_gather_layer::channels"]
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, channels) - 52usize];
+    ["Offset of field: ccpl_small_s_gather_layer::height"]
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, height) - 56usize];
+    ["Offset of field: ccpl_small_s_gather_layer::width"]
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, width) - 60usize];
+    ["Offset of field: ccpl_small_s_gather_layer::num_centers"]
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, num_centers) - 64usize];
+    ["Offset of field: ccpl_small_s_gather_layer::layout"]
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, layout) - 68usize];
+    ["Offset of field: ccpl_small_s_gather_layer::first_block"]
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, first_block) - 72usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct ccpl_small_s_gather_params {
+    pub layers: [ccpl_small_s_gather_layer; 8usize],
+    pub counters: u64,
+    pub num_layers: i32,
+    pub sample: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ccpl_small_s_gather_params"]
+        [::std::mem::size_of::<ccpl_small_s_gather_params>() - 656usize];
+    ["Alignment of ccpl_small_s_gather_params"]
+        [::std::mem::align_of::<ccpl_small_s_gather_params>() - 8usize];
+    ["Offset of field: ccpl_small_s_gather_params::layers"]
+        [::std::mem::offset_of!(ccpl_small_s_gather_params, layers) - 0usize];
+    ["Offset of field: ccpl_small_s_gather_params::counters"]
+        [::std::mem::offset_of!(ccpl_small_s_gather_params, counters) - 640usize];
+    ["Offset of field: ccpl_small_s_gather_params::num_layers"]
+        [::std::mem::offset_of!(ccpl_small_s_gather_params, num_layers) - 648usize];
+    ["Offset of field: ccpl_small_s_gather_params::sample"]
+        [::std::mem::offset_of!(ccpl_small_s_gather_params, sample) - 652usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct ccpl_small_s_rows_layer {
+    pub rows_q: u64,
+    pub rows_k: u64,
+    pub grad_rows: u64,
+    pub row_lse: u64,
+    pub row_loss: u64,
+    pub copy_q: u64,
+    pub copy_k: u64,
+    pub batch: i32,
+    pub rows: i32,
+    pub width: i32,
+    pub first_block: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ccpl_small_s_rows_layer"][::std::mem::size_of::<ccpl_small_s_rows_layer>() - 72usize];
+    ["Alignment of ccpl_small_s_rows_layer"]
+        [::std::mem::align_of::<ccpl_small_s_rows_layer>() - 8usize];
+    ["Offset of field: ccpl_small_s_rows_layer::rows_q"]
+        [::std::mem::offset_of!(ccpl_small_s_rows_layer, rows_q) - 0usize];
+    ["Offset of field: ccpl_small_s_rows_layer::rows_k"]
+        [::std::mem::offset_of!(ccpl_small_s_rows_layer, rows_k) - 8usize];
+    ["Offset of field: ccpl_small_s_rows_layer::grad_rows"]
+        [::std::mem::offset_of!(ccpl_small_s_rows_layer, grad_rows) - 16usize];
+    ["Offset of field: ccpl_small_s_rows_layer::row_lse"]
+        [::std::mem::offset_of!(ccpl_small_s_rows_layer, row_lse) - 24usize];
+    ["Offset of field: ccpl_small_s_rows_layer::row_loss"]
+        [::std::mem::offset_of!(ccpl_small_s_rows_layer, row_loss) - 32usize];
+    ["Offset of field: ccpl_small_s_rows_layer::copy_q"]
+        [::std::mem::offset_of!(ccpl_small_s_rows_layer, copy_q) - 40usize];
+    ["Offset of field: ccpl_small_s_rows_layer::copy_k"]
+        [::std::mem::offset_of!(ccpl_small_s_rows_layer, copy_k) - 48usize];
+    ["Offset of field: ccpl_small_s_rows_layer::batch"]
+        [::std::mem::offset_of!(ccpl_small_s_rows_layer, batch) - 56usize];
+    ["Offset of field: ccpl_small_s_rows_layer::rows"]
+        [::std::mem::offset_of!(ccpl_small_s_rows_layer, rows) - 60usize];
+    ["Offset of field: ccpl_small_s_rows_layer::width"]
+        [::std::mem::offset_of!(ccpl_small_s_rows_layer, width) - 64usize];
+    ["Offset of field: ccpl_small_s_rows_layer::first_block"]
+        [::std::mem::offset_of!(ccpl_small_s_rows_layer, first_block) - 68usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct ccpl_small_s_rows_params {
+    pub layers: [ccpl_small_s_rows_layer; 8usize],
+    pub partials: u64,
+    pub counters: u64,
+    pub layer_loss: u64,
+    pub loss: u64,
+    pub num_layers: i32,
+    pub transpose: i32,
+    pub inv_tau: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ccpl_small_s_rows_params"]
+        [::std::mem::size_of::<ccpl_small_s_rows_params>() - 624usize];
+    ["Alignment of ccpl_small_s_rows_params"]
+        [::std::mem::align_of::<ccpl_small_s_rows_params>() - 8usize];
+    ["Offset of field: ccpl_small_s_rows_params::layers"]
+        [::std::mem::offset_of!(ccpl_small_s_rows_params, layers) - 0usize];
+    ["Offset of field: ccpl_small_s_rows_params::partials"]
+        [::std::mem::offset_of!(ccpl_small_s_rows_params, partials) - 576usize];
+    ["Offset of field: ccpl_small_s_rows_params::counters"]
+        [::std::mem::offset_of!(ccpl_small_s_rows_params, counters) - 584usize];
+    ["Offset of field: ccpl_small_s_rows_params::layer_loss"]
+        [::std::mem::offset_of!(ccpl_small_s_rows_params, layer_loss) - 592usize];
+    ["Offset of field: ccpl_small_s_rows_params::loss"]
+        [::std::mem::offset_of!(ccpl_small_s_rows_params, loss) - 600usize];
+    ["Offset of field: ccpl_small_s_rows_params::num_layers"]
+        [::std::mem::offset_of!(ccpl_small_s_rows_params, num_layers) - 608usize];
+    ["Offset of field: ccpl_small_s_rows_params::transpose"]
+        [::std::mem::offset_of!(ccpl_small_s_rows_params, transpose) - 612usize];
+    ["Offset of field: ccpl_small_s_rows_params::inv_tau"]
+        [::std::mem::offset_of!(ccpl_small_s_rows_params, inv_tau) - 616usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct ccpl_small_s_scatter_layer {
+    pub grad_rows_q: u64,
+    pub grad_rows_k: u64,
+    pub grad_feat_q: u64,
+    pub grad_feat_k: u64,
+    pub centers: u64,
+    pub center_map: u64,
+    pub batch: i32,
+    pub channels: i32,
+    pub height: i32,
+    pub width: i32,
+    pub num_centers: i32,
+    pub layout: i32,
+    pub first_block: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ccpl_small_s_scatter_layer"]
+        [::std::mem::size_of::<ccpl_small_s_scatter_layer>() - 80usize];
+    ["Alignment of ccpl_small_s_scatter_layer"]
+        [::std::mem::align_of::<ccpl_small_s_scatter_layer>() - 8usize];
+    ["Offset of field: ccpl_small_s_scatter_layer::grad_rows_q"]
+        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, grad_rows_q) - 0usize];
+    ["Offset of field: ccpl_small_s_scatter_layer::grad_rows_k"]
+        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, grad_rows_k) - 8usize];
+    ["Offset of field: ccpl_small_s_scatter_layer::grad_feat_q"]
+        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, grad_feat_q) - 16usize];
+    ["Offset of field: ccpl_small_s_scatter_layer::grad_feat_k"]
+        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, grad_feat_k) - 24usize];
+    ["Offset of field: ccpl_small_s_scatter_layer::centers"]
+        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, centers) - 32usize];
+    ["Offset of field: ccpl_small_s_scatter_layer::center_map"]
+        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, center_map) - 40usize];
+    ["Offset of field: ccpl_small_s_scatter_layer::batch"]
+        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, batch) - 48usize];
+    ["Offset of field: ccpl_small_s_scatter_layer::channels"]
+        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, channels) - 52usize];
+    ["Offset of field: ccpl_small_s_scatter_layer::height"]
+        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, height) - 56usize];
+    ["Offset of field: ccpl_small_s_scatter_layer::width"]
+        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, width) - 60usize];
+    ["Offset of field: ccpl_small_s_scatter_layer::num_centers"]
+        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, num_centers) - 64usize];
+    ["Offset of field: ccpl_small_s_scatter_layer::layout"]
+        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, layout) - 68usize];
+    ["Offset of field: ccpl_small_s_scatter_layer::first_block"]
+        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, first_block) - 72usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct ccpl_small_s_scatter_params {
+    pub layers: [ccpl_small_s_scatter_layer; 8usize],
+    pub upstream: u64,
+    pub num_layers: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ccpl_small_s_scatter_params"]
+        [::std::mem::size_of::<ccpl_small_s_scatter_params>() - 656usize];
+    ["Alignment of ccpl_small_s_scatter_params"]
+        [::std::mem::align_of::<ccpl_small_s_scatter_params>() - 8usize];
+    ["Offset of field: ccpl_small_s_scatter_params::layers"]
+        [::std::mem::offset_of!(ccpl_small_s_scatter_params, layers) - 0usize];
+    ["Offset of field: ccpl_small_s_scatter_params::upstream"]
+        [::std::mem::offset_of!(ccpl_small_s_scatter_params, upstream) - 640usize];
+    ["Offset of field: ccpl_small_s_scatter_params::num_layers"]
+        [::std::mem::offset_of!(ccpl_small_s_scatter_params, num_layers) - 648usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct ccpl_small_s_scale_params {
+    pub grad_rows_q: u64,
+    pub grad_rows_k: u64,
+    pub out_q: u64,
+    pub out_k: u64,
+    pub upstream: u64,
+    pub count: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ccpl_small_s_scale_params"]
+        [::std::mem::size_of::<ccpl_small_s_scale_params>() - 48usize];
+    ["Alignment of ccpl_small_s_scale_params"]
+        [::std::mem::align_of::<ccpl_small_s_scale_params>() - 8usize];
+    ["Offset of field: ccpl_small_s_scale_params::grad_rows_q"]
+        [::std::mem::offset_of!(ccpl_small_s_scale_params, grad_rows_q) - 0usize];
+    ["Offset of field: ccpl_small_s_scale_params::grad_rows_k"]
+        [::std::mem::offset_of!(ccpl_small_s_scale_params, grad_rows_k) - 8usize];
+    ["Offset of field: ccpl_small_s_scale_params::out_q"]
+        [::std::mem::offset_of!(ccpl_small_s_scale_params, out_q) - 16usize];
+    ["Offset of field: ccpl_small_s_scale_params::out_k"]
+        [::std::mem::offset_of!(ccpl_small_s_scale_params, out_k) - 24usize];
+    ["Offset of field: ccpl_small_s_scale_params::upstream"]
+        [::std::mem::offset_of!(ccpl_small_s_scale_params, upstream) - 32usize];
+    ["Offset of field: ccpl_small_s_scale_params::count"]
+        [::std::mem::offset_of!(ccpl_small_s_scale_params, count) - 40usize];
 };

@@ -66,4 +66,8 @@ device_repr!(
     ccpl_info_nce_backward_params,
     ccpl_info_nce_fused_forward_params,
     ccpl_info_nce_fused_backward_params,
+    ccpl_small_s_gather_params,
+    ccpl_small_s_rows_params,
+    ccpl_small_s_scatter_params,
+    ccpl_small_s_scale_params,
 );

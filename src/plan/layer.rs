@@ -166,6 +166,20 @@ impl LayerPlan {
         grad_feat_k: Option<Buf>,
         scatter: Scatter,
     ) -> Result<(), L::Error> {
+        self.backward_plans::<T>(centers, ws, upstream, grad_feat_q, grad_feat_k, scatter)?
+            .launch(launcher)
+    }
+
+    /// The backward's plans, checked, not launched.
+    pub(crate) fn backward_plans<T: Dtype>(
+        &self,
+        centers: &CentersBuf,
+        ws: &LayerWorkspace<Buf, Buf>,
+        upstream: Option<Buf>,
+        grad_feat_q: Buf,
+        grad_feat_k: Option<Buf>,
+        scatter: Scatter,
+    ) -> Result<LayerBackward> {
         self.check_centers(centers)?;
         let upstream = upstream.unwrap_or(ws.rows.one);
         let q = self.side_plans::<T>(centers, ws, upstream, Side::Q, grad_feat_q, scatter)?;
@@ -175,11 +189,7 @@ impl LayerPlan {
             }
             None => None,
         };
-        for side in std::iter::once(q).chain(k) {
-            side.rows.launch(launcher)?;
-            launcher.launch(&side.scatter)?;
-        }
-        Ok(())
+        Ok(LayerBackward { q, k })
     }
 
     /// One side's plans: the rows loss's backward into `ws.grad_rows`, then its scatter.
@@ -219,6 +229,22 @@ impl LayerForward {
         launcher.launch(&self.unit_q)?;
         launcher.launch(&self.unit_k)?;
         self.loss.launch(launcher)
+    }
+}
+
+/// The backward's launches: each side's.
+pub(crate) struct LayerBackward {
+    q: SidePlans,
+    k: Option<SidePlans>,
+}
+
+impl LayerBackward {
+    pub(crate) fn launch<L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
+        for side in std::iter::once(&self.q).chain(&self.k) {
+            side.rows.launch(launcher)?;
+            launcher.launch(&side.scatter)?;
+        }
+        Ok(())
     }
 }
 

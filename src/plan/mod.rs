@@ -1,6 +1,7 @@
 //! Launch plans: for each kernel, a pure function from validated shapes and buffer addresses
 //! to the kernel's name, grid, block, shared memory and parameter struct; and the sequences
-//! of plans that make a loss ([`rows`], [`layer`]). The GPU path ([`crate::cuda`]) and the
+//! of plans that make a loss ([`rows`], [`layer`], and the whole multi-layer loss on the
+//! small-S path, [`loss`] with [`small_s`]). The GPU path ([`crate::cuda`]) and the
 //! CPU emulator (the `ccpl-emu` crate) execute the very same plans through a [`Launcher`].
 //!
 //! One module per kernel family, named like its `kernels/*.cu` source, and one per loss.
@@ -8,10 +9,12 @@
 pub mod info_nce;
 pub mod info_nce_fused;
 pub mod layer;
+pub mod loss;
 pub mod neighbor;
 pub mod normalize;
 pub mod rows;
 pub mod similarity;
+pub mod small_s;
 
 use crate::error::{Error, Result};
 
@@ -58,6 +61,25 @@ pub struct Buf {
     pub addr: u64,
     /// Number of elements.
     pub len: usize,
+}
+
+impl Buf {
+    /// Elements `offset .. offset + len` of a buffer of `E`: the part of a workspace buffer
+    /// that one layer of a multi-layer launch uses. Callers check the lengths first; a part
+    /// past the end is refused.
+    pub fn part<E>(self, offset: usize, len: usize) -> Result<Buf> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(Error::Shape(format!(
+                "elements {offset}..{} of a buffer of {}",
+                offset.saturating_add(len),
+                self.len
+            )));
+        }
+        Ok(Buf {
+            addr: self.addr + (offset * size_of::<E>()) as u64,
+            len,
+        })
+    }
 }
 
 /// A launch parameter struct of `kernels/ccpl.h`.

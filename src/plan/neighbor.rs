@@ -29,7 +29,7 @@ impl CentersBuf {
     pub fn is_empty(&self) -> bool {
         self.flat.len == 0
     }
-    fn check(&self, shape: &FeatureShape) -> Result<()> {
+    pub(crate) fn check(&self, shape: &FeatureShape) -> Result<()> {
         if (self.height, self.width) != (shape.height(), shape.width()) {
             return Err(Error::Shape(format!(
                 "centres were drawn for a {}x{} map, the feature map is {}x{}",

@@ -1,0 +1,86 @@
+// neighbor.cuh: the difference rows of one (image, centre, channel) and the deterministic
+// scatter of their gradient, shared by neighbor.cu (one layer, rows in T) and small_s.cu
+// (every layer in one launch, rows in float).
+#pragma once
+
+#include "common.cuh"
+
+namespace ccpl {
+
+// Element (b, c, position) of a feature map in either layout.
+__device__ __forceinline__ int64_t feat_index(int layout, int64_t b, int64_t c, int64_t pos,
+                                              int64_t channels, int64_t plane) {
+    return layout == CCPL_LAYOUT_NCHW ? (b * channels + c) * plane + pos
+                                      : (b * plane + pos) * channels + c;
+}
+
+// Channel c of the 8 difference rows of the centre at `pos` in image b (centre minus
+// neighbour k), given to store(k, value): the centre is read once.
+template <typename T, typename Store>
+__device__ __forceinline__ void difference_rows(const T* __restrict__ feat, int layout, int64_t b,
+                                                int64_t c, int64_t pos, int64_t channels,
+                                                int64_t height, int64_t width, const Store& store) {
+    const int64_t plane = height * width;
+    const float centre = to_float(feat[feat_index(layout, b, c, pos, channels, plane)]);
+#pragma unroll
+    for (int k = 0; k < CCPL_NUM_NEIGHBORS; ++k) {
+        const int64_t nb = pos + neighbor_dh(k) * width + neighbor_dw(k);
+        store(k, centre - to_float(feat[feat_index(layout, b, c, nb, channels, plane)]));
+    }
+}
+
+// Index of the centre at (h, w), or -1 when (h, w) is off the map or holds no centre. The
+// bounds are checked in 2D so that a window never wraps from one image row to the next.
+__device__ __forceinline__ int center_at(const int32_t* __restrict__ center_map, int h, int w,
+                                         int height, int width) {
+    return (h >= 0 && h < height && w >= 0 && w < width) ? center_map[h * width + w] : -1;
+}
+
+// The neighbour direction k whose window slot is `slot` (constant-folded once unrolled).
+__device__ __forceinline__ int direction_of_slot(int slot) {
+    int direction = -1;
+#pragma unroll
+    for (int k = 0; k < CCPL_NUM_NEIGHBORS; ++k) direction = window_slot(k) == slot ? k : direction;
+    return direction;
+}
+
+// The deterministic scatter of one (image, centre x, channel): a position q of the window of
+// centre x may be covered by the windows of several centres; its owner is the smallest
+// centre index among them. Only the owner writes q: it adds up, in the fixed order of the
+// window slots, every covering centre's contribution (+sum_k g for the centre at q, -g for a
+// centre whose neighbour in direction k is q) and gives the sum to add(position of q, sum).
+// grad(r) is the gradient of difference row r = k*N + y at this image and channel. One
+// writer per element and a fixed order: the same bits on every run.
+template <typename Grad, typename Add>
+__device__ __forceinline__ void scatter_window(const int32_t* __restrict__ center_map, int height,
+                                               int width, int num_centers, int x, int pos,
+                                               const Grad& grad, const Add& add) {
+    const int h = pos / width, w = pos % width;
+#pragma unroll
+    for (int q_slot = 0; q_slot < 9; ++q_slot) {
+        const int qh = h + q_slot / 3 - 1, qw = w + q_slot % 3 - 1;
+        // The centre whose window has q in slot s sits at q - (slot s's offset).
+        int owner = x;
+#pragma unroll
+        for (int s = 0; s < 9; ++s) {
+            const int y = center_at(center_map, qh - (s / 3 - 1), qw - (s % 3 - 1), height, width);
+            if (y >= 0 && y < owner) owner = y;
+        }
+        if (owner != x) continue;
+        float sum = 0.0f;
+#pragma unroll
+        for (int s = 0; s < 9; ++s) {
+            const int y = center_at(center_map, qh - (s / 3 - 1), qw - (s % 3 - 1), height, width);
+            if (y < 0) continue;
+            if (s == CCPL_CENTER_SLOT) {
+#pragma unroll
+                for (int k = 0; k < CCPL_NUM_NEIGHBORS; ++k) sum += grad((int64_t)k * num_centers + y);
+            } else {
+                sum -= grad((int64_t)direction_of_slot(s) * num_centers + y);
+            }
+        }
+        add((int64_t)qh * width + qw, sum);
+    }
+}
+
+}  // namespace ccpl

@@ -1,0 +1,671 @@
+//! Plans of `kernels/small_s.cu`, the small-S path: the whole loss of every layer whose
+//! `S = 8N` is at most [`MAX_ROWS`] in three launches per training step, each over every
+//! layer ([`gather`], [`rows_forward`], [`scatter`]), and the rows loss of a learned head in
+//! one launch forward and one backward ([`SmallRowsPlan`]). `docs/small-s.md` has the design
+//! and the arithmetic behind [`MAX_ROWS`].
+//!
+//! The layers of a launch are described in its parameter struct (at most [`MAX_LAYERS`]), so
+//! a launch holds every address it uses: a step captured in a CUDA graph replays as it was
+//! captured.
+
+use super::{Buf, LaunchPlan, Launcher, i32_of, inv_tau, row_count, workspace};
+use crate::dtype::Dtype;
+use crate::error::{Error, Result, check_len};
+use crate::ffi;
+use crate::plan::neighbor::{self, CentersBuf};
+use crate::shape::{FeatureShape, RowShape};
+
+/// The largest `S` the small-S path takes: a block keeps its 16 rows of float logits against
+/// all `S` rows of the other side in static shared memory (32 KB at 512).
+pub const MAX_ROWS: usize = ffi::CCPL_SMALL_S_MAX_ROWS as usize;
+/// Rows of one image a block of `small_s_rows` owns.
+pub const TILE_ROWS: usize = ffi::CCPL_SMALL_S_TILE_ROWS as usize;
+/// Layers one launch takes.
+pub const MAX_LAYERS: usize = ffi::CCPL_SMALL_S_MAX_LAYERS as usize;
+/// Words of the counters buffer (`int32`, read as `uint32` by the kernels): the sampler's
+/// seed and step, and the kernels' counts of finished blocks.
+pub const COUNTERS: usize = ffi::CCPL_COUNTERS as usize;
+
+const BLOCK: u32 = ffi::CCPL_SMALL_S_BLOCK;
+/// Blocks of one layer in the gather and the scatter; more items are covered by a loop.
+/// Every block of the gather draws its layer's centres, so fewer, busier blocks draw less.
+const MAX_LAYER_BLOCKS: usize = 1024;
+
+/// Whether `S` rows per image take the small-S path.
+pub fn takes(rows: usize) -> bool {
+    rows <= MAX_ROWS
+}
+
+/// The counters of a sampler starting at `step` under `seed`, as the kernels read them (each
+/// 64-bit value as two 32-bit words, low first); no block counted.
+pub fn counters(seed: u64, step: u64) -> [i32; COUNTERS] {
+    let mut words = [0i32; COUNTERS];
+    for (at, value) in [
+        (ffi::CCPL_COUNTER_SEED, seed),
+        (ffi::CCPL_COUNTER_STEP, step),
+    ] {
+        words[at as usize] = value as u32 as i32;
+        words[at as usize + 1] = (value >> 32) as u32 as i32;
+    }
+    words
+}
+
+/// The step the counters will draw next.
+pub fn counters_step(words: &[i32]) -> u64 {
+    let t = ffi::CCPL_COUNTER_STEP as usize;
+    words[t] as u32 as u64 | (words[t + 1] as u32 as u64) << 32
+}
+
+/// Blocks of [`rows_forward`] for one layer: `B * ceil(S / 16)`.
+pub fn rows_blocks(shape: &RowShape) -> usize {
+    shape.batch() * shape.rows().div_ceil(TILE_ROWS)
+}
+
+fn check_layer_count(n: usize) -> Result<()> {
+    if n == 0 || n > MAX_LAYERS {
+        return Err(Error::Shape(format!(
+            "{n} layers in one small-S launch: 1 to {MAX_LAYERS} are taken"
+        )));
+    }
+    Ok(())
+}
+
+/// Blocks for `items` items of 256 threads, at most [`MAX_LAYER_BLOCKS`].
+fn layer_blocks(items: usize) -> usize {
+    items.div_ceil(BLOCK as usize).clamp(1, MAX_LAYER_BLOCKS)
+}
+
+/// The grid of layers with `blocks[l]` blocks each, and the first block of each.
+fn first_blocks(blocks: impl Iterator<Item = usize>) -> Result<(u32, Vec<i32>)> {
+    let mut firsts = Vec::new();
+    let mut total = 0usize;
+    for b in blocks {
+        firsts.push(total);
+        total += b;
+    }
+    if total > i32::MAX as usize {
+        return Err(Error::Shape(format!("{total} blocks exceed the CUDA grid")));
+    }
+    Ok((
+        total as u32,
+        firsts.into_iter().map(i32_of).collect::<Result<_>>()?,
+    ))
+}
+
+/// The rows of one layer the gather writes: both feature maps, and the float row matrices
+/// `(B, 8N, C)` they become.
+#[derive(Debug, Clone, Copy)]
+pub struct GatherRows {
+    /// The generated image's features (layout of the shape, `T`).
+    pub feat_q: Buf,
+    /// The content image's features.
+    pub feat_k: Buf,
+    /// Out: the difference rows of `feat_q`, float.
+    pub rows_q: Buf,
+    /// Out: the difference rows of `feat_k`, float.
+    pub rows_k: Buf,
+}
+
+/// One layer of a gather: its centres, and its rows when its loss runs on the small-S path
+/// (`None`: the centres are only drawn, for a layer on the fused path).
+#[derive(Debug, Clone, Copy)]
+pub struct GatherLayer {
+    /// Shape of the feature maps.
+    pub shape: FeatureShape,
+    /// The layer's centres: written when drawing, read otherwise.
+    pub centers: CentersBuf,
+    /// The rows to gather.
+    pub rows: Option<GatherRows>,
+}
+
+/// `small_s_gather_{T}`: for every layer, its centres (drawn on the device from the seed and
+/// step in `counters` when `sample`, the step then advanced by one; else those in the
+/// layers' centre buffers) and the float difference rows of the layers that have rows.
+pub fn gather<T: Dtype>(
+    layers: &[GatherLayer],
+    counters: Buf,
+    sample: bool,
+) -> Result<LaunchPlan<ffi::ccpl_small_s_gather_params>> {
+    check_layer_count(layers.len())?;
+    check_len("counters", COUNTERS, counters.len)?;
+    let mut blocks = Vec::with_capacity(layers.len());
+    for l in layers {
+        l.centers.check(&l.shape)?;
+        let n = l.centers.len();
+        blocks.push(match &l.rows {
+            Some(r) => {
+                // Every block of a layer with rows draws its centres into shared memory.
+                if n * ffi::CCPL_NUM_NEIGHBORS as usize > MAX_ROWS {
+                    return Err(Error::Shape(format!(
+                        "{n} centres: the small-S path takes at most {}",
+                        MAX_ROWS / ffi::CCPL_NUM_NEIGHBORS as usize
+                    )));
+                }
+                let rows = neighbor::rows_len(&l.shape, n)?;
+                check_len("feat_q", l.shape.len(), r.feat_q.len)?;
+                check_len("feat_k", l.shape.len(), r.feat_k.len)?;
+                check_len("rows_q", rows, r.rows_q.len)?;
+                check_len("rows_k", rows, r.rows_k.len)?;
+                layer_blocks(l.shape.batch() * n * l.shape.channels())
+            }
+            None => 1,
+        });
+    }
+    let (grid, firsts) = first_blocks(blocks.into_iter())?;
+    let mut params = ffi::ccpl_small_s_gather_params {
+        counters: counters.addr,
+        num_layers: i32_of(layers.len())?,
+        sample: sample.into(),
+        ..Default::default()
+    };
+    for ((l, first), out) in layers.iter().zip(firsts).zip(params.layers.iter_mut()) {
+        // A layer drawn only has null feature maps (the kernel's sign to gather nothing).
+        let (feat_q, feat_k, rows_q, rows_k) = l.rows.map_or((0, 0, 0, 0), |r| {
+            (r.feat_q.addr, r.feat_k.addr, r.rows_q.addr, r.rows_k.addr)
+        });
+        *out = ffi::ccpl_small_s_gather_layer {
+            feat_q,
+            feat_k,
+            rows_q,
+            rows_k,
+            centers: l.centers.flat.addr,
+            center_map: l.centers.map.addr,
+            batch: i32_of(l.shape.batch())?,
+            channels: i32_of(l.shape.channels())?,
+            height: i32_of(l.shape.height())?,
+            width: i32_of(l.shape.width())?,
+            num_centers: i32_of(l.centers.len())?,
+            layout: l.shape.layout().code(),
+            first_block: first,
+        };
+    }
+    Ok(LaunchPlan {
+        kernel: format!("small_s_gather_{}", T::SUFFIX),
+        grid: (grid, 1, 1),
+        block: (BLOCK, 1, 1),
+        shared_bytes: 0,
+        shared_opt_in: false,
+        params,
+    })
+}
+
+/// One layer of [`rows_forward`] or [`rows_transposed`].
+#[derive(Debug, Clone, Copy)]
+pub struct RowsLayer {
+    /// `(B, S, C)`, `S` at most [`MAX_ROWS`].
+    pub shape: RowShape,
+    /// The generated side's rows `(B, S, C)`, in the launch's storage type.
+    pub rows_q: Buf,
+    /// The content side's rows.
+    pub rows_k: Buf,
+    /// Out: the gradient of the loss (upstream 1) with respect to the rows of one side,
+    /// float `(B, S, C)`.
+    pub grad_rows: Buf,
+    /// Per row of q, `B*S` floats: written by the forward, read by the transposed launch.
+    pub row_lse: Buf,
+    /// Per row of q, `B*S` floats: the row losses.
+    pub row_loss: Buf,
+    /// Out (forward only, or `None`): float copies of `rows_q` and `rows_k`, for a later
+    /// transposed launch when the caller may change its rows in between.
+    pub copies: Option<(Buf, Buf)>,
+}
+
+/// Where [`rows_forward`] puts the loss.
+#[derive(Debug, Clone, Copy)]
+pub struct RowsTotals {
+    /// Scratch, one float per block of the launch: each block's share of its layer's loss.
+    pub partials: Buf,
+    /// The counters (`int32[COUNTERS]`): the count of finished blocks.
+    pub counters: Buf,
+    /// Out: each layer's loss, one float a layer.
+    pub layer_loss: Buf,
+    /// Out: the sum of the layers' losses, one float.
+    pub loss: Buf,
+}
+
+fn rows_plan<T: Dtype>(
+    layers: &[RowsLayer],
+    tau: f64,
+    transpose: bool,
+    totals: Option<&RowsTotals>,
+) -> Result<LaunchPlan<ffi::ccpl_small_s_rows_params>> {
+    check_layer_count(layers.len())?;
+    let inv_tau = inv_tau(tau)?;
+    for l in layers {
+        if !takes(l.shape.rows()) {
+            return Err(Error::Shape(format!(
+                "S = {} rows: the small-S path takes at most {MAX_ROWS}",
+                l.shape.rows()
+            )));
+        }
+        let stats = row_count(&l.shape)?;
+        check_len("rows_q", l.shape.len(), l.rows_q.len)?;
+        check_len("rows_k", l.shape.len(), l.rows_k.len)?;
+        check_len("grad_rows", l.shape.len(), l.grad_rows.len)?;
+        check_len("row_lse", stats, l.row_lse.len)?;
+        check_len("row_loss", stats, l.row_loss.len)?;
+        if let Some((q, k)) = l.copies {
+            check_len("copy of rows_q", l.shape.len(), q.len)?;
+            check_len("copy of rows_k", l.shape.len(), k.len)?;
+        }
+    }
+    let (grid, firsts) = first_blocks(layers.iter().map(|l| rows_blocks(&l.shape)))?;
+    let mut params = ffi::ccpl_small_s_rows_params {
+        num_layers: i32_of(layers.len())?,
+        transpose: transpose.into(),
+        inv_tau,
+        ..Default::default()
+    };
+    if let Some(t) = totals {
+        check_len("partials", grid as usize, t.partials.len)?;
+        check_len("counters", COUNTERS, t.counters.len)?;
+        check_len("layer_loss", layers.len(), t.layer_loss.len)?;
+        check_len("loss", 1, t.loss.len)?;
+        params.partials = t.partials.addr;
+        params.counters = t.counters.addr;
+        params.layer_loss = t.layer_loss.addr;
+        params.loss = t.loss.addr;
+    }
+    for ((l, first), out) in layers.iter().zip(firsts).zip(params.layers.iter_mut()) {
+        let (copy_q, copy_k) = l.copies.map_or((0, 0), |(q, k)| (q.addr, k.addr));
+        *out = ffi::ccpl_small_s_rows_layer {
+            rows_q: l.rows_q.addr,
+            rows_k: l.rows_k.addr,
+            grad_rows: l.grad_rows.addr,
+            row_lse: l.row_lse.addr,
+            row_loss: l.row_loss.addr,
+            copy_q,
+            copy_k,
+            batch: i32_of(l.shape.batch())?,
+            rows: i32_of(l.shape.rows())?,
+            width: i32_of(l.shape.width())?,
+            first_block: first,
+        };
+    }
+    Ok(LaunchPlan {
+        kernel: format!("small_s_rows_{}", T::SUFFIX),
+        grid: (grid, 1, 1),
+        block: (BLOCK, 1, 1),
+        shared_bytes: 0,
+        shared_opt_in: false,
+        params,
+    })
+}
+
+/// `small_s_rows_{T}`, forward: for every layer, the rows loss of `rows_q` against `rows_k`
+/// (both in `T`) and its gradient with respect to `rows_q` for an upstream gradient of 1,
+/// float, in `grad_rows`; the row statistics; each layer's loss and their sum in `totals`.
+/// One block per 16 rows of an image.
+pub fn rows_forward<T: Dtype>(
+    layers: &[RowsLayer],
+    tau: f64,
+    totals: &RowsTotals,
+) -> Result<LaunchPlan<ffi::ccpl_small_s_rows_params>> {
+    rows_plan::<T>(layers, tau, false, Some(totals))
+}
+
+/// `small_s_rows_{T}`, transposed: the gradient with respect to `rows_k` into `grad_rows`,
+/// from the row statistics [`rows_forward`] left.
+pub fn rows_transposed<T: Dtype>(
+    layers: &[RowsLayer],
+    tau: f64,
+) -> Result<LaunchPlan<ffi::ccpl_small_s_rows_params>> {
+    if let Some(l) = layers.iter().find(|l| l.copies.is_some()) {
+        return Err(Error::Shape(format!(
+            "a transposed launch copies no rows ({:?} given)",
+            l.copies
+        )));
+    }
+    rows_plan::<T>(layers, tau, true, None)
+}
+
+/// The gradient of one side of one layer for [`scatter`]: the float gradient of its
+/// difference rows `(B, 8N, C)`, and the feature-map gradient it is added to (`T`).
+#[derive(Debug, Clone, Copy)]
+pub struct ScatterSide {
+    /// In: float `(B, 8N, C)`.
+    pub grad_rows: Buf,
+    /// In/out: layout of the feature map, `T`, accumulated into.
+    pub grad_feat: Buf,
+}
+
+/// One layer of [`scatter`].
+#[derive(Debug, Clone, Copy)]
+pub struct ScatterLayer {
+    /// Shape of the feature maps.
+    pub shape: FeatureShape,
+    /// The centres of the forward.
+    pub centers: CentersBuf,
+    /// The generated side.
+    pub q: ScatterSide,
+    /// The content side, when it gets a gradient.
+    pub k: Option<ScatterSide>,
+}
+
+/// `small_s_scatter_{T}`: `grad_feat += upstream[0] *` the scatter of each side's row
+/// gradient (a centre gets `+g`, its neighbour `-g`), every layer in one launch,
+/// deterministic.
+pub fn scatter<T: Dtype>(
+    layers: &[ScatterLayer],
+    upstream: Buf,
+) -> Result<LaunchPlan<ffi::ccpl_small_s_scatter_params>> {
+    check_layer_count(layers.len())?;
+    check_len("upstream", 1, upstream.len)?;
+    for l in layers {
+        l.centers.check(&l.shape)?;
+        let rows = neighbor::rows_len(&l.shape, l.centers.len())?;
+        for side in std::iter::once(&l.q).chain(&l.k) {
+            check_len("grad_rows", rows, side.grad_rows.len)?;
+            check_len("grad_feat", l.shape.len(), side.grad_feat.len)?;
+        }
+    }
+    let (grid, firsts) = first_blocks(
+        layers
+            .iter()
+            .map(|l| layer_blocks(l.shape.batch() * l.centers.len() * l.shape.channels())),
+    )?;
+    let sides = if layers.iter().any(|l| l.k.is_some()) {
+        2
+    } else {
+        1
+    };
+    let mut params = ffi::ccpl_small_s_scatter_params {
+        upstream: upstream.addr,
+        num_layers: i32_of(layers.len())?,
+        ..Default::default()
+    };
+    for ((l, first), out) in layers.iter().zip(firsts).zip(params.layers.iter_mut()) {
+        let k = l.k.map_or((0, 0), |k| (k.grad_rows.addr, k.grad_feat.addr));
+        *out = ffi::ccpl_small_s_scatter_layer {
+            grad_rows_q: l.q.grad_rows.addr,
+            grad_rows_k: k.0,
+            grad_feat_q: l.q.grad_feat.addr,
+            grad_feat_k: k.1,
+            centers: l.centers.flat.addr,
+            center_map: l.centers.map.addr,
+            batch: i32_of(l.shape.batch())?,
+            channels: i32_of(l.shape.channels())?,
+            height: i32_of(l.shape.height())?,
+            width: i32_of(l.shape.width())?,
+            num_centers: i32_of(l.centers.len())?,
+            layout: l.shape.layout().code(),
+            first_block: first,
+        };
+    }
+    Ok(LaunchPlan {
+        kernel: format!("small_s_scatter_{}", T::SUFFIX),
+        grid: (grid, sides, 1),
+        block: (BLOCK, 1, 1),
+        shared_bytes: 0,
+        shared_opt_in: false,
+        params,
+    })
+}
+
+/// `small_s_scale_{T}`: `out = upstream[0] * grad_rows`, rounded to `T`, for the q side and,
+/// when given, the k side (`(grad_rows, out)` pairs of `count` elements).
+pub fn scale<T: Dtype>(
+    count: usize,
+    upstream: Buf,
+    q: (Buf, Buf),
+    k: Option<(Buf, Buf)>,
+) -> Result<LaunchPlan<ffi::ccpl_small_s_scale_params>> {
+    if count == 0 || count > i32::MAX as usize {
+        return Err(Error::Shape(format!(
+            "{count} elements to scale: at least 1 and within i32"
+        )));
+    }
+    check_len("upstream", 1, upstream.len)?;
+    for (grad, out) in std::iter::once(q).chain(k) {
+        check_len("grad_rows", count, grad.len)?;
+        check_len("out", count, out.len)?;
+    }
+    let (k_grad, k_out) = k.map_or((0, 0), |(g, o)| (g.addr, o.addr));
+    Ok(LaunchPlan {
+        kernel: format!("small_s_scale_{}", T::SUFFIX),
+        grid: (
+            super::grid_stride_blocks(count, BLOCK),
+            if k.is_some() { 2 } else { 1 },
+            1,
+        ),
+        block: (BLOCK, 1, 1),
+        shared_bytes: 0,
+        shared_opt_in: false,
+        params: ffi::ccpl_small_s_scale_params {
+            grad_rows_q: q.0.addr,
+            grad_rows_k: k_grad,
+            out_q: q.1.addr,
+            out_k: k_out,
+            upstream: upstream.addr,
+            count: i32_of(count)?,
+        },
+    })
+}
+
+workspace! {
+    /// The buffers of the small-S path, every layer's one after another (a layer's part at
+    /// the offsets its plan computes). All float32: `R` holds the row matrices, `F` the
+    /// statistics; an owner allocates both as float32 (`bytes::<f32>()` is their size).
+    pub struct SmallSWorkspace {
+        rows {
+            /// The rows of the generated side, `(B, S, C)` a layer: the difference rows
+            /// (layers) or a copy of the caller's rows (the rows loss).
+            rows_q,
+            /// The rows of the content side.
+            rows_k,
+            /// The gradient of the loss (upstream 1) with respect to `rows_q`.
+            grad_rows_q,
+            /// The gradient with respect to `rows_k`, when asked for.
+            grad_rows_k,
+        }
+        stats {
+            /// Row logsumexp of the logits, `B*S` a layer.
+            row_lse,
+            /// Row losses, `B*S` a layer.
+            row_loss,
+            /// One float per block of the rows launch.
+            partials,
+            /// Each layer's loss.
+            layer_loss,
+        }
+        nested {}
+    }
+}
+
+impl SmallSWorkspace<usize, usize> {
+    /// The lengths for the layers of row shapes `shapes`, each `S` at most [`MAX_ROWS`].
+    pub fn lengths(shapes: &[RowShape]) -> Result<Self> {
+        let mut ws = Self {
+            rows_q: 0,
+            rows_k: 0,
+            grad_rows_q: 0,
+            grad_rows_k: 0,
+            row_lse: 0,
+            row_loss: 0,
+            partials: 0,
+            layer_loss: shapes.len(),
+        };
+        for s in shapes {
+            let stats = row_count(s)?;
+            ws.rows_q += s.len();
+            ws.row_lse += stats;
+            ws.partials += rows_blocks(s);
+        }
+        (ws.rows_k, ws.grad_rows_q, ws.grad_rows_k) = (ws.rows_q, ws.rows_q, ws.rows_q);
+        ws.row_loss = ws.row_lse;
+        Ok(ws)
+    }
+}
+
+/// Where one layer's part of a [`SmallSWorkspace`] starts: its offsets in the row matrices
+/// and in the row statistics, in elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SmallOffsets {
+    pub(crate) rows: usize,
+    pub(crate) stats: usize,
+}
+
+impl SmallSWorkspace<Buf, Buf> {
+    /// The [`RowsLayer`] of layer `shape` at `at`, rows in `rows_q`/`rows_k` (the workspace's
+    /// own when `None`), gradient into `grad_rows_q` (or `grad_rows_k` when `k_side`).
+    pub(crate) fn rows_layer(
+        &self,
+        shape: &RowShape,
+        at: SmallOffsets,
+        inputs: Option<(Buf, Buf)>,
+        k_side: bool,
+    ) -> Result<RowsLayer> {
+        let (len, stats) = (shape.len(), row_count(shape)?);
+        let rows_q = self.rows_q.part::<f32>(at.rows, len)?;
+        let rows_k = self.rows_k.part::<f32>(at.rows, len)?;
+        let grad = if k_side {
+            &self.grad_rows_k
+        } else {
+            &self.grad_rows_q
+        };
+        Ok(RowsLayer {
+            shape: *shape,
+            rows_q: inputs.map_or(rows_q, |(q, _)| q),
+            rows_k: inputs.map_or(rows_k, |(_, k)| k),
+            grad_rows: grad.part::<f32>(at.rows, len)?,
+            row_lse: self.row_lse.part::<f32>(at.stats, stats)?,
+            row_loss: self.row_loss.part::<f32>(at.stats, stats)?,
+            copies: inputs.map(|_| (rows_q, rows_k)),
+        })
+    }
+}
+
+workspace! {
+    /// The workspace of the rows loss on the small-S path ([`SmallRowsPlan`]): the path's
+    /// buffers for one layer, the loss and the default upstream gradient. All float32, as
+    /// [`SmallSWorkspace`].
+    pub struct SmallRowsWorkspace {
+        rows {}
+        stats {
+            /// The loss, one value.
+            loss,
+            /// One value, `1.0`: the upstream gradient when the caller gives none. Its owner
+            /// sets it once.
+            one,
+        }
+        nested {
+            /// Copies of the rows, their gradients, the row statistics.
+            small: SmallSWorkspace,
+        }
+    }
+}
+
+/// The rows loss of two row matrices `(B, S, C')` on the small-S path (`S` at most
+/// [`MAX_ROWS`]): the forward is one launch that leaves the loss and the gradient of the
+/// generated side's rows (upstream 1) in the workspace; the backward scales it by the
+/// upstream gradient into the caller's buffer (one launch), after computing the content
+/// side's gradient when it is asked for (one more). Same results as
+/// [`RowsPlan`](super::rows::RowsPlan), computed in float from the rows in `T`: only the
+/// gradients are rounded to `T`, once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SmallRowsPlan {
+    shape: RowShape,
+    tau: f64,
+}
+
+impl SmallRowsPlan {
+    /// The loss of row matrices of `shape` at temperature `tau`; `S` at most [`MAX_ROWS`].
+    pub fn new(shape: RowShape, tau: f64) -> Result<Self> {
+        inv_tau(tau)?;
+        row_count(&shape)?;
+        if !takes(shape.rows()) {
+            return Err(Error::Shape(format!(
+                "S = {} rows: the small-S path takes at most {MAX_ROWS}",
+                shape.rows()
+            )));
+        }
+        Ok(Self { shape, tau })
+    }
+    /// Shape of the rows, `(B, S, C)`.
+    pub fn shape(&self) -> &RowShape {
+        &self.shape
+    }
+    /// Temperature.
+    pub fn tau(&self) -> f64 {
+        self.tau
+    }
+    /// The lengths of its workspace.
+    pub fn workspace(&self) -> Result<SmallRowsWorkspace<usize, usize>> {
+        Ok(SmallRowsWorkspace {
+            loss: 1,
+            one: 1,
+            small: SmallSWorkspace::lengths(&[self.shape])?,
+        })
+    }
+
+    const AT: SmallOffsets = SmallOffsets { rows: 0, stats: 0 };
+
+    /// The forward on the caller's `rows_q` and `rows_k` (`(B, S, C)` in `T`), copied into the
+    /// workspace: writes `ws.loss` and everything the backward reads. `counters` is the
+    /// launch's count of finished blocks (`int32[COUNTERS]`, zero before the first launch).
+    pub fn forward<T: Dtype, L: Launcher>(
+        &self,
+        launcher: &L,
+        rows_q: Buf,
+        rows_k: Buf,
+        ws: &SmallRowsWorkspace<Buf, Buf>,
+        counters: Buf,
+    ) -> Result<(), L::Error> {
+        launcher.launch(&self.forward_plan::<T>(rows_q, rows_k, ws, counters)?)
+    }
+
+    /// The forward's one launch, checked, not launched.
+    pub(crate) fn forward_plan<T: Dtype>(
+        &self,
+        rows_q: Buf,
+        rows_k: Buf,
+        ws: &SmallRowsWorkspace<Buf, Buf>,
+        counters: Buf,
+    ) -> Result<LaunchPlan<ffi::ccpl_small_s_rows_params>> {
+        let layer = ws
+            .small
+            .rows_layer(&self.shape, Self::AT, Some((rows_q, rows_k)), false)?;
+        let totals = RowsTotals {
+            partials: ws.small.partials,
+            counters,
+            layer_loss: ws.small.layer_loss,
+            loss: ws.loss,
+        };
+        rows_forward::<T>(&[layer], self.tau, &totals)
+    }
+
+    /// The backward after [`forward`](Self::forward) with the same `ws`: WRITES `upstream[0]`
+    /// (one float32 on the device; `ws.one` when `None`) times the gradient of the loss with
+    /// respect to `rows_q` into `grad_rows_q`, and with respect to `rows_k` into
+    /// `grad_rows_k` when given. Every plan is made before the first launch.
+    pub fn backward<T: Dtype, L: Launcher>(
+        &self,
+        launcher: &L,
+        ws: &SmallRowsWorkspace<Buf, Buf>,
+        upstream: Option<Buf>,
+        grad_rows_q: Buf,
+        grad_rows_k: Option<Buf>,
+    ) -> Result<(), L::Error> {
+        let upstream = upstream.unwrap_or(ws.one);
+        let count = self.shape.len();
+        let transposed = match grad_rows_k {
+            Some(_) => {
+                let layer = ws.small.rows_layer(&self.shape, Self::AT, None, true)?;
+                Some(rows_transposed::<f32>(&[layer], self.tau)?)
+            }
+            None => None,
+        };
+        let scale = scale::<T>(
+            count,
+            upstream,
+            (ws.small.grad_rows_q.part::<f32>(0, count)?, grad_rows_q),
+            grad_rows_k
+                .map(|out| Ok::<_, Error>((ws.small.grad_rows_k.part::<f32>(0, count)?, out)))
+                .transpose()?,
+        )?;
+        if let Some(plan) = transposed {
+            launcher.launch(&plan)?;
+        }
+        launcher.launch(&scale)
+    }
+}
