@@ -29,8 +29,15 @@ pub(crate) fn dims<const N: usize>(
 }
 
 /// Checks the storage type and device of `tensor`: `f32`, `f16` or `bf16` (what the kernels
-/// store), and `f64` on the CPU, where the reference computes in it anyway.
+/// store), and `f64` on the CPU, where the reference computes in it anyway; CPU or CUDA.
 pub(crate) fn check_dtype(op: &str, what: &str, tensor: &Tensor) -> Result<()> {
+    // candle-core's CUDA backend may be on (another crate asked for it) without this crate's.
+    if tensor.device().is_cuda() && !cfg!(feature = "cuda") {
+        return Err(error(
+            op,
+            format!("{what} is on CUDA, but ccpl-candle was built without its `cuda` feature"),
+        ));
+    }
     match (tensor.dtype(), tensor.device()) {
         (DType::F32 | DType::F16 | DType::BF16, Device::Cpu | Device::Cuda(_)) => Ok(()),
         (DType::F64, Device::Cpu) => Ok(()),
