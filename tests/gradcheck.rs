@@ -12,7 +12,7 @@ mod common;
 
 use ccpl::reference::{
     ccp_layer_loss, info_nce_backward, info_nce_forward, neighbor_diff, neighbor_diff_backward,
-    normalize_rows, normalize_rows_backward, similarity,
+    normalize_rows, normalize_rows_backward, rows_loss, similarity,
 };
 use ccpl::{Centers, FeatureShape, Layout, RowShape, ffi};
 use common::{Rng, rel_err};
@@ -34,6 +34,9 @@ const TOL_NORMALIZE_ZERO_ROW: f64 = 7e-8;
 /// `info_nce_backward` (through `similarity`) w.r.t. q and k, upstream 1, -2.5, 0.3:
 /// measured 3.5e-10.
 const TOL_INFO_NCE: f64 = 4e-8;
+/// `rows_loss` (rows of a head: any scale) w.r.t. both row matrices, every coordinate:
+/// measured 4.6e-10.
+const TOL_ROWS: f64 = 5e-8;
 /// End-to-end `ccp_layer_loss` w.r.t. feat_q and feat_k: measured 1.3e-8 (a directional
 /// derivative at tau = 0.01, where the loss is large and the step small: rounding); 2.6e-10
 /// on the every-coordinate case.
@@ -260,6 +263,52 @@ fn info_nce_backward_matches_finite_differences() {
         }
     }
     eprintln!("info_nce_backward: worst FD error {worst:e}");
+}
+
+/// The rows loss of a learned head's outputs, with respect to both row matrices, every
+/// coordinate; rows of any scale (not normalised).
+#[test]
+fn rows_loss_gradients_match_finite_differences() {
+    let mut rng = Rng::new(5);
+    let mut worst: f64 = 0.0;
+    for tau in TAUS {
+        let shape = RowShape::new(rng.range(1, 3), rng.odd(3, 11), rng.odd(1, 7)).unwrap();
+        let scale = 0.1 + 3.0 * rng.unit();
+        let q: Vec<f64> = rng.vec(shape.len()).iter().map(|v| v * scale).collect();
+        let k = rng.vec(shape.len());
+        let loss = |q: &[f64], k: &[f64]| {
+            let q = normalize_rows(q, shape.width()).unwrap().rows;
+            let k = normalize_rows(k, shape.width()).unwrap().rows;
+            let logits = similarity(&q, &k, &shape, tau).unwrap();
+            info_nce_forward(&logits, shape.batch(), shape.rows())
+                .unwrap()
+                .loss
+        };
+        let out = rows_loss(&q, &k, &shape, tau, true).unwrap();
+        assert_eq!(out.loss, loss(&q, &k));
+        let grad_k = out.grad_rows_k.expect("grad_rows_k was asked for");
+        let smallest = [&q, &k]
+            .iter()
+            .flat_map(|r| normalize_rows(r, shape.width()).unwrap().norms)
+            .fold(f64::INFINITY, f64::min);
+        let h = 1e-3 * tau.min(smallest);
+        let all: Vec<usize> = (0..shape.len()).collect();
+        let err_q = rel_err(
+            &out.grad_rows_q,
+            &fd_coords(&|q: &[f64]| loss(q, &k), &q, &all, h),
+        );
+        let err_k = rel_err(&grad_k, &fd_coords(&|k: &[f64]| loss(&q, k), &k, &all, h));
+        assert!(
+            err_q < TOL_ROWS && err_k < TOL_ROWS,
+            "{shape:?} tau {tau}: grad q {err_q:e}, grad k {err_k:e}"
+        );
+        worst = worst.max(err_q).max(err_k);
+        // The gradient of q does not depend on whether k's is asked for.
+        let without = rows_loss(&q, &k, &shape, tau, false).unwrap();
+        assert_eq!(without.grad_rows_q, out.grad_rows_q);
+        assert!(without.grad_rows_k.is_none());
+    }
+    eprintln!("rows_loss: worst FD error {worst:e}");
 }
 
 /// The layer's loss by the forward stages alone (the backward is what is being checked).

@@ -257,6 +257,14 @@ fn kernels_built() -> bool {
     ccpl::cuda::kernels_built().is_ok()
 }
 
+/// `tau` checked by the crate's one rule (finite, > 0, not subnormal, 1/tau finite in float32):
+/// a ValueError that names the rule broken.
+#[pyfunction]
+fn check_tau(tau: f64) -> PyResult<f64> {
+    ccpl::check_tau(tau).map_err(to_py)?;
+    Ok(tau)
+}
+
 /// The crate version.
 #[pyfunction]
 fn version() -> &'static str {
@@ -267,6 +275,7 @@ fn version() -> &'static str {
 fn _ccpl(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernels_built, m)?)?;
     m.add_function(wrap_pyfunction!(version, m)?)?;
+    m.add_function(wrap_pyfunction!(check_tau, m)?)?;
     m.add("NORM_EPS", ccpl::ffi::CCPL_NORM_EPS)?;
     m.add("DEFAULT_TAU", ccpl::DEFAULT_TAU)?;
     neighbor::register(m)?;

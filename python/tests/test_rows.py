@@ -167,6 +167,7 @@ def test_rows_loss_refuses_bad_inputs():
         ((q, q, -0.1), ValueError, "tau"),
         ((q, q, float("nan")), ValueError, "tau"),
         ((q, q, float("inf")), ValueError, "tau"),
+        ((q, q, 1e-40), ValueError, "1/tau is not finite in float32"),
         ((q, q, "0.07"), TypeError, "tau"),
         ((q, q, torch.tensor(0.07)), TypeError, "tau"),
     ]
@@ -191,3 +192,26 @@ def test_rows_loss_on_cuda_runs_on_the_current_stream_without_a_host_wait(cuda):
     torch.cuda.current_stream().wait_stream(stream)
     assert_close("loss on a side stream", loss, want[0], F32_TOLERANCE)
     assert_close("grad_q on a side stream", q.grad, want[1], F32_TOLERANCE)
+
+
+def test_the_python_tau_rule_is_the_crates():
+    """The ops check tau in Python (so that torch.compile traces the check); the crate's own
+    check, `ccpl::check_tau`, must agree on every value, the float32 boundary of 1/tau
+    included."""
+    from ccpl import _ccpl
+    from ccpl._common import FLOAT32_MAX_ROUNDING, tau_rule_broken
+
+    edge = 1.0 / FLOAT32_MAX_ROUNDING
+    values = [0.07, 1.0, 1e300, 3e-39, 2.94e-39, 1e-40, 5e-324, 0.0, -0.0, -1.0]
+    values += [float("nan"), float("inf"), float("-inf"), edge]
+    values += [math.nextafter(edge, 0.0), math.nextafter(edge, 1.0)]
+    for tau in values:
+        rule = tau_rule_broken(tau)
+        try:
+            _ccpl.check_tau(tau)
+            crate = None
+        except ValueError as e:
+            crate = str(e)
+        assert (rule is None) == (crate is None), f"tau {tau!r}: python {rule!r}, crate {crate!r}"
+        if rule is not None:
+            assert rule in crate, f"tau {tau!r}: python {rule!r}, crate {crate!r}"

@@ -39,8 +39,11 @@ use crate::error::{Error, Result};
 use crate::ffi;
 use crate::plan::{Buf, KernelParams, LaunchPlan, Launcher};
 
-/// Library names of the CUDA driver, probed before cudarc is asked anything (cudarc panics
-/// when the library is missing).
+/// Library names of the CUDA driver, probed before cudarc is asked anything. With cudarc
+/// loading libcuda at run time (ccpl's `fallback-dynamic-loading`), cudarc panics when the
+/// library is missing, so the probe is what turns that into `Err(NoGpu)`; with cudarc linked
+/// to it (`dynamic-linking`, as candle builds it), the library was loaded with the binary and
+/// the probe finds it there.
 const DRIVER_LIBRARIES: &[&str] = &["libcuda.so.1", "libcuda.so", "nvcuda.dll"];
 
 /// Whether the CUDA driver library can be loaded on this machine.

@@ -1,4 +1,5 @@
-//! The end-to-end CCP loss of one layer (identity head) and the sum over layers.
+//! The end-to-end CCP loss: of two row matrices (a learned head's outputs), of one layer
+//! (identity head), and the sum over layers.
 
 use crate::dtype::Element;
 use crate::error::{Error, Result, check_len, check_tau};
@@ -33,7 +34,62 @@ pub struct LayerInput<'a, T> {
     pub centers: Centers,
 }
 
-/// Loss and gradients of one layer: difference rows, normalisation, logits, InfoNCE, and back.
+/// The loss of two row matrices `(B, S, C)` and its gradients with respect to them (spec steps
+/// 5 to 8): what a framework with a learned projection head computes on the head's outputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowsLoss {
+    /// The loss.
+    pub loss: f64,
+    /// Gradient of the loss with respect to `rows_q`, `(B, S, C)`.
+    pub grad_rows_q: Vec<f64>,
+    /// Gradient with respect to `rows_k` as if it were not detached, when asked for.
+    pub grad_rows_k: Option<Vec<f64>>,
+}
+
+/// Loss and gradients of two row matrices of `shape`: normalisation, logits, InfoNCE, and back.
+pub fn rows_loss<T: Element>(
+    rows_q: &[T],
+    rows_k: &[T],
+    shape: &RowShape,
+    tau: f64,
+    want_grad_k: bool,
+) -> Result<RowsLoss> {
+    check_tau(tau)?;
+    check_len("rows_q", shape.len(), rows_q.len())?;
+    check_len("rows_k", shape.len(), rows_k.len())?;
+    let rows_q: Vec<f64> = rows_q.iter().map(|x| x.to_f64()).collect();
+    let rows_k: Vec<f64> = rows_k.iter().map(|x| x.to_f64()).collect();
+
+    // Forward: normalised rows, logits, InfoNCE.
+    let q = normalize_rows(&rows_q, shape.width())?;
+    let k = normalize_rows(&rows_k, shape.width())?;
+    let logits = similarity(&q.rows, &k.rows, shape, tau)?;
+    let forward = info_nce_forward(&logits, shape.batch(), shape.rows())?;
+
+    // Backward, from d(loss)/d(loss) = 1, through the InfoNCE and the normalisation.
+    let grads = info_nce_backward(
+        &logits,
+        &forward.row_lse,
+        &q.rows,
+        &k.rows,
+        shape,
+        tau,
+        1.0,
+        want_grad_k,
+    )?;
+    let grad_rows_k = match &grads.dk {
+        Some(dk) => Some(normalize_rows_backward(&rows_k, dk, shape.width())?),
+        None => None,
+    };
+    Ok(RowsLoss {
+        loss: forward.loss,
+        grad_rows_q: normalize_rows_backward(&rows_q, &grads.dq, shape.width())?,
+        grad_rows_k,
+    })
+}
+
+/// Loss and gradients of one layer: the difference rows of both feature maps, the rows loss
+/// of them (identity head), and the scatter of its gradients back to the feature maps.
 pub fn ccp_layer_loss<T: Element>(
     feat_q: &[T],
     feat_k: &[T],
@@ -48,48 +104,24 @@ pub fn ccp_layer_loss<T: Element>(
     centers.check_shape(shape)?;
     let rows = RowShape::new(shape.batch(), centers.rows(), shape.channels())?;
 
-    // Forward: difference rows, normalised rows, logits, InfoNCE.
     let diff_q = neighbor_diff(feat_q, shape, centers)?;
     let diff_k = neighbor_diff(feat_k, shape, centers)?;
-    let q = normalize_rows(&diff_q, rows.width())?;
-    let k = normalize_rows(&diff_k, rows.width())?;
-    let logits = similarity(&q.rows, &k.rows, &rows, tau)?;
-    let forward = info_nce_forward(&logits, rows.batch(), rows.rows())?;
-
-    // Backward, from d(loss)/d(loss) = 1.
-    let grads = info_nce_backward(
-        &logits,
-        &forward.row_lse,
-        &q.rows,
-        &k.rows,
-        &rows,
-        tau,
-        1.0,
-        want_grad_k,
-    )?;
-    let grad_feat_q = feature_grad(&diff_q, &grads.dq, shape, centers)?;
-    let grad_feat_k = match &grads.dk {
-        Some(dk) => Some(feature_grad(&diff_k, dk, shape, centers)?),
+    let loss = rows_loss(&diff_q, &diff_k, &rows, tau, want_grad_k)?;
+    let grad_feat_k = match &loss.grad_rows_k {
+        Some(grad_rows) => Some(scatter(grad_rows, shape, centers)?),
         None => None,
     };
     Ok(LayerLoss {
-        loss: forward.loss,
-        grad_feat_q,
+        loss: loss.loss,
+        grad_feat_q: scatter(&loss.grad_rows_q, shape, centers)?,
         grad_feat_k,
     })
 }
 
-/// The gradient with respect to a feature map, from the gradient of its normalised rows:
-/// back through the normalisation, then the difference rows.
-fn feature_grad(
-    diff: &[f64],
-    grad_normalized: &[f64],
-    shape: &FeatureShape,
-    centers: &Centers,
-) -> Result<Vec<f64>> {
-    let grad_diff = normalize_rows_backward(diff, grad_normalized, shape.channels())?;
+/// The gradient with respect to a feature map, from the gradient of its difference rows.
+fn scatter(grad_rows: &[f64], shape: &FeatureShape, centers: &Centers) -> Result<Vec<f64>> {
     let mut grad_feat = vec![0.0; shape.len()];
-    neighbor_diff_backward(&grad_diff, shape, centers, &mut grad_feat)?;
+    neighbor_diff_backward(grad_rows, shape, centers, &mut grad_feat)?;
     Ok(grad_feat)
 }
 

@@ -10,7 +10,7 @@ pub mod normalize;
 pub mod similarity;
 
 pub use info_nce::{InfoNceForward, InfoNceGrads, info_nce_backward, info_nce_forward};
-pub use loss::{LayerInput, LayerLoss, ccp_layer_loss, ccp_loss};
+pub use loss::{LayerInput, LayerLoss, RowsLoss, ccp_layer_loss, ccp_loss, rows_loss};
 pub use neighbor::{neighbor_diff, neighbor_diff_backward};
 pub use normalize::{Normalized, normalize_rows, normalize_rows_backward};
 pub use similarity::similarity;

@@ -1,0 +1,161 @@
+//! The CUDA side the ops share: ccpl's kernels for candle's device, views of candle's
+//! storages, and the loss objects ([`CcpRows`], [`CcpLayer`]) a forward keeps for its backward.
+//! Everything runs on candle's stream (`CudaDevice::cuda_stream`), so it is ordered with
+//! candle's own kernels; nothing is copied to the host and nothing waits.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, CudaView};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape};
+use ccpl::cuda::{CcpLayer, CcpRows, Kernels, Scatter};
+
+use crate::storage::{ccpl_error, contiguous};
+
+/// A storage type both ccpl's kernels and candle's CUDA backend have: `f32`, `f16`, `bf16`.
+pub(crate) trait KernelType: ccpl::Dtype + CudaDType {}
+impl<T: ccpl::Dtype + CudaDType> KernelType for T {}
+
+/// Evaluates `$body` with `$t` the Rust type of a CUDA storage's `dtype` (`f32`, `f16`,
+/// `bf16`); any other dtype is an error naming `$op`. The public functions reject those first.
+macro_rules! with_kernel_type {
+    ($dtype:expr, $op:expr, |$t:ident| $body:expr) => {
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            candle_core::DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            candle_core::DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            other => Err($crate::storage::error(
+                $op,
+                format!("the CUDA kernels store f32, f16 or bf16, not {other:?}"),
+            )),
+        }
+    };
+}
+pub(crate) use with_kernel_type;
+
+/// Kernels loaded by this crate, one per context, kept for the life of the process as candle
+/// keeps its own modules: ccpl holds loaded kernels only while something uses them, and a
+/// training step's graph (the only user here) is dropped before the next step.
+static KERNELS: Mutex<Vec<Arc<Kernels>>> = Mutex::new(Vec::new());
+
+/// ccpl's kernels in the context of candle's `stream`, loaded on first use.
+pub(crate) fn kernels(op: &'static str, stream: &Arc<CudaStream>) -> Result<Arc<Kernels>> {
+    let ctx = stream.context();
+    let mut loaded = KERNELS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(kernels) = loaded.iter().find(|k| k.context().cu_ctx() == ctx.cu_ctx()) {
+        return Ok(kernels.clone());
+    }
+    let kernels = Kernels::for_context(ctx).map_err(ccpl_error(op))?;
+    loaded.push(kernels.clone());
+    Ok(kernels)
+}
+
+/// The elements of a CUDA storage that `layout` covers, as `T`.
+pub(crate) fn elements<'a, T: CudaDType>(
+    op: &str,
+    storage: &'a CudaStorage,
+    layout: &Layout,
+) -> Result<CudaView<'a, T>> {
+    let (start, end) = contiguous(op, layout)?;
+    Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
+}
+
+/// A loss a forward left on the device, with what its backward reads.
+pub(crate) trait SavedLoss: Send {
+    /// The loss: one float32 on the device.
+    fn loss(&self) -> &CudaSlice<f32>;
+    /// `upstream[0]` times the gradient of the loss with respect to the first input, then the
+    /// second's when `want_k`: a new storage of `T` holding both, of `len` elements each.
+    fn backward(
+        &mut self,
+        op: &'static str,
+        upstream: &CudaView<'_, f32>,
+        want_k: bool,
+        len: usize,
+        device: &CudaDevice,
+    ) -> Result<CudaStorage>;
+}
+
+impl<T: KernelType> SavedLoss for CcpRows<T> {
+    fn loss(&self) -> &CudaSlice<f32> {
+        CcpRows::loss(self)
+    }
+
+    fn backward(
+        &mut self,
+        op: &'static str,
+        upstream: &CudaView<'_, f32>,
+        want_k: bool,
+        len: usize,
+        device: &CudaDevice,
+    ) -> Result<CudaStorage> {
+        let stream = device.cuda_stream();
+        let sides = if want_k { 2 } else { 1 };
+        // SAFETY: the rows backward writes every element of each gradient it is given (it
+        // does not accumulate), and it is given both halves when there are two.
+        let mut grads = unsafe { stream.alloc::<T>(sides * len) }.w()?;
+        let (mut grad_q, mut grad_k) = grads.split_at_mut(len);
+        CcpRows::backward(
+            self,
+            Some(upstream),
+            &mut grad_q,
+            want_k.then_some(&mut grad_k),
+        )
+        .map_err(ccpl_error(op))?;
+        Ok(CudaStorage::wrap_cuda_slice(grads, device.clone()))
+    }
+}
+
+impl<T: KernelType> SavedLoss for CcpLayer<T> {
+    fn loss(&self) -> &CudaSlice<f32> {
+        CcpLayer::loss(self)
+    }
+
+    fn backward(
+        &mut self,
+        op: &'static str,
+        upstream: &CudaView<'_, f32>,
+        want_k: bool,
+        len: usize,
+        device: &CudaDevice,
+    ) -> Result<CudaStorage> {
+        let stream = device.cuda_stream();
+        let sides = if want_k { 2 } else { 1 };
+        // The layer's backward adds into the feature gradients, as a framework accumulates.
+        let mut grads = stream.alloc_zeros::<T>(sides * len).w()?;
+        let (mut grad_q, mut grad_k) = grads.split_at_mut(len);
+        CcpLayer::backward(
+            self,
+            Some(upstream),
+            &mut grad_q,
+            want_k.then_some(&mut grad_k),
+            Scatter::Deterministic,
+        )
+        .map_err(ccpl_error(op))?;
+        Ok(CudaStorage::wrap_cuda_slice(grads, device.clone()))
+    }
+}
+
+/// The loss a forward left on the device, as a new scalar storage of `dtype`.
+pub(crate) fn loss_storage(
+    saved: &dyn SavedLoss,
+    device: &CudaDevice,
+    dtype: DType,
+) -> Result<CudaStorage> {
+    let loss = device.cuda_stream().clone_dtod(saved.loss()).w()?;
+    let loss = CudaStorage::wrap_cuda_slice(loss, device.clone());
+    if dtype == DType::F32 {
+        return Ok(loss);
+    }
+    loss.to_dtype(&Layout::contiguous(Shape::from(())), dtype)
+}
