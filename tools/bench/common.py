@@ -19,6 +19,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG_PATHS = [os.path.join(HERE, "configs.txt"), os.path.join(HERE, "..", "..", "benches", "configs.txt")]
 
 ELEMENT_BYTES = {"f32": 4, "bf16": 2, "f16": 2}
+# The criterion groups of benches/loss.rs for each suite (its `groups_of`): the headline `loss`,
+# the layer's `loss_user_step`, the rows' `loss_materialised`.
+LOSS_GROUPS = {"layer": ("loss", "loss_user_step"), "rows": ("loss", "loss_materialised")}
 LOGIT_BYTES = 4  # logits and per-row statistics are float32 whatever the storage type
 NEIGHBORS = 8
 

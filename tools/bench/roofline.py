@@ -8,7 +8,9 @@
   chains of `ex2.approx.f32` (the MUFU instruction an `expf`/`__expf` becomes) in registers.
 
 Each is the median of timed repeats after warm-up, CUDA events. Writes one JSON object to --out
-and prints it. A ceiling that cannot be measured is null, and the report says so.
+and prints it. A ceiling that cannot be measured is null, and the report says so. `--device
+cpu` (the benchmark run's dry run): copy and products on the CPU at small sizes, wall clock, no
+exponential ceiling.
 """
 
 from __future__ import annotations

@@ -319,13 +319,18 @@ class Runner:
         if limit < MIN_PHASE_S:
             log(f"=== phase {i} {name}: not run: its time is spent (+{self.now():.0f} s, planned end +{p.end_s:.0f} s)")
             self.record(name, {**rec, "status": "not run (budget)"})
-            if p.phase.kind == "baselines":  # the table says `budget` for each job, not `-`
-                for cfg in common.load_configs():
-                    for dtype in cfg.dtypes:
-                        for impl in p.phase.impls:
-                            if p.phase.select(cfg, dtype) and common.applies(cfg, dtype, impl):
-                                job = {"suite": cfg.suite, "config": cfg.name, "dtype": dtype, "impl": impl, "status": "budget"}
-                                common.write_record(os.path.join(self.work, "baselines.jsonl"), job)
+            # The tables say `budget` for each of its jobs, not `-`.
+            for cfg in common.load_configs():
+                for dtype in cfg.dtypes:
+                    if not p.phase.select or not p.phase.select(cfg, dtype):
+                        continue
+                    if p.phase.kind == "baselines":
+                        for impl in (i for i in p.phase.impls if common.applies(cfg, dtype, i)):
+                            job = {"suite": cfg.suite, "config": cfg.name, "dtype": dtype, "impl": impl, "status": "budget"}
+                            common.write_record(os.path.join(self.work, "baselines.jsonl"), job)
+                    if p.phase.kind == "ours":  # as the bench's own status lines say it
+                        for group in (g for g in p.phase.groups if g in common.LOSS_GROUPS[cfg.suite]):
+                            log(f'ccpl-bench {{"id": "{group}/{cfg.name}/{dtype}", "status": "budget"}}')
             return
         env = dict(self.env)
         if p.only:
@@ -373,7 +378,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.getcwd(), "bench-out"))
     ap.add_argument("--pack", default=os.path.dirname(HERE), help="the packed folder: bin/, wheels/, commit (default: the one above this script)")
-    ap.add_argument("--budget", type=float, default=float(os.environ.get("CCPL_BENCH_BUDGET_S", DEFAULT_BUDGET_S)))
+    ap.add_argument(
+        "--budget", type=float, default=float(os.environ.get("CCPL_BENCH_BUDGET_S", 0)) or None,
+        help=f"seconds for the whole run (CCPL_BENCH_BUDGET_S; default {DEFAULT_BUDGET_S}, or with --phases their planned budgets)",
+    )
     ap.add_argument("--phases", default="", help="run only these phases (comma-separated), for a rerun")
     ap.add_argument("--kernels", choices=("first", "all"), default="first", help="kernel benches: the paper's layers in f32 (first run), or all")
     ap.add_argument("--dry-run", action="store_true", help="the whole sequence on the CPU (CI)")
@@ -392,6 +400,8 @@ def main() -> int:
         if unknown:
             raise SystemExit(f"run.py: unknown phases {unknown}; known: {', '.join(p.name for p in PHASES)}")
         phases = tuple(p for p in PHASES if p.name in names)
+    if args.budget is None:
+        args.budget = sum(p.budget_s for p in phases) + SETUP_S + REPORT_S if args.phases else DEFAULT_BUDGET_S
     configs = common.load_configs()
     planned = plan(phases, configs, args.budget)
     if args.plan:

@@ -214,7 +214,10 @@ def test_dry_run_phases_ran_only_their_selection():
         part = re.search(rf"^=== phase {i} {phase.name}: start.*?^=== phase {i} {phase.name}: end", log, re.M | re.S)
         assert part, phase.name
         ids = set(re.findall(r'ccpl-bench \{"id": "([^"]+)"', part.group(0)))
-        expected = {f"{g}/{pair}" for pair in run.selection(cfgs, phase) for g in phase.groups}
+        suite = {c.name: c.suite for c in cfgs}
+        expected = {
+            f"{g}/{pair}" for pair in run.selection(cfgs, phase) for g in phase.groups if g in common.LOSS_GROUPS[suite[pair.split("/")[0]]]
+        }
         assert ids and ids <= expected, (phase.name, ids - expected)
 
 
@@ -224,9 +227,8 @@ def test_dry_run_reported_every_part():
     assert results["run"]["dry_run"] is True and results["run"]["kernel"]
     cfgs = configs(DRY_CONFIGS)
     for c in cfgs:
-        groups = ("loss", "loss_user_step") if c.suite == "layer" else ("loss", "loss_materialised")
         for d in c.dtypes:
-            for g in groups:
+            for g in common.LOSS_GROUPS[c.suite]:
                 assert f"{g}/{c.name}/{d}" in results["ours"], f"{g}/{c.name}/{d}"
     baselines = {(r["config"], r["dtype"], r["impl"]): r for r in results["baselines"]}
     for c in cfgs:
@@ -241,3 +243,33 @@ def test_dry_run_reported_every_part():
     assert "not graphed" in table or all(r["status"] != "ok" for r in graphs)
     assert {p["phase"] for p in results["phases"]} >= {p.name for p in run.PHASES}
     assert open(dry("summary.md")).read().startswith("# CCPL benchmarks")
+
+
+def test_a_run_whose_budget_is_spent_reports_every_job_as_budget(tmp_path):
+    out, pack = tmp_path / "out", tmp_path / "pack"
+    pack.mkdir()
+    env = dict(os.environ, CCPL_BENCH_PYTHON=sys.executable)
+    res = subprocess.run(
+        [sys.executable, os.path.join(HERE, "run.py"), "--dry-run", "--budget", str(run.SETUP_S + run.REPORT_S),
+         "--out", str(out), "--pack", str(pack)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    log = (out / "bench.log").read_text()
+    for i, phase in enumerate(run.PHASES, 1):
+        assert re.search(rf"^=== phase {i} {phase.name}: not run: its time is spent", log, re.M), phase.name
+    records = common.read_records(str(out / "work" / "baselines.jsonl"))
+    assert records and all(r["status"] == "budget" for r in records)
+    assert {(r["config"], r["impl"]) for r in records} >= {("paper-relu2_1-n8", "eager"), ("paper-relu2_1-n8", "compile-graphs")}
+    table = (out / "table.md").read_text()
+    headline = next(line for line in table.splitlines() if line.startswith("| paper-relu2_1-n8 | f32 |"))
+    assert headline.split(" | ")[3:5] == ["budget", "budget"]  # ours, eager
+    assert "| kernels | 0 s | - | - | not run (budget) |" in table
+
+
+def test_a_rerun_of_some_phases_gets_their_planned_budgets():
+    res = subprocess.run([sys.executable, os.path.join(HERE, "run.py"), "--plan", "--phases", "kernels,roofline"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert re.search(r"=== plan: 2 phases in 70 s", res.stdout)
+    assert re.search(r"roofline\s+25 s, by \+\s*35 s", res.stdout) and re.search(r"kernels\s+25 s, by \+\s*60 s", res.stdout)
