@@ -150,7 +150,7 @@ def plan(phases, configs, total_s: float) -> list[Planned]:
     kept = [p for p in phases if p.select is None or selection(configs, p)]
     planned_sum = sum(p.budget_s for p in kept)
     scale = max(0.0, total_s - SETUP_S - REPORT_S) / planned_sum if planned_sum else 0.0
-    out, end = [], float(SETUP_S)
+    out, end = [], float(min(SETUP_S, total_s))
     for p in kept:
         budget = p.budget_s * scale
         end += budget
