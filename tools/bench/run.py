@@ -325,7 +325,7 @@ class Runner:
                     if not p.phase.select or not p.phase.select(cfg, dtype):
                         continue
                     if p.phase.kind == "baselines":
-                        for impl in (i for i in p.phase.impls if common.applies(cfg, dtype, i)):
+                        for impl in (m for m in p.phase.impls if common.applies(cfg, dtype, m)):
                             job = {"suite": cfg.suite, "config": cfg.name, "dtype": dtype, "impl": impl, "status": "budget"}
                             common.write_record(os.path.join(self.work, "baselines.jsonl"), job)
                     if p.phase.kind == "ours":  # as the bench's own status lines say it
