@@ -298,7 +298,7 @@ fn bench_config<T: Dtype>(c: &mut Criterion, gpu: &Gpu, cfg: &Config) -> ccpl::R
         Suite::Rows { .. } => None,
     };
     let set_bytes = Set::<T>::bytes(&rows, layer.as_ref());
-    if let Err(why) = gpu.fits(set_bytes) {
+    if let Some(why) = gpu.does_not_fit(set_bytes)? {
         eprintln!("{id}: does not fit: {why}");
         status(
             &id,
@@ -311,7 +311,7 @@ fn bench_config<T: Dtype>(c: &mut Criterion, gpu: &Gpu, cfg: &Config) -> ccpl::R
         return Ok(());
     }
     let mut rng = Rng::new(20_221_026);
-    let count = gpu.input_sets(set_bytes);
+    let count = gpu.input_sets(set_bytes)?;
     let mut sets = (0..count)
         .map(|_| Set::<T>::new(gpu, rows, layer.as_ref(), &mut rng))
         .collect::<ccpl::Result<Vec<_>>>()?;

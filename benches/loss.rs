@@ -1,36 +1,39 @@
-//! The whole loss, forward plus backward, on the GPU, at the sizes of `benches/configs.txt`
-//! (the same list the PyTorch baselines run):
+//! The whole loss of one layer, forward plus backward, on the GPU, at the sizes of
+//! `benches/configs.txt` (the same list the PyTorch baselines run). Criterion groups, by the
+//! names `tools/bench/run.py` selects (`CCPL_BENCH_GROUPS`) and `tools/bench/report.py` reads:
 //!
-//! - the paper's training step: the `layer` configurations tagged `paper` with the same batch
-//!   and `num_s` make one step of the three-layer loss (`paper-step-n8`, `paper-step-n64`),
-//!   timed first, three ways: the crate's [`CcpLoss`] (three launches a step, the centres
-//!   drawn on the device) on a stream, `loss_step/<step>/<dtype>`; the same step captured once
-//!   in a CUDA graph and replayed, `loss_step_graph/<step>/<dtype>`; and three [`CcpLayer`]s
-//!   (the fused path, nine launches a layer, the centres uploaded), `loss_step_layers/...`.
-//!   Every variant zeroes the gradients first, as a training step does;
-//! - `layer` configurations, one layer: the crate's [`CcpLayer`] from two feature maps (identity head;
-//!   difference rows, the rows loss with the fused InfoNCE, scatter), forward, then the
-//!   backward into `d feat_q`: `loss/<config>/<dtype>`;
-//! - `rows` configurations: the loss from head output rows, two ways on the same inputs: the
-//!   crate's [`CcpRows`] (up to S = 512 the small-S path, one launch forward and a scale
-//!   backward; above, normalisation and the fused InfoNCE; memory `O(B*S*C)` either way):
-//!   `loss/<config>/<dtype>`; and the standalone kernels chained with the `(B, S, S)` logits
-//!   in memory (benches/common's `RowsLoss`): `loss_materialised/<config>/<dtype>`, or a
-//!   "does not fit" status where those logits do not fit.
+//! - `loss/<config>/<dtype>`, the headline: for a `layer` configuration the crate's
+//!   [`CcpLayer`] from two feature maps (identity head), one training step's work: zero the
+//!   gradient buffer, forward, backward into `d feat_q` (the same work as a PyTorch step, which
+//!   builds a fresh gradient); for a `rows` configuration the crate's [`CcpRows`] from head
+//!   output rows (normalisation and the fused InfoNCE, memory `O(B*S*C)`; its backward writes
+//!   the gradient, so there is nothing to zero);
+//! - `loss_user_step/<config>/<dtype>` (`layer`): the step as a user of the API pays it:
+//!   draw the centres on the host, upload them, zero, forward, backward, read the loss back
+//!   (a host wait every step);
+//! - `loss_materialised/<config>/<dtype>` (`rows`): the standalone kernels chained with the
+//!   `(B, S, S)` logits in memory (benches/common's `RowsLoss`) on the same inputs, or a "does
+//!   not fit" status where those logits do not fit.
 //!
-//! Each step rotates through enough input sets to overflow the L2; the time is CUDA events
-//! around back-to-back steps. Before timing, a size small enough for the float64 CPU reference
-//! is checked against it, and a status line (`ccpl-bench {json}`) gives the check, the device
-//! memory and the sizes that do not fit. Without a GPU it says SKIPPED and exits 0 (1 with
-//! `CCPL_REQUIRE_GPU=1`).
+//! Each step rotates through several input sets; the time is CUDA events around back-to-back
+//! steps. Before timing, a size small enough for the float64 CPU reference is checked against
+//! it, and a status line (`ccpl-bench {json}`) gives the check, the device memory of a step
+//! (measured after a synchronisation) beside the workspace bytes (counted), and the sizes that
+//! do not fit. Without a GPU it says SKIPPED and exits 0 (1 with `CCPL_REQUIRE_GPU=1`).
+//!
+//! `CCPL_BENCH_DRY_RUN=1`: no GPU is looked for; every id above times the float64 CPU
+//! reference instead (tiny configurations, `benches/configs-dry-run.txt`), so the benchmark
+//! runner's sequence and report can be exercised in CI. Those times say nothing about speed.
 //!
 //! `cargo bench --bench loss` (on a GPU machine: `scripts/gpu-bench`, BENCHMARKS.md).
 
 mod common;
 
+use std::hint::black_box;
+
+use ccpl::cuda::CcpLayer;
 use ccpl::cuda::CcpRows;
 use ccpl::cuda::info_nce::Side;
-use ccpl::cuda::{self as gpu_api, CcpLayer, CcpLoss};
 use ccpl::cuda::{DeviceCenters, Scatter};
 use ccpl::plan::layer::LayerWorkspace;
 use ccpl::plan::rows::RowsWorkspace;
@@ -41,12 +44,22 @@ use ccpl::reference::{
 };
 use ccpl::{Centers, DEFAULT_TAU, Dtype, Element, FeatureShape, RowShape};
 use common::{Config, Field, Gpu, Rng, RowsLoss, Suite, status, time_iters};
-use criterion::{BenchmarkId, Criterion, SamplingMode};
-use cudarc::driver::{CudaSlice, CudaStream, sys};
+use criterion::{Bencher, BenchmarkId, Criterion, SamplingMode};
+use cudarc::driver::CudaSlice;
+
+/// The headline: one training step's work (zero, forward, backward).
+const LOSS: &str = "loss";
+/// A layer step as the API's user pays it: centres drawn and uploaded, loss read back.
+const USER_STEP: &str = "loss_user_step";
+/// The rows loss through the materialised logits.
+const MATERIALISED: &str = "loss_materialised";
 
 /// The largest `B*S*S*C` checked against the CPU reference before timing (a second or so of
 /// float64 on one core).
 const CHECK_LIMIT: usize = 1 << 28;
+
+/// The seed of the centres a configuration is timed with (the user step draws its own).
+const CENTERS_SEED: u64 = 7;
 
 /// A check fails above these relative errors: a guard against timing a broken build, far
 /// above what a correct kernel gives (the tests hold the real tolerances). 16-bit rows carry
@@ -59,131 +72,176 @@ fn check_guard<T: Dtype>() -> f64 {
     }
 }
 
-fn main() {
-    let Some(gpu) = common::gpu("loss") else {
-        return;
+/// The groups this configuration is timed under, as far as `CCPL_BENCH_GROUPS` asks for them.
+fn groups_of(cfg: &Config) -> Vec<&'static str> {
+    let groups: &[&'static str] = match cfg.suite {
+        Suite::Layer { .. } => &[LOSS, USER_STEP],
+        Suite::Rows { .. } => &[LOSS, MATERIALISED],
     };
+    groups
+        .iter()
+        .copied()
+        .filter(|g| common::group_wanted(g))
+        .collect()
+}
+
+fn main() {
     let mut c = Criterion::default().configure_from_args();
-    for step in paper_steps() {
-        for dtype in &step.dtypes {
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
-                || with_dtype!(dtype.as_str(), T => bench_step::<T>(&mut c, &gpu, &step)),
-            ));
-            let failure = match outcome {
-                Ok(Ok(())) => continue,
-                Ok(Err(e)) => e.to_string(),
-                Err(panic) => common::panic_message(panic.as_ref()),
-            };
-            let id = format!("loss_step/{}/{dtype}", step.name);
-            eprintln!("{id}: ERROR: {failure}");
-            status(&id, "error", &[("reason", Field::Str(failure))]);
-        }
-    }
-    for cfg in common::configs() {
-        for dtype in &cfg.dtypes {
-            let id = format!("loss/{}/{dtype}", cfg.name);
-            // A failure is reported and the next configuration goes on (a panic too: a
-            // launch that fails while timing).
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
-                || with_dtype!(dtype.as_str(), T => bench_config::<T>(&mut c, &gpu, &cfg, &id)),
-            ));
-            let failure = match outcome {
-                Ok(Ok(())) => continue,
-                Ok(Err(e)) => e.to_string(),
-                Err(panic) => common::panic_message(panic.as_ref()),
-            };
-            eprintln!("{id}: ERROR: {failure}");
-            status(&id, "error", &[("reason", Field::Str(failure))]);
-        }
+    if common::dry_run() {
+        eprintln!(
+            "loss: DRY RUN: the float64 CPU reference under the GPU benches' names; no GPU is used"
+        );
+        each_config(|cfg, dtype| with_dtype!(dtype, T => dry_run::<T>(&mut c, cfg)));
+    } else {
+        let Some(gpu) = common::gpu("loss") else {
+            return;
+        };
+        each_config(|cfg, dtype| with_dtype!(dtype, T => bench_config::<T>(&mut c, &gpu, cfg)));
     }
     c.final_summary();
 }
 
-fn bench_config<T: Dtype>(
-    c: &mut Criterion,
-    gpu: &Gpu,
-    cfg: &Config,
-    id: &str,
-) -> ccpl::Result<()> {
-    let mut rng = Rng::new(20_220_708);
-    match cfg.suite {
-        Suite::Layer { shape, num_s } => bench_layer::<T>(c, gpu, cfg, id, shape, num_s, &mut rng),
-        Suite::Rows { rows, grad_k } => bench_rows::<T>(c, gpu, cfg, id, rows, grad_k, &mut rng),
-    }
-}
-
-/// Says why `id` is not timed when `bytes` do not fit; `true` when they do.
-fn fits(gpu: &Gpu, id: &str, bytes: usize) -> bool {
-    match gpu.fits(bytes) {
-        Ok(()) => true,
-        Err(why) => {
-            eprintln!("{id}: does not fit: {why}");
-            status(
-                id,
-                "does not fit",
-                &[
-                    ("reason", Field::Str(why)),
-                    ("need_bytes", Field::Num(bytes as f64)),
-                ],
-            );
-            false
+/// Runs `bench` on every selected configuration and dtype that has a group to time; a failure
+/// (a panic too: a launch that fails while timing) is reported and the next one goes on.
+fn each_config(mut bench: impl FnMut(&Config, &str) -> ccpl::Result<()>) {
+    for cfg in common::configs() {
+        if groups_of(&cfg).is_empty() {
+            continue;
+        }
+        for dtype in &cfg.dtypes {
+            let outcome =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| bench(&cfg, dtype)));
+            let failure = match outcome {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e.to_string(),
+                Err(panic) => common::panic_message(panic.as_ref()),
+            };
+            let id = format!("{LOSS}/{}/{dtype}", cfg.name);
+            eprintln!("{id}: ERROR: {failure}");
+            status(&id, "error", &[("reason", Field::Str(failure))]);
         }
     }
 }
 
-/// Times `step(i)` (input set `i % sets`) under `<group>/<config>/<dtype>`.
+fn bench_config<T: Dtype>(c: &mut Criterion, gpu: &Gpu, cfg: &Config) -> ccpl::Result<()> {
+    let mut rng = Rng::new(20_220_708);
+    match cfg.suite {
+        Suite::Layer { shape, num_s } => bench_layer::<T>(c, gpu, cfg, shape, num_s, &mut rng),
+        Suite::Rows { rows, grad_k } => bench_rows::<T>(c, gpu, cfg, rows, grad_k, &mut rng),
+    }
+}
+
+/// `<group>/<config>/<dtype>`.
+fn bench_id<T: Dtype>(group: &str, cfg: &Config) -> String {
+    format!("{group}/{}/{}", cfg.name, T::SUFFIX)
+}
+
+/// Says why `id` is not timed when `bytes` do not fit; `true` when they do.
+fn fits(gpu: &Gpu, id: &str, bytes: usize) -> ccpl::Result<bool> {
+    let Some(why) = gpu.does_not_fit(bytes)? else {
+        return Ok(true);
+    };
+    eprintln!("{id}: does not fit: {why}");
+    status(
+        id,
+        "does not fit",
+        &[
+            ("reason", Field::Str(why)),
+            ("need_bytes", Field::Num(bytes as f64)),
+        ],
+    );
+    Ok(false)
+}
+
+/// Times `step(i)` under `<group>/<config>/<dtype>` with the timing `f` gives the bencher.
 fn time_step(
+    c: &mut Criterion,
+    cfg: &Config,
+    group: &str,
+    dtype: &str,
+    f: impl FnMut(&mut Bencher),
+) {
+    let mut group = c.benchmark_group(group);
+    group.sampling_mode(SamplingMode::Flat);
+    group.bench_function(BenchmarkId::new(&cfg.name, dtype), f);
+    group.finish();
+}
+
+/// Times `step(i)` (input set `i % sets`) on the GPU: CUDA events around back-to-back steps.
+fn time_gpu(
     c: &mut Criterion,
     gpu: &Gpu,
     cfg: &Config,
     group: &str,
     dtype: &str,
-    step: impl FnMut(usize),
-) {
-    time_on(c, &gpu.stream, group, &cfg.name, dtype, step);
-}
-
-/// Times `step(i)` on `stream` under `<group>/<name>/<dtype>`.
-fn time_on(
-    c: &mut Criterion,
-    stream: &CudaStream,
-    group: &str,
-    name: &str,
-    dtype: &str,
     mut step: impl FnMut(usize),
 ) {
-    let mut group = c.benchmark_group(group);
-    group.sampling_mode(SamplingMode::Flat);
-    group.bench_function(BenchmarkId::new(name, dtype), |b| {
-        b.iter_custom(|iters| time_iters(stream, iters, &mut step))
+    time_step(c, cfg, group, dtype, |b| {
+        b.iter_custom(|iters| time_iters(&gpu.stream, iters, &mut step))
     });
-    group.finish();
+}
+
+/// Times `step(i)` on the CPU (the dry run), `i` counting the calls from 1.
+fn time_cpu(
+    c: &mut Criterion,
+    cfg: &Config,
+    group: &str,
+    dtype: &str,
+    mut step: impl FnMut(u64) -> ccpl::Result<f64>,
+) {
+    time_step(c, cfg, group, dtype, |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i += 1;
+            black_box(step(i).expect("reference step"))
+        })
+    });
+}
+
+/// What a step holds on the device besides its inputs.
+struct Memory {
+    /// Measured: the drop of free device memory from before the loss object, its gradient
+    /// buffers and one step to after them, both read after a synchronisation (the stream's
+    /// memory pool takes and gives back memory at a synchronisation).
+    device: Option<usize>,
+    /// Counted: the loss object's workspace (`LayerWorkspace::bytes`, `RowsWorkspace::bytes`,
+    /// `RowsLoss::workspace_bytes`).
+    workspace: usize,
+    /// Counted: the gradient buffers the step writes.
+    gradients: usize,
+}
+
+/// How the step before timing was checked.
+enum Check {
+    /// Relative errors of the loss and of each gradient against the float64 reference.
+    Against(f64, Vec<f64>),
+    /// Larger than the reference's limit.
+    TooLarge,
+    /// Nothing to check: the text says why.
+    Unchecked(String),
 }
 
 /// Reports the check and the memory of `id` before it is timed.
 ///
 /// `loss`: the value of the step run before timing.
-fn report(
-    id: &str,
-    device_bytes: usize,
-    sets: usize,
-    loss: f64,
-    check: Option<(f64, Vec<f64>)>,
-    guard: f64,
-) {
+fn report(id: &str, memory: &Memory, sets: usize, loss: f64, check: &Check, guard: f64) {
     let mut fields = vec![
-        ("device_bytes", Field::Num(device_bytes as f64)),
+        ("workspace_bytes", Field::Num(memory.workspace as f64)),
+        ("gradient_bytes", Field::Num(memory.gradients as f64)),
         ("input_sets", Field::Num(sets as f64)),
         ("loss", Field::Num(loss)),
     ];
+    if let Some(device) = memory.device {
+        fields.push(("device_bytes", Field::Num(device as f64)));
+    }
     let mut state = "ok";
     if !loss.is_finite() {
         state = "non-finite loss";
         eprintln!("{id}: NON-FINITE LOSS {loss}");
     }
     match check {
-        Some((loss_err, grad_errs)) => {
-            let worst = grad_errs.iter().copied().fold(loss_err, f64::max);
+        Check::Against(loss_err, grad_errs) => {
+            let worst = grad_errs.iter().copied().fold(*loss_err, f64::max);
             let ok = worst <= guard; // rel_err gives infinity for NaN
             if !ok {
                 state = "check FAILED";
@@ -204,10 +262,11 @@ fn report(
             ));
             fields.push(("check_ok", Field::Bool(ok)));
         }
-        None => fields.push((
+        Check::TooLarge => fields.push((
             "check",
             Field::Str("not checked (larger than the CPU reference's limit)".into()),
         )),
+        Check::Unchecked(why) => fields.push(("check", Field::Str(why.clone()))),
     }
     status(id, state, &fields);
 }
@@ -220,12 +279,24 @@ fn rel(a: f64, b: f64) -> f64 {
     rel_err(&[a], &[b])
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One headline layer step: zero `grad_q`, forward, backward into it.
+fn layer_step<T: Dtype>(
+    gpu: &Gpu,
+    layer: &mut CcpLayer<T>,
+    centers: &DeviceCenters,
+    q: &CudaSlice<T>,
+    k: &CudaSlice<T>,
+    grad_q: &mut CudaSlice<T>,
+) -> ccpl::Result<()> {
+    gpu.stream.memset_zeros(grad_q)?;
+    layer.forward(q, k, centers)?;
+    layer.backward(None, grad_q, None, Scatter::default())
+}
+
 fn bench_layer<T: Dtype>(
     c: &mut Criterion,
     gpu: &Gpu,
     cfg: &Config,
-    id: &str,
     shape: FeatureShape,
     num_s: usize,
     rng: &mut Rng,
@@ -234,23 +305,14 @@ fn bench_layer<T: Dtype>(
     let e = std::mem::size_of::<T>();
     let workspace = LayerWorkspace::lengths(&shape, n)?.bytes::<T>();
     let set_bytes = 2 * shape.len() * e;
-    if !fits(gpu, id, workspace + set_bytes + shape.len() * e) {
+    if !fits(
+        gpu,
+        &bench_id::<T>(LOSS, cfg),
+        workspace + set_bytes + shape.len() * e,
+    )? {
         return Ok(());
     }
-    let free = gpu.free_bytes();
-    let mut layer = CcpLayer::<T>::new(
-        gpu.kernels.clone(),
-        gpu.stream.clone(),
-        shape,
-        n,
-        DEFAULT_TAU,
-    )?;
-    gpu.stream.synchronize()?;
-    let device_bytes = free.saturating_sub(gpu.free_bytes());
-
-    let centers = Centers::sample(shape.height(), shape.width(), num_s, 7)?;
-    let device_centers = DeviceCenters::upload(&gpu.stream, &centers)?;
-    let sets = gpu.input_sets(set_bytes);
+    let sets = gpu.input_sets(set_bytes)?;
     let mut inputs = Vec::with_capacity(sets);
     for _ in 0..sets {
         inputs.push((
@@ -258,34 +320,66 @@ fn bench_layer<T: Dtype>(
             common::random::<T>(gpu, shape.len(), rng)?,
         ));
     }
-    let mut grad_q: CudaSlice<T> = gpu.stream.alloc_zeros(shape.len())?;
-    let scatter = Scatter::default();
+    let centers = Centers::sample(shape.height(), shape.width(), num_s, CENTERS_SEED)?;
 
     // One step before timing, read back (a failed launch shows here, not while timing), then
-    // checked against the CPU reference when small enough.
+    // checked against the CPU reference when small enough; the memory it took besides the
+    // inputs, as PyTorch's peak of a step is measured.
+    let free = gpu.free_bytes()?;
+    let mut layer = CcpLayer::<T>::new(
+        gpu.kernels.clone(),
+        gpu.stream.clone(),
+        shape,
+        n,
+        DEFAULT_TAU,
+    )?;
+    let device_centers = DeviceCenters::upload(&gpu.stream, &centers)?;
+    let mut grad_q: CudaSlice<T> = gpu.stream.alloc_zeros(shape.len())?;
     let ((q_host, q), (k_host, k)) = &inputs[0];
-    layer.forward(q, k, &device_centers)?;
-    layer.backward(None, &mut grad_q, None, scatter)?;
+    layer_step(gpu, &mut layer, &device_centers, q, k, &mut grad_q)?;
     let loss = f64::from(gpu.stream.clone_dtoh(layer.loss())?[0]);
+    let memory = Memory {
+        device: Some(free.saturating_sub(gpu.free_bytes()?)),
+        workspace,
+        gradients: shape.len() * e,
+    };
     let check = if shape.batch() * 64 * n * n * shape.channels() <= CHECK_LIMIT {
         let grad = to_f64(&gpu.stream.clone_dtoh(&grad_q)?);
         let expected = ccp_layer_loss(q_host, k_host, &shape, &centers, DEFAULT_TAU, false)?;
-        Some((
+        Check::Against(
             rel(loss, expected.loss),
             vec![rel_err(&grad, &expected.grad_feat_q)],
-        ))
+        )
     } else {
-        None
+        Check::TooLarge
     };
-    report(id, device_bytes, sets, loss, check, check_guard::<T>());
 
-    time_step(c, gpu, cfg, "loss", T::SUFFIX, |i| {
-        let ((_, q), (_, k)) = &inputs[i % sets];
-        layer.forward(q, k, &device_centers).expect("forward");
-        layer
-            .backward(None, &mut grad_q, None, scatter)
-            .expect("backward");
-    });
+    for group in groups_of(cfg) {
+        let id = bench_id::<T>(group, cfg);
+        match group {
+            LOSS => {
+                report(&id, &memory, sets, loss, &check, check_guard::<T>());
+                time_gpu(c, gpu, cfg, group, T::SUFFIX, |i| {
+                    let ((_, q), (_, k)) = &inputs[i % sets];
+                    layer_step(gpu, &mut layer, &device_centers, q, k, &mut grad_q)
+                        .expect("loss step");
+                });
+            }
+            USER_STEP => {
+                // The same step (its first run is the one checked), with centres drawn.
+                report(&id, &memory, sets, loss, &check, check_guard::<T>());
+                time_gpu(c, gpu, cfg, group, T::SUFFIX, |i| {
+                    let ((_, q), (_, k)) = &inputs[i % sets];
+                    let drawn = Centers::sample(shape.height(), shape.width(), num_s, i as u64)
+                        .expect("centres");
+                    let centers = DeviceCenters::upload(&gpu.stream, &drawn).expect("upload");
+                    layer_step(gpu, &mut layer, &centers, q, k, &mut grad_q).expect("loss step");
+                    black_box(gpu.stream.clone_dtoh(layer.loss()).expect("read the loss"));
+                });
+            }
+            other => unreachable!("no {other} group for a layer"),
+        }
+    }
     Ok(())
 }
 
@@ -333,7 +427,7 @@ trait RowsVariant<T: Dtype> {
     fn loss(&self) -> &CudaSlice<f32>;
 }
 
-/// The crate's rows loss: the small-S path or the fused InfoNCE (no logits in memory).
+/// The crate's rows loss: normalisation and the fused InfoNCE (no logits in memory).
 impl<T: Dtype> RowsVariant<T> for CcpRows<T> {
     fn step(
         &mut self,
@@ -376,25 +470,21 @@ impl<T: Dtype> RowsVariant<T> for Materialised<'_, T> {
     }
 }
 
-/// The input sets of a rows configuration, the gradients' buffers, and the reference of the
-/// first set when it is small enough to check.
+/// The input sets of a rows configuration and the reference of the first set when it is
+/// small enough to check.
 struct RowsInputs<T: Dtype> {
+    shape: RowShape,
     grad_k: bool,
     sets: Vec<(CudaSlice<T>, CudaSlice<T>)>,
-    grad_q: CudaSlice<T>,
-    grad_k_buf: CudaSlice<T>,
     expected: Option<(f64, Vec<f64>, Option<Vec<f64>>)>,
 }
 
-/// The rows suite: the fused [`CcpRows`] (`loss/<config>/<dtype>`), then the materialised
-/// composition (`loss_materialised/<config>/<dtype>`) where its logits fit, on the same
-/// inputs.
-#[allow(clippy::too_many_arguments)]
+/// The rows suite: the fused [`CcpRows`] (`loss`), then the materialised composition
+/// (`loss_materialised`) where its logits fit, on the same inputs.
 fn bench_rows<T: Dtype>(
     c: &mut Criterion,
     gpu: &Gpu,
     cfg: &Config,
-    id: &str,
     shape: RowShape,
     grad_k: bool,
     rng: &mut Rng,
@@ -402,14 +492,15 @@ fn bench_rows<T: Dtype>(
     let e = size_of::<T>();
     let set_bytes = 2 * shape.len() * e;
     let grads_bytes = 2 * shape.len() * e;
+    let fused_workspace = RowsWorkspace::lengths(&shape)?.bytes::<T>();
     if !fits(
         gpu,
-        id,
-        RowsWorkspace::lengths(&shape)?.bytes::<T>() + set_bytes + grads_bytes,
-    ) {
+        &bench_id::<T>(LOSS, cfg),
+        fused_workspace + set_bytes + grads_bytes,
+    )? {
         return Ok(());
     }
-    let count = gpu.input_sets(set_bytes);
+    let count = gpu.input_sets(set_bytes)?;
     let mut sets = Vec::with_capacity(count);
     let mut first = None;
     for _ in 0..count {
@@ -426,304 +517,151 @@ fn bench_rows<T: Dtype>(
         }
         _ => None,
     };
-    let mut inputs = RowsInputs {
+    let inputs = RowsInputs {
+        shape,
         grad_k,
         sets,
-        grad_q: gpu.stream.alloc_zeros(shape.len())?,
-        grad_k_buf: gpu.stream.alloc_zeros(shape.len())?,
         expected,
     };
 
-    let free = gpu.free_bytes();
-    let mut fused = CcpRows::<T>::new(gpu.kernels.clone(), gpu.stream.clone(), shape, DEFAULT_TAU)?;
-    gpu.stream.synchronize()?;
-    let fused_bytes = free.saturating_sub(gpu.free_bytes());
-    bench_rows_variant(c, gpu, cfg, "loss", &mut fused, fused_bytes, &mut inputs)?;
-    drop(fused);
-    gpu.stream.synchronize()?; // the fused workspace freed before measuring what is free
-
-    let id = format!("loss_materialised/{}/{}", cfg.name, T::SUFFIX);
-    if !fits(gpu, &id, RowsLoss::<T>::workspace_bytes(&shape)) {
-        return Ok(());
+    for group in groups_of(cfg) {
+        match group {
+            LOSS => bench_rows_variant(c, gpu, cfg, group, fused_workspace, &inputs, || {
+                CcpRows::<T>::new(gpu.kernels.clone(), gpu.stream.clone(), shape, DEFAULT_TAU)
+            })?,
+            MATERIALISED => {
+                let workspace = RowsLoss::<T>::workspace_bytes(&shape);
+                if fits(gpu, &bench_id::<T>(group, cfg), workspace + grads_bytes)? {
+                    bench_rows_variant(c, gpu, cfg, group, workspace, &inputs, || {
+                        Ok(Materialised {
+                            gpu,
+                            loss: RowsLoss::<T>::new(gpu, shape)?,
+                        })
+                    })?;
+                }
+            }
+            other => unreachable!("no {other} group for rows"),
+        }
     }
-    let free = gpu.free_bytes();
-    let mut materialised = Materialised {
-        gpu,
-        loss: RowsLoss::<T>::new(gpu, shape)?,
-    };
-    gpu.stream.synchronize()?;
-    let materialised_bytes = free.saturating_sub(gpu.free_bytes());
-    bench_rows_variant(
-        c,
-        gpu,
-        cfg,
-        "loss_materialised",
-        &mut materialised,
-        materialised_bytes,
-        &mut inputs,
-    )
+    Ok(())
 }
 
-/// Runs `variant` once on the first input set, reads back and checks it (against the
-/// reference when there is one), reports it as `<group>/<config>/<dtype>`, then times it.
-fn bench_rows_variant<T: Dtype>(
+/// Makes a variant and its gradient buffers, runs it once on the first input set, reads back
+/// and checks it (against the reference when there is one), reports it as
+/// `<group>/<config>/<dtype>` with the memory that took, then times it. The variant and its
+/// buffers are freed on return, before the next variant is measured.
+fn bench_rows_variant<T: Dtype, V: RowsVariant<T>>(
     c: &mut Criterion,
     gpu: &Gpu,
     cfg: &Config,
     group: &str,
-    variant: &mut impl RowsVariant<T>,
-    device_bytes: usize,
-    inputs: &mut RowsInputs<T>,
+    workspace: usize,
+    inputs: &RowsInputs<T>,
+    make: impl FnOnce() -> ccpl::Result<V>,
 ) -> ccpl::Result<()> {
-    let id = format!("{group}/{}/{}", cfg.name, T::SUFFIX);
     let RowsInputs {
+        shape,
         grad_k,
         sets,
-        grad_q,
-        grad_k_buf,
         expected,
     } = inputs;
-    // The gradients' buffers hold the previous variant's results: NaN first, so that an
-    // element this variant does not write fails the check.
-    let nan = vec![T::from_f64(f64::NAN); grad_q.len()];
-    gpu.stream.memcpy_htod(&nan, grad_q)?;
-    gpu.stream.memcpy_htod(&nan, grad_k_buf)?;
+    let free = gpu.free_bytes()?;
+    let mut variant = make()?;
+    // NaN first, so that an element this variant does not write fails the check.
+    let nan = vec![T::from_f64(f64::NAN); shape.len()];
+    let mut grad_q = gpu.stream.clone_htod(&nan)?;
+    let mut grad_k_buf = gpu.stream.clone_htod(&nan)?;
     let (q, k) = &sets[0];
-    variant.step(q, k, grad_q, grad_k.then_some(&mut *grad_k_buf))?;
+    variant.step(q, k, &mut grad_q, grad_k.then_some(&mut grad_k_buf))?;
     let value = f64::from(gpu.stream.clone_dtoh(variant.loss())?[0]);
+    let memory = Memory {
+        device: Some(free.saturating_sub(gpu.free_bytes()?)),
+        workspace,
+        gradients: (1 + usize::from(*grad_k)) * shape.len() * size_of::<T>(),
+    };
     let check = match expected {
         Some((expected, dq, dk)) => {
-            let mut errs = vec![rel_err(&to_f64(&gpu.stream.clone_dtoh(grad_q)?), dq)];
+            let mut errs = vec![rel_err(&to_f64(&gpu.stream.clone_dtoh(&grad_q)?), dq)];
             if let Some(dk) = dk {
-                errs.push(rel_err(&to_f64(&gpu.stream.clone_dtoh(grad_k_buf)?), dk));
+                errs.push(rel_err(&to_f64(&gpu.stream.clone_dtoh(&grad_k_buf)?), dk));
             }
-            Some((rel(value, *expected), errs))
+            Check::Against(rel(value, *expected), errs)
         }
-        None => None,
+        None => Check::TooLarge,
     };
     let count = sets.len();
-    report(&id, device_bytes, count, value, check, check_guard::<T>());
+    report(
+        &bench_id::<T>(group, cfg),
+        &memory,
+        count,
+        value,
+        &check,
+        check_guard::<T>(),
+    );
 
-    time_step(c, gpu, cfg, group, T::SUFFIX, |i| {
+    time_gpu(c, gpu, cfg, group, T::SUFFIX, |i| {
         let (q, k) = &sets[i % count];
         variant
-            .step(q, k, grad_q, grad_k.then_some(&mut *grad_k_buf))
+            .step(q, k, &mut grad_q, grad_k.then_some(&mut grad_k_buf))
             .expect("loss step");
     });
     Ok(())
 }
 
-/// One training step of the multi-layer loss: layers with the same batch and `num_s`.
-struct PaperStep {
-    name: String,
-    layers: Vec<(FeatureShape, usize)>,
-    dtypes: Vec<String>,
-}
-
-/// The paper's steps: the `layer` configurations tagged `paper`, grouped by batch and
-/// `num_s` in file order, the dtypes they all list.
-fn paper_steps() -> Vec<PaperStep> {
-    let mut steps: Vec<PaperStep> = Vec::new();
-    for cfg in common::configs().into_iter().filter(|c| c.tag == "paper") {
-        let Suite::Layer { shape, num_s } = cfg.suite else {
-            continue;
-        };
-        let name = format!("paper-step-n{num_s}");
-        match steps
-            .iter_mut()
-            .find(|s| s.name == name && s.layers[0].0.batch() == shape.batch())
-        {
-            Some(step) => {
-                step.layers.push((shape, num_s));
-                step.dtypes.retain(|d| cfg.dtypes.contains(d));
+/// The dry run: each group of `cfg` times the float64 CPU reference of its step under the
+/// group's own id (the user step draws its centres each step), and says so in its status.
+fn dry_run<T: Dtype>(c: &mut Criterion, cfg: &Config) -> ccpl::Result<()> {
+    let mut rng = Rng::new(20_220_708);
+    let unchecked = Check::Unchecked("dry run: the float64 CPU reference itself".into());
+    let memory = |workspace, gradients| Memory {
+        device: None,
+        workspace,
+        gradients,
+    };
+    match cfg.suite {
+        Suite::Layer { shape, num_s } => {
+            let q: Vec<T> = rng.vec(shape.len()).into_iter().map(T::from_f64).collect();
+            let k: Vec<T> = rng.vec(shape.len()).into_iter().map(T::from_f64).collect();
+            let fixed = Centers::sample(shape.height(), shape.width(), num_s, CENTERS_SEED)?;
+            let n = fixed.len();
+            let mem = memory(
+                LayerWorkspace::lengths(&shape, n)?.bytes::<T>(),
+                shape.len() * size_of::<T>(),
+            );
+            let loss = ccp_layer_loss(&q, &k, &shape, &fixed, DEFAULT_TAU, false)?.loss;
+            for group in groups_of(cfg) {
+                report(&bench_id::<T>(group, cfg), &mem, 1, loss, &unchecked, 0.0);
+                let user_step = group == USER_STEP;
+                time_cpu(c, cfg, group, T::SUFFIX, |i| {
+                    let drawn;
+                    let centers = if user_step {
+                        drawn = Centers::sample(shape.height(), shape.width(), num_s, i)?;
+                        &drawn
+                    } else {
+                        &fixed
+                    };
+                    Ok(ccp_layer_loss(&q, &k, &shape, centers, DEFAULT_TAU, false)?.loss)
+                });
             }
-            None => steps.push(PaperStep {
-                name,
-                layers: vec![(shape, num_s)],
-                dtypes: cfg.dtypes.clone(),
-            }),
+        }
+        Suite::Rows { rows, grad_k } => {
+            let round = |v: Vec<f64>| v.into_iter().map(|x| T::from_f64(x).to_f64()).collect();
+            let q: Vec<f64> = round(rng.vec(rows.len()));
+            let k: Vec<f64> = round(rng.vec(rows.len()));
+            let gradients = (1 + usize::from(grad_k)) * rows.len() * size_of::<T>();
+            let loss = reference_rows(&q, &k, &rows, grad_k)?.0;
+            for group in groups_of(cfg) {
+                let workspace = match group {
+                    LOSS => RowsWorkspace::lengths(&rows)?.bytes::<T>(),
+                    _ => RowsLoss::<T>::workspace_bytes(&rows),
+                };
+                let mem = memory(workspace, gradients);
+                report(&bench_id::<T>(group, cfg), &mem, 1, loss, &unchecked, 0.0);
+                time_cpu(c, cfg, group, T::SUFFIX, |_| {
+                    Ok(reference_rows(&q, &k, &rows, grad_k)?.0)
+                });
+            }
         }
     }
-    steps
-}
-
-const STEP_SEED: u64 = 7;
-
-/// The three variants of one paper step in `T` (module docs). One input set: the centres
-/// change every step, so a step does not find the previous one's windows in the L2.
-fn bench_step<T: Dtype>(c: &mut Criterion, gpu: &Gpu, step: &PaperStep) -> ccpl::Result<()> {
-    let id = format!("loss_step/{}/{}", step.name, T::SUFFIX);
-    let mut rng = Rng::new(20_220_708);
-    let e = size_of::<T>();
-    let inputs_bytes: usize = step.layers.iter().map(|(s, _)| 3 * s.len() * e).sum();
-    let workspace = ccpl::plan::loss::LossPlan::new(&step.layers, DEFAULT_TAU)?
-        .workspace()?
-        .bytes::<T>();
-    if !fits(gpu, &id, workspace + inputs_bytes) {
-        return Ok(());
-    }
-    let mut host = Vec::new();
-    let mut feats = Vec::new();
-    for (shape, _) in &step.layers {
-        let ((q_host, q), (k_host, k)) = (
-            common::random::<T>(gpu, shape.len(), &mut rng)?,
-            common::random::<T>(gpu, shape.len(), &mut rng)?,
-        );
-        host.push((q_host, k_host));
-        feats.push((q, k));
-    }
-    let mut grads: Vec<CudaSlice<T>> = step
-        .layers
-        .iter()
-        .map(|(s, _)| gpu.stream.alloc_zeros(s.len()))
-        .collect::<Result<_, _>>()?;
-    let zero =
-        |grads: &mut [CudaSlice<T>], stream: &std::sync::Arc<CudaStream>| -> ccpl::Result<()> {
-            for g in grads {
-                stream.memset_zeros(g)?;
-            }
-            Ok(())
-        };
-
-    // CcpLoss on the bench's stream: checked against the reference on the centres of step 0.
-    let free = gpu.free_bytes();
-    let mut loss = CcpLoss::<T>::new(
-        gpu.kernels.clone(),
-        gpu.stream.clone(),
-        &step.layers,
-        DEFAULT_TAU,
-        STEP_SEED,
-    )?;
-    gpu.stream.synchronize()?;
-    let device_bytes = free.saturating_sub(gpu.free_bytes());
-    let run = |loss: &mut CcpLoss<T>,
-               grads: &mut [CudaSlice<T>],
-               stream: &std::sync::Arc<CudaStream>,
-               feats: &[(CudaSlice<T>, CudaSlice<T>)]|
-     -> ccpl::Result<()> {
-        zero(grads, stream)?;
-        let inputs: Vec<_> = feats.iter().map(|(q, k)| (q, k)).collect();
-        loss.forward(&inputs)?;
-        loss.backward(None, &mut grads.iter_mut().collect::<Vec<_>>(), None)
-    };
-    run(&mut loss, &mut grads, &gpu.stream, &feats)?;
-    let value = f64::from(gpu.stream.clone_dtoh(loss.loss())?[0]);
-    let (mut expected, mut grad_errs) = (0.0, Vec::new());
-    for (l, ((shape, num_s), (q, k))) in step.layers.iter().zip(&host).enumerate() {
-        let centers = Centers::philox(
-            shape.height(),
-            shape.width(),
-            *num_s,
-            STEP_SEED,
-            0,
-            l as u32,
-        )?;
-        let want = ccp_layer_loss(q, k, shape, &centers, DEFAULT_TAU, false)?;
-        expected += want.loss;
-        grad_errs.push(rel_err(
-            &to_f64(&gpu.stream.clone_dtoh(&grads[l])?),
-            &want.grad_feat_q,
-        ));
-    }
-    report(
-        &id,
-        device_bytes,
-        1,
-        value,
-        Some((rel(value, expected), grad_errs)),
-        check_guard::<T>(),
-    );
-    time_on(c, &gpu.stream, "loss_step", &step.name, T::SUFFIX, |_| {
-        run(&mut loss, &mut grads, &gpu.stream, &feats).expect("loss step");
-    });
-    drop(loss);
-
-    // The same step captured in a CUDA graph, on a stream of a context handle of its own
-    // whose buffers are not event-tracked (what a capture needs), replayed.
-    let ctx = gpu_api::context(0)?;
-    // SAFETY: every buffer of the captured step is used on this one stream.
-    unsafe { ctx.disable_event_tracking() };
-    let stream = ctx.new_stream()?;
-    let graph_feats: Vec<(CudaSlice<T>, CudaSlice<T>)> = host
-        .iter()
-        .map(|(q, k)| Ok((stream.clone_htod(q)?, stream.clone_htod(k)?)))
-        .collect::<ccpl::Result<_>>()?;
-    let mut graph_grads: Vec<CudaSlice<T>> = step
-        .layers
-        .iter()
-        .map(|(s, _)| stream.alloc_zeros(s.len()))
-        .collect::<Result<_, _>>()?;
-    let mut loss = CcpLoss::<T>::new(
-        gpu.kernels.clone(),
-        stream.clone(),
-        &step.layers,
-        DEFAULT_TAU,
-        STEP_SEED,
-    )?;
-    run(&mut loss, &mut graph_grads, &stream, &graph_feats)?; // first launches, outside the graph
-    stream.synchronize()?;
-    stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-    run(&mut loss, &mut graph_grads, &stream, &graph_feats)?;
-    let graph = stream
-        .end_capture(sys::CUgraphInstantiate_flags(0))?
-        .ok_or_else(|| ccpl::Error::Cuda("the capture recorded no work".into()))?;
-    graph.launch()?;
-    let replayed = f64::from(stream.clone_dtoh(loss.loss())?[0]);
-    status(
-        &format!("loss_step_graph/{}/{}", step.name, T::SUFFIX),
-        if replayed.is_finite() {
-            "ok"
-        } else {
-            "non-finite loss"
-        },
-        &[("loss", Field::Num(replayed))],
-    );
-    time_on(c, &stream, "loss_step_graph", &step.name, T::SUFFIX, |_| {
-        graph.launch().expect("graph replay");
-    });
-    drop(graph);
-    drop(loss);
-
-    // Three CcpLayers, the fused path, the centres of step 0 uploaded once.
-    let mut layers = Vec::new();
-    for (shape, num_s) in &step.layers {
-        let n = (*num_s).min(shape.interior());
-        layers.push(CcpLayer::<T>::new(
-            gpu.kernels.clone(),
-            gpu.stream.clone(),
-            *shape,
-            n,
-            DEFAULT_TAU,
-        )?);
-    }
-    let centers = step
-        .layers
-        .iter()
-        .enumerate()
-        .map(|(l, (s, n))| {
-            DeviceCenters::upload(
-                &gpu.stream,
-                &Centers::philox(s.height(), s.width(), *n, STEP_SEED, 0, l as u32)?,
-            )
-        })
-        .collect::<ccpl::Result<Vec<_>>>()?;
-    time_on(
-        c,
-        &gpu.stream,
-        "loss_step_layers",
-        &step.name,
-        T::SUFFIX,
-        |_| {
-            zero(&mut grads, &gpu.stream).expect("zero");
-            for (((layer, (q, k)), centers), grad) in
-                layers.iter_mut().zip(&feats).zip(&centers).zip(&mut grads)
-            {
-                layer.forward(q, k, centers).expect("forward");
-                layer
-                    .backward(None, grad, None, Scatter::default())
-                    .expect("backward");
-            }
-        },
-    );
     Ok(())
 }

@@ -51,20 +51,58 @@ impl Config {
     }
 }
 
-/// Every configuration of `configs.txt`, in file order (the order of importance); only those
-/// whose tag is listed in `CCPL_BENCH_TAGS` (comma-separated) when it is set.
+/// Every configuration of `configs.txt` (or of the file `CCPL_BENCH_CONFIGS` names: the dry
+/// run's tiny stand-ins), in file order (the order of importance); only those whose tag is
+/// listed in `CCPL_BENCH_TAGS` (comma-separated) when it is set, and only the `config/dtype`
+/// pairs listed in `CCPL_BENCH_ONLY` (comma-separated) when it is set: the benchmark runner
+/// selects each phase's part with it (tools/bench/run.py; tools/bench/common.py reads the
+/// same variables).
 pub fn configs() -> Vec<Config> {
+    let text = match std::env::var("CCPL_BENCH_CONFIGS") {
+        Ok(path) => std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("CCPL_BENCH_CONFIGS={path}: {e}")),
+        Err(_) => CONFIGS.to_string(),
+    };
     let tags = std::env::var("CCPL_BENCH_TAGS").unwrap_or_default();
-    let wanted = |cfg: &Config| tags.is_empty() || tags.split(',').any(|t| t == cfg.tag);
-    CONFIGS
-        .lines()
+    let only = std::env::var("CCPL_BENCH_ONLY").unwrap_or_default();
+    if let Some(bad) = only
+        .split(',')
+        .find(|e| !only.is_empty() && !e.contains('/'))
+    {
+        panic!("CCPL_BENCH_ONLY: `{bad}` is not config/dtype");
+    }
+    let wanted_tag = |cfg: &Config| tags.is_empty() || tags.split(',').any(|t| t == cfg.tag);
+    text.lines()
         .map(|line| line.split('#').next().unwrap_or("").trim())
         .filter(|line| !line.is_empty())
         .map(|line| {
             parse_config(line).unwrap_or_else(|e| panic!("benches/configs.txt: {e}: `{line}`"))
         })
-        .filter(wanted)
+        .filter(wanted_tag)
+        .filter_map(|mut cfg| {
+            if !only.is_empty() {
+                let listed = |d: &String| {
+                    only.split(',')
+                        .any(|entry| entry.trim() == format!("{}/{d}", cfg.name))
+                };
+                cfg.dtypes.retain(listed);
+            }
+            (!cfg.dtypes.is_empty()).then_some(cfg)
+        })
         .collect()
+}
+
+/// Whether the criterion group `name` is to be timed: `CCPL_BENCH_GROUPS` (comma-separated)
+/// lists them when it is set.
+pub fn group_wanted(name: &str) -> bool {
+    let groups = std::env::var("CCPL_BENCH_GROUPS").unwrap_or_default();
+    groups.is_empty() || groups.split(',').any(|g| g.trim() == name)
+}
+
+/// `CCPL_BENCH_DRY_RUN=1`: the benches time the CPU reference under their GPU names, to
+/// exercise the benchmark runner without a GPU.
+pub fn dry_run() -> bool {
+    std::env::var("CCPL_BENCH_DRY_RUN").as_deref() == Ok("1")
 }
 
 fn parse_config(line: &str) -> Result<Config, String> {
@@ -146,29 +184,30 @@ pub struct Gpu {
 }
 
 impl Gpu {
-    /// Free device memory in bytes.
-    pub fn free_bytes(&self) -> usize {
-        self.ctx.mem_get_info().map(|(free, _)| free).unwrap_or(0)
+    /// Free device memory in bytes, read after a synchronisation: cudarc allocates and frees
+    /// on the stream, and the stream's memory pool takes memory and gives it back at a
+    /// synchronisation, so without one the reading lags what is held.
+    pub fn free_bytes(&self) -> ccpl::Result<usize> {
+        self.stream.synchronize()?;
+        Ok(self.ctx.mem_get_info()?.0)
     }
-    /// `Err(why)` when `bytes` more would not fit in the free device memory (with 5% slack).
-    pub fn fits(&self, bytes: usize) -> Result<(), String> {
-        let free = self.free_bytes();
-        if bytes as f64 > 0.95 * free as f64 {
-            Err(format!(
+    /// Why `bytes` more would not fit in the free device memory (with 5% slack), or `None`.
+    pub fn does_not_fit(&self, bytes: usize) -> ccpl::Result<Option<String>> {
+        let free = self.free_bytes()?;
+        Ok((bytes as f64 > 0.95 * free as f64).then(|| {
+            format!(
                 "needs {:.2} GB, {:.2} GB free",
                 bytes as f64 / 1e9,
                 free as f64 / 1e9
-            ))
-        } else {
-            Ok(())
-        }
+            )
+        }))
     }
-    /// How many input sets of `set_bytes` to rotate through: one pass over them is at least
-    /// twice the L2 (so a small size does not run from cache), at most 8, within a quarter of
-    /// the free memory.
-    pub fn input_sets(&self, set_bytes: usize) -> usize {
+    /// How many input sets of `set_bytes` to rotate through: enough that one pass over them is
+    /// at least twice the L2 where 8 sets suffice (a small configuration's 8 sets may still
+    /// fit the L2: BENCHMARKS.md, "Timing"), within a quarter of the free memory.
+    pub fn input_sets(&self, set_bytes: usize) -> ccpl::Result<usize> {
         let want = (2 * self.l2_bytes).div_ceil(set_bytes.max(1)).clamp(1, 8);
-        want.min((self.free_bytes() / 4 / set_bytes.max(1)).max(1))
+        Ok(want.min((self.free_bytes()? / 4 / set_bytes.max(1)).max(1)))
     }
 }
 

@@ -1,23 +1,41 @@
 #!/usr/bin/env python3
 """PyTorch baselines of the CCP loss, forward plus backward, at the sizes of benches/configs.txt.
 
-Written from the contract (docs/ccpl-loss.md) the way the original implementation computes the
-loss: gather the centre and neighbour rows, subtract, normalise (`x / (||x|| + 1e-7)`), `bmm`,
-fill the diagonal with -inf, concatenate the positive in front, divide by tau, cross-entropy
-against class 0. Timed in eager mode, under torch.compile, and (B = 1 only) with Inf-CL's fused
-Triton loss (`inf_cl.cal_flash_loss`).
+Written from the contract (docs/ccpl-loss.md) and from what the original implementation does
+(its behaviour, not its code): gather the centre and neighbour rows, subtract, (project with its
+MLP head), normalise (`x / (||x|| + 1e-7)`), `bmm`, fill the diagonal with -inf, concatenate the
+positive in front, divide by tau, cross-entropy against class 0. The implementations (`--impls`):
 
-Timing: CUDA events around each forward plus backward, after warm-up, median over repeats,
-inputs rotated among several sets so that small sizes do not run out of L2. Peak memory: the
-most the caching allocator held during one step, above what the inputs already held.
+- `eager`: identity head, centres drawn once outside the timed step: the same function and the
+  same work as our headline step (BENCHMARKS.md, "Like with like").
+- `original-identity`: a step as the original's users run it, with the identity head: the
+  centres drawn on the device every step (`randperm`), the neighbour offsets built as a Python
+  list on the host and copied, the diagonal mask (`eye`) and the targets built on the host and
+  copied, every call; the loss read on the host after the step (the original's training loop
+  logs `loss.item()` every iteration). Beside our step that samples, uploads and reads back.
+- `original`: the same with the original's MLP head (`Linear(C, C)`, `ReLU`, `Linear(C, C/4)`),
+  whose parameters get their gradients too (cleared each step, as `optimizer.zero_grad()`
+  does): what a user of the original pays. Layer configurations, f32 (the original trains in
+  f32).
+- `compile`, `compile-graphs`: `eager` under `torch.compile`, and with
+  `mode="reduce-overhead"` (CUDA graphs; every input set's addresses marked static, so a
+  replay copies no input; a graph is recorded per set). The number of cudagraph skips is
+  recorded: a run with skips is not a CUDA-graph run, and the report says so.
+- `infcl` (B = 1 rows): Inf-CL's fused Triton loss (`inf_cl.cal_flash_loss`).
 
-One JSON line per (config, dtype, implementation) goes to --out. Jobs run in priority order
-(eager everywhere, then torch.compile where the targets are, then the rest) and stop starting at
---deadline (a Unix time): later jobs are recorded as 'budget', so the table says what was not
-measured instead of silently missing it.
+Timing: CUDA events around each step, after warm-up, median over repeats, inputs rotated among
+several sets. Peak memory: the most the caching allocator held during one step above what the
+inputs (and a head's parameters) held, measured after a synchronisation with no gradient of an
+earlier step alive, so the step's fresh gradients count.
 
-Smoke test without a GPU: `--device cpu --quick` (tiny sizes, wall-clock timing).
-CCPL_BENCH_TAGS=paper (say) keeps only the configurations with those tags.
+One JSON line per (config, dtype, implementation) goes to --out: a `running` line when a job
+starts, its result when it ends (the report reads the last). Jobs run in the order of --impls,
+then configurations, and none starts after --deadline (a Unix time): those are recorded as
+`budget`. SIGTERM (the runner's phase limit) records the job in flight as `timeout` and the rest
+as `budget`. CCPL_BENCH_TAGS and CCPL_BENCH_ONLY select configurations as for the Rust benches.
+
+Without a GPU: `--device cpu` (wall-clock timing; the runner's dry run, on the tiny
+configurations of benches/configs-dry-run.txt).
 """
 
 from __future__ import annotations
@@ -25,10 +43,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import statistics
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,21 +62,42 @@ NORM_EPS = 1e-7
 # torch.OutOfMemoryError is the newer name; torch.cuda.OutOfMemoryError the older one.
 OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", RuntimeError), getattr(torch.cuda, "OutOfMemoryError", RuntimeError)})
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+IMPLS = ("eager", "original-identity", "original", "compile", "compile-graphs", "infcl")
 
 
 # ---- The loss, the way the original computes it -------------------------------------------
 
 
+def neighbor_offsets(width: int) -> list[int]:
+    """Flat offsets of the 8 neighbours, k = 0..7: (-1,-1), (-1,0), (-1,+1), (0,-1), (0,+1),
+    (+1,-1), (+1,0), (+1,+1)."""
+    return [-(width + 1), -width, -(width - 1), -1, 1, width - 1, width, width + 1]
+
+
+def center_ids(draw, width: int):
+    """Flat indices of the centres whose interior indices (row-major over the (H-2)(W-2)
+    interior) are `draw`."""
+    return (draw // (width - 2) + 1) * width + draw % (width - 2) + 1
+
+
 def neighbor_ids(height: int, width: int, centers: int, generator: torch.Generator, device) -> tuple:
-    """Centre and neighbour flat indices, direction-major (row k*N + x), as the original builds
-    them: a random permutation of the interior, its first N entries, each repeated for the 8
-    directions with the offsets -(W+1), -W, -(W-1), -1, +1, W-1, W, W+1."""
-    s_ids = torch.randperm((height - 2) * (width - 2), generator=generator)[:centers]
-    c = (s_ids // (width - 2) + 1) * width + (s_ids % (width - 2) + 1)
-    offsets = torch.tensor([-(width + 1), -width, -(width - 1), -1, 1, width - 1, width, width + 1])
-    c_ids = c.repeat(8)
-    n_ids = c_ids + offsets.repeat_interleave(centers)
+    """Centre and neighbour flat indices, neighbour-major (row k*N + x), drawn once (outside
+    any timed step): a random permutation of the interior, its first N entries, each repeated
+    for the 8 neighbours."""
+    draw = torch.randperm((height - 2) * (width - 2), generator=generator)[:centers]
+    c_ids = center_ids(draw, width).repeat(8)
+    n_ids = c_ids + torch.tensor(neighbor_offsets(width)).repeat_interleave(centers)
     return c_ids.to(device), n_ids.to(device)
+
+
+def neighbor_ids_per_step(height: int, width: int, centers: int, device) -> tuple:
+    """The same indices the way the original builds them on every call: the permutation drawn
+    on the device, the offsets a Python list built on the host and copied to the device."""
+    draw = torch.randperm((height - 2) * (width - 2), device=device)[:centers]
+    c_ids = center_ids(draw, width).repeat(8)
+    offsets = neighbor_offsets(width)
+    per_row = [offsets[j // centers] for j in range(8 * centers)]
+    return c_ids, c_ids + torch.tensor(per_row).to(device)
 
 
 def normalize(x):
@@ -64,29 +106,49 @@ def normalize(x):
     return x.div(norm + NORM_EPS)
 
 
-def patch_nce(f_q, f_k, tau: float, detach_k: bool):
-    """PatchNCE of the original on (B, C, S) unit columns: positive first, masked negatives."""
+def patch_nce(f_q, f_k, tau: float, detach_k: bool, host_built: bool = False):
+    """PatchNCE of the original on (B, C, S) unit columns: positive first, masked negatives.
+    `host_built`: the diagonal mask and the targets are built on the host and copied, every
+    call, as the original does (the mask is S x S booleans: 4.3 GB at S = 65,536)."""
     batch, _, rows = f_q.shape
     if detach_k:
         f_k = f_k.detach()
     l_pos = (f_k * f_q).sum(dim=1)[:, :, None]
     l_neg = torch.bmm(f_q.transpose(1, 2), f_k)
-    identity = torch.eye(rows, dtype=torch.bool, device=f_q.device)[None, :, :]
+    if host_built:
+        identity = torch.eye(rows, dtype=torch.bool)[None, :, :].to(f_q.device)
+        targets = torch.zeros(batch * rows, dtype=torch.long).to(f_q.device)
+    else:
+        identity = torch.eye(rows, dtype=torch.bool, device=f_q.device)[None, :, :]
+        targets = torch.zeros(batch * rows, dtype=torch.long, device=f_q.device)
     l_neg.masked_fill_(identity, -float("inf"))
     logits = torch.cat((l_pos, l_neg), dim=2) / tau
-    targets = torch.zeros(batch * rows, dtype=torch.long, device=f_q.device)
     return F.cross_entropy(logits.flatten(0, 1), targets)
 
 
-def layer_loss(feat_q, feat_k, c_ids, n_ids):
-    """One layer from its feature maps (B, C, H, W), identity head: NeighborSample, PatchNCE."""
+def layer_loss(feat_q, feat_k, c_ids, n_ids, head=None, host_built: bool = False):
+    """One layer from its feature maps (B, C, H, W): NeighborSample (difference rows, the head
+    when there is one, normalisation), then PatchNCE with the content side detached."""
 
     def sample(feat):
         feat_r = feat.permute(0, 2, 3, 1).flatten(1, 2)  # (B, HW, C)
         feat_d = feat_r[:, c_ids, :] - feat_r[:, n_ids, :]  # (B, S, C)
+        if head is not None:
+            feat_d = head(feat_d)  # (B, S, C/4)
         return normalize(feat_d.permute(0, 2, 1))  # (B, C, S)
 
-    return patch_nce(sample(feat_q), sample(feat_k), TAU, detach_k=True)
+    return patch_nce(sample(feat_q), sample(feat_k), TAU, detach_k=True, host_built=host_built)
+
+
+def original_head(channels: int, dtype, device, seed: int):
+    """The original's projection head of one layer: Linear(C, C), ReLU, Linear(C, C/4), with
+    PyTorch's default initialisation (seeded)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = torch.nn.Sequential(
+            torch.nn.Linear(channels, channels), torch.nn.ReLU(), torch.nn.Linear(channels, channels // 4)
+        )
+    return head.to(device=device, dtype=dtype)
 
 
 def rows_loss(rows_q, rows_k, detach_k: bool):
@@ -105,16 +167,15 @@ def infcl_rows_loss(rows_q, rows_k):
 
 def check_against_spec() -> float:
     """The original's way of computing the loss must be the spec's function: compares the loss
-    and d feat_q with spec steps 3-7 written directly (float64, CPU, a small odd size)."""
+    and d feat_q with spec steps 3-7 written directly (float64, CPU, a small odd size), for
+    indices drawn once and for the original's per-step construction of the same draw."""
     gen = torch.Generator().manual_seed(7)
     b, c, h, w, n = 2, 5, 7, 9, 6
     feat_q = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64, requires_grad=True)
     feat_k = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64)
     c_ids, n_ids = neighbor_ids(h, w, n, gen, "cpu")
-    ours = layer_loss(feat_q, feat_k, c_ids, n_ids)
-    (grad_ours,) = torch.autograd.grad(ours, feat_q)
 
-    def spec(fq):
+    def spec(fq, c_ids, n_ids):
         def rows(f):  # d[b, k*N + x, :] = f[b, :, p_x] - f[b, :, p_x + off_k]
             flat = f.flatten(2)  # (B, C, HW)
             return (flat[:, :, c_ids] - flat[:, :, n_ids]).transpose(1, 2)
@@ -125,15 +186,25 @@ def check_against_spec() -> float:
         logits = q @ k.transpose(1, 2) / TAU
         return (torch.logsumexp(logits, dim=2) - torch.diagonal(logits, dim1=1, dim2=2)).mean()
 
-    expected = spec(feat_q)
-    (grad_spec,) = torch.autograd.grad(expected, feat_q)
-    err = max(abs(ours.item() - expected.item()) / abs(expected.item()), ((grad_ours - grad_spec).norm() / grad_spec.norm()).item())
-    if not err < 1e-12:
-        raise SystemExit(f"baselines: the original-style loss differs from the spec by {err:.3g}")
-    return err
+    def err(ours, expected):
+        (grad_ours,) = torch.autograd.grad(ours, feat_q)
+        (grad_spec,) = torch.autograd.grad(expected, feat_q)
+        return max(abs(ours.item() - expected.item()) / abs(expected.item()), ((grad_ours - grad_spec).norm() / grad_spec.norm()).item())
+
+    worst = err(layer_loss(feat_q, feat_k, c_ids, n_ids), spec(feat_q, c_ids, n_ids))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        step_c, step_n = neighbor_ids_per_step(h, w, n, "cpu")
+    # The per-step construction must give the same pairs as the once-drawn one for its draw.
+    if not torch.equal(step_n - step_c, n_ids - c_ids):
+        raise SystemExit("baselines: the per-step neighbour offsets differ from the once-drawn ones")
+    worst = max(worst, err(layer_loss(feat_q, feat_k, step_c, step_n, host_built=True), spec(feat_q, step_c, step_n)))
+    if not worst < 1e-12:
+        raise SystemExit(f"baselines: the original-style loss differs from the spec by {worst:.3g}")
+    return worst
 
 
-# ---- Inputs --------------------------------------------------------------------------------
+# ---- Inputs and steps ----------------------------------------------------------------------
 
 
 class Inputs:
@@ -149,6 +220,7 @@ class Inputs:
             shape = (cfg.batch, cfg.rows, cfg.width)
         set_bytes = 2 * math.prod(shape) * torch.finfo(dtype).bits // 8
         # Enough sets that one pass over them is at least twice the L2, at most 8 and 1 GB.
+        # Small configurations still fit the L2 with 8 sets (BENCHMARKS.md, "Timing").
         count = max(1, min(8, math.ceil(2 * l2_bytes / set_bytes), (1 << 30) // set_bytes))
         self.q, self.k = [], []
         for _ in range(count):
@@ -160,19 +232,36 @@ class Inputs:
     def __len__(self):
         return len(self.q)
 
-    def step(self, fn, i: int):
-        """One forward plus backward on set i; returns the loss tensor."""
-        q, k = self.q[i % len(self.q)], self.k[i % len(self.k)]
-        q.grad = None
-        k.grad = None
-        loss = fn(q, k)
-        loss.backward()
-        return loss
+    def pair(self, i: int):
+        return self.q[i % len(self.q)], self.k[i % len(self.k)]
+
+    def clear_grads(self):
+        for t in self.q + self.k:
+            t.grad = None
 
 
-def make_fn(cfg: common.Config, impl: str, inputs: Inputs):
+@dataclass
+class Impl:
+    """What one step of an implementation runs: `loss(q, k)`, then its backward."""
+
+    loss: Callable
+    # Trained parameters: their gradients are cleared each step, as optimizer.zero_grad() does.
+    params: list = field(default_factory=list)
+    # The step reads the loss on the host, as a training loop that logs it does.
+    read_back: bool = False
+
+
+def make_impl(cfg: common.Config, impl: str, inputs: Inputs, dtype, device, seed: int) -> Impl:
     if impl == "infcl":
-        return infcl_rows_loss
+        return Impl(infcl_rows_loss)
+    if impl in ("original", "original-identity"):
+        head = original_head(cfg.channels, dtype, device, seed) if impl == "original" else None
+
+        def original_step(q, k):
+            c_ids, n_ids = neighbor_ids_per_step(cfg.height, cfg.width_map, cfg.centers, device)
+            return layer_loss(q, k, c_ids, n_ids, head=head, host_built=True)
+
+        return Impl(original_step, params=list(head.parameters()) if head else [], read_back=True)
     if cfg.suite == "layer":
         c_ids, n_ids = inputs.c_ids, inputs.n_ids
 
@@ -185,17 +274,21 @@ def make_fn(cfg: common.Config, impl: str, inputs: Inputs):
             return rows_loss(q, k, detach_k)
 
     if impl == "eager":
-        return base
+        return Impl(base)
     if impl == "compile":
-        return torch.compile(base, dynamic=False)
+        return Impl(torch.compile(base, dynamic=False))
     if impl == "compile-graphs":
+        # Static addresses: a replay reads each set where it lies (one recorded graph per set)
+        # instead of copying q and k into the graph's own buffers first.
+        for t in inputs.q + inputs.k + ([inputs.c_ids, inputs.n_ids] if cfg.suite == "layer" else []):
+            torch._dynamo.mark_static_address(t)
         compiled = torch.compile(base, dynamic=False, mode="reduce-overhead")
 
         def with_step(q, k):
             torch.compiler.cudagraph_mark_step_begin()
             return compiled(q, k)
 
-        return with_step
+        return Impl(with_step)
     raise ValueError(impl)
 
 
@@ -231,14 +324,35 @@ class Clock:
         return out
 
 
-def measure(cfg, dtype_name, impl, device, args, l2_bytes) -> dict:
+def cudagraph_counters() -> dict:
+    """Inductor's counts of CUDA-graph skips and of non-static inputs at recording (copied into
+    the graph on each replay), summed over the process."""
+    from torch._dynamo.utils import counters
+
+    inductor = counters["inductor"]
+    return {"skips": inductor["cudagraph_skips"], "copied": inductor["cudagraph_recorded_non_static_inputs"]}
+
+
+def measure(cfg, dtype_name, impl_name, device, args, l2_bytes) -> dict:
     dtype = DTYPES[dtype_name]
     clock = Clock(device)
-    rec = {"suite": cfg.suite, "config": cfg.name, "dtype": dtype_name, "impl": impl}
+    rec = {"suite": cfg.suite, "config": cfg.name, "dtype": dtype_name, "impl": impl_name}
     inputs = Inputs(cfg, dtype, device, l2_bytes, seed=args.seed)
     rec["input_sets"] = len(inputs)
-    fn = make_fn(cfg, impl, inputs)
-    run = lambda i: inputs.step(fn, i)  # noqa: E731
+    impl = make_impl(cfg, impl_name, inputs, dtype, device, args.seed)
+    graphs_before = cudagraph_counters()
+
+    def run(i):
+        q, k = inputs.pair(i)
+        q.grad = None
+        k.grad = None
+        for p in impl.params:
+            p.grad = None
+        loss = impl.loss(q, k)
+        loss.backward()
+        if impl.read_back:
+            loss.item()
+        return loss
 
     # First call: compilation (torch.compile, Triton) and allocator growth; timed on its own.
     t0 = time.perf_counter()
@@ -249,14 +363,19 @@ def measure(cfg, dtype_name, impl, device, args, l2_bytes) -> dict:
     if not math.isfinite(rec["loss"]):
         raise RuntimeError(f"non-finite loss {rec['loss']}")
 
-    # Warm-up: at least 3 calls and warmup_ms, which also estimates the time of one call.
-    warm = clock.time_steps(run, 3, 1)
+    # Warm-up: every set at least twice (CUDA graphs record one graph per set) and warmup_ms,
+    # which also estimates the time of one call.
+    warm = clock.time_steps(run, max(3, 2 * len(inputs) + 1), 1)
     while sum(warm) < args.warmup_ms and len(warm) < 1000:
         warm += clock.time_steps(run, len(warm), 1)
     per_call = statistics.median(warm)
     reps = int(max(args.min_reps, min(args.max_reps, args.target_ms / max(per_call, 1e-3))))
 
-    # Peak memory of one step, above what the inputs hold.
+    # Peak memory of one step above what the inputs (and parameters) hold, no gradient of an
+    # earlier step alive: the step's own gradients count, as ours are counted.
+    inputs.clear_grads()
+    for p in impl.params:
+        p.grad = None
     if clock.cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -264,7 +383,7 @@ def measure(cfg, dtype_name, impl, device, args, l2_bytes) -> dict:
         run(0)
         torch.cuda.synchronize()
         rec["peak_step_bytes"] = torch.cuda.max_memory_allocated() - base
-        rec["input_bytes"] = inputs.bytes
+    rec["input_bytes"] = inputs.bytes
 
     times = clock.time_steps(run, reps, 0)
     times.sort()
@@ -275,74 +394,50 @@ def measure(cfg, dtype_name, impl, device, args, l2_bytes) -> dict:
         p10_ms=times[len(times) // 10],
         p90_ms=times[(9 * len(times)) // 10],
     )
+    if impl_name.startswith("compile"):
+        graphs_after = cudagraph_counters()
+        rec["cudagraph_skips"] = graphs_after["skips"] - graphs_before["skips"]
+        rec["cudagraph_copied_inputs"] = graphs_after["copied"] - graphs_before["copied"]
     return rec
 
 
-def jobs(configs, impls):
-    """(priority, cfg, dtype, impl) in the order they run: eager everywhere first; then
-    torch.compile where the targets are (the paper's layers, large and huge S); Inf-CL; then
-    torch.compile on the rest; CUDA-graph compile on the paper's layers last."""
-    out = []
-    for cfg in configs:
-        for dtype in cfg.dtypes:
-            for impl in impls:
-                if impl == "infcl" and not (cfg.suite == "rows" and cfg.batch == 1):
-                    continue
-                if impl == "compile-graphs" and not (cfg.tag == "paper" and cfg.suite == "layer"):
-                    continue
-                if impl == "eager":
-                    prio = 0
-                elif impl == "compile":
-                    prio = 1 if cfg.suite == "layer" else 3
-                elif impl == "infcl":
-                    prio = 2
-                else:
-                    prio = 4
-                out.append((prio, cfg, dtype, impl))
-    out.sort(key=lambda j: j[0])
-    return out
+def jobs(configs, impls) -> list[tuple]:
+    """(cfg, dtype, impl) in the order they run: by configuration in file order (the order of
+    importance), then dtype, then implementation as listed (a compilation with CUDA graphs
+    right after the plain one of the same configuration finds its kernels in the caches)."""
+    return [(cfg, dtype, impl) for cfg in configs for dtype in cfg.dtypes for impl in impls if common.applies(cfg, dtype, impl)]
 
 
-def quick_configs(configs):
-    """Tiny stand-ins for a CPU smoke test: the same suites and options at small sizes."""
-    out = []
-    for cfg in configs:
-        if cfg.suite == "layer":
-            h = w = 12
-            n = min(cfg.centers, 4)
-            tiny = common.Config(
-                suite="layer", name=cfg.name, tag=cfg.tag, batch=min(cfg.batch, 2), rows=8 * n, width=16,
-                dtypes=cfg.dtypes, grads="q", channels=16, height=h, width_map=w, centers=n,
-            )
-        else:
-            tiny = common.Config(
-                suite="rows", name=cfg.name, tag=cfg.tag, batch=min(cfg.batch, 2), rows=min(cfg.rows, 32),
-                width=min(cfg.width, 16), dtypes=cfg.dtypes, grads=cfg.grads,
-            )
-        out.append(tiny)
-    return out
+class PhaseEnd(BaseException):
+    """SIGTERM: the runner's time limit for this phase has come."""
+
+
+def _on_term(signum, frame):
+    raise PhaseEnd()
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="JSON-lines file to append one record per job to")
-    ap.add_argument("--configs", default=None, help="configs.txt (default: found beside or in benches/)")
+    ap.add_argument("--out", required=True, help="JSON-lines file to append the records to")
+    ap.add_argument("--configs", default=None, help="configs.txt (default: CCPL_BENCH_CONFIGS, else found beside or in benches/)")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--impls", default="eager,compile,infcl,compile-graphs")
+    ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--deadline", type=float, default=0.0, help="Unix time after which no job starts")
     ap.add_argument("--warmup-ms", type=float, default=100.0)
     ap.add_argument("--target-ms", type=float, default=300.0, help="time spent on the timed repeats")
     ap.add_argument("--min-reps", type=int, default=10)
     ap.add_argument("--max-reps", type=int, default=200)
     ap.add_argument("--seed", type=int, default=20220708)
-    ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke test)")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, _on_term)
 
     print(f"baselines: original-style loss vs spec formula (float64): relative error {check_against_spec():.2g}", flush=True)
     device = torch.device(args.device)
     configs = common.load_configs(args.configs)
-    if args.quick:
-        configs = quick_configs(configs)
+    impls = [i for i in args.impls.split(",") if i]
+    for impl in impls:
+        if impl not in IMPLS:
+            raise SystemExit(f"baselines: unknown implementation {impl} (known: {', '.join(IMPLS)})")
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         l2_bytes = getattr(props, "L2_cache_size", 50 << 20)
@@ -351,36 +446,47 @@ def main():
         print(f"baselines: {props.name}, torch {torch.__version__}, L2 {l2_bytes >> 20} MiB", flush=True)
     else:
         l2_bytes = 0
-    impls = [i for i in args.impls.split(",") if i]
+        print(f"baselines: {device}, torch {torch.__version__} (wall-clock timing)", flush=True)
     if "infcl" in impls:
         try:
             import inf_cl  # noqa: F401
         except ImportError as e:
             print(f"baselines: Inf-CL not importable ({e}); its jobs are recorded as errors", flush=True)
 
-    for _, cfg, dtype, impl in jobs(configs, impls):
+    todo = jobs(configs, impls)
+    for n, (cfg, dtype, impl) in enumerate(todo):
         head = {"suite": cfg.suite, "config": cfg.name, "dtype": dtype, "impl": impl}
-        if args.deadline and time.time() > args.deadline:
-            common.write_record(args.out, {**head, "status": "budget"})
-            print(f"baselines: {cfg.name} {dtype} {impl}: not run (time budget spent)", flush=True)
-            continue
-        torch._dynamo.reset()
-        t0 = time.perf_counter()
+        started = False
         try:
-            rec = measure(cfg, dtype, impl, device, args, l2_bytes)
-        except Exception as e:  # a failing job is recorded and the rest go on
-            oom = isinstance(e, OOM_ERRORS) or "out of memory" in str(e).lower()
-            rec = {**head, "status": "oom" if oom else "error", "error": f"{type(e).__name__}: {str(e)[:300]}"}
-            if not oom:
-                traceback.print_exc()
-        rec["job_s"] = round(time.perf_counter() - t0, 2)
+            if args.deadline and time.time() > args.deadline:
+                raise PhaseEnd()
+            common.write_record(args.out, {**head, "status": "running"})
+            started = True
+            torch._dynamo.reset()
+            t0 = time.perf_counter()
+            try:
+                rec = measure(cfg, dtype, impl, device, args, l2_bytes)
+            except Exception as e:  # a failing job is recorded and the rest go on
+                oom = isinstance(e, OOM_ERRORS) or "out of memory" in str(e).lower()
+                rec = {**head, "status": "oom" if oom else "error", "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                if not oom:
+                    traceback.print_exc()
+            rec["job_s"] = round(time.perf_counter() - t0, 2)
+        except PhaseEnd:
+            # The job in flight (if it started) ran out of time; the rest never start.
+            for i, (c, d, m) in enumerate(todo[n:]):
+                status = "timeout" if i == 0 and started else "budget"
+                common.write_record(args.out, {"suite": c.suite, "config": c.name, "dtype": d, "impl": m, "status": status})
+                print(f"baselines: {c.name} {d} {m}: {'killed at the time limit' if status == 'timeout' else 'not run (time budget spent)'}", flush=True)
+            return
         if device.type == "cuda":
             torch.cuda.empty_cache()
         common.write_record(args.out, rec)
         shown = common.fmt_time_ms(rec.get("median_ms")) if rec["status"] == "ok" else rec["status"]
+        extra = f", cudagraph skips {rec['cudagraph_skips']}" if rec.get("cudagraph_skips") else ""
         print(
             f"baselines: {cfg.name} {dtype} {impl}: {shown}"
-            f" (first call {rec.get('first_call_s', '-')} s, job {rec['job_s']} s)",
+            f" (first call {rec.get('first_call_s', '-')} s, job {rec['job_s']} s{extra})",
             flush=True,
         )
 

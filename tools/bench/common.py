@@ -7,6 +7,7 @@ Pure Python (no numpy, no torch), so report.py runs anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,6 +19,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG_PATHS = [os.path.join(HERE, "configs.txt"), os.path.join(HERE, "..", "..", "benches", "configs.txt")]
 
 ELEMENT_BYTES = {"f32": 4, "bf16": 2, "f16": 2}
+# The criterion groups of benches/loss.rs for each suite (its `groups_of`): the headline `loss`,
+# the layer's `loss_user_step`, the rows' `loss_materialised`.
+LOSS_GROUPS = {"layer": ("loss", "loss_user_step"), "rows": ("loss", "loss_materialised")}
 LOGIT_BYTES = 4  # logits and per-row statistics are float32 whatever the storage type
 NEIGHBORS = 8
 
@@ -51,16 +55,35 @@ class Config:
 
 
 def config_path() -> str:
+    """CCPL_BENCH_CONFIGS when set (the dry run's tiny stand-ins, say), else configs.txt."""
+    if os.environ.get("CCPL_BENCH_CONFIGS"):
+        return os.environ["CCPL_BENCH_CONFIGS"]
     for path in CONFIG_PATHS:
         if os.path.exists(path):
             return path
     raise FileNotFoundError(f"configs.txt not found in {CONFIG_PATHS}")
 
 
-def load_configs(path: str | None = None) -> list[Config]:
-    """Parses configs.txt: `suite key=value ...` per line, `#` comments; only the tags listed
-    in CCPL_BENCH_TAGS (comma-separated) when it is set, as the Rust benches do."""
-    tags = {t for t in os.environ.get("CCPL_BENCH_TAGS", "").split(",") if t}
+def parse_only(text: str) -> dict[str, set[str]] | None:
+    """CCPL_BENCH_ONLY: comma-separated `config/dtype` entries (the Rust benches read the same
+    variable) -> {config: dtypes}; None when unset, which keeps everything."""
+    if not text:
+        return None
+    only: dict[str, set[str]] = {}
+    for entry in text.split(","):
+        name, _, dtype = entry.strip().partition("/")
+        if not name or not dtype:
+            raise ValueError(f"CCPL_BENCH_ONLY: `{entry}` is not config/dtype")
+        only.setdefault(name, set()).add(dtype)
+    return only
+
+
+def load_configs(path: str | None = None, selected: bool = True) -> list[Config]:
+    """Parses configs.txt: `suite key=value ...` per line, `#` comments. With `selected`, only
+    the tags listed in CCPL_BENCH_TAGS (comma-separated) and the `config/dtype` pairs listed in
+    CCPL_BENCH_ONLY when they are set, as the Rust benches do."""
+    tags = {t for t in os.environ.get("CCPL_BENCH_TAGS", "").split(",") if t} if selected else set()
+    only = parse_only(os.environ.get("CCPL_BENCH_ONLY", "")) if selected else None
     out = []
     with open(path or config_path()) as f:
         for lineno, line in enumerate(f, 1):
@@ -73,8 +96,14 @@ def load_configs(path: str | None = None) -> list[Config]:
                 cfg = _config(suite, kv)
             except (KeyError, ValueError) as e:
                 raise ValueError(f"configs.txt:{lineno}: {e}: {line}") from e
-            if not tags or cfg.tag in tags:
-                out.append(cfg)
+            if tags and cfg.tag not in tags:
+                continue
+            if only is not None:
+                dtypes = tuple(d for d in cfg.dtypes if d in only.get(cfg.name, ()))
+                if not dtypes:
+                    continue
+                cfg = dataclasses.replace(cfg, dtypes=dtypes)
+            out.append(cfg)
     return out
 
 
@@ -94,6 +123,19 @@ def _config(suite: str, kv: dict) -> Config:
             raise ValueError(f"grads must be q or qk, not {grads}")
         return Config(rows=int(kv["S"]), width=int(kv["D"]), grads=grads, **common)
     raise ValueError(f"unknown suite {suite}")
+
+
+def applies(cfg: Config, dtype: str, impl: str) -> bool:
+    """Whether the PyTorch baseline `impl` (tools/bench/baselines.py) has a job at this
+    configuration and dtype: Inf-CL computes rows at B = 1; the original's formulation starts
+    from feature maps, and with its MLP head it trains in f32."""
+    if impl == "infcl":
+        return cfg.suite == "rows" and cfg.batch == 1
+    if impl == "original":
+        return cfg.suite == "layer" and dtype == "f32" and cfg.channels % 4 == 0
+    if impl == "original-identity":
+        return cfg.suite == "layer"
+    return True
 
 
 def touched_positions(cfg: Config, seed: int = 0) -> int:

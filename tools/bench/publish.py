@@ -2,7 +2,7 @@
 """Puts one GPU benchmark run into the repository: its log and numbers under benchmarks/
 (named by date and GPU), and its tables into BENCHMARKS.md between the gpu-table markers.
 
-    python3 tools/bench/publish.py DIR    # DIR holds bench.log, table.md, results.json
+    python3 tools/bench/publish.py DIR    # DIR: the run's output (bench.log, table.md, results.json)
 """
 
 from __future__ import annotations
@@ -23,8 +23,12 @@ def main():
     args = ap.parse_args()
     with open(os.path.join(args.dir, "results.json")) as f:
         results = json.load(f)
+    run = results.get("run", {})
+    if run.get("dry_run"):
+        raise SystemExit("publish: this is a dry run on the CPU, not GPU results")
     gpu = results.get("roofline", {}).get("gpu") or "unknown-gpu"
-    stem = f"{results.get('date') or 'undated'}-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-').lower()}"
+    date = (run.get("date") or "undated")[:10]
+    stem = f"{date}-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-').lower()}"
     dest = os.path.join(ROOT, "benchmarks")
     os.makedirs(dest, exist_ok=True)
     shutil.copyfile(os.path.join(args.dir, "bench.log"), os.path.join(dest, f"{stem}.log"))

@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""The benchmark tables, in Markdown, from what one GPU run left behind:
+"""The benchmark tables, in Markdown, from what one run left in its work folder (run.py):
 
-- the criterion results of the Rust benches (CRITERION_HOME: */new/benchmark.json and
-  estimates.json; the median per iteration);
-- the status lines the Rust benches print (`ccpl-bench {json}`: skipped, out of memory, device
-  memory, the check against the CPU reference), read from the run's log;
-- the PyTorch baselines (baselines.py's JSON lines) and the measured ceilings (roofline.py).
+- criterion/: the Rust benches' results (*/new/benchmark.json and estimates.json; the median
+  per iteration);
+- the status lines the Rust benches print (`ccpl-bench {json}`: skipped, does not fit, memory,
+  the check against the CPU reference), read from the run's log;
+- baselines.jsonl (the PyTorch baselines, the last record of each job), roofline.json (the
+  measured ceilings), run.json (the machine) and phases.jsonl (each phase's budget and use).
 
-Anything missing shows as such ('-', 'oom', 'budget', ...), never as a number.
+Anything missing shows as such ('-', 'oom', 'budget', 'killed', ...), never as a number; a
+CUDA-graph run with cudagraph skips is not shown as CUDA graphs. A dry run's tables say so at
+the top and give no verdict.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ STATUS_PREFIX = "ccpl-bench "
 TARGET_EAGER = 20.0  # paper configuration: at least 20x faster than eager PyTorch
 TARGET_COMPILE = 5.0  # ... and 5x faster than torch.compile
 TARGET_FLOOR = 2.0  # large S: within 2x of the roofline floor
+# PyTorch implementations that compute the same function on the same inputs and centres as
+# eager, so their first losses must agree (the original's draw their centres every step).
+SAME_FUNCTION = ("compile", "compile-graphs", "infcl")
 
 
 def load_criterion(root: str) -> dict:
@@ -68,11 +74,16 @@ def load_statuses(log: str | None) -> dict:
     return out
 
 
-def load_baselines(path: str | None) -> dict:
-    out = {}
-    for rec in common.read_records(path) if path else []:
-        out[(rec["config"], rec["dtype"], rec["impl"])] = rec
-    return out
+def load_baselines(path: str) -> dict:
+    """(config, dtype, impl) -> the last record of that job (a rerun replaces a first run)."""
+    return {(rec["config"], rec["dtype"], rec["impl"]): rec for rec in common.read_records(path)}
+
+
+def load_json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 class Ceilings:
@@ -110,18 +121,25 @@ def ratio(num, den) -> str:
     return f"{num / den:.3g}x"
 
 
+STATUS_TEXT = {"running": "killed", "budget": "budget", "timeout": "timeout"}
+
+
 def cell(rec: dict | None) -> tuple[str, float | None]:
-    """A baseline's cell text and median (ms) from its record."""
+    """A baseline's cell text and median (ms) from its record: a time only for a run that
+    measured what its column says (a CUDA-graph run with skips is not one)."""
     if rec is None:
         return "-", None
-    if rec.get("status") == "ok":
-        return fmt_time_ms(rec["median_ms"]), rec["median_ms"]
-    return rec.get("status", "?"), None
+    if rec.get("status") != "ok":
+        return STATUS_TEXT.get(rec.get("status"), rec.get("status", "?")), None
+    if rec.get("cudagraph_skips") and rec["impl"] == "compile-graphs":
+        return f"not graphed ({rec['cudagraph_skips']} cudagraph skips; {fmt_time_ms(rec['median_ms'])})", None
+    return fmt_time_ms(rec["median_ms"]), rec["median_ms"]
 
 
-def ours_cell(crit: dict, statuses: dict, bench_id: tuple, setup_id: str | None = None) -> tuple[str, float | None]:
-    """Our median, or why there is none (from the status of the bench or of its setup)."""
-    status = statuses.get("/".join(bench_id)) or statuses.get(setup_id) or {}
+def ours_cell(crit: dict, statuses: dict, bench_id: tuple, fallback: str | None = None) -> tuple[str, float | None]:
+    """Our median, or why there is none, from the status of the bench or else of `fallback`
+    (the kernel bench's setup of that configuration)."""
+    status = statuses.get("/".join(bench_id)) or statuses.get(fallback) or {}
     res = crit.get(bench_id)
     if res is not None:
         failed = " (check FAILED)" if status.get("check_ok") is False else ""
@@ -131,7 +149,18 @@ def ours_cell(crit: dict, statuses: dict, bench_id: tuple, setup_id: str | None 
     return "-", None
 
 
-def target_text(cfg: common.Config, ours, eager, compiled, floor_ms) -> str:
+def best_compile(cells: dict) -> tuple[str, float | None]:
+    """The faster of torch.compile and compile with CUDA graphs (a run with skips excluded)."""
+    timed = [(cells[impl][1], impl) for impl in ("compile", "compile-graphs") if cells[impl][1] is not None]
+    if not timed:
+        return "-", None
+    ms, impl = min(timed)
+    return impl, ms
+
+
+def target_text(cfg: common.Config, ours, eager, compiled, floor_ms, dry_run: bool) -> str:
+    if dry_run:
+        return "dry run: no verdict"
     if ours is None:
         return "not measured"
     parts = []
@@ -153,77 +182,121 @@ def target_text(cfg: common.Config, ours, eager, compiled, floor_ms) -> str:
     return "; ".join(parts)
 
 
-def loss_tables(configs, crit, statuses, baselines, ceil: Ceilings) -> list[str]:
-    """Ours is the crate's fused path (CcpLayer, CcpRows: `loss/...`); for rows configurations
-    the materialised composition of the standalone kernels (`loss_materialised/...`) stands
-    beside it. Speed-ups, the floor and the targets are the fused path's."""
+def loss_tables(configs, crit, statuses, baselines, ceil: Ceilings, dry_run: bool) -> dict:
+    """The loss tables by title: the headline (like with like), the step as users pay it, the
+    floor model's terms, memory."""
+    impls = ("eager", "original-identity", "original", "compile", "compile-graphs", "infcl")
     main = [
-        "| config | dtype | S | ours (fused) | ours, materialised | eager | compile | compile, CUDA graphs | Inf-CL"
-        " | eager / ours | compile / ours | floor (limit) | % of floor | target |",
+        "| config | dtype | S | ours | eager | compile | compile, CUDA graphs | Inf-CL | ours, materialised"
+        " | eager / ours | best compile / ours | floor (limit) | % of floor | target |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    users = [
+        "| config | dtype | ours, user step | original, identity head | original, its MLP heads"
+        " | original identity / ours | original MLP / ours |",
+        "|---|---|---|---|---|---|---|",
     ]
     roof = [
         "| config | dtype | bytes (min) | + logits | GFLOP | GFLOP, fused | Gexp | Gexp, fused | floor, minimal"
-        " | floor, fused's work | floor, logits in memory | ours (fused) | ours, materialised |",
+        " | floor, fused's work | floor, logits in memory | ours | ours, materialised |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     memory = [
-        "| config | dtype | ours (fused), device memory | ours, materialised, device memory"
-        " | eager, peak of a step | compile, peak of a step | Inf-CL, peak of a step |",
-        "|---|---|---|---|---|---|---|",
+        "| config | dtype | ours, measured | ours, workspace | ours materialised, measured | materialised, workspace"
+        " | eager | original, identity | original, MLP | compile | compile, CUDA graphs | Inf-CL | inputs (a PyTorch set) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cfg in configs:
         for dtype in cfg.dtypes:
             ours_txt, ours = ours_cell(crit, statuses, ("loss", cfg.name, dtype))
-            mat_txt = "-"
-            if cfg.suite == "rows":
-                mat_txt, _ = ours_cell(crit, statuses, ("loss_materialised", cfg.name, dtype))
-            recs = {impl: baselines.get((cfg.name, dtype, impl)) for impl in ("eager", "compile", "compile-graphs", "infcl")}
+            mat_txt = ours_cell(crit, statuses, ("loss_materialised", cfg.name, dtype))[0] if cfg.suite == "rows" else "-"
+            recs = {impl: baselines.get((cfg.name, dtype, impl)) for impl in impls}
             cells = {impl: cell(rec) for impl, rec in recs.items()}
+            best_impl, best_ms = best_compile(cells)
             cost = common.loss_cost(cfg, dtype)
             floor_ms, limit = ceil.floor(cost, dtype)
             fused_ms, _ = ceil.floor(common.fused_cost(cost), dtype)
             design_ms, _ = ceil.floor(cost, dtype, with_logits=True)
             pct = f"{100 * floor_ms / ours:.3g}%" if floor_ms and ours else "-"
             floor_txt = f"{fmt_time_ms(floor_ms)} ({limit})" if floor_ms else limit
+            best_txt = f"{ratio(best_ms, ours)} ({best_impl})" if best_ms is not None else "-"
             main.append(
-                f"| {cfg.name} | {dtype} | {cfg.rows} | {ours_txt} | {mat_txt} | {cells['eager'][0]} | {cells['compile'][0]} "
-                f"| {cells['compile-graphs'][0]} | {cells['infcl'][0]} | {ratio(cells['eager'][1], ours)} "
-                f"| {ratio(cells['compile'][1], ours)} | {floor_txt} | {pct} "
-                f"| {target_text(cfg, ours, cells['eager'][1], cells['compile'][1], floor_ms)} |"
+                f"| {cfg.name} | {dtype} | {cfg.rows} | {ours_txt} | {cells['eager'][0]} | {cells['compile'][0]} "
+                f"| {cells['compile-graphs'][0]} | {cells['infcl'][0]} | {mat_txt} | {ratio(cells['eager'][1], ours)} "
+                f"| {best_txt} | {floor_txt} | {pct} "
+                f"| {target_text(cfg, ours, cells['eager'][1], best_ms, floor_ms, dry_run)} |"
             )
+            if cfg.suite == "layer":
+                user_txt, user = ours_cell(crit, statuses, ("loss_user_step", cfg.name, dtype))
+                users.append(
+                    f"| {cfg.name} | {dtype} | {user_txt} | {cells['original-identity'][0]} | {cells['original'][0]} "
+                    f"| {ratio(cells['original-identity'][1], user)} | {ratio(cells['original'][1], user)} |"
+                )
             roof.append(
                 f"| {cfg.name} | {dtype} | {fmt_bytes(cost.bytes_min)} | {fmt_bytes(cost.bytes_logits)} "
                 f"| {cost.flops / 1e9:.4g} | {cost.flops_fused / 1e9:.4g} | {cost.exps / 1e9:.4g} | {cost.exps_fused / 1e9:.4g} "
                 f"| {fmt_time_ms(floor_ms)} | {fmt_time_ms(fused_ms)} | {fmt_time_ms(design_ms)} | {ours_txt} | {mat_txt} |"
             )
 
-            def device_bytes(group):
-                return fmt_bytes(statuses.get(f"{group}/{cfg.name}/{dtype}", {}).get("device_bytes"))
+            def ours_bytes(group, key):
+                if group == "loss_materialised" and cfg.suite != "rows":
+                    return "-"
+                return fmt_bytes(statuses.get(f"{group}/{cfg.name}/{dtype}", {}).get(key))
 
             def peak(impl):
                 rec = recs[impl]
                 if rec is None:
                     return "-"
-                return fmt_bytes(rec.get("peak_step_bytes")) if rec.get("status") == "ok" else rec.get("status", "?")
+                if rec.get("status") != "ok":
+                    return STATUS_TEXT.get(rec.get("status"), rec.get("status", "?"))
+                return fmt_bytes(rec.get("peak_step_bytes"))
 
-            mat_mem = device_bytes("loss_materialised") if cfg.suite == "rows" else "-"
+            input_bytes = next((r["input_bytes"] / r["input_sets"] for r in recs.values() if r and r.get("input_bytes")), None)
             memory.append(
-                f"| {cfg.name} | {dtype} | {device_bytes('loss')} | {mat_mem} | {peak('eager')} | {peak('compile')} | {peak('infcl')} |"
+                f"| {cfg.name} | {dtype} | {ours_bytes('loss', 'device_bytes')} | {ours_bytes('loss', 'workspace_bytes')} "
+                f"| {ours_bytes('loss_materialised', 'device_bytes')} | {ours_bytes('loss_materialised', 'workspace_bytes')} | "
+                + " | ".join(peak(impl) for impl in impls)
+                + f" | {fmt_bytes(input_bytes)} |"
             )
-    return ["## The loss, forward plus backward", "", *main, "", "### Floor model terms", "", *roof, "", "### Memory", "", *memory, ""]
+    return {
+        "The loss, like with like: ours (zero the gradient, forward, backward) and PyTorch on the same function": main,
+        "A training step as users pay it: centres drawn and uploaded every step, loss read back": users,
+        "Floor model terms": roof,
+        "Memory of a step, besides its inputs": memory,
+    }
+
+
+NOTES = {
+    "The loss, like with like: ours (zero the gradient, forward, backward) and PyTorch on the same function": (
+        "Ours: `loss/...` (CcpLayer, identity head; CcpRows for rows). PyTorch: the same loss with the centres"
+        " drawn once; `best compile` is the faster of torch.compile and compile with CUDA graphs."
+    ),
+    "A training step as users pay it: centres drawn and uploaded every step, loss read back": (
+        "Ours: `loss_user_step/...` (centres drawn on the host, uploaded, zero, forward, backward, loss read"
+        " back). The original: its per-step index building (device randperm, host-built offsets, eye and"
+        " targets copied every call) and `loss.item()`; with the identity head (the same function as ours)"
+        " and with its MLP heads, whose work ours does not do: the last ratio is what replacing the"
+        " original's whole layer loss would gain if the head cost nothing."
+    ),
+    "Memory of a step, besides its inputs": (
+        "Ours, measured: the drop of free device memory over creating the loss object, its gradient"
+        " buffers and one step, read after a synchronisation (the memory pool maps whole chunks);"
+        " workspace: counted (`LayerWorkspace`/`RowsWorkspace::bytes`). PyTorch: the caching allocator's"
+        " peak during one step above what was held before it (inputs, parameters; no earlier gradient)."
+    ),
+}
 
 
 def kernel_table(configs, crit, statuses, ceil: Ceilings) -> list[str]:
     lines = [
-        "## Kernels",
-        "",
         "| kernel | config | dtype | time | GB/s | TFLOP/s | Gexp/s | floor (limit) | % of floor |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for cfg in configs:
         for dtype in cfg.dtypes:
             for kernel in common.kernels_of(cfg):
+                if (kernel, cfg.name, dtype) not in crit and f"kernels/{cfg.name}/{dtype}" not in statuses:
+                    continue  # not in this run's selection
                 txt, ms = ours_cell(crit, statuses, (kernel, cfg.name, dtype), f"kernels/{cfg.name}/{dtype}")
                 cost = common.kernel_cost(kernel, cfg, dtype)
                 floor_ms, limit = ceil.floor(cost, dtype)
@@ -237,74 +310,107 @@ def kernel_table(configs, crit, statuses, ceil: Ceilings) -> list[str]:
                     f"| {kernel} | {cfg.name} | {dtype} | {txt} | {rate(cost.bytes_min, 1e9)} | {rate(cost.flops, 1e12)} "
                     f"| {rate(cost.exps, 1e9)} | {floor_txt} | {pct} |"
                 )
-    return [*lines, ""]
+    if len(lines) == 2:
+        lines.append("| (no kernel bench ran) | | | | | | | | |")
+    return lines
+
+
+def phase_table(phases: list[dict]) -> list[str]:
+    """Each phase's planned budget, the limit it was given (its own budget plus what earlier
+    phases left), the time it used, and how it ended."""
+    last = {}
+    for rec in phases:
+        if rec.get("phase") != "plan":
+            last[rec["phase"]] = rec
+    lines = ["| phase | planned | limit | used | ended |", "|---|---|---|---|---|"]
+    for name, rec in last.items():
+        def secs(key):
+            return f"{rec[key]:.0f} s" if rec.get(key) is not None else "-"
+
+        lines.append(f"| {name} | {secs('planned_s')} | {secs('limit_s')} | {secs('used_s')} | {rec.get('status', '?')} |")
+    return lines
 
 
 def checks(statuses: dict, baselines: dict) -> list[str]:
     lines = []
-    # The PyTorch implementations ran on the same inputs (same seed): their losses must agree.
     for (config, dtype, impl), rec in sorted(baselines.items()):
         eager = baselines.get((config, dtype, "eager"), {})
-        if impl != "eager" and "loss" in rec and "loss" in eager:
+        if impl in SAME_FUNCTION and "loss" in rec and "loss" in eager:
             diff = abs(rec["loss"] - eager["loss"]) / max(abs(eager["loss"]), 1e-30)
             lines.append(f"- {impl} {config} {dtype}: loss {rec['loss']:.6g}, eager {eager['loss']:.6g} (relative difference {diff:.1e})")
-        if rec.get("status") == "error":
-            lines.append(f"- {impl} {config} {dtype}: error: {rec.get('error', '')}")
+        if rec.get("cudagraph_skips"):
+            lines.append(f"- {impl} {config} {dtype}: {rec['cudagraph_skips']} cudagraph skips: not a CUDA-graph run (the log says why)")
+        if rec.get("cudagraph_copied_inputs"):
+            lines.append(
+                f"- {impl} {config} {dtype}: {rec['cudagraph_copied_inputs']} non-static inputs over its recorded graphs"
+                " (each copied on every replay; the input sets are marked static)"
+            )
+        if rec.get("status") in ("error", "oom"):
+            lines.append(f"- {impl} {config} {dtype}: {rec['status']}: {rec.get('error', '')}")
+        if rec.get("status") in ("running", "timeout"):
+            lines.append(f"- {impl} {config} {dtype}: stopped at its phase's time limit")
     for bench_id, rec in sorted(statuses.items()):
         if "check" in rec:
             lines.append(f"- {bench_id}: {rec['check']}")
         if rec.get("status") not in (None, "ok"):
             lines.append(f"- {bench_id}: {rec['status']}: {rec.get('reason', '')}")
-    if not lines:
-        return []
-    return ["## Checks, skips and errors", "", *lines, ""]
+    return lines
 
 
-def header(roof: dict, args) -> list[str]:
+def header(roof: dict, run: dict, args) -> list[str]:
     def num(key, fmt, unit):
         v = roof.get(key)
         return f"{fmt.format(v)} {unit}" if v else "not measured"
 
     exp = roof.get("exp_per_s")
-    return [
-        "# CCPL benchmarks",
-        "",
+    lines = ["# CCPL benchmarks", ""]
+    if run.get("dry_run"):
+        lines += [
+            "**DRY RUN on the CPU: no number below is a GPU number or says anything about speed.** Ours is the"
+            " float64 CPU reference timed under the GPU benches' names, PyTorch runs on CPU tensors, the sizes"
+            " are the tiny stand-ins of benches/configs-dry-run.txt. It checks the run's order, budget and report.",
+            "",
+        ]
+    lines += [
         f"- GPU: {roof.get('gpu', 'unknown')} ({roof.get('sms', '?')} SMs, L2 {fmt_bytes(roof.get('l2_bytes'))},"
-        f" {fmt_bytes(roof.get('memory_bytes'))}); torch {roof.get('torch', '?')}, CUDA {roof.get('cuda', '?')}",
-        f"- date: {args.date or 'unknown'}; commit: {args.commit or 'unknown'}",
+        f" {fmt_bytes(roof.get('memory_bytes'))}); nvidia-smi: {run.get('nvidia_smi', '-')}",
+        f"- kernel (uname -r): {run.get('kernel', '?')}; {run.get('glibc', '')}; CPU: {run.get('cpu', '?')} ({run.get('cpus', '?')} threads);"
+        f" python {run.get('python', '?')}, torch {roof.get('torch') or run.get('torch', '?')}, CUDA {roof.get('cuda', '?')}",
+        f"- date: {run.get('date', 'unknown')}; commit: {run.get('commit', 'unknown')} {run.get('commit_note', '')};"
+        f" budget {run.get('budget_s', '?')} s",
         f"- ceilings measured in this run: copy {num('copy_GBps', '{:.0f}', 'GB/s')} (read + write);"
         f" matrix bf16 {num('mm_bf16_tflops', '{:.0f}', 'TFLOP/s')}, f32 {num('mm_f32_tflops', '{:.1f}', 'TFLOP/s')},"
         f" tf32 {num('mm_tf32_tflops', '{:.0f}', 'TFLOP/s')}; exponentials"
         f" {f'{exp / 1e12:.3g} T/s' if exp else 'not measured'} ({roof.get('exp_kernel', '-')})",
         f"- f32 floors use the {args.f32_rate} matrix rate; bf16 floors the bf16 rate",
-        "- times: medians per forward plus backward (ours: criterion, CUDA events around back-to-back"
-        " iterations; PyTorch: CUDA events per step); floor: max(bytes / copy bandwidth, FLOPs / matrix"
-        " rate, exponentials / exp rate), BENCHMARKS.md explains the model; ours (fused): the crate's"
-        " CcpLayer / CcpRows (logits recomputed, never stored); ours, materialised: the standalone kernels"
-        " with the (B, S, S) logits in memory",
+        "- times: medians per step (ours: criterion, CUDA events around back-to-back steps; PyTorch: CUDA"
+        " events per step); floor: max(bytes / copy bandwidth, FLOPs / matrix rate, exponentials / exp rate),"
+        " BENCHMARKS.md explains the model and the variants",
         "",
     ]
+    return lines
+
+
+def section(title: str, level: str, body: list[str]) -> list[str]:
+    note = NOTES.get(title)
+    return [f"{level} {title}", "", *([note, ""] if note else []), *body, ""]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--criterion", required=True, help="CRITERION_HOME of the run")
-    ap.add_argument("--baselines", help="baselines.py's JSON lines")
-    ap.add_argument("--roofline", help="roofline.py's JSON")
+    ap.add_argument("--work", required=True, help="the run's work folder (run.py)")
     ap.add_argument("--log", help="the run's log (for the Rust benches' status lines)")
     ap.add_argument("--configs", default=None)
-    ap.add_argument("--commit", default="")
-    ap.add_argument("--date", default="")
     ap.add_argument("--f32-rate", choices=("fp32", "tf32"), default="fp32")
-    ap.add_argument("--json-out", help="also write every number the tables came from here")
-    ap.add_argument("--summary-out", help="also write the header and the loss table alone here")
+    ap.add_argument("--table-out", required=True, help="all the tables")
+    ap.add_argument("--summary-out", help="the header, the run's phases and the headline table alone")
+    ap.add_argument("--json-out", help="every number the tables came from")
     args = ap.parse_args()
 
-    configs = common.load_configs(args.configs)
-    roof = {}
-    if args.roofline and os.path.exists(args.roofline):
-        with open(args.roofline) as f:
-            roof = json.load(f)
+    # All configurations, whatever this run selected: a missing one shows as missing.
+    configs = common.load_configs(args.configs, selected=False)
+    roof = load_json(os.path.join(args.work, "roofline.json"))
+    run = load_json(os.path.join(args.work, "run.json"))
     if "gpu" not in roof and args.log and os.path.exists(args.log):
         # Without the ceilings, the GPU's name still comes from what the Rust benches printed.
         with open(args.log, errors="replace") as f:
@@ -313,25 +419,32 @@ def main():
                     roof["gpu"] = line.split(": benchmarking on ", 1)[1].strip()
                     break
     ceil = Ceilings(roof, args.f32_rate)
-    crit = load_criterion(args.criterion)
+    crit = load_criterion(os.path.join(args.work, "criterion"))
     statuses = load_statuses(args.log)
-    baselines = load_baselines(args.baselines)
-    out = header(roof, args)
-    loss = loss_tables(configs, crit, statuses, baselines, ceil)
+    baselines = load_baselines(os.path.join(args.work, "baselines.jsonl"))
+    phases = common.read_records(os.path.join(args.work, "phases.jsonl"))
+
+    head = header(roof, run, args) + section("The run", "##", phase_table(phases))
+    tables = loss_tables(configs, crit, statuses, baselines, ceil, bool(run.get("dry_run")))
+    titles = list(tables)
+    loss = section(titles[0], "##", tables[titles[0]]) + section(titles[1], "##", tables[titles[1]])
+    detail = section(titles[2], "###", tables[titles[2]]) + section(titles[3], "###", tables[titles[3]])
+    rest = section("Kernels", "##", kernel_table(configs, crit, statuses, ceil))
+    found = checks(statuses, baselines)
+    if found:
+        rest += section("Checks, skips and errors", "##", found)
     if args.summary_out:
         with open(args.summary_out, "w") as f:
-            f.write("\n".join(out + loss[: loss.index("### Floor model terms")]) + "\n")
-    out += loss
-    out += kernel_table(configs, crit, statuses, ceil)
-    out += checks(statuses, baselines)
-    print("\n".join(out))
+            f.write("\n".join(head + section(titles[0], "##", tables[titles[0]])) + "\n")
+    with open(args.table_out, "w") as f:
+        f.write("\n".join(head + loss + detail + rest) + "\n")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(
                 {
-                    "commit": args.commit,
-                    "date": args.date,
+                    "run": run,
                     "roofline": roof,
+                    "phases": phases,
                     "ours": {"/".join(k): v for k, v in sorted(crit.items())},
                     "statuses": statuses,
                     "baselines": sorted(baselines.values(), key=lambda r: (r["config"], r["dtype"], r["impl"])),

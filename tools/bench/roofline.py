@@ -8,7 +8,9 @@
   chains of `ex2.approx.f32` (the MUFU instruction an `expf`/`__expf` becomes) in registers.
 
 Each is the median of timed repeats after warm-up, CUDA events. Writes one JSON object to --out
-and prints it. A ceiling that cannot be measured is null, and the report says so.
+and prints it. A ceiling that cannot be measured is null, and the report says so. `--device
+cpu` (the benchmark run's dry run): copy and products on the CPU at small sizes, wall clock, no
+exponential ceiling.
 """
 
 from __future__ import annotations
@@ -17,14 +19,25 @@ import argparse
 import json
 import statistics
 import sys
+import time
 import traceback
 
 import torch
 
 
+DEVICE = "cuda"
+
+
 def median_ms(fn, warmup: int, reps: int) -> float:
     for _ in range(warmup):
         fn()
+    if DEVICE != "cuda":  # the dry run: the wall clock
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for start, end in events:
         start.record()
@@ -35,7 +48,7 @@ def median_ms(fn, warmup: int, reps: int) -> float:
 
 
 def copy_bandwidth(nbytes: int) -> dict:
-    src = torch.randn(nbytes // 4, device="cuda")
+    src = torch.randn(nbytes // 4, device=DEVICE)
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), warmup=3, reps=20)
     moved = 2 * src.numel() * 4
@@ -45,8 +58,8 @@ def copy_bandwidth(nbytes: int) -> dict:
 def matmul_rate(n: int, dtype, tf32: bool) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
-        a = torch.randn(n, n, device="cuda").to(dtype)
-        b = torch.randn(n, n, device="cuda").to(dtype)
+        a = torch.randn(n, n, device=DEVICE).to(dtype)
+        b = torch.randn(n, n, device=DEVICE).to(dtype)
         ms = median_ms(lambda: torch.mm(a, b), warmup=3, reps=10)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -76,6 +89,9 @@ if triton is not None:
 
 
 def exp_rate() -> dict:
+    if DEVICE != "cuda":
+        print("roofline: no exponential ceiling without a GPU")
+        return {}
     if triton is None:
         raise RuntimeError("triton is not installed")
     props = torch.cuda.get_device_properties(0)
@@ -98,25 +114,32 @@ def exp_rate() -> dict:
 
 
 def main():
+    global DEVICE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--device", default="cuda", help="cpu: the benchmark run's dry run (small sizes, no exponential ceiling)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("roofline: no CUDA device")
-    props = torch.cuda.get_device_properties(0)
-    res = {
-        "gpu": props.name,
-        "sms": props.multi_processor_count,
-        "l2_bytes": getattr(props, "L2_cache_size", None),
-        "memory_bytes": props.total_memory,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-    }
+    DEVICE = args.device
+    if DEVICE == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("roofline: no CUDA device")
+        props = torch.cuda.get_device_properties(0)
+        res = {
+            "gpu": props.name,
+            "sms": props.multi_processor_count,
+            "l2_bytes": getattr(props, "L2_cache_size", None),
+            "memory_bytes": props.total_memory,
+        }
+        copy_bytes, n = 2 << 30, 8192
+    else:
+        res = {"gpu": f"none (dry run on the CPU: {DEVICE})"}
+        copy_bytes, n = 64 << 20, 512
+    res.update(torch=torch.__version__, cuda=torch.version.cuda)
     steps = [
-        ("copy", lambda: copy_bandwidth(2 << 30)),
-        ("mm_bf16", lambda: matmul_rate(8192, torch.bfloat16, tf32=False)),
-        ("mm_f32", lambda: matmul_rate(8192, torch.float32, tf32=False)),
-        ("mm_tf32", lambda: matmul_rate(8192, torch.float32, tf32=True)),
+        ("copy", lambda: copy_bandwidth(copy_bytes)),
+        ("mm_bf16", lambda: matmul_rate(n, torch.bfloat16, tf32=False)),
+        ("mm_f32", lambda: matmul_rate(n, torch.float32, tf32=False)),
+        ("mm_tf32", lambda: matmul_rate(n, torch.float32, tf32=True)),
         ("exp", exp_rate),
     ]
     for name, step in steps:
@@ -130,7 +153,8 @@ def main():
         else:
             res[f"{name}_tflops"] = out.get("tflops")
             res[f"{name}_detail"] = out
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     res.setdefault("copy_GBps", None)
     res.setdefault("exp_per_s", None)
     with open(args.out, "w") as f:

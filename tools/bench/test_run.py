@@ -1,0 +1,275 @@
+"""Tests of the benchmark runner (run.py), its report and its baselines' time limits, without a
+GPU: `pytest tools/bench` (scripts/bench-dry-run runs them in CI after the dry run).
+
+The last tests read what a dry run wrote (CCPL_BENCH_DRY_RUN_OUT: its output folder): its
+plan, every phase's start and end, that each phase ran only its own selection, the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import common  # noqa: E402
+import report  # noqa: E402
+import run  # noqa: E402
+
+REPO_CONFIGS = os.path.join(HERE, "..", "..", "benches", "configs.txt")
+DRY_CONFIGS = os.path.join(HERE, "..", "..", "benches", "configs-dry-run.txt")
+BASELINE_IMPLS = ("eager", "original-identity", "original", "compile", "compile-graphs", "infcl")
+
+
+@pytest.fixture(autouse=True)
+def no_selection(monkeypatch):
+    for var in ("CCPL_BENCH_TAGS", "CCPL_BENCH_ONLY", "CCPL_BENCH_CONFIGS"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def configs(path=REPO_CONFIGS):
+    return common.load_configs(path)
+
+
+# ---- The plan ------------------------------------------------------------------------------
+
+
+def test_plan_fills_the_budget_in_order():
+    planned = run.plan(run.PHASES, configs(), 450)
+    assert [p.phase.name for p in planned] == [p.name for p in run.PHASES]
+    ends = [p.end_s for p in planned]
+    assert ends == sorted(ends)
+    assert ends[-1] + run.REPORT_S == pytest.approx(450)
+    assert sum(p.budget_s for p in planned) + run.SETUP_S + run.REPORT_S == pytest.approx(450)
+
+
+def test_plan_scales_with_the_budget():
+    full = run.plan(run.PHASES, configs(), 450)
+    half = run.plan(run.PHASES, configs(), 225)
+    for a, b in zip(full, half):
+        assert b.budget_s == pytest.approx(a.budget_s * (225 - 20) / (450 - 20))
+
+
+def test_headline_first_kernels_last():
+    names = [p.name for p in run.PHASES]
+    order = ["ours-paper", "eager-paper", "infcl", "compile-paper", "ours-paper-rest", "ours-large", "kernels"]
+    assert [names.index(n) for n in order] == sorted(names.index(n) for n in order)
+    first = run.PHASES[0]
+    assert first.kind == "ours" and set(run.HEADLINE_GROUPS) <= set(first.groups)
+
+
+def test_every_configuration_is_timed_once_on_our_side():
+    for cfgs in (configs(), configs(DRY_CONFIGS)):
+        timed = [pair for p in run.PHASES if p.kind == "ours" for pair in run.selection(cfgs, p)]
+        every = [f"{c.name}/{d}" for c in cfgs for d in c.dtypes]
+        assert sorted(timed) == sorted(every)
+
+
+def test_every_eager_job_once_and_no_baseline_job_twice():
+    cfgs = configs()
+    jobs = [
+        (pair, impl)
+        for p in run.PHASES
+        if p.kind == "baselines"
+        for pair in run.selection(cfgs, p)
+        for impl in p.impls
+    ]
+    applicable = [
+        (pair, impl)
+        for pair, impl in jobs
+        if common.applies(next(c for c in cfgs if c.name == pair.split("/")[0]), pair.split("/")[1], impl)
+    ]
+    assert len(applicable) == len(set(applicable))
+    eager = sorted(pair for pair, impl in jobs if impl == "eager")
+    assert eager == sorted(f"{c.name}/{d}" for c in cfgs for d in c.dtypes)
+    # The original's formulations at every layer configuration of the paper, in f32.
+    for c in cfgs:
+        if c.tag == "paper" and c.suite == "layer":
+            assert (f"{c.name}/f32", "original") in applicable
+            assert (f"{c.name}/f32", "original-identity") in applicable
+
+
+def test_selection_follows_tags(monkeypatch):
+    monkeypatch.setenv("CCPL_BENCH_TAGS", "large")
+    planned = run.plan(run.PHASES, configs(), 450)
+    assert {p.phase.name for p in planned} == {"ours-large", "baselines-large", "roofline"}
+    monkeypatch.setenv("CCPL_BENCH_TAGS", "infcl")
+    planned = run.plan(run.PHASES, configs(), 450)
+    assert [p.phase.name for p in planned] == ["ours-infcl", "infcl", "roofline", "baselines-large"]
+
+
+def test_only_selects_config_dtype_pairs(monkeypatch):
+    monkeypatch.setenv("CCPL_BENCH_ONLY", "paper-relu2_1-n8/bf16,large-S8192/f32")
+    got = [(c.name, c.dtypes) for c in configs()]
+    assert got == [("paper-relu2_1-n8", ("bf16",)), ("large-S8192", ("f32",))]
+    monkeypatch.setenv("CCPL_BENCH_ONLY", "paper-relu2_1-n8")
+    with pytest.raises(ValueError, match="config/dtype"):
+        configs()
+
+
+# ---- Phases at their limit -----------------------------------------------------------------
+
+
+def test_a_phase_is_stopped_at_its_limit():
+    lines = []
+    t0 = time.time()
+    code, stopped = run.run_command(["sleep", "30"], dict(os.environ), 0.5, lines.append)
+    assert stopped and code == -signal.SIGTERM
+    assert time.time() - t0 < 5
+
+
+def test_a_phase_that_ignores_sigterm_is_killed(monkeypatch):
+    monkeypatch.setattr(run, "KILL_GRACE_S", 0.5)
+    code, stopped = run.run_command(["bash", "-c", "trap '' TERM; sleep 30"], dict(os.environ), 0.5, lambda line: None)
+    assert stopped and code == -signal.SIGKILL
+
+
+def test_a_phase_output_goes_to_the_log():
+    lines = []
+    code, stopped = run.run_command(["bash", "-c", "echo one; echo two >&2; exit 3"], dict(os.environ), 10, lines.append)
+    assert (code, stopped) == (3, False)
+    assert lines == ["one", "two"]
+
+
+def test_baselines_record_the_job_in_flight_and_the_rest_at_sigterm(tmp_path):
+    pytest.importorskip("torch", reason="the baselines need PyTorch (scripts/bootstrap-python)")
+    out = tmp_path / "b.jsonl"
+    env = dict(os.environ, CCPL_BENCH_CONFIGS=DRY_CONFIGS, CCPL_BENCH_ONLY="paper-relu2_1-n8/f32,large-S8192/f32")
+    # Each job is long enough (many repeats) to be in flight when the signal comes.
+    cmd = [sys.executable, os.path.join(HERE, "baselines.py"), "--out", str(out), "--device", "cpu", "--impls", "eager",
+           "--warmup-ms", "60000", "--min-reps", "100000", "--max-reps", "100000"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (out.exists() and "running" in out.read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "no job started"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    final = report.load_baselines(str(out))
+    assert final[("paper-relu2_1-n8", "f32", "eager")]["status"] == "timeout"
+    assert final[("large-S8192", "f32", "eager")]["status"] == "budget"
+
+
+# ---- The report ----------------------------------------------------------------------------
+
+
+def test_a_cuda_graph_run_with_skips_is_not_shown_as_cuda_graphs():
+    rec = {"impl": "compile-graphs", "status": "ok", "median_ms": 0.5, "cudagraph_skips": 2}
+    text, ms = report.cell(rec)
+    assert ms is None and "not graphed" in text
+    assert report.cell({**rec, "cudagraph_skips": 0}) == ("500.0 us", 0.5)
+    # ... and is left out of the best torch.compile time.
+    cells = {"compile": ("1 ms", 1.0), "compile-graphs": (text, ms)}
+    assert report.best_compile(cells) == ("compile", 1.0)
+
+
+def test_a_killed_job_shows_as_killed():
+    assert report.cell({"impl": "eager", "status": "running"}) == ("killed", None)
+    assert report.cell({"impl": "eager", "status": "budget"}) == ("budget", None)
+
+
+def test_no_verdict_in_a_dry_run():
+    cfg = configs()[0]
+    assert report.target_text(cfg, 1.0, 100.0, 100.0, None, dry_run=True) == "dry run: no verdict"
+    assert "met" in report.target_text(cfg, 1.0, 100.0, 100.0, None, dry_run=False)
+
+
+# ---- What a dry run wrote ------------------------------------------------------------------
+
+DRY_OUT = os.environ.get("CCPL_BENCH_DRY_RUN_OUT")
+needs_dry_run = pytest.mark.skipif(not DRY_OUT, reason="SKIPPED: no dry run to read (CCPL_BENCH_DRY_RUN_OUT; scripts/bench-dry-run sets it)")
+
+
+def dry(name):
+    return os.path.join(DRY_OUT, name)
+
+
+@needs_dry_run
+def test_dry_run_printed_the_plan_and_every_phase():
+    log = open(dry("bench.log")).read()
+    assert "DRY RUN" in log
+    for i, phase in enumerate(run.PHASES, 1):
+        assert re.search(rf"^===\s+{i}\. {phase.name}\s+\d+ s, by \+\s*\d+ s", log, re.M), phase.name
+        began = re.search(rf"^=== phase {i} {phase.name}: (start at|not run)", log, re.M)
+        assert began, phase.name
+        if began.group(1) == "start at":
+            assert re.search(rf"^=== phase {i} {phase.name}: end at \+\d+ s after \d+ s: ", log, re.M), phase.name
+    assert re.search(r"^=== report: end at \+\d+ s: ok$", log, re.M)
+
+
+@needs_dry_run
+def test_dry_run_phases_ran_only_their_selection():
+    cfgs = configs(DRY_CONFIGS)
+    log = open(dry("bench.log")).read()
+    for i, phase in enumerate(run.PHASES, 1):
+        if phase.kind != "ours":
+            continue
+        part = re.search(rf"^=== phase {i} {phase.name}: start.*?^=== phase {i} {phase.name}: end", log, re.M | re.S)
+        assert part, phase.name
+        ids = set(re.findall(r'ccpl-bench \{"id": "([^"]+)"', part.group(0)))
+        suite = {c.name: c.suite for c in cfgs}
+        expected = {
+            f"{g}/{pair}" for pair in run.selection(cfgs, phase) for g in phase.groups if g in common.LOSS_GROUPS[suite[pair.split("/")[0]]]
+        }
+        assert ids and ids <= expected, (phase.name, ids - expected)
+
+
+@needs_dry_run
+def test_dry_run_reported_every_part():
+    results = json.load(open(dry("results.json")))
+    assert results["run"]["dry_run"] is True and results["run"]["kernel"]
+    cfgs = configs(DRY_CONFIGS)
+    for c in cfgs:
+        for d in c.dtypes:
+            for g in common.LOSS_GROUPS[c.suite]:
+                assert f"{g}/{c.name}/{d}" in results["ours"], f"{g}/{c.name}/{d}"
+    baselines = {(r["config"], r["dtype"], r["impl"]): r for r in results["baselines"]}
+    for c in cfgs:
+        for d in c.dtypes:
+            assert baselines[(c.name, d, "eager")]["status"] == "ok"
+    graphs = [r for r in results["baselines"] if r["impl"] == "compile-graphs"]
+    assert graphs, "no CUDA-graph job was recorded"
+    for r in graphs:  # on the CPU, inductor skips CUDA graphs: never shown as CUDA graphs
+        assert r["status"] != "ok" or r["cudagraph_skips"] > 0
+    table = open(dry("table.md")).read()
+    assert "DRY RUN" in table and "dry run: no verdict" in table
+    assert "not graphed" in table or all(r["status"] != "ok" for r in graphs)
+    assert {p["phase"] for p in results["phases"]} >= {p.name for p in run.PHASES}
+    assert open(dry("summary.md")).read().startswith("# CCPL benchmarks")
+
+
+def test_a_run_whose_budget_is_spent_reports_every_job_as_budget(tmp_path):
+    out, pack = tmp_path / "out", tmp_path / "pack"
+    pack.mkdir()
+    env = dict(os.environ, CCPL_BENCH_PYTHON=sys.executable)
+    res = subprocess.run(
+        [sys.executable, os.path.join(HERE, "run.py"), "--dry-run", "--budget", "0",
+         "--out", str(out), "--pack", str(pack)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    log = (out / "bench.log").read_text()
+    for i, phase in enumerate(run.PHASES, 1):
+        assert re.search(rf"^=== phase {i} {phase.name}: not run: its time is spent", log, re.M), phase.name
+    records = common.read_records(str(out / "work" / "baselines.jsonl"))
+    assert records and all(r["status"] == "budget" for r in records)
+    assert {(r["config"], r["impl"]) for r in records} >= {("paper-relu2_1-n8", "eager"), ("paper-relu2_1-n8", "compile-graphs")}
+    table = (out / "table.md").read_text()
+    headline = next(line for line in table.splitlines() if line.startswith("| paper-relu2_1-n8 | f32 |"))
+    assert headline.split(" | ")[3:5] == ["budget", "budget"]  # ours, eager
+    assert "| kernels | 0 s | - | - | not run (budget) |" in table
+
+
+def test_a_rerun_of_some_phases_gets_their_planned_budgets():
+    res = subprocess.run([sys.executable, os.path.join(HERE, "run.py"), "--plan", "--phases", "kernels,roofline"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert re.search(r"=== plan: 2 phases in 70 s", res.stdout)
+    assert re.search(r"roofline\s+25 s, by \+\s*35 s", res.stdout) and re.search(r"kernels\s+25 s, by \+\s*60 s", res.stdout)
