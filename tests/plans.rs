@@ -494,7 +494,8 @@ fn loss_launches_three_kernels_a_step_or_nothing() {
 }
 
 /// The small-S kernels' own limits: S at most 512, at most 8 layers a launch, every buffer's
-/// length, a part of a buffer within it.
+/// length, normalised rows only in float32 and in every layer of a launch, a part of a buffer
+/// within it.
 #[test]
 fn small_s_plans_check_their_limits() {
     use ccpl::plan::small_s::{self, RowsLayer, RowsTotals, SmallRowsPlan};
@@ -508,32 +509,60 @@ fn small_s_plans_check_their_limits() {
         shape,
         rows_q: buf(shape.len()),
         rows_k: buf(shape.len()),
+        norms: None,
         grad_rows: buf(shape.len()),
         row_lse: buf(shape.batch() * shape.rows()),
         row_loss: buf(shape.batch() * shape.rows()),
         copies: None,
     };
-    let totals = |blocks: usize, layers: usize| RowsTotals {
-        partials: buf(blocks),
+    let totals = |layers: usize| RowsTotals {
         counters: buf(small_s::COUNTERS),
         layer_loss: buf(layers),
         loss: buf(1),
     };
     // One block per 16 rows of an image: 2 * ceil(520/16) would be 66, but 520 is refused.
-    let plan = small_s::rows_forward::<f32>(&[layer(rows(40))], 0.07, &totals(6, 1)).unwrap();
+    let plan = small_s::rows_forward::<f32>(&[layer(rows(40))], 0.07, &totals(1)).unwrap();
     assert_eq!((plan.grid, plan.block), ((6, 1, 1), (256, 1, 1)));
-    let err = small_s::rows_forward::<f32>(&[layer(rows(520))], 0.07, &totals(66, 1));
+    assert_eq!(plan.params.normalized, 0);
+    let err = small_s::rows_forward::<f32>(&[layer(rows(520))], 0.07, &totals(1));
     assert!(matches!(err, Err(Error::Shape(_))));
-    let err = small_s::rows_forward::<f32>(&[layer(rows(40))], 0.07, &totals(5, 1));
+    let err = small_s::rows_forward::<f32>(&[layer(rows(40))], 0.07, &totals(2));
     assert!(matches!(
         err,
         Err(Error::Length {
-            what: "partials",
+            what: "layer_loss",
             ..
         })
     ));
+    // Normalised rows (the gather's): float32, with norms of B*S floats, in every layer of the
+    // launch, never copied.
+    let normalised = |shape: RowShape, norms: usize| RowsLayer {
+        norms: Some((buf(norms), buf(norms))),
+        ..layer(shape)
+    };
+    let plan = small_s::rows_forward::<f32>(&[normalised(rows(40), 80)], 0.07, &totals(1)).unwrap();
+    assert_eq!(plan.params.normalized, 1);
+    let err = small_s::rows_forward::<f32>(&[normalised(rows(40), 79)], 0.07, &totals(1));
+    assert!(matches!(
+        err,
+        Err(Error::Length {
+            what: "norms_q",
+            ..
+        })
+    ));
+    let mixed = [normalised(rows(40), 80), layer(rows(8))];
+    let err = small_s::rows_forward::<f32>(&mixed, 0.07, &totals(2));
+    assert!(matches!(err, Err(Error::Shape(_))));
+    let err = small_s::rows_transposed::<half::bf16>(&[normalised(rows(40), 80)], 0.07);
+    assert!(matches!(err, Err(Error::Shape(_))));
+    let copied = RowsLayer {
+        copies: Some((buf(240), buf(240))),
+        ..normalised(rows(40), 80)
+    };
+    let err = small_s::rows_forward::<f32>(&[copied], 0.07, &totals(1));
+    assert!(matches!(err, Err(Error::Shape(_))));
     let nine = [layer(rows(8)); 9];
-    let err = small_s::rows_forward::<f32>(&nine, 0.07, &totals(9, 9));
+    let err = small_s::rows_forward::<f32>(&nine, 0.07, &totals(9));
     assert!(matches!(err, Err(Error::Shape(_))));
     let err = small_s::rows_transposed::<f32>(
         &[RowsLayer {
