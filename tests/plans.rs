@@ -585,3 +585,19 @@ fn small_s_plans_check_their_limits() {
         }
     );
 }
+
+/// The largest loss the plans take: a workspace's size in bytes, past what any memory holds,
+/// is `usize::MAX` (saturated), never an overflow.
+#[test]
+fn workspace_bytes_of_the_largest_plans_saturate() {
+    use ccpl::plan::loss::LossPlan;
+    use ccpl::plan::small_s::SmallRowsPlan;
+    // B*S = 2^31 - 8 rows (the i32 limit) of C = 2^31 - 1 channels: each row matrix is about
+    // 2^62 elements, 2^64 bytes.
+    let (b, c) = ((1 << 28) - 1, i32::MAX as usize);
+    let shape = FeatureShape::new(b, c, 3, 3, Layout::Nchw).unwrap();
+    let plan = LossPlan::new(&[(shape, 1)], 0.07).unwrap();
+    assert_eq!(plan.workspace().unwrap().bytes::<f32>(), usize::MAX);
+    let rows = SmallRowsPlan::new(RowShape::new(b, 8, c).unwrap(), 0.07).unwrap();
+    assert_eq!(rows.workspace().unwrap().bytes::<f32>(), usize::MAX);
+}

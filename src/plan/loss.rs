@@ -130,13 +130,20 @@ impl<R, F, I> LossWorkspace<R, F, I> {
 }
 
 impl LossWorkspace<usize, usize, usize> {
-    /// Bytes of a workspace of these lengths whose fused layers' rows are stored in `T`.
+    /// Bytes of a workspace of these lengths whose fused layers' rows are stored in `T`;
+    /// `usize::MAX` past what an address space holds.
     pub fn bytes<T: Dtype>(&self) -> usize {
-        let ints: usize =
-            self.centers.iter().map(|c| c.flat + c.map).sum::<usize>() + self.counters;
-        self.small.as_ref().map_or(0, |s| s.bytes::<f32>())
-            + self.fused.iter().map(|w| w.bytes::<T>()).sum::<usize>()
-            + (ints + self.loss + self.one) * 4
+        let words = self
+            .centers
+            .iter()
+            .map(|c| c.flat.saturating_add(c.map))
+            .chain([self.counters, self.loss, self.one])
+            .fold(0usize, usize::saturating_add);
+        self.fused
+            .iter()
+            .map(|w| w.bytes::<T>())
+            .chain(self.small.as_ref().map(|s| s.bytes::<f32>()))
+            .fold(words.saturating_mul(4), usize::saturating_add)
     }
 }
 
