@@ -15,7 +15,7 @@ mod common;
 
 use std::cell::RefCell;
 
-use ccpl::plan::loss::{CenterBuffers, Draw, LossPlan, LossWorkspace};
+use ccpl::plan::loss::{CenterBuffers, Draw, LossPlan};
 use ccpl::plan::neighbor::Scatter;
 use ccpl::plan::small_s::{self, SmallRowsPlan};
 use ccpl::plan::{KernelParams, LaunchPlan, Launcher};
@@ -23,8 +23,8 @@ use ccpl::reference::{self, LayerInput};
 use ccpl::{Centers, Dtype, FeatureShape, Layout, RowShape};
 use common::Rng;
 use common::device::{
-    Elem, F32_TOLERANCE, TestDevice, assert_close, layer_model, random, rows_model, scatter_model,
-    stored_tolerance, to_f64, tolerance, tolerance_at,
+    Elem, F32_TOLERANCE, TestDevice, assert_close, layer_model, loss_workspace, random, rows_model,
+    scatter_model, stored_tolerance, to_f64, tolerance, tolerance_at,
 };
 
 const TAU: f64 = 0.07;
@@ -54,39 +54,6 @@ impl<L: Launcher> Launcher for Counting<L> {
         self.kernels.borrow_mut().push(plan.kernel.clone());
         self.inner.launch(plan)
     }
-}
-
-type Workspace<T, D> = LossWorkspace<
-    <D as TestDevice>::Mem<T>,
-    <D as TestDevice>::Mem<f32>,
-    <D as TestDevice>::Mem<i32>,
->;
-
-/// The loss's workspace on a device: NaN wherever a launch writes before it reads; the centre
-/// maps without centres (-1), the sampler at step 0 under `seed`, `1.0` where a default
-/// upstream gradient lives.
-fn workspace<T: Dtype + Elem, D: TestDevice>(
-    dev: &D,
-    plan: &LossPlan,
-    seed: u64,
-) -> Workspace<T, D> {
-    let lengths = plan.workspace().unwrap();
-    let mut ws = lengths
-        .try_map(
-            |&n| Ok::<_, ()>(dev.alloc_nan::<T>(n)),
-            |&n| Ok(dev.alloc_nan::<f32>(n)),
-            |&n| Ok(dev.upload(&vec![0i32; n])),
-        )
-        .unwrap();
-    for (c, len) in ws.centers.iter_mut().zip(&lengths.centers) {
-        c.map = dev.upload(&vec![-1i32; len.map]);
-    }
-    ws.counters = dev.upload(&small_s::counters(seed, 0));
-    ws.one = dev.upload(&[1.0f32]);
-    for fused in &mut ws.fused {
-        fused.rows.one = dev.upload(&[1.0f32]);
-    }
-    ws
 }
 
 /// One layer of a case: its shape, `num_s`, whether feat_q has a flat 3x3 patch around
@@ -217,7 +184,7 @@ fn run<T: Dtype + Elem, D: TestDevice>(
         backwards,
         starts,
     } = *inputs;
-    let mut ws = workspace::<T, D>(dev, plan, SEED);
+    let mut ws = loss_workspace::<T, D>(dev, plan, SEED);
     if draw == Draw::Given {
         for (c, own) in centers.iter().zip(&mut ws.centers) {
             *own = CenterBuffers {
