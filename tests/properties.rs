@@ -699,7 +699,11 @@ fn small_rows_agree<T: Dtype>(case: &RowsCase) -> Result<(), TestCaseError> {
     let (e, spread) = (case.exponent, case.spread);
     let rows_q: Vec<T> = spread_values(&mut rng, shape.len(), e, spread);
     let rows_k: Vec<T> = spread_values(&mut rng, shape.len(), e, spread);
-    let upstream = if case.seed.is_multiple_of(2) { 1.0 } else { 2.5 };
+    let upstream = if case.seed.is_multiple_of(2) {
+        1.0
+    } else {
+        2.5
+    };
     let exact = rows_model::<f64>(
         &to_f64(&rows_q),
         &to_f64(&rows_k),
