@@ -1,8 +1,10 @@
 //! The whole multi-layer loss (`plan::loss::LossPlan`: the small-S path of
 //! `kernels/small_s.cu`, mixed with the fused path for a larger layer) against the CPU
-//! reference `ccp_loss`, on the emulator and the GPU, for every storage type, at odd sizes and
-//! at the paper's; the launches of a training step, counted; determinism; and the rows loss of
-//! a learned head on the small-S path (`plan::small_s::SmallRowsPlan`).
+//! reference `ccp_loss`, on the emulator and the GPU, for every storage type, at odd sizes,
+//! at the paper's and at the edges of float's range; the launches of a training step, counted;
+//! determinism; and the rows loss of a learned head on the small-S path
+//! (`plan::small_s::SmallRowsPlan`), at the edges of float's range too, and its mean of tiny
+//! row losses.
 //!
 //! Tolerances. The small-S path computes in float from the inputs in `T` and rounds only what
 //! it stores in `T`: the gradients, once, when they are added to the caller's buffer. So its
