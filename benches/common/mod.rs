@@ -1,7 +1,8 @@
 //! What the benches share: the configurations of `benches/configs.txt` (the list the PyTorch
-//! baselines read too: training steps of the multi-layer loss, layers, rows), the device or a loud skip, timing with CUDA events, the rotation of
-//! input sets past the L2, the loss from head rows, the status lines (`ccpl-bench {json}`)
-//! that `tools/bench/report.py` reads from the log, and a seeded generator.
+//! baselines read too: training steps of the multi-layer loss, layers, rows), the device or a
+//! loud skip, timing with CUDA events, the rotation of input sets past the L2, the loss from
+//! head rows, the status lines (`ccpl-bench {json}`) that `tools/bench/report.py` reads from
+//! the log, and a seeded generator.
 #![allow(dead_code)] // each bench binary uses its own part
 
 use std::fmt::Write as _;
