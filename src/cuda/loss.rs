@@ -9,7 +9,7 @@ use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut};
 
 use super::Kernels;
 use super::neighbor::DeviceCenters;
-use super::resident::{Resident, alloc};
+use super::resident::{Resident, alloc, length};
 use crate::dtype::Dtype;
 use crate::error::{Result, check_len};
 use crate::plan::loss::{Draw, LossPlan, LossWorkspace};
@@ -98,6 +98,14 @@ impl<T: Dtype> CcpLoss<T> {
             plan,
             resident: Resident::new(kernels, stream, ws, |ws| &mut ws.one)?,
         })
+    }
+
+    /// The bytes of device memory this object holds, counted from its buffers: its
+    /// workspace, `LossPlan::new(..)?.workspace()?.bytes::<T>()` for its layers (the
+    /// gradients are the caller's).
+    pub fn workspace_bytes(&self) -> usize {
+        let Ok(lengths) = self.resident.workspace().try_map(length, length, length);
+        lengths.bytes::<T>()
     }
 
     /// The layers, their centre counts and paths, and the temperature.
