@@ -2,8 +2,8 @@
 //! `benches/configs.txt`: for a `layer` configuration every kernel its loss launches (the
 //! difference rows, normalised as they are formed or not, and their scatter at the feature
 //! map's size, then the row kernels at width C); for a `rows` configuration the row kernels at
-//! the head's width D. The InfoNCE runs
-//! both ways: the materialised kernels (`similarity`, `info_nce_forward`,
+//! the head's width D; a `step` configuration is timed through its layers' own lines. The
+//! InfoNCE runs both ways: the materialised kernels (`similarity`, `info_nce_forward`,
 //! `info_nce_backward_*`, through the `(B, S, S)` logits) and the fused ones
 //! (`info_nce_fused_forward`, `info_nce_fused_backward_*`, logits recomputed on the chip).
 //!
@@ -286,7 +286,10 @@ fn runs(kernel: &str, cfg: &Config) -> bool {
 
 fn bench_config<T: Dtype>(c: &mut Criterion, gpu: &Gpu, cfg: &Config) -> ccpl::Result<()> {
     let id = format!("kernels/{}/{}", cfg.name, T::SUFFIX);
-    let rows = cfg.rows();
+    // A training step's kernels are its layers', timed on the layers' own lines.
+    let Some(rows) = cfg.rows() else {
+        return Ok(());
+    };
     let layer = match cfg.suite {
         Suite::Layer { shape, num_s } => {
             let centers = Centers::sample(shape.height(), shape.width(), num_s, 7)?;
@@ -295,7 +298,7 @@ fn bench_config<T: Dtype>(c: &mut Criterion, gpu: &Gpu, cfg: &Config) -> ccpl::R
                 centers: DeviceCenters::upload(&gpu.stream, &centers)?,
             })
         }
-        Suite::Rows { .. } => None,
+        Suite::Step { .. } | Suite::Rows { .. } => None,
     };
     let set_bytes = Set::<T>::bytes(&rows, layer.as_ref());
     if let Some(why) = gpu.does_not_fit(set_bytes)? {

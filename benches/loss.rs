@@ -1,25 +1,34 @@
-//! The whole loss of one layer, forward plus backward, on the GPU, at the sizes of
-//! `benches/configs.txt` (the same list the PyTorch baselines run). Criterion groups, by the
-//! names `tools/bench/run.py` selects (`CCPL_BENCH_GROUPS`) and `tools/bench/report.py` reads:
+//! The whole loss, forward plus backward, on the GPU, at the sizes of `benches/configs.txt`
+//! (the same list the PyTorch baselines run). Criterion groups, by the names
+//! `tools/bench/run.py` selects (`CCPL_BENCH_GROUPS`) and `tools/bench/report.py` reads:
 //!
-//! - `loss/<config>/<dtype>`, the headline: for a `layer` configuration the crate's
-//!   [`CcpLayer`] from two feature maps (identity head), one training step's work: zero the
-//!   gradient buffer, forward, backward into `d feat_q` (the same work as a PyTorch step, which
-//!   builds a fresh gradient); for a `rows` configuration the crate's [`CcpRows`] from head
-//!   output rows (normalisation and the fused InfoNCE, memory `O(B*S*C)`; its backward writes
-//!   the gradient, so there is nothing to zero);
-//! - `loss_user_step/<config>/<dtype>` (`layer`): the step as a user of the API pays it:
-//!   draw the centres on the host, upload them, zero, forward, backward, read the loss back
-//!   (a host wait every step);
+//! - `step` configurations, the paper's training step of the multi-layer loss (the headline of
+//!   the benchmark run), every variant zeroing the gradients first, as a training step does:
+//!   - `loss/<step>/<dtype>`: the crate's [`CcpLoss`] on a stream: zero, forward (the centres
+//!     drawn on the device), backward (three launches at the paper's sizes, after the memsets);
+//!   - `loss_graph/<step>/<dtype>`: the same step captured once in a CUDA graph and replayed;
+//!   - `loss_user_step/<step>/<dtype>`: the step as the API's user pays it: the same, and the
+//!     loss read back (a host wait every step; the centres cost no upload, being drawn on the
+//!     device);
+//!   - `loss_layers/<step>/<dtype>`: one [`CcpLayer`] per layer (the fused path, nine launches
+//!     a layer), its centres drawn ahead and uploaded, for comparison;
+//! - `loss/<config>/<dtype>`: for a `layer` configuration the crate's [`CcpLayer`] from two
+//!   feature maps (identity head), one training step's work: zero the gradient buffer,
+//!   forward, backward into `d feat_q` (the same work as a PyTorch step, which builds a fresh
+//!   gradient); for a `rows` configuration the crate's [`CcpRows`] from head output rows (up to
+//!   S = 512 its small-S path, above it normalisation and the fused InfoNCE; memory `O(B*S*C)`
+//!   either way; its backward writes the gradient, so there is nothing to zero);
+//! - `loss_user_step/<config>/<dtype>` (`layer`): the step as a user of [`CcpLayer`] pays it:
+//!   draw the centres on the host, upload them, zero, forward, backward, read the loss back;
 //! - `loss_materialised/<config>/<dtype>` (`rows`): the standalone kernels chained with the
 //!   `(B, S, S)` logits in memory (benches/common's `RowsLoss`) on the same inputs, or a "does
 //!   not fit" status where those logits do not fit.
 //!
-//! Each step rotates through several input sets; the time is CUDA events around back-to-back
-//! steps. Before timing, a size small enough for the float64 CPU reference is checked against
-//! it, and a status line (`ccpl-bench {json}`) gives the check, the device memory of a step
-//! (measured after a synchronisation) beside the workspace bytes (counted), and the sizes that
-//! do not fit. Without a GPU it says SKIPPED and exits 0 (1 with `CCPL_REQUIRE_GPU=1`).
+//! The time is CUDA events around back-to-back steps. Before timing, a size small enough for
+//! the float64 CPU reference is checked against it, and a status line (`ccpl-bench {json}`)
+//! gives the check, the device memory of a step (measured after a synchronisation) beside the
+//! workspace bytes (counted from the loss object's buffers), and the sizes that do not fit.
+//! Without a GPU it says SKIPPED and exits 0 (1 with `CCPL_REQUIRE_GPU=1`).
 //!
 //! `CCPL_BENCH_DRY_RUN=1`: no GPU is looked for; every id above times the float64 CPU
 //! reference instead (tiny configurations, `benches/configs-dry-run.txt`), so the benchmark
@@ -31,26 +40,30 @@ mod common;
 
 use std::hint::black_box;
 
-use ccpl::cuda::CcpLayer;
-use ccpl::cuda::CcpRows;
+use std::sync::Arc;
+
 use ccpl::cuda::info_nce::Side;
-use ccpl::cuda::{DeviceCenters, Scatter};
-use ccpl::plan::layer::LayerWorkspace;
-use ccpl::plan::rows::RowsWorkspace;
+use ccpl::cuda::{CcpLayer, CcpLoss, CcpRows, DeviceCenters, Scatter};
+use ccpl::plan::loss::LossPlan;
 use ccpl::reference::relative_error as rel_err;
 use ccpl::reference::{
-    ccp_layer_loss, info_nce_backward, info_nce_forward, normalize_rows, normalize_rows_backward,
-    similarity,
+    LayerInput, ccp_layer_loss, ccp_loss, info_nce_backward, info_nce_forward, normalize_rows,
+    normalize_rows_backward, similarity,
 };
 use ccpl::{Centers, DEFAULT_TAU, Dtype, Element, FeatureShape, RowShape};
 use common::{Config, Field, Gpu, Rng, RowsLoss, Suite, status, time_iters};
 use criterion::{Bencher, BenchmarkId, Criterion, SamplingMode};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, sys};
 
 /// The headline: one training step's work (zero, forward, backward).
 const LOSS: &str = "loss";
-/// A layer step as the API's user pays it: centres drawn and uploaded, loss read back.
+/// A training step captured in a CUDA graph and replayed.
+const GRAPH: &str = "loss_graph";
+/// A step as the API's user pays it: the loss read back (and for a layer, centres drawn and
+/// uploaded).
 const USER_STEP: &str = "loss_user_step";
+/// A training step of one `CcpLayer` per layer.
+const LAYERS: &str = "loss_layers";
 /// The rows loss through the materialised logits.
 const MATERIALISED: &str = "loss_materialised";
 
@@ -58,7 +71,8 @@ const MATERIALISED: &str = "loss_materialised";
 /// float64 on one core).
 const CHECK_LIMIT: usize = 1 << 28;
 
-/// The seed of the centres a configuration is timed with (the user step draws its own).
+/// The seed of the centres a configuration is timed with (the user step draws its own), and
+/// of the device sampler of a training step.
 const CENTERS_SEED: u64 = 7;
 
 /// A check fails above these relative errors: a guard against timing a broken build, far
@@ -75,6 +89,7 @@ fn check_guard<T: Dtype>() -> f64 {
 /// The groups this configuration is timed under, as far as `CCPL_BENCH_GROUPS` asks for them.
 fn groups_of(cfg: &Config) -> Vec<&'static str> {
     let groups: &[&'static str] = match cfg.suite {
+        Suite::Step { .. } => &[LOSS, GRAPH, USER_STEP, LAYERS],
         Suite::Layer { .. } => &[LOSS, USER_STEP],
         Suite::Rows { .. } => &[LOSS, MATERIALISED],
     };
@@ -125,9 +140,10 @@ fn each_config(mut bench: impl FnMut(&Config, &str) -> ccpl::Result<()>) {
 
 fn bench_config<T: Dtype>(c: &mut Criterion, gpu: &Gpu, cfg: &Config) -> ccpl::Result<()> {
     let mut rng = Rng::new(20_220_708);
-    match cfg.suite {
-        Suite::Layer { shape, num_s } => bench_layer::<T>(c, gpu, cfg, shape, num_s, &mut rng),
-        Suite::Rows { rows, grad_k } => bench_rows::<T>(c, gpu, cfg, rows, grad_k, &mut rng),
+    match &cfg.suite {
+        Suite::Step { layers } => bench_step::<T>(c, gpu, cfg, layers, &mut rng),
+        &Suite::Layer { shape, num_s } => bench_layer::<T>(c, gpu, cfg, shape, num_s, &mut rng),
+        &Suite::Rows { rows, grad_k } => bench_rows::<T>(c, gpu, cfg, rows, grad_k, &mut rng),
     }
 }
 
@@ -167,17 +183,17 @@ fn time_step(
     group.finish();
 }
 
-/// Times `step(i)` (input set `i % sets`) on the GPU: CUDA events around back-to-back steps.
+/// Times `step(i)` (input set `i % sets`) on `stream`: CUDA events around back-to-back steps.
 fn time_gpu(
     c: &mut Criterion,
-    gpu: &Gpu,
+    stream: &CudaStream,
     cfg: &Config,
     group: &str,
     dtype: &str,
     mut step: impl FnMut(usize),
 ) {
     time_step(c, cfg, group, dtype, |b| {
-        b.iter_custom(|iters| time_iters(&gpu.stream, iters, &mut step))
+        b.iter_custom(|iters| time_iters(stream, iters, &mut step))
     });
 }
 
@@ -204,8 +220,9 @@ struct Memory {
     /// buffers and one step to after them, both read after a synchronisation (the stream's
     /// memory pool takes and gives back memory at a synchronisation).
     device: Option<usize>,
-    /// Counted: the loss object's workspace (`LayerWorkspace::bytes`, `RowsWorkspace::bytes`,
-    /// `RowsLoss::workspace_bytes`).
+    /// Counted: the loss object's workspace, from its buffers (`CcpLoss`, `CcpLayer`,
+    /// `CcpRows::workspace_bytes`; `RowsLoss::workspace_bytes`), or without a device, from
+    /// their lengths (`workspace_bytes_for`, the dry run).
     workspace: usize,
     /// Counted: the gradient buffers the step writes.
     gradients: usize,
@@ -293,6 +310,329 @@ fn layer_step<T: Dtype>(
     layer.backward(None, grad_q, None, Scatter::default())
 }
 
+/// `B S^2 C` of a layer of `shape` with `n` centres: what the CPU reference's time grows with.
+fn reference_size(shape: &FeatureShape, n: usize) -> usize {
+    shape.batch() * 64 * n * n * shape.channels()
+}
+
+/// The centres the device sampler of a training step (seeded `CENTERS_SEED`) draws at
+/// `step`, for each layer (`Centers::philox`, its model on the host).
+fn step_centers(layers: &[(FeatureShape, usize)], step: u64) -> ccpl::Result<Vec<Centers>> {
+    (0..layers.len())
+        .map(|l| {
+            let (shape, num_s) = layers[l];
+            Centers::philox(
+                shape.height(),
+                shape.width(),
+                num_s,
+                CENTERS_SEED,
+                step,
+                l as u32,
+            )
+        })
+        .collect()
+}
+
+/// The reference's inputs of a training step: each layer's feature maps and centres.
+fn step_inputs<'a, T>(
+    layers: &[(FeatureShape, usize)],
+    feats: &'a [(Vec<T>, Vec<T>)],
+    centers: Vec<Centers>,
+) -> Vec<LayerInput<'a, T>> {
+    layers
+        .iter()
+        .zip(feats)
+        .zip(centers)
+        .map(|((&(shape, _), (q, k)), centers)| LayerInput {
+            feat_q: q,
+            feat_k: k,
+            shape,
+            centers,
+        })
+        .collect()
+}
+
+/// The loss and each layer's `d feat_q` of a training step, from the float64 reference.
+type StepReference = (f64, Vec<Vec<f64>>);
+
+/// A zeroed buffer of each length on `stream`.
+fn zeros<T: Dtype>(stream: &Arc<CudaStream>, lens: &[usize]) -> ccpl::Result<Vec<CudaSlice<T>>> {
+    lens.iter()
+        .map(|&len| Ok(stream.alloc_zeros(len)?))
+        .collect()
+}
+
+/// One headline training step of the multi-layer loss: zero every layer's gradient, forward
+/// (new centres drawn on the device), backward into the gradients.
+fn loss_step<T: Dtype>(
+    stream: &Arc<CudaStream>,
+    loss: &mut CcpLoss<T>,
+    feats: &[(CudaSlice<T>, CudaSlice<T>)],
+    grads: &mut [CudaSlice<T>],
+) -> ccpl::Result<()> {
+    for grad in grads.iter_mut() {
+        stream.memset_zeros(grad)?;
+    }
+    let inputs: Vec<_> = feats.iter().map(|(q, k)| (q, k)).collect();
+    loss.forward(&inputs)?;
+    loss.backward(None, &mut grads.iter_mut().collect::<Vec<_>>(), None)
+}
+
+/// A training step's loss and gradients (read back from `stream`) against the reference.
+fn check_step<T: Dtype>(
+    stream: &Arc<CudaStream>,
+    loss: f64,
+    grads: &[CudaSlice<T>],
+    expected: &Option<StepReference>,
+) -> ccpl::Result<Check> {
+    let Some((want, want_grads)) = expected else {
+        return Ok(Check::TooLarge);
+    };
+    let errs = grads
+        .iter()
+        .zip(want_grads)
+        .map(|(grad, want)| Ok(rel_err(&to_f64(&stream.clone_dtoh(grad)?), want)))
+        .collect::<ccpl::Result<_>>()?;
+    Ok(Check::Against(rel(loss, *want), errs))
+}
+
+/// The paper's training step (a `step` configuration), each variant of the module docs timed
+/// under its group. One input set: the device draws new centres every step, so a step does not
+/// find the windows of the one before in the L2 (and a paper step's feature maps are 235 MB
+/// a set in f32, more than the L2 already).
+fn bench_step<T: Dtype>(
+    c: &mut Criterion,
+    gpu: &Gpu,
+    cfg: &Config,
+    layers: &[(FeatureShape, usize)],
+    rng: &mut Rng,
+) -> ccpl::Result<()> {
+    let lens: Vec<usize> = layers.iter().map(|(s, _)| s.len()).collect();
+    let feat_bytes = lens.iter().sum::<usize>() * size_of::<T>();
+    let workspace = LossPlan::new(layers, DEFAULT_TAU)?
+        .workspace()?
+        .bytes::<T>();
+    // The inputs and the gradients, the CUDA graph's own copies of them, and the workspaces of
+    // the two CcpLoss objects and of the CcpLayers (about as large).
+    if !fits(
+        gpu,
+        &bench_id::<T>(LOSS, cfg),
+        3 * workspace + 6 * feat_bytes,
+    )? {
+        return Ok(());
+    }
+    let mut host = Vec::with_capacity(layers.len());
+    let mut feats = Vec::with_capacity(layers.len());
+    for &len in &lens {
+        let (q_host, q) = common::random::<T>(gpu, len, rng)?;
+        let (k_host, k) = common::random::<T>(gpu, len, rng)?;
+        host.push((q_host, k_host));
+        feats.push((q, k));
+    }
+    let small_enough = layers
+        .iter()
+        .map(|(s, num_s)| reference_size(s, (*num_s).min(s.interior())))
+        .sum::<usize>()
+        <= CHECK_LIMIT;
+    // The reference of the step that draws the centres of device step `step`.
+    let expected = |step: u64| -> ccpl::Result<Option<StepReference>> {
+        if !small_enough {
+            return Ok(None);
+        }
+        let inputs = step_inputs(layers, &host, step_centers(layers, step)?);
+        let (loss, per_layer) = ccp_loss(&inputs, DEFAULT_TAU, false)?;
+        Ok(Some((
+            loss,
+            per_layer.into_iter().map(|l| l.grad_feat_q).collect(),
+        )))
+    };
+    let first = expected(0)?;
+
+    // CcpLoss on the bench's stream: one step before timing (the centres of step 0), read
+    // back (a failed launch shows here, not while timing) and checked; the memory that the
+    // object, its gradient buffers and the step took besides the inputs.
+    let free = gpu.free_bytes()?;
+    let mut loss = CcpLoss::<T>::new(
+        gpu.kernels.clone(),
+        gpu.stream.clone(),
+        layers,
+        DEFAULT_TAU,
+        CENTERS_SEED,
+    )?;
+    let mut grads = zeros::<T>(&gpu.stream, &lens)?;
+    loss_step(&gpu.stream, &mut loss, &feats, &mut grads)?;
+    let value = f64::from(gpu.stream.clone_dtoh(loss.loss())?[0]);
+    let memory = Memory {
+        device: Some(free.saturating_sub(gpu.free_bytes()?)),
+        workspace: loss.workspace_bytes(),
+        gradients: feat_bytes,
+    };
+    let check = check_step(&gpu.stream, value, &grads, &first)?;
+
+    for group in groups_of(cfg) {
+        let id = bench_id::<T>(group, cfg);
+        match group {
+            LOSS => {
+                report(&id, &memory, 1, value, &check, check_guard::<T>());
+                time_gpu(c, &gpu.stream, cfg, group, T::SUFFIX, |_| {
+                    loss_step(&gpu.stream, &mut loss, &feats, &mut grads).expect("loss step");
+                });
+            }
+            USER_STEP => {
+                // The same step, and the loss read back: the centres need no upload.
+                report(&id, &memory, 1, value, &check, check_guard::<T>());
+                time_gpu(c, &gpu.stream, cfg, group, T::SUFFIX, |_| {
+                    loss_step(&gpu.stream, &mut loss, &feats, &mut grads).expect("loss step");
+                    black_box(gpu.stream.clone_dtoh(loss.loss()).expect("read the loss"));
+                });
+            }
+            // Its first replay draws the centres of step 1 (step 0 runs before the capture).
+            GRAPH => bench_step_graph::<T>(c, gpu, cfg, layers, &host, &expected(1)?)?,
+            LAYERS => bench_step_layers::<T>(c, gpu, cfg, layers, &feats, &first)?,
+            other => unreachable!("no {other} group for a training step"),
+        }
+    }
+    Ok(())
+}
+
+/// cudarc's event tracking off for the buffers allocated while this lives, and back on when it
+/// is dropped: declared before those buffers, so that it is dropped after them.
+struct Untracked<'a>(&'a CudaContext);
+
+impl<'a> Untracked<'a> {
+    fn new(ctx: &'a CudaContext) -> Self {
+        // SAFETY: the buffers allocated while this lives are used on one stream only and
+        // freed before it is dropped: there is nothing between streams to synchronise.
+        unsafe { ctx.disable_event_tracking() };
+        Self(ctx)
+    }
+}
+
+impl Drop for Untracked<'_> {
+    fn drop(&mut self) {
+        // SAFETY: every buffer allocated without tracking is gone (see `new`).
+        unsafe { self.0.enable_event_tracking() };
+    }
+}
+
+/// The training step captured once in a CUDA graph and replayed, on a stream of its own (a
+/// capture needs a stream other than the legacy default one) whose buffers cudarc does not
+/// event-track (its waits on events recorded before the capture would end it), with its own
+/// copies of the inputs, gradients and `CcpLoss`: a captured step replays on the buffers it
+/// was captured with. The first replay is read back and checked against `expected`.
+fn bench_step_graph<T: Dtype>(
+    c: &mut Criterion,
+    gpu: &Gpu,
+    cfg: &Config,
+    layers: &[(FeatureShape, usize)],
+    host: &[(Vec<T>, Vec<T>)],
+    expected: &Option<StepReference>,
+) -> ccpl::Result<()> {
+    let _untracked = Untracked::new(&gpu.ctx);
+    let stream = gpu.ctx.new_stream()?;
+    let feats = host
+        .iter()
+        .map(|(q, k)| Ok((stream.clone_htod(q)?, stream.clone_htod(k)?)))
+        .collect::<ccpl::Result<Vec<_>>>()?;
+    let lens: Vec<usize> = host.iter().map(|(q, _)| q.len()).collect();
+    let free = gpu.free_bytes()?;
+    let mut loss = CcpLoss::<T>::new(
+        gpu.kernels.clone(),
+        stream.clone(),
+        layers,
+        DEFAULT_TAU,
+        CENTERS_SEED,
+    )?;
+    let mut grads = zeros::<T>(&stream, &lens)?;
+    // The first launches (the modules' loading) outside the capture.
+    loss_step(&stream, &mut loss, &feats, &mut grads)?;
+    stream.synchronize()?;
+    stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+    let captured = loss_step(&stream, &mut loss, &feats, &mut grads);
+    let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0))?; // ended either way
+    captured?;
+    let graph = graph.ok_or_else(|| ccpl::Error::Cuda("the capture recorded no work".into()))?;
+    graph.launch()?;
+    let value = f64::from(stream.clone_dtoh(loss.loss())?[0]);
+    let memory = Memory {
+        device: Some(free.saturating_sub(gpu.free_bytes()?)),
+        workspace: loss.workspace_bytes(),
+        gradients: lens.iter().sum::<usize>() * size_of::<T>(),
+    };
+    let check = check_step(&stream, value, &grads, expected)?;
+    let id = bench_id::<T>(GRAPH, cfg);
+    report(&id, &memory, 1, value, &check, check_guard::<T>());
+    time_gpu(c, &stream, cfg, GRAPH, T::SUFFIX, |_| {
+        graph.launch().expect("graph replay");
+    });
+    Ok(())
+}
+
+/// The training step as one `CcpLayer` per layer on the bench's stream (the fused path): zero,
+/// forward, backward, layer by layer. Its centres are drawn ahead (the device sampler's draws
+/// of steps 0 to 7, uploaded once; a step uses the next) so that no upload is timed and a step
+/// does not find the windows of the one before in the L2; the first step, on the centres of
+/// step 0, is checked against `expected`.
+fn bench_step_layers<T: Dtype>(
+    c: &mut Criterion,
+    gpu: &Gpu,
+    cfg: &Config,
+    layers: &[(FeatureShape, usize)],
+    feats: &[(CudaSlice<T>, CudaSlice<T>)],
+    expected: &Option<StepReference>,
+) -> ccpl::Result<()> {
+    const DRAWS: usize = 8;
+    let draws = (0..DRAWS as u64)
+        .map(|step| {
+            step_centers(layers, step)?
+                .iter()
+                .map(|c| DeviceCenters::upload(&gpu.stream, c))
+                .collect::<ccpl::Result<Vec<_>>>()
+        })
+        .collect::<ccpl::Result<Vec<_>>>()?;
+    let lens: Vec<usize> = layers.iter().map(|(s, _)| s.len()).collect();
+    let free = gpu.free_bytes()?;
+    let mut objects = layers
+        .iter()
+        .map(|&(shape, num_s)| {
+            let n = num_s.min(shape.interior());
+            CcpLayer::<T>::new(
+                gpu.kernels.clone(),
+                gpu.stream.clone(),
+                shape,
+                n,
+                DEFAULT_TAU,
+            )
+        })
+        .collect::<ccpl::Result<Vec<_>>>()?;
+    let mut grads = zeros::<T>(&gpu.stream, &lens)?;
+    let step =
+        |objects: &mut [CcpLayer<T>], grads: &mut [CudaSlice<T>], i: usize| -> ccpl::Result<()> {
+            let each = objects.iter_mut().zip(feats).zip(&draws[i % DRAWS]);
+            for (((layer, (q, k)), centers), grad) in each.zip(grads) {
+                layer_step(gpu, layer, centers, q, k, grad)?;
+            }
+            Ok(())
+        };
+    step(&mut objects, &mut grads, 0)?;
+    let memory = Memory {
+        device: Some(free.saturating_sub(gpu.free_bytes()?)),
+        workspace: objects.iter().map(CcpLayer::workspace_bytes).sum(),
+        gradients: lens.iter().sum::<usize>() * size_of::<T>(),
+    };
+    let mut value = 0.0;
+    for layer in &objects {
+        value += f64::from(gpu.stream.clone_dtoh(layer.loss())?[0]);
+    }
+    let check = check_step(&gpu.stream, value, &grads, expected)?;
+    let id = bench_id::<T>(LAYERS, cfg);
+    report(&id, &memory, 1, value, &check, check_guard::<T>());
+    time_gpu(c, &gpu.stream, cfg, LAYERS, T::SUFFIX, |i| {
+        step(&mut objects, &mut grads, i).expect("loss step")
+    });
+    Ok(())
+}
+
 fn bench_layer<T: Dtype>(
     c: &mut Criterion,
     gpu: &Gpu,
@@ -303,7 +643,7 @@ fn bench_layer<T: Dtype>(
 ) -> ccpl::Result<()> {
     let n = num_s.min(shape.interior());
     let e = std::mem::size_of::<T>();
-    let workspace = LayerWorkspace::lengths(&shape, n)?.bytes::<T>();
+    let workspace = CcpLayer::<T>::workspace_bytes_for(&shape, n)?;
     let set_bytes = 2 * shape.len() * e;
     if !fits(
         gpu,
@@ -340,10 +680,10 @@ fn bench_layer<T: Dtype>(
     let loss = f64::from(gpu.stream.clone_dtoh(layer.loss())?[0]);
     let memory = Memory {
         device: Some(free.saturating_sub(gpu.free_bytes()?)),
-        workspace,
+        workspace: layer.workspace_bytes(),
         gradients: shape.len() * e,
     };
-    let check = if shape.batch() * 64 * n * n * shape.channels() <= CHECK_LIMIT {
+    let check = if reference_size(&shape, n) <= CHECK_LIMIT {
         let grad = to_f64(&gpu.stream.clone_dtoh(&grad_q)?);
         let expected = ccp_layer_loss(q_host, k_host, &shape, &centers, DEFAULT_TAU, false)?;
         Check::Against(
@@ -359,7 +699,7 @@ fn bench_layer<T: Dtype>(
         match group {
             LOSS => {
                 report(&id, &memory, sets, loss, &check, check_guard::<T>());
-                time_gpu(c, gpu, cfg, group, T::SUFFIX, |i| {
+                time_gpu(c, &gpu.stream, cfg, group, T::SUFFIX, |i| {
                     let ((_, q), (_, k)) = &inputs[i % sets];
                     layer_step(gpu, &mut layer, &device_centers, q, k, &mut grad_q)
                         .expect("loss step");
@@ -368,7 +708,7 @@ fn bench_layer<T: Dtype>(
             USER_STEP => {
                 // The same step (its first run is the one checked), with centres drawn.
                 report(&id, &memory, sets, loss, &check, check_guard::<T>());
-                time_gpu(c, gpu, cfg, group, T::SUFFIX, |i| {
+                time_gpu(c, &gpu.stream, cfg, group, T::SUFFIX, |i| {
                     let ((_, q), (_, k)) = &inputs[i % sets];
                     let drawn = Centers::sample(shape.height(), shape.width(), num_s, i as u64)
                         .expect("centres");
@@ -425,6 +765,8 @@ trait RowsVariant<T: Dtype> {
     ) -> ccpl::Result<()>;
     /// The loss of the last step, on the device.
     fn loss(&self) -> &CudaSlice<f32>;
+    /// The bytes of its workspace.
+    fn workspace_bytes(&self) -> usize;
 }
 
 /// The crate's rows loss: normalisation and the fused InfoNCE (no logits in memory).
@@ -441,6 +783,9 @@ impl<T: Dtype> RowsVariant<T> for CcpRows<T> {
     }
     fn loss(&self) -> &CudaSlice<f32> {
         CcpRows::loss(self)
+    }
+    fn workspace_bytes(&self) -> usize {
+        CcpRows::workspace_bytes(self)
     }
 }
 
@@ -468,6 +813,9 @@ impl<T: Dtype> RowsVariant<T> for Materialised<'_, T> {
     fn loss(&self) -> &CudaSlice<f32> {
         &self.loss.loss
     }
+    fn workspace_bytes(&self) -> usize {
+        RowsLoss::<T>::workspace_bytes(&self.loss.shape)
+    }
 }
 
 /// The input sets of a rows configuration and the reference of the first set when it is
@@ -492,11 +840,10 @@ fn bench_rows<T: Dtype>(
     let e = size_of::<T>();
     let set_bytes = 2 * shape.len() * e;
     let grads_bytes = 2 * shape.len() * e;
-    let fused_workspace = RowsWorkspace::lengths(&shape)?.bytes::<T>();
     if !fits(
         gpu,
         &bench_id::<T>(LOSS, cfg),
-        fused_workspace + set_bytes + grads_bytes,
+        CcpRows::<T>::workspace_bytes_for(&shape)? + set_bytes + grads_bytes,
     )? {
         return Ok(());
     }
@@ -526,13 +873,13 @@ fn bench_rows<T: Dtype>(
 
     for group in groups_of(cfg) {
         match group {
-            LOSS => bench_rows_variant(c, gpu, cfg, group, fused_workspace, &inputs, || {
+            LOSS => bench_rows_variant(c, gpu, cfg, group, &inputs, || {
                 CcpRows::<T>::new(gpu.kernels.clone(), gpu.stream.clone(), shape, DEFAULT_TAU)
             })?,
             MATERIALISED => {
                 let workspace = RowsLoss::<T>::workspace_bytes(&shape);
                 if fits(gpu, &bench_id::<T>(group, cfg), workspace + grads_bytes)? {
-                    bench_rows_variant(c, gpu, cfg, group, workspace, &inputs, || {
+                    bench_rows_variant(c, gpu, cfg, group, &inputs, || {
                         Ok(Materialised {
                             gpu,
                             loss: RowsLoss::<T>::new(gpu, shape)?,
@@ -548,14 +895,13 @@ fn bench_rows<T: Dtype>(
 
 /// Makes a variant and its gradient buffers, runs it once on the first input set, reads back
 /// and checks it (against the reference when there is one), reports it as
-/// `<group>/<config>/<dtype>` with the memory that took, then times it. The variant and its
-/// buffers are freed on return, before the next variant is measured.
+/// `<group>/<config>/<dtype>` with the memory that took and its workspace, then times it. The
+/// variant and its buffers are freed on return, before the next variant is measured.
 fn bench_rows_variant<T: Dtype, V: RowsVariant<T>>(
     c: &mut Criterion,
     gpu: &Gpu,
     cfg: &Config,
     group: &str,
-    workspace: usize,
     inputs: &RowsInputs<T>,
     make: impl FnOnce() -> ccpl::Result<V>,
 ) -> ccpl::Result<()> {
@@ -576,7 +922,7 @@ fn bench_rows_variant<T: Dtype, V: RowsVariant<T>>(
     let value = f64::from(gpu.stream.clone_dtoh(variant.loss())?[0]);
     let memory = Memory {
         device: Some(free.saturating_sub(gpu.free_bytes()?)),
-        workspace,
+        workspace: variant.workspace_bytes(),
         gradients: (1 + usize::from(*grad_k)) * shape.len() * size_of::<T>(),
     };
     let check = match expected {
@@ -599,7 +945,7 @@ fn bench_rows_variant<T: Dtype, V: RowsVariant<T>>(
         check_guard::<T>(),
     );
 
-    time_gpu(c, gpu, cfg, group, T::SUFFIX, |i| {
+    time_gpu(c, &gpu.stream, cfg, group, T::SUFFIX, |i| {
         let (q, k) = &sets[i % count];
         variant
             .step(q, k, &mut grad_q, grad_k.then_some(&mut grad_k_buf))
@@ -618,14 +964,47 @@ fn dry_run<T: Dtype>(c: &mut Criterion, cfg: &Config) -> ccpl::Result<()> {
         workspace,
         gradients,
     };
-    match cfg.suite {
-        Suite::Layer { shape, num_s } => {
+    match &cfg.suite {
+        Suite::Step { layers } => {
+            let feats: Vec<(Vec<T>, Vec<T>)> = layers
+                .iter()
+                .map(|(shape, _)| {
+                    let mut draw = || rng.vec(shape.len()).into_iter().map(T::from_f64).collect();
+                    (draw(), draw())
+                })
+                .collect();
+            let gradients = layers.iter().map(|(s, _)| s.len()).sum::<usize>() * size_of::<T>();
+            let one_object = LossPlan::new(layers, DEFAULT_TAU)?
+                .workspace()?
+                .bytes::<T>();
+            let per_layer = layers
+                .iter()
+                .map(|(s, num_s)| CcpLayer::<T>::workspace_bytes_for(s, (*num_s).min(s.interior())))
+                .sum::<ccpl::Result<usize>>()?;
+            // Every variant draws new centres each step, as the device sampler does.
+            let step = |i: u64| -> ccpl::Result<f64> {
+                let centers = step_centers(layers, i)?;
+                Ok(ccp_loss(&step_inputs(layers, &feats, centers), DEFAULT_TAU, false)?.0)
+            };
+            let loss = step(0)?;
+            for group in groups_of(cfg) {
+                let workspace = if group == LAYERS {
+                    per_layer
+                } else {
+                    one_object
+                };
+                let mem = memory(workspace, gradients);
+                report(&bench_id::<T>(group, cfg), &mem, 1, loss, &unchecked, 0.0);
+                time_cpu(c, cfg, group, T::SUFFIX, step);
+            }
+        }
+        &Suite::Layer { shape, num_s } => {
             let q: Vec<T> = rng.vec(shape.len()).into_iter().map(T::from_f64).collect();
             let k: Vec<T> = rng.vec(shape.len()).into_iter().map(T::from_f64).collect();
             let fixed = Centers::sample(shape.height(), shape.width(), num_s, CENTERS_SEED)?;
             let n = fixed.len();
             let mem = memory(
-                LayerWorkspace::lengths(&shape, n)?.bytes::<T>(),
+                CcpLayer::<T>::workspace_bytes_for(&shape, n)?,
                 shape.len() * size_of::<T>(),
             );
             let loss = ccp_layer_loss(&q, &k, &shape, &fixed, DEFAULT_TAU, false)?.loss;
@@ -644,7 +1023,7 @@ fn dry_run<T: Dtype>(c: &mut Criterion, cfg: &Config) -> ccpl::Result<()> {
                 });
             }
         }
-        Suite::Rows { rows, grad_k } => {
+        &Suite::Rows { rows, grad_k } => {
             let round = |v: Vec<f64>| v.into_iter().map(|x| T::from_f64(x).to_f64()).collect();
             let q: Vec<f64> = round(rng.vec(rows.len()));
             let k: Vec<f64> = round(rng.vec(rows.len()));
@@ -652,7 +1031,7 @@ fn dry_run<T: Dtype>(c: &mut Criterion, cfg: &Config) -> ccpl::Result<()> {
             let loss = reference_rows(&q, &k, &rows, grad_k)?.0;
             for group in groups_of(cfg) {
                 let workspace = match group {
-                    LOSS => RowsWorkspace::lengths(&rows)?.bytes::<T>(),
+                    LOSS => CcpRows::<T>::workspace_bytes_for(&rows)?,
                     _ => RowsLoss::<T>::workspace_bytes(&rows),
                 };
                 let mem = memory(workspace, gradients);

@@ -449,6 +449,37 @@ fn ccp_layer_matches_reference() {
     assert_close("CcpLayer bf16 grad_feat_q", &got, &want.grad_feat_q, tol);
 }
 
+/// `CcpLayer` and `CcpRows` (on either of its paths) hold what their `workspace_bytes_for`
+/// counts without a device, in f32 and bf16: what the benches report as workspace.
+#[test]
+fn loss_objects_hold_their_counted_workspace() {
+    let Some(gpu) = gpu("gpu_api::loss_objects_hold_their_counted_workspace") else {
+        return;
+    };
+    fn check<T: ccpl::Dtype>(gpu: &common::device::Gpu) {
+        let (kernels, stream) = (gpu.kernels(), gpu.stream());
+        let shape = FeatureShape::new(2, 13, 9, 11, Layout::Nchw).unwrap();
+        let layer = CcpLayer::<T>::new(kernels.clone(), stream.clone(), shape, 21, TAU).unwrap();
+        assert_eq!(
+            layer.workspace_bytes(),
+            CcpLayer::<T>::workspace_bytes_for(&shape, 21).unwrap()
+        );
+        for (rows, small) in [
+            (RowShape::new(8, 64, 32).unwrap(), true),
+            (RowShape::new(2, 600, 45).unwrap(), false),
+        ] {
+            let loss = CcpRows::<T>::new(kernels.clone(), stream.clone(), rows, TAU).unwrap();
+            assert_eq!(loss.is_small(), small);
+            assert_eq!(
+                loss.workspace_bytes(),
+                CcpRows::<T>::workspace_bytes_for(&rows).unwrap()
+            );
+        }
+    }
+    check::<f32>(&gpu);
+    check::<half::bf16>(&gpu);
+}
+
 /// `CcpRows`: the rows loss of a projection head's outputs on the device against the
 /// reference composed stage by stage, in f32 and bf16, rows passed as views (read by the
 /// forward only: overwritten before the backward), the gradients written over NaN; its errors,

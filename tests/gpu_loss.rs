@@ -7,6 +7,7 @@
 mod common;
 
 use ccpl::cuda::{CcpLoss, DeviceCenters};
+use ccpl::plan::loss::LossPlan;
 use ccpl::reference::{self, LayerInput};
 use ccpl::{Centers, Error, FeatureShape, Layout};
 use common::Rng;
@@ -137,6 +138,9 @@ fn check_dtype<T: ccpl::Dtype>(
     rng: &mut Rng,
 ) {
     let mut loss = CcpLoss::<T>::new(kernels.clone(), stream.clone(), layers, TAU, SEED).unwrap();
+    // It holds what its plan counts (the workspace the benches report).
+    let counted = LossPlan::new(layers, TAU).unwrap().workspace().unwrap();
+    assert_eq!(loss.workspace_bytes(), counted.bytes::<T>());
     let (host, feats) = features::<T>(stream, layers, rng);
     let inputs: Vec<_> = feats.iter().map(|(q, k)| (q, k)).collect();
     let mut grads: Vec<CudaSlice<T>> = layers

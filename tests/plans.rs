@@ -351,6 +351,45 @@ fn layer_workspace_is_rows_and_statistics_only() {
     );
     assert_eq!(lengths.bytes::<f32>(), 4 * rows * 4 + (4 * stats + 2) * 4);
     assert!(lengths.bytes::<half::bf16>() < 110 << 20);
+    // CcpLayer holds that and its copy of the centres and their map (int32).
+    assert_eq!(
+        ccpl::cuda::CcpLayer::<half::bf16>::workspace_bytes_for(&shape, n).unwrap(),
+        lengths.bytes::<half::bf16>() + (n + 128 * 128) * 4
+    );
+}
+
+/// What `CcpRows` allocates, counted without a device, by its path: up to S = 512 the small-S
+/// path's float32 copies of both row matrices and their gradients, four `B*S` statistics (the
+/// row logsumexp and losses, and both sides' norms, which raw rows leave unused), the layer's
+/// loss, the loss, the default upstream, and its
+/// launch counters (int32), whatever the storage type; above, the fused path's three row
+/// matrices in `T` and four `B*S` statistics plus two scalars.
+#[test]
+fn rows_loss_workspace_is_counted_by_path() {
+    use ccpl::cuda::CcpRows;
+    use ccpl::plan::small_s::COUNTERS;
+    // The paper's relu2_1 head rows at num_s = 8: B = 8, S = 64, D = 32.
+    let small = RowShape::new(8, 64, 32).unwrap();
+    let (rows, stats) = (8 * 64 * 32, 8 * 64);
+    let expected = 4 * rows * 4 + (4 * stats + 3) * 4 + COUNTERS * 4;
+    assert_eq!(
+        CcpRows::<f32>::workspace_bytes_for(&small).unwrap(),
+        expected
+    );
+    assert_eq!(
+        CcpRows::<half::bf16>::workspace_bytes_for(&small).unwrap(),
+        expected
+    );
+    let fused = RowShape::new(2, 513, 40).unwrap();
+    let (rows, stats) = (2 * 513 * 40, 2 * 513);
+    assert_eq!(
+        CcpRows::<half::bf16>::workspace_bytes_for(&fused).unwrap(),
+        3 * rows * 2 + (4 * stats + 2) * 4
+    );
+    assert_eq!(
+        CcpRows::<f32>::workspace_bytes_for(&fused).unwrap(),
+        3 * rows * 4 + (4 * stats + 2) * 4
+    );
 }
 
 /// The whole loss: small-S layers share three launches a training step (draw and gather, the

@@ -1,7 +1,8 @@
 //! What the benches share: the configurations of `benches/configs.txt` (the list the PyTorch
-//! baselines read too), the device or a loud skip, timing with CUDA events, the rotation of
-//! input sets past the L2, the loss from head rows, the status lines (`ccpl-bench {json}`)
-//! that `tools/bench/report.py` reads from the log, and a seeded generator.
+//! baselines read too: training steps of the multi-layer loss, layers, rows), the device or a
+//! loud skip, timing with CUDA events, the rotation of input sets past the L2, the loss from
+//! head rows, the status lines (`ccpl-bench {json}`) that `tools/bench/report.py` reads from
+//! the log, and a seeded generator.
 #![allow(dead_code)] // each bench binary uses its own part
 
 use std::fmt::Write as _;
@@ -17,8 +18,11 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, sys};
 const CONFIGS: &str = include_str!("../configs.txt");
 
 /// Where a configuration's loss starts.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Suite {
+    /// A training step of the multi-layer loss: every layer's two feature maps (identity
+    /// head), each layer's shape and the `num_s` centres asked for, in layer order.
+    Step { layers: Vec<(FeatureShape, usize)> },
     /// From two feature maps, identity head; `num_s` centres asked for.
     Layer { shape: FeatureShape, num_s: usize },
     /// From head output rows; `grad_k`: the content side gets a gradient too.
@@ -35,14 +39,19 @@ pub struct Config {
 }
 
 impl Config {
-    /// The row matrices the loss works on: `(B, 8 min(num_s, interior), C)` for a layer.
-    pub fn rows(&self) -> RowShape {
+    /// The row matrices the loss works on: `(B, 8 min(num_s, interior), C)` for a layer; none
+    /// for a step, whose rows are its layers'.
+    pub fn rows(&self) -> Option<RowShape> {
         match self.suite {
+            Suite::Step { .. } => None,
             Suite::Layer { shape, num_s } => {
                 let s = 8 * num_s.min(shape.interior());
-                RowShape::new(shape.batch(), s, shape.channels()).expect("configs.txt: valid rows")
+                Some(
+                    RowShape::new(shape.batch(), s, shape.channels())
+                        .expect("configs.txt: valid rows"),
+                )
             }
-            Suite::Rows { rows, .. } => rows,
+            Suite::Rows { rows, .. } => Some(rows),
         }
     }
     /// Whether the content side gets a gradient.
@@ -124,6 +133,28 @@ fn parse_config(line: &str) -> Result<Config, String> {
             .map_err(|e| format!("{key}: {e}"))
     };
     let suite = match suite {
+        "step" => {
+            // One layer per entry of the C, H and W lists, the same B and num_s for all.
+            let list = |key: &str| -> Result<Vec<usize>, String> {
+                get(key)?
+                    .split(',')
+                    .map(|v| v.parse::<usize>().map_err(|e| format!("{key}: {e}")))
+                    .collect()
+            };
+            let (c, h, w) = (list("C")?, list("H")?, list("W")?);
+            if c.len() != h.len() || c.len() != w.len() {
+                return Err("C, H and W must list as many layers".into());
+            }
+            let (batch, num_s) = (num("B")?, num("num_s")?);
+            let layers = (0..c.len())
+                .map(|l| {
+                    FeatureShape::new(batch, c[l], h[l], w[l], Layout::Nchw)
+                        .map(|shape| (shape, num_s))
+                        .map_err(|e| e.to_string())
+                })
+                .collect::<Result<_, _>>()?;
+            Suite::Step { layers }
+        }
         "layer" => Suite::Layer {
             shape: FeatureShape::new(num("B")?, num("C")?, num("H")?, num("W")?, Layout::Nchw)
                 .map_err(|e| e.to_string())?,
@@ -184,11 +215,11 @@ pub struct Gpu {
 }
 
 impl Gpu {
-    /// Free device memory in bytes, read after a synchronisation: cudarc allocates and frees
-    /// on the stream, and the stream's memory pool takes memory and gives it back at a
-    /// synchronisation, so without one the reading lags what is held.
+    /// Free device memory in bytes, read after a synchronisation of the context (every
+    /// stream): cudarc allocates and frees on a stream, and the memory pool takes memory and
+    /// gives it back at a synchronisation, so without one the reading lags what is held.
     pub fn free_bytes(&self) -> ccpl::Result<usize> {
-        self.stream.synchronize()?;
+        self.ctx.synchronize()?;
         Ok(self.ctx.mem_get_info()?.0)
     }
     /// Why `bytes` more would not fit in the free device memory (with 5% slack), or `None`.

@@ -8,7 +8,7 @@ use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut};
 
 use super::Kernels;
 use super::neighbor::{DeviceCenters, Scatter};
-use super::resident::{Resident, alloc};
+use super::resident::{Resident, alloc, length};
 use crate::dtype::Dtype;
 use crate::error::Result;
 use crate::plan::layer::{LayerPlan, LayerWorkspace};
@@ -68,6 +68,22 @@ impl<T: Dtype> CcpLayer<T> {
             resident: Resident::new(kernels, stream, workspace, |ws| &mut ws.rows.one)?,
             centers,
         })
+    }
+
+    /// The bytes of device memory [`new`](Self::new) allocates for feature maps of `shape`
+    /// with `num_centers` centres, without allocating: its workspace
+    /// (`LayerWorkspace::lengths(..)?.bytes::<T>()`) and its copy of the centres (`N + H*W`
+    /// int32). What [`workspace_bytes`](Self::workspace_bytes) then counts.
+    pub fn workspace_bytes_for(shape: &FeatureShape, num_centers: usize) -> Result<usize> {
+        Ok(LayerWorkspace::lengths(shape, num_centers)?.bytes::<T>()
+            + (num_centers + shape.height() * shape.width()) * size_of::<i32>())
+    }
+
+    /// The bytes of device memory this object holds, counted from its buffers: its workspace
+    /// and its copy of the centres (the gradients are the caller's).
+    pub fn workspace_bytes(&self) -> usize {
+        let Ok(lengths) = self.resident.workspace().try_map(length, length);
+        lengths.bytes::<T>() + self.centers.bytes()
     }
 
     /// The layer's shape, number of centres and temperature.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut};
 
 use super::neighbor::DeviceCenters;
-use super::resident::{Resident, alloc};
+use super::resident::{Resident, alloc, length};
 use super::{CudaLauncher, Kernels};
 use crate::dtype::Dtype;
 use crate::error::{Result, check_len};
@@ -98,6 +98,14 @@ impl<T: Dtype> CcpLoss<T> {
             plan,
             resident: Resident::new(kernels, stream, ws, |ws| &mut ws.one)?,
         })
+    }
+
+    /// The bytes of device memory this object holds, counted from its buffers: its
+    /// workspace, `LossPlan::new(..)?.workspace()?.bytes::<T>()` for its layers (the
+    /// gradients are the caller's).
+    pub fn workspace_bytes(&self) -> usize {
+        let Ok(lengths) = self.resident.workspace().try_map(length, length, length);
+        lengths.bytes::<T>()
     }
 
     /// The layers, their centre counts and paths, and the temperature.

@@ -45,6 +45,10 @@ impl DeviceCenters {
     pub fn rows(&self) -> usize {
         crate::ffi::CCPL_NUM_NEIGHBORS as usize * self.len()
     }
+    /// Bytes on the device: the centres and their map.
+    pub(crate) fn bytes(&self) -> usize {
+        (self.flat.len() + self.map.len()) * size_of::<i32>()
+    }
     /// Room for `n` centres of a `height x width` map, filled by [`copy_from`](Self::copy_from).
     pub(crate) fn alloc(
         stream: &Arc<CudaStream>,

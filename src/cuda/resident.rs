@@ -1,6 +1,7 @@
 //! What [`CcpLayer`](super::CcpLayer) and [`CcpRows`](super::CcpRows) share: their kernels and
 //! stream, a workspace allocated once on that stream, and whether a forward has filled it.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
@@ -23,6 +24,12 @@ pub(crate) fn alloc<T: DeviceRepr + ValidAsZeroBits>(
     stream: &Arc<CudaStream>,
 ) -> impl FnMut(&usize) -> Result<CudaSlice<T>> + '_ {
     |&n| Ok(stream.alloc_zeros::<T>(n)?)
+}
+
+/// The length of a buffer, never an error: a workspace's lengths from what was allocated,
+/// `let Ok(lengths) = workspace.try_map(length, length);`, whose bytes count its memory.
+pub(crate) fn length<T>(slice: &CudaSlice<T>) -> std::result::Result<usize, Infallible> {
+    Ok(slice.len())
 }
 
 impl<W> Resident<W> {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut};
 
 use super::Kernels;
-use super::resident::{Resident, alloc};
+use super::resident::{Resident, alloc, length};
 use crate::dtype::Dtype;
 use crate::error::Result;
 use crate::plan::Launcher;
@@ -116,6 +116,38 @@ impl<T: Dtype> CcpRows<T> {
     /// Whether the loss runs on the small-S path (`S` at most 512).
     pub fn is_small(&self) -> bool {
         matches!(self.path, Path::Small { .. })
+    }
+
+    /// The bytes of device memory [`new`](Self::new) allocates for rows of `shape`, without
+    /// allocating: up to `S = 512` the small-S path's workspace (float32 copies of both row
+    /// matrices and their gradients, the row statistics, one float per block of the forward
+    /// launch) and its launch counters; above, the fused path's workspace (three row matrices
+    /// in `T`, four `B*S` float32 statistics). What [`workspace_bytes`](Self::workspace_bytes)
+    /// then counts.
+    pub fn workspace_bytes_for(shape: &RowShape) -> Result<usize> {
+        Ok(if small_s::takes(shape.rows()) {
+            SmallRowsWorkspace::lengths(shape)?.bytes::<f32>()
+                + small_s::COUNTERS * size_of::<i32>()
+        } else {
+            RowsWorkspace::lengths(shape)?.bytes::<T>()
+        })
+    }
+
+    /// The bytes of device memory this object holds, counted from its buffers: its workspace
+    /// and, on the small-S path, its launch counters (the gradients are the caller's).
+    pub fn workspace_bytes(&self) -> usize {
+        match &self.path {
+            Path::Small {
+                resident, counters, ..
+            } => {
+                let Ok(lengths) = resident.workspace().try_map(length, length);
+                lengths.bytes::<f32>() + counters.len() * size_of::<i32>()
+            }
+            Path::Fused { resident, .. } => {
+                let Ok(lengths) = resident.workspace().try_map(length, length);
+                lengths.bytes::<T>()
+            }
+        }
     }
 
     /// The forward on `rows_q` (the head's rows of the generated image) and `rows_k` (of the

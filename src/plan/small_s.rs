@@ -649,6 +649,17 @@ workspace! {
     }
 }
 
+impl SmallRowsWorkspace<usize, usize> {
+    /// The length in elements of every buffer for rows of `shape` (`S` at most [`MAX_ROWS`]).
+    pub fn lengths(shape: &RowShape) -> Result<Self> {
+        Ok(Self {
+            loss: 1,
+            one: 1,
+            small: SmallSWorkspace::lengths(&[*shape])?,
+        })
+    }
+}
+
 /// The rows loss of two row matrices `(B, S, C')` on the small-S path (`S` at most
 /// [`MAX_ROWS`]): the forward is one launch that leaves the loss and the gradient of the
 /// generated side's rows (upstream 1) in the workspace; the backward scales it by the
@@ -685,11 +696,7 @@ impl SmallRowsPlan {
     }
     /// The lengths of its workspace.
     pub fn workspace(&self) -> Result<SmallRowsWorkspace<usize, usize>> {
-        Ok(SmallRowsWorkspace {
-            loss: 1,
-            one: 1,
-            small: SmallSWorkspace::lengths(&[self.shape])?,
-        })
+        SmallRowsWorkspace::lengths(&self.shape)
     }
 
     const AT: SmallOffsets = SmallOffsets { rows: 0, stats: 0 };

@@ -4,7 +4,9 @@
 Written from the contract (docs/ccpl-loss.md) and from what the original implementation does
 (its behaviour, not its code): gather the centre and neighbour rows, subtract, (project with its
 MLP head), normalise (`x / (||x|| + 1e-7)`), `bmm`, fill the diagonal with -inf, concatenate the
-positive in front, divide by tau, cross-entropy against class 0. The implementations (`--impls`):
+positive in front, divide by tau, cross-entropy against class 0. A `step` configuration (the
+paper's training step) is the sum of its layers' losses, one function forward and backward,
+each layer with its own centres (and head). The implementations (`--impls`):
 
 - `eager`: identity head, centres drawn once outside the timed step: the same function and the
   same work as our headline step (BENCHMARKS.md, "Like with like").
@@ -13,10 +15,10 @@ positive in front, divide by tau, cross-entropy against class 0. The implementat
   list on the host and copied, the diagonal mask (`eye`) and the targets built on the host and
   copied, every call; the loss read on the host after the step (the original's training loop
   logs `loss.item()` every iteration). Beside our step that samples, uploads and reads back.
-- `original`: the same with the original's MLP head (`Linear(C, C)`, `ReLU`, `Linear(C, C/4)`),
-  whose parameters get their gradients too (cleared each step, as `optimizer.zero_grad()`
-  does): what a user of the original pays. Layer configurations, f32 (the original trains in
-  f32).
+- `original`: the same with the original's MLP head (`Linear(C, C)`, `ReLU`, `Linear(C, C/4)`)
+  on every layer, whose parameters get their gradients too (cleared each step, as
+  `optimizer.zero_grad()` does): what a user of the original pays. Step and layer
+  configurations, f32 (the original trains in f32).
 - `compile`, `compile-graphs`: `eager` under `torch.compile`, and with
   `mode="reduce-overhead"` (CUDA graphs; every input set's addresses marked static, so a
   replay copies no input; a graph is recorded per set). The number of cudagraph skips is
@@ -41,7 +43,9 @@ configurations of benches/configs-dry-run.txt).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
+import operator
 import os
 import signal
 import statistics
@@ -151,6 +155,11 @@ def original_head(channels: int, dtype, device, seed: int):
     return head.to(device=device, dtype=dtype)
 
 
+def total(losses):
+    """The sum of the layers' losses (a single layer's loss is itself, with no extra add)."""
+    return functools.reduce(operator.add, losses)
+
+
 def rows_loss(rows_q, rows_k, detach_k: bool):
     """The loss from head output rows (B, S, D)."""
     return patch_nce(normalize(rows_q.permute(0, 2, 1)), normalize(rows_k.permute(0, 2, 1)), TAU, detach_k)
@@ -208,25 +217,32 @@ def check_against_spec() -> float:
 
 
 class Inputs:
-    """Several independent input sets of one configuration, to rotate through."""
+    """Several independent input sets of one configuration, to rotate through. A set holds a
+    tuple of tensors on each side: every layer's feature map for a step, the one layer's for a
+    layer, the rows for rows."""
 
     def __init__(self, cfg: common.Config, dtype, device, l2_bytes: int, seed: int):
         gen = torch.Generator().manual_seed(seed)
         self.cfg = cfg
-        if cfg.suite == "layer":
-            shape = (cfg.batch, cfg.channels, cfg.height, cfg.width_map)
-            self.c_ids, self.n_ids = neighbor_ids(cfg.height, cfg.width_map, cfg.centers, gen, device)
+        self.maps = maps_of(cfg)
+        if self.maps:
+            shapes = [(m.batch, m.channels, m.height, m.width_map) for m in self.maps]
+            # Each layer's centre and neighbour indices, drawn once.
+            self.ids = [neighbor_ids(m.height, m.width_map, m.centers, gen, device) for m in self.maps]
         else:
-            shape = (cfg.batch, cfg.rows, cfg.width)
-        set_bytes = 2 * math.prod(shape) * torch.finfo(dtype).bits // 8
+            shapes = [(cfg.batch, cfg.rows, cfg.width)]
+            self.ids = []
+        set_bytes = 2 * sum(math.prod(shape) for shape in shapes) * torch.finfo(dtype).bits // 8
         # Enough sets that one pass over them is at least twice the L2, at most 8 and 1 GB.
         # Small configurations still fit the L2 with 8 sets (BENCHMARKS.md, "Timing").
         count = max(1, min(8, math.ceil(2 * l2_bytes / set_bytes), (1 << 30) // set_bytes))
         self.q, self.k = [], []
         for _ in range(count):
             # Random normal data: never zeros, which can run faster than real data.
-            self.q.append(torch.randn(shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(True))
-            self.k.append(torch.randn(shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(cfg.grads == "qk"))
+            self.q.append(tuple(torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_(True) for s in shapes))
+            self.k.append(
+                tuple(torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_(cfg.grads == "qk") for s in shapes)
+            )
         self.bytes = count * set_bytes
 
     def __len__(self):
@@ -235,14 +251,28 @@ class Inputs:
     def pair(self, i: int):
         return self.q[i % len(self.q)], self.k[i % len(self.k)]
 
+    def tensors(self) -> list:
+        """Every input tensor of every set, and the index tensors."""
+        return [t for side in self.q + self.k for t in side] + [t for ids in self.ids for t in ids]
+
     def clear_grads(self):
-        for t in self.q + self.k:
-            t.grad = None
+        for side in self.q + self.k:
+            for t in side:
+                t.grad = None
+
+
+def maps_of(cfg: common.Config) -> tuple:
+    """The layers whose feature maps a configuration starts from: a step's, a layer itself;
+    none for rows."""
+    if cfg.suite == "step":
+        return cfg.layers
+    return (cfg,) if cfg.suite == "layer" else ()
 
 
 @dataclass
 class Impl:
-    """What one step of an implementation runs: `loss(q, k)`, then its backward."""
+    """What one step of an implementation runs: `loss(qs, ks)` on a set's tuples, then its
+    backward."""
 
     loss: Callable
     # Trained parameters: their gradients are cleared each step, as optimizer.zero_grad() does.
@@ -253,25 +283,29 @@ class Impl:
 
 def make_impl(cfg: common.Config, impl: str, inputs: Inputs, dtype, device, seed: int) -> Impl:
     if impl == "infcl":
-        return Impl(infcl_rows_loss)
+        return Impl(lambda qs, ks: infcl_rows_loss(qs[0], ks[0]))
+    maps = inputs.maps
     if impl in ("original", "original-identity"):
-        head = original_head(cfg.channels, dtype, device, seed) if impl == "original" else None
+        heads = [original_head(m.channels, dtype, device, seed + i) if impl == "original" else None for i, m in enumerate(maps)]
 
-        def original_step(q, k):
-            c_ids, n_ids = neighbor_ids_per_step(cfg.height, cfg.width_map, cfg.centers, device)
-            return layer_loss(q, k, c_ids, n_ids, head=head, host_built=True)
+        def original_step(qs, ks):
+            losses = []
+            for m, q, k, head in zip(maps, qs, ks, heads):
+                c_ids, n_ids = neighbor_ids_per_step(m.height, m.width_map, m.centers, device)
+                losses.append(layer_loss(q, k, c_ids, n_ids, head=head, host_built=True))
+            return total(losses)
 
-        return Impl(original_step, params=list(head.parameters()) if head else [], read_back=True)
-    if cfg.suite == "layer":
-        c_ids, n_ids = inputs.c_ids, inputs.n_ids
+        params = [p for head in heads if head is not None for p in head.parameters()]
+        return Impl(original_step, params=params, read_back=True)
+    if maps:
 
-        def base(q, k):
-            return layer_loss(q, k, c_ids, n_ids)
+        def base(qs, ks):
+            return total(layer_loss(q, k, c_ids, n_ids) for q, k, (c_ids, n_ids) in zip(qs, ks, inputs.ids))
     else:
         detach_k = cfg.grads == "q"
 
-        def base(q, k):
-            return rows_loss(q, k, detach_k)
+        def base(qs, ks):
+            return rows_loss(qs[0], ks[0], detach_k)
 
     if impl == "eager":
         return Impl(base)
@@ -280,13 +314,13 @@ def make_impl(cfg: common.Config, impl: str, inputs: Inputs, dtype, device, seed
     if impl == "compile-graphs":
         # Static addresses: a replay reads each set where it lies (one recorded graph per set)
         # instead of copying q and k into the graph's own buffers first.
-        for t in inputs.q + inputs.k + ([inputs.c_ids, inputs.n_ids] if cfg.suite == "layer" else []):
+        for t in inputs.tensors():
             torch._dynamo.mark_static_address(t)
         compiled = torch.compile(base, dynamic=False, mode="reduce-overhead")
 
-        def with_step(q, k):
+        def with_step(qs, ks):
             torch.compiler.cudagraph_mark_step_begin()
-            return compiled(q, k)
+            return compiled(qs, ks)
 
         return Impl(with_step)
     raise ValueError(impl)
@@ -343,12 +377,10 @@ def measure(cfg, dtype_name, impl_name, device, args, l2_bytes) -> dict:
     graphs_before = cudagraph_counters()
 
     def run(i):
-        q, k = inputs.pair(i)
-        q.grad = None
-        k.grad = None
-        for p in impl.params:
-            p.grad = None
-        loss = impl.loss(q, k)
+        qs, ks = inputs.pair(i)
+        for t in (*qs, *ks, *impl.params):
+            t.grad = None
+        loss = impl.loss(qs, ks)
         loss.backward()
         if impl.read_back:
             loss.item()

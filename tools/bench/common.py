@@ -19,9 +19,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG_PATHS = [os.path.join(HERE, "configs.txt"), os.path.join(HERE, "..", "..", "benches", "configs.txt")]
 
 ELEMENT_BYTES = {"f32": 4, "bf16": 2, "f16": 2}
-# The criterion groups of benches/loss.rs for each suite (its `groups_of`): the headline `loss`,
-# the layer's `loss_user_step`, the rows' `loss_materialised`.
-LOSS_GROUPS = {"layer": ("loss", "loss_user_step"), "rows": ("loss", "loss_materialised")}
+# The criterion groups of benches/loss.rs for each suite (its `groups_of`): the headline `loss`;
+# a training step's CUDA graph `loss_graph`, its `loss_user_step` and its three CcpLayers
+# `loss_layers`; the layer's `loss_user_step`; the rows' `loss_materialised`.
+LOSS_GROUPS = {
+    "step": ("loss", "loss_graph", "loss_user_step", "loss_layers"),
+    "layer": ("loss", "loss_user_step"),
+    "rows": ("loss", "loss_materialised"),
+}
 LOGIT_BYTES = 4  # logits and per-row statistics are float32 whatever the storage type
 NEIGHBORS = 8
 
@@ -30,7 +35,7 @@ NEIGHBORS = 8
 class Config:
     """One line of benches/configs.txt, with the derived sizes."""
 
-    suite: str  # "layer" (from feature maps) or "rows" (from head output rows)
+    suite: str  # "step" (a training step of several layers), "layer" (from feature maps) or "rows" (from head output rows)
     name: str
     tag: str
     batch: int
@@ -42,6 +47,7 @@ class Config:
     height: int = 0
     width_map: int = 0
     centers: int = 0  # N = min(num_s, interior)
+    layers: tuple = ()  # step only: its layers, each a `layer` Config
     fields: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -49,6 +55,9 @@ class Config:
         return len(self.grads)
 
     def label(self) -> str:
+        if self.suite == "step":
+            shapes = ", ".join(f"C={l.channels} {l.height}x{l.width_map}" for l in self.layers)
+            return f"{self.name} (B={self.batch}, {len(self.layers)} layers: {shapes}; S={self.rows})"
         if self.suite == "layer":
             return f"{self.name} (B={self.batch} C={self.channels} {self.height}x{self.width_map} S={self.rows})"
         return f"{self.name} (B={self.batch} S={self.rows} D={self.width} grads={self.grads})"
@@ -113,6 +122,17 @@ def _config(suite: str, kv: dict) -> Config:
         if d not in ELEMENT_BYTES:
             raise ValueError(f"unknown dtype {d}")
     common = dict(suite=suite, name=kv["name"], tag=kv["tag"], batch=int(kv["B"]), dtypes=dtypes, fields=kv)
+    if suite == "step":
+        # One layer per entry of the C, H and W lists (benches/common/mod.rs parses the same).
+        lists = [kv[key].split(",") for key in ("C", "H", "W")]
+        if len({len(values) for values in lists}) != 1:
+            raise ValueError("C, H and W must list as many layers")
+        layers = tuple(
+            _config("layer", {**kv, "name": f"{kv['name']}.{i}", "C": c, "H": h, "W": w}) for i, (c, h, w) in enumerate(zip(*lists))
+        )
+        # S: the largest of the layers' (the same for all at the paper's sizes); width: all
+        # layers' channels, the rows' total width.
+        return Config(rows=max(l.rows for l in layers), width=sum(l.width for l in layers), grads="q", layers=layers, **common)
     if suite == "layer":
         c, h, w, num_s = int(kv["C"]), int(kv["H"]), int(kv["W"]), int(kv["num_s"])
         n = min(num_s, (h - 2) * (w - 2))
@@ -128,13 +148,15 @@ def _config(suite: str, kv: dict) -> Config:
 def applies(cfg: Config, dtype: str, impl: str) -> bool:
     """Whether the PyTorch baseline `impl` (tools/bench/baselines.py) has a job at this
     configuration and dtype: Inf-CL computes rows at B = 1; the original's formulation starts
-    from feature maps, and with its MLP head it trains in f32."""
+    from feature maps (a layer's, or every layer's of a step), and with its MLP heads it trains
+    in f32."""
+    maps = cfg.layers or (cfg,)
     if impl == "infcl":
         return cfg.suite == "rows" and cfg.batch == 1
     if impl == "original":
-        return cfg.suite == "layer" and dtype == "f32" and cfg.channels % 4 == 0
+        return cfg.suite in ("step", "layer") and dtype == "f32" and all(l.channels % 4 == 0 for l in maps)
     if impl == "original-identity":
-        return cfg.suite == "layer"
+        return cfg.suite in ("step", "layer")
     return True
 
 
@@ -175,6 +197,9 @@ def fused_recomputes(width: int) -> int:
 
 
 def loss_cost(cfg: Config, dtype: str) -> Cost:
+    if cfg.suite == "step":  # the work of its layers
+        costs = [loss_cost(layer, dtype) for layer in cfg.layers]
+        return Cost(*(sum(getattr(c, f.name) for c in costs) for f in dataclasses.fields(Cost)))
     e = ELEMENT_BYTES[dtype]
     b, s, d = cfg.batch, cfg.rows, cfg.width
     if cfg.suite == "layer":
@@ -288,7 +313,10 @@ def kernel_cost(kernel: str, cfg: Config, dtype: str) -> Cost:
 
 
 def kernels_of(cfg: Config) -> tuple[str, ...]:
-    """The kernels the kernel benches time for a configuration (benches/kernels.rs, `runs`)."""
+    """The kernels the kernel benches time for a configuration (benches/kernels.rs, `runs`):
+    none for a step, whose kernels are timed on its layers' own lines."""
+    if cfg.suite == "step":
+        return ()
     ks = [k for k in KERNELS if not k.endswith("_backward_dk") or cfg.grads == "qk"]
     if cfg.suite == "rows":
         ks = [k for k in ks if not k.startswith("neighbor")]

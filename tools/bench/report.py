@@ -158,13 +158,25 @@ def best_compile(cells: dict) -> tuple[str, float | None]:
     return impl, ms
 
 
+DRY_RUN_TARGET = "dry run: unmeasured on a GPU, no verdict"
+DRY_RUN_HEADLINE = (
+    "**Unmeasured: a dry run on the CPU.** Ours is the float64 CPU reference and PyTorch ran on CPU tensors: these"
+    " times and ratios say nothing about a GPU."
+)
+
+
 def target_text(cfg: common.Config, ours, eager, compiled, floor_ms, dry_run: bool) -> str:
+    """The verdict on the targets that apply to a configuration: the speed-ups at the paper's
+    training step (the whole loss), the floor at large S; none elsewhere."""
+    speedup_target = cfg.tag == "paper" and cfg.suite == "step"
+    if not (speedup_target or cfg.tag == "large"):
+        return ""
     if dry_run:
-        return "dry run: no verdict"
+        return DRY_RUN_TARGET
     if ours is None:
         return "not measured"
     parts = []
-    if cfg.tag == "paper":
+    if speedup_target:
         for name, base, goal in (("eager", eager, TARGET_EAGER), ("compile", compiled, TARGET_COMPILE)):
             if base is None:
                 parts.append(f"vs {name}: no baseline")
@@ -172,7 +184,7 @@ def target_text(cfg: common.Config, ours, eager, compiled, floor_ms, dry_run: bo
             speedup = base / ours
             verdict = "met" if speedup >= goal else f"MISSED by {goal / speedup:.2g}x"
             parts.append(f"{name} {speedup:.3g}x (>= {goal:g}x: {verdict})")
-    elif cfg.tag == "large":
+    else:
         if floor_ms is None:
             parts.append("no floor")
         else:
@@ -182,10 +194,23 @@ def target_text(cfg: common.Config, ours, eager, compiled, floor_ms, dry_run: bo
     return "; ".join(parts)
 
 
+IMPLS = ("eager", "original-identity", "original", "compile", "compile-graphs", "infcl")
+STEP_TITLE = "The paper's training step, like with like: ours (zero the gradients, forward, backward) and PyTorch on the same function"
+LAYER_TITLE = "Each layer and rows loss alone, like with like"
+USERS_TITLE = "A training step as users pay it: the loss read back every step, centres drawn every step"
+FLOOR_TITLE = "Floor model terms"
+STEP_MEMORY_TITLE = "Memory of the paper's training step, besides its inputs"
+MEMORY_TITLE = "Memory of a step of one layer or rows loss, besides its inputs"
+
+
 def loss_tables(configs, crit, statuses, baselines, ceil: Ceilings, dry_run: bool) -> dict:
-    """The loss tables by title: the headline (like with like), the step as users pay it, the
-    floor model's terms, memory."""
-    impls = ("eager", "original-identity", "original", "compile", "compile-graphs", "infcl")
+    """The loss tables by title, the headline first: the paper's training step (like with
+    like), each layer alone, the step as users pay it, the floor model's terms, memory."""
+    step = [
+        "| step | dtype | S | ours | ours, CUDA graph | ours, a CcpLayer per layer | eager | compile | compile, CUDA graphs"
+        " | eager / ours | best compile / ours | best compile / ours, CUDA graph | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     main = [
         "| config | dtype | S | ours | eager | compile | compile, CUDA graphs | Inf-CL | ours, materialised"
         " | eager / ours | best compile / ours | floor (limit) | % of floor | target |",
@@ -201,6 +226,12 @@ def loss_tables(configs, crit, statuses, baselines, ceil: Ceilings, dry_run: boo
         " | floor, fused's work | floor, logits in memory | ours | ours, materialised |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    step_memory = [
+        "| step | dtype | ours, measured | ours, workspace | ours CUDA graph, measured | a CcpLayer per layer, measured"
+        " | a CcpLayer per layer, workspace | eager | original, identity | original, MLP | compile | compile, CUDA graphs"
+        " | inputs (a PyTorch set) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     memory = [
         "| config | dtype | ours, measured | ours, workspace | ours materialised, measured | materialised, workspace"
         " | eager | original, identity | original, MLP | compile | compile, CUDA graphs | Inf-CL | inputs (a PyTorch set) |",
@@ -208,39 +239,11 @@ def loss_tables(configs, crit, statuses, baselines, ceil: Ceilings, dry_run: boo
     ]
     for cfg in configs:
         for dtype in cfg.dtypes:
-            ours_txt, ours = ours_cell(crit, statuses, ("loss", cfg.name, dtype))
-            mat_txt = ours_cell(crit, statuses, ("loss_materialised", cfg.name, dtype))[0] if cfg.suite == "rows" else "-"
-            recs = {impl: baselines.get((cfg.name, dtype, impl)) for impl in impls}
-            cells = {impl: cell(rec) for impl, rec in recs.items()}
-            best_impl, best_ms = best_compile(cells)
-            cost = common.loss_cost(cfg, dtype)
-            floor_ms, limit = ceil.floor(cost, dtype)
-            fused_ms, _ = ceil.floor(common.fused_cost(cost), dtype)
-            design_ms, _ = ceil.floor(cost, dtype, with_logits=True)
-            pct = f"{100 * floor_ms / ours:.3g}%" if floor_ms and ours else "-"
-            floor_txt = f"{fmt_time_ms(floor_ms)} ({limit})" if floor_ms else limit
-            best_txt = f"{ratio(best_ms, ours)} ({best_impl})" if best_ms is not None else "-"
-            main.append(
-                f"| {cfg.name} | {dtype} | {cfg.rows} | {ours_txt} | {cells['eager'][0]} | {cells['compile'][0]} "
-                f"| {cells['compile-graphs'][0]} | {cells['infcl'][0]} | {mat_txt} | {ratio(cells['eager'][1], ours)} "
-                f"| {best_txt} | {floor_txt} | {pct} "
-                f"| {target_text(cfg, ours, cells['eager'][1], best_ms, floor_ms, dry_run)} |"
-            )
-            if cfg.suite == "layer":
-                user_txt, user = ours_cell(crit, statuses, ("loss_user_step", cfg.name, dtype))
-                users.append(
-                    f"| {cfg.name} | {dtype} | {user_txt} | {cells['original-identity'][0]} | {cells['original'][0]} "
-                    f"| {ratio(cells['original-identity'][1], user)} | {ratio(cells['original'][1], user)} |"
-                )
-            roof.append(
-                f"| {cfg.name} | {dtype} | {fmt_bytes(cost.bytes_min)} | {fmt_bytes(cost.bytes_logits)} "
-                f"| {cost.flops / 1e9:.4g} | {cost.flops_fused / 1e9:.4g} | {cost.exps / 1e9:.4g} | {cost.exps_fused / 1e9:.4g} "
-                f"| {fmt_time_ms(floor_ms)} | {fmt_time_ms(fused_ms)} | {fmt_time_ms(design_ms)} | {ours_txt} | {mat_txt} |"
-            )
+
+            def ours(group):
+                return ours_cell(crit, statuses, (group, cfg.name, dtype))
 
             def ours_bytes(group, key):
-                if group == "loss_materialised" and cfg.suite != "rows":
-                    return "-"
                 return fmt_bytes(statuses.get(f"{group}/{cfg.name}/{dtype}", {}).get(key))
 
             def peak(impl):
@@ -251,38 +254,105 @@ def loss_tables(configs, crit, statuses, baselines, ceil: Ceilings, dry_run: boo
                     return STATUS_TEXT.get(rec.get("status"), rec.get("status", "?"))
                 return fmt_bytes(rec.get("peak_step_bytes"))
 
+            ours_txt, ours_ms = ours("loss")
+            recs = {impl: baselines.get((cfg.name, dtype, impl)) for impl in IMPLS}
+            cells = {impl: cell(rec) for impl, rec in recs.items()}
+            best_impl, best_ms = best_compile(cells)
+            best_txt = f"{ratio(best_ms, ours_ms)} ({best_impl})" if best_ms is not None else "-"
+            cost = common.loss_cost(cfg, dtype)
+            floor_ms, limit = ceil.floor(cost, dtype)
+            fused_ms, _ = ceil.floor(common.fused_cost(cost), dtype)
+            design_ms, _ = ceil.floor(cost, dtype, with_logits=True)
+            target = target_text(cfg, ours_ms, cells["eager"][1], best_ms, floor_ms, dry_run)
             input_bytes = next((r["input_bytes"] / r["input_sets"] for r in recs.values() if r and r.get("input_bytes")), None)
-            memory.append(
-                f"| {cfg.name} | {dtype} | {ours_bytes('loss', 'device_bytes')} | {ours_bytes('loss', 'workspace_bytes')} "
-                f"| {ours_bytes('loss_materialised', 'device_bytes')} | {ours_bytes('loss_materialised', 'workspace_bytes')} | "
-                + " | ".join(peak(impl) for impl in impls)
-                + f" | {fmt_bytes(input_bytes)} |"
+            mat_txt = ours("loss_materialised")[0] if cfg.suite == "rows" else "-"
+            if cfg.suite == "step":
+                graph_txt, graph_ms = ours("loss_graph")
+                best_graph = f"{ratio(best_ms, graph_ms)} ({best_impl})" if best_ms is not None else "-"
+                step.append(
+                    f"| {cfg.name} | {dtype} | {cfg.rows} | {ours_txt} | {graph_txt} | {ours('loss_layers')[0]} "
+                    f"| {cells['eager'][0]} | {cells['compile'][0]} | {cells['compile-graphs'][0]} "
+                    f"| {ratio(cells['eager'][1], ours_ms)} | {best_txt} | {best_graph} | {target} |"
+                )
+                step_memory.append(
+                    f"| {cfg.name} | {dtype} | {ours_bytes('loss', 'device_bytes')} | {ours_bytes('loss', 'workspace_bytes')} "
+                    f"| {ours_bytes('loss_graph', 'device_bytes')} | {ours_bytes('loss_layers', 'device_bytes')} "
+                    f"| {ours_bytes('loss_layers', 'workspace_bytes')} | "
+                    + " | ".join(peak(impl) for impl in IMPLS if impl != "infcl")
+                    + f" | {fmt_bytes(input_bytes)} |"
+                )
+            else:
+                pct = f"{100 * floor_ms / ours_ms:.3g}%" if floor_ms and ours_ms else "-"
+                floor_txt = f"{fmt_time_ms(floor_ms)} ({limit})" if floor_ms else limit
+                main.append(
+                    f"| {cfg.name} | {dtype} | {cfg.rows} | {ours_txt} | {cells['eager'][0]} | {cells['compile'][0]} "
+                    f"| {cells['compile-graphs'][0]} | {cells['infcl'][0]} | {mat_txt} | {ratio(cells['eager'][1], ours_ms)} "
+                    f"| {best_txt} | {floor_txt} | {pct} | {target} |"
+                )
+                memory.append(
+                    f"| {cfg.name} | {dtype} | {ours_bytes('loss', 'device_bytes')} | {ours_bytes('loss', 'workspace_bytes')} "
+                    f"| {ours_bytes('loss_materialised', 'device_bytes') if cfg.suite == 'rows' else '-'} "
+                    f"| {ours_bytes('loss_materialised', 'workspace_bytes') if cfg.suite == 'rows' else '-'} | "
+                    + " | ".join(peak(impl) for impl in IMPLS)
+                    + f" | {fmt_bytes(input_bytes)} |"
+                )
+            if cfg.suite in ("step", "layer"):
+                user_txt, user = ours("loss_user_step")
+                users.append(
+                    f"| {cfg.name} | {dtype} | {user_txt} | {cells['original-identity'][0]} | {cells['original'][0]} "
+                    f"| {ratio(cells['original-identity'][1], user)} | {ratio(cells['original'][1], user)} |"
+                )
+            roof.append(
+                f"| {cfg.name} | {dtype} | {fmt_bytes(cost.bytes_min)} | {fmt_bytes(cost.bytes_logits)} "
+                f"| {cost.flops / 1e9:.4g} | {cost.flops_fused / 1e9:.4g} | {cost.exps / 1e9:.4g} | {cost.exps_fused / 1e9:.4g} "
+                f"| {fmt_time_ms(floor_ms)} | {fmt_time_ms(fused_ms)} | {fmt_time_ms(design_ms)} | {ours_txt} | {mat_txt} |"
             )
     return {
-        "The loss, like with like: ours (zero the gradient, forward, backward) and PyTorch on the same function": main,
-        "A training step as users pay it: centres drawn and uploaded every step, loss read back": users,
-        "Floor model terms": roof,
-        "Memory of a step, besides its inputs": memory,
+        STEP_TITLE: step,
+        LAYER_TITLE: main,
+        USERS_TITLE: users,
+        FLOOR_TITLE: roof,
+        STEP_MEMORY_TITLE: step_memory,
+        MEMORY_TITLE: memory,
     }
 
 
 NOTES = {
-    "The loss, like with like: ours (zero the gradient, forward, backward) and PyTorch on the same function": (
+    STEP_TITLE: (
+        "The headline. Ours: `loss/<step>` (CcpLoss on a stream: zero the gradients, forward with the centres drawn on"
+        " the device, backward; three launches after the memsets at the paper's sizes), `loss_graph/<step>` (the same"
+        " step captured once in a CUDA graph and replayed), `loss_layers/<step>` (one CcpLayer per layer, the fused"
+        " path, for comparison). PyTorch: the sum of the three layers' losses, one function, identity head, centres"
+        " drawn once; `best compile` is the faster of torch.compile and compile with CUDA graphs. The target verdict"
+        " compares `ours` (no graph) with eager and with the best compile: at least 20x eager and 5x torch.compile."
+    ),
+    LAYER_TITLE: (
         "Ours: `loss/...` (CcpLayer, identity head; CcpRows for rows). PyTorch: the same loss with the centres"
-        " drawn once; `best compile` is the faster of torch.compile and compile with CUDA graphs."
+        " drawn once; `best compile` is the faster of torch.compile and compile with CUDA graphs. The speed-up"
+        " targets are the training step's (above); large S has the floor's."
     ),
-    "A training step as users pay it: centres drawn and uploaded every step, loss read back": (
-        "Ours: `loss_user_step/...` (centres drawn on the host, uploaded, zero, forward, backward, loss read"
-        " back). The original: its per-step index building (device randperm, host-built offsets, eye and"
-        " targets copied every call) and `loss.item()`; with the identity head (the same function as ours)"
-        " and with its MLP heads, whose work ours does not do: the last ratio is what replacing the"
-        " original's whole layer loss would gain if the head cost nothing."
+    USERS_TITLE: (
+        "Ours: `loss_user_step/...`: for a step, CcpLoss's step with the loss read back (its centres are drawn on the"
+        " device: nothing to upload); for a layer, CcpLayer with the centres drawn on the host and uploaded, the loss"
+        " read back. The original: its per-step index building (device randperm, host-built offsets, eye and"
+        " targets copied every call, on every layer) and `loss.item()`; with the identity head (the same function as"
+        " ours) and with its MLP heads, whose work ours does not do: the last ratio is what replacing the"
+        " original's whole loss would gain if the heads cost nothing."
     ),
-    "Memory of a step, besides its inputs": (
+    STEP_MEMORY_TITLE: (
+        "Ours, measured: the drop of free device memory over creating the loss object(s), the gradient buffers and"
+        " one step, read after a synchronisation of the context (the memory pool maps whole chunks); the CUDA-graph"
+        " variant's includes the graph. Workspace: counted from the objects' buffers (`CcpLoss::workspace_bytes`,"
+        " the sum of `CcpLayer::workspace_bytes`). PyTorch: the caching allocator's peak during one step above what"
+        " was held before it (inputs, parameters; no earlier gradient)."
+    ),
+    MEMORY_TITLE: (
         "Ours, measured: the drop of free device memory over creating the loss object, its gradient"
         " buffers and one step, read after a synchronisation (the memory pool maps whole chunks);"
-        " workspace: counted (`LayerWorkspace`/`RowsWorkspace::bytes`). PyTorch: the caching allocator's"
-        " peak during one step above what was held before it (inputs, parameters; no earlier gradient)."
+        " workspace: counted from the object's buffers (`CcpLayer::workspace_bytes`, `CcpRows::workspace_bytes`:"
+        " up to S = 512 its small-S path's; `RowsLoss::workspace_bytes` for the materialised variant). PyTorch: the"
+        " caching allocator's peak during one step above what was held before it (inputs, parameters; no earlier"
+        " gradient)."
     ),
 }
 
@@ -426,16 +496,17 @@ def main():
 
     head = header(roof, run, args) + section("The run", "##", phase_table(phases))
     tables = loss_tables(configs, crit, statuses, baselines, ceil, bool(run.get("dry_run")))
-    titles = list(tables)
-    loss = section(titles[0], "##", tables[titles[0]]) + section(titles[1], "##", tables[titles[1]])
-    detail = section(titles[2], "###", tables[titles[2]]) + section(titles[3], "###", tables[titles[3]])
+    dry_run_note = [DRY_RUN_HEADLINE, ""] if run.get("dry_run") else []
+    headline = section(STEP_TITLE, "##", dry_run_note + tables[STEP_TITLE])
+    loss = headline + section(LAYER_TITLE, "##", tables[LAYER_TITLE]) + section(USERS_TITLE, "##", tables[USERS_TITLE])
+    detail = [line for title in (FLOOR_TITLE, STEP_MEMORY_TITLE, MEMORY_TITLE) for line in section(title, "###", tables[title])]
     rest = section("Kernels", "##", kernel_table(configs, crit, statuses, ceil))
     found = checks(statuses, baselines)
     if found:
         rest += section("Checks, skips and errors", "##", found)
     if args.summary_out:
         with open(args.summary_out, "w") as f:
-            f.write("\n".join(head + section(titles[0], "##", tables[titles[0]])) + "\n")
+            f.write("\n".join(head + headline) + "\n")
     with open(args.table_out, "w") as f:
         f.write("\n".join(head + loss + detail + rest) + "\n")
     if args.json_out:

@@ -7,9 +7,10 @@ budget, everything it writes under one output folder; or its dry run on the CPU.
 Packed by scripts/gpu-bench into .device/bench/py/ (the bench executables in ../bin, the Inf-CL
 wheel in ../wheels); .device/bench/run.sh calls it. The phases (PHASES below; `--plan` prints
 them with their budgets) put the headline first: our loss and PyTorch eager at the paper's
-configuration, then Inf-CL, then torch.compile and CUDA graphs on the paper's layers, then the
-other dtypes and the rows suite, the ceilings, large and huge S, the remaining compilations,
-and a limited set of kernel benches; the report last, always.
+training step of the three-layer loss (then at its layers one by one), then Inf-CL, then
+torch.compile and CUDA graphs at the paper's step and layers, then the other dtypes and the
+rows suite, the ceilings, large and huge S, the remaining compilations, and a limited set of
+kernel benches; the report last, always.
 
 Budget (CCPL_BENCH_BUDGET_S, default 450 s, scaled over the phases): phase i must end by its
 planned end, start + set-up + the budgets of phases 1..i; so a phase gets its own budget plus
@@ -53,30 +54,39 @@ REPORT_S = 10  # kept for the report, which runs whatever happened before
 KILL_GRACE_S = 10  # after SIGTERM at a phase's limit
 MIN_PHASE_S = 5  # a phase with less time left is not started
 
-# The criterion groups of the headline phase: benches/loss.rs's `loss` (zero the gradient,
-# forward, backward) and `loss_user_step` (centres drawn and uploaded, loss read back). A bench
-# of another loss object at the paper's configuration joins the headline by timing under these
+# The criterion groups of the headline phase (benches/loss.rs): `loss` (zero the gradients,
+# forward, backward: CcpLoss for a training step, CcpLayer for one layer), a step's
+# `loss_graph` (replayed from a CUDA graph) and `loss_layers` (one CcpLayer per layer), and
+# `loss_user_step` (the loss read back; a layer's centres drawn and uploaded). A bench of
+# another loss object at the paper's configuration joins the headline by timing under these
 # names on `tag=paper` lines of a suite in HEADLINE_SUITES (or under a group added here, which
 # the report then has to read).
-HEADLINE_GROUPS = ("loss", "loss_user_step")
-LOSS_GROUPS = ("loss", "loss_user_step", "loss_materialised")
+HEADLINE_GROUPS = ("loss", "loss_graph", "loss_user_step", "loss_layers")
+LOSS_GROUPS = tuple(dict.fromkeys(g for groups in common.LOSS_GROUPS.values() for g in groups))
 
 Select = Callable[[common.Config, str], bool]
 
 
-# The suites of the headline: the loss from feature maps (a whole training step's suite, when
-# configs.txt has one, goes here too).
-HEADLINE_SUITES = ("layer",)
+# The suites of the headline, in the order of configs.txt: the paper's training step of the
+# three-layer loss first (its lines come first there), then its layers one by one.
+HEADLINE_SUITES = ("step", "layer")
 
 
-def paper_layer_first(cfg: common.Config, dtype: str) -> bool:
-    """The paper's layers in the first dtype of their line (f32): the headline."""
+def paper_headline(cfg: common.Config, dtype: str) -> bool:
+    """The paper's training step and its layers in the first dtype of their line (f32): the
+    headline."""
     return cfg.tag == "paper" and cfg.suite in HEADLINE_SUITES and dtype == cfg.dtypes[0]
+
+
+def paper_layers_first(cfg: common.Config, dtype: str) -> bool:
+    """The paper's layers in f32: the kernel benches' first run (a step's kernels are its
+    layers')."""
+    return paper_headline(cfg, dtype) and cfg.suite == "layer"
 
 
 def paper_rest(cfg: common.Config, dtype: str) -> bool:
     """The rest of the paper's sizes: the other dtypes, the rows suite."""
-    return cfg.tag == "paper" and not paper_layer_first(cfg, dtype)
+    return cfg.tag == "paper" and not paper_headline(cfg, dtype)
 
 
 def tagged(*tags: str) -> Select:
@@ -99,16 +109,19 @@ class Phase:
 
 
 PHASES = (
-    Phase("ours-paper", 30, "our loss at the paper's layers, f32: the headline", "ours", paper_layer_first, groups=HEADLINE_GROUPS),
     Phase(
-        "eager-paper", 30, "PyTorch eager at the paper's layers, f32; the original as its users run it", "baselines",
-        paper_layer_first, impls=("eager", "original-identity", "original"),
+        "ours-paper", 30, "our loss at the paper's training step, then its layers, f32: the headline", "ours", paper_headline,
+        groups=HEADLINE_GROUPS,
+    ),
+    Phase(
+        "eager-paper", 30, "PyTorch eager at the paper's step and layers, f32; the original as its users run it", "baselines",
+        paper_headline, impls=("eager", "original-identity", "original"),
     ),
     Phase("ours-infcl", 15, "our loss at Inf-CL's configurations", "ours", tagged("infcl"), groups=LOSS_GROUPS),
     Phase("infcl", 40, "Inf-CL", "baselines", tagged("infcl"), impls=("infcl",)),
     Phase(
-        "compile-paper", 110, "torch.compile and compile with CUDA graphs at the paper's layers, f32", "baselines",
-        paper_layer_first, impls=("compile", "compile-graphs"),
+        "compile-paper", 110, "torch.compile and compile with CUDA graphs at the paper's step and layers, f32", "baselines",
+        paper_headline, impls=("compile", "compile-graphs"),
     ),
     Phase("ours-paper-rest", 30, "our loss: the paper's other dtypes and its rows suite", "ours", paper_rest, groups=LOSS_GROUPS),
     Phase(
@@ -125,7 +138,7 @@ PHASES = (
         "compile-rest", 30, "torch.compile and CUDA graphs: the paper's other dtypes and its rows suite", "baselines",
         paper_rest, impls=("compile", "compile-graphs"),
     ),
-    Phase("kernels", 25, "each kernel alone, the paper's layers in f32 only (--kernels all: everything)", "kernels", paper_layer_first),
+    Phase("kernels", 25, "each kernel alone, the paper's layers in f32 only (--kernels all: everything)", "kernels", paper_layers_first),
 )
 
 

@@ -63,6 +63,40 @@ def test_headline_first_kernels_last():
     assert [names.index(n) for n in order] == sorted(names.index(n) for n in order)
     first = run.PHASES[0]
     assert first.kind == "ours" and set(run.HEADLINE_GROUPS) <= set(first.groups)
+    assert set(common.LOSS_GROUPS["step"]) <= set(run.HEADLINE_GROUPS)
+
+
+@pytest.mark.parametrize("path", [REPO_CONFIGS, DRY_CONFIGS])
+def test_the_paper_step_is_timed_first(path):
+    """Our side, eager and the compilations each start with the paper's training step in f32
+    (configs.txt's order is the order each phase runs its selection in)."""
+    cfgs = configs(path)
+    steps = [f"{c.name}/{c.dtypes[0]}" for c in cfgs if c.suite == "step" and c.tag == "paper"]
+    assert steps and all(pair.endswith("/f32") for pair in steps)
+    for name in ("ours-paper", "eager-paper", "compile-paper"):
+        phase = next(p for p in run.PHASES if p.name == name)
+        assert run.selection(cfgs, phase)[: len(steps)] == steps, name
+    assert run.PHASES[0].name == "ours-paper" and run.PHASES[1].name == "eager-paper"
+    # The kernel benches time a step's kernels through its layers' lines.
+    kernels = next(p for p in run.PHASES if p.kind == "kernels")
+    assert not [pair for pair in run.selection(cfgs, kernels) if pair in steps]
+
+
+def test_the_paper_step_is_its_layers():
+    """Each paper step of configs.txt is the three paper layers of its num_s, as those layers'
+    own lines give them."""
+    cfgs = configs()
+    layers = {(c.channels, c.height, c.width_map, c.batch, c.centers): c for c in cfgs if c.suite == "layer" and c.tag == "paper"}
+    steps = [c for c in cfgs if c.suite == "step" and c.tag == "paper"]
+    assert {s.name for s in steps} == {"paper-step-n8", "paper-step-n64"}
+    for step in steps:
+        assert len(step.layers) == 3
+        found = [layers.get((l.channels, l.height, l.width_map, l.batch, l.centers)) for l in step.layers]
+        assert all(found), step.name
+        assert [f.name for f in found] == [f"paper-relu{r}_1-n{step.fields['num_s']}" for r in (2, 3, 4)]
+        assert step.rows == step.layers[0].rows
+        # Its cost is its layers'.
+        assert common.loss_cost(step, "f32").flops == sum(common.loss_cost(f, "f32").flops for f in found)
 
 
 def test_every_configuration_is_timed_once_on_our_side():
@@ -89,9 +123,9 @@ def test_every_eager_job_once_and_no_baseline_job_twice():
     assert len(applicable) == len(set(applicable))
     eager = sorted(pair for pair, impl in jobs if impl == "eager")
     assert eager == sorted(f"{c.name}/{d}" for c in cfgs for d in c.dtypes)
-    # The original's formulations at every layer configuration of the paper, in f32.
+    # The original's formulations at the paper's step and every layer of it, in f32.
     for c in cfgs:
-        if c.tag == "paper" and c.suite == "layer":
+        if c.tag == "paper" and c.suite in ("step", "layer"):
             assert (f"{c.name}/f32", "original") in applicable
             assert (f"{c.name}/f32", "original-identity") in applicable
 
@@ -176,9 +210,18 @@ def test_a_killed_job_shows_as_killed():
 
 
 def test_no_verdict_in_a_dry_run():
-    cfg = configs()[0]
-    assert report.target_text(cfg, 1.0, 100.0, 100.0, None, dry_run=True) == "dry run: no verdict"
-    assert "met" in report.target_text(cfg, 1.0, 100.0, 100.0, None, dry_run=False)
+    step = configs()[0]
+    assert step.suite == "step"
+    assert report.target_text(step, 1.0, 100.0, 100.0, None, dry_run=True) == report.DRY_RUN_TARGET
+    assert "unmeasured" in report.DRY_RUN_TARGET
+    assert "met" in report.target_text(step, 1.0, 100.0, 100.0, None, dry_run=False)
+    assert "MISSED" in report.target_text(step, 1.0, 10.0, 100.0, None, dry_run=False)
+
+
+def test_the_speedup_targets_are_the_steps():
+    """The speed-up targets are the whole loss's: a paper layer alone gets no verdict."""
+    layer = next(c for c in configs() if c.suite == "layer" and c.tag == "paper")
+    assert report.target_text(layer, 1.0, 100.0, 100.0, None, dry_run=False) == ""
 
 
 # ---- What a dry run wrote ------------------------------------------------------------------
@@ -239,10 +282,30 @@ def test_dry_run_reported_every_part():
     for r in graphs:  # on the CPU, inductor skips CUDA graphs: never shown as CUDA graphs
         assert r["status"] != "ok" or r["cudagraph_skips"] > 0
     table = open(dry("table.md")).read()
-    assert "DRY RUN" in table and "dry run: no verdict" in table
+    assert "DRY RUN" in table and report.DRY_RUN_TARGET in table
     assert "not graphed" in table or all(r["status"] != "ok" for r in graphs)
     assert {p["phase"] for p in results["phases"]} >= {p.name for p in run.PHASES}
-    assert open(dry("summary.md")).read().startswith("# CCPL benchmarks")
+    summary = open(dry("summary.md")).read()
+    assert summary.startswith("# CCPL benchmarks") and report.STEP_TITLE in summary
+
+
+@needs_dry_run
+def test_dry_run_headline_is_the_paper_step():
+    """The first phase timed our paper step first (every variant), the second eager's; the
+    summary's table has its row, with the variants' times and labelled unmeasured."""
+    log = open(dry("bench.log")).read()
+    first = re.search(r"^=== phase 1 ours-paper: start.*?^=== phase 1 ours-paper: end", log, re.M | re.S).group(0)
+    ids = re.findall(r'ccpl-bench \{"id": "([^"]+)"', first)
+    assert ids[: len(common.LOSS_GROUPS["step"])] == [f"{g}/paper-step-n8/f32" for g in common.LOSS_GROUPS["step"]]
+    second = re.search(r"^=== phase 2 eager-paper: start.*?^=== phase 2 eager-paper: end", log, re.M | re.S).group(0)
+    jobs = re.findall(r"^baselines: (\S+) (\S+) (\S+): ", second, re.M)
+    assert jobs[:3] == [("paper-step-n8", "f32", impl) for impl in ("eager", "original-identity", "original")]
+    summary = open(dry("summary.md")).read()
+    assert report.DRY_RUN_HEADLINE in summary
+    row = next(line for line in summary.splitlines() if line.startswith("| paper-step-n8 | f32 |"))
+    cells = row.split(" | ")
+    assert all(c not in ("-", "budget") for c in cells[3:7]), row  # ours, graph, layers, eager
+    assert cells[-1].rstrip(" |") == report.DRY_RUN_TARGET
 
 
 def test_a_run_whose_budget_is_spent_reports_every_job_as_budget(tmp_path):
@@ -262,8 +325,10 @@ def test_a_run_whose_budget_is_spent_reports_every_job_as_budget(tmp_path):
     assert records and all(r["status"] == "budget" for r in records)
     assert {(r["config"], r["impl"]) for r in records} >= {("paper-relu2_1-n8", "eager"), ("paper-relu2_1-n8", "compile-graphs")}
     table = (out / "table.md").read_text()
-    headline = next(line for line in table.splitlines() if line.startswith("| paper-relu2_1-n8 | f32 |"))
-    assert headline.split(" | ")[3:5] == ["budget", "budget"]  # ours, eager
+    step = next(line for line in table.splitlines() if line.startswith("| paper-step-n8 | f32 |"))
+    assert step.split(" | ")[3:7] == ["budget"] * 4  # ours, its CUDA graph, its layers, eager
+    layer = next(line for line in table.splitlines() if line.startswith("| paper-relu2_1-n8 | f32 |"))
+    assert layer.split(" | ")[3:5] == ["budget", "budget"]  # ours, eager
     assert "| kernels | 0 s | - | - | not run (budget) |" in table
 
 
