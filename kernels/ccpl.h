@@ -250,17 +250,20 @@ typedef struct ccpl_info_nce_fused_backward_params {
 /*
  * small_s_gather_{T}: for every layer, the centres (drawn when `sample`, else read from
  * `centers`) and, for the layers that have rows here, the difference rows of both feature
- * maps in float. Drawing: N distinct interior positions, uniform, in random order, from
- * Philox-4x32-10 keyed by the seed with the counter (step, layer, word / 4); the layer's first
- * block writes them to `centers` and keeps `center_map` in step; the last block to finish
- * advances the step by one. A layer without feature maps (feat_q == 0) is only drawn (its
- * loss runs on the fused path).
+ * maps normalised in float, with their norms (as neighbor_diff_normalize: no difference row is
+ * stored, so none overflows). Drawing: N distinct interior positions, uniform, in random
+ * order, from Philox-4x32-10 keyed by the seed with the counter (step, layer, word / 4); the
+ * layer's first block writes them to `centers` and keeps `center_map` in step; the last block
+ * to finish advances the step by one. A layer without feature maps (feat_q == 0) is only drawn
+ * (its loss runs on the fused path).
  */
 typedef struct ccpl_small_s_gather_layer {
     uint64_t feat_q;     /* in:  (B,C,H,W) or (B,H,W,C), T; 0: draw the centres only */
     uint64_t feat_k;     /* in:  the same shape, T */
-    uint64_t rows_q;     /* out: (B, 8N, C), float */
+    uint64_t rows_q;     /* out: (B, 8N, C), float, the difference rows of feat_q normalised */
     uint64_t rows_k;     /* out: (B, 8N, C), float */
+    uint64_t norms_q;    /* out: float[B*8N], their norms (inf past float's range) */
+    uint64_t norms_k;    /* out: float[B*8N] */
     uint64_t centers;    /* int32[N]: out when sampling, in otherwise */
     uint64_t center_map; /* int32[H*W]: the centre index at each position, or -1 */
     int32_t batch;
@@ -282,15 +285,20 @@ typedef struct ccpl_small_s_gather_params {
 /*
  * small_s_rows_{T}: for every layer, image and tile of CCPL_SMALL_S_TILE_ROWS rows, the rows
  * loss of rows_q against rows_k (normalisation, logits, cross-entropy) and the gradient of
- * the loss with respect to the raw rows, for an upstream gradient of 1, in float:
+ * the loss with respect to the rows, for an upstream gradient of 1, in float. The rows are
+ * raw (normalised here, at scale), or with `normalized` the gather's normalised rows with
+ * their norms (float rows only):
  * transpose == 0: grad_rows = d loss / d rows_q; row_lse, row_loss written; the per-layer
- *                 losses and their sum written by the last block (one fixed order);
- *                 copy_q, copy_k (when not 0) receive the rows in float;
+ *                 losses and their sum written by the last block (the row losses summed in
+ *                 double, in one fixed order); copy_q, copy_k (when not 0) receive the rows
+ *                 in float;
  * transpose == 1: grad_rows = d loss / d rows_k from the forward's row_lse and row_loss.
  */
 typedef struct ccpl_small_s_rows_layer {
     uint64_t rows_q;    /* in:  (B, S, C), T */
     uint64_t rows_k;    /* in:  (B, S, C), T */
+    uint64_t norms_q;   /* in:  float[B*S], the norms of normalised rows_q (`normalized`) */
+    uint64_t norms_k;   /* in:  float[B*S] */
     uint64_t grad_rows; /* out: (B, S, C), float */
     uint64_t row_lse;   /* float[B*S]: out (transpose 0), in (transpose 1) */
     uint64_t row_loss;  /* float[B*S]: out (transpose 0), in (transpose 1) */
@@ -304,12 +312,12 @@ typedef struct ccpl_small_s_rows_layer {
 
 typedef struct ccpl_small_s_rows_params {
     ccpl_small_s_rows_layer layers[CCPL_SMALL_S_MAX_LAYERS];
-    uint64_t partials;   /* float[gridDim.x]: each block's share of its layer's loss */
     uint64_t counters;   /* uint32[CCPL_COUNTERS], device */
     uint64_t layer_loss; /* out: float[num_layers] */
     uint64_t loss;       /* out: float[1], the sum of the layers' losses */
     int32_t num_layers;
     int32_t transpose;
+    int32_t normalized; /* 1: rows_q, rows_k are normalised rows (float) with their norms */
     float inv_tau;
 } ccpl_small_s_rows_params;
 

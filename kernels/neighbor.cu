@@ -1,7 +1,6 @@
 // neighbor.cu: difference rows from feature maps (centre minus neighbour), the same rows
 // normalised as they are formed, and the backward scatter.
 #include "neighbor.cuh"
-#include "row_norm.cuh"
 
 namespace ccpl {
 
@@ -23,32 +22,22 @@ template <typename T> __device__ void neighbor_diff(const ccpl_neighbor_diff_par
 }
 
 // The difference rows normalised (normalize_rows of neighbor_diff) without storing them: one
-// warp per row (b, k*N + x), lanes over the channels. The difference is formed in float and
-// normalised at scale (row_norm.cuh) before anything is stored in T, so that the normalised
-// row is right wherever T holds it: f16 features whose differences pass 65504, f32 and bf16
-// features whose differences pass FLT_MAX (formed then at the row's scale, a*s - b*s).
+// warp per row (b, k*N + x), lanes over the channels (normalized_difference_row: the
+// normalised row is right wherever T holds it, whatever the difference).
 template <typename T>
 __device__ void neighbor_diff_normalize(const ccpl_neighbor_diff_normalize_params& p) {
     const T* __restrict__ feat = ptr<T>(p.feat);
     const int32_t* __restrict__ centers = ptr<int32_t>(p.centers);
     const int lane = threadIdx.x % kWarp;
-    const int64_t C = p.channels, N = p.num_centers, plane = (int64_t)p.height * p.width;
+    const int64_t C = p.channels, N = p.num_centers;
     const int64_t S = CCPL_NUM_NEIGHBORS * N, total = (int64_t)p.batch * S;
     for (int64_t row = first_warp_row(); row < total; row += warp_row_stride()) {
         const int64_t b = row / S, k = row % S / N, x = row % N;
-        const int64_t pos = centers[x];
-        const int64_t nb = pos + neighbor_dh((int)k) * (int64_t)p.width + neighbor_dw((int)k);
-        const auto load = [&](int64_t c, float scale) {
-            const float centre = to_float(feat[feat_index(p.layout, b, c, pos, C, plane)]);
-            const float neighbour = to_float(feat[feat_index(p.layout, b, c, nb, C, plane)]);
-            const float d = centre - neighbour;
-            return isinf(d) ? centre * scale - neighbour * scale : d * scale;
-        };
-        const ScaledNorm norm = scaled_norm(lane, C, load);
-        const float factor = norm.unit_factor();
         T* __restrict__ out = mut_ptr<T>(p.out) + row * C;
-        for (int64_t c = lane; c < C; c += kWarp) out[c] = from_float<T>(load(c, norm.scale) * factor);
-        if (lane == 0) mut_ptr<float>(p.norms)[row] = norm.norm();
+        const float norm = normalized_difference_row(
+            feat, p.layout, b, (int)k, centers[x], C, p.height, p.width, lane,
+            [&](int64_t c, float v) { out[c] = from_float<T>(v); });
+        if (lane == 0) mut_ptr<float>(p.norms)[row] = norm;
     }
 }
 

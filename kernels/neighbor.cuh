@@ -1,9 +1,10 @@
-// neighbor.cuh: the difference rows of one (image, centre, channel) and the deterministic
-// scatter of their gradient, shared by neighbor.cu (one layer, rows in T) and small_s.cu
-// (every layer in one launch, rows in float).
+// neighbor.cuh: the difference rows of one (image, centre, channel), a difference row
+// normalised as it is formed, and the deterministic scatter of their gradient, shared by
+// neighbor.cu (one layer, rows in T) and small_s.cu (every layer in one launch, rows in float).
 #pragma once
 
 #include "common.cuh"
+#include "row_norm.cuh"
 
 namespace ccpl {
 
@@ -27,6 +28,33 @@ __device__ __forceinline__ void difference_rows(const T* __restrict__ feat, int 
         const int64_t nb = pos + neighbor_dh(k) * width + neighbor_dw(k);
         store(k, centre - to_float(feat[feat_index(layout, b, c, nb, channels, plane)]));
     }
+}
+
+// The difference row of image b in direction k of the centre at `pos` (d = f[b, :, pos] -
+// f[b, :, pos + off_k]) normalised, without storing d: formed in float and normalised at its
+// scale (row_norm.cuh), so that the normalised row is right wherever d is not representable
+// (f16 features whose differences pass 65504 when d would be stored in T; f32 and bf16
+// features whose differences pass FLT_MAX, formed then at the row's scale, a*s - b*s). A warp
+// per row: every lane calls it with its `lane`; store(c, v) receives the lane's elements
+// c = lane, lane + 32, ... of d / (||d|| + eps); every lane gets ||d|| (inf past float's range).
+template <typename T, typename Store>
+__device__ __forceinline__ float normalized_difference_row(const T* __restrict__ feat, int layout,
+                                                           int64_t b, int k, int64_t pos,
+                                                           int64_t channels, int64_t height,
+                                                           int64_t width, int lane,
+                                                           const Store& store) {
+    const int64_t plane = height * width;
+    const int64_t nb = pos + neighbor_dh(k) * width + neighbor_dw(k);
+    const auto load = [&](int64_t c, float scale) {
+        const float centre = to_float(feat[feat_index(layout, b, c, pos, channels, plane)]);
+        const float neighbour = to_float(feat[feat_index(layout, b, c, nb, channels, plane)]);
+        const float d = centre - neighbour;
+        return isinf(d) ? centre * scale - neighbour * scale : d * scale;
+    };
+    const ScaledNorm norm = scaled_norm(lane, channels, load);
+    const float factor = norm.unit_factor();
+    for (int64_t c = lane; c < channels; c += kWarp) store(c, load(c, norm.scale) * factor);
+    return norm.norm();
 }
 
 // Index of the centre at (h, w), or -1 when (h, w) is off the map or holds no centre. The

@@ -1,8 +1,8 @@
 // row_norm.cuh: the L2 norm of a row, and the row normalised by it, without overflow or
 // underflow of the sum of squares; and the backward of that normalisation. Every kernel that
-// normalises a row goes through here (normalize.cu; neighbor.cu's difference rows normalised
-// as they are formed; small_s.cu), so that all of them agree with the float64 reference at
-// any magnitude float holds.
+// normalises a row goes through here (normalize.cu; neighbor.cuh's difference rows normalised
+// as they are formed, for neighbor.cu and small_s.cu's gather; small_s.cu's rows), so that all
+// of them agree with the float64 reference at any magnitude float holds.
 //
 // Why: the square of a float overflows from |x| about 1.8e19 (sum of squares inf: the row
 // normalises to 0, the loss to ln S, the gradients to 0) and underflows below about 1e-19
@@ -51,8 +51,11 @@ struct ScaledNorm {
     __device__ __forceinline__ float norm() const { return scaled / scale; }
     // What an element times `scale` is multiplied by to give the element of the normalised
     // row, x / (||row|| + eps) = (x * scale) / (scaled + eps * scale): finite for any row
-    // (eps * scale <= 1e-7 * 2^126), 1/eps for a zero row.
-    __device__ __forceinline__ float unit_factor() const { return 1.0f / (scaled + kNormEps * scale); }
+    // (eps * scale <= 1e-7 * 2^126), 1/eps for a zero row. Rounded as written, never fused: the
+    // same row gives the same bits wherever it is normalised (small_s.cu's two launches).
+    __device__ __forceinline__ float unit_factor() const {
+        return 1.0f / __fadd_rn(scaled, __fmul_rn(kNormEps, scale));
+    }
 };
 
 // The power of two that brings a row's largest magnitude into [1, 2), clamped to a normal

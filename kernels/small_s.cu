@@ -2,21 +2,22 @@
 // in three launches per training step, each over every layer (docs/small-s.md):
 //
 // 1. small_s_gather: the layers' centres drawn on the device (philox.cuh), and the difference
-//    rows of both feature maps in float (each row gathered once, not once per block of 2.);
-// 2. small_s_rows: per (layer, image, 16 rows): the norms, the logits of the block's rows
-//    against all S rows of the other side (kept in shared memory), the cross-entropy, and the
-//    gradient of the loss with respect to the block's raw rows, as fused cross-entropy
-//    kernels do: the backward's work in the forward pass, for an upstream gradient of 1; the
-//    last block sums the losses;
+//    rows of both feature maps normalised in float, with their norms (each row gathered once,
+//    not once per block of 2.; no difference row stored, so none overflows);
+// 2. small_s_rows: per (layer, image, 16 rows): the logits of the block's rows against all S
+//    rows of the other side (kept in shared memory), the cross-entropy, and the gradient of
+//    the loss with respect to the block's rows, as fused cross-entropy kernels do: the
+//    backward's work in the forward pass, for an upstream gradient of 1; the last block sums
+//    the losses in double;
 // 3. small_s_scatter: upstream x that gradient into the caller's feature-map gradients.
 //
-// small_s_rows also serves the rows loss of a learned head (CcpRows), whose backward is then
-// small_s_scale. Everything is computed in float from the inputs in T; only the results
-// stored in T (the gradients) are rounded. No block waits for another: the closing work of
-// a launch is done by the last block to finish (last_block).
+// small_s_rows also serves the rows loss of a learned head (CcpRows), on its raw rows, which
+// it normalises at their scale (row_norm.cuh); its backward is then small_s_scale. Everything
+// is computed in float from the inputs in T; only the results stored in T (the gradients) are
+// rounded. No block waits for another: the closing work of a launch is done by the last block
+// to finish (last_block).
 #include "neighbor.cuh"
 #include "philox.cuh"
-#include "row_norm.cuh"
 #include "row_stats.cuh"
 
 namespace ccpl {
@@ -62,11 +63,11 @@ __device__ __forceinline__ uint64_t load_u64(const volatile uint32_t* words) {
 
 // ---- 1. Centres and difference rows ----------------------------------------------------
 
-// One block draws (or reads) its layer's centres, then gathers its share of the layer's
-// (image, centre, channel) items: one thread per item, as neighbor_diff. Drawing: every block
-// of a layer draws the same centres from the same stream; the layer's first block draws them
-// straight into `centers` (after taking the previous step's out of the map) and keeps the map
-// in step, the others draw into shared memory (a layer with more than one block has at most
+// One block draws (or reads) its layer's centres, then normalises its share of the layer's
+// difference rows, a warp per row, as neighbor_diff_normalize. Drawing: every block of a layer
+// draws the same centres from the same stream; the layer's first block draws them straight
+// into `centers` (after taking the previous step's out of the map) and keeps the map in step,
+// the others draw into shared memory (a layer with more than one block has at most
 // CCPL_SMALL_S_MAX_ROWS / 8 centres). The last block to finish advances the step.
 template <typename T> __device__ void small_s_gather(const ccpl_small_s_gather_params& p) {
     __shared__ int32_t drawn[CCPL_SMALL_S_MAX_ROWS / CCPL_NUM_NEIGHBORS];
@@ -94,20 +95,22 @@ template <typename T> __device__ void small_s_gather(const ccpl_small_s_gather_p
         list = dst;
     }
     if (l.feat_q != 0) {
-        const T* __restrict__ feat_q = ptr<T>(l.feat_q);
-        const T* __restrict__ feat_k = ptr<T>(l.feat_k);
-        float* __restrict__ rows_q = mut_ptr<float>(l.rows_q);
-        float* __restrict__ rows_k = mut_ptr<float>(l.rows_k);
-        const int64_t C = l.channels, total = (int64_t)l.batch * N * C;
-        const int64_t stride = (int64_t)layer_blocks(p.layers, p.num_layers, layer) * blockDim.x;
-        for (int64_t t = (int64_t)(blockIdx.x - l.first_block) * blockDim.x + threadIdx.x; t < total;
-             t += stride) {
-            const int64_t c = t % C, x = (t / C) % N, b = t / (C * N);
-            const int64_t row0 = (b * CCPL_NUM_NEIGHBORS * N + x) * C + c;  // row k*N + x at row0 + k*N*C
-            const auto store_q = [&](int k, float v) { rows_q[row0 + k * N * C] = v; };
-            const auto store_k = [&](int k, float v) { rows_k[row0 + k * N * C] = v; };
-            difference_rows(feat_q, l.layout, b, c, list[x], C, l.height, l.width, store_q);
-            difference_rows(feat_k, l.layout, b, c, list[x], C, l.height, l.width, store_k);
+        // A warp per difference row of either side (q's rows, then k's), normalised as it is
+        // formed: a difference that float cannot hold (features near FLT_MAX) is never stored.
+        const int64_t C = l.channels, S = CCPL_NUM_NEIGHBORS * N;
+        const int64_t rows = (int64_t)l.batch * S;  // of one side
+        const int lane = threadIdx.x % kWarp;
+        const int64_t warps = (int64_t)layer_blocks(p.layers, p.num_layers, layer) * blockDim.x / kWarp;
+        for (int64_t r = ((int64_t)(blockIdx.x - l.first_block) * blockDim.x + threadIdx.x) / kWarp;
+             r < 2 * rows; r += warps) {
+            const bool k_side = r >= rows;
+            const int64_t row = k_side ? r - rows : r;
+            const int64_t b = row / S, k = row % S / N, x = row % N;
+            float* __restrict__ out = mut_ptr<float>(k_side ? l.rows_k : l.rows_q) + row * C;
+            const float norm = normalized_difference_row(
+                ptr<T>(k_side ? l.feat_k : l.feat_q), l.layout, b, (int)k, list[x], C, l.height,
+                l.width, lane, [&](int64_t c, float v) { out[c] = v; });
+            if (lane == 0) mut_ptr<float>(k_side ? l.norms_k : l.norms_q)[row] = norm;
         }
     }
     if (p.sample && last_block(counters + CCPL_COUNTER_GATHER_DONE) && threadIdx.x == 0) {
@@ -130,21 +133,43 @@ constexpr int kMicroCols = kTileCols / kMicro;
 static_assert(kGroup == (kTileRows / kMicro) * kMicroCols, "a group's micro-tiles cover the tile");
 static_assert(kDepth % kSplits == 0, "the groups split a stage evenly");
 
-// The static shared memory of small_s_rows (47.6 KB of the 48 KB a block may have without
-// opting in): the block's rows of logits against all S rows of the other side, then of G
-// (32 KB at S = 512: what bounds S), the norms, and the operands of the products.
+// A row's normalised elements as the products read them: x * scale * factor with the row's
+// ScaledNorm (row_norm.cuh), the power of two `scale` kept as its exponent, a byte: S floats
+// more would not fit beside the logits in the static 48 KB, S bytes do.
+struct UnitRow {
+    float factor;
+    int8_t exponent;
+};
+
+// The UnitRow of a row of norm `n`: x * 2^exponent * factor = x / (||row|| + eps).
+__device__ __forceinline__ UnitRow unit_row(const ScaledNorm& n) {
+    return UnitRow{n.unit_factor(), (int8_t)((int)(__float_as_uint(n.scale) >> 23) - 127)};
+}
+
+// Element x of a row, normalised: exact multiplication by the power of two, then one rounding.
+__device__ __forceinline__ float unit_element(float x, int8_t exponent, float factor) {
+    return x * __uint_as_float((uint32_t)(exponent + 127) << 23) * factor;
+}
+
+// The static shared memory of small_s_rows (48,084 bytes, as ptxas reports it, of the 49,152
+// a block may have without opting in): the block's rows of logits against all S rows of the
+// other side, then of G (32 KB at S = 512: what bounds S), what normalises the rows, and the
+// operands of the products.
 struct SmallShared {
     float logits[kTileRows][kMaxRows];
-    float other_scale[kMaxRows];  // 1 / (||other row j|| + eps)
-    float own_norm[kTileRows];
-    float row_loss[kTileRows];
-    float scratch[kWarp];
+    float other_factor[kMaxRows];   // raw rows: UnitRow of other row j, as two arrays
+    int8_t other_exponent[kMaxRows];
+    ScaledNorm own_direction[kTileRows];  // u = x * scale / scaled, for the backward
+    float own_norm[kTileRows];            // ||own row||, for the backward
+    float own_factor[kTileRows];          // raw rows: UnitRow of own row m
+    int8_t own_exponent[kTileRows];
     union {
         struct {
             float a[kDepth][kTileRows + 1];  // padded: the stores along k are conflict-free
             float b[kDepth][kTileCols + 1];
         } stage;
         float partial[kSplits - 1][kTileRows][kTileCols + 1];  // groups 1.. of a product
+        double sums[kWarp];                                   // the loss's block reduction
     };
 };
 
@@ -212,19 +237,14 @@ __device__ __forceinline__ void small_tile(SmallShared& s, int64_t depth, const 
     __syncthreads();
 }
 
-// The logit of q row i and k row j from their raw product and the inverse norms plus eps of
-// both: one expression, whichever side the block owns, so the transposed launch recomputes
-// the forward's logits exactly.
-__device__ __forceinline__ float small_logit(float raw, float q_scale, float k_scale, float inv_tau) {
-    return __fmul_rn(__fmul_rn(__fmul_rn(raw, q_scale), k_scale), inv_tau);
-}
-
 // One block: layer `layer`, image b, own rows r0 .. r0 + 15. Forward (kTranspose false): own
 // rows are rows_q, the other side rows_k; the block writes its rows' lse and loss, and the
-// gradient of the loss (upstream 1) with respect to its raw rows of q. Transposed: own rows
-// are rows_k, the other side rows_q; the gradient with respect to the block's raw rows of k,
-// from the forward's lse and row loss.
-template <typename T, bool kTranspose>
+// gradient of the loss (upstream 1) with respect to its rows of q. Transposed: own rows are
+// rows_k, the other side rows_q; the gradient with respect to the block's rows of k, from the
+// forward's lse and row loss. kNormalized: the rows are normalised already (the gather's), with
+// their norms; else they are raw, and every product reads them normalised at their scale
+// (unit_element), so that no product of rows overflows or underflows whatever their magnitude.
+template <typename T, bool kTranspose, bool kNormalized>
 __device__ void small_s_rows_block(const ccpl_small_s_rows_params& p, SmallShared& s) {
     const int layer = layer_of_block(p.layers, p.num_layers, blockIdx.x);
     const ccpl_small_s_rows_layer& l = p.layers[layer];
@@ -242,21 +262,27 @@ __device__ void small_s_rows_block(const ccpl_small_s_rows_params& p, SmallShare
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
     const int warps = blockDim.x / kWarp;
 
-    // Norms: a warp per row, own rows first, then all S rows of the other side. The forward
-    // of the rows loss copies the rows of q and k it owns, for a later transposed launch.
-    for (int64_t r = warp; r < kTileRows + S; r += warps) {
+    // Norms: a warp per row, own rows first (the direction u and the norm, for the backward:
+    // the norm the gather gives, or this row's), then, of raw rows, all S rows of the other
+    // side. The forward of raw rows copies the rows of q and k it owns, for a later transposed
+    // launch. A normalised row is read as it is: u = v / ||v|| at scale.
+    const int64_t norm_rows = kTileRows + (kNormalized ? 0 : S);
+    for (int64_t r = warp; r < norm_rows; r += warps) {
         const bool mine = r < kTileRows;
         const int64_t i = mine ? r0 + r : r - kTileRows;
-        if (i >= S) {
-            if (lane == 0) s.own_norm[r] = 0.0f;
-            continue;
-        }
+        if (i >= S) continue;
         const T* row = (mine ? own : other) + i * C;
-        const float norm =
-            scaled_norm(lane, C, [&](int64_t c, float scale) { return to_float(row[c]) * scale; }).norm();
-        if (lane == 0) {
-            if (mine) s.own_norm[r] = norm;
-            else s.other_scale[i] = 1.0f / (norm + kNormEps);
+        const ScaledNorm n =
+            scaled_norm(lane, C, [&](int64_t c, float scale) { return to_float(row[c]) * scale; });
+        if (lane == 0 && mine) {
+            s.own_direction[r] = n;
+            s.own_norm[r] = kNormalized ? ptr<float>(kTranspose ? l.norms_k : l.norms_q)[b * S + i]
+                                        : n.norm();
+        }
+        if (lane == 0 && !kNormalized) {
+            const UnitRow unit = unit_row(n);
+            (mine ? s.own_factor[r] : s.other_factor[i]) = unit.factor;
+            (mine ? s.own_exponent[r] : s.other_exponent[i]) = unit.exponent;
         }
         float* copy = mine ? copy_q : (i >= r0 && i < r0 + kTileRows ? copy_k : nullptr);
         if (copy != nullptr) {
@@ -264,42 +290,43 @@ __device__ void small_s_rows_block(const ccpl_small_s_rows_params& p, SmallShare
         }
     }
     __syncthreads();
+    // Own row m and other row j, element c, normalised.
+    const auto own_unit = [&](int m, int64_t c) {
+        const float x = to_float(own[(r0 + m) * C + c]);
+        return kNormalized ? x : unit_element(x, s.own_exponent[m], s.own_factor[m]);
+    };
+    const auto other_unit = [&](int64_t j, int64_t c) {
+        const float x = to_float(other[j * C + c]);
+        return kNormalized ? x : unit_element(x, s.other_exponent[j], s.other_factor[j]);
+    };
 
-    // Raw logits, 64 columns of the other side at a time.
+    // Products of the normalised rows, 64 columns of the other side at a time.
     for (int64_t j0 = 0; j0 < S; j0 += kTileCols) {
         small_tile<true>(
-            s, C,
-            [&](int m, int64_t c) { return r0 + m < S && c < C ? to_float(own[(r0 + m) * C + c]) : 0.0f; },
-            [&](int64_t c, int n) { return j0 + n < S && c < C ? to_float(other[(j0 + n) * C + c]) : 0.0f; },
+            s, C, [&](int m, int64_t c) { return r0 + m < S && c < C ? own_unit(m, c) : 0.0f; },
+            [&](int64_t c, int n) { return j0 + n < S && c < C ? other_unit(j0 + n, c) : 0.0f; },
             [&](int m, int n, float v) {
                 if (j0 + n < S) s.logits[m][j0 + n] = v;
             });
     }
 
-    // The cross-entropy of each own row (forward), and the block's rows of G scaled for the
-    // product with the other side's raw rows: H = (P - I) / (B S tau) / (||other row|| + eps),
-    // where P - I is taken at (own i, other j) in the forward and at (other j, own i), the
-    // softmax row of q_j, in the transposed launch. A warp per own row.
+    // The cross-entropy of each own row (forward), and the block's rows of G = (P - I) / (B S
+    // tau), where P - I is taken at (own i, other j) in the forward and at (other j, own i),
+    // the softmax row of q_j, in the transposed launch. A warp per own row. The logit of rows
+    // (i, j) is their product times 1/tau, rounded on its own: the transposed launch, whose
+    // products are the forward's transposed (the same bits, small_tile), recomputes it exactly.
     const float inv_tau = p.inv_tau;
-    const float inv_count = 1.0f / (float)(l.batch * S);
-    const float coeff = inv_tau * inv_count;
+    const float coeff = inv_tau / (float)(l.batch * S);
     for (int m = warp; m < kTileRows; m += warps) {
         const int64_t i = r0 + m;
         if (i >= S) {
             for (int64_t j = lane; j < S; j += kWarp) s.logits[m][j] = 0.0f;
-            if (lane == 0) s.row_loss[m] = 0.0f;
             continue;
         }
-        const float own_scale = 1.0f / (s.own_norm[m] + kNormEps);
-        const auto logit = [&](int64_t j) {
-            const float raw = s.logits[m][j];
-            return kTranspose ? small_logit(raw, s.other_scale[j], own_scale, inv_tau)
-                              : small_logit(raw, own_scale, s.other_scale[j], inv_tau);
-        };
+        const auto logit = [&](int64_t j) { return __fmul_rn(s.logits[m][j], inv_tau); };
         if (kTranspose) {
             for (int64_t j = lane; j < S; j += kWarp) {
-                const float g = softmax_minus_eye(j == i, logit(j), row_lse[j], row_loss[j]);
-                s.logits[m][j] = g * coeff * s.other_scale[j];
+                s.logits[m][j] = softmax_minus_eye(j == i, logit(j), row_lse[j], row_loss[j]) * coeff;
             }
             continue;
         }
@@ -322,68 +349,78 @@ __device__ void small_s_rows_block(const ccpl_small_s_rows_params& p, SmallShare
         if (lane == 0) {
             row_lse[i] = lse;
             row_loss[i] = loss;
-            s.row_loss[m] = loss;
         }
         for (int64_t j = lane; j < S; j += kWarp) {
-            const float g = softmax_minus_eye(j == i, logit(j), lse, loss);
-            s.logits[m][j] = g * coeff * s.other_scale[j];
+            s.logits[m][j] = softmax_minus_eye(j == i, logit(j), lse, loss) * coeff;
         }
     }
     __syncthreads();
 
-    // The gradient of the own unit rows, H times the other side's raw rows, 64 columns at a
-    // time, into grad.
+    // The gradient of the own normalised rows, G times the other side's normalised rows, 64
+    // columns at a time, into grad.
     for (int64_t c0 = 0; c0 < C; c0 += kTileCols) {
         small_tile<false>(
             s, S, [&](int m, int64_t j) { return j < S ? s.logits[m][j] : 0.0f; },
-            [&](int64_t j, int n) { return j < S && c0 + n < C ? to_float(other[j * C + c0 + n]) : 0.0f; },
+            [&](int64_t j, int n) { return j < S && c0 + n < C ? other_unit(j, c0 + n) : 0.0f; },
             [&](int m, int n, float v) {
                 if (r0 + m < S && c0 + n < C) grad[(r0 + m) * C + c0 + n] = v;
             });
     }
 
     // Back through the normalisation, in place (the block's own writes, visible after the
-    // barrier that ends small_tile).
+    // barrier that ends small_tile), u = x * scale / scaled from the row's own ScaledNorm.
     for (int m = warp; m < kTileRows; m += warps) {
         const int64_t i = r0 + m;
         if (i >= S) continue;
         const T* row = own + i * C;
         float* g = grad + i * C;
-        const float norm = s.own_norm[m];
+        const ScaledNorm direction = s.own_direction[m];
         unit_row_backward(
-            lane, C, norm, [&](int64_t c) { return to_float(row[c]) / norm; },
+            lane, C, s.own_norm[m],
+            [&](int64_t c) {
+                return direction.scaled > 0.0f ? to_float(row[c]) * direction.scale / direction.scaled
+                                                : 0.0f;
+            },
             [&](int64_t c) { return g[c]; }, [&](int64_t c, float v) { g[c] = v; });
     }
     if (kTranspose) return;
 
-    // The block's share of its layer's loss, each row loss divided by B S before the sum (no
-    // overflow where the mean fits); the last block sums each layer's shares, then the layers,
-    // in a fixed order.
-    float* partials = mut_ptr<float>(p.partials);
-    if (threadIdx.x == 0) {
-        float sum = 0.0f;
-        for (int m = 0; m < kTileRows; ++m) sum += s.row_loss[m] * inv_count;
-        partials[blockIdx.x] = sum;
-    }
+    // The loss, by the last block to finish: each layer's row losses (every block's, fenced by
+    // last_block) summed in double, as info_nce_loss, so that neither a large sum overflows nor
+    // a row loss's tiny share of the mean is rounded to a subnormal; then divided by B S, and
+    // the layers' means added in a fixed order.
     if (!last_block(mut_ptr<uint32_t>(p.counters) + CCPL_COUNTER_ROWS_DONE)) return;
-    const volatile float* shares = partials;
-    float total = 0.0f;
+    double total = 0.0;
     for (int k = 0; k < p.num_layers; ++k) {
-        const int first = p.layers[k].first_block, count = layer_blocks(p.layers, p.num_layers, k);
-        float sum = 0.0f;
-        for (int e = threadIdx.x; e < count; e += blockDim.x) sum += shares[first + e];
-        sum = block_sum(sum, s.scratch);
+        const ccpl_small_s_rows_layer& lk = p.layers[k];
+        const int64_t count = (int64_t)lk.batch * lk.rows;
+        const volatile float* losses = ptr<float>(lk.row_loss);
+        double sum = 0.0;
+        for (int64_t e = threadIdx.x; e < count; e += blockDim.x) sum += losses[e];
+        sum = block_sum(sum, s.sums);
         if (threadIdx.x == 0) {
-            mut_ptr<float>(p.layer_loss)[k] = sum;
-            total += sum;
+            const double mean = sum / (double)count;
+            mut_ptr<float>(p.layer_loss)[k] = (float)mean;
+            total += mean;
         }
     }
-    if (threadIdx.x == 0) mut_ptr<float>(p.loss)[0] = total;
+    if (threadIdx.x == 0) mut_ptr<float>(p.loss)[0] = (float)total;
 }
 
+// The normalised rows are the gather's, float: the 16-bit kernels take raw rows only (the
+// plans refuse normalised rows in T).
 template <typename T> __device__ void small_s_rows(const ccpl_small_s_rows_params& p) {
     __shared__ SmallShared s;
-    bool_switch(p.transpose, [&](auto transpose) { small_s_rows_block<T, decltype(transpose)::value>(p, s); });
+    bool_switch(p.transpose, [&](auto transpose) {
+        constexpr bool kTranspose = decltype(transpose)::value;
+        if constexpr (std::is_same<T, float>::value) {
+            bool_switch(p.normalized, [&](auto normalized) {
+                small_s_rows_block<T, kTranspose, decltype(normalized)::value>(p, s);
+            });
+        } else {
+            small_s_rows_block<T, kTranspose, false>(p, s);
+        }
+    });
 }
 
 // ---- 3. The scatter into the feature maps' gradients, and the rows' backward --------------

@@ -79,13 +79,13 @@ fn small_s_planned<T: Dtype>(shape: &FeatureShape, centers: &CentersBuf) -> Vec<
         shape: rows,
         rows_q: r,
         rows_k: r,
+        norms: None,
         grad_rows: r,
         row_lse: s,
         row_loss: s,
         copies: None,
     };
     let totals = small_s::RowsTotals {
-        partials: buf(1),
         counters: buf(small_s::COUNTERS),
         layer_loss: buf(1),
         loss: buf(1),

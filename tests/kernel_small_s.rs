@@ -1,8 +1,10 @@
 //! The whole multi-layer loss (`plan::loss::LossPlan`: the small-S path of
 //! `kernels/small_s.cu`, mixed with the fused path for a larger layer) against the CPU
-//! reference `ccp_loss`, on the emulator and the GPU, for every storage type, at odd sizes and
-//! at the paper's; the launches of a training step, counted; determinism; and the rows loss of
-//! a learned head on the small-S path (`plan::small_s::SmallRowsPlan`).
+//! reference `ccp_loss`, on the emulator and the GPU, for every storage type, at odd sizes,
+//! at the paper's and at the edges of float's range; the launches of a training step, counted;
+//! determinism; and the rows loss of a learned head on the small-S path
+//! (`plan::small_s::SmallRowsPlan`), at the edges of float's range too, and its mean of tiny
+//! row losses.
 //!
 //! Tolerances. The small-S path computes in float from the inputs in `T` and rounds only what
 //! it stores in `T`: the gradients, once, when they are added to the caller's buffer. So its
@@ -15,7 +17,7 @@ mod common;
 
 use std::cell::RefCell;
 
-use ccpl::plan::loss::{CenterBuffers, Draw, LossPlan, LossWorkspace};
+use ccpl::plan::loss::{CenterBuffers, Draw, LossPlan};
 use ccpl::plan::neighbor::Scatter;
 use ccpl::plan::small_s::{self, SmallRowsPlan};
 use ccpl::plan::{KernelParams, LaunchPlan, Launcher};
@@ -23,8 +25,8 @@ use ccpl::reference::{self, LayerInput};
 use ccpl::{Centers, Dtype, FeatureShape, Layout, RowShape};
 use common::Rng;
 use common::device::{
-    Elem, F32_TOLERANCE, TestDevice, assert_close, layer_model, random, rows_model, scatter_model,
-    stored_tolerance, to_f64, tolerance,
+    Elem, F32_TOLERANCE, TestDevice, assert_close, layer_model, loss_workspace, random, rows_model,
+    scatter_model, stored_tolerance, to_f64, tolerance, tolerance_at,
 };
 
 const TAU: f64 = 0.07;
@@ -56,46 +58,22 @@ impl<L: Launcher> Launcher for Counting<L> {
     }
 }
 
-type Workspace<T, D> = LossWorkspace<
-    <D as TestDevice>::Mem<T>,
-    <D as TestDevice>::Mem<f32>,
-    <D as TestDevice>::Mem<i32>,
->;
-
-/// The loss's workspace on a device: NaN wherever a launch writes before it reads; the centre
-/// maps without centres (-1), the sampler at step 0 under `seed`, `1.0` where a default
-/// upstream gradient lives.
-fn workspace<T: Dtype + Elem, D: TestDevice>(
-    dev: &D,
-    plan: &LossPlan,
-    seed: u64,
-) -> Workspace<T, D> {
-    let lengths = plan.workspace().unwrap();
-    let mut ws = lengths
-        .try_map(
-            |&n| Ok::<_, ()>(dev.alloc_nan::<T>(n)),
-            |&n| Ok(dev.alloc_nan::<f32>(n)),
-            |&n| Ok(dev.upload(&vec![0i32; n])),
-        )
-        .unwrap();
-    for (c, len) in ws.centers.iter_mut().zip(&lengths.centers) {
-        c.map = dev.upload(&vec![-1i32; len.map]);
-    }
-    ws.counters = dev.upload(&small_s::counters(seed, 0));
-    ws.one = dev.upload(&[1.0f32]);
-    for fused in &mut ws.fused {
-        fused.rows.one = dev.upload(&[1.0f32]);
-    }
-    ws
-}
-
-/// One layer of a case: its shape, `num_s`, and whether feat_q has a flat 3x3 patch around
-/// (2, 2), one of the centres then (difference rows that are exactly zero: gradient g/eps).
+/// One layer of a case: its shape, `num_s`, whether feat_q has a flat 3x3 patch around
+/// (2, 2), one of the centres then (difference rows that are exactly zero: gradient g/eps),
+/// and the magnitude of the features (uniform in `[-magnitude, magnitude)`).
 #[derive(Clone, Copy)]
 struct LayerCase {
     shape: FeatureShape,
     num_s: usize,
     flat: bool,
+    magnitude: f64,
+}
+
+impl LayerCase {
+    /// The case with features of magnitude `magnitude`.
+    fn at(self, magnitude: f64) -> Self {
+        Self { magnitude, ..self }
+    }
 }
 
 fn layer(
@@ -109,19 +87,20 @@ fn layer(
         shape: FeatureShape::new(b, c, h, w, layout).unwrap(),
         num_s,
         flat,
+        magnitude: 1.0,
     }
 }
 
 fn features<T: Dtype>(rng: &mut Rng, case: &LayerCase) -> (Vec<T>, Vec<T>) {
     let s = &case.shape;
-    let mut feat_q: Vec<T> = random(rng, s.len(), 1.0);
-    let feat_k: Vec<T> = random(rng, s.len(), 1.0);
+    let mut feat_q: Vec<T> = random(rng, s.len(), case.magnitude);
+    let feat_k: Vec<T> = random(rng, s.len(), case.magnitude);
     if case.flat {
         for b in 0..s.batch() {
             for c in 0..s.channels() {
                 for h in 1..4 {
                     for w in 1..4 {
-                        feat_q[s.index(b, c, h, w).unwrap()] = T::from_f64(0.5);
+                        feat_q[s.index(b, c, h, w).unwrap()] = T::from_f64(0.5 * case.magnitude);
                     }
                 }
             }
@@ -177,6 +156,10 @@ const BACKWARDS: [Backward; 2] = [(None, false), (Some(2.5), true)];
 /// A training step's backward only: the default upstream into zeroed gradients of q.
 const TRAINING_STEP: [Backward; 1] = [(None, false)];
 
+/// The default upstream into zeroed gradients of both sides: both compared directly (a start
+/// of about 1 would hide gradients far from 1).
+const BOTH_SIDES: [Backward; 1] = [(None, true)];
+
 /// What a run of the loss is given: each layer's features and centres, where the centres come
 /// from, the backwards and the starts of their gradients.
 struct Inputs<'a, T> {
@@ -203,7 +186,7 @@ fn run<T: Dtype + Elem, D: TestDevice>(
         backwards,
         starts,
     } = *inputs;
-    let mut ws = workspace::<T, D>(dev, plan, SEED);
+    let mut ws = loss_workspace::<T, D>(dev, plan, SEED);
     if draw == Draw::Given {
         for (c, own) in centers.iter().zip(&mut ws.centers) {
             *own = CenterBuffers {
@@ -389,7 +372,29 @@ fn check_case<T: Dtype + Elem, D: TestDevice>(
                     );
                     continue;
                 }
-                let want: Vec<f64> = start.iter().zip(grad).map(|(s, g)| s + u * g).collect();
+                let (q, k) = (to_f64(&feats[l].0), to_f64(&feats[l].1));
+                let feat = if side == "q" { &q } else { &k };
+                let want = match past_float_rows(feat, &c.shape, &centers[l]) {
+                    None => start.iter().zip(grad).map(|(s, g)| s + u * g).collect(),
+                    Some(past) => {
+                        // The exact gradients of the difference rows, those of the rows past
+                        // float's range as the kernels give them (0, README: known limits).
+                        let exact = layer_model::<f64>(&q, &k, &c.shape, &centers[l], TAU, u);
+                        let mut rows = if side == "q" {
+                            exact.grad_rows_q
+                        } else {
+                            exact.grad_rows_k
+                        };
+                        let width = c.shape.channels();
+                        for (row, g) in rows.chunks_mut(width).enumerate() {
+                            if past[row] {
+                                g.fill(0.0);
+                            }
+                        }
+                        let scatter = Scatter::Deterministic;
+                        scatter_model::<f64>(&start, &rows, &c.shape, &centers[l], scatter)
+                    }
+                };
                 let tol = if plan.is_small(l) {
                     stored_tolerance::<T>(&want)
                 } else {
@@ -414,6 +419,17 @@ fn check_case<T: Dtype + Elem, D: TestDevice>(
         }
     }
     got
+}
+
+/// Which difference rows of `feat` have a norm past float's range, when any has: their
+/// gradient, below `|g| / f32::MAX`, comes out as 0 (README, known limits).
+fn past_float_rows(feat: &[f64], shape: &FeatureShape, centers: &Centers) -> Option<Vec<bool>> {
+    let rows = reference::neighbor_diff(feat, shape, centers).unwrap();
+    let norms = reference::normalize_rows(&rows, shape.channels())
+        .unwrap()
+        .norms;
+    let past: Vec<bool> = norms.iter().map(|&n| n > f32::MAX as f64).collect();
+    past.contains(&true).then_some(past)
 }
 
 /// Every storage type, except f16 where a layer has a flat patch: its gradient g/1e-7 is past
@@ -478,6 +494,29 @@ fn loss_matches_reference<D: TestDevice>(dev: &D) {
     }
 }
 
+/// Features at the edges of float's range, every layer in one launch: near `f32::MAX`, where
+/// centre minus neighbour exceeds it; of 1e20, whose difference rows' raw products exceed it;
+/// of 1e-25, far below eps (their rows normalise to about 0, their gradients are g/eps). f32
+/// and bf16 (which share float's range); f16 at its own edges (features near 65504, whose
+/// differences exceed it, and of 1e-3).
+fn extreme_magnitudes<D: TestDevice>(dev: &D) {
+    let mut rng = Rng::new(23);
+    let float_range = [
+        layer((1, 3, 5, 6), 3, Layout::Nchw, false).at(3e38),
+        layer((2, 5, 6, 5), 4, Layout::Nhwc, false).at(1e20),
+        layer((1, 4, 7, 5), 5, Layout::Nchw, false).at(1e-25),
+    ];
+    let name = "features at the edges of float's range";
+    check_case::<f32, D>(dev, &float_range, Draw::Given, &BOTH_SIDES, &mut rng, name);
+    check_case::<half::bf16, D>(dev, &float_range, Draw::Given, &BOTH_SIDES, &mut rng, name);
+    let f16_range = [
+        layer((1, 3, 5, 6), 3, Layout::Nchw, false).at(6e4),
+        layer((1, 4, 7, 5), 5, Layout::Nhwc, false).at(1e-3),
+    ];
+    let name = "features at the edges of f16's range";
+    check_case::<half::f16, D>(dev, &f16_range, Draw::Given, &BOTH_SIDES, &mut rng, name);
+}
+
 /// The paper's configuration: B = 8, num_s = 8, relu2_1 128x128x128, relu3_1 256x64x64,
 /// relu4_1 512x32x32 (NCHW), tau 0.07. A training step (the centres drawn on the device, the
 /// forward, the backward into zeroed gradients) is three launches; against the reference in
@@ -514,13 +553,11 @@ fn paper_configuration<D: TestDevice>(dev: &D) {
     let bytes = plan.workspace().unwrap().bytes::<f32>();
     println!("workspace at the paper configuration: {bytes} bytes");
     // Four float row matrices (B, S, C) per layer (rows and gradients of both sides), the
-    // centres and their maps, the row statistics, one float per block of the rows launch.
+    // centres and their maps, the row statistics and both sides' norms.
     let (b, s, channels) = (8, 64, 128 + 256 + 512);
     let maps = 128 * 128 + 64 * 64 + 32 * 32;
-    let blocks = 3 * b * s / small_s::TILE_ROWS;
     let expected = 4 * (4 * b * s * channels)
-        + 4 * (2 * b * s * 3)
-        + 4 * blocks
+        + 4 * (4 * b * s * 3)
         + 4 * 3
         + 4 * (3 * 8 + maps)
         + 4 * small_s::COUNTERS
@@ -580,22 +617,55 @@ fn rows_match_reference<D: TestDevice>(dev: &D) {
         (1, 512, 16),
     ] {
         let shape = RowShape::new(b, s, c).unwrap();
-        for_each_dtype!(check_rows(dev, &shape, &mut rng));
+        for_each_dtype!(check_rows(dev, &shape, &mut rng, Magnitudes(3.0, 0.5)));
     }
 }
 
-fn check_rows<T: Dtype + Elem, D: TestDevice>(dev: &D, shape: &RowShape, rng: &mut Rng) {
+/// Rows at the edges of float's range, f32 and bf16: of 1e20, whose raw products exceed it;
+/// rows of q near `f32::MAX` whose norms exceed it, against rows of k of 1e-3 (their raw
+/// products fit: q's rows divided by their norm are right only if that norm's reciprocal is
+/// not rounded to 0). f16 near 65504 and at 1e-3, where float's products have room.
+fn rows_at_extreme_magnitudes<D: TestDevice>(dev: &D) {
+    let mut rng = Rng::new(29);
+    let shape = RowShape::new(2, 24, 5).unwrap();
+    for m in [Magnitudes(1e20, 1e20), Magnitudes(3e38, 1e-3)] {
+        check_rows::<f32, D>(dev, &shape, &mut rng, m);
+        check_rows::<half::bf16, D>(dev, &shape, &mut rng, m);
+    }
+    for m in [Magnitudes(6e4, 6e4), Magnitudes(1e-3, 1e-3)] {
+        check_rows::<half::f16, D>(dev, &shape, &mut rng, m);
+    }
+}
+
+/// The magnitudes of the rows of q and k in a rows case: values uniform in `[-m, m)`.
+#[derive(Clone, Copy, Debug)]
+struct Magnitudes(f64, f64);
+
+fn check_rows<T: Dtype + Elem, D: TestDevice>(
+    dev: &D,
+    shape: &RowShape,
+    rng: &mut Rng,
+    magnitudes: Magnitudes,
+) {
     let label = format!(
-        "{} B={} S={} C={} on the {}",
+        "{} B={} S={} C={} {magnitudes:?} on the {}",
         T::SUFFIX,
         shape.batch(),
         shape.rows(),
         shape.width(),
         dev.name()
     );
-    let rows_q: Vec<T> = random(rng, shape.len(), 3.0);
-    let rows_k: Vec<T> = random(rng, shape.len(), 0.5);
+    let rows_q: Vec<T> = random(rng, shape.len(), magnitudes.0);
+    let rows_k: Vec<T> = random(rng, shape.len(), magnitudes.1);
     let (q, k) = (to_f64(&rows_q), to_f64(&rows_k));
+    // A row whose norm exceeds float's range has a gradient below |g| / f32::MAX, which the
+    // kernels give as 0 (README, known limits): finite, not compared.
+    let past_float = |rows: &[f64]| {
+        let norms = reference::normalize_rows(rows, shape.width())
+            .unwrap()
+            .norms;
+        norms.iter().any(|&n| n > f32::MAX as f64)
+    };
     let plan = SmallRowsPlan::new(*shape, TAU).unwrap();
     let mut ws = plan
         .workspace()
@@ -651,12 +721,16 @@ fn check_rows<T: Dtype + Elem, D: TestDevice>(dev: &D, shape: &RowShape, rng: &m
         );
         let got = to_f64(&dev.download(&grad_q));
         let what = format!("rows grad_rows_q upstream={u} {label}");
-        assert_close(
-            &what,
-            &got,
-            &exact.grad_rows_q,
-            stored_tolerance::<T>(&exact.grad_rows_q),
-        );
+        if past_float(&q) {
+            assert!(got.iter().all(|g| g.is_finite()), "{what}: not finite");
+        } else {
+            assert_close(
+                &what,
+                &got,
+                &exact.grad_rows_q,
+                stored_tolerance::<T>(&exact.grad_rows_q),
+            );
+        }
         let got = to_f64(&dev.download(&grad_k));
         if both {
             let what = format!("rows grad_rows_k upstream={u} {label}");
@@ -675,9 +749,56 @@ fn check_rows<T: Dtype + Elem, D: TestDevice>(dev: &D, shape: &RowShape, rng: &m
     }
 }
 
+/// Row losses too small for float once divided by `B S`, though their mean is a normal
+/// float: 2000 images of the 16 unit vectors of 16 channels, q = k, at tau = 1/89.5, so every
+/// row's loss is `log1p(15 exp(-89.5 / (1 + eps)^2))`, about 2.1e-38, and its share of the
+/// mean about 6.5e-43, a subnormal of 9 bits. Summed in double, the loss is as precise as the
+/// row losses.
+fn tiny_row_losses<D: TestDevice>(dev: &D) {
+    let (b, s) = (2000, 16);
+    let shape = RowShape::new(b, s, s).unwrap();
+    let tau = 1.0 / 89.5;
+    let rows: Vec<f32> = (0..shape.len())
+        .map(|e| f32::from(e / s % s == e % s))
+        .collect();
+    let plan = SmallRowsPlan::new(shape, tau).unwrap();
+    let mut ws = plan
+        .workspace()
+        .unwrap()
+        .try_map(
+            |&n| Ok::<_, ()>(dev.alloc_nan::<f32>(n)),
+            |&n| Ok(dev.alloc_nan::<f32>(n)),
+        )
+        .unwrap();
+    let mut counters = dev.upload(&[0i32; small_s::COUNTERS]);
+    let (mut q_dev, mut k_dev) = (dev.upload(&rows), dev.upload(&rows));
+    let bufs = ws.map_mut(|m| dev.buf(m), |m| dev.buf(m));
+    plan.forward::<f32, _>(
+        &dev.launcher(),
+        dev.buf(&mut q_dev),
+        dev.buf(&mut k_dev),
+        &bufs,
+        dev.buf(&mut counters),
+    )
+    .unwrap();
+    // Every row's logits: L_ii = |v|^2 / tau with v = e_i / (1 + eps), the others 0; so its
+    // loss is ln(exp(L_ii) + 15) - L_ii. In closed form: the reference's lse - L_ii cancels to
+    // 0 in float64 here.
+    let eps = ccpl::ffi::CCPL_NORM_EPS;
+    let exact = (15.0 * (-1.0 / ((1.0 + eps) * (1.0 + eps) * tau)).exp()).ln_1p();
+    assert!(exact > f32::MIN_POSITIVE as f64 && exact < 1e-36);
+    let loss = dev.download(&ws.loss)[0] as f64;
+    let what = format!("loss of tiny row losses on the {}", dev.name());
+    let tol = tolerance_at(&[exact], &[exact], tau);
+    assert_close(&what, &[loss], &[exact], tol);
+}
+
 on_every_device!(
     loss_matches_reference,
+    extreme_magnitudes,
     paper_configuration,
     step_is_deterministic,
-    rows_match_reference
+    rows_match_reference,
+    rows_at_extreme_magnitudes,
+    tiny_row_losses
 );

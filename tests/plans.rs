@@ -359,8 +359,9 @@ fn layer_workspace_is_rows_and_statistics_only() {
 }
 
 /// What `CcpRows` allocates, counted without a device, by its path: up to S = 512 the small-S
-/// path's float32 copies of both row matrices and their gradients, two `B*S` statistics, one
-/// float per block of 16 rows, the layer's loss, the loss, the default upstream, and its
+/// path's float32 copies of both row matrices and their gradients, four `B*S` statistics (the
+/// row logsumexp and losses, and both sides' norms, which raw rows leave unused), the layer's
+/// loss, the loss, the default upstream, and its
 /// launch counters (int32), whatever the storage type; above, the fused path's three row
 /// matrices in `T` and four `B*S` statistics plus two scalars.
 #[test]
@@ -369,8 +370,8 @@ fn rows_loss_workspace_is_counted_by_path() {
     use ccpl::plan::small_s::COUNTERS;
     // The paper's relu2_1 head rows at num_s = 8: B = 8, S = 64, D = 32.
     let small = RowShape::new(8, 64, 32).unwrap();
-    let (rows, stats, blocks) = (8 * 64 * 32, 8 * 64, 8 * 4);
-    let expected = 4 * rows * 4 + (2 * stats + blocks + 3) * 4 + COUNTERS * 4;
+    let (rows, stats) = (8 * 64 * 32, 8 * 64);
+    let expected = 4 * rows * 4 + (4 * stats + 3) * 4 + COUNTERS * 4;
     assert_eq!(
         CcpRows::<f32>::workspace_bytes_for(&small).unwrap(),
         expected
@@ -532,7 +533,8 @@ fn loss_launches_three_kernels_a_step_or_nothing() {
 }
 
 /// The small-S kernels' own limits: S at most 512, at most 8 layers a launch, every buffer's
-/// length, a part of a buffer within it.
+/// length, normalised rows only in float32 and in every layer of a launch, a part of a buffer
+/// within it.
 #[test]
 fn small_s_plans_check_their_limits() {
     use ccpl::plan::small_s::{self, RowsLayer, RowsTotals, SmallRowsPlan};
@@ -546,32 +548,60 @@ fn small_s_plans_check_their_limits() {
         shape,
         rows_q: buf(shape.len()),
         rows_k: buf(shape.len()),
+        norms: None,
         grad_rows: buf(shape.len()),
         row_lse: buf(shape.batch() * shape.rows()),
         row_loss: buf(shape.batch() * shape.rows()),
         copies: None,
     };
-    let totals = |blocks: usize, layers: usize| RowsTotals {
-        partials: buf(blocks),
+    let totals = |layers: usize| RowsTotals {
         counters: buf(small_s::COUNTERS),
         layer_loss: buf(layers),
         loss: buf(1),
     };
     // One block per 16 rows of an image: 2 * ceil(520/16) would be 66, but 520 is refused.
-    let plan = small_s::rows_forward::<f32>(&[layer(rows(40))], 0.07, &totals(6, 1)).unwrap();
+    let plan = small_s::rows_forward::<f32>(&[layer(rows(40))], 0.07, &totals(1)).unwrap();
     assert_eq!((plan.grid, plan.block), ((6, 1, 1), (256, 1, 1)));
-    let err = small_s::rows_forward::<f32>(&[layer(rows(520))], 0.07, &totals(66, 1));
+    assert_eq!(plan.params.normalized, 0);
+    let err = small_s::rows_forward::<f32>(&[layer(rows(520))], 0.07, &totals(1));
     assert!(matches!(err, Err(Error::Shape(_))));
-    let err = small_s::rows_forward::<f32>(&[layer(rows(40))], 0.07, &totals(5, 1));
+    let err = small_s::rows_forward::<f32>(&[layer(rows(40))], 0.07, &totals(2));
     assert!(matches!(
         err,
         Err(Error::Length {
-            what: "partials",
+            what: "layer_loss",
             ..
         })
     ));
+    // Normalised rows (the gather's): float32, with norms of B*S floats, in every layer of the
+    // launch, never copied.
+    let normalised = |shape: RowShape, norms: usize| RowsLayer {
+        norms: Some((buf(norms), buf(norms))),
+        ..layer(shape)
+    };
+    let plan = small_s::rows_forward::<f32>(&[normalised(rows(40), 80)], 0.07, &totals(1)).unwrap();
+    assert_eq!(plan.params.normalized, 1);
+    let err = small_s::rows_forward::<f32>(&[normalised(rows(40), 79)], 0.07, &totals(1));
+    assert!(matches!(
+        err,
+        Err(Error::Length {
+            what: "norms_q",
+            ..
+        })
+    ));
+    let mixed = [normalised(rows(40), 80), layer(rows(8))];
+    let err = small_s::rows_forward::<f32>(&mixed, 0.07, &totals(2));
+    assert!(matches!(err, Err(Error::Shape(_))));
+    let err = small_s::rows_transposed::<half::bf16>(&[normalised(rows(40), 80)], 0.07);
+    assert!(matches!(err, Err(Error::Shape(_))));
+    let copied = RowsLayer {
+        copies: Some((buf(240), buf(240))),
+        ..normalised(rows(40), 80)
+    };
+    let err = small_s::rows_forward::<f32>(&[copied], 0.07, &totals(1));
+    assert!(matches!(err, Err(Error::Shape(_))));
     let nine = [layer(rows(8)); 9];
-    let err = small_s::rows_forward::<f32>(&nine, 0.07, &totals(9, 9));
+    let err = small_s::rows_forward::<f32>(&nine, 0.07, &totals(9));
     assert!(matches!(err, Err(Error::Shape(_))));
     let err = small_s::rows_transposed::<f32>(
         &[RowsLayer {
@@ -593,4 +623,20 @@ fn small_s_plans_check_their_limits() {
             len: 2
         }
     );
+}
+
+/// The largest loss the plans take: a workspace's size in bytes, past what any memory holds,
+/// is `usize::MAX` (saturated), never an overflow.
+#[test]
+fn workspace_bytes_of_the_largest_plans_saturate() {
+    use ccpl::plan::loss::LossPlan;
+    use ccpl::plan::small_s::SmallRowsPlan;
+    // B*S = 2^31 - 8 rows (the i32 limit) of C = 2^31 - 1 channels: each row matrix is about
+    // 2^62 elements, 2^64 bytes.
+    let (b, c) = ((1 << 28) - 1, i32::MAX as usize);
+    let shape = FeatureShape::new(b, c, 3, 3, Layout::Nchw).unwrap();
+    let plan = LossPlan::new(&[(shape, 1)], 0.07).unwrap();
+    assert_eq!(plan.workspace().unwrap().bytes::<f32>(), usize::MAX);
+    let rows = SmallRowsPlan::new(RowShape::new(b, 8, c).unwrap(), 0.07).unwrap();
+    assert_eq!(rows.workspace().unwrap().bytes::<f32>(), usize::MAX);
 }

@@ -515,6 +515,7 @@ inline float __fmul_rn(float a, float b) { return ::ccpl_emu::unfused(a * b); }
 inline float __fadd_rn(float a, float b) { return ::ccpl_emu::unfused(a + b); }
 
 inline unsigned int __float_as_uint(float f) { return static_cast<unsigned int>(::ccpl_emu::to_bits(f)); }
+inline float __uint_as_float(unsigned int u) { return ::ccpl_emu::from_bits<float>(u); }
 inline int __popc(unsigned int x) { return __builtin_popcount(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 

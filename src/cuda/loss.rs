@@ -7,13 +7,13 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut};
 
-use super::Kernels;
 use super::neighbor::DeviceCenters;
 use super::resident::{Resident, alloc, length};
+use super::{CudaLauncher, Kernels};
 use crate::dtype::Dtype;
 use crate::error::{Result, check_len};
 use crate::plan::loss::{Draw, LossPlan, LossWorkspace};
-use crate::plan::small_s;
+use crate::plan::{Buf, small_s};
 use crate::shape::FeatureShape;
 
 /// The CCP loss of several encoder layers on one stream, with its workspace, allocated once by
@@ -125,55 +125,70 @@ impl<T: Dtype> CcpLoss<T> {
     /// The forward of every layer on `feats`: for each layer in order, `(feat_q, feat_k)`,
     /// the generated and the content image's features in the layer's shape. New centres are
     /// drawn on the device (the step advances). The loss, the sum over layers, stays on the
-    /// device: [`loss`](Self::loss). Nothing is allocated and nothing waits.
+    /// device: [`loss`](Self::loss). Nothing is allocated and nothing waits. A call that
+    /// returns an error before enqueuing leaves the object as it was.
     pub fn forward<F: DevicePtr<T>>(&mut self, feats: &[(&F, &F)]) -> Result<()> {
-        self.check_feats(feats)?;
         self.run_forward(feats, Draw::Sample)
     }
 
     /// The forward with the caller's centres, one [`DeviceCenters`] per layer (drawn for the
     /// layer's map, `N` of them): copied on the device, so that the backward scatters with
-    /// them; the device's step does not advance. For comparing with the reference.
+    /// them; the device's step does not advance. For comparing with the reference. Every
+    /// argument is checked before the copies: a call refused leaves the object as it was
+    /// (the last forward's backward still runs); a copy that fails leaves no forward.
     pub fn forward_with_centers<F: DevicePtr<T>>(
         &mut self,
         feats: &[(&F, &F)],
         centers: &[&DeviceCenters],
     ) -> Result<()> {
-        self.check_feats(feats)?;
         check_len("centres (layers)", self.plan.len(), centers.len())?;
         for (l, c) in centers.iter().enumerate() {
             let shape = self.plan.shape(l);
             c.check_map(shape.height(), shape.width(), self.plan.num_centers(l))?;
         }
+        // The forward's plans, made to check the features (their guards dropped unused)
+        // before the copies change the workspace's centres.
+        {
+            let (launcher, ws, _) = self.resident.forward_parts()?;
+            let feats = Self::read_feats(&launcher, feats);
+            let bufs = Self::write_workspace(&launcher, ws);
+            self.plan.forward_plans::<T>(&feats, &bufs, Draw::Given)?;
+        }
         let stream = self.resident.stream().clone();
-        let ws = self.resident.workspace_mut();
+        let (_, ws, forward_done) = self.resident.forward_parts()?;
+        *forward_done = false;
         for (c, own) in centers.iter().zip(&mut ws.centers) {
             c.copy_into(&stream, &mut own.flat, &mut own.map)?;
         }
         self.run_forward(feats, Draw::Given)
     }
 
-    fn check_feats<F: DevicePtr<T>>(&self, feats: &[(&F, &F)]) -> Result<()> {
-        check_len("feature maps (layers)", self.plan.len(), feats.len())?;
-        for (l, (q, k)) in feats.iter().enumerate() {
-            let len = self.plan.shape(l).len();
-            check_len("feat_q", len, q.len())?;
-            check_len("feat_k", len, k.len())?;
-        }
-        Ok(())
-    }
-
-    fn run_forward<F: DevicePtr<T>>(&mut self, feats: &[(&F, &F)], draw: Draw) -> Result<()> {
-        let (launcher, ws, forward_done) = self.resident.forward_parts()?;
-        let feats: Vec<_> = feats
+    fn read_feats<'a, F: DevicePtr<T>>(
+        launcher: &CudaLauncher<'a>,
+        feats: &[(&'a F, &'a F)],
+    ) -> Vec<(Buf, Buf)> {
+        feats
             .iter()
             .map(|(q, k)| (launcher.read(*q), launcher.read(*k)))
-            .collect();
-        let bufs = ws.map_mut(
+            .collect()
+    }
+
+    fn write_workspace<'a>(
+        launcher: &CudaLauncher<'a>,
+        ws: &'a mut Workspace<T>,
+    ) -> LossWorkspace<Buf, Buf, Buf> {
+        ws.map_mut(
             |s| launcher.write(s),
             |s| launcher.write(s),
             |s| launcher.write(s),
-        );
+        )
+    }
+
+    /// Makes every plan of the forward (which checks every argument), then launches them.
+    fn run_forward<F: DevicePtr<T>>(&mut self, feats: &[(&F, &F)], draw: Draw) -> Result<()> {
+        let (launcher, ws, forward_done) = self.resident.forward_parts()?;
+        let feats = Self::read_feats(&launcher, feats);
+        let bufs = Self::write_workspace(&launcher, ws);
         let plans = self.plan.forward_plans::<T>(&feats, &bufs, draw)?;
         *forward_done = false;
         plans.launch(&launcher)?;

@@ -409,6 +409,8 @@ pub struct ccpl_small_s_gather_layer {
     pub feat_k: u64,
     pub rows_q: u64,
     pub rows_k: u64,
+    pub norms_q: u64,
+    pub norms_k: u64,
     pub centers: u64,
     pub center_map: u64,
     pub batch: i32,
@@ -422,7 +424,7 @@ pub struct ccpl_small_s_gather_layer {
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of ccpl_small_s_gather_layer"]
-        [::std::mem::size_of::<ccpl_small_s_gather_layer>() - 80usize];
+        [::std::mem::size_of::<ccpl_small_s_gather_layer>() - 96usize];
     ["Alignment of ccpl_small_s_gather_layer"]
         [::std::mem::align_of::<ccpl_small_s_gather_layer>() - 8usize];
     ["Offset of field: ccpl_small_s_gather_layer::feat_q"]
@@ -433,24 +435,28 @@ const _: () = {
         [::std::mem::offset_of!(ccpl_small_s_gather_layer, rows_q) - 16usize];
     ["Offset of field: ccpl_small_s_gather_layer::rows_k"]
         [::std::mem::offset_of!(ccpl_small_s_gather_layer, rows_k) - 24usize];
+    ["Offset of field: ccpl_small_s_gather_layer::norms_q"]
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, norms_q) - 32usize];
+    ["Offset of field: ccpl_small_s_gather_layer::norms_k"]
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, norms_k) - 40usize];
     ["Offset of field: ccpl_small_s_gather_layer::centers"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, centers) - 32usize];
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, centers) - 48usize];
     ["Offset of field: ccpl_small_s_gather_layer::center_map"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, center_map) - 40usize];
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, center_map) - 56usize];
     ["Offset of field: ccpl_small_s_gather_layer::batch"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, batch) - 48usize];
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, batch) - 64usize];
     ["Offset of field: ccpl_small_s_gather_layer::channels"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, channels) - 52usize];
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, channels) - 68usize];
     ["Offset of field: ccpl_small_s_gather_layer::height"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, height) - 56usize];
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, height) - 72usize];
     ["Offset of field: ccpl_small_s_gather_layer::width"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, width) - 60usize];
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, width) - 76usize];
     ["Offset of field: ccpl_small_s_gather_layer::num_centers"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, num_centers) - 64usize];
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, num_centers) - 80usize];
     ["Offset of field: ccpl_small_s_gather_layer::layout"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, layout) - 68usize];
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, layout) - 84usize];
     ["Offset of field: ccpl_small_s_gather_layer::first_block"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, first_block) - 72usize];
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, first_block) - 88usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
@@ -463,23 +469,25 @@ pub struct ccpl_small_s_gather_params {
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of ccpl_small_s_gather_params"]
-        [::std::mem::size_of::<ccpl_small_s_gather_params>() - 656usize];
+        [::std::mem::size_of::<ccpl_small_s_gather_params>() - 784usize];
     ["Alignment of ccpl_small_s_gather_params"]
         [::std::mem::align_of::<ccpl_small_s_gather_params>() - 8usize];
     ["Offset of field: ccpl_small_s_gather_params::layers"]
         [::std::mem::offset_of!(ccpl_small_s_gather_params, layers) - 0usize];
     ["Offset of field: ccpl_small_s_gather_params::counters"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_params, counters) - 640usize];
+        [::std::mem::offset_of!(ccpl_small_s_gather_params, counters) - 768usize];
     ["Offset of field: ccpl_small_s_gather_params::num_layers"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_params, num_layers) - 648usize];
+        [::std::mem::offset_of!(ccpl_small_s_gather_params, num_layers) - 776usize];
     ["Offset of field: ccpl_small_s_gather_params::sample"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_params, sample) - 652usize];
+        [::std::mem::offset_of!(ccpl_small_s_gather_params, sample) - 780usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_small_s_rows_layer {
     pub rows_q: u64,
     pub rows_k: u64,
+    pub norms_q: u64,
+    pub norms_k: u64,
     pub grad_rows: u64,
     pub row_lse: u64,
     pub row_loss: u64,
@@ -492,66 +500,70 @@ pub struct ccpl_small_s_rows_layer {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of ccpl_small_s_rows_layer"][::std::mem::size_of::<ccpl_small_s_rows_layer>() - 72usize];
+    ["Size of ccpl_small_s_rows_layer"][::std::mem::size_of::<ccpl_small_s_rows_layer>() - 88usize];
     ["Alignment of ccpl_small_s_rows_layer"]
         [::std::mem::align_of::<ccpl_small_s_rows_layer>() - 8usize];
     ["Offset of field: ccpl_small_s_rows_layer::rows_q"]
         [::std::mem::offset_of!(ccpl_small_s_rows_layer, rows_q) - 0usize];
     ["Offset of field: ccpl_small_s_rows_layer::rows_k"]
         [::std::mem::offset_of!(ccpl_small_s_rows_layer, rows_k) - 8usize];
+    ["Offset of field: ccpl_small_s_rows_layer::norms_q"]
+        [::std::mem::offset_of!(ccpl_small_s_rows_layer, norms_q) - 16usize];
+    ["Offset of field: ccpl_small_s_rows_layer::norms_k"]
+        [::std::mem::offset_of!(ccpl_small_s_rows_layer, norms_k) - 24usize];
     ["Offset of field: ccpl_small_s_rows_layer::grad_rows"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_layer, grad_rows) - 16usize];
+        [::std::mem::offset_of!(ccpl_small_s_rows_layer, grad_rows) - 32usize];
     ["Offset of field: ccpl_small_s_rows_layer::row_lse"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_layer, row_lse) - 24usize];
+        [::std::mem::offset_of!(ccpl_small_s_rows_layer, row_lse) - 40usize];
     ["Offset of field: ccpl_small_s_rows_layer::row_loss"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_layer, row_loss) - 32usize];
+        [::std::mem::offset_of!(ccpl_small_s_rows_layer, row_loss) - 48usize];
     ["Offset of field: ccpl_small_s_rows_layer::copy_q"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_layer, copy_q) - 40usize];
+        [::std::mem::offset_of!(ccpl_small_s_rows_layer, copy_q) - 56usize];
     ["Offset of field: ccpl_small_s_rows_layer::copy_k"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_layer, copy_k) - 48usize];
+        [::std::mem::offset_of!(ccpl_small_s_rows_layer, copy_k) - 64usize];
     ["Offset of field: ccpl_small_s_rows_layer::batch"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_layer, batch) - 56usize];
+        [::std::mem::offset_of!(ccpl_small_s_rows_layer, batch) - 72usize];
     ["Offset of field: ccpl_small_s_rows_layer::rows"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_layer, rows) - 60usize];
+        [::std::mem::offset_of!(ccpl_small_s_rows_layer, rows) - 76usize];
     ["Offset of field: ccpl_small_s_rows_layer::width"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_layer, width) - 64usize];
+        [::std::mem::offset_of!(ccpl_small_s_rows_layer, width) - 80usize];
     ["Offset of field: ccpl_small_s_rows_layer::first_block"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_layer, first_block) - 68usize];
+        [::std::mem::offset_of!(ccpl_small_s_rows_layer, first_block) - 84usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_small_s_rows_params {
     pub layers: [ccpl_small_s_rows_layer; 8usize],
-    pub partials: u64,
     pub counters: u64,
     pub layer_loss: u64,
     pub loss: u64,
     pub num_layers: i32,
     pub transpose: i32,
+    pub normalized: i32,
     pub inv_tau: f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of ccpl_small_s_rows_params"]
-        [::std::mem::size_of::<ccpl_small_s_rows_params>() - 624usize];
+        [::std::mem::size_of::<ccpl_small_s_rows_params>() - 744usize];
     ["Alignment of ccpl_small_s_rows_params"]
         [::std::mem::align_of::<ccpl_small_s_rows_params>() - 8usize];
     ["Offset of field: ccpl_small_s_rows_params::layers"]
         [::std::mem::offset_of!(ccpl_small_s_rows_params, layers) - 0usize];
-    ["Offset of field: ccpl_small_s_rows_params::partials"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_params, partials) - 576usize];
     ["Offset of field: ccpl_small_s_rows_params::counters"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_params, counters) - 584usize];
+        [::std::mem::offset_of!(ccpl_small_s_rows_params, counters) - 704usize];
     ["Offset of field: ccpl_small_s_rows_params::layer_loss"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_params, layer_loss) - 592usize];
+        [::std::mem::offset_of!(ccpl_small_s_rows_params, layer_loss) - 712usize];
     ["Offset of field: ccpl_small_s_rows_params::loss"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_params, loss) - 600usize];
+        [::std::mem::offset_of!(ccpl_small_s_rows_params, loss) - 720usize];
     ["Offset of field: ccpl_small_s_rows_params::num_layers"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_params, num_layers) - 608usize];
+        [::std::mem::offset_of!(ccpl_small_s_rows_params, num_layers) - 728usize];
     ["Offset of field: ccpl_small_s_rows_params::transpose"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_params, transpose) - 612usize];
+        [::std::mem::offset_of!(ccpl_small_s_rows_params, transpose) - 732usize];
+    ["Offset of field: ccpl_small_s_rows_params::normalized"]
+        [::std::mem::offset_of!(ccpl_small_s_rows_params, normalized) - 736usize];
     ["Offset of field: ccpl_small_s_rows_params::inv_tau"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_params, inv_tau) - 616usize];
+        [::std::mem::offset_of!(ccpl_small_s_rows_params, inv_tau) - 740usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]

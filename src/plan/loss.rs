@@ -14,8 +14,7 @@ use std::cell::RefCell;
 use super::layer::{LayerForward, LayerPlan, LayerWorkspace};
 use super::neighbor::{CentersBuf, Scatter};
 use super::small_s::{
-    self, GatherLayer, GatherRows, RowsTotals, ScatterLayer, ScatterSide, SmallOffsets,
-    SmallSWorkspace,
+    self, GatherLayer, RowsIn, RowsTotals, ScatterLayer, ScatterSide, SmallOffsets, SmallSWorkspace,
 };
 use super::{Buf, LaunchPlan, Launcher, info_nce};
 use crate::dtype::Dtype;
@@ -131,13 +130,20 @@ impl<R, F, I> LossWorkspace<R, F, I> {
 }
 
 impl LossWorkspace<usize, usize, usize> {
-    /// Bytes of a workspace of these lengths whose fused layers' rows are stored in `T`.
+    /// Bytes of a workspace of these lengths whose fused layers' rows are stored in `T`;
+    /// `usize::MAX` past what an address space holds.
     pub fn bytes<T: Dtype>(&self) -> usize {
-        let ints: usize =
-            self.centers.iter().map(|c| c.flat + c.map).sum::<usize>() + self.counters;
-        self.small.as_ref().map_or(0, |s| s.bytes::<f32>())
-            + self.fused.iter().map(|w| w.bytes::<T>()).sum::<usize>()
-            + (ints + self.loss + self.one) * 4
+        let words = self
+            .centers
+            .iter()
+            .map(|c| c.flat.saturating_add(c.map))
+            .chain([self.counters, self.loss, self.one])
+            .fold(0usize, usize::saturating_add);
+        self.fused
+            .iter()
+            .map(|w| w.bytes::<T>())
+            .chain(self.small.as_ref().map(|s| s.bytes::<f32>()))
+            .fold(words.saturating_mul(4), usize::saturating_add)
     }
 }
 
@@ -372,14 +378,10 @@ impl LossPlan {
             for ((l, c), &(feat_q, feat_k)) in self.layers.iter().zip(&centers).zip(feats) {
                 let rows = match l.path {
                     Path::Small { at } => {
-                        let small = self.small_ws(ws)?;
-                        let len = l.rows()?.len();
-                        Some(GatherRows {
-                            feat_q,
-                            feat_k,
-                            rows_q: small.rows_q.part::<f32>(at.rows, len)?,
-                            rows_k: small.rows_k.part::<f32>(at.rows, len)?,
-                        })
+                        Some(
+                            self.small_ws(ws)?
+                                .gather_rows(&l.rows()?, at, feat_q, feat_k)?,
+                        )
                     }
                     Path::Fused { .. } => None,
                 };
@@ -401,15 +403,14 @@ impl LossPlan {
             let small = self.small_ws(ws)?;
             let layers = self
                 .small_layers()
-                .map(|(l, at)| small.rows_layer(&l.rows()?, at, None, false))
+                .map(|(l, at)| small.rows_layer(&l.rows()?, at, RowsIn::Gathered, false))
                 .collect::<Result<Vec<_>>>()?;
             let totals = RowsTotals {
-                partials: small.partials,
                 counters: ws.counters,
                 layer_loss: small.layer_loss,
                 loss: ws.loss,
             };
-            // The rows are float (the gather's), whatever T the feature maps are.
+            // The rows are float (the gather's normalised rows), whatever T the maps are.
             Some(small_s::rows_forward::<f32>(&layers, self.tau, &totals)?)
         } else {
             None
@@ -462,7 +463,7 @@ impl LossPlan {
             if grads_k.is_some() {
                 let layers = self
                     .small_layers()
-                    .map(|(l, at)| small.rows_layer(&l.rows()?, at, None, true))
+                    .map(|(l, at)| small.rows_layer(&l.rows()?, at, RowsIn::Gathered, true))
                     .collect::<Result<Vec<_>>>()?;
                 transposed = Some(small_s::rows_transposed::<f32>(&layers, self.tau)?);
             }

@@ -195,11 +195,13 @@ macro_rules! workspace {
 
         impl $name<usize, usize> {
             /// Bytes of a workspace of these lengths whose rows are stored in `T` (the
-            /// statistics are float32): what its owner allocates.
+            /// statistics are float32): what its owner allocates; `usize::MAX` past what an
+            /// address space holds (the allocation fails then, with an error).
             pub fn bytes<T: crate::Dtype>(&self) -> usize {
-                0 $(+ self.$row * size_of::<T>())*
-                  $(+ self.$stat * size_of::<f32>())*
-                  $(+ self.$nest.bytes::<T>())*
+                0usize
+                    $(.saturating_add(self.$row.saturating_mul(size_of::<T>())))*
+                    $(.saturating_add(self.$stat.saturating_mul(size_of::<f32>())))*
+                    $(.saturating_add(self.$nest.bytes::<T>()))*
             }
         }
     };

@@ -8,7 +8,7 @@
 //! a launch holds every address it uses: a step captured in a CUDA graph replays as it was
 //! captured.
 
-use super::{Buf, LaunchPlan, Launcher, i32_of, inv_tau, row_count, workspace};
+use super::{Buf, LaunchPlan, Launcher, WARP, i32_of, inv_tau, row_count, workspace};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result, check_len};
 use crate::ffi;
@@ -27,7 +27,7 @@ pub const MAX_LAYERS: usize = ffi::CCPL_SMALL_S_MAX_LAYERS as usize;
 pub const COUNTERS: usize = ffi::CCPL_COUNTERS as usize;
 
 const BLOCK: u32 = ffi::CCPL_SMALL_S_BLOCK;
-/// Blocks of one layer in the gather and the scatter; more items are covered by a loop.
+/// Blocks of one layer in the gather and the scatter; more rows or items are covered by a loop.
 /// Every block of the gather draws its layer's centres, so fewer, busier blocks draw less.
 const MAX_LAYER_BLOCKS: usize = 1024;
 
@@ -93,17 +93,22 @@ fn first_blocks(blocks: impl Iterator<Item = usize>) -> Result<(u32, Vec<i32>)> 
 }
 
 /// The rows of one layer the gather writes: both feature maps, and the float row matrices
-/// `(B, 8N, C)` they become.
+/// `(B, 8N, C)` they become, normalised, with their norms.
 #[derive(Debug, Clone, Copy)]
 pub struct GatherRows {
     /// The generated image's features (layout of the shape, `T`).
     pub feat_q: Buf,
     /// The content image's features.
     pub feat_k: Buf,
-    /// Out: the difference rows of `feat_q`, float.
+    /// Out: the difference rows of `feat_q` normalised, float.
     pub rows_q: Buf,
-    /// Out: the difference rows of `feat_k`, float.
+    /// Out: the difference rows of `feat_k` normalised, float.
     pub rows_k: Buf,
+    /// Out: the norms of the difference rows of `feat_q`, `B*8N` floats (inf past float's
+    /// range).
+    pub norms_q: Buf,
+    /// Out: the norms of the difference rows of `feat_k`.
+    pub norms_k: Buf,
 }
 
 /// One layer of a gather: its centres, and its rows when its loss runs on the small-S path
@@ -120,7 +125,10 @@ pub struct GatherLayer {
 
 /// `small_s_gather_{T}`: for every layer, its centres (drawn on the device from the seed and
 /// step in `counters` when `sample`, the step then advanced by one; else those in the
-/// layers' centre buffers) and the float difference rows of the layers that have rows.
+/// layers' centre buffers) and, for the layers that have rows, their difference rows
+/// normalised in float (a warp per row, as
+/// [`neighbor_diff_normalize`](super::neighbor::neighbor_diff_normalize): no difference row is
+/// stored, so none overflows float) with their norms.
 pub fn gather<T: Dtype>(
     layers: &[GatherLayer],
     counters: Buf,
@@ -142,11 +150,15 @@ pub fn gather<T: Dtype>(
                     )));
                 }
                 let rows = neighbor::rows_len(&l.shape, n)?;
+                let norms = l.shape.batch() * n * ffi::CCPL_NUM_NEIGHBORS as usize;
                 check_len("feat_q", l.shape.len(), r.feat_q.len)?;
                 check_len("feat_k", l.shape.len(), r.feat_k.len)?;
                 check_len("rows_q", rows, r.rows_q.len)?;
                 check_len("rows_k", rows, r.rows_k.len)?;
-                layer_blocks(l.shape.batch() * n * l.shape.channels())
+                check_len("norms_q", norms, r.norms_q.len)?;
+                check_len("norms_k", norms, r.norms_k.len)?;
+                // A warp per row of either side.
+                layer_blocks(2 * norms * WARP)
             }
             None => 1,
         });
@@ -160,14 +172,22 @@ pub fn gather<T: Dtype>(
     };
     for ((l, first), out) in layers.iter().zip(firsts).zip(params.layers.iter_mut()) {
         // A layer drawn only has null feature maps (the kernel's sign to gather nothing).
-        let (feat_q, feat_k, rows_q, rows_k) = l.rows.map_or((0, 0, 0, 0), |r| {
-            (r.feat_q.addr, r.feat_k.addr, r.rows_q.addr, r.rows_k.addr)
+        let nothing = Buf { addr: 0, len: 0 };
+        let r = l.rows.unwrap_or(GatherRows {
+            feat_q: nothing,
+            feat_k: nothing,
+            rows_q: nothing,
+            rows_k: nothing,
+            norms_q: nothing,
+            norms_k: nothing,
         });
         *out = ffi::ccpl_small_s_gather_layer {
-            feat_q,
-            feat_k,
-            rows_q,
-            rows_k,
+            feat_q: r.feat_q.addr,
+            feat_k: r.feat_k.addr,
+            rows_q: r.rows_q.addr,
+            rows_k: r.rows_k.addr,
+            norms_q: r.norms_q.addr,
+            norms_k: r.norms_k.addr,
             centers: l.centers.flat.addr,
             center_map: l.centers.map.addr,
             batch: i32_of(l.shape.batch())?,
@@ -198,6 +218,11 @@ pub struct RowsLayer {
     pub rows_q: Buf,
     /// The content side's rows.
     pub rows_k: Buf,
+    /// `None`: the rows are raw, normalised by the launch (at their scale, so that rows of any
+    /// magnitude are right). `Some((norms_q, norms_k))`: the rows are normalised already (the
+    /// gather's, float), and these are their norms, `B*S` floats each. Every layer of a launch
+    /// is one or the other.
+    pub norms: Option<(Buf, Buf)>,
     /// Out: the gradient of the loss (upstream 1) with respect to the rows of one side,
     /// float `(B, S, C)`.
     pub grad_rows: Buf,
@@ -210,11 +235,10 @@ pub struct RowsLayer {
     pub copies: Option<(Buf, Buf)>,
 }
 
-/// Where [`rows_forward`] puts the loss.
+/// Where [`rows_forward`] puts the loss: the last block to finish sums each layer's row losses
+/// in double.
 #[derive(Debug, Clone, Copy)]
 pub struct RowsTotals {
-    /// Scratch, one float per block of the launch: each block's share of its layer's loss.
-    pub partials: Buf,
     /// The counters (`int32[COUNTERS]`): the count of finished blocks.
     pub counters: Buf,
     /// Out: each layer's loss, one float a layer.
@@ -231,6 +255,18 @@ fn rows_plan<T: Dtype>(
 ) -> Result<LaunchPlan<ffi::ccpl_small_s_rows_params>> {
     check_layer_count(layers.len())?;
     let inv_tau = inv_tau(tau)?;
+    let normalized = layers[0].norms.is_some();
+    if layers.iter().any(|l| l.norms.is_some() != normalized) {
+        return Err(Error::Shape(
+            "a small-S launch takes normalised rows (with norms) or raw rows, not both".into(),
+        ));
+    }
+    if normalized && T::SUFFIX != f32::SUFFIX {
+        return Err(Error::Shape(format!(
+            "normalised rows are float32 (the gather's), not {}",
+            T::SUFFIX
+        )));
+    }
     for l in layers {
         if !takes(l.shape.rows()) {
             return Err(Error::Shape(format!(
@@ -244,7 +280,16 @@ fn rows_plan<T: Dtype>(
         check_len("grad_rows", l.shape.len(), l.grad_rows.len)?;
         check_len("row_lse", stats, l.row_lse.len)?;
         check_len("row_loss", stats, l.row_loss.len)?;
+        if let Some((q, k)) = l.norms {
+            check_len("norms_q", stats, q.len)?;
+            check_len("norms_k", stats, k.len)?;
+        }
         if let Some((q, k)) = l.copies {
+            if normalized {
+                return Err(Error::Shape(
+                    "normalised rows are not copied (their copies are the raw rows')".into(),
+                ));
+            }
             check_len("copy of rows_q", l.shape.len(), q.len)?;
             check_len("copy of rows_k", l.shape.len(), k.len)?;
         }
@@ -253,24 +298,26 @@ fn rows_plan<T: Dtype>(
     let mut params = ffi::ccpl_small_s_rows_params {
         num_layers: i32_of(layers.len())?,
         transpose: transpose.into(),
+        normalized: normalized.into(),
         inv_tau,
         ..Default::default()
     };
     if let Some(t) = totals {
-        check_len("partials", grid as usize, t.partials.len)?;
         check_len("counters", COUNTERS, t.counters.len)?;
         check_len("layer_loss", layers.len(), t.layer_loss.len)?;
         check_len("loss", 1, t.loss.len)?;
-        params.partials = t.partials.addr;
         params.counters = t.counters.addr;
         params.layer_loss = t.layer_loss.addr;
         params.loss = t.loss.addr;
     }
     for ((l, first), out) in layers.iter().zip(firsts).zip(params.layers.iter_mut()) {
         let (copy_q, copy_k) = l.copies.map_or((0, 0), |(q, k)| (q.addr, k.addr));
+        let (norms_q, norms_k) = l.norms.map_or((0, 0), |(q, k)| (q.addr, k.addr));
         *out = ffi::ccpl_small_s_rows_layer {
             rows_q: l.rows_q.addr,
             rows_k: l.rows_k.addr,
+            norms_q,
+            norms_k,
             grad_rows: l.grad_rows.addr,
             row_lse: l.row_lse.addr,
             row_loss: l.row_loss.addr,
@@ -294,8 +341,8 @@ fn rows_plan<T: Dtype>(
 
 /// `small_s_rows_{T}`, forward: for every layer, the rows loss of `rows_q` against `rows_k`
 /// (both in `T`) and its gradient with respect to `rows_q` for an upstream gradient of 1,
-/// float, in `grad_rows`; the row statistics; each layer's loss and their sum in `totals`.
-/// One block per 16 rows of an image.
+/// float, in `grad_rows`; the row statistics; each layer's loss and their sum in `totals`
+/// (the row losses summed in double). One block per 16 rows of an image.
 pub fn rows_forward<T: Dtype>(
     layers: &[RowsLayer],
     tau: f64,
@@ -449,7 +496,7 @@ workspace! {
     pub struct SmallSWorkspace {
         rows {
             /// The rows of the generated side, `(B, S, C)` a layer: the difference rows
-            /// (layers) or a copy of the caller's rows (the rows loss).
+            /// normalised (layers) or a copy of the caller's rows (the rows loss).
             rows_q,
             /// The rows of the content side.
             rows_k,
@@ -463,8 +510,11 @@ workspace! {
             row_lse,
             /// Row losses, `B*S` a layer.
             row_loss,
-            /// One float per block of the rows launch.
-            partials,
+            /// The norms of the difference rows of the generated side, `B*S` a layer (the
+            /// rows loss, whose rows are raw, leaves them unused).
+            norms_q,
+            /// The norms of the content side's difference rows.
+            norms_k,
             /// Each layer's loss.
             layer_loss,
         }
@@ -482,17 +532,16 @@ impl SmallSWorkspace<usize, usize> {
             grad_rows_k: 0,
             row_lse: 0,
             row_loss: 0,
-            partials: 0,
+            norms_q: 0,
+            norms_k: 0,
             layer_loss: shapes.len(),
         };
         for s in shapes {
-            let stats = row_count(s)?;
             ws.rows_q += s.len();
-            ws.row_lse += stats;
-            ws.partials += rows_blocks(s);
+            ws.row_lse += row_count(s)?;
         }
         (ws.rows_k, ws.grad_rows_q, ws.grad_rows_k) = (ws.rows_q, ws.rows_q, ws.rows_q);
-        ws.row_loss = ws.row_lse;
+        (ws.row_loss, ws.norms_q, ws.norms_k) = (ws.row_lse, ws.row_lse, ws.row_lse);
         Ok(ws)
     }
 }
@@ -505,32 +554,77 @@ pub(crate) struct SmallOffsets {
     pub(crate) stats: usize,
 }
 
+/// The rows a launch of [`SmallSWorkspace::rows_layer`] reads.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RowsIn {
+    /// The gather's normalised rows in the workspace, with their norms (a layer's loss).
+    Gathered,
+    /// The caller's raw rows `(rows_q, rows_k)`, copied into the workspace by the forward
+    /// (the rows loss).
+    Caller(Buf, Buf),
+    /// Those copies (the rows loss's transposed launch).
+    Copies,
+}
+
 impl SmallSWorkspace<Buf, Buf> {
-    /// The [`RowsLayer`] of layer `shape` at `at`, rows in `rows_q`/`rows_k` (the workspace's
-    /// own when `None`), gradient into `grad_rows_q` (or `grad_rows_k` when `k_side`).
+    /// The [`RowsLayer`] of layer `shape` at `at` on the rows `rows`, gradient into
+    /// `grad_rows_q` (or `grad_rows_k` when `k_side`).
     pub(crate) fn rows_layer(
         &self,
         shape: &RowShape,
         at: SmallOffsets,
-        inputs: Option<(Buf, Buf)>,
+        rows: RowsIn,
         k_side: bool,
     ) -> Result<RowsLayer> {
         let (len, stats) = (shape.len(), row_count(shape)?);
-        let rows_q = self.rows_q.part::<f32>(at.rows, len)?;
-        let rows_k = self.rows_k.part::<f32>(at.rows, len)?;
+        let own = (
+            self.rows_q.part::<f32>(at.rows, len)?,
+            self.rows_k.part::<f32>(at.rows, len)?,
+        );
         let grad = if k_side {
             &self.grad_rows_k
         } else {
             &self.grad_rows_q
         };
+        let ((rows_q, rows_k), norms, copies) = match rows {
+            RowsIn::Gathered => {
+                let norms = (
+                    self.norms_q.part::<f32>(at.stats, stats)?,
+                    self.norms_k.part::<f32>(at.stats, stats)?,
+                );
+                (own, Some(norms), None)
+            }
+            RowsIn::Caller(q, k) => ((q, k), None, Some(own)),
+            RowsIn::Copies => (own, None, None),
+        };
         Ok(RowsLayer {
             shape: *shape,
-            rows_q: inputs.map_or(rows_q, |(q, _)| q),
-            rows_k: inputs.map_or(rows_k, |(_, k)| k),
+            rows_q,
+            rows_k,
+            norms,
             grad_rows: grad.part::<f32>(at.rows, len)?,
             row_lse: self.row_lse.part::<f32>(at.stats, stats)?,
             row_loss: self.row_loss.part::<f32>(at.stats, stats)?,
-            copies: inputs.map(|_| (rows_q, rows_k)),
+            copies,
+        })
+    }
+
+    /// The normalised rows and norms of layer `shape` at `at`, for the gather to write.
+    pub(crate) fn gather_rows(
+        &self,
+        shape: &RowShape,
+        at: SmallOffsets,
+        feat_q: Buf,
+        feat_k: Buf,
+    ) -> Result<GatherRows> {
+        let (len, stats) = (shape.len(), row_count(shape)?);
+        Ok(GatherRows {
+            feat_q,
+            feat_k,
+            rows_q: self.rows_q.part::<f32>(at.rows, len)?,
+            rows_k: self.rows_k.part::<f32>(at.rows, len)?,
+            norms_q: self.norms_q.part::<f32>(at.stats, stats)?,
+            norms_k: self.norms_k.part::<f32>(at.stats, stats)?,
         })
     }
 }
@@ -629,11 +723,10 @@ impl SmallRowsPlan {
         ws: &SmallRowsWorkspace<Buf, Buf>,
         counters: Buf,
     ) -> Result<LaunchPlan<ffi::ccpl_small_s_rows_params>> {
-        let layer = ws
-            .small
-            .rows_layer(&self.shape, Self::AT, Some((rows_q, rows_k)), false)?;
+        let layer =
+            ws.small
+                .rows_layer(&self.shape, Self::AT, RowsIn::Caller(rows_q, rows_k), false)?;
         let totals = RowsTotals {
-            partials: ws.small.partials,
             counters,
             layer_loss: ws.small.layer_loss,
             loss: ws.loss,
@@ -657,7 +750,9 @@ impl SmallRowsPlan {
         let count = self.shape.len();
         let transposed = match grad_rows_k {
             Some(_) => {
-                let layer = ws.small.rows_layer(&self.shape, Self::AT, None, true)?;
+                let layer = ws
+                    .small
+                    .rows_layer(&self.shape, Self::AT, RowsIn::Copies, true)?;
                 Some(rows_transposed::<f32>(&[layer], self.tau)?)
             }
             None => None,

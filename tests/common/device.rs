@@ -6,7 +6,9 @@
 use std::sync::Arc;
 
 use ccpl::cuda::{self, CudaLauncher, Kernels};
+use ccpl::plan::loss::{LossPlan, LossWorkspace};
 use ccpl::plan::neighbor::{CentersBuf, Scatter};
+use ccpl::plan::small_s;
 use ccpl::plan::{Buf, KernelParams, LaunchPlan, Launcher};
 use ccpl::{Centers, Dtype, Element, FeatureShape, Result, RowShape, ffi, reference};
 use ccpl_emu::{self as emu, Emulator};
@@ -302,6 +304,33 @@ pub fn scatter_model<T: Element>(
         }
     }
     g
+}
+
+/// The workspace of `plan` (`LossPlan`) on a device: NaN wherever a launch writes before it
+/// reads; the centre maps without centres (-1), the sampler at step 0 under `seed`, `1.0` where
+/// a default upstream gradient lives.
+pub fn loss_workspace<T: Dtype + Elem, D: TestDevice>(
+    dev: &D,
+    plan: &LossPlan,
+    seed: u64,
+) -> LossWorkspace<D::Mem<T>, D::Mem<f32>, D::Mem<i32>> {
+    let lengths = plan.workspace().unwrap();
+    let mut ws = lengths
+        .try_map(
+            |&n| Ok::<_, ()>(dev.alloc_nan::<T>(n)),
+            |&n| Ok(dev.alloc_nan::<f32>(n)),
+            |&n| Ok(dev.upload(&vec![0i32; n])),
+        )
+        .unwrap();
+    for (c, len) in ws.centers.iter_mut().zip(&lengths.centers) {
+        c.map = dev.upload(&vec![-1i32; len.map]);
+    }
+    ws.counters = dev.upload(&small_s::counters(seed, 0));
+    ws.one = dev.upload(&[1.0f32]);
+    for fused in &mut ws.fused {
+        fused.rows.one = dev.upload(&[1.0f32]);
+    }
+    ws
 }
 
 /// Centres in device memory: the flat indices and the inverse map.
