@@ -26,7 +26,7 @@ use ccpl::{Centers, Dtype, FeatureShape, Layout, RowShape};
 use common::Rng;
 use common::device::{
     Elem, F32_TOLERANCE, TestDevice, assert_close, layer_model, loss_workspace, random, rows_model,
-    scatter_model, stored_tolerance, to_f64, tolerance, tolerance_at,
+    scatter_model, small_rows_workspace, stored_tolerance, to_f64, tolerance, tolerance_at,
 };
 
 const TAU: f64 = 0.07;
@@ -667,16 +667,7 @@ fn check_rows<T: Dtype + Elem, D: TestDevice>(
         norms.iter().any(|&n| n > f32::MAX as f64)
     };
     let plan = SmallRowsPlan::new(*shape, TAU).unwrap();
-    let mut ws = plan
-        .workspace()
-        .unwrap()
-        .try_map(
-            |&n| Ok::<_, ()>(dev.alloc_nan::<f32>(n)),
-            |&n| Ok(dev.alloc_nan::<f32>(n)),
-        )
-        .unwrap();
-    ws.one = dev.upload(&[1.0f32]);
-    let mut counters = dev.upload(&[0i32; small_s::COUNTERS]);
+    let (mut ws, mut counters) = small_rows_workspace(dev, &plan);
     let (mut q_dev, mut k_dev) = (dev.upload(&rows_q), dev.upload(&rows_k));
     let launcher = Counting::new(dev.launcher());
     let bufs = ws.map_mut(|m| dev.buf(m), |m| dev.buf(m));
@@ -762,15 +753,7 @@ fn tiny_row_losses<D: TestDevice>(dev: &D) {
         .map(|e| f32::from(e / s % s == e % s))
         .collect();
     let plan = SmallRowsPlan::new(shape, tau).unwrap();
-    let mut ws = plan
-        .workspace()
-        .unwrap()
-        .try_map(
-            |&n| Ok::<_, ()>(dev.alloc_nan::<f32>(n)),
-            |&n| Ok(dev.alloc_nan::<f32>(n)),
-        )
-        .unwrap();
-    let mut counters = dev.upload(&[0i32; small_s::COUNTERS]);
+    let (mut ws, mut counters) = small_rows_workspace(dev, &plan);
     let (mut q_dev, mut k_dev) = (dev.upload(&rows), dev.upload(&rows));
     let bufs = ws.map_mut(|m| dev.buf(m), |m| dev.buf(m));
     plan.forward::<f32, _>(

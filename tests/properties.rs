@@ -32,7 +32,7 @@ use ccpl::sampling::SplitMix64;
 use ccpl::{Centers, Dtype, Element, FeatureShape, Layout, RowShape, check_tau, reference};
 use common::device::{
     Emu, RowsModel, TestCenters, TestDevice, largest, layer_model, loss_workspace, rounded,
-    rows_model, scatter_model, to_f64, tolerance_at,
+    rows_model, scatter_model, small_rows_workspace, to_f64, tolerance_at,
 };
 use common::{Rng, rel_err};
 use proptest::prelude::*;
@@ -713,16 +713,7 @@ fn small_rows_agree<T: Dtype>(case: &RowsCase) -> Result<(), TestCaseError> {
     );
 
     let plan = SmallRowsPlan::new(shape, case.tau).map_err(failed)?;
-    let mut ws = plan
-        .workspace()
-        .unwrap()
-        .try_map(
-            |&n| Ok::<_, ()>(dev.alloc_nan::<f32>(n)),
-            |&n| Ok(dev.alloc_nan::<f32>(n)),
-        )
-        .unwrap();
-    ws.one = dev.upload(&[1.0f32]);
-    let mut counters = dev.upload(&[0i32; small_s::COUNTERS]);
+    let (mut ws, mut counters) = small_rows_workspace(&dev, &plan);
     let mut upstream_dev = dev.upload(&[upstream as f32]);
     let (mut rows_q_dev, mut rows_k_dev) = (dev.upload(&rows_q), dev.upload(&rows_k));
     let (mut grad_q_dev, mut grad_k_dev) = (

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use ccpl::cuda::{self, CudaLauncher, Kernels};
 use ccpl::plan::loss::{LossPlan, LossWorkspace};
 use ccpl::plan::neighbor::{CentersBuf, Scatter};
-use ccpl::plan::small_s;
+use ccpl::plan::small_s::{self, SmallRowsPlan, SmallRowsWorkspace};
 use ccpl::plan::{Buf, KernelParams, LaunchPlan, Launcher};
 use ccpl::{Centers, Dtype, Element, FeatureShape, Result, RowShape, ffi, reference};
 use ccpl_emu::{self as emu, Emulator};
@@ -331,6 +331,28 @@ pub fn loss_workspace<T: Dtype + Elem, D: TestDevice>(
         fused.rows.one = dev.upload(&[1.0f32]);
     }
     ws
+}
+
+/// The small-S rows loss's workspace on a device, all float32.
+pub type SmallRowsMem<D> =
+    SmallRowsWorkspace<<D as TestDevice>::Mem<f32>, <D as TestDevice>::Mem<f32>>;
+
+/// The workspace of `plan` (`SmallRowsPlan`) on a device, NaN wherever a launch writes before
+/// it reads and `1.0` where the default upstream gradient lives, and its launch counters.
+pub fn small_rows_workspace<D: TestDevice>(
+    dev: &D,
+    plan: &SmallRowsPlan,
+) -> (SmallRowsMem<D>, D::Mem<i32>) {
+    let mut ws = plan
+        .workspace()
+        .unwrap()
+        .try_map(
+            |&n| Ok::<_, ()>(dev.alloc_nan::<f32>(n)),
+            |&n| Ok(dev.alloc_nan::<f32>(n)),
+        )
+        .unwrap();
+    ws.one = dev.upload(&[1.0f32]);
+    (ws, dev.upload(&[0i32; small_s::COUNTERS]))
 }
 
 /// Centres in device memory: the flat indices and the inverse map.
