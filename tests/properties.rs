@@ -469,29 +469,51 @@ fn rows_agree<T: Dtype>(case: &RowsCase) -> Result<(), TestCaseError> {
     plan.backward::<T, _>(&dev.launcher(), &bufs, None, grad_q_buf, Some(grad_k_buf))
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
 
-    let loss = dev.download(&ws.loss)[0] as f64;
-    let tol = tolerance_at(&[model.loss], &[exact.loss], case.tau);
+    let got = RowsModel {
+        loss: dev.download(&ws.loss)[0] as f64,
+        grad_rows_q: to_f64(&dev.download(&grad_q_dev)),
+        grad_rows_k: to_f64(&dev.download(&grad_k_dev)),
+    };
+    rows_outcome_agrees::<T>("rows", &got, &exact, &model, case.tau)
+}
+
+/// A rows loss's outcome (`got`) against the exact one: the loss, and each side's gradient
+/// where the storage type holds it, each within the tolerance of its model (`model`: what
+/// the computation's roundings give at best).
+fn rows_outcome_agrees<T: Dtype>(
+    what: &str,
+    got: &RowsModel,
+    exact: &RowsModel,
+    model: &RowsModel,
+    tau: f64,
+) -> Result<(), TestCaseError> {
+    let tol = tolerance_at(&[model.loss], &[exact.loss], tau);
     close(
-        &format!("rows loss {}", T::SUFFIX),
-        &[loss],
+        &format!("{what} loss {}", T::SUFFIX),
+        &[got.loss],
         &[exact.loss],
         tol,
     )?;
     let sides = [
-        ("q", &grad_q_dev, &exact.grad_rows_q, &model.grad_rows_q),
-        ("k", &grad_k_dev, &exact.grad_rows_k, &model.grad_rows_k),
+        (
+            "q",
+            &got.grad_rows_q,
+            &exact.grad_rows_q,
+            &model.grad_rows_q,
+        ),
+        (
+            "k",
+            &got.grad_rows_k,
+            &exact.grad_rows_k,
+            &model.grad_rows_k,
+        ),
     ];
     for (side, got, want, stored) in sides {
         if !representable::<T>(want) {
             continue;
         }
-        let what = format!("grad_rows_{side} {}", T::SUFFIX);
-        close(
-            &what,
-            &to_f64(&dev.download(got)),
-            want,
-            tolerance_at(stored, want, case.tau),
-        )?;
+        let label = format!("{what} grad_rows_{side} {}", T::SUFFIX);
+        close(&label, got, want, tolerance_at(stored, want, tau))?;
     }
     Ok(())
 }
@@ -736,27 +758,19 @@ fn small_rows_agree<T: Dtype>(case: &RowsCase) -> Result<(), TestCaseError> {
     )
     .map_err(failed)?;
 
-    let loss = dev.download(&ws.loss)[0] as f64;
-    let tol = tolerance_at(&[exact.loss], &[exact.loss], case.tau);
-    close(
-        &format!("small rows loss {}", T::SUFFIX),
-        &[loss],
-        &[exact.loss],
-        tol,
-    )?;
-    let sides = [
-        ("q", &grad_q_dev, &exact.grad_rows_q),
-        ("k", &grad_k_dev, &exact.grad_rows_k),
-    ];
-    for (side, got, want) in sides {
-        if !representable::<T>(want) {
-            continue;
-        }
-        let what = format!("small grad_rows_{side} {}", T::SUFFIX);
-        let tol = tolerance_at(&rounded::<T>(want), want, case.tau);
-        close(&what, &to_f64(&dev.download(got)), want, tol)?;
-    }
-    Ok(())
+    let got = RowsModel {
+        loss: dev.download(&ws.loss)[0] as f64,
+        grad_rows_q: to_f64(&dev.download(&grad_q_dev)),
+        grad_rows_k: to_f64(&dev.download(&grad_k_dev)),
+    };
+    // The path computes in float: the loss as exact as float holds it, each gradient the
+    // exact one rounded once to T.
+    let model = RowsModel {
+        loss: exact.loss,
+        grad_rows_q: rounded::<T>(&exact.grad_rows_q),
+        grad_rows_k: rounded::<T>(&exact.grad_rows_k),
+    };
+    rows_outcome_agrees::<T>("small rows", &got, &exact, &model, case.tau)
 }
 
 /// The small-S rows loss for every storage type: shapes of 1 to 100 rows an image (several
