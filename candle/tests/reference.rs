@@ -46,6 +46,44 @@ fn scaled(grad: &[f64], dtype: DType) -> Result<Vec<f64>> {
     )
 }
 
+/// `t` as a variable whose gradient candle's autograd computes when `track`, else as it is.
+fn tracked(t: Tensor, track: bool) -> Result<Tensor> {
+    Ok(if track {
+        Var::from_tensor(&t)?.into_inner()
+    } else {
+        t
+    })
+}
+
+/// A scalar loss of the ops against the reference's: the loss rounded to `dtype`, then the
+/// gradients of `loss * UPSTREAM` with respect to `q` (always tracked) and `k` (when tracked),
+/// named `names`, against the reference's scaled and rounded.
+fn loss_and_grads_match(
+    label: &str,
+    loss: &Tensor,
+    dtype: DType,
+    (q, k): (&Tensor, Option<&Tensor>),
+    names: [&str; 2],
+    (want_loss, want_q, want_k): (f64, &[f64], Option<&[f64]>),
+) -> Result<()> {
+    assert_eq!(loss.dims(), &[] as &[usize], "{label}");
+    assert_eq!(loss.dtype(), dtype, "{label}");
+    let got = values(loss)?;
+    assert_same(
+        &format!("loss {label}"),
+        &got,
+        &rounded(&[want_loss], dtype)?,
+    );
+    let (grad_q, grad_k) = grads(loss, q, k)?;
+    let want_q = scaled(want_q, dtype)?;
+    assert_same(&format!("grad {} {label}", names[0]), &grad_q, &want_q);
+    if let (Some(got), Some(want)) = (grad_k, want_k) {
+        let want = scaled(want, dtype)?;
+        assert_same(&format!("grad {} {label}", names[1]), &got, &want);
+    }
+    Ok(())
+}
+
 #[test]
 fn layer_loss_matches_reference() -> Result<()> {
     let mut rng = Rng::new(12);
@@ -58,32 +96,19 @@ fn layer_loss_matches_reference() -> Result<()> {
                 let centers = Centers::sample(h, w, num_s, rng.seed()).unwrap();
                 let (feat_q, q) = rng.tensor(&dims, 1.0, dtype, &Device::Cpu)?;
                 let (feat_k, k) = rng.tensor(&dims, 1.0, dtype, &Device::Cpu)?;
-                let feat_q = Var::from_tensor(&feat_q)?.into_inner();
-                let feat_k = if track_k {
-                    Var::from_tensor(&feat_k)?.into_inner()
-                } else {
-                    feat_k
-                };
+                let (feat_q, feat_k) = (tracked(feat_q, true)?, tracked(feat_k, track_k)?);
                 let want =
                     reference::ccp_layer_loss(&q, &k, &shape, &centers, 0.07, track_k).unwrap();
 
                 let loss = ccp_layer_loss(&feat_q, &feat_k, &centers, 0.07)?;
-                assert_eq!(loss.dims(), &[] as &[usize], "{label}");
-                assert_eq!(loss.dtype(), dtype, "{label}");
-                let got = values(&loss)?;
-                assert_same(
-                    &format!("loss {label}"),
-                    &got,
-                    &rounded(&[want.loss], dtype)?,
-                );
-
-                let (grad_q, grad_k) = grads(&loss, &feat_q, track_k.then_some(&feat_k))?;
-                let want_q = scaled(&want.grad_feat_q, dtype)?;
-                assert_same(&format!("grad feat_q {label}"), &grad_q, &want_q);
-                if let (Some(got), Some(want)) = (grad_k, want.grad_feat_k) {
-                    let want = scaled(&want, dtype)?;
-                    assert_same(&format!("grad feat_k {label}"), &got, &want);
-                }
+                loss_and_grads_match(
+                    &label,
+                    &loss,
+                    dtype,
+                    (&feat_q, track_k.then_some(&feat_k)),
+                    ["feat_q", "feat_k"],
+                    (want.loss, &want.grad_feat_q, want.grad_feat_k.as_deref()),
+                )?;
             }
         }
     }
@@ -101,31 +126,18 @@ fn rows_loss_matches_reference() -> Result<()> {
                 // Rows of a projection head: any scale, not normalised.
                 let (rows_q, q) = rng.tensor(&[b, s, c], 3.0, dtype, &Device::Cpu)?;
                 let (rows_k, k) = rng.tensor(&[b, s, c], 0.5, dtype, &Device::Cpu)?;
-                let rows_q = Var::from_tensor(&rows_q)?.into_inner();
-                let rows_k = if track_k {
-                    Var::from_tensor(&rows_k)?.into_inner()
-                } else {
-                    rows_k
-                };
+                let (rows_q, rows_k) = (tracked(rows_q, true)?, tracked(rows_k, track_k)?);
                 let want = reference::rows_loss(&q, &k, &shape, 0.2, track_k).unwrap();
 
                 let loss = rows_loss(&rows_q, &rows_k, 0.2)?;
-                assert_eq!(loss.dims(), &[] as &[usize], "{label}");
-                assert_eq!(loss.dtype(), dtype, "{label}");
-                let got = values(&loss)?;
-                assert_same(
-                    &format!("loss {label}"),
-                    &got,
-                    &rounded(&[want.loss], dtype)?,
-                );
-
-                let (grad_q, grad_k) = grads(&loss, &rows_q, track_k.then_some(&rows_k))?;
-                let want_q = scaled(&want.grad_rows_q, dtype)?;
-                assert_same(&format!("grad rows_q {label}"), &grad_q, &want_q);
-                if let (Some(got), Some(want)) = (grad_k, want.grad_rows_k) {
-                    let want = scaled(&want, dtype)?;
-                    assert_same(&format!("grad rows_k {label}"), &got, &want);
-                }
+                loss_and_grads_match(
+                    &label,
+                    &loss,
+                    dtype,
+                    (&rows_q, track_k.then_some(&rows_k)),
+                    ["rows_q", "rows_k"],
+                    (want.loss, &want.grad_rows_q, want.grad_rows_k.as_deref()),
+                )?;
             }
         }
     }
@@ -141,7 +153,7 @@ fn neighbor_diff_matches_reference() -> Result<()> {
             let shape = FeatureShape::new(b, c, h, w, Layout::Nchw).unwrap();
             let centers = Centers::sample(h, w, num_s, rng.seed()).unwrap();
             let (feat, f) = rng.tensor(&[b, c, h, w], 1.0, dtype, &Device::Cpu)?;
-            let feat = Var::from_tensor(&feat)?.into_inner();
+            let feat = tracked(feat, true)?;
 
             let rows = neighbor_diff(&feat, &centers)?;
             assert_eq!(rows.dims(), &[b, centers.rows(), c], "{label}");
