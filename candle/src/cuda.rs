@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, CudaView};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape};
 use ccpl::cuda::{CcpLayer, CcpRows, Kernels, Scatter};
@@ -99,20 +99,10 @@ impl<T: KernelType> SavedLoss for CcpRows<T> {
         len: usize,
         device: &CudaDevice,
     ) -> Result<CudaStorage> {
-        let stream = device.cuda_stream();
-        let sides = if want_k { 2 } else { 1 };
-        // SAFETY: the rows backward writes every element of each gradient it is given (it
-        // does not accumulate), and it is given both halves when there are two.
-        let mut grads = unsafe { stream.alloc::<T>(sides * len) }.w()?;
-        let (mut grad_q, mut grad_k) = grads.split_at_mut(len);
-        CcpRows::backward(
-            self,
-            Some(upstream),
-            &mut grad_q,
-            want_k.then_some(&mut grad_k),
-        )
-        .map_err(ccpl_error(op))?;
-        Ok(CudaStorage::wrap_cuda_slice(grads, device.clone()))
+        // The rows backward writes every element of each gradient it is given.
+        gradients::<T>(op, device, want_k, len, Start::Unset, |grad_q, grad_k| {
+            CcpRows::backward(self, Some(upstream), grad_q, grad_k)
+        })
     }
 }
 
@@ -129,21 +119,46 @@ impl<T: KernelType> SavedLoss for CcpLayer<T> {
         len: usize,
         device: &CudaDevice,
     ) -> Result<CudaStorage> {
-        let stream = device.cuda_stream();
-        let sides = if want_k { 2 } else { 1 };
         // The layer's backward adds into the feature gradients, as a framework accumulates.
-        let mut grads = stream.alloc_zeros::<T>(sides * len).w()?;
-        let (mut grad_q, mut grad_k) = grads.split_at_mut(len);
-        CcpLayer::backward(
-            self,
-            Some(upstream),
-            &mut grad_q,
-            want_k.then_some(&mut grad_k),
-            Scatter::Deterministic,
-        )
-        .map_err(ccpl_error(op))?;
-        Ok(CudaStorage::wrap_cuda_slice(grads, device.clone()))
+        gradients::<T>(op, device, want_k, len, Start::Zeroed, |grad_q, grad_k| {
+            CcpLayer::backward(self, Some(upstream), grad_q, grad_k, Scatter::Deterministic)
+        })
     }
+}
+
+/// How the gradients' memory starts: what a backward that writes every element may leave
+/// unset, one that adds into it needs zeroed.
+enum Start {
+    Unset,
+    Zeroed,
+}
+
+/// A new storage of `T` holding the gradient of the first input (`len` elements), then the
+/// second's when `want_k`, written by `backward` into its halves.
+fn gradients<T: KernelType>(
+    op: &'static str,
+    device: &CudaDevice,
+    want_k: bool,
+    len: usize,
+    start: Start,
+    backward: impl for<'v> FnOnce(
+        &mut CudaViewMut<'v, T>,
+        Option<&mut CudaViewMut<'v, T>>,
+    ) -> ccpl::Result<()>,
+) -> Result<CudaStorage> {
+    let stream = device.cuda_stream();
+    let sides = if want_k { 2 } else { 1 };
+    let mut grads = match start {
+        // SAFETY: device memory, never read on the host here; `Start::Unset` is the caller's
+        // word that `backward` writes every element of each half it is given (it is given both
+        // halves when there are two), so no unset value reaches candle.
+        Start::Unset => unsafe { stream.alloc::<T>(sides * len) },
+        Start::Zeroed => stream.alloc_zeros::<T>(sides * len),
+    }
+    .w()?;
+    let (mut grad_q, mut grad_k) = grads.split_at_mut(len);
+    backward(&mut grad_q, want_k.then_some(&mut grad_k)).map_err(ccpl_error(op))?;
+    Ok(CudaStorage::wrap_cuda_slice(grads, device.clone()))
 }
 
 /// The loss a forward left on the device, as a new scalar storage of `dtype`.
