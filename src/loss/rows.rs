@@ -23,7 +23,7 @@ workspace! {
     /// backward does not). Generic over what holds a buffer: `R` for rows in the storage
     /// type `T`, `F` for float32 statistics (device slices for an owner, [`Buf`]s for the
     /// plans, and lengths from [`RowsWorkspace::lengths`]).
-    pub struct RowsWorkspace {
+    pub struct RowsWorkspace<R, F> {
         rows {
             /// The normalised rows of the generated image (`q`), `(B, S, C)`.
             unit_q,
@@ -47,7 +47,7 @@ workspace! {
             /// sets it once.
             one,
         }
-        nested {}
+        parts {}
     }
 }
 
