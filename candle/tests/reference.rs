@@ -363,7 +363,7 @@ fn bad_inputs_give_errors_that_name_the_problem() -> Result<()> {
         (-1.0, "tau is not > 0"),
         (f64::NAN, "tau is not finite"),
         (f64::INFINITY, "tau is not finite"),
-        (1e-40, "1/tau is not finite in float32"),
+        (1e-40, "2/tau overflows float32"),
     ] {
         assert_error(layer(&feat, &feat, &centers, tau), "ccp_layer_loss", rule);
     }

@@ -12,7 +12,7 @@
 use ccpl::plan::layer::{LayerPlan, LayerWorkspace};
 use ccpl::plan::neighbor::{CentersBuf, Scatter};
 use ccpl::plan::{Buf, Launcher};
-use ccpl::{Centers, Dtype, Element, FeatureShape, Result, RowShape, check_len, reference};
+use ccpl::{Centers, Dtype, Element, FeatureShape, Result, RowShape, Tau, check_len, reference};
 use pyo3::prelude::*;
 
 use crate::neighbor::{Shape, diff_backward_host, host_centers, scatter, table_buf};
@@ -60,7 +60,7 @@ pub fn forward_device<T: Dtype, L: Launcher>(
     launcher: &L,
     shape: FeatureShape,
     centers: &CentersBuf,
-    tau: f64,
+    tau: Tau,
     feat_q: Buf,
     feat_k: Buf,
     saved: [Buf; 2],
@@ -80,7 +80,7 @@ pub fn backward_device<T: Dtype, L: Launcher>(
     launcher: &L,
     shape: FeatureShape,
     centers: &CentersBuf,
-    tau: f64,
+    tau: Tau,
     saved: [Buf; 2],
     upstream: Buf,
     scratch: Buf,
@@ -114,7 +114,7 @@ pub fn backward_device<T: Dtype, L: Launcher>(
 pub fn forward_host<T: Element>(
     shape: &FeatureShape,
     centers: &Centers,
-    tau: f64,
+    tau: Tau,
     feat_q: &[T],
     feat_k: &[T],
     saved_rows: &mut [f64],
@@ -135,7 +135,7 @@ pub fn forward_host<T: Element>(
 pub fn backward_host<T: Element>(
     shape: &FeatureShape,
     centers: &Centers,
-    tau: f64,
+    tau: Tau,
     saved_rows: &[f64],
     stats: &[f64],
     upstream: f64,
@@ -186,6 +186,7 @@ fn layer_forward(
     let device = Device::new(device, stream);
     py.detach(|| {
         let shape = shape.feature()?;
+        let tau = Tau::new(tau)?;
         match device {
             Device::Cuda { ordinal, stream } => {
                 let table = cuda_only(table, "the centres' device table")?.buf();
@@ -238,6 +239,7 @@ fn layer_backward(
     let device = Device::new(device, stream);
     py.detach(|| {
         let shape = shape.feature()?;
+        let tau = Tau::new(tau)?;
         match device {
             Device::Cuda { ordinal, stream } => {
                 let table = cuda_only(table, "the centres' device table")?.buf();

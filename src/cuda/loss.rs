@@ -15,6 +15,7 @@ use crate::error::{Result, check_len};
 use crate::plan::loss::{Draw, LossPlan, LossWorkspace};
 use crate::plan::{Buf, small_s};
 use crate::shape::FeatureShape;
+use crate::tau::Tau;
 
 /// The CCP loss of several encoder layers on one stream, with its workspace, allocated once by
 /// [`new`](Self::new) and reused by every step. `T` is the storage type of the feature maps
@@ -77,7 +78,7 @@ impl<T: Dtype> CcpLoss<T> {
         kernels: Arc<Kernels>,
         stream: Arc<CudaStream>,
         layers: &[(FeatureShape, usize)],
-        tau: f64,
+        tau: Tau,
         seed: u64,
     ) -> Result<Self> {
         let plan = LossPlan::new(layers, tau)?;

@@ -189,14 +189,15 @@ macro_rules! on_every_device {
     )+};
 }
 
-/// Calls `$check::<T, _>($args...)` for every storage type.
+/// Calls `$check::<T, _>($args...)` for every storage type, ccpl's list of them.
 #[macro_export]
 macro_rules! for_each_dtype {
-    ($check:ident($($arg:expr),* $(,)?)) => {{
-        $check::<f32, _>($($arg),*);
-        $check::<half::f16, _>($($arg),*);
-        $check::<half::bf16, _>($($arg),*);
-    }};
+    ($check:ident($($arg:expr),* $(,)?)) => {
+        for name in ccpl::dtype::STORAGE_NAMES {
+            ccpl::dispatch_dtype!(name, T => $check::<T, _>($($arg),*),
+                other => unreachable!("{other} is a storage type's name"))
+        }
+    };
 }
 
 pub fn to_f64<T: Element>(v: &[T]) -> Vec<f64> {
