@@ -20,7 +20,7 @@ use ccpl::cuda::info_nce::{self as nce, Side};
 use ccpl::cuda::info_nce_fused as fused;
 use ccpl::cuda::neighbor::{self, DeviceCenters, Scatter};
 use ccpl::cuda::{normalize, similarity};
-use ccpl::{Centers, Tau, Dtype, FeatureShape, RowShape};
+use ccpl::{Centers, Dtype, FeatureShape, RowShape, Tau};
 use common::{Config, Field, Gpu, Rng, RowsLoss, Suite, status, time_iters};
 use criterion::{BenchmarkId, Criterion, SamplingMode};
 use cudarc::driver::CudaSlice;
@@ -34,12 +34,10 @@ fn main() {
         for dtype in &cfg.dtypes {
             let id = format!("kernels/{}/{dtype}", cfg.name);
             // A failure is reported and the next configuration goes on (a panic too).
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
-                || {
-                    ccpl::dispatch_dtype!(dtype.as_str(), T => bench_config::<T>(&mut c, &gpu, &cfg),
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                ccpl::dispatch_dtype!(dtype.as_str(), T => bench_config::<T>(&mut c, &gpu, &cfg),
                         other => Err(common::unknown_dtype(other)))
-                },
-            ));
+            }));
             let failure = match outcome {
                 Ok(Ok(())) => continue,
                 Ok(Err(e)) => e.to_string(),

@@ -50,7 +50,7 @@ use ccpl::reference::{
     LayerInput, ccp_layer_loss, ccp_loss, info_nce_backward, info_nce_forward, normalize_rows,
     normalize_rows_backward, similarity,
 };
-use ccpl::{Centers, Tau, Dtype, Element, FeatureShape, RowShape};
+use ccpl::{Centers, Dtype, Element, FeatureShape, RowShape, Tau};
 use common::{Config, Field, Gpu, Rng, RowsLoss, Suite, status, time_iters};
 use criterion::{Bencher, BenchmarkId, Criterion, SamplingMode};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, sys};

@@ -9,7 +9,7 @@ use ccpl::reference::{
     ccp_layer_loss, info_nce_backward, info_nce_forward, neighbor_diff, neighbor_diff_backward,
     normalize_rows, normalize_rows_backward, similarity,
 };
-use ccpl::{Centers, Tau, FeatureShape, Layout, RowShape};
+use ccpl::{Centers, FeatureShape, Layout, RowShape, Tau};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 
 mod common;

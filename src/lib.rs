@@ -23,9 +23,9 @@ pub mod shape;
 pub mod tau;
 
 pub use dtype::{Dtype, Element};
+pub use error::{Error, Result, check_len};
 /// The `half` crate whose `f16` and `bf16` the kernels store, for [`dispatch_dtype!`]'s users.
 pub use half;
-pub use error::{Error, Result, check_len};
 pub use sampling::Centers;
 pub use shape::{FeatureShape, Layout, RowShape};
 pub use tau::Tau;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use ccpl::cuda::info_nce::{self as nce, Side};
 use ccpl::cuda::{self, Kernels, normalize, similarity};
-use ccpl::{Tau, Dtype, FeatureShape, Layout, RowShape};
+use ccpl::{Dtype, FeatureShape, Layout, RowShape, Tau};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, sys};
 
 /// The configuration list, compiled in so a bench binary runs anywhere.

@@ -149,8 +149,7 @@ fn same_bits_as_ccpl<T: Dtype + WithDType>(dev: &Device, rng: &mut Rng) -> Resul
     let loss = rows_loss(&rows_q, &rows_k, TAU)?;
     let got = grads(&loss, &[&rows_q])?;
 
-    let mut ccp_rows =
-        CcpRows::<T>::new(
+    let mut ccp_rows = CcpRows::<T>::new(
         direct.kernels.clone(),
         direct.stream.clone(),
         rows,

@@ -1,8 +1,8 @@
 //! InfoNCE with the diagonal as the positive (spec steps 7-8).
 
-use crate::tau::Tau;
 use crate::error::{Result, check_len};
 use crate::shape::RowShape;
+use crate::tau::Tau;
 
 /// Forward results.
 #[derive(Debug, Clone, PartialEq)]

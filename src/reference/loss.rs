@@ -2,7 +2,6 @@
 //! (identity head), and the sum over layers.
 
 use crate::dtype::Element;
-use crate::tau::Tau;
 use crate::error::{Error, Result, check_len};
 use crate::reference::{
     info_nce_backward, info_nce_forward, neighbor_diff, neighbor_diff_backward, normalize_rows,
@@ -10,6 +9,7 @@ use crate::reference::{
 };
 use crate::sampling::Centers;
 use crate::shape::{FeatureShape, RowShape};
+use crate::tau::Tau;
 
 /// Loss of one layer and its gradients.
 #[derive(Debug, Clone, PartialEq)]

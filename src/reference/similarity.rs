@@ -1,8 +1,8 @@
 //! Logits (spec step 6).
 
-use crate::tau::Tau;
 use crate::error::{Result, check_len};
 use crate::shape::RowShape;
+use crate::tau::Tau;
 
 /// `L[b, i, j] = q[b, i, :] . k[b, j, :] / tau`, `(B, S, S)`.
 pub fn similarity(q: &[f64], k: &[f64], shape: &RowShape, tau: Tau) -> Result<Vec<f64>> {
