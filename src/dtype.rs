@@ -78,9 +78,11 @@ pub const STORAGE_NAMES: [&str; 3] = ["f32", "f16", "bf16"];
 /// reference's type, not a [`Dtype`]). `$body` is expanded once per type, so it may call
 /// generic code with `$t`; every arm, `$fallback` included, has the type of `$body`.
 ///
-/// A framework names its types its own way; it passes the name ccpl uses: candle's
-/// `DType::as_str()` is one, a PyTorch dtype's `str()` without its `torch.` prefix another.
-/// This is the one list of the element types: a new storage type is added here.
+/// A framework names its types its own way and passes ccpl's name: candle's
+/// `DType::as_str()` gives it, and the Python package maps each torch dtype to it
+/// (`python/ccpl/_common.py`). The error of an unknown name is the caller's `$fallback`, so
+/// each integration keeps its own error type. This is the one list of the element types: a
+/// new storage type is added here.
 ///
 /// ```
 /// use ccpl::{Dtype, Error, Result, dispatch_dtype};
