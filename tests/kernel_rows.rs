@@ -44,6 +44,9 @@ const PLAIN: Regime = Regime {
     tau: TAU,
 };
 
+/// A rows loss's workspace of `T` on a device.
+type Workspace<T, D> = RowsWorkspace<<D as TestDevice>::Mem<T>, <D as TestDevice>::Mem<f32>>;
+
 /// The rows loss's plan at `tau` and its workspace on `dev`, after a forward of `rows_q`
 /// against `rows_k` (the loss in `ws.loss`, the default upstream gradient in `ws.one`).
 fn forward<T: Dtype, D: TestDevice>(
@@ -53,7 +56,7 @@ fn forward<T: Dtype, D: TestDevice>(
     rows_q: &[T],
     rows_k: &[T],
     label: &str,
-) -> (RowsPlan, RowsWorkspace<D::Mem<T>, D::Mem<f32>>) {
+) -> (RowsPlan, Workspace<T, D>) {
     let plan = RowsPlan::new(*shape, tau).unwrap();
     let mut ws = RowsWorkspace::lengths(shape)
         .unwrap()
