@@ -298,7 +298,7 @@ fn bad_tau() {
     let smallest = Tau::new(2.0 / f32::MAX as f64).unwrap();
     assert_eq!(smallest, Tau::MIN);
     assert_eq!(2.0 * smallest.inverse(), f32::MAX);
-    assert!(ccpl::plan::layer::LayerPlan::new(shape, centers.len(), smallest).is_ok());
+    assert!(ccpl::loss::layer::LayerPlan::new(shape, centers.len(), smallest).is_ok());
     let loss = ccp_layer_loss(&feat, &feat, &shape, &centers, smallest, false).unwrap();
     assert!(loss.loss.is_finite(), "{loss:?}");
     // The value and its forms.
@@ -321,7 +321,7 @@ fn no_panic_from_safe_code() {
         shape.index(usize::MAX, usize::MAX, usize::MAX, usize::MAX),
         None
     );
-    let err = ccpl::plan::neighbor::rows_len(&shape, usize::MAX).unwrap_err();
+    let err = ccpl::launch::neighbor::rows_len(&shape, usize::MAX).unwrap_err();
     assert!(matches!(err, Error::Shape(_)), "{err:?}");
     assert_eq!(ccpl::sampling::SplitMix64::new(1).below(0), None);
     // The largest row shapes new accepts: every size they report is in range.

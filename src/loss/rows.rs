@@ -7,13 +7,12 @@
 //! ([`LayerPlan`](super::layer::LayerPlan)) is this between its neighbour differences and
 //! their scatter. Generic over the [`Launcher`], like every plan sequence.
 
-use super::info_nce::{self, Side};
-use super::info_nce_fused;
-use super::normalize;
-use super::{Buf, LaunchPlan, Launcher, row_count, tile_grid, workspace};
+use super::workspace;
 use crate::dtype::Dtype;
 use crate::error::{Result, check_len};
 use crate::ffi;
+use crate::launch::info_nce::{self, Side};
+use crate::launch::{Buf, LaunchPlan, Launcher, info_nce_fused, normalize, row_count, tile_grid};
 use crate::shape::RowShape;
 use crate::tau::Tau;
 
