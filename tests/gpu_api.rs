@@ -12,9 +12,9 @@ use ccpl::cuda::neighbor::{self, DeviceCenters, Scatter};
 use ccpl::cuda::{normalize, similarity};
 use ccpl::{Centers, Error, FeatureShape, Layout, RowShape, reference};
 use common::Rng;
+use common::assert_close;
 use common::device::{
-    F32_TOLERANCE, assert_close, gpu, layer_model, random, rows_model, scatter_model, to_f64,
-    tolerance,
+    F32_TOLERANCE, gpu, layer_model, random, rows_model, scatter_model, to_f64, tolerance,
 };
 use cudarc::driver::CudaSlice;
 

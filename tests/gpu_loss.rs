@@ -11,7 +11,8 @@ use ccpl::plan::loss::LossPlan;
 use ccpl::reference::{self, LayerInput};
 use ccpl::{Centers, Error, FeatureShape, Layout};
 use common::Rng;
-use common::device::{F32_TOLERANCE, assert_close, gpu, random, stored_tolerance, to_f64};
+use common::assert_close;
+use common::device::{F32_TOLERANCE, gpu, random, stored_tolerance, to_f64};
 use cudarc::driver::{CudaSlice, CudaStream, sys};
 
 const TAU: f64 = 0.07;

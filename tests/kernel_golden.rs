@@ -8,7 +8,8 @@ mod common;
 use ccpl::plan::layer::{LayerPlan, LayerWorkspace};
 use ccpl::plan::neighbor::Scatter;
 use ccpl::{Centers, FeatureShape, Layout};
-use common::device::{F32_TOLERANCE, TestCenters, TestDevice, assert_close, to_f64};
+use common::assert_close;
+use common::device::{F32_TOLERANCE, TestCenters, TestDevice, to_f64};
 use common::golden::{self, GoldenCase};
 
 /// The kernels' loss and gradients of feat_q and feat_k for one case, in f32.

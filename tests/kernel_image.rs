@@ -2,19 +2,18 @@
 //! it for every storage type (PTX and every cubin), nothing else is, and ptxas reported no
 //! register spill and no stack frame for any kernel.
 
+mod common;
+
 use std::collections::BTreeSet;
 
 use ccpl::cuda::entry_points;
 use ccpl::plan::info_nce::{self, Side};
 use ccpl::plan::layer::LayerWorkspace;
 use ccpl::plan::neighbor::{self, CentersBuf, Scatter};
-use ccpl::plan::{Buf, info_nce_fused, normalize, similarity, small_s};
+use ccpl::plan::{info_nce_fused, normalize, similarity, small_s};
 use ccpl::{Dtype, FeatureShape, Layout, RowShape, ffi};
+use common::buf;
 use half::{bf16, f16};
-
-fn buf(len: usize) -> Buf {
-    Buf { addr: 0, len }
-}
 
 /// The kernel names of every plan for storage type `T` (plans are pure: no buffer is read).
 fn planned<T: Dtype>() -> Vec<String> {

@@ -8,9 +8,9 @@ mod common;
 use ccpl::plan::info_nce::{self, Side};
 use ccpl::{Dtype, RowShape, reference};
 use common::Rng;
+use common::assert_close;
 use common::device::{
-    F32_TOLERANCE, Rows, TestDevice, assert_close, from_f64, label, stored_tolerance, to_f64,
-    unit_rows,
+    F32_TOLERANCE, Rows, TestDevice, from_f64, label, stored_tolerance, to_f64, unit_rows,
 };
 
 /// `(B, S, C)`: odd sizes, S = 8 with C = 1, S past a tile; on the GPU S = 8192.

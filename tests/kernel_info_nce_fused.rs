@@ -12,8 +12,9 @@ use ccpl::plan::info_nce::{self, Side};
 use ccpl::plan::{info_nce_fused, similarity};
 use ccpl::{Dtype, RowShape, reference};
 use common::Rng;
+use common::assert_close;
 use common::device::{
-    F32_TOLERANCE, Rows, TestDevice, assert_close, from_f64, fused_backward_model, label, rounded,
+    F32_TOLERANCE, Rows, TestDevice, from_f64, fused_backward_model, label, rounded,
     stored_tolerance, to_f64, tolerance, unit_rows,
 };
 

@@ -11,9 +11,9 @@ mod common;
 use ccpl::plan::layer::{LayerPlan, LayerWorkspace};
 use ccpl::plan::neighbor::Scatter;
 use ccpl::{Centers, Dtype, FeatureShape, Layout, ffi, reference};
+use common::assert_close;
 use common::device::{
-    TestCenters, TestDevice, assert_close, largest, layer_model, random, scatter_model, to_f64,
-    tolerance,
+    TestCenters, TestDevice, largest, layer_model, random, scatter_model, to_f64, tolerance,
 };
 use common::{Rng, rel_err};
 

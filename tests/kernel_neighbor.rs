@@ -9,9 +9,9 @@ mod common;
 use ccpl::plan::neighbor::{self, Scatter};
 use ccpl::{Centers, Dtype, FeatureShape, Layout, reference};
 use common::Rng;
+use common::assert_close;
 use common::device::{
-    TestCenters, TestDevice, assert_close, random, scatter_model, stored_tolerance, to_f64,
-    tolerance,
+    TestCenters, TestDevice, random, scatter_model, stored_tolerance, to_f64, tolerance,
 };
 
 /// A feature map and its centres.

@@ -7,9 +7,10 @@ mod common;
 use ccpl::plan::normalize;
 use ccpl::{Dtype, RowShape, reference};
 use common::Rng;
+use common::assert_close;
 use common::device::{
-    F32_TOLERANCE, TestDevice, assert_close, largest, normalize_backward_from_normalized, random,
-    rounded, stored_tolerance, to_f64, tolerance,
+    F32_TOLERANCE, TestDevice, largest, normalize_backward_from_normalized, random, rounded,
+    stored_tolerance, to_f64, tolerance,
 };
 
 /// Odd widths, C = 1, S = 8, a wide row; on the GPU S = 8192 and C = 4099.

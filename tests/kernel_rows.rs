@@ -8,7 +8,8 @@ mod common;
 use ccpl::plan::rows::{RowsPlan, RowsWorkspace};
 use ccpl::{Dtype, RowShape};
 use common::Rng;
-use common::device::{TestDevice, assert_close, largest, random, rows_model, to_f64, tolerance};
+use common::assert_close;
+use common::device::{TestDevice, largest, random, rows_model, to_f64, tolerance};
 
 const TAU: f64 = 0.07;
 

@@ -24,8 +24,9 @@ use ccpl::plan::{KernelParams, LaunchPlan, Launcher};
 use ccpl::reference::{self, LayerInput};
 use ccpl::{Centers, Dtype, FeatureShape, Layout, RowShape};
 use common::Rng;
+use common::assert_close;
 use common::device::{
-    Elem, F32_TOLERANCE, TestDevice, assert_close, layer_model, loss_workspace, random, rows_model,
+    Elem, F32_TOLERANCE, TestDevice, layer_model, loss_workspace, random, rows_model,
     scatter_model, small_rows_workspace, stored_tolerance, to_f64, tolerance, tolerance_at,
 };
 

@@ -2,6 +2,8 @@
 //! crate's error names the problem), grids cover every output exactly, and the per-layer loss
 //! launches its stages in order, or nothing at all when any buffer is wrong.
 
+mod common;
+
 use std::cell::RefCell;
 
 use ccpl::plan::info_nce::{self, Side};
@@ -9,10 +11,7 @@ use ccpl::plan::layer::{LayerPlan, LayerWorkspace};
 use ccpl::plan::neighbor::{self, CentersBuf, Scatter};
 use ccpl::plan::{Buf, KernelParams, LaunchPlan, Launcher, info_nce_fused, normalize, similarity};
 use ccpl::{Error, FeatureShape, Layout, Result, RowShape};
-
-fn buf(len: usize) -> Buf {
-    Buf { addr: 0x1000, len }
-}
+use common::buf;
 
 fn shape() -> FeatureShape {
     FeatureShape::new(2, 3, 7, 9, Layout::Nchw).unwrap()

@@ -26,10 +26,11 @@ use ccpl::plan::loss::{Draw, LossPlan};
 use ccpl::plan::neighbor::{self, CentersBuf, Scatter};
 use ccpl::plan::rows::{RowsPlan, RowsWorkspace};
 use ccpl::plan::small_s::{self, SmallRowsPlan};
-use ccpl::plan::{Buf, KernelParams, LaunchPlan, Launcher, info_nce, normalize};
+use ccpl::plan::{KernelParams, LaunchPlan, Launcher, info_nce, normalize};
 use ccpl::reference::LayerInput;
 use ccpl::sampling::SplitMix64;
 use ccpl::{Centers, Dtype, Element, FeatureShape, Layout, RowShape, check_tau, reference};
+use common::buf;
 use common::device::{
     Emu, RowsModel, TestCenters, TestDevice, largest, layer_model, loss_workspace, rounded,
     rows_model, scatter_model, small_rows_workspace, to_f64, tolerance_at,
@@ -90,10 +91,6 @@ impl Launcher for Nothing {
     fn launch<P: KernelParams>(&self, _: &LaunchPlan<P>) -> ccpl::Result<()> {
         Ok(())
     }
-}
-
-fn buf(len: usize) -> Buf {
-    Buf { addr: 0x1000, len }
 }
 
 #[test]

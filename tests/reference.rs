@@ -8,7 +8,7 @@ use ccpl::reference::{
     neighbor_diff_backward, normalize_rows, similarity,
 };
 use ccpl::{Centers, FeatureShape, Layout, RowShape, ffi};
-use common::{Rng, nchw_to_nhwc, rel_err};
+use common::{Rng, chi_square_uniform, nchw_to_nhwc, rel_err};
 
 /// The spec's directions, k = 0..7, as `(dh, dw)`: raster order of the 3x3 window without
 /// its centre. Written out here, not read from the crate, so the crate is checked against it.
@@ -560,15 +560,6 @@ fn sampling_is_the_partial_fisher_yates_shuffle() {
     }
 }
 
-/// Pearson's chi-square of observed counts against equal expected counts.
-fn chi_square(counts: &[u64]) -> f64 {
-    let expected = counts.iter().sum::<u64>() as f64 / counts.len() as f64;
-    counts
-        .iter()
-        .map(|&o| (o as f64 - expected).powi(2) / expected)
-        .sum()
-}
-
 #[test]
 fn sampling_is_uniform() {
     // 3 of the 9 interior positions of a 5x5 map, 9000 draws. Under uniform sampling without
@@ -601,10 +592,10 @@ fn sampling_is_uniform() {
         3 * draws,
         "a centre outside the interior"
     );
-    let chi_inclusion = chi_square(&interior(&inclusion));
-    let chi_first = chi_square(&interior(&first));
+    let chi_inclusion = chi_square_uniform(&interior(&inclusion));
+    let chi_first = chi_square_uniform(&interior(&first));
     assert_eq!(subsets.len(), 84, "some subsets never drawn");
-    let chi_subsets = chi_square(&subsets.values().copied().collect::<Vec<_>>());
+    let chi_subsets = chi_square_uniform(&subsets.values().copied().collect::<Vec<_>>());
     eprintln!(
         "chi-square: inclusion {chi_inclusion:.1}, first {chi_first:.1} (df 8), subsets {chi_subsets:.1} (df 83)"
     );

@@ -11,23 +11,8 @@ use ccpl::plan::{LaunchPlan, Launcher, neighbor};
 use ccpl::{Centers, Dtype, FeatureShape, Layout};
 use ccpl_emu::Error;
 use ccpl_emu::{self as emu, Emulator, selftest::ccpl_emu_selftest_params as Params};
+use ccpl_testkit::Rng;
 use half::{bf16, f16};
-
-/// SplitMix64: deterministic test inputs without a dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// An integer in `lo..=hi`.
-    fn int(&mut self, lo: i64, hi: i64) -> i64 {
-        lo + (self.next() % (hi - lo + 1) as u64) as i64
-    }
-}
 
 fn emulator(seed: u64) -> Emulator {
     // SAFETY: every plan below addresses vectors that outlive its launch, at the lengths the
@@ -119,7 +104,7 @@ fn every_thread_runs_once_with_its_coordinates() {
 
 /// Integer-valued inputs, so that float sums are exact in any order.
 fn integer_inputs(len: usize, seed: u64) -> Vec<f32> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     (0..len).map(|_| rng.int(-8, 8) as f32).collect()
 }
 
@@ -302,7 +287,7 @@ fn shuffle_source(j: usize, lane: usize, arg: usize) -> usize {
 #[test]
 fn shuffles_read_the_lanes_cuda_defines() {
     let threads = 64usize;
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     let input: Vec<i32> = (0..2 * threads)
         .map(|_| rng.int(-1000, 1000) as i32)
         .collect();
@@ -360,7 +345,7 @@ fn shuffles_move_eight_byte_values() {
 fn votes_and_counting_barriers() {
     let threads = 96usize;
     for (seed, density) in [(1u64, 2i64), (2, 10), (3, 0), (4, 1)] {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         // density 0: all false; 1: all true; else about 1 in density true.
         let input: Vec<i32> = (0..threads)
             .map(|_| match density {
@@ -489,9 +474,9 @@ fn shared_memory_is_nan_in_every_block() {
 
 #[test]
 fn half_conversions_round_to_nearest_even_like_cuda() {
-    let mut rng = Rng(99);
+    let mut rng = Rng::new(99);
     let mut input: Vec<f32> = (0..200_000)
-        .map(|_| f32::from_bits(rng.next() as u32))
+        .map(|_| f32::from_bits(rng.next_u64() as u32))
         .collect();
     // Ties, overflow, subnormals, signed zeros and infinities of both formats.
     input.extend([
@@ -960,7 +945,7 @@ fn the_emulator_has_every_kernel_the_gpu_image_has() {
 fn check_neighbor_diff<T: Dtype>(layout: Layout) {
     let shape = FeatureShape::new(2, 5, 7, 9, layout).unwrap();
     let centers = Centers::sample(7, 9, 11, 3).unwrap();
-    let mut rng = Rng(21);
+    let mut rng = Rng::new(21);
     let feat: Vec<T> = (0..shape.len())
         .map(|_| T::from_f64(rng.int(-1000, 1000) as f64 / 37.0))
         .collect();

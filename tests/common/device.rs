@@ -259,14 +259,6 @@ pub fn stored_tolerance<T: Dtype>(exact: &[f64]) -> f64 {
     tolerance(&rounded::<T>(exact), exact)
 }
 
-/// Asserts `||got - want|| / ||want|| <= tol` and reports the measured error (run with
-/// `--nocapture` to see every measurement).
-pub fn assert_close(what: &str, got: &[f64], want: &[f64], tol: f64) {
-    let err = rel_err(got, want);
-    eprintln!("measured {what}: rel err {err:.3e} (tolerance {tol:.3e})");
-    assert!(err <= tol, "{what}: relative error {err:.3e} > {tol:.3e}");
-}
-
 /// The backward scatter of `grad_rows` into `initial` with every value it stores rounded to
 /// `T` as the kernel stores it. Deterministic: one rounding of the whole sum. Atomic: each
 /// neighbour's `-g` added and rounded on its own, each centre's 8 gradients summed, rounded,
