@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use ccpl::plan::{Launcher, neighbor};
+use ccpl::launch::{CentersBuf, Launcher, neighbor};
 use ccpl::{Centers, Dtype, FeatureShape, Layout};
 use ccpl_emu as emu;
 use ccpl_testkit::Rng;
@@ -85,7 +85,7 @@ fn check_neighbor_diff<T: Dtype>(layout: Layout) {
         .map(|_| T::from_f64(rng.int(-1000, 1000) as f64 / 37.0))
         .collect();
     let map = centers.center_map();
-    let buf = neighbor::CentersBuf {
+    let buf = CentersBuf {
         height: 7,
         width: 9,
         flat: emu::buf(centers.flat()),

@@ -1,7 +1,7 @@
 //! What the emulator must refuse: misuse that would hang or corrupt a GPU (an error, not a hang),
 //! shared memory over 48 KiB without the opt-in, misaligned accesses, bad launches.
 
-use ccpl::plan::{LaunchPlan, Launcher};
+use ccpl::launch::{LaunchPlan, Launcher};
 use ccpl_emu::{self as emu, selftest::ccpl_emu_selftest_params as Params};
 
 use crate::common::{SELFTEST_STATIC_SHARED, emulator, emulator_error, integer_inputs, lin, run};

@@ -5,7 +5,7 @@
 pub mod device;
 pub mod golden;
 
-use ccpl::plan::Buf;
+use ccpl::launch::Buf;
 #[allow(unused_imports)] // each test crate uses its own subset
 pub use ccpl_testkit::{Rng, assert_close, chi_square, chi_square_uniform, rel_err};
 

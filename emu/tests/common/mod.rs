@@ -3,7 +3,7 @@
 
 pub mod hmma_vectors;
 
-use ccpl::plan::{LaunchPlan, Launcher};
+use ccpl::launch::{LaunchPlan, Launcher};
 use ccpl_emu::{Emulator, Error, selftest::ccpl_emu_selftest_params as Params};
 use ccpl_testkit::Rng;
 
