@@ -3,7 +3,7 @@
 //! reference. Each test says loudly that it SKIPPED without a GPU, and fails instead when
 //! `CCPL_REQUIRE_GPU=1`.
 
-mod common;
+use crate::common;
 
 use ccpl::cuda::CcpLayer;
 use ccpl::cuda::CcpRows;

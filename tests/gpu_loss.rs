@@ -4,7 +4,7 @@
 //! with the reference. Each test says loudly that it SKIPPED without a GPU, and fails instead
 //! when `CCPL_REQUIRE_GPU=1`.
 
-mod common;
+use crate::common;
 
 use ccpl::cuda::{CcpLoss, DeviceCenters};
 use ccpl::loss::multi_layer::LossPlan;

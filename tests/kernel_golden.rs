@@ -3,7 +3,7 @@
 //! (`loss::layer::LayerPlan`, the code the GPU path runs), with both scatters, on the
 //! emulator and the GPU, within the spec's float32 tolerance.
 
-mod common;
+use crate::common;
 
 use ccpl::launch::neighbor::Scatter;
 use ccpl::loss::layer::{LayerPlan, LayerWorkspace};

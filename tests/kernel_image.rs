@@ -2,7 +2,7 @@
 //! it for every storage type (PTX and every cubin), nothing else is, and ptxas reported no
 //! register spill and no stack frame for any kernel.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 

@@ -3,7 +3,7 @@
 //! their mean (written or accumulated), and the backward into q (and k), for every storage
 //! type, with the upstream gradient read from device memory.
 
-mod common;
+use crate::common;
 
 use ccpl::launch::info_nce::{self, Side};
 use ccpl::{Dtype, RowShape, reference};

@@ -6,7 +6,7 @@
 //! emulator's portable nvcuda::wmma), whose second product takes G rounded to T: the
 //! tolerance is measured on a model that rounds G as the kernel does.
 
-mod common;
+use crate::common;
 
 use ccpl::launch::info_nce::{self, Side};
 use ccpl::launch::{Buf, KernelParams, LaunchPlan, info_nce_fused, similarity};

@@ -6,7 +6,7 @@
 //! directly (what was added to the buffer, against the gradient); and the same at the edges of
 //! each type's range.
 
-mod common;
+use crate::common;
 
 use ccpl::launch::neighbor::Scatter;
 use ccpl::loss::layer::{LayerPlan, LayerWorkspace};

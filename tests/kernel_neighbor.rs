@@ -4,7 +4,7 @@
 //! exceed it), and the backward scatter (atomic and deterministic) accumulating into the
 //! caller's buffer.
 
-mod common;
+use crate::common;
 
 use ccpl::launch::neighbor::{self, Scatter};
 use ccpl::{Centers, Dtype, FeatureShape, Layout, reference};

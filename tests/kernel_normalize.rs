@@ -2,7 +2,7 @@
 //! storage type: the normalised rows and their norms, and the backward, including rows that
 //! are exactly zero (finite gradient `g/eps`, never NaN) and tiny ones.
 
-mod common;
+use crate::common;
 
 use ccpl::launch::normalize;
 use ccpl::{Dtype, RowShape, reference};

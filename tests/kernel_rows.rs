@@ -3,7 +3,7 @@
 //! stage, on the emulator and the GPU, for every storage type, with the default upstream
 //! gradient and one from device memory, for one side and for both.
 
-mod common;
+use crate::common;
 
 use ccpl::loss::rows::{RowsPlan, RowsWorkspace};
 use ccpl::{Dtype, RowShape};

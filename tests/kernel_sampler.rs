@@ -5,7 +5,7 @@
 //! uniformly random order, independent across layers and across steps (chi-square tests at a
 //! significance of 0.001 each).
 
-mod common;
+use crate::common;
 
 use ccpl::launch::Buf;
 use ccpl::launch::CentersBuf;

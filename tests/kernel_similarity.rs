@@ -1,7 +1,7 @@
 //! `kernels/similarity.cu` against the CPU reference, on the emulator and the GPU, for every
 //! storage type, at sizes that are multiples of neither the 64-row tile nor the 32-deep stage.
 
-mod common;
+use crate::common;
 
 use ccpl::launch::similarity;
 use ccpl::{Dtype, RowShape, reference};

@@ -13,7 +13,7 @@
 //! fused path stores its rows in `T` on the way: its 16-bit model is `layer_model` with the
 //! deterministic scatter, as in kernel_layer.
 
-mod common;
+use crate::common;
 
 use std::cell::RefCell;
 

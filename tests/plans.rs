@@ -2,7 +2,7 @@
 //! crate's error names the problem), grids cover every output exactly, and the per-layer loss
 //! launches its stages in order, or nothing at all when any buffer is wrong.
 
-mod common;
+use crate::common;
 
 use std::cell::RefCell;
 

@@ -17,7 +17,7 @@
 //! about 20 s for the whole file on a shared 2-core machine, most of it the whole loss with a
 //! fused layer and the small-S rows.
 
-mod common;
+use crate::common;
 
 use std::ops::Range;
 

@@ -1,7 +1,7 @@
 //! The spec's semantics of the CPU reference, on cases that can be checked by hand or by a
 //! direct computation written differently from the reference.
 
-mod common;
+use crate::common;
 
 use ccpl::reference::{
     LayerInput, ccp_layer_loss, ccp_loss, info_nce_backward, info_nce_forward, neighbor_diff,

@@ -10,7 +10,7 @@
 //! - The errors only a GPU can give: f64 refused, inputs on two devices.
 #![cfg(feature = "cuda")]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

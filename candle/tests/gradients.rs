@@ -12,7 +12,7 @@
 //! above the tolerances, which are about 100x the largest error measured on these (seeded)
 //! cases.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_nn::{Linear, VarBuilder, VarMap, linear};

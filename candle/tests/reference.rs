@@ -7,7 +7,7 @@
 //! once to the storage type. So each result must EQUAL the reference's rounded to the dtype:
 //! any difference is a fault of the glue (a wrong buffer, offset, side or scale), not rounding.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use ccpl::{Centers, FeatureShape, Layout, RowShape, reference};

@@ -1,12 +1,11 @@
 //! Helpers shared by the test files: the workspace's test kit, layouts, and the device,
 //! golden and plan helpers below.
-#![allow(dead_code)] // each test crate uses its own subset
 
+#[macro_use]
 pub mod device;
 pub mod golden;
 
 use ccpl::launch::Buf;
-#[allow(unused_imports)] // each test crate uses its own subset
 pub use ccpl_testkit::{Rng, assert_close, chi_square, chi_square_uniform, rel_err};
 
 /// The NHWC copy of an NCHW buffer of shape `(b, c, h, w)`.

@@ -1,12 +1,10 @@
 //! What the test suites share: seeded inputs in each storage type and comparisons.
-#![allow(dead_code)] // each test crate uses its own subset
 
 use candle_core::{DType, Device, Result, Tensor};
 
 /// The storage types the ops take on the CPU.
 pub const CPU_DTYPES: [DType; 4] = [DType::F64, DType::F32, DType::F16, DType::BF16];
 
-#[allow(unused_imports)] // each test crate uses its own subset
 pub use ccpl_testkit::{Rng, assert_close, rel_err};
 
 /// Seeded tensors in each storage type.
