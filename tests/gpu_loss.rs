@@ -12,7 +12,9 @@ use ccpl::reference::{self, LayerInput};
 use ccpl::{Centers, Error, FeatureShape, Layout};
 use common::Rng;
 use common::assert_close;
-use common::device::{F32_TOLERANCE, gpu, random, stored_tolerance, to_f64};
+use common::device::gpu;
+use common::fixtures::random;
+use common::tolerance::{F32_TOLERANCE, stored_tolerance, to_f64};
 use cudarc::driver::{CudaSlice, CudaStream, sys};
 
 const TAU: f64 = 0.07;

@@ -9,9 +9,9 @@ use ccpl::launch::info_nce::{self, Side};
 use ccpl::{Dtype, RowShape, reference};
 use common::Rng;
 use common::assert_close;
-use common::device::{
-    F32_TOLERANCE, Rows, TestDevice, from_f64, label, stored_tolerance, to_f64, unit_rows,
-};
+use common::device::TestDevice;
+use common::fixtures::{Rows, label, unit_rows};
+use common::tolerance::{F32_TOLERANCE, from_f64, stored_tolerance, to_f64};
 
 /// `(B, S, C)`: odd sizes, S = 8 with C = 1, S past a tile; on the GPU S = 8192.
 fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {

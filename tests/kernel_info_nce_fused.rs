@@ -13,10 +13,10 @@ use ccpl::launch::{Buf, KernelParams, LaunchPlan, info_nce_fused, similarity};
 use ccpl::{Dtype, RowShape, reference};
 use common::Rng;
 use common::assert_close;
-use common::device::{
-    F32_TOLERANCE, Rows, TestDevice, from_f64, fused_backward_model, label, rounded,
-    stored_tolerance, to_f64, tolerance, unit_rows,
-};
+use common::device::TestDevice;
+use common::fixtures::{Rows, label, unit_rows};
+use common::models::fused_backward_model;
+use common::tolerance::{F32_TOLERANCE, from_f64, rounded, stored_tolerance, to_f64, tolerance};
 
 /// `(B, S, C)`: odd sizes, S = 8 with C = 1, S not a multiple of the 64-row tile, C over one
 /// 64-column tile, C = 520 (a long reduction: tensor cores' truncation would bias the logits
@@ -249,13 +249,24 @@ fn check_fused<T: Dtype, D: TestDevice>(
     }
 }
 
-fn info_nce_fused_matches_reference<D: TestDevice>(dev: &D) {
-    let mut rng = Rng::new(16);
+/// Runs `check` on every shape and regime, the rows drawn from `seed`.
+fn each_case<D: TestDevice>(
+    dev: &D,
+    seed: u64,
+    mut check: impl FnMut(&RowShape, f64, Rows, &mut Rng),
+) {
+    let mut rng = Rng::new(seed);
     for shape in shapes(dev) {
         for (tau, rows) in regimes(&shape) {
-            for_each_dtype!(check_fused(dev, &shape, tau, rows, &mut rng));
+            check(&shape, tau, rows, &mut rng);
         }
     }
+}
+
+fn info_nce_fused_matches_reference<D: TestDevice>(dev: &D) {
+    each_case(dev, 16, |shape, tau, rows, rng| {
+        for_each_dtype!(check_fused(dev, shape, tau, rows, rng))
+    });
 }
 
 /// The fused path against the materialised one on the same device and rows. The logits
@@ -297,12 +308,9 @@ fn check_same_as_materialised<T: Dtype, D: TestDevice>(
 }
 
 fn info_nce_fused_matches_materialised<D: TestDevice>(dev: &D) {
-    let mut rng = Rng::new(17);
-    for shape in shapes(dev) {
-        for (tau, rows) in regimes(&shape) {
-            for_each_dtype!(check_same_as_materialised(dev, &shape, tau, rows, &mut rng));
-        }
-    }
+    each_case(dev, 17, |shape, tau, rows, rng| {
+        for_each_dtype!(check_same_as_materialised(dev, shape, tau, rows, rng))
+    });
 }
 
 /// The fused backward recomputes the very logits similarity stores: given the same row
@@ -311,27 +319,24 @@ fn info_nce_fused_matches_materialised<D: TestDevice>(dev: &D) {
 /// own: a compiler that fuses `dot * inv_tau - lse` into one FMA (nvcc does, and so does the
 /// emulator's host compiler) changes G's last bits unless the kernel spells out __fmul_rn.
 fn fused_backward_recomputes_the_stored_logits<D: TestDevice>(dev: &D) {
-    let mut rng = Rng::new(18);
-    for shape in shapes(dev) {
-        for (tau, rows) in regimes(&shape) {
-            let (q, k) = unit_rows::<f32>(&mut rng, &shape, rows);
-            let materialised = run_materialised::<f32, D>(dev, &shape, tau, &q, &k);
-            let stats = (&materialised.row_lse, &materialised.row_loss);
-            for (side, want) in [(Side::Q, &materialised.dq), (Side::K, &materialised.dk)] {
-                let got = run_fused_backward(dev, &shape, tau, &q, &k, stats, side);
-                let what = format!("{side:?} {}", label(dev, &shape, tau, rows));
-                let differ = got
-                    .iter()
-                    .zip(want)
-                    .filter(|(a, b)| a.to_bits() != b.to_bits());
-                assert_eq!(
-                    differ.count(),
-                    0,
-                    "fused and materialised f32 gradients differ: {what}"
-                );
-            }
+    each_case(dev, 18, |shape, tau, rows, rng| {
+        let (q, k) = unit_rows::<f32>(rng, shape, rows);
+        let materialised = run_materialised::<f32, D>(dev, shape, tau, &q, &k);
+        let stats = (&materialised.row_lse, &materialised.row_loss);
+        for (side, want) in [(Side::Q, &materialised.dq), (Side::K, &materialised.dk)] {
+            let got = run_fused_backward(dev, shape, tau, &q, &k, stats, side);
+            let what = format!("{side:?} {}", label(dev, shape, tau, rows));
+            let differ = got
+                .iter()
+                .zip(want)
+                .filter(|(a, b)| a.to_bits() != b.to_bits());
+            assert_eq!(
+                differ.count(),
+                0,
+                "fused and materialised f32 gradients differ: {what}"
+            );
         }
-    }
+    });
 }
 
 /// The fused f32 backward of one side from given row statistics (as f64 of f32 values).

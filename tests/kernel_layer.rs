@@ -12,9 +12,10 @@ use ccpl::launch::neighbor::Scatter;
 use ccpl::loss::layer::{LayerPlan, LayerWorkspace};
 use ccpl::{Centers, Dtype, FeatureShape, Layout, ffi, reference};
 use common::assert_close;
-use common::device::{
-    TestCenters, TestDevice, largest, layer_model, random, scatter_model, to_f64, tolerance,
-};
+use common::device::TestDevice;
+use common::fixtures::{TestCenters, random};
+use common::models::{layer_model, scatter_model};
+use common::tolerance::{largest, to_f64, tolerance};
 use common::{Rng, rel_err};
 
 const TAU: f64 = 0.07;

@@ -10,9 +10,10 @@ use ccpl::launch::neighbor::{self, Scatter};
 use ccpl::{Centers, Dtype, FeatureShape, Layout, reference};
 use common::Rng;
 use common::assert_close;
-use common::device::{
-    TestCenters, TestDevice, random, scatter_model, stored_tolerance, to_f64, tolerance,
-};
+use common::device::TestDevice;
+use common::fixtures::{TestCenters, random};
+use common::models::scatter_model;
+use common::tolerance::{stored_tolerance, to_f64, tolerance};
 
 /// A feature map and its centres.
 struct Case {
@@ -145,7 +146,7 @@ fn check_neighbor_diff_normalize<T: Dtype, D: TestDevice>(
         &format!("{what} norms"),
         &got,
         &expected,
-        common::device::F32_TOLERANCE,
+        common::tolerance::F32_TOLERANCE,
     );
 }
 

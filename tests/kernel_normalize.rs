@@ -8,10 +8,10 @@ use ccpl::launch::normalize;
 use ccpl::{Dtype, RowShape, reference};
 use common::Rng;
 use common::assert_close;
-use common::device::{
-    F32_TOLERANCE, TestDevice, largest, normalize_backward_from_normalized, random, rounded,
-    stored_tolerance, to_f64, tolerance,
-};
+use common::device::TestDevice;
+use common::fixtures::random;
+use common::models::normalize_backward_from_normalized;
+use common::tolerance::{F32_TOLERANCE, largest, rounded, stored_tolerance, to_f64, tolerance};
 
 /// Odd widths, C = 1, S = 8, a wide row; on the GPU S = 8192 and C = 4099.
 fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {

@@ -9,7 +9,10 @@ use ccpl::loss::rows::{RowsPlan, RowsWorkspace};
 use ccpl::{Dtype, RowShape};
 use common::Rng;
 use common::assert_close;
-use common::device::{TestDevice, largest, random, rows_model, to_f64, tolerance};
+use common::device::TestDevice;
+use common::fixtures::random;
+use common::models::rows_model;
+use common::tolerance::{largest, to_f64, tolerance};
 
 const TAU: f64 = 0.07;
 

@@ -7,7 +7,9 @@ use ccpl::launch::similarity;
 use ccpl::{Dtype, RowShape, reference};
 use common::Rng;
 use common::assert_close;
-use common::device::{F32_TOLERANCE, TestDevice, random, to_f64};
+use common::device::TestDevice;
+use common::fixtures::random;
+use common::tolerance::{F32_TOLERANCE, to_f64};
 
 /// `(B, S, C)`: odd sizes, S = 8 with C = 1, one row and one column past a tile and a stage;
 /// on the GPU S = 8192 and a deep C.

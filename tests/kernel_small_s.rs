@@ -26,10 +26,10 @@ use ccpl::reference::{self, LayerInput};
 use ccpl::{Centers, Dtype, FeatureShape, Layout, RowShape};
 use common::Rng;
 use common::assert_close;
-use common::device::{
-    Elem, F32_TOLERANCE, TestDevice, layer_model, loss_workspace, random, rows_model,
-    scatter_model, small_rows_workspace, stored_tolerance, to_f64, tolerance, tolerance_at,
-};
+use common::device::{Elem, TestDevice};
+use common::fixtures::{loss_workspace, random, small_rows_workspace};
+use common::models::{layer_model, rows_model, scatter_model};
+use common::tolerance::{F32_TOLERANCE, stored_tolerance, to_f64, tolerance, tolerance_at};
 
 mod loss_cases;
 mod rows_loss;

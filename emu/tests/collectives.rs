@@ -1,10 +1,9 @@
 //! The emulator's warp collectives: shuffles read the lanes CUDA defines, in every width, and
 //! votes and counting barriers.
 
-use ccpl_emu as emu;
 use ccpl_testkit::Rng;
 
-use crate::common::{emulator, lin, run};
+use crate::common::run_1d;
 
 /// The lane a shuffle reads, from CUDA's definitions (own lane when out of the segment).
 fn shuffle_source(j: usize, lane: usize, arg: usize) -> usize {
@@ -37,14 +36,12 @@ fn shuffles_read_the_lanes_cuda_defines() {
         .collect();
     for arg in [0usize, 1, 2, 3, 5, 7, 8, 15, 16, 17, 31] {
         let mut out = vec![i32::MIN; 8 * 2 * threads];
-        run(
-            &emulator(arg as u64),
+        run_1d(
+            arg as u64,
             "selftest_shuffles",
-            lin(2),
-            lin(threads as u32),
-            0,
-            emu::buf(&input).addr,
-            emu::buf_mut(&mut out).addr,
+            (2, threads as u32),
+            &input,
+            &mut out,
             0,
             arg as i32,
         )
@@ -65,14 +62,12 @@ fn shuffles_move_eight_byte_values() {
     let input: Vec<i32> = (0..threads as i32).map(|i| i * 37 - 900).collect();
     for arg in [1usize, 6, 31] {
         let mut out = vec![0u64; 2 * threads];
-        run(
-            &emulator(9),
+        run_1d(
+            9,
             "selftest_shuffle_wide",
-            lin(1),
-            lin(threads as u32),
-            0,
-            emu::buf(&input).addr,
-            emu::buf_mut(&mut out).addr,
+            (1, threads as u32),
+            &input,
+            &mut out,
             0,
             arg as i32,
         )
@@ -99,14 +94,12 @@ fn votes_and_counting_barriers() {
             })
             .collect();
         let mut out = vec![i32::MIN; 8 * threads];
-        run(
-            &emulator(seed),
+        run_1d(
+            seed,
             "selftest_votes",
-            lin(1),
-            lin(threads as u32),
-            0,
-            emu::buf(&input).addr,
-            emu::buf_mut(&mut out).addr,
+            (1, threads as u32),
+            &input,
+            &mut out,
             0,
             0,
         )

@@ -10,7 +10,7 @@ use ccpl_emu as emu;
 use ccpl_testkit::Rng;
 use half::{bf16, f16};
 
-use crate::common::{block_reduce_expected, emulator, integer_inputs, lin, run};
+use crate::common::{block_reduce_expected, emulator, integer_inputs, run_1d};
 
 /// `kernels/*.cu` files and `common.cuh` with text from `needle`.
 fn kernel_files_containing(needle: &str) -> Vec<String> {
@@ -134,14 +134,12 @@ fn a_large_launch_is_right_and_its_speed_is_reported() {
     let input = integer_inputs(blocks * n as usize, 1);
     let mut out = vec![f32::NAN; 3 * blocks];
     let start = Instant::now();
-    run(
-        &emulator(0),
-        "selftest_block_reduce",
-        lin(blocks as u32),
-        lin(threads),
+    run_1d(
         0,
-        emu::buf(&input).addr,
-        emu::buf_mut(&mut out).addr,
+        "selftest_block_reduce",
+        (blocks as u32, threads),
+        &input,
+        &mut out,
         n,
         0,
     )

@@ -4,7 +4,9 @@
 use ccpl::launch::{LaunchPlan, Launcher};
 use ccpl_emu::{self as emu, selftest::ccpl_emu_selftest_params as Params};
 
-use crate::common::{SELFTEST_STATIC_SHARED, emulator, emulator_error, integer_inputs, lin, run};
+use crate::common::{
+    SELFTEST_STATIC_SHARED, emulator, emulator_error, integer_inputs, lin, run, run_1d,
+};
 
 #[test]
 fn misuse_is_an_error_not_a_hang() {
@@ -43,17 +45,7 @@ fn misuse_is_an_error_not_a_hang() {
     // A full mask in a partial warp (48 threads) names lanes that do not exist.
     let input = vec![1.0f32; 48];
     let mut out = vec![0.0f32; 3];
-    let result = run(
-        &emulator(0),
-        "selftest_block_reduce",
-        lin(1),
-        lin(48),
-        0,
-        emu::buf(&input).addr,
-        emu::buf_mut(&mut out).addr,
-        48,
-        0,
-    );
+    let result = run_1d(0, "selftest_block_reduce", (1, 48), &input, &mut out, 48, 0);
     let message = emulator_error(result);
     assert!(message.contains("do not exist"), "{message}");
 }

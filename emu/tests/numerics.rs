@@ -6,7 +6,7 @@ use ccpl_testkit::Rng;
 use half::{bf16, f16};
 
 use crate::common::hmma_vectors;
-use crate::common::{emulator, lin, run};
+use crate::common::run_1d;
 
 #[test]
 fn half_conversions_round_to_nearest_even_like_cuda() {
@@ -39,14 +39,12 @@ fn half_conversions_round_to_nearest_even_like_cuda() {
     ]);
     let n = input.len();
     let mut out = vec![0u32; 4 * n];
-    run(
-        &emulator(0),
-        "selftest_conversions",
-        lin(n.div_ceil(256) as u32),
-        lin(256),
+    run_1d(
         0,
-        emu::buf(&input).addr,
-        emu::buf_mut(&mut out).addr,
+        "selftest_conversions",
+        (n.div_ceil(256) as u32, 256),
+        &input,
+        &mut out,
         n as i32,
         0,
     )
@@ -105,14 +103,12 @@ fn wmma_multiplies_exactly() {
         .collect();
     for arg in [0, 1] {
         let mut out = vec![f32::NAN; 256];
-        run(
-            &emulator(arg as u64),
+        run_1d(
+            arg as u64,
             "selftest_wmma",
-            lin(1),
-            lin(32),
-            0,
-            emu::buf(&input).addr,
-            emu::buf_mut(&mut out).addr,
+            (1, 32),
+            &input,
+            &mut out,
             256,
             arg,
         )
@@ -169,14 +165,12 @@ fn wmma_adds_as_the_tensor_cores_of_the_modelled_architecture() {
             }
         };
         let mut out = vec![f32::NAN; 256];
-        run(
-            &emulator(arg as u64),
+        run_1d(
+            arg as u64,
             "selftest_wmma",
-            lin(1),
-            lin(32),
-            0,
-            emu::buf(&input).addr,
-            emu::buf_mut(&mut out).addr,
+            (1, 32),
+            &input,
+            &mut out,
             256,
             arg,
         )

@@ -4,7 +4,7 @@
 
 use ccpl_emu as emu;
 
-use crate::common::{block_reduce_expected, emulator, integer_inputs, lin, run};
+use crate::common::{block_reduce_expected, emulator, integer_inputs, lin, run, run_1d};
 
 #[test]
 fn every_thread_runs_once_with_its_coordinates() {
@@ -51,14 +51,12 @@ fn block_reductions_are_exact_for_every_block_size_and_seed() {
         let input = integer_inputs(blocks * n as usize, threads as u64);
         for seed in 0..4 {
             let mut out = vec![f32::NAN; 3 * blocks];
-            run(
-                &emulator(seed),
+            run_1d(
+                seed,
                 "selftest_block_reduce",
-                lin(blocks as u32),
-                lin(threads),
-                0,
-                emu::buf(&input).addr,
-                emu::buf_mut(&mut out).addr,
+                (blocks as u32, threads),
+                &input,
+                &mut out,
                 n,
                 0,
             )
@@ -88,14 +86,12 @@ fn wrong_sums(kernel: &str, seeds: std::ops::Range<u64>) -> usize {
             1
         };
         let mut out = vec![f32::NAN; stride * blocks];
-        run(
-            &emulator(seed),
+        run_1d(
+            seed,
             kernel,
-            lin(blocks as u32),
-            lin(threads),
-            0,
-            emu::buf(&input).addr,
-            emu::buf_mut(&mut out).addr,
+            (blocks as u32, threads),
+            &input,
+            &mut out,
             n,
             0,
         )
@@ -126,14 +122,12 @@ fn a_seed_replays_its_schedule() {
         .iter()
         .map(|&seed| {
             let mut out = vec![f32::NAN; 1];
-            run(
-                &emulator(seed),
+            run_1d(
+                seed,
                 "selftest_racy_block_sum",
-                lin(1),
-                lin(threads),
-                0,
-                emu::buf(&input).addr,
-                emu::buf_mut(&mut out).addr,
+                (1, threads),
+                &input,
+                &mut out,
                 n,
                 0,
             )
@@ -165,14 +159,12 @@ fn warp_synchronous_code_needs_syncwarp() {
     let want: f32 = input.iter().sum();
     let sum_with = |arg: i32, seed: u64| {
         let mut out = vec![f32::NAN];
-        run(
-            &emulator(seed),
+        run_1d(
+            seed,
             "selftest_warp_lockstep",
-            lin(1),
-            lin(32),
-            0,
-            emu::buf(&input).addr,
-            emu::buf_mut(&mut out).addr,
+            (1, 32),
+            &input,
+            &mut out,
             32,
             arg,
         )

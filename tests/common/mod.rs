@@ -3,7 +3,10 @@
 
 #[macro_use]
 pub mod device;
+pub mod fixtures;
 pub mod golden;
+pub mod models;
+pub mod tolerance;
 
 use ccpl::launch::Buf;
 pub use ccpl_testkit::{Rng, assert_close, chi_square, chi_square_uniform, rel_err};

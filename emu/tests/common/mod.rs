@@ -4,7 +4,7 @@
 pub mod hmma_vectors;
 
 use ccpl::launch::{LaunchPlan, Launcher};
-use ccpl_emu::{Emulator, Error, selftest::ccpl_emu_selftest_params as Params};
+use ccpl_emu::{self as emu, Emulator, Error, selftest::ccpl_emu_selftest_params as Params};
 use ccpl_testkit::Rng;
 
 pub fn emulator(seed: u64) -> Emulator {
@@ -71,4 +71,29 @@ pub fn block_reduce_expected(segment: &[f32], threads: usize) -> [f32; 3] {
     let sum: f32 = partials.iter().sum();
     let max = partials.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     [sum, max, 2.0 * sum]
+}
+
+/// Launches a self-test kernel on a fresh emulator scheduled by `seed`: a 1-D grid of
+/// `blocks` blocks of `threads`, no dynamic shared memory, reading `input` and writing `out`.
+pub fn run_1d<I, O>(
+    seed: u64,
+    kernel: &str,
+    (blocks, threads): (u32, u32),
+    input: &[I],
+    out: &mut [O],
+    n: i32,
+    arg: i32,
+) -> Result<(), Error> {
+    let (input, out) = (emu::buf(input).addr, emu::buf_mut(out).addr);
+    run(
+        &emulator(seed),
+        kernel,
+        lin(blocks),
+        lin(threads),
+        0,
+        input,
+        out,
+        n,
+        arg,
+    )
 }
