@@ -83,6 +83,23 @@ fn half_conversions_round_to_nearest_even_like_cuda() {
     }
 }
 
+/// `selftest_wmma` on `input` (A, B and C, 16x16 each), in __half (`arg` 0) or
+/// __nv_bfloat16 (1): A B + C.
+fn wmma(input: &[f32], arg: i32) -> Vec<f32> {
+    let mut out = vec![f32::NAN; 256];
+    run_1d(
+        arg as u64,
+        "selftest_wmma",
+        (1, 32),
+        input,
+        &mut out,
+        256,
+        arg,
+    )
+    .unwrap();
+    out
+}
+
 /// The portable WMMA: A B + C of 16x16 matrices of small integers (exact in both 16-bit types
 /// and in every float sum), in __half and __nv_bfloat16, through row- and column-major loads
 /// and stores.
@@ -102,17 +119,7 @@ fn wmma_multiplies_exactly() {
         })
         .collect();
     for arg in [0, 1] {
-        let mut out = vec![f32::NAN; 256];
-        run_1d(
-            arg as u64,
-            "selftest_wmma",
-            (1, 32),
-            &input,
-            &mut out,
-            256,
-            arg,
-        )
-        .unwrap();
+        let out = wmma(&input, arg);
         assert_eq!(
             out,
             want,
@@ -164,17 +171,7 @@ fn wmma_adds_as_the_tensor_cores_of_the_modelled_architecture() {
                 half::f16::from_f32(x).to_f64()
             }
         };
-        let mut out = vec![f32::NAN; 256];
-        run_1d(
-            arg as u64,
-            "selftest_wmma",
-            (1, 32),
-            &input,
-            &mut out,
-            256,
-            arg,
-        )
-        .unwrap();
+        let out = wmma(&input, arg);
         let mut differs_from_fmaf = 0;
         for i in 0..256 {
             let (m, n) = (i / 16, i % 16);
