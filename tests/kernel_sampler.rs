@@ -83,7 +83,7 @@ fn draws<D: TestDevice>(
     }
     let counters = dev.download(&counters);
     assert_eq!(
-        small_s::counters_step(&counters),
+        small_s::counters_step(&counters).unwrap(),
         steps,
         "one step a launch"
     );

@@ -242,7 +242,7 @@ fn run<T: Dtype + Elem, D: TestDevice>(
     if draw == Draw::Sample {
         let counters = dev.download(&ws.counters);
         assert_eq!(
-            small_s::counters_step(&counters),
+            small_s::counters_step(&counters).unwrap(),
             1,
             "{label}: the step advanced once"
         );

@@ -327,9 +327,12 @@ fn small_s_plans_check_their_limits() {
         small_s::scale::<f32>(10, buf(1), (buf(10), buf(9)), None),
         Err(Error::Length { what: "out", .. })
     ));
-    assert!(matches!(buf(10).part::<f32>(8, 3), Err(Error::Shape(_))));
+    assert!(matches!(
+        buf(10).part::<f32>("rows_q", 8, 3),
+        Err(Error::Shape(_))
+    ));
     assert_eq!(
-        buf(10).part::<f32>(8, 2).unwrap(),
+        buf(10).part::<f32>("rows_q", 8, 2).unwrap(),
         Buf {
             addr: 0x1000 + 32,
             len: 2
@@ -351,4 +354,79 @@ fn workspace_bytes_of_the_largest_plans_saturate() {
     assert_eq!(plan.workspace().unwrap().bytes::<f32>(), usize::MAX);
     let rows = SmallRowsPlan::new(RowShape::new(b, 8, c).unwrap(), Tau::DEFAULT).unwrap();
     assert_eq!(rows.workspace().unwrap().bytes::<f32>(), usize::MAX);
+}
+
+/// Sizes and buffers a hostile caller can pass: layers whose sizes add up past usize, a part
+/// of a buffer past the address space, counters of another length, a centres buffer of
+/// N + 1. Each is an error naming the buffer or the sum, never a panic or a wrapped offset.
+#[test]
+fn hostile_sizes_and_buffers_are_refused_by_name() {
+    use ccpl::launch::small_s;
+    use ccpl::loss::multi_layer::{Draw, LossPlan};
+    use ccpl::loss::small_s::SmallSWorkspace;
+    // Layers of just under 2^62 elements (the largest the shapes take): three put the third
+    // layer's part past 2^64 bytes, five add up past usize.
+    let (b, c) = ((1 << 28) - 1, i32::MAX as usize);
+    let huge = FeatureShape::new(b, c, 3, 3, Layout::Nchw).unwrap();
+    for (layers, words) in [(3, "past the address space"), (5, "past usize")] {
+        let err = LossPlan::new(&vec![(huge, 1); layers], Tau::DEFAULT).unwrap_err();
+        assert!(
+            matches!(&err, Error::Shape(m) if m.contains(words)),
+            "{layers} layers: {err:?}"
+        );
+    }
+    let rows = RowShape::new(b, 8, c).unwrap();
+    let err = SmallSWorkspace::lengths(&[rows; 5]).unwrap_err();
+    assert!(
+        matches!(&err, Error::Shape(m) if m.contains("past usize")),
+        "{err:?}"
+    );
+    // A part names its buffer.
+    let err = buf(95).part::<f32>("norms_q", 0, 96).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "bad shape: elements 0..96 of norms_q, a buffer of 95"
+    );
+    let err = buf(usize::MAX)
+        .part::<f32>("rows_q", 1 << 62, 1)
+        .unwrap_err();
+    assert!(err.to_string().contains("rows_q"), "{err}");
+    // Counters of another length, and the step of the right ones.
+    for len in [0, 3, small_s::COUNTERS + 1] {
+        assert_eq!(
+            small_s::counters_step(&vec![0; len]),
+            Err(Error::Length {
+                what: "counters",
+                expected: small_s::COUNTERS,
+                actual: len
+            })
+        );
+    }
+    assert_eq!(
+        small_s::counters_step(&small_s::counters(7, 1 << 40)),
+        Ok(1 << 40)
+    );
+    // A centres buffer of N + 1 is the centres' error, not the rows'; nothing launched.
+    let small = FeatureShape::new(2, 3, 7, 9, Layout::Nchw).unwrap();
+    let plan = LossPlan::new(&[(small, 5)], Tau::DEFAULT).unwrap();
+    let mut ws = plan
+        .workspace()
+        .unwrap()
+        .try_map(|&n| Ok::<_, ()>(buf(n)), |&n| Ok(buf(n)), |&n| Ok(buf(n)))
+        .unwrap();
+    ws.centers[0].flat = buf(6);
+    let feats = [(buf(small.len()), buf(small.len()))];
+    let rec = Recorder::default();
+    for draw in [Draw::Sample, Draw::Given] {
+        let err = plan.forward::<f32, _>(&rec, &feats, &ws, draw).unwrap_err();
+        assert_eq!(
+            err,
+            Error::Length {
+                what: "centers",
+                expected: 5,
+                actual: 6
+            }
+        );
+    }
+    assert!(rec.0.take().is_empty());
 }

@@ -77,21 +77,26 @@ pub struct Buf {
 }
 
 impl Buf {
-    /// Elements `offset .. offset + len` of a buffer of `E`: the part of a workspace buffer
-    /// that one layer of a multi-layer launch uses. Callers check the lengths first; a part
-    /// past the end is refused.
-    pub fn part<E>(self, offset: usize, len: usize) -> Result<Buf> {
+    /// Elements `offset .. offset + len` of the buffer `what` of `E`: the part of a workspace
+    /// buffer that one layer of a multi-layer launch uses. Callers check the lengths first; a
+    /// part past the end, or past the address space, is refused naming the buffer.
+    pub fn part<E>(self, what: &str, offset: usize, len: usize) -> Result<Buf> {
         if offset.checked_add(len).is_none_or(|end| end > self.len) {
             return Err(Error::Shape(format!(
-                "elements {offset}..{} of a buffer of {}",
+                "elements {offset}..{} of {what}, a buffer of {}",
                 offset.saturating_add(len),
                 self.len
             )));
         }
-        Ok(Buf {
-            addr: self.addr + (offset * size_of::<E>()) as u64,
-            len,
-        })
+        let addr = offset
+            .checked_mul(size_of::<E>())
+            .and_then(|bytes| self.addr.checked_add(u64::try_from(bytes).ok()?))
+            .ok_or_else(|| {
+                Error::Shape(format!(
+                    "element {offset} of {what} is past the address space"
+                ))
+            })?;
+        Ok(Buf { addr, len })
     }
 }
 

@@ -53,10 +53,11 @@ pub fn counters(seed: u64, step: u64) -> [i32; COUNTERS] {
     words
 }
 
-/// The step the counters will draw next.
-pub fn counters_step(words: &[i32]) -> u64 {
+/// The step the counters `words` (`int32[COUNTERS]`, as downloaded) will draw next.
+pub fn counters_step(words: &[i32]) -> Result<u64> {
+    check_len("counters", COUNTERS, words.len())?;
     let t = ffi::CCPL_COUNTER_STEP as usize;
-    words[t] as u32 as u64 | (words[t + 1] as u32 as u64) << 32
+    Ok(words[t] as u32 as u64 | (words[t + 1] as u32 as u64) << 32)
 }
 
 /// Blocks of [`rows_forward`] for one layer: `B * ceil(S / 16)`.

@@ -17,7 +17,7 @@ use crate::error::{Error, Result, check_len};
 use crate::ffi;
 use crate::launch::neighbor::Scatter;
 use crate::launch::small_s::{self, GatherLayer, RowsTotals, ScatterLayer, ScatterSide};
-use crate::launch::{Buf, CentersBuf, KernelParams, LaunchPlan, Launcher, info_nce, row_count};
+use crate::launch::{Buf, CentersBuf, KernelParams, LaunchPlan, Launcher, info_nce};
 use crate::shape::{FeatureShape, RowShape};
 use crate::tau::Tau;
 
@@ -121,7 +121,7 @@ impl LossPlan {
             )));
         }
         let mut fused = 0;
-        let mut at = SmallOffsets { rows: 0, stats: 0 };
+        let mut at = SmallOffsets::START;
         let mut planned = Vec::with_capacity(layers.len());
         for &(shape, num_s) in layers {
             if num_s == 0 {
@@ -132,8 +132,7 @@ impl LossPlan {
             let path = if small_s::takes(rows) {
                 let row_shape = RowShape::new(shape.batch(), rows, shape.channels())?;
                 let path = Path::Small { at };
-                at.rows += row_shape.len();
-                at.stats += row_count(&row_shape)?;
+                at = at.after(&row_shape)?;
                 path
             } else {
                 let path = Path::Fused {
@@ -239,17 +238,21 @@ impl LossPlan {
 
     fn centers(&self, ws: &LossWorkspace<Buf, Buf, Buf>) -> Result<Vec<CentersBuf>> {
         check_len("centre buffers", self.layers.len(), ws.centers.len())?;
-        Ok(self
-            .layers
+        self.layers
             .iter()
             .zip(&ws.centers)
-            .map(|(l, c)| CentersBuf {
-                height: l.shape.height(),
-                width: l.shape.width(),
-                flat: c.flat,
-                map: c.map,
+            .map(|(l, c)| {
+                // Checked here, by name: a launch reads N from the buffer, and would blame
+                // the rows, sized for the plan's N. (Each launch checks the map.)
+                check_len("centers", l.num_centers, c.flat.len)?;
+                Ok(CentersBuf {
+                    height: l.shape.height(),
+                    width: l.shape.width(),
+                    flat: c.flat,
+                    map: c.map,
+                })
             })
-            .collect())
+            .collect()
     }
 
     fn small_ws<'w>(
@@ -400,12 +403,16 @@ impl LossPlan {
                     shape: l.shape,
                     centers: *c,
                     q: ScatterSide {
-                        grad_rows: small.grad_rows_q.part::<f32>(at.rows, len)?,
+                        grad_rows: small.grad_rows_q.part::<f32>("grad_rows_q", at.rows, len)?,
                         grad_feat: grads_q[i],
                     },
                     k: match grads_k {
                         Some(k) => Some(ScatterSide {
-                            grad_rows: small.grad_rows_k.part::<f32>(at.rows, len)?,
+                            grad_rows: small.grad_rows_k.part::<f32>(
+                                "grad_rows_k",
+                                at.rows,
+                                len,
+                            )?,
                             grad_feat: k[i],
                         }),
                         None => None,

@@ -141,9 +141,17 @@ impl SmallRowsPlan {
         let scale = scale::<T>(
             count,
             upstream,
-            (ws.small.grad_rows_q.part::<f32>(0, count)?, grad_rows_q),
+            (
+                ws.small.grad_rows_q.part::<f32>("grad_rows_q", 0, count)?,
+                grad_rows_q,
+            ),
             grad_rows_k
-                .map(|out| Ok::<_, Error>((ws.small.grad_rows_k.part::<f32>(0, count)?, out)))
+                .map(|out| {
+                    Ok::<_, Error>((
+                        ws.small.grad_rows_k.part::<f32>("grad_rows_k", 0, count)?,
+                        out,
+                    ))
+                })
                 .transpose()?,
         )?;
         if let Some(plan) = transposed {

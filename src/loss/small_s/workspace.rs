@@ -1,7 +1,7 @@
 //! The buffers of the small-S path, every layer's one after another, and the parts of them
 //! each launch of [`crate::launch::small_s`] reads and writes.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::launch::small_s::{GatherRows, RowsLayer};
 use crate::launch::{Buf, row_count};
 use crate::loss::workspace;
@@ -55,10 +55,10 @@ impl SmallSWorkspace<usize, usize> {
             norms_k: 0,
             layer_loss: shapes.len(),
         };
-        for s in shapes {
-            ws.rows_q += s.len();
-            ws.row_lse += row_count(s)?;
-        }
+        let end = shapes
+            .iter()
+            .try_fold(SmallOffsets::START, |at, s| at.after(s))?;
+        (ws.rows_q, ws.row_lse) = (end.rows, end.stats);
         (ws.rows_k, ws.grad_rows_q, ws.grad_rows_k) = (ws.rows_q, ws.rows_q, ws.rows_q);
         (ws.row_loss, ws.norms_q, ws.norms_k) = (ws.row_lse, ws.row_lse, ws.row_lse);
         Ok(ws)
@@ -71,6 +71,26 @@ impl SmallSWorkspace<usize, usize> {
 pub(crate) struct SmallOffsets {
     pub(crate) rows: usize,
     pub(crate) stats: usize,
+}
+
+impl SmallOffsets {
+    /// The first layer's.
+    pub(crate) const START: Self = Self { rows: 0, stats: 0 };
+
+    /// Where the layer after one of `shape` at `self` starts; an error past `usize` (layers
+    /// of about 2^62 elements each reach it).
+    pub(crate) fn after(self, shape: &RowShape) -> Result<Self> {
+        let past = |what: &str| {
+            Error::Shape(format!(
+                "the small-S layers' {what} add up past usize ({shape:?} after {self:?})"
+            ))
+        };
+        Ok(Self {
+            rows: (self.rows.checked_add(shape.len())).ok_or_else(|| past("rows"))?,
+            stats: (self.stats.checked_add(row_count(shape)?))
+                .ok_or_else(|| past("row statistics"))?,
+        })
+    }
 }
 
 /// The rows a launch of [`SmallSWorkspace::rows_layer`] reads.
@@ -97,19 +117,19 @@ impl SmallSWorkspace<Buf, Buf> {
     ) -> Result<RowsLayer> {
         let (len, stats) = (shape.len(), row_count(shape)?);
         let own = (
-            self.rows_q.part::<f32>(at.rows, len)?,
-            self.rows_k.part::<f32>(at.rows, len)?,
+            self.rows_q.part::<f32>("rows_q", at.rows, len)?,
+            self.rows_k.part::<f32>("rows_k", at.rows, len)?,
         );
-        let grad = if k_side {
-            &self.grad_rows_k
+        let (grad, grad_name) = if k_side {
+            (&self.grad_rows_k, "grad_rows_k")
         } else {
-            &self.grad_rows_q
+            (&self.grad_rows_q, "grad_rows_q")
         };
         let ((rows_q, rows_k), norms, copies) = match rows {
             RowsIn::Gathered => {
                 let norms = (
-                    self.norms_q.part::<f32>(at.stats, stats)?,
-                    self.norms_k.part::<f32>(at.stats, stats)?,
+                    self.norms_q.part::<f32>("norms_q", at.stats, stats)?,
+                    self.norms_k.part::<f32>("norms_k", at.stats, stats)?,
                 );
                 (own, Some(norms), None)
             }
@@ -121,9 +141,9 @@ impl SmallSWorkspace<Buf, Buf> {
             rows_q,
             rows_k,
             norms,
-            grad_rows: grad.part::<f32>(at.rows, len)?,
-            row_lse: self.row_lse.part::<f32>(at.stats, stats)?,
-            row_loss: self.row_loss.part::<f32>(at.stats, stats)?,
+            grad_rows: grad.part::<f32>(grad_name, at.rows, len)?,
+            row_lse: self.row_lse.part::<f32>("row_lse", at.stats, stats)?,
+            row_loss: self.row_loss.part::<f32>("row_loss", at.stats, stats)?,
             copies,
         })
     }
@@ -140,10 +160,10 @@ impl SmallSWorkspace<Buf, Buf> {
         Ok(GatherRows {
             feat_q,
             feat_k,
-            rows_q: self.rows_q.part::<f32>(at.rows, len)?,
-            rows_k: self.rows_k.part::<f32>(at.rows, len)?,
-            norms_q: self.norms_q.part::<f32>(at.stats, stats)?,
-            norms_k: self.norms_k.part::<f32>(at.stats, stats)?,
+            rows_q: self.rows_q.part::<f32>("rows_q", at.rows, len)?,
+            rows_k: self.rows_k.part::<f32>("rows_k", at.rows, len)?,
+            norms_q: self.norms_q.part::<f32>("norms_q", at.stats, stats)?,
+            norms_k: self.norms_k.part::<f32>("norms_k", at.stats, stats)?,
         })
     }
 }
