@@ -18,6 +18,18 @@ use common::buf;
 
 mod launches;
 
+/// Records the kernels it is asked to launch.
+#[derive(Default)]
+struct Recorder(RefCell<Vec<String>>);
+
+impl Launcher for Recorder {
+    type Error = ccpl::Error;
+    fn launch<P: KernelParams>(&self, plan: &LaunchPlan<P>) -> Result<()> {
+        self.0.borrow_mut().push(plan.kernel.clone());
+        Ok(())
+    }
+}
+
 fn shape() -> FeatureShape {
     FeatureShape::new(2, 3, 7, 9, Layout::Nchw).unwrap()
 }

@@ -3,18 +3,6 @@
 
 use super::*;
 
-/// Records the kernels it is asked to launch.
-#[derive(Default)]
-struct Recorder(RefCell<Vec<String>>);
-
-impl Launcher for Recorder {
-    type Error = ccpl::Error;
-    fn launch<P: KernelParams>(&self, plan: &LaunchPlan<P>) -> Result<()> {
-        self.0.borrow_mut().push(plan.kernel.clone());
-        Ok(())
-    }
-}
-
 #[test]
 fn layer_launches_its_stages_in_order_or_nothing() {
     let s = shape();
