@@ -44,7 +44,7 @@ use std::sync::Arc;
 
 use ccpl::cuda::info_nce::Side;
 use ccpl::cuda::{CcpLayer, CcpLoss, CcpRows, DeviceCenters, Scatter};
-use ccpl::plan::loss::LossPlan;
+use ccpl::loss::multi_layer::LossPlan;
 use ccpl::reference::relative_error as rel_err;
 use ccpl::reference::{
     LayerInput, ccp_layer_loss, ccp_loss, info_nce_backward, info_nce_forward, normalize_rows,

@@ -7,7 +7,10 @@
 //! and the API in brief.
 //!
 //! - [`reference`](mod@reference): every stage and its backward in `f64`, the oracle;
-//! - [`plan`]: the launch plans both the GPU and the CPU emulator (crate `ccpl-emu`) execute;
+//! - [`launch`]: the launch builders, one per kernel: pure functions from shapes and buffers
+//!   to the launch plans both the GPU and the CPU emulator (crate `ccpl-emu`) execute;
+//! - [`loss`]: the losses as sequences of those plans run through a [`launch::Launcher`],
+//!   with their workspaces;
 //! - [`cuda`]: the kernels on the caller's context and stream, and the loss objects
 //!   [`cuda::CcpLayer`] and [`cuda::CcpRows`].
 #![warn(missing_docs)]
@@ -16,7 +19,8 @@ pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod ffi;
-pub mod plan;
+pub mod launch;
+pub mod loss;
 pub mod reference;
 pub mod sampling;
 pub mod shape;

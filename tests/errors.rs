@@ -278,7 +278,7 @@ fn bad_tau() {
         (2.9e-39, &["1/tau", "float32"]),
     ];
     for (tau, words) in cases {
-        let plan = ccpl::plan::layer::LayerPlan::new(shape, centers.len(), tau);
+        let plan = ccpl::loss::layer::LayerPlan::new(shape, centers.len(), tau);
         let results = [
             check_tau(tau),
             similarity(&v, &v, &rows, tau).map(drop),
@@ -298,7 +298,7 @@ fn bad_tau() {
     // The smallest tau of the rule works in both: 1/tau just below float32's maximum.
     let smallest = 1.0 / f32::MAX as f64;
     assert_eq!(check_tau(smallest), Ok(()));
-    assert!(ccpl::plan::layer::LayerPlan::new(shape, centers.len(), smallest).is_ok());
+    assert!(ccpl::loss::layer::LayerPlan::new(shape, centers.len(), smallest).is_ok());
     let loss = ccp_layer_loss(&feat, &feat, &shape, &centers, smallest, false).unwrap();
     assert!(loss.loss.is_finite(), "{loss:?}");
 }
@@ -316,7 +316,7 @@ fn no_panic_from_safe_code() {
         shape.index(usize::MAX, usize::MAX, usize::MAX, usize::MAX),
         None
     );
-    let err = ccpl::plan::neighbor::rows_len(&shape, usize::MAX).unwrap_err();
+    let err = ccpl::launch::neighbor::rows_len(&shape, usize::MAX).unwrap_err();
     assert!(matches!(err, Error::Shape(_)), "{err:?}");
     assert_eq!(ccpl::sampling::SplitMix64::new(1).below(0), None);
     // The largest row shapes new accepts: every size they report is in range.

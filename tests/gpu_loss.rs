@@ -7,7 +7,7 @@
 mod common;
 
 use ccpl::cuda::{CcpLoss, DeviceCenters};
-use ccpl::plan::loss::LossPlan;
+use ccpl::loss::multi_layer::LossPlan;
 use ccpl::reference::{self, LayerInput};
 use ccpl::{Centers, Error, FeatureShape, Layout};
 use common::Rng;

@@ -5,10 +5,11 @@
 use std::collections::BTreeSet;
 
 use ccpl::cuda::entry_points;
-use ccpl::plan::info_nce::{self, Side};
-use ccpl::plan::layer::LayerWorkspace;
-use ccpl::plan::neighbor::{self, CentersBuf, Scatter};
-use ccpl::plan::{Buf, info_nce_fused, normalize, similarity, small_s};
+use ccpl::launch::CentersBuf;
+use ccpl::launch::info_nce::{self, Side};
+use ccpl::launch::neighbor::{self, Scatter};
+use ccpl::launch::{Buf, info_nce_fused, normalize, similarity, small_s};
+use ccpl::loss::layer::LayerWorkspace;
 use ccpl::{Dtype, FeatureShape, Layout, RowShape, ffi};
 use half::{bf16, f16};
 

@@ -5,7 +5,7 @@
 
 mod common;
 
-use ccpl::plan::info_nce::{self, Side};
+use ccpl::launch::info_nce::{self, Side};
 use ccpl::{Dtype, RowShape, reference};
 use common::Rng;
 use common::device::{

@@ -8,8 +8,8 @@
 
 mod common;
 
-use ccpl::plan::info_nce::{self, Side};
-use ccpl::plan::{info_nce_fused, similarity};
+use ccpl::launch::info_nce::{self, Side};
+use ccpl::launch::{info_nce_fused, similarity};
 use ccpl::{Dtype, RowShape, reference};
 use common::Rng;
 use common::device::{

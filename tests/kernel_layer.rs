@@ -1,5 +1,5 @@
 //! The per-layer loss (identity head) run as the crate's sequence of launch plans
-//! (`plan::layer::LayerPlan`, the code the GPU path runs) against the CPU reference's
+//! (`loss::layer::LayerPlan`, the code the GPU path runs) against the CPU reference's
 //! `ccp_layer_loss`, on the emulator and the GPU, for every storage type: the loss, and the
 //! gradients of feat_q and feat_k accumulated into the caller's buffers, with the default
 //! upstream gradient and one from device memory, with both scatters, each gradient compared
@@ -8,8 +8,8 @@
 
 mod common;
 
-use ccpl::plan::layer::{LayerPlan, LayerWorkspace};
-use ccpl::plan::neighbor::Scatter;
+use ccpl::launch::neighbor::Scatter;
+use ccpl::loss::layer::{LayerPlan, LayerWorkspace};
 use ccpl::{Centers, Dtype, FeatureShape, Layout, ffi, reference};
 use common::device::{
     TestCenters, TestDevice, assert_close, largest, layer_model, random, scatter_model, to_f64,

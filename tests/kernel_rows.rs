@@ -1,11 +1,11 @@
-//! The rows loss (`plan::rows::RowsPlan`: normalisation, fused InfoNCE, mean, and
+//! The rows loss (`loss::rows::RowsPlan`: normalisation, fused InfoNCE, mean, and
 //! the backward through both into the rows) against the CPU reference composed stage by
 //! stage, on the emulator and the GPU, for every storage type, with the default upstream
 //! gradient and one from device memory, for one side and for both.
 
 mod common;
 
-use ccpl::plan::rows::{RowsPlan, RowsWorkspace};
+use ccpl::loss::rows::{RowsPlan, RowsWorkspace};
 use ccpl::{Dtype, RowShape};
 use common::Rng;
 use common::device::{TestDevice, assert_close, largest, random, rows_model, to_f64, tolerance};

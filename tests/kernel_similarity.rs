@@ -3,7 +3,7 @@
 
 mod common;
 
-use ccpl::plan::similarity;
+use ccpl::launch::similarity;
 use ccpl::{Dtype, RowShape, reference};
 use common::Rng;
 use common::device::{F32_TOLERANCE, TestDevice, assert_close, random, to_f64};

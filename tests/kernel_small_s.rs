@@ -1,9 +1,9 @@
-//! The whole multi-layer loss (`plan::loss::LossPlan`: the small-S path of
+//! The whole multi-layer loss (`loss::multi_layer::LossPlan`: the small-S path of
 //! `kernels/small_s.cu`, mixed with the fused path for a larger layer) against the CPU
 //! reference `ccp_loss`, on the emulator and the GPU, for every storage type, at odd sizes,
 //! at the paper's and at the edges of float's range; the launches of a training step, counted;
 //! determinism; and the rows loss of a learned head on the small-S path
-//! (`plan::small_s::SmallRowsPlan`), at the edges of float's range too, and its mean of tiny
+//! (`loss::small_s::SmallRowsPlan`), at the edges of float's range too, and its mean of tiny
 //! row losses.
 //!
 //! Tolerances. The small-S path computes in float from the inputs in `T` and rounds only what
@@ -17,10 +17,11 @@ mod common;
 
 use std::cell::RefCell;
 
-use ccpl::plan::loss::{CenterBuffers, Draw, LossPlan};
-use ccpl::plan::neighbor::Scatter;
-use ccpl::plan::small_s::{self, SmallRowsPlan};
-use ccpl::plan::{KernelParams, LaunchPlan, Launcher};
+use ccpl::launch::neighbor::Scatter;
+use ccpl::launch::small_s;
+use ccpl::launch::{KernelParams, LaunchPlan, Launcher};
+use ccpl::loss::multi_layer::{CenterBuffers, Draw, LossPlan};
+use ccpl::loss::small_s::SmallRowsPlan;
 use ccpl::reference::{self, LayerInput};
 use ccpl::{Centers, Dtype, FeatureShape, Layout, RowShape};
 use common::Rng;

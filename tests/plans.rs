@@ -4,10 +4,13 @@
 
 use std::cell::RefCell;
 
-use ccpl::plan::info_nce::{self, Side};
-use ccpl::plan::layer::{LayerPlan, LayerWorkspace};
-use ccpl::plan::neighbor::{self, CentersBuf, Scatter};
-use ccpl::plan::{Buf, KernelParams, LaunchPlan, Launcher, info_nce_fused, normalize, similarity};
+use ccpl::launch::CentersBuf;
+use ccpl::launch::info_nce::{self, Side};
+use ccpl::launch::neighbor::{self, Scatter};
+use ccpl::launch::{
+    Buf, KernelParams, LaunchPlan, Launcher, info_nce_fused, normalize, similarity,
+};
+use ccpl::loss::layer::{LayerPlan, LayerWorkspace};
 use ccpl::{Error, FeatureShape, Layout, Result, RowShape};
 
 fn buf(len: usize) -> Buf {
@@ -367,7 +370,7 @@ fn layer_workspace_is_rows_and_statistics_only() {
 #[test]
 fn rows_loss_workspace_is_counted_by_path() {
     use ccpl::cuda::CcpRows;
-    use ccpl::plan::small_s::COUNTERS;
+    use ccpl::launch::small_s::COUNTERS;
     // The paper's relu2_1 head rows at num_s = 8: B = 8, S = 64, D = 32.
     let small = RowShape::new(8, 64, 32).unwrap();
     let (rows, stats) = (8 * 64 * 32, 8 * 64);
@@ -397,7 +400,7 @@ fn rows_loss_workspace_is_counted_by_path() {
 /// one for its share of the total; any wrong buffer is an Err before anything is launched.
 #[test]
 fn loss_launches_three_kernels_a_step_or_nothing() {
-    use ccpl::plan::loss::{Draw, LossPlan};
+    use ccpl::loss::multi_layer::{Draw, LossPlan};
     let small = FeatureShape::new(2, 3, 7, 9, Layout::Nchw).unwrap();
     let large = FeatureShape::new(1, 2, 12, 12, Layout::Nhwc).unwrap();
     let plan = LossPlan::new(&[(small, 5), (large, 65), (small, 100)], 0.07).unwrap();
@@ -537,7 +540,8 @@ fn loss_launches_three_kernels_a_step_or_nothing() {
 /// within it.
 #[test]
 fn small_s_plans_check_their_limits() {
-    use ccpl::plan::small_s::{self, RowsLayer, RowsTotals, SmallRowsPlan};
+    use ccpl::launch::small_s::{self, RowsLayer, RowsTotals};
+    use ccpl::loss::small_s::SmallRowsPlan;
     let rows = |s: usize| RowShape::new(2, s, 3).unwrap();
     assert!(SmallRowsPlan::new(rows(512), 0.07).is_ok());
     assert!(matches!(
@@ -629,8 +633,8 @@ fn small_s_plans_check_their_limits() {
 /// is `usize::MAX` (saturated), never an overflow.
 #[test]
 fn workspace_bytes_of_the_largest_plans_saturate() {
-    use ccpl::plan::loss::LossPlan;
-    use ccpl::plan::small_s::SmallRowsPlan;
+    use ccpl::loss::multi_layer::LossPlan;
+    use ccpl::loss::small_s::SmallRowsPlan;
     // B*S = 2^31 - 8 rows (the i32 limit) of C = 2^31 - 1 channels: each row matrix is about
     // 2^62 elements, 2^64 bytes.
     let (b, c) = ((1 << 28) - 1, i32::MAX as usize);

@@ -21,12 +21,14 @@ mod common;
 
 use std::ops::Range;
 
-use ccpl::plan::layer::{LayerPlan, LayerWorkspace};
-use ccpl::plan::loss::{Draw, LossPlan};
-use ccpl::plan::neighbor::{self, CentersBuf, Scatter};
-use ccpl::plan::rows::{RowsPlan, RowsWorkspace};
-use ccpl::plan::small_s::{self, SmallRowsPlan};
-use ccpl::plan::{Buf, KernelParams, LaunchPlan, Launcher, info_nce, normalize};
+use ccpl::launch::CentersBuf;
+use ccpl::launch::neighbor::{self, Scatter};
+use ccpl::launch::small_s;
+use ccpl::launch::{Buf, KernelParams, LaunchPlan, Launcher, info_nce, normalize};
+use ccpl::loss::layer::{LayerPlan, LayerWorkspace};
+use ccpl::loss::multi_layer::{Draw, LossPlan};
+use ccpl::loss::rows::{RowsPlan, RowsWorkspace};
+use ccpl::loss::small_s::SmallRowsPlan;
 use ccpl::reference::LayerInput;
 use ccpl::sampling::SplitMix64;
 use ccpl::{Centers, Dtype, Element, FeatureShape, Layout, RowShape, check_tau, reference};

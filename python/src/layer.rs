@@ -9,9 +9,10 @@
 //! ([`LayerWorkspace`]). On the CPU, the float64 reference keeps everything in float64 and
 //! `saved_rows` is `(4, B, S, C)` = `[rows_q, rows_k, unit_q, unit_k]`.
 
-use ccpl::plan::layer::{LayerPlan, LayerWorkspace};
-use ccpl::plan::neighbor::{CentersBuf, Scatter};
-use ccpl::plan::{Buf, Launcher};
+use ccpl::launch::CentersBuf;
+use ccpl::launch::neighbor::Scatter;
+use ccpl::launch::{Buf, Launcher};
+use ccpl::loss::layer::{LayerPlan, LayerWorkspace};
 use ccpl::{Centers, Dtype, Element, FeatureShape, Result, RowShape, check_len, reference};
 use pyo3::prelude::*;
 

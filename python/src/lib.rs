@@ -5,7 +5,7 @@
 //! from its caching allocator), then call these functions with raw tensor addresses:
 //!
 //! - on the CPU, the crate's float64 reference ([`ccpl::reference`]);
-//! - on CUDA, the crate's launch plans ([`ccpl::plan`]) on PyTorch's current stream of the
+//! - on CUDA, the crate's launch plans ([`ccpl::launch`], [`ccpl::loss`]) on PyTorch's current stream of the
 //!   tensors' device, borrowed, never synchronised ([`cuda`]).
 //!
 //! One module per op, forward and backward side by side: [`neighbor`] (difference rows and
@@ -18,7 +18,7 @@
 //! device). Everything else, shapes, centres, tau, is checked again here, and a bad value is a
 //! Python exception, never a crash.
 //!
-//! [`Launcher`]: ccpl::plan::Launcher
+//! [`Launcher`]: ccpl::launch::Launcher
 
 pub mod cuda;
 pub mod layer;
@@ -27,7 +27,7 @@ pub mod rows;
 #[cfg(test)]
 mod tests;
 
-use ccpl::plan::Buf;
+use ccpl::launch::Buf;
 use ccpl::{Element, Error, check_len};
 use half::{bf16, f16};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};

@@ -8,8 +8,8 @@
 //! path is the float64 reference from end to end. The backward's scratch (the gradient of
 //! the normalised rows, `(B, S, C)`) is allocated by the package for the backward only.
 
-use ccpl::plan::rows::{RowsPlan, RowsWorkspace};
-use ccpl::plan::{Buf, Launcher};
+use ccpl::launch::{Buf, Launcher};
+use ccpl::loss::rows::{RowsPlan, RowsWorkspace};
 use ccpl::reference::{
     info_nce_backward, info_nce_forward, normalize_rows, normalize_rows_backward, similarity,
 };

@@ -4,8 +4,8 @@
 //! the same values in the same places on both paths. float32 storage: the contract's
 //! tolerance, 1e-5 (the kernels' numerics in every dtype are the crate's tests' subject).
 
-use ccpl::plan::neighbor::{Scatter, rows_len};
-use ccpl::plan::{Buf, KernelParams, LaunchPlan, Launcher};
+use ccpl::launch::neighbor::{Scatter, rows_len};
+use ccpl::launch::{Buf, KernelParams, LaunchPlan, Launcher};
 use ccpl::reference::relative_error;
 use ccpl::sampling::SplitMix64;
 use ccpl::{Centers, Error, FeatureShape, Layout, RowShape};

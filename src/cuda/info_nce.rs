@@ -6,9 +6,9 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use super::Kernels;
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::plan::Launcher;
-use crate::plan::info_nce as plan;
-pub use crate::plan::info_nce::Side;
+use crate::launch::Launcher;
+use crate::launch::info_nce as plan;
+pub use crate::launch::info_nce::Side;
 use crate::shape::RowShape;
 
 /// Writes, per row of the logits `(B, S, S)`, `row_lse = logsumexp_j L[b,i,j]` and

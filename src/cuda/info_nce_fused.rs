@@ -7,9 +7,9 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use super::Kernels;
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::plan::Launcher;
-pub use crate::plan::info_nce::Side;
-use crate::plan::info_nce_fused as plan;
+use crate::launch::Launcher;
+pub use crate::launch::info_nce::Side;
+use crate::launch::info_nce_fused as plan;
 use crate::shape::RowShape;
 
 /// Writes, per row of the logits `L = q kᵀ / tau` of the normalised rows `q`, `k` `(B, S, C)`,

@@ -11,7 +11,7 @@ use super::neighbor::{DeviceCenters, Scatter};
 use super::resident::{Resident, alloc, length};
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::plan::layer::{LayerPlan, LayerWorkspace};
+use crate::loss::layer::{LayerPlan, LayerWorkspace};
 use crate::shape::FeatureShape;
 
 /// One layer of the CCP loss on one stream, with its workspace (normalised difference rows,

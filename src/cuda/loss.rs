@@ -1,7 +1,7 @@
 //! The whole CCP loss on the GPU, every layer (identity head), mirroring
 //! [`crate::reference::ccp_loss`]: one call for the forward of every layer, one for the
 //! backward, the centres drawn on the device, the sum over layers on the device. The launches
-//! are [`crate::plan::loss`]'s.
+//! are [`crate::loss::multi_layer`]'s.
 
 use std::sync::Arc;
 
@@ -12,8 +12,8 @@ use super::resident::{Resident, alloc, length};
 use super::{CudaLauncher, Kernels};
 use crate::dtype::Dtype;
 use crate::error::{Result, check_len};
-use crate::plan::loss::{Draw, LossPlan, LossWorkspace};
-use crate::plan::{Buf, small_s};
+use crate::launch::{Buf, small_s};
+use crate::loss::multi_layer::{Draw, LossPlan, LossWorkspace};
 use crate::shape::FeatureShape;
 
 /// The CCP loss of several encoder layers on one stream, with its workspace, allocated once by

@@ -1,9 +1,9 @@
 //! The CCP loss of two row matrices on the GPU, for frameworks with a learned projection head
 //! (spec step 4): the caller gives the head's outputs for the generated and the content
 //! image, `(B, S, C')`, and gets the loss on the device and the gradient with respect to
-//! those rows. Up to `S = 512` the small-S path ([`crate::plan::small_s::SmallRowsPlan`]):
+//! those rows. Up to `S = 512` the small-S path ([`crate::loss::small_s::SmallRowsPlan`]):
 //! the forward is one launch that leaves the loss and the gradient of the rows, the backward
-//! scales it; above, [`crate::plan::rows`]'s fused path (normalisation, fused InfoNCE: memory
+//! scales it; above, [`crate::loss::rows`]'s fused path (normalisation, fused InfoNCE: memory
 //! `O(B*S*C')`, no `(B, S, S)` logits).
 
 use std::sync::Arc;
@@ -14,9 +14,10 @@ use super::Kernels;
 use super::resident::{Resident, alloc, length};
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::plan::Launcher;
-use crate::plan::rows::{RowsPlan, RowsWorkspace};
-use crate::plan::small_s::{self, SmallRowsPlan, SmallRowsWorkspace};
+use crate::launch::Launcher;
+use crate::launch::small_s;
+use crate::loss::rows::{RowsPlan, RowsWorkspace};
+use crate::loss::small_s::{SmallRowsPlan, SmallRowsWorkspace};
 use crate::shape::RowShape;
 
 /// The rows loss on one stream with its workspace, allocated once by [`new`](Self::new),

@@ -5,8 +5,8 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use super::Kernels;
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::plan::Launcher;
-use crate::plan::similarity as plan;
+use crate::launch::Launcher;
+use crate::launch::similarity as plan;
 use crate::shape::RowShape;
 
 /// Writes `logits[b, i, j] = q[b, i, :] . k[b, j, :] / tau` (float32, `(B, S, S)`) for `q`

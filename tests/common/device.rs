@@ -6,10 +6,12 @@
 use std::sync::Arc;
 
 use ccpl::cuda::{self, CudaLauncher, Kernels};
-use ccpl::plan::loss::{LossPlan, LossWorkspace};
-use ccpl::plan::neighbor::{CentersBuf, Scatter};
-use ccpl::plan::small_s::{self, SmallRowsPlan, SmallRowsWorkspace};
-use ccpl::plan::{Buf, KernelParams, LaunchPlan, Launcher};
+use ccpl::launch::CentersBuf;
+use ccpl::launch::neighbor::Scatter;
+use ccpl::launch::small_s;
+use ccpl::launch::{Buf, KernelParams, LaunchPlan, Launcher};
+use ccpl::loss::multi_layer::{LossPlan, LossWorkspace};
+use ccpl::loss::small_s::{SmallRowsPlan, SmallRowsWorkspace};
 use ccpl::{Centers, Dtype, Element, FeatureShape, Result, RowShape, ffi, reference};
 use ccpl_emu::{self as emu, Emulator};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, ValidAsZeroBits};

@@ -12,14 +12,15 @@
 use std::cell::RefCell;
 
 use super::layer::{LayerForward, LayerPlan, LayerWorkspace};
-use super::neighbor::{CentersBuf, Scatter};
-use super::small_s::{
-    self, GatherLayer, RowsIn, RowsTotals, ScatterLayer, ScatterSide, SmallOffsets, SmallSWorkspace,
-};
-use super::{Buf, LaunchPlan, Launcher, info_nce};
+use super::small_s::{RowsIn, SmallOffsets, SmallSWorkspace};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result, check_len};
 use crate::ffi;
+use crate::launch::neighbor::Scatter;
+use crate::launch::small_s::{self, GatherLayer, RowsTotals, ScatterLayer, ScatterSide};
+use crate::launch::{
+    Buf, CentersBuf, KernelParams, LaunchPlan, Launcher, info_nce, inv_tau, row_count,
+};
 use crate::shape::{FeatureShape, RowShape};
 
 /// Where a layer's centres come from in a forward.
@@ -196,7 +197,7 @@ impl LossPlan {
                 small_s::MAX_LAYERS
             )));
         }
-        super::inv_tau(tau)?;
+        inv_tau(tau)?;
         let mut fused = 0;
         let mut at = SmallOffsets { rows: 0, stats: 0 };
         let mut planned = Vec::with_capacity(layers.len());
@@ -210,7 +211,7 @@ impl LossPlan {
                 let row_shape = RowShape::new(shape.batch(), rows, shape.channels())?;
                 let path = Path::Small { at };
                 at.rows += row_shape.len();
-                at.stats += super::row_count(&row_shape)?;
+                at.stats += row_count(&row_shape)?;
                 path
             } else {
                 let path = Path::Fused {
@@ -546,7 +547,7 @@ struct Unlaunched;
 
 impl Launcher for Unlaunched {
     type Error = Error;
-    fn launch<P: super::KernelParams>(&self, _: &super::LaunchPlan<P>) -> Result<()> {
+    fn launch<P: KernelParams>(&self, _: &LaunchPlan<P>) -> Result<()> {
         Ok(())
     }
 }

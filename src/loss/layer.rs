@@ -10,13 +10,14 @@
 //! normalised rows and norms), scattered into `grad_feat_q` (and `grad_feat_k` on request).
 //! Memory is `O(B*S*C)`: neither the `(B, S, S)` logits nor the difference rows are stored.
 
-use super::info_nce::Side;
-use super::neighbor::{self, CentersBuf, Scatter};
 use super::rows::{LossPlans, RowsPlan, RowsSide, RowsWorkspace};
-use super::{Buf, Launcher, workspace};
+use super::workspace;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result, check_len};
 use crate::ffi;
+use crate::launch::info_nce::Side;
+use crate::launch::neighbor::{self, Scatter};
+use crate::launch::{Buf, CentersBuf, LaunchPlan, Launcher};
 use crate::shape::{FeatureShape, RowShape};
 
 workspace! {
@@ -219,8 +220,8 @@ impl LayerPlan {
 
 /// The forward: both sides' normalised difference rows, then the loss.
 pub(crate) struct LayerForward {
-    unit_q: super::LaunchPlan<ffi::ccpl_neighbor_diff_normalize_params>,
-    unit_k: super::LaunchPlan<ffi::ccpl_neighbor_diff_normalize_params>,
+    unit_q: LaunchPlan<ffi::ccpl_neighbor_diff_normalize_params>,
+    unit_k: LaunchPlan<ffi::ccpl_neighbor_diff_normalize_params>,
     loss: LossPlans,
 }
 
@@ -251,5 +252,5 @@ impl LayerBackward {
 /// The backward of one side: the rows loss's, then the scatter into the feature map.
 struct SidePlans {
     rows: RowsSide,
-    scatter: super::LaunchPlan<ffi::ccpl_neighbor_diff_backward_params>,
+    scatter: LaunchPlan<ffi::ccpl_neighbor_diff_backward_params>,
 }

@@ -7,13 +7,14 @@
 //! ([`LayerPlan`](super::layer::LayerPlan)) is this between its neighbour differences and
 //! their scatter. Generic over the [`Launcher`], like every plan sequence.
 
-use super::info_nce::{self, Side};
-use super::info_nce_fused;
-use super::normalize;
-use super::{Buf, LaunchPlan, Launcher, inv_tau, row_count, tile_grid, workspace};
+use super::workspace;
 use crate::dtype::Dtype;
 use crate::error::{Result, check_len};
 use crate::ffi;
+use crate::launch::info_nce::{self, Side};
+use crate::launch::{
+    Buf, LaunchPlan, Launcher, info_nce_fused, inv_tau, normalize, row_count, tile_grid,
+};
 use crate::shape::RowShape;
 
 workspace! {
