@@ -24,17 +24,18 @@ pub mod loss;
 pub mod reference;
 pub mod sampling;
 pub mod shape;
+pub mod tau;
 
 pub use dtype::{Dtype, Element};
-pub use error::{Error, Result, check_len, check_tau};
+pub use error::{Error, Result, check_len};
+/// The `half` crate whose `f16` and `bf16` the kernels store, for [`dispatch_dtype!`]'s users.
+pub use half;
 pub use sampling::Centers;
 pub use shape::{FeatureShape, Layout, RowShape};
+pub use tau::Tau;
 
 #[doc = include_str!("../docs/ccpl-loss.md")]
 pub mod contract {}
-
-/// The default temperature of the paper.
-pub const DEFAULT_TAU: f64 = 0.07;
 
 /// The README's example compiles (it needs a GPU to run, so it is `no_run`).
 #[cfg(doctest)]

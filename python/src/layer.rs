@@ -13,7 +13,7 @@ use ccpl::launch::CentersBuf;
 use ccpl::launch::neighbor::Scatter;
 use ccpl::launch::{Buf, Launcher};
 use ccpl::loss::layer::{LayerPlan, LayerWorkspace};
-use ccpl::{Centers, Dtype, Element, FeatureShape, Result, RowShape, check_len, reference};
+use ccpl::{Centers, Dtype, Element, FeatureShape, Result, RowShape, Tau, check_len, reference};
 use pyo3::prelude::*;
 
 use crate::neighbor::{Shape, diff_backward_host, host_centers, scatter, table_buf};
@@ -61,7 +61,7 @@ pub fn forward_device<T: Dtype, L: Launcher>(
     launcher: &L,
     shape: FeatureShape,
     centers: &CentersBuf,
-    tau: f64,
+    tau: Tau,
     feat_q: Buf,
     feat_k: Buf,
     saved: [Buf; 2],
@@ -81,7 +81,7 @@ pub fn backward_device<T: Dtype, L: Launcher>(
     launcher: &L,
     shape: FeatureShape,
     centers: &CentersBuf,
-    tau: f64,
+    tau: Tau,
     saved: [Buf; 2],
     upstream: Buf,
     scratch: Buf,
@@ -115,7 +115,7 @@ pub fn backward_device<T: Dtype, L: Launcher>(
 pub fn forward_host<T: Element>(
     shape: &FeatureShape,
     centers: &Centers,
-    tau: f64,
+    tau: Tau,
     feat_q: &[T],
     feat_k: &[T],
     saved_rows: &mut [f64],
@@ -136,7 +136,7 @@ pub fn forward_host<T: Element>(
 pub fn backward_host<T: Element>(
     shape: &FeatureShape,
     centers: &Centers,
-    tau: f64,
+    tau: Tau,
     saved_rows: &[f64],
     stats: &[f64],
     upstream: f64,
@@ -187,6 +187,7 @@ fn layer_forward(
     let device = Device::new(device, stream);
     py.detach(|| {
         let shape = shape.feature()?;
+        let tau = Tau::new(tau)?;
         match device {
             Device::Cuda { ordinal, stream } => {
                 let table = cuda_only(table, "the centres' device table")?.buf();
@@ -239,6 +240,7 @@ fn layer_backward(
     let device = Device::new(device, stream);
     py.detach(|| {
         let shape = shape.feature()?;
+        let tau = Tau::new(tau)?;
         match device {
             Device::Cuda { ordinal, stream } => {
                 let table = cuda_only(table, "the centres' device table")?.buf();

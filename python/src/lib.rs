@@ -257,12 +257,11 @@ fn kernels_built() -> bool {
     ccpl::cuda::kernels_built().is_ok()
 }
 
-/// `tau` checked by the crate's one rule (finite, > 0, not subnormal, 1/tau finite in float32):
+/// `tau` checked by the crate's one rule (`ccpl::Tau`: finite, > 0, 2/tau finite in float32):
 /// a ValueError that names the rule broken.
 #[pyfunction]
 fn check_tau(tau: f64) -> PyResult<f64> {
-    ccpl::check_tau(tau).map_err(to_py)?;
-    Ok(tau)
+    Ok(ccpl::Tau::new(tau).map_err(to_py)?.get())
 }
 
 /// The crate version.
@@ -277,7 +276,7 @@ fn _ccpl(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(version, m)?)?;
     m.add_function(wrap_pyfunction!(check_tau, m)?)?;
     m.add("NORM_EPS", ccpl::ffi::CCPL_NORM_EPS)?;
-    m.add("DEFAULT_TAU", ccpl::DEFAULT_TAU)?;
+    m.add("DEFAULT_TAU", ccpl::Tau::DEFAULT.get())?;
     neighbor::register(m)?;
     rows::register(m)?;
     layer::register(m)?;

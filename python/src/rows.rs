@@ -13,7 +13,7 @@ use ccpl::loss::rows::{RowsPlan, RowsWorkspace};
 use ccpl::reference::{
     info_nce_backward, info_nce_forward, normalize_rows, normalize_rows_backward, similarity,
 };
-use ccpl::{Dtype, Element, Result, RowShape, check_len};
+use ccpl::{Dtype, Element, Result, RowShape, Tau, check_len};
 use pyo3::prelude::*;
 
 use crate::{
@@ -58,7 +58,7 @@ pub fn workspace<T: Dtype>(
 pub fn forward_device<T: Dtype, L: Launcher>(
     launcher: &L,
     shape: RowShape,
-    tau: f64,
+    tau: Tau,
     rows: [Buf; 2],
     saved: [Buf; 2],
     loss: Buf,
@@ -78,7 +78,7 @@ pub fn forward_device<T: Dtype, L: Launcher>(
 pub fn backward_device<T: Dtype, L: Launcher>(
     launcher: &L,
     shape: RowShape,
-    tau: f64,
+    tau: Tau,
     saved: [Buf; 2],
     upstream: Buf,
     grad_unit: Buf,
@@ -95,7 +95,7 @@ pub fn backward_device<T: Dtype, L: Launcher>(
 /// loss.
 pub fn forward_host<T: Element>(
     shape: &RowShape,
-    tau: f64,
+    tau: Tau,
     q: &[T],
     k: &[T],
     units: &mut [f64],
@@ -129,7 +129,7 @@ pub fn forward_host<T: Element>(
 #[allow(clippy::too_many_arguments)]
 pub fn backward_host<T: Element>(
     shape: &RowShape,
-    tau: f64,
+    tau: Tau,
     q: &[T],
     k: &[T],
     units: &[f64],
@@ -181,6 +181,7 @@ fn rows_forward(
     let device = Device::new(device, stream);
     py.detach(|| {
         let shape = RowShape::new(shape.0, shape.1, shape.2)?;
+        let tau = Tau::new(tau)?;
         match device {
             Device::Cuda { ordinal, stream } => with_kernel_dtype!(dtype.as_str(), T => unsafe {
                 // SAFETY: live device tensors on this stream (the package's contract).
@@ -224,6 +225,7 @@ fn rows_backward(
     let device = Device::new(device, stream);
     py.detach(|| {
         let shape = RowShape::new(shape.0, shape.1, shape.2)?;
+        let tau = Tau::new(tau)?;
         match device {
             Device::Cuda { ordinal, stream } => {
                 let scratch = cuda_only(scratch, "the backward's scratch")?.buf();

@@ -15,6 +15,7 @@ use crate::error::{Result, check_len};
 use crate::launch::{Buf, small_s};
 use crate::loss::multi_layer::{Draw, LossPlan, LossWorkspace};
 use crate::shape::FeatureShape;
+use crate::tau::Tau;
 
 /// The CCP loss of several encoder layers on one stream, with its workspace, allocated once by
 /// [`new`](Self::new) and reused by every step. `T` is the storage type of the feature maps
@@ -36,14 +37,14 @@ use crate::shape::FeatureShape;
 ///
 /// ```no_run
 /// use ccpl::cuda::{self, CcpLoss, Kernels};
-/// use ccpl::{FeatureShape, Layout};
+/// use ccpl::{FeatureShape, Layout, Tau};
 /// # fn main() -> ccpl::Result<()> {
 /// let ctx = cuda::context(0)?;
 /// let stream = ctx.default_stream();
 /// // The paper: relu2_1, relu3_1, relu4_1 of VGG-19 at a 256 crop, batch 8, num_s = 8.
 /// let layers = [(128, 128), (256, 64), (512, 32)]
 ///     .map(|(c, side)| (FeatureShape::new(8, c, side, side, Layout::Nchw).unwrap(), 8));
-/// let mut loss = CcpLoss::<f32>::new(Kernels::for_context(&ctx)?, stream.clone(), &layers, 0.07, 7)?;
+/// let mut loss = CcpLoss::<f32>::new(Kernels::for_context(&ctx)?, stream.clone(), &layers, Tau::DEFAULT, 7)?;
 ///
 /// let feats: Vec<_> = layers
 ///     .iter()
@@ -77,7 +78,7 @@ impl<T: Dtype> CcpLoss<T> {
         kernels: Arc<Kernels>,
         stream: Arc<CudaStream>,
         layers: &[(FeatureShape, usize)],
-        tau: f64,
+        tau: Tau,
         seed: u64,
     ) -> Result<Self> {
         let plan = LossPlan::new(layers, tau)?;

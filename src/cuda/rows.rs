@@ -19,6 +19,7 @@ use crate::launch::small_s;
 use crate::loss::rows::{RowsPlan, RowsWorkspace};
 use crate::loss::small_s::{SmallRowsPlan, SmallRowsWorkspace};
 use crate::shape::RowShape;
+use crate::tau::Tau;
 
 /// The rows loss on one stream with its workspace, allocated once by [`new`](Self::new),
 /// reused by every step. `T` is the storage type of the rows (`f32`, `f16` or `bf16`).
@@ -38,7 +39,7 @@ use crate::shape::RowShape;
 /// let kernels = Kernels::for_context(&ctx)?;
 /// let stream = ctx.default_stream();
 /// let shape = RowShape::new(8, 8192, 128)?; // B images, S rows of the head's C' outputs
-/// let mut loss = CcpRows::<half::bf16>::new(kernels, stream.clone(), shape, ccpl::DEFAULT_TAU)?;
+/// let mut loss = CcpRows::<half::bf16>::new(kernels, stream.clone(), shape, ccpl::Tau::DEFAULT)?;
 ///
 /// let rows_q = stream.alloc_zeros::<half::bf16>(shape.len())?; // head(generated) rows
 /// let rows_k = stream.alloc_zeros::<half::bf16>(shape.len())?; // head(content) rows
@@ -74,7 +75,7 @@ impl<T: Dtype> CcpRows<T> {
         kernels: Arc<Kernels>,
         stream: Arc<CudaStream>,
         shape: RowShape,
-        tau: f64,
+        tau: Tau,
     ) -> Result<Self> {
         let path = if small_s::takes(shape.rows()) {
             let plan = SmallRowsPlan::new(shape, tau)?;
@@ -107,7 +108,7 @@ impl<T: Dtype> CcpRows<T> {
     }
 
     /// Temperature.
-    pub fn tau(&self) -> f64 {
+    pub fn tau(&self) -> Tau {
         match &self.path {
             Path::Small { plan, .. } => plan.tau(),
             Path::Fused { plan, .. } => plan.tau(),

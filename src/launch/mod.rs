@@ -108,13 +108,6 @@ pub(crate) fn i32_of(n: usize) -> Result<i32> {
     i32::try_from(n).map_err(|_| Error::Shape(format!("{n} exceeds the i32 range of the kernels")))
 }
 
-/// `1/tau` as the kernels take it: finite by [`check_tau`](crate::check_tau)'s rule, the
-/// reference's too.
-pub(crate) fn inv_tau(tau: f64) -> Result<f32> {
-    crate::error::check_tau(tau)?;
-    Ok((1.0 / tau) as f32)
-}
-
 /// Grid of the tiled products (`kernels/tile_gemm.cuh`): one block per
 /// `CCPL_TILE_SIDE`-square tile of an `m x n` output, `grid.z` the image.
 pub(crate) fn tile_grid(batch: usize, m: usize, n: usize) -> Result<(u32, u32, u32)> {

@@ -10,12 +10,13 @@
 //! a launch holds every address it uses: a step captured in a CUDA graph replays as it was
 //! captured.
 
-use super::{Buf, CentersBuf, LaunchPlan, WARP, i32_of, inv_tau, row_count};
+use super::{Buf, CentersBuf, LaunchPlan, WARP, i32_of, row_count};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result, check_len};
 use crate::ffi;
 use crate::launch::neighbor;
 use crate::shape::{FeatureShape, RowShape};
+use crate::tau::Tau;
 
 /// The largest `S` the small-S path takes: a block keeps its 16 rows of float logits against
 /// all `S` rows of the other side in static shared memory (32 KB at 512).
@@ -251,12 +252,12 @@ pub struct RowsTotals {
 
 fn rows_plan<T: Dtype>(
     layers: &[RowsLayer],
-    tau: f64,
+    tau: Tau,
     transpose: bool,
     totals: Option<&RowsTotals>,
 ) -> Result<LaunchPlan<ffi::ccpl_small_s_rows_params>> {
     check_layer_count(layers.len())?;
-    let inv_tau = inv_tau(tau)?;
+    let inv_tau = tau.inverse();
     let normalized = layers[0].norms.is_some();
     if layers.iter().any(|l| l.norms.is_some() != normalized) {
         return Err(Error::Shape(
@@ -347,7 +348,7 @@ fn rows_plan<T: Dtype>(
 /// (the row losses summed in double). One block per 16 rows of an image.
 pub fn rows_forward<T: Dtype>(
     layers: &[RowsLayer],
-    tau: f64,
+    tau: Tau,
     totals: &RowsTotals,
 ) -> Result<LaunchPlan<ffi::ccpl_small_s_rows_params>> {
     rows_plan::<T>(layers, tau, false, Some(totals))
@@ -357,7 +358,7 @@ pub fn rows_forward<T: Dtype>(
 /// from the row statistics [`rows_forward`] left.
 pub fn rows_transposed<T: Dtype>(
     layers: &[RowsLayer],
-    tau: f64,
+    tau: Tau,
 ) -> Result<LaunchPlan<ffi::ccpl_small_s_rows_params>> {
     if let Some(l) = layers.iter().find(|l| l.copies.is_some()) {
         return Err(Error::Shape(format!(

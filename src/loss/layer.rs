@@ -19,6 +19,7 @@ use crate::launch::info_nce::Side;
 use crate::launch::neighbor::{self, Scatter};
 use crate::launch::{Buf, CentersBuf, LaunchPlan, Launcher};
 use crate::shape::{FeatureShape, RowShape};
+use crate::tau::Tau;
 
 workspace! {
     /// The workspace of one layer's loss: the rows loss's (its normalised rows and norms are
@@ -71,7 +72,7 @@ pub struct LayerPlan {
 
 impl LayerPlan {
     /// A layer of feature maps of `shape` with `num_centers` centres and temperature `tau`.
-    pub fn new(shape: FeatureShape, num_centers: usize, tau: f64) -> Result<Self> {
+    pub fn new(shape: FeatureShape, num_centers: usize, tau: Tau) -> Result<Self> {
         if num_centers > shape.interior() {
             return Err(Error::Shape(format!(
                 "{num_centers} centres, but a {}x{} map has only {} interior positions",
@@ -100,7 +101,7 @@ impl LayerPlan {
         self.num_centers
     }
     /// Temperature.
-    pub fn tau(&self) -> f64 {
+    pub fn tau(&self) -> Tau {
         self.rows.tau()
     }
 

@@ -18,10 +18,9 @@ use crate::error::{Error, Result, check_len};
 use crate::ffi;
 use crate::launch::neighbor::Scatter;
 use crate::launch::small_s::{self, GatherLayer, RowsTotals, ScatterLayer, ScatterSide};
-use crate::launch::{
-    Buf, CentersBuf, KernelParams, LaunchPlan, Launcher, info_nce, inv_tau, row_count,
-};
+use crate::launch::{Buf, CentersBuf, KernelParams, LaunchPlan, Launcher, info_nce, row_count};
 use crate::shape::{FeatureShape, RowShape};
+use crate::tau::Tau;
 
 /// Where a layer's centres come from in a forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,14 +178,14 @@ impl Layer {
 #[derive(Debug, Clone, PartialEq)]
 pub struct LossPlan {
     layers: Vec<Layer>,
-    tau: f64,
+    tau: Tau,
 }
 
 impl LossPlan {
     /// The loss of `layers`, each a feature-map shape and the `num_s` centres asked for (the
     /// layer takes `N = min(num_s, (H-2)(W-2))`, as [`crate::Centers::sample`]), at
     /// temperature `tau`. At most [`small_s::MAX_LAYERS`] layers.
-    pub fn new(layers: &[(FeatureShape, usize)], tau: f64) -> Result<Self> {
+    pub fn new(layers: &[(FeatureShape, usize)], tau: Tau) -> Result<Self> {
         if layers.is_empty() {
             return Err(Error::Shape("the loss needs at least one layer".into()));
         }
@@ -197,7 +196,6 @@ impl LossPlan {
                 small_s::MAX_LAYERS
             )));
         }
-        inv_tau(tau)?;
         let mut fused = 0;
         let mut at = SmallOffsets { rows: 0, stats: 0 };
         let mut planned = Vec::with_capacity(layers.len());
@@ -271,7 +269,7 @@ impl LossPlan {
         matches!(self.layers[l].path, Path::Small { .. })
     }
     /// Temperature.
-    pub fn tau(&self) -> f64 {
+    pub fn tau(&self) -> Tau {
         self.tau
     }
 

@@ -12,10 +12,9 @@ use crate::dtype::Dtype;
 use crate::error::{Result, check_len};
 use crate::ffi;
 use crate::launch::info_nce::{self, Side};
-use crate::launch::{
-    Buf, LaunchPlan, Launcher, info_nce_fused, inv_tau, normalize, row_count, tile_grid,
-};
+use crate::launch::{Buf, LaunchPlan, Launcher, info_nce_fused, normalize, row_count, tile_grid};
 use crate::shape::RowShape;
+use crate::tau::Tau;
 
 workspace! {
     /// The workspace of the rows loss: what the forward computes and the backward reads, and
@@ -74,13 +73,12 @@ impl RowsWorkspace<usize, usize> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RowsPlan {
     shape: RowShape,
-    tau: f64,
+    tau: Tau,
 }
 
 impl RowsPlan {
     /// The loss of row matrices of `shape` at temperature `tau`.
-    pub fn new(shape: RowShape, tau: f64) -> Result<Self> {
-        inv_tau(tau)?;
+    pub fn new(shape: RowShape, tau: Tau) -> Result<Self> {
         row_count(&shape)?;
         tile_grid(shape.batch(), shape.rows(), shape.width())?;
         Ok(Self { shape, tau })
@@ -90,7 +88,7 @@ impl RowsPlan {
         &self.shape
     }
     /// Temperature.
-    pub fn tau(&self) -> f64 {
+    pub fn tau(&self) -> Tau {
         self.tau
     }
 

@@ -6,9 +6,10 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::ffi;
 use crate::launch::small_s::{MAX_ROWS, RowsTotals, rows_forward, rows_transposed, scale, takes};
-use crate::launch::{Buf, LaunchPlan, Launcher, inv_tau, row_count};
+use crate::launch::{Buf, LaunchPlan, Launcher, row_count};
 use crate::loss::workspace;
 use crate::shape::RowShape;
+use crate::tau::Tau;
 
 workspace! {
     /// The workspace of the rows loss on the small-S path ([`SmallRowsPlan`]): the path's
@@ -51,13 +52,12 @@ impl SmallRowsWorkspace<usize, usize> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SmallRowsPlan {
     shape: RowShape,
-    tau: f64,
+    tau: Tau,
 }
 
 impl SmallRowsPlan {
     /// The loss of row matrices of `shape` at temperature `tau`; `S` at most [`MAX_ROWS`].
-    pub fn new(shape: RowShape, tau: f64) -> Result<Self> {
-        inv_tau(tau)?;
+    pub fn new(shape: RowShape, tau: Tau) -> Result<Self> {
         row_count(&shape)?;
         if !takes(shape.rows()) {
             return Err(Error::Shape(format!(
@@ -72,7 +72,7 @@ impl SmallRowsPlan {
         &self.shape
     }
     /// Temperature.
-    pub fn tau(&self) -> f64 {
+    pub fn tau(&self) -> Tau {
         self.tau
     }
     /// The lengths of its workspace.
