@@ -55,6 +55,7 @@ pub fn compile_kernels(
         .iter()
         .flat_map(|s| virtuals.iter().map(move |&v| (s, v)))
         .collect();
+    // NVRTC is thread-safe.
     let ptx_files = parallel(&ptx_jobs, |&(source, v)| {
         compile_ptx(compiler, kernels, source, v, out)
     });

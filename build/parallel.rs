@@ -2,7 +2,7 @@
 
 use std::sync::Mutex;
 
-/// `f` of every job, on every core; the results in the jobs' order. NVRTC is thread-safe.
+/// `f` of every job, on every core; the results in the jobs' order.
 pub fn parallel<J: Sync, R: Send>(jobs: &[J], f: impl Fn(&J) -> R + Sync) -> Vec<R> {
     let next = Mutex::new(0usize);
     let results = Mutex::new((0..jobs.len()).map(|_| None).collect::<Vec<Option<R>>>());

@@ -77,7 +77,7 @@ fn prune(cache: &Path, units: &[String]) {
         .map(|e| e.unwrap().path())
         .map(|p| (fs::metadata(&p).unwrap().modified().unwrap(), p))
         .collect();
-    objects.sort_by(|a, b| b.0.cmp(&a.0));
+    objects.sort_by_key(|(modified, _)| std::cmp::Reverse(*modified));
     let mut seen: HashMap<String, usize> = HashMap::new();
     for (_, object) in &objects {
         let name = object.file_name().unwrap().to_string_lossy();
