@@ -1,7 +1,7 @@
 // cuda_emu.h: the CUDA built-ins the kernels use, for the host C++ compiler, so that the very
 // same kernels/*.cu sources run on the CPU (the ccpl-emu crate, for tests).
 //
-// Each thread of a block is a fiber (emu/runtime/runtime.cpp); a seeded scheduler switches
+// Each thread of a block is a fiber (emu/runtime/scheduler.cpp); a seeded scheduler switches
 // between them in random order at every barrier, warp collective and atomic, so kernel logic
 // that depends on luck (a missing __syncthreads(), a read of shared memory before it is
 // written) gives a wrong or NaN result instead of passing. Shared memory starts as NaN bytes
@@ -77,7 +77,7 @@ extern Coordinates g_coords;
 #define blockDim (static_cast<const dim3&>(::ccpl_emu::g_coords.block_dim))
 #define gridDim (static_cast<const dim3&>(::ccpl_emu::g_coords.grid_dim))
 
-// ---- The runtime (emu/runtime/runtime.cpp) ---------------------------------------------
+// ---- The runtime (emu/runtime/*.cpp) ----------------------------------------------------
 
 namespace ccpl_emu {
 
@@ -100,9 +100,10 @@ void yield_point();
 // The launch's dynamic shared memory (NaN-filled in every block).
 void* dynamic_shared();
 
-// Registers a kernel by name; the thunk copies the parameter struct and calls the kernel.
+// Registers a kernel by name, with the source that defines it; the thunk copies the parameter
+// struct and calls the kernel.
 struct KernelRegistration {
-    KernelRegistration(const char* name, size_t params_size, void (*thunk)(const void*));
+    KernelRegistration(const char* name, const char* file, size_t params_size, void (*thunk)(const void*));
 };
 
 // A static __shared__ declaration's storage (emu/build.rs turns `__shared__ D;` into a struct
@@ -175,7 +176,7 @@ template <typename T, typename F> inline T atomic_update(T* address, F update) {
 #define CCPL_KERNEL(name, Params)                                                              \
     static void name(const Params p);                                                          \
     static const ::ccpl_emu::KernelRegistration ccpl_emu_registration_##name(                  \
-        #name, sizeof(Params), [](const void* raw) {                                           \
+        #name, __FILE__, sizeof(Params), [](const void* raw) {                                 \
             Params p;                                                                          \
             memcpy(&p, raw, sizeof(Params));                                                   \
             name(p);                                                                           \

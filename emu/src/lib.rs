@@ -67,7 +67,9 @@
 //!   declares but never reaches (it counts towards the limits on a GPU), registers, spills
 //!   and speed.
 
-use std::ffi::{CStr, CString, c_char, c_void};
+mod library;
+
+use std::ffi::{CStr, CString, c_char};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -130,25 +132,6 @@ const fn parse_arch(digits: &str) -> u32 {
 /// `#ifdef CCPL_EMULATOR` in `kernels/`. Empty while every kernel runs whole on the CPU.
 pub const GPU_ONLY_PATHS: &[(&str, &str)] = &[];
 
-unsafe extern "C" {
-    fn ccpl_emu_launch(
-        name: *const c_char,
-        grid: *const u32,
-        block: *const u32,
-        shared_bytes: u32,
-        shared_opt_in: i32,
-        params: *const c_void,
-        params_size: usize,
-        seed: u64,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> i32;
-    fn ccpl_emu_hmma_dot(arch: i32, bf16: i32, c: f32, a: *const f64, b: *const f64, k: i32)
-    -> f32;
-    fn ccpl_emu_kernel_count() -> usize;
-    fn ccpl_emu_kernel_name(i: usize) -> *const c_char;
-}
-
 /// Executes launch plans on the CPU, one after another, each to completion. Launches are
 /// serialised process-wide (static shared memory is one copy per kernel).
 #[derive(Debug)]
@@ -185,12 +168,13 @@ impl Launcher for Emulator {
             .map_err(|_| Error::Launch(format!("kernel name {:?} has a NUL byte", plan.kernel)))?;
         let grid = [plan.grid.0, plan.grid.1, plan.grid.2];
         let block = [plan.block.0, plan.block.1, plan.block.2];
+        let library = library::library().map_err(Error::Launch)?;
         let mut err = [0 as c_char; 1024];
         // SAFETY: the arrays and the parameter struct outlive the call; the runtime checks the
         // struct's size against the kernel's; the addresses inside it are valid by the
         // contract of `Emulator::new`.
         let status = unsafe {
-            ccpl_emu_launch(
+            (library.launch)(
                 name.as_ptr(),
                 grid.as_ptr(),
                 block.as_ptr(),
@@ -229,12 +213,17 @@ pub fn buf_mut<T>(data: &mut [T]) -> Buf {
 }
 
 /// Names of the kernels the emulator has, in registration order.
+///
+/// # Panics
+///
+/// When `CCPL_EMU_LIBRARY` names a file that is not a shared build of the emulator.
 pub fn kernel_names() -> Vec<&'static str> {
+    let library = library::library().unwrap_or_else(|e| panic!("{e}"));
     // SAFETY: the names are string literals of the kernel sources, registered before main.
     unsafe {
-        (0..ccpl_emu_kernel_count())
+        (0..(library.kernel_count)())
             .filter_map(|i| {
-                let name = ccpl_emu_kernel_name(i);
+                let name = (library.kernel_name)(i);
                 (!name.is_null()).then(|| CStr::from_ptr(name).to_str().ok())?
             })
             .collect()
@@ -249,10 +238,12 @@ pub fn kernel_names() -> Vec<&'static str> {
 ///
 /// # Panics
 ///
-/// When `a` and `b` differ in length.
+/// When `a` and `b` differ in length, or `CCPL_EMU_LIBRARY` names a file that is not a shared
+/// build of the emulator.
 pub fn hmma_dot(arch: u32, bf16: bool, c: f32, a: &[f64], b: &[f64]) -> f32 {
     assert_eq!(a.len(), b.len(), "as many factors on both sides");
     let k = i32::try_from(a.len()).expect("a WMMA product is short");
+    let library = library::library().unwrap_or_else(|e| panic!("{e}"));
     // SAFETY: two arrays of `k` doubles; the model reads them and nothing else.
-    unsafe { ccpl_emu_hmma_dot(arch as i32, bf16.into(), c, a.as_ptr(), b.as_ptr(), k) }
+    unsafe { (library.hmma_dot)(arch as i32, bf16.into(), c, a.as_ptr(), b.as_ptr(), k) }
 }

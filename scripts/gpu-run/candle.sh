@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA tests of ccpl-candle on the GPU machine (packed by scripts/gpu-check-candle into
+# The CUDA tests of ccpl-candle on the GPU machine (packed by `scripts/gpu-pack candle` into
 # .device/candle/run.sh). Run from the repository root. Finds the CUDA libraries candle links
 # (the driver's libcuda; cuBLAS, cuRAND and the runtime from PyPI wheels such as PyTorch's, or
 # a toolkit: set CCPL_CUDA_LIBS to a list of directories to skip the search), unpacks the
@@ -8,14 +8,7 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 log=${OUT:-.}/gpu-check-candle.log
 export CCPL_REQUIRE_GPU=1
-failures=0
-run() { # name, command...
-    local name=$1; shift
-    echo "=== $name: $*"
-    local start=$SECONDS
-    if "$@"; then echo "=== $name: PASS ($((SECONDS - start)) s)"
-    else echo "=== $name: FAIL (exit $?, $((SECONDS - start)) s)"; failures=$((failures + 1)); fi
-}
+. "$here/common.sh"
 # A directory holding each library the binaries need besides libcuda (which the driver installs).
 find_libraries() {
     local dirs=() lib dir
@@ -29,10 +22,7 @@ find_libraries() {
     printf '%s\n' "${dirs[@]}" | sort -u | paste -sd:
 }
 {
-    echo "ccpl-candle GPU check"
-    echo "commit: $(tr '\n' ' ' < "$here/commit")"
-    echo "date:   $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    log_head "ccpl-candle GPU check"
     if libs=${CCPL_CUDA_LIBS:-$(find_libraries)}; then
         export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
         echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark run on the GPU machine, packed by scripts/gpu-bench into .device/bench/run.sh.
+# The benchmark run on the GPU machine, packed by `scripts/gpu-pack bench` into .device/bench/run.sh.
 # From the repository root, with python3 holding PyTorch and Triton (CCPL_BENCH_PYTHON names
 # another interpreter):
 #     bash .device/bench/run.sh            # the whole run, CCPL_BENCH_BUDGET_S (default 450 s)

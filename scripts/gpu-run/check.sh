@@ -1,23 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check, on the GPU machine (packed by scripts/gpu-check into .device/check/run.sh).
+# The GPU check, on the GPU machine (packed by `scripts/gpu-pack check` into .device/check/run.sh).
 # Run from the repository root. Full log: $OUT/gpu-check.log (or ./gpu-check.log).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 log=${OUT:-.}/gpu-check.log
 export CCPL_REQUIRE_GPU=1 CCPL_GOLDEN_DIR=${CCPL_GOLDEN_DIR:-tests/golden}
-failures=0
-run() { # name, command...
-    local name=$1; shift
-    echo "=== $name: $*"
-    local start=$SECONDS
-    if "$@"; then echo "=== $name: PASS ($((SECONDS - start)) s)"
-    else echo "=== $name: FAIL (exit $?, $((SECONDS - start)) s)"; failures=$((failures + 1)); fi
-}
+. "$here/common.sh"
 {
-    echo "ccpl GPU check"
-    echo "commit: $(tr '\n' ' ' < "$here/commit")"
-    echo "date:   $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    log_head "ccpl GPU check"
     ldd --version | head -1
     # First: do the tensor cores add as the emulator's model says (every test's tolerance on
     # f16/bf16 rests on it)?

@@ -1,0 +1,200 @@
+// runtime.h: what the files of the CPU emulator's runtime share (not for the kernels: they see
+// cuda_emu.h). The runtime runs a launch's blocks one after another on the calling OS thread;
+// the threads of a block are fibers, each on its own stack (context.cpp), switched at every
+// barrier, warp collective, atomic and fence by a scheduler seeded by the launch
+// (scheduler.cpp). Barriers and warp collectives have CUDA's semantics per thread: every thread
+// of the block (every lane named in the mask) must arrive, and anything else is reported as an
+// error instead of hanging (builtins.cpp, what the kernels call). launch.cpp is the C ABI that
+// emu/src/library.rs calls; misaligned.cpp reports misaligned accesses.
+#pragma once
+
+#include "cuda_emu.h"
+
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <vector>
+
+// CCPL_EMU_UCONTEXT forces the portable context switch (to test it on x86-64).
+#if defined(__x86_64__) && !defined(CCPL_EMU_UCONTEXT)
+#define CCPL_EMU_SWITCH_X86_64 1
+#else
+#include <ucontext.h>
+#endif
+
+namespace ccpl_emu {
+
+constexpr uint32_t kWarp = 32;
+constexpr uint32_t kMaxThreads = 1024;
+// Shared memory of a block (static and dynamic together): 48 KiB unless the launch opted in
+// (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES), then the architecture's maximum
+// (cudaDevAttrMaxSharedMemoryPerBlockOptin; CUDA C++ Programming Guide, compute capabilities).
+constexpr uint32_t kSharedWithoutOptIn = 48 * 1024;
+constexpr uint32_t kSharedOptInMax = 1024 * (kArch >= 90 ? 227 : kArch == 80 ? 163 : kArch >= 86 ? 99 : 64);
+// Bytes after the dynamic shared memory that must still be 0xFF when a block ends.
+constexpr size_t kSharedRedZone = 4096;
+constexpr size_t kStackBytes = 128 * 1024;
+
+enum Status : int { kOk = 0, kUnknownKernel = 1, kParamsSize = 2, kBadLaunch = 3, kKernelError = 4 };
+
+// ---- Fibers' contexts (context.cpp) --------------------------------------------------------
+
+#ifdef CCPL_EMU_SWITCH_X86_64
+// A saved context is its stack pointer; the callee-saved registers, MXCSR and the x87
+// control word sit on that stack (System V ABI). No system call, unlike swapcontext.
+struct Context {
+    void* sp = nullptr;
+};
+#else
+// Other architectures: POSIX ucontext (correct, slower: each switch is a system call).
+struct Context {
+    ucontext_t uc;
+};
+#endif
+
+// A fresh context that starts in entry() on the stack [base, base + size).
+void context_init(Context& ctx, char* base, size_t size, void (*entry)());
+void context_switch(Context& from, Context& to);
+
+// ---- Registries (launch.cpp) ---------------------------------------------------------------
+
+struct Kernel {
+    const char* name;
+    const char* file;  // the source that defines it
+    size_t params_size;
+    void (*thunk)(const void*);
+    bool launched = false;
+};
+
+struct SharedVariable {
+    void* address;
+    size_t bytes;
+};
+// Function-local statics: registrations run during static initialisation, in any order.
+std::vector<Kernel>& kernels();
+std::vector<SharedVariable>& static_shared();
+
+// ---- Launch state ---------------------------------------------------------------------------
+
+enum class Wait : uint8_t { None, Barrier, Warp, Exited };
+
+struct Fiber {
+    Context ctx;
+    char* stack = nullptr;
+    uint32_t runnable_pos = 0;  // index in Launch::runnable while runnable
+    Wait wait = Wait::None;
+    uint32_t linear = 0;  // thread index in the block
+    uint3 idx{};
+    const char* file = nullptr;  // where it waits
+    int line = 0;
+    WarpOp op = WarpOp::Sync;
+    int barrier_result = 0;
+};
+
+struct Lane {
+    WarpOp op;
+    unsigned mask;
+    uint64_t value;
+    int arg, width;
+    const char* file;
+    int line;
+    uint64_t result;
+};
+
+struct Warp {
+    unsigned present = 0;  // lanes that exist (the last warp of a block may be partial)
+    unsigned arrived = 0;  // lanes waiting in a collective
+    unsigned exited = 0;
+    Lane lanes[kWarp];
+};
+
+const char* op_name(WarpOp op);
+
+// xoshiro256** seeded through splitmix64.
+struct Rng {
+    uint64_t s[4];
+    explicit Rng(uint64_t seed) {
+        for (auto& word : s) {
+            seed += 0x9e3779b97f4a7c15ull;
+            uint64_t z = seed;
+            z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+            z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+            word = z ^ (z >> 31);
+        }
+    }
+    uint64_t next() {
+        const uint64_t result = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = rotl(s[3], 45);
+        return result;
+    }
+    uint32_t below(uint32_t n) { return static_cast<uint32_t>(((next() >> 32) * n) >> 32); }
+    static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+};
+
+enum class Policy : uint8_t { Uniform, WarpPriority, ThreadPriority };
+
+struct Launch {
+    Launch(const Kernel* kernel_, const void* params_, uint32_t threads_, uint64_t seed_)
+        : kernel(kernel_), params(params_), threads(threads_), seed(seed_), rng(seed_) {}
+    const Kernel* kernel;
+    const void* params;
+    uint32_t threads;
+    uint64_t seed;
+    Rng rng;
+    std::vector<Fiber>* fibers = nullptr;
+    std::vector<uint32_t> runnable;  // the runnable threads, in no order
+    Policy policy = Policy::Uniform;
+    std::vector<uint32_t> rank;     // priority rank of each thread, 0 the highest
+    std::vector<uint32_t> by_rank;  // the thread of each rank
+    std::vector<uint64_t> ready;    // bit r: the thread of rank r is runnable
+    bool yielded = false;           // the last thread stopped at an atomic or a fence
+    std::vector<Warp> warps;
+    uint32_t exited = 0;
+    // The barrier: arrivals so far, where, and the combined predicate.
+    uint32_t barrier_arrived = 0;
+    const char* barrier_file = nullptr;
+    int barrier_line = 0;
+    int barrier_op = 0, barrier_value = 0;
+    Context scheduler;
+    Fiber* current = nullptr;
+    unsigned char* dynamic_shared = nullptr;
+    uint32_t dynamic_bytes = 0;
+    bool shared_opt_in = false;
+    uint64_t id = 0;            // this launch's number (SharedRegistration::launch)
+    size_t static_bytes = 0;    // static shared memory the launch's blocks reached so far
+    std::string error;  // the first error; the launch stops at it
+};
+
+extern std::mutex g_launch_mutex;  // static shared memory and the fiber stacks are process-wide
+extern Launch* g_launch;
+extern uint64_t g_launches;
+
+std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+// "thread (x,y,z) of block (x,y,z)"
+std::string where(const Fiber& f);
+
+// ---- Scheduling (scheduler.cpp) -------------------------------------------------------------
+
+// Lets the scheduler pick again while the current fiber stays runnable.
+void reschedule(bool after_atomic);
+// Stops the launch with `message` (the first error wins); never returns to the kernel.
+[[noreturn]] void abort_launch(std::string message);
+// Blocks the current fiber until another makes it runnable again.
+void block_current(Wait wait, const char* file, int line);
+// All lanes of `mask` have arrived: every one gets its result and runs again.
+void complete_collective(Launch& L, Warp& warp, unsigned mask, uint32_t warp_base);
+// Every thread of the block is at the barrier: all run again.
+void complete_barrier(Launch& L);
+// Runs block number `block` to completion; false (with L.error set) on an error or a deadlock.
+bool run_block(Launch& L, uint64_t block);
+
+// The shared memory limits of a launch with `static_bytes` of static shared memory (those its
+// blocks reached so far): an empty string when they hold, else why not (launch.cpp).
+std::string shared_limits(size_t static_bytes, uint32_t dynamic, bool opt_in);
+
+}  // namespace ccpl_emu
