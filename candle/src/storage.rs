@@ -118,6 +118,21 @@ pub(crate) fn cpu_elements<'a, T: WithDType>(
     Ok(&storage.as_slice::<T>()?[start..end])
 }
 
+/// The one value of a float32 or float64 CPU storage (an upstream gradient), as float64.
+pub(crate) fn cpu_scalar(op: &str, storage: &CpuStorage, layout: &Layout) -> Result<f64> {
+    let value = match storage {
+        CpuStorage::F64(_) => cpu_elements::<f64>(op, storage, layout)?.first().copied(),
+        CpuStorage::F32(_) => cpu_elements::<f32>(op, storage, layout)?
+            .first()
+            .map(|&g| g as f64),
+        other => {
+            let dtype = candle_core::backend::BackendStorage::dtype(other);
+            return Err(error(op, format!("an upstream gradient of {dtype:?}")));
+        }
+    };
+    value.ok_or_else(|| error(op, "an empty upstream gradient"))
+}
+
 /// `values` rounded to `T`, as a CPU storage.
 pub(crate) fn cpu_storage<T: WithDType>(values: impl Iterator<Item = f64>) -> CpuStorage {
     T::to_cpu_storage_owned(values.map(T::from_f64).collect())
