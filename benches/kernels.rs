@@ -20,7 +20,7 @@ use ccpl::cuda::info_nce::{self as nce, Side};
 use ccpl::cuda::info_nce_fused as fused;
 use ccpl::cuda::neighbor::{self, DeviceCenters, Scatter};
 use ccpl::cuda::{normalize, similarity};
-use ccpl::{Centers, DEFAULT_TAU, Dtype, FeatureShape, RowShape};
+use ccpl::{Centers, Dtype, FeatureShape, RowShape, Tau};
 use common::{Config, Field, Gpu, Rng, RowsLoss, Suite, status, time_iters};
 use criterion::{BenchmarkId, Criterion, SamplingMode};
 use cudarc::driver::CudaSlice;
@@ -34,9 +34,10 @@ fn main() {
         for dtype in &cfg.dtypes {
             let id = format!("kernels/{}/{dtype}", cfg.name);
             // A failure is reported and the next configuration goes on (a panic too).
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
-                || with_dtype!(dtype.as_str(), T => bench_config::<T>(&mut c, &gpu, &cfg)),
-            ));
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                ccpl::dispatch_dtype!(dtype.as_str(), T => bench_config::<T>(&mut c, &gpu, &cfg),
+                        other => Err(common::unknown_dtype(other)))
+            }));
             let failure = match outcome {
                 Ok(Ok(())) => continue,
                 Ok(Err(e)) => e.to_string(),
@@ -174,7 +175,7 @@ fn kernels<T: Dtype>() -> Vec<(&'static str, Launch<T>)> {
                 &gpu.kernels,
                 &gpu.stream,
                 &l.shape,
-                DEFAULT_TAU,
+                Tau::DEFAULT,
                 &l.unit_q,
                 &l.unit_k,
                 &mut l.logits,
@@ -203,7 +204,7 @@ fn kernels<T: Dtype>() -> Vec<(&'static str, Launch<T>)> {
                 &gpu.kernels,
                 &gpu.stream,
                 &l.shape,
-                DEFAULT_TAU,
+                Tau::DEFAULT,
                 &l.unit_q,
                 &l.unit_k,
                 &mut l.row_lse,
@@ -247,7 +248,7 @@ fn info_nce_backward<T: Dtype>(gpu: &Gpu, set: &mut Set<T>, side: Side) -> ccpl:
         &gpu.kernels,
         &gpu.stream,
         &l.shape,
-        DEFAULT_TAU,
+        Tau::DEFAULT,
         side,
         &l.logits,
         &l.row_lse,
@@ -264,7 +265,7 @@ fn info_nce_fused_backward<T: Dtype>(gpu: &Gpu, set: &mut Set<T>, side: Side) ->
         &gpu.kernels,
         &gpu.stream,
         &l.shape,
-        DEFAULT_TAU,
+        Tau::DEFAULT,
         side,
         &l.unit_q,
         &l.unit_k,

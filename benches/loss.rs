@@ -44,13 +44,13 @@ use std::sync::Arc;
 
 use ccpl::cuda::info_nce::Side;
 use ccpl::cuda::{CcpLayer, CcpLoss, CcpRows, DeviceCenters, Scatter};
-use ccpl::plan::loss::LossPlan;
+use ccpl::loss::multi_layer::LossPlan;
 use ccpl::reference::relative_error as rel_err;
 use ccpl::reference::{
     LayerInput, ccp_layer_loss, ccp_loss, info_nce_backward, info_nce_forward, normalize_rows,
     normalize_rows_backward, similarity,
 };
-use ccpl::{Centers, DEFAULT_TAU, Dtype, Element, FeatureShape, RowShape};
+use ccpl::{Centers, Dtype, Element, FeatureShape, RowShape, Tau};
 use common::{Config, Field, Gpu, Rng, RowsLoss, Suite, status, time_iters};
 use criterion::{Bencher, BenchmarkId, Criterion, SamplingMode};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, sys};
@@ -106,12 +106,18 @@ fn main() {
         eprintln!(
             "loss: DRY RUN: the float64 CPU reference under the GPU benches' names; no GPU is used"
         );
-        each_config(|cfg, dtype| with_dtype!(dtype, T => dry_run::<T>(&mut c, cfg)));
+        each_config(|cfg, dtype| {
+            ccpl::dispatch_dtype!(dtype, T => dry_run::<T>(&mut c, cfg),
+                other => Err(common::unknown_dtype(other)))
+        });
     } else {
         let Some(gpu) = common::gpu("loss") else {
             return;
         };
-        each_config(|cfg, dtype| with_dtype!(dtype, T => bench_config::<T>(&mut c, &gpu, cfg)));
+        each_config(|cfg, dtype| {
+            ccpl::dispatch_dtype!(dtype, T => bench_config::<T>(&mut c, &gpu, cfg),
+                other => Err(common::unknown_dtype(other)))
+        });
     }
     c.final_summary();
 }
@@ -409,7 +415,7 @@ fn bench_step<T: Dtype>(
 ) -> ccpl::Result<()> {
     let lens: Vec<usize> = layers.iter().map(|(s, _)| s.len()).collect();
     let feat_bytes = lens.iter().sum::<usize>() * size_of::<T>();
-    let workspace = LossPlan::new(layers, DEFAULT_TAU)?
+    let workspace = LossPlan::new(layers, Tau::DEFAULT)?
         .workspace()?
         .bytes::<T>();
     // The inputs and the gradients, the CUDA graph's own copies of them, and the workspaces of
@@ -440,7 +446,7 @@ fn bench_step<T: Dtype>(
             return Ok(None);
         }
         let inputs = step_inputs(layers, &host, step_centers(layers, step)?);
-        let (loss, per_layer) = ccp_loss(&inputs, DEFAULT_TAU, false)?;
+        let (loss, per_layer) = ccp_loss(&inputs, Tau::DEFAULT, false)?;
         Ok(Some((
             loss,
             per_layer.into_iter().map(|l| l.grad_feat_q).collect(),
@@ -456,7 +462,7 @@ fn bench_step<T: Dtype>(
         gpu.kernels.clone(),
         gpu.stream.clone(),
         layers,
-        DEFAULT_TAU,
+        Tau::DEFAULT,
         CENTERS_SEED,
     )?;
     let mut grads = zeros::<T>(&gpu.stream, &lens)?;
@@ -540,7 +546,7 @@ fn bench_step_graph<T: Dtype>(
         gpu.kernels.clone(),
         stream.clone(),
         layers,
-        DEFAULT_TAU,
+        Tau::DEFAULT,
         CENTERS_SEED,
     )?;
     let mut grads = zeros::<T>(&stream, &lens)?;
@@ -601,7 +607,7 @@ fn bench_step_layers<T: Dtype>(
                 gpu.stream.clone(),
                 shape,
                 n,
-                DEFAULT_TAU,
+                Tau::DEFAULT,
             )
         })
         .collect::<ccpl::Result<Vec<_>>>()?;
@@ -671,7 +677,7 @@ fn bench_layer<T: Dtype>(
         gpu.stream.clone(),
         shape,
         n,
-        DEFAULT_TAU,
+        Tau::DEFAULT,
     )?;
     let device_centers = DeviceCenters::upload(&gpu.stream, &centers)?;
     let mut grad_q: CudaSlice<T> = gpu.stream.alloc_zeros(shape.len())?;
@@ -685,7 +691,7 @@ fn bench_layer<T: Dtype>(
     };
     let check = if reference_size(&shape, n) <= CHECK_LIMIT {
         let grad = to_f64(&gpu.stream.clone_dtoh(&grad_q)?);
-        let expected = ccp_layer_loss(q_host, k_host, &shape, &centers, DEFAULT_TAU, false)?;
+        let expected = ccp_layer_loss(q_host, k_host, &shape, &centers, Tau::DEFAULT, false)?;
         Check::Against(
             rel(loss, expected.loss),
             vec![rel_err(&grad, &expected.grad_feat_q)],
@@ -732,7 +738,7 @@ fn reference_rows(
 ) -> ccpl::Result<(f64, Vec<f64>, Option<Vec<f64>>)> {
     let unit_q = normalize_rows(q, shape.width())?;
     let unit_k = normalize_rows(k, shape.width())?;
-    let logits = similarity(&unit_q.rows, &unit_k.rows, shape, DEFAULT_TAU)?;
+    let logits = similarity(&unit_q.rows, &unit_k.rows, shape, Tau::DEFAULT)?;
     let forward = info_nce_forward(&logits, shape.batch(), shape.rows())?;
     let grads = info_nce_backward(
         &logits,
@@ -740,7 +746,7 @@ fn reference_rows(
         &unit_q.rows,
         &unit_k.rows,
         shape,
-        DEFAULT_TAU,
+        Tau::DEFAULT,
         1.0,
         grad_k,
     )?;
@@ -874,7 +880,7 @@ fn bench_rows<T: Dtype>(
     for group in groups_of(cfg) {
         match group {
             LOSS => bench_rows_variant(c, gpu, cfg, group, &inputs, || {
-                CcpRows::<T>::new(gpu.kernels.clone(), gpu.stream.clone(), shape, DEFAULT_TAU)
+                CcpRows::<T>::new(gpu.kernels.clone(), gpu.stream.clone(), shape, Tau::DEFAULT)
             })?,
             MATERIALISED => {
                 let workspace = RowsLoss::<T>::workspace_bytes(&shape);
@@ -974,7 +980,7 @@ fn dry_run<T: Dtype>(c: &mut Criterion, cfg: &Config) -> ccpl::Result<()> {
                 })
                 .collect();
             let gradients = layers.iter().map(|(s, _)| s.len()).sum::<usize>() * size_of::<T>();
-            let one_object = LossPlan::new(layers, DEFAULT_TAU)?
+            let one_object = LossPlan::new(layers, Tau::DEFAULT)?
                 .workspace()?
                 .bytes::<T>();
             let per_layer = layers
@@ -984,7 +990,7 @@ fn dry_run<T: Dtype>(c: &mut Criterion, cfg: &Config) -> ccpl::Result<()> {
             // Every variant draws new centres each step, as the device sampler does.
             let step = |i: u64| -> ccpl::Result<f64> {
                 let centers = step_centers(layers, i)?;
-                Ok(ccp_loss(&step_inputs(layers, &feats, centers), DEFAULT_TAU, false)?.0)
+                Ok(ccp_loss(&step_inputs(layers, &feats, centers), Tau::DEFAULT, false)?.0)
             };
             let loss = step(0)?;
             for group in groups_of(cfg) {
@@ -1007,7 +1013,7 @@ fn dry_run<T: Dtype>(c: &mut Criterion, cfg: &Config) -> ccpl::Result<()> {
                 CcpLayer::<T>::workspace_bytes_for(&shape, n)?,
                 shape.len() * size_of::<T>(),
             );
-            let loss = ccp_layer_loss(&q, &k, &shape, &fixed, DEFAULT_TAU, false)?.loss;
+            let loss = ccp_layer_loss(&q, &k, &shape, &fixed, Tau::DEFAULT, false)?.loss;
             for group in groups_of(cfg) {
                 report(&bench_id::<T>(group, cfg), &mem, 1, loss, &unchecked, 0.0);
                 let user_step = group == USER_STEP;
@@ -1019,7 +1025,7 @@ fn dry_run<T: Dtype>(c: &mut Criterion, cfg: &Config) -> ccpl::Result<()> {
                     } else {
                         &fixed
                     };
-                    Ok(ccp_layer_loss(&q, &k, &shape, centers, DEFAULT_TAU, false)?.loss)
+                    Ok(ccp_layer_loss(&q, &k, &shape, centers, Tau::DEFAULT, false)?.loss)
                 });
             }
         }

@@ -9,7 +9,7 @@ use ccpl::reference::{
     ccp_layer_loss, info_nce_backward, info_nce_forward, neighbor_diff, neighbor_diff_backward,
     normalize_rows, normalize_rows_backward, similarity,
 };
-use ccpl::{Centers, DEFAULT_TAU, FeatureShape, Layout, RowShape};
+use ccpl::{Centers, FeatureShape, Layout, RowShape, Tau};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 
 mod common;
@@ -63,7 +63,7 @@ impl Inputs {
         let k = normalize_rows(&neighbor_diff(&feat_k, &shape, &centers).expect("diff"), c)
             .expect("normalize")
             .rows;
-        let logits = similarity(&q, &k, &rows, DEFAULT_TAU).expect("similarity");
+        let logits = similarity(&q, &k, &rows, Tau::DEFAULT).expect("similarity");
         let row_lse = info_nce_forward(&logits, b, rows.rows())
             .expect("info_nce")
             .row_lse;
@@ -111,7 +111,7 @@ fn stages(c: &mut Criterion) {
             |b| b.iter(|| normalize_rows_backward(black_box(&x.diff), &x.grad_rows, width)),
         );
         group.bench_function(BenchmarkId::new("similarity", size.name), |b| {
-            b.iter(|| similarity(black_box(&x.q), &x.k, &x.rows, DEFAULT_TAU))
+            b.iter(|| similarity(black_box(&x.q), &x.k, &x.rows, Tau::DEFAULT))
         });
         group.bench_function(BenchmarkId::new("info_nce_forward", size.name), |b| {
             b.iter(|| info_nce_forward(black_box(&x.logits), x.rows.batch(), x.rows.rows()))
@@ -124,7 +124,7 @@ fn stages(c: &mut Criterion) {
                     &x.q,
                     &x.k,
                     &x.rows,
-                    DEFAULT_TAU,
+                    Tau::DEFAULT,
                     1.0,
                     false,
                 )
@@ -137,7 +137,7 @@ fn stages(c: &mut Criterion) {
                     &x.feat_k,
                     &x.shape,
                     &x.centers,
-                    DEFAULT_TAU,
+                    Tau::DEFAULT,
                     false,
                 )
             })

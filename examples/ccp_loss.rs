@@ -15,11 +15,11 @@ use cudarc::driver::{CudaContext, CudaSlice, sys};
 use ccpl::cuda::{self, CcpLoss, Kernels};
 use ccpl::reference::{ccp_layer_loss, relative_error};
 use ccpl::sampling::SplitMix64;
-use ccpl::{Centers, FeatureShape, Layout};
+use ccpl::{Centers, FeatureShape, Layout, Tau};
 
 const BATCH: usize = 8;
 const NUM_S: usize = 8;
-const TAU: f64 = 0.07;
+const TAU: Tau = Tau::DEFAULT;
 /// The seed of the centres: the CPU reference takes step 0's draw, the GPU draws on the device.
 const SEED: u64 = 2022;
 /// (name, channels, side) of the art layers at a 256x256 crop.

@@ -46,7 +46,8 @@ pub enum Error {
     },
     /// No centres (the list is empty or `num_s == 0`).
     NoCenters,
-    /// The temperature breaks a rule of [`check_tau`]; the message says which.
+    /// The temperature (the value given) breaks the rule of [`Tau`](crate::Tau); the message
+    /// says which part.
     Tau(f64),
     /// Storage type not supported by the call.
     Dtype(String),
@@ -100,10 +101,14 @@ impl fmt::Display for Error {
                 )
             }
             Error::NoCenters => write!(f, "no centres: at least one is needed"),
-            Error::Tau(tau) => match tau_rule_broken(*tau) {
-                Some(rule) => write!(f, "bad tau {tau}: {rule}"),
-                None => write!(f, "bad tau {tau}"),
-            },
+            Error::Tau(tau) => {
+                write!(f, "bad tau ")?;
+                crate::tau::write_brief(f, *tau)?;
+                match crate::tau::rule_broken(*tau) {
+                    Some(rule) => write!(f, ": {rule}"),
+                    None => Ok(()),
+                }
+            }
             Error::Dtype(msg) => write!(f, "unsupported dtype: {msg}"),
             Error::NoGpu(msg) => write!(f, "no GPU: {msg}"),
             Error::KernelsNotBuilt(why) => write!(f, "CUDA kernels were not built: {why}"),
@@ -118,38 +123,6 @@ impl std::error::Error for Error {}
 impl From<cudarc::driver::DriverError> for Error {
     fn from(e: cudarc::driver::DriverError) -> Self {
         Error::Cuda(e.to_string())
-    }
-}
-
-/// Checks that `tau` is a usable temperature, by the one rule of the reference and the
-/// kernels: `tau` finite, `> 0`, a normal (not subnormal) number, and `1/tau` finite in
-/// float32 (the kernels take the inverse temperature as a float32), so
-/// `tau >= 1/f32::MAX`, about `2.94e-39`. The error's message names the rule broken.
-///
-/// ```
-/// assert!(ccpl::check_tau(0.07).is_ok());
-/// let err = ccpl::check_tau(1e-40).unwrap_err().to_string();
-/// assert!(err.contains("1/tau") && err.contains("float32"), "{err}");
-/// ```
-pub fn check_tau(tau: f64) -> Result<()> {
-    match tau_rule_broken(tau) {
-        None => Ok(()),
-        Some(_) => Err(Error::Tau(tau)),
-    }
-}
-
-/// The first rule of [`check_tau`] that `tau` breaks, in words, or `None`.
-fn tau_rule_broken(tau: f64) -> Option<&'static str> {
-    if !tau.is_finite() {
-        Some("tau is not finite")
-    } else if tau <= 0.0 {
-        Some("tau is not > 0")
-    } else if tau.is_subnormal() {
-        Some("tau is subnormal (1/tau overflows)")
-    } else if !((1.0 / tau) as f32).is_finite() {
-        Some("1/tau is not finite in float32 (tau must be at least 1/f32::MAX, about 2.94e-39)")
-    } else {
-        None
     }
 }
 

@@ -7,7 +7,10 @@
 //! and the API in brief.
 //!
 //! - [`reference`](mod@reference): every stage and its backward in `f64`, the oracle;
-//! - [`plan`]: the launch plans both the GPU and the CPU emulator (crate `ccpl-emu`) execute;
+//! - [`launch`]: the launch builders, one per kernel: pure functions from shapes and buffers
+//!   to the launch plans both the GPU and the CPU emulator (crate `ccpl-emu`) execute;
+//! - [`loss`]: the losses as sequences of those plans run through a [`launch::Launcher`],
+//!   with their workspaces;
 //! - [`cuda`]: the kernels on the caller's context and stream, and the loss objects
 //!   [`cuda::CcpLayer`] and [`cuda::CcpRows`].
 #![warn(missing_docs)]
@@ -16,21 +19,23 @@ pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod ffi;
-pub mod plan;
+pub mod launch;
+pub mod loss;
 pub mod reference;
 pub mod sampling;
 pub mod shape;
+pub mod tau;
 
 pub use dtype::{Dtype, Element};
-pub use error::{Error, Result, check_len, check_tau};
+pub use error::{Error, Result, check_len};
+/// The `half` crate whose `f16` and `bf16` the kernels store, for [`dispatch_dtype!`]'s users.
+pub use half;
 pub use sampling::Centers;
 pub use shape::{FeatureShape, Layout, RowShape};
+pub use tau::Tau;
 
 #[doc = include_str!("../docs/ccpl-loss.md")]
 pub mod contract {}
-
-/// The default temperature of the paper.
-pub const DEFAULT_TAU: f64 = 0.07;
 
 /// The README's example compiles (it needs a GPU to run, so it is `no_run`).
 #[cfg(doctest)]

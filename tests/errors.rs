@@ -5,7 +5,7 @@ use ccpl::reference::{
     LayerInput, ccp_layer_loss, ccp_loss, info_nce_backward, info_nce_forward, neighbor_diff,
     neighbor_diff_backward, normalize_rows, normalize_rows_backward, similarity,
 };
-use ccpl::{Centers, Error, FeatureShape, Layout, RowShape, check_tau, cuda};
+use ccpl::{Centers, Error, FeatureShape, Layout, RowShape, Tau, cuda};
 
 /// Asserts that `result` failed and that its message mentions every one of `words`.
 fn expect_err<T: std::fmt::Debug>(result: ccpl::Result<T>, words: &[&str]) -> Error {
@@ -57,7 +57,7 @@ fn bad_shapes() {
         &["9x9", "5x7"],
     ));
     is_shape(expect_err(
-        ccp_layer_loss(&feat, &feat, &shape, &other, 0.07, false),
+        ccp_layer_loss(&feat, &feat, &shape, &other, Tau::DEFAULT, false),
         &["9x9", "5x7"],
     ));
 
@@ -76,7 +76,7 @@ fn bad_shapes() {
     // No layers.
     let none: [LayerInput<'_, f32>; 0] = [];
     is_shape(expect_err(
-        ccp_loss(&none, 0.07, false),
+        ccp_loss(&none, Tau::DEFAULT, false),
         &["at least one layer"],
     ));
 }
@@ -126,13 +126,13 @@ fn bad_buffer_lengths() {
         3,
     );
     check(
-        ccp_layer_loss(&short, &feat, &shape, &centers, 0.07, false).map(drop),
+        ccp_layer_loss(&short, &feat, &shape, &centers, Tau::DEFAULT, false).map(drop),
         "feat_q",
         n,
         n - 1,
     );
     check(
-        ccp_layer_loss(&feat, &short, &shape, &centers, 0.07, true).map(drop),
+        ccp_layer_loss(&feat, &short, &shape, &centers, Tau::DEFAULT, true).map(drop),
         "feat_k",
         n,
         n - 1,
@@ -140,8 +140,18 @@ fn bad_buffer_lengths() {
 
     let rows = RowShape::new(2, 5, 3).unwrap();
     let (ok, bad) = (vec![0.1; 30], vec![0.1; 29]);
-    check(similarity(&bad, &ok, &rows, 0.07).map(drop), "q", 30, 29);
-    check(similarity(&ok, &bad, &rows, 0.07).map(drop), "k", 30, 29);
+    check(
+        similarity(&bad, &ok, &rows, Tau::DEFAULT).map(drop),
+        "q",
+        30,
+        29,
+    );
+    check(
+        similarity(&ok, &bad, &rows, Tau::DEFAULT).map(drop),
+        "k",
+        30,
+        29,
+    );
     check(
         info_nce_forward(&[0.0; 49], 2, 5).map(drop),
         "logits",
@@ -150,25 +160,25 @@ fn bad_buffer_lengths() {
     );
     let (logits, lse) = (vec![0.0; 50], vec![0.0; 10]);
     check(
-        info_nce_backward(&logits[1..], &lse, &ok, &ok, &rows, 0.07, 1.0, true).map(drop),
+        info_nce_backward(&logits[1..], &lse, &ok, &ok, &rows, Tau::DEFAULT, 1.0, true).map(drop),
         "logits",
         50,
         49,
     );
     check(
-        info_nce_backward(&logits, &lse[1..], &ok, &ok, &rows, 0.07, 1.0, true).map(drop),
+        info_nce_backward(&logits, &lse[1..], &ok, &ok, &rows, Tau::DEFAULT, 1.0, true).map(drop),
         "row_lse",
         10,
         9,
     );
     check(
-        info_nce_backward(&logits, &lse, &bad, &ok, &rows, 0.07, 1.0, true).map(drop),
+        info_nce_backward(&logits, &lse, &bad, &ok, &rows, Tau::DEFAULT, 1.0, true).map(drop),
         "q",
         30,
         29,
     );
     check(
-        info_nce_backward(&logits, &lse, &ok, &bad, &rows, 0.07, 1.0, false).map(drop),
+        info_nce_backward(&logits, &lse, &ok, &bad, &rows, Tau::DEFAULT, 1.0, false).map(drop),
         "k",
         30,
         29,
@@ -253,54 +263,49 @@ fn no_centres() {
 
 #[test]
 fn bad_tau() {
-    let (shape, centers) = shape_3x5x7();
-    let feat = vec![0.5f64; shape.len()];
-    let rows = RowShape::new(1, 2, 2).unwrap();
-    let (v, logits, lse) = (vec![0.5; 4], vec![0.0; 4], vec![0.0; 2]);
-    let layers = [LayerInput {
-        feat_q: &feat[..],
-        feat_k: &feat[..],
-        shape,
-        centers: centers.clone(),
-    }];
-    // Each tau with the words of the rule it breaks: one rule for the reference and the
-    // plans (the kernels take 1/tau as a float32).
+    // Each tau, as the message prints it (briefly: a subnormal is not 300 digits), with the
+    // words of the rule it breaks. One rule for the reference and the plans, checked once.
     let subnormal = f64::MIN_POSITIVE / 4.0;
-    let cases: [(f64, &[&str]); 9] = [
-        (f64::NAN, &["not finite"]),
-        (f64::INFINITY, &["not finite"]),
-        (f64::NEG_INFINITY, &["not finite"]),
-        (0.0, &["not > 0"]),
-        (-0.0, &["not > 0"]),
-        (-0.07, &["not > 0"]),
-        (subnormal, &["subnormal"]),
-        (1e-300, &["1/tau", "float32"]),
-        (2.9e-39, &["1/tau", "float32"]),
+    let cases: [(f64, &str, &[&str]); 10] = [
+        (f64::NAN, "NaN", &["not finite"]),
+        (f64::INFINITY, "inf", &["not finite"]),
+        (f64::NEG_INFINITY, "-inf", &["not finite"]),
+        (0.0, "0", &["not > 0"]),
+        (-0.0, "-0", &["not > 0"]),
+        (-0.07, "-0.07", &["not > 0"]),
+        (subnormal, "5.562684646268003e-309", &["2/tau", "float32"]),
+        (1e-300, "1e-300", &["2/tau", "float32"]),
+        (2.9e-39, "2.9e-39", &["2/tau", "float32"]),
+        // 1/tau fits float32 here, but a row loss of 2/tau would not.
+        (3e-39, "3e-39", &["2/tau", "float32"]),
     ];
-    for (tau, words) in cases {
-        let plan = ccpl::plan::layer::LayerPlan::new(shape, centers.len(), tau);
-        let results = [
-            check_tau(tau),
-            similarity(&v, &v, &rows, tau).map(drop),
-            info_nce_backward(&logits, &lse, &v, &v, &rows, tau, 1.0, false).map(drop),
-            ccp_layer_loss(&feat, &feat, &shape, &centers, tau, true).map(drop),
-            ccp_loss(&layers, tau, false).map(drop),
-            plan.map(drop),
-        ];
-        for result in results {
-            let err = expect_err(result, &[&["tau", &tau.to_string()], words].concat());
+    for (tau, printed, words) in cases {
+        for result in [Tau::new(tau), Tau::try_from(tau)] {
+            let err = expect_err(
+                result,
+                &[&[&format!("bad tau {printed}:")[..]], words].concat(),
+            );
             assert!(
                 matches!(err, Error::Tau(t) if t.to_bits() == tau.to_bits()),
-                "{err:?} for tau {tau}"
+                "{err:?} for tau {printed}"
             );
+            assert!(err.to_string().len() < 120, "{err}");
         }
     }
-    // The smallest tau of the rule works in both: 1/tau just below float32's maximum.
-    let smallest = 1.0 / f32::MAX as f64;
-    assert_eq!(check_tau(smallest), Ok(()));
-    assert!(ccpl::plan::layer::LayerPlan::new(shape, centers.len(), smallest).is_ok());
+    // The smallest tau of the rule works in the reference and the plans: 2/tau is f32::MAX.
+    let (shape, centers) = shape_3x5x7();
+    let feat = vec![0.5f64; shape.len()];
+    let smallest = Tau::new(2.0 / f32::MAX as f64).unwrap();
+    assert_eq!(smallest, Tau::MIN);
+    assert_eq!(2.0 * smallest.inverse(), f32::MAX);
+    assert!(ccpl::loss::layer::LayerPlan::new(shape, centers.len(), smallest).is_ok());
     let loss = ccp_layer_loss(&feat, &feat, &shape, &centers, smallest, false).unwrap();
     assert!(loss.loss.is_finite(), "{loss:?}");
+    // The value and its forms.
+    assert_eq!((Tau::DEFAULT.get(), Tau::default()), (0.07, Tau::DEFAULT));
+    assert_eq!(f64::from(Tau::new(0.5).unwrap()), 0.5);
+    assert_eq!(Tau::DEFAULT.to_string(), "0.07");
+    assert_eq!(Tau::MIN.to_string(), "5.877472104436075e-39");
 }
 
 /// What a careless caller can reach from safe code gives an answer or an error, never a
@@ -316,7 +321,7 @@ fn no_panic_from_safe_code() {
         shape.index(usize::MAX, usize::MAX, usize::MAX, usize::MAX),
         None
     );
-    let err = ccpl::plan::neighbor::rows_len(&shape, usize::MAX).unwrap_err();
+    let err = ccpl::launch::neighbor::rows_len(&shape, usize::MAX).unwrap_err();
     assert!(matches!(err, Error::Shape(_)), "{err:?}");
     assert_eq!(ccpl::sampling::SplitMix64::new(1).below(0), None);
     // The largest row shapes new accepts: every size they report is in range.

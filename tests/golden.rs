@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use ccpl::reference::ccp_layer_loss;
-use ccpl::{Centers, FeatureShape, Layout};
+use ccpl::{Centers, FeatureShape, Layout, Tau};
 use common::golden::{self, GoldenCase};
 use common::rel_err;
 use safetensors::Dtype;
@@ -215,7 +215,7 @@ fn loader_reads_every_tensor() {
     assert_eq!(case.feat_q[23], 11.5);
     assert_eq!(case.feat_k[1], 1.5);
     assert_eq!(case.centers, [5, 6]);
-    assert_eq!((case.tau, case.loss), (0.07, 2.5));
+    assert_eq!((case.tau, case.loss), (Tau::DEFAULT, 2.5));
     assert_eq!(case.grad_feat_q[3], -0.75);
     assert_eq!(case.grad_feat_k[3], -1.5);
 }

@@ -7,14 +7,14 @@
 mod common;
 
 use ccpl::cuda::{CcpLoss, DeviceCenters};
-use ccpl::plan::loss::LossPlan;
+use ccpl::loss::multi_layer::LossPlan;
 use ccpl::reference::{self, LayerInput};
-use ccpl::{Centers, Error, FeatureShape, Layout};
+use ccpl::{Centers, Error, FeatureShape, Layout, Tau};
 use common::Rng;
 use common::device::{F32_TOLERANCE, assert_close, gpu, random, stored_tolerance, to_f64};
 use cudarc::driver::{CudaSlice, CudaStream, sys};
 
-const TAU: f64 = 0.07;
+const TAU: Tau = Tau::DEFAULT;
 const SEED: u64 = 41;
 
 /// The paper's layers (relu2_1, relu3_1, relu4_1 at a 256 crop, num_s = 8) at batch `b`.

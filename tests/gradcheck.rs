@@ -14,7 +14,7 @@ use ccpl::reference::{
     ccp_layer_loss, info_nce_backward, info_nce_forward, neighbor_diff, neighbor_diff_backward,
     normalize_rows, normalize_rows_backward, rows_loss, similarity,
 };
-use ccpl::{Centers, FeatureShape, Layout, RowShape, ffi};
+use ccpl::{Centers, FeatureShape, Layout, RowShape, Tau, ffi};
 use common::{Rng, rel_err};
 
 const TAUS: [f64; 4] = [0.01, 0.07, 0.5, 1.0];
@@ -207,7 +207,7 @@ fn unit_rows(rng: &mut Rng, count: usize, width: usize) -> Vec<f64> {
 fn info_nce_backward_matches_finite_differences() {
     let mut rng = Rng::new(3);
     let mut worst: f64 = 0.0;
-    for tau in TAUS {
+    for tau in TAUS.map(|t| Tau::new(t).unwrap()) {
         for upstream in [1.0, -2.5, 0.3] {
             let shape = RowShape::new(rng.range(2, 3), rng.odd(3, 11), rng.odd(3, 7)).unwrap();
             let (q, k) = (
@@ -237,7 +237,7 @@ fn info_nce_backward_matches_finite_differences() {
             let dk = grads.dk.expect("dk was asked for");
 
             let all: Vec<usize> = (0..shape.len()).collect();
-            let h = 1e-3 * tau;
+            let h = 1e-3 * tau.get();
             let err_q = rel_err(&grads.dq, &fd_coords(&|q: &[f64]| loss(q, &k), &q, &all, h));
             let err_k = rel_err(&dk, &fd_coords(&|k: &[f64]| loss(&q, k), &k, &all, h));
             assert!(
@@ -271,7 +271,7 @@ fn info_nce_backward_matches_finite_differences() {
 fn rows_loss_gradients_match_finite_differences() {
     let mut rng = Rng::new(5);
     let mut worst: f64 = 0.0;
-    for tau in TAUS {
+    for tau in TAUS.map(|t| Tau::new(t).unwrap()) {
         let shape = RowShape::new(rng.range(1, 3), rng.odd(3, 11), rng.odd(1, 7)).unwrap();
         let scale = 0.1 + 3.0 * rng.unit();
         let q: Vec<f64> = rng.vec(shape.len()).iter().map(|v| v * scale).collect();
@@ -291,7 +291,7 @@ fn rows_loss_gradients_match_finite_differences() {
             .iter()
             .flat_map(|r| normalize_rows(r, shape.width()).unwrap().norms)
             .fold(f64::INFINITY, f64::min);
-        let h = 1e-3 * tau.min(smallest);
+        let h = 1e-3 * tau.get().min(smallest);
         let all: Vec<usize> = (0..shape.len()).collect();
         let err_q = rel_err(
             &out.grad_rows_q,
@@ -317,7 +317,7 @@ fn layer_loss(
     feat_k: &[f64],
     shape: &FeatureShape,
     centers: &Centers,
-    tau: f64,
+    tau: Tau,
 ) -> f64 {
     let rows = RowShape::new(shape.batch(), centers.rows(), shape.channels()).unwrap();
     let q = normalize_rows(
@@ -343,7 +343,7 @@ fn layer_step(
     feat_k: &[f64],
     shape: &FeatureShape,
     centers: &Centers,
-    tau: f64,
+    tau: Tau,
 ) -> f64 {
     let norms = |f: &[f64]| {
         normalize_rows(&neighbor_diff(f, shape, centers).unwrap(), shape.channels())
@@ -354,7 +354,7 @@ fn layer_step(
         .into_iter()
         .chain(norms(feat_k))
         .fold(f64::INFINITY, f64::min);
-    1e-3 * tau.min(smallest)
+    1e-3 * tau.get().min(smallest)
 }
 
 /// The end-to-end gradient of one layer with respect to `feat_q` and `feat_k`, on random
@@ -364,7 +364,7 @@ fn ccp_layer_loss_gradients_match_finite_differences() {
     let mut rng = Rng::new(4);
     let mut worst: f64 = 0.0;
     for layout in LAYOUTS {
-        for tau in TAUS {
+        for tau in TAUS.map(|t| Tau::new(t).unwrap()) {
             let (shape, centers) = random_case(&mut rng, layout, 12);
             let (feat_q, feat_k) = (rng.vec(shape.len()), rng.vec(shape.len()));
             let out = ccp_layer_loss(&feat_q, &feat_k, &shape, &centers, tau, true).unwrap();
@@ -414,7 +414,7 @@ fn ccp_layer_loss_full_gradient_on_a_filled_interior() {
         let centers = Centers::sample(5, 5, usize::MAX, 11).unwrap();
         assert_eq!(centers.len(), shape.interior());
         let (feat_q, feat_k) = (rng.vec(shape.len()), rng.vec(shape.len()));
-        let tau = 0.07;
+        let tau = Tau::DEFAULT;
         let out = ccp_layer_loss(&feat_q, &feat_k, &shape, &centers, tau, true).unwrap();
         let loss_q = |f: &[f64]| layer_loss(f, &feat_k, &shape, &centers, tau);
         let loss_k = |f: &[f64]| layer_loss(&feat_q, f, &shape, &centers, tau);

@@ -1,12 +1,12 @@
 //! The PyTorch goldens (`tests/golden`, see tools/make_goldens.py) through the kernels: each
 //! case's loss and both gradients by the crate's launch plans in float32
-//! (`plan::layer::LayerPlan`, the code the GPU path runs), with both scatters, on the
+//! (`loss::layer::LayerPlan`, the code the GPU path runs), with both scatters, on the
 //! emulator and the GPU, within the spec's float32 tolerance.
 
 mod common;
 
-use ccpl::plan::layer::{LayerPlan, LayerWorkspace};
-use ccpl::plan::neighbor::Scatter;
+use ccpl::launch::neighbor::Scatter;
+use ccpl::loss::layer::{LayerPlan, LayerWorkspace};
 use ccpl::{Centers, FeatureShape, Layout};
 use common::device::{F32_TOLERANCE, TestCenters, TestDevice, assert_close, to_f64};
 use common::golden::{self, GoldenCase};

@@ -5,11 +5,12 @@
 use std::collections::BTreeSet;
 
 use ccpl::cuda::entry_points;
-use ccpl::plan::info_nce::{self, Side};
-use ccpl::plan::layer::LayerWorkspace;
-use ccpl::plan::neighbor::{self, CentersBuf, Scatter};
-use ccpl::plan::{Buf, info_nce_fused, normalize, similarity, small_s};
-use ccpl::{Dtype, FeatureShape, Layout, RowShape, ffi};
+use ccpl::launch::CentersBuf;
+use ccpl::launch::info_nce::{self, Side};
+use ccpl::launch::neighbor::{self, Scatter};
+use ccpl::launch::{Buf, info_nce_fused, normalize, similarity, small_s};
+use ccpl::loss::layer::LayerWorkspace;
+use ccpl::{Dtype, FeatureShape, Layout, RowShape, Tau, ffi};
 use half::{bf16, f16};
 
 fn buf(len: usize) -> Buf {
@@ -43,7 +44,7 @@ fn planned<T: Dtype>() -> Vec<String> {
         normalize::normalize_rows_backward::<T>(&rows, r, s, r, r)
             .unwrap()
             .kernel,
-        similarity::similarity::<T>(&rows, 0.07, r, r, l)
+        similarity::similarity::<T>(&rows, Tau::DEFAULT, r, r, l)
             .unwrap()
             .kernel,
         info_nce::info_nce_forward(&rows, l, s, s).unwrap().kernel,
@@ -55,15 +56,25 @@ fn planned<T: Dtype>() -> Vec<String> {
         names.push(plan.unwrap().kernel);
     }
     names.push(
-        info_nce_fused::info_nce_fused_forward::<T>(&rows, 0.07, r, r, s, s)
+        info_nce_fused::info_nce_fused_forward::<T>(&rows, Tau::DEFAULT, r, r, s, s)
             .unwrap()
             .kernel,
     );
     for side in [Side::Q, Side::K] {
-        let plan = info_nce::info_nce_backward::<T>(&rows, 0.07, side, l, s, s, r, buf(1), r);
-        names.push(plan.unwrap().kernel);
         let plan =
-            info_nce_fused::info_nce_fused_backward::<T>(&rows, 0.07, side, r, r, s, s, buf(1), r);
+            info_nce::info_nce_backward::<T>(&rows, Tau::DEFAULT, side, l, s, s, r, buf(1), r);
+        names.push(plan.unwrap().kernel);
+        let plan = info_nce_fused::info_nce_fused_backward::<T>(
+            &rows,
+            Tau::DEFAULT,
+            side,
+            r,
+            r,
+            s,
+            s,
+            buf(1),
+            r,
+        );
         names.push(plan.unwrap().kernel);
     }
     names.extend(small_s_planned::<T>(&shape, &centers));
@@ -109,7 +120,7 @@ fn small_s_planned<T: Dtype>(shape: &FeatureShape, centers: &CentersBuf) -> Vec<
         small_s::gather::<T>(&[gather], buf(small_s::COUNTERS), true)
             .unwrap()
             .kernel,
-        small_s::rows_forward::<T>(&[rows_layer], 0.07, &totals)
+        small_s::rows_forward::<T>(&[rows_layer], Tau::DEFAULT, &totals)
             .unwrap()
             .kernel,
         small_s::scatter::<T>(&[scatter], buf(1)).unwrap().kernel,

@@ -5,8 +5,8 @@
 
 mod common;
 
-use ccpl::plan::info_nce::{self, Side};
-use ccpl::{Dtype, RowShape, reference};
+use ccpl::launch::info_nce::{self, Side};
+use ccpl::{Dtype, RowShape, Tau, reference};
 use common::Rng;
 use common::device::{
     F32_TOLERANCE, Rows, TestDevice, assert_close, from_f64, label, stored_tolerance, to_f64,
@@ -28,23 +28,26 @@ fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {
 /// near +-100 (overflow without the max shift). Rows of width 1 normalise to +-1, so k close
 /// to q means k = q, ties in every row and a gradient that is 0 up to e^-200: a case that
 /// tells nothing about precision, left out.
-fn regimes(shape: &RowShape) -> Vec<(f64, Rows)> {
-    let mut regimes = vec![(0.07, Rows::Random), (0.01, Rows::Random)];
+fn regimes(shape: &RowShape) -> Vec<(Tau, Rows)> {
+    let mut regimes = vec![
+        (Tau::DEFAULT, Rows::Random),
+        (Tau::new(0.01).unwrap(), Rows::Random),
+    ];
     if shape.width() > 1 {
-        regimes.push((0.07, Rows::Aligned));
+        regimes.push((Tau::DEFAULT, Rows::Aligned));
     }
     regimes
 }
 
 /// The logits as the similarity kernel stores them (float32), and as f64.
-fn logits(q: &[f64], k: &[f64], shape: &RowShape, tau: f64) -> (Vec<f32>, Vec<f64>) {
+fn logits(q: &[f64], k: &[f64], shape: &RowShape, tau: Tau) -> (Vec<f32>, Vec<f64>) {
     let exact = reference::similarity(q, k, shape, tau).unwrap();
     let stored: Vec<f32> = from_f64(&exact);
     let as_f64 = to_f64(&stored);
     (stored, as_f64)
 }
 
-fn check_forward<D: TestDevice>(dev: &D, shape: &RowShape, tau: f64, rows: Rows, rng: &mut Rng) {
+fn check_forward<D: TestDevice>(dev: &D, shape: &RowShape, tau: Tau, rows: Rows, rng: &mut Rng) {
     let (q, k) = unit_rows::<f32>(rng, shape, rows);
     let (logits_f32, logits_f64) = logits(&q, &k, shape, tau);
     let want = reference::info_nce_forward(&logits_f64, shape.batch(), shape.rows()).unwrap();
@@ -103,7 +106,7 @@ const UPSTREAM: f32 = 0.75;
 fn check_backward<T: Dtype, D: TestDevice>(
     dev: &D,
     shape: &RowShape,
-    tau: f64,
+    tau: Tau,
     rows: Rows,
     rng: &mut Rng,
 ) {

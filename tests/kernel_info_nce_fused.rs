@@ -8,9 +8,9 @@
 
 mod common;
 
-use ccpl::plan::info_nce::{self, Side};
-use ccpl::plan::{info_nce_fused, similarity};
-use ccpl::{Dtype, RowShape, reference};
+use ccpl::launch::info_nce::{self, Side};
+use ccpl::launch::{info_nce_fused, similarity};
+use ccpl::{Dtype, RowShape, Tau, reference};
 use common::Rng;
 use common::device::{
     F32_TOLERANCE, Rows, TestDevice, assert_close, from_f64, fused_backward_model, label, rounded,
@@ -39,14 +39,14 @@ fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {
 
 /// Temperatures and row relations per shape: tau = 0.01 gives logits near +-100. Rows of
 /// width 1 normalise to +-1, so aligned rows would be equal: left out (see kernel_info_nce).
-fn regimes(shape: &RowShape) -> Vec<(f64, Rows)> {
+fn regimes(shape: &RowShape) -> Vec<(Tau, Rows)> {
     let mut regimes = vec![
-        (0.07, Rows::Random),
-        (0.01, Rows::Random),
-        (0.5, Rows::Random),
+        (Tau::DEFAULT, Rows::Random),
+        (Tau::new(0.01).unwrap(), Rows::Random),
+        (Tau::new(0.5).unwrap(), Rows::Random),
     ];
     if shape.width() > 1 {
-        regimes.push((0.07, Rows::Aligned));
+        regimes.push((Tau::DEFAULT, Rows::Aligned));
     }
     regimes
 }
@@ -66,7 +66,7 @@ struct Outputs {
 fn run_fused<T: Dtype, D: TestDevice>(
     dev: &D,
     shape: &RowShape,
-    tau: f64,
+    tau: Tau,
     q: &[f64],
     k: &[f64],
 ) -> Outputs {
@@ -116,7 +116,7 @@ fn run_fused<T: Dtype, D: TestDevice>(
 fn run_materialised<T: Dtype, D: TestDevice>(
     dev: &D,
     shape: &RowShape,
-    tau: f64,
+    tau: Tau,
     q: &[f64],
     k: &[f64],
 ) -> Outputs {
@@ -186,7 +186,7 @@ struct Expected {
 
 /// The reference, and the backward as the kernels compute it with every value they store in
 /// `T` rounded once, exact otherwise: G as [`fused_backward_model`] rounds it, then the result.
-fn expected<T: Dtype>(shape: &RowShape, tau: f64, q: &[f64], k: &[f64]) -> Expected {
+fn expected<T: Dtype>(shape: &RowShape, tau: Tau, q: &[f64], k: &[f64]) -> Expected {
     let logits = reference::similarity(q, k, shape, tau).unwrap();
     let forward = reference::info_nce_forward(&logits, shape.batch(), shape.rows()).unwrap();
     let upstream = UPSTREAM as f64;
@@ -217,7 +217,7 @@ fn expected<T: Dtype>(shape: &RowShape, tau: f64, q: &[f64], k: &[f64]) -> Expec
 fn check_fused<T: Dtype, D: TestDevice>(
     dev: &D,
     shape: &RowShape,
-    tau: f64,
+    tau: Tau,
     rows: Rows,
     rng: &mut Rng,
 ) {
@@ -255,7 +255,7 @@ fn info_nce_fused_matches_reference<D: TestDevice>(dev: &D) {
 fn check_same_as_materialised<T: Dtype, D: TestDevice>(
     dev: &D,
     shape: &RowShape,
-    tau: f64,
+    tau: Tau,
     rows: Rows,
     rng: &mut Rng,
 ) {
@@ -327,7 +327,7 @@ fn fused_backward_recomputes_the_stored_logits<D: TestDevice>(dev: &D) {
 fn run_fused_backward<D: TestDevice>(
     dev: &D,
     shape: &RowShape,
-    tau: f64,
+    tau: Tau,
     q: &[f64],
     k: &[f64],
     (row_lse, row_loss): (&Vec<f64>, &Vec<f64>),

@@ -1,5 +1,5 @@
 //! The per-layer loss (identity head) run as the crate's sequence of launch plans
-//! (`plan::layer::LayerPlan`, the code the GPU path runs) against the CPU reference's
+//! (`loss::layer::LayerPlan`, the code the GPU path runs) against the CPU reference's
 //! `ccp_layer_loss`, on the emulator and the GPU, for every storage type: the loss, and the
 //! gradients of feat_q and feat_k accumulated into the caller's buffers, with the default
 //! upstream gradient and one from device memory, with both scatters, each gradient compared
@@ -8,16 +8,16 @@
 
 mod common;
 
-use ccpl::plan::layer::{LayerPlan, LayerWorkspace};
-use ccpl::plan::neighbor::Scatter;
-use ccpl::{Centers, Dtype, FeatureShape, Layout, ffi, reference};
+use ccpl::launch::neighbor::Scatter;
+use ccpl::loss::layer::{LayerPlan, LayerWorkspace};
+use ccpl::{Centers, Dtype, FeatureShape, Layout, Tau, ffi, reference};
 use common::device::{
     TestCenters, TestDevice, assert_close, largest, layer_model, random, scatter_model, to_f64,
     tolerance,
 };
 use common::{Rng, rel_err};
 
-const TAU: f64 = 0.07;
+const TAU: Tau = Tau::DEFAULT;
 
 struct Case {
     shape: FeatureShape,
@@ -221,8 +221,8 @@ fn width_one_bound<T: Dtype>(
 ) -> Vec<f64> {
     let s = centers.rows();
     let gamma =
-        2.0 * (2.0 * rounding::<T>().unit + 2f64.powi(-23) / TAU + s as f64 * 2f64.powi(-24));
-    let per_g = 2.0 * gamma * upstream.abs() / ((shape.batch() * s) as f64 * TAU);
+        2.0 * (2.0 * rounding::<T>().unit + 2f64.powi(-23) / TAU.get() + s as f64 * 2f64.powi(-24));
+    let per_g = 2.0 * gamma * upstream.abs() / ((shape.batch() * s) as f64 * TAU.get());
     let rows = reference::neighbor_diff(feat, shape, centers).unwrap();
     let norms = reference::normalize_rows(&rows, 1).unwrap().norms;
     let eps = ffi::CCPL_NORM_EPS;

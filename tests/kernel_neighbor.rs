@@ -6,7 +6,7 @@
 
 mod common;
 
-use ccpl::plan::neighbor::{self, Scatter};
+use ccpl::launch::neighbor::{self, Scatter};
 use ccpl::{Centers, Dtype, FeatureShape, Layout, reference};
 use common::Rng;
 use common::device::{

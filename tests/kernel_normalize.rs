@@ -4,7 +4,7 @@
 
 mod common;
 
-use ccpl::plan::normalize;
+use ccpl::launch::normalize;
 use ccpl::{Dtype, RowShape, reference};
 use common::Rng;
 use common::device::{

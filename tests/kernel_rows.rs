@@ -1,16 +1,18 @@
-//! The rows loss (`plan::rows::RowsPlan`: normalisation, fused InfoNCE, mean, and
+//! The rows loss (`loss::rows::RowsPlan`: normalisation, fused InfoNCE, mean, and
 //! the backward through both into the rows) against the CPU reference composed stage by
 //! stage, on the emulator and the GPU, for every storage type, with the default upstream
 //! gradient and one from device memory, for one side and for both.
 
 mod common;
 
-use ccpl::plan::rows::{RowsPlan, RowsWorkspace};
-use ccpl::{Dtype, RowShape};
+use ccpl::loss::rows::{RowsPlan, RowsWorkspace};
+use ccpl::{Dtype, RowShape, Tau, reference};
 use common::Rng;
-use common::device::{TestDevice, assert_close, largest, random, rows_model, to_f64, tolerance};
+use common::device::{
+    F32_TOLERANCE, TestDevice, assert_close, largest, random, rows_model, to_f64, tolerance,
+};
 
-const TAU: f64 = 0.07;
+const TAU: Tau = Tau::DEFAULT;
 
 /// `(B, S, C)`: odd sizes, S = 8, S past a tile, C over one 64-column tile; on the GPU
 /// S = 8192 and C = 257. Not C = 1: a row of width 1 normalises to +-1 whatever its length,
@@ -33,7 +35,7 @@ struct Regime {
     scale: f64,
     /// One element of q near the storage type's largest value.
     spike: bool,
-    tau: f64,
+    tau: Tau,
 }
 
 const PLAIN: Regime = Regime {
@@ -41,6 +43,36 @@ const PLAIN: Regime = Regime {
     spike: false,
     tau: TAU,
 };
+
+/// A rows loss's workspace of `T` on a device.
+type Workspace<T, D> = RowsWorkspace<<D as TestDevice>::Mem<T>, <D as TestDevice>::Mem<f32>>;
+
+/// The rows loss's plan at `tau` and its workspace on `dev`, after a forward of `rows_q`
+/// against `rows_k` (the loss in `ws.loss`, the default upstream gradient in `ws.one`).
+fn forward<T: Dtype, D: TestDevice>(
+    dev: &D,
+    shape: &RowShape,
+    tau: Tau,
+    rows_q: &[T],
+    rows_k: &[T],
+    label: &str,
+) -> (RowsPlan, Workspace<T, D>) {
+    let plan = RowsPlan::new(*shape, tau).unwrap();
+    let mut ws = RowsWorkspace::lengths(shape)
+        .unwrap()
+        .try_map(
+            |&n| Ok::<_, ()>(dev.alloc_nan::<T>(n)),
+            |&n| Ok(dev.alloc_nan::<f32>(n)),
+        )
+        .unwrap();
+    ws.one = dev.upload(&[1.0f32]);
+    let (mut rows_q_dev, mut rows_k_dev) = (dev.upload(rows_q), dev.upload(rows_k));
+    let (rows_q_buf, rows_k_buf) = (dev.buf(&mut rows_q_dev), dev.buf(&mut rows_k_dev));
+    let bufs = ws.map_mut(|m| dev.buf(m), |m| dev.buf(m));
+    plan.forward::<T, _>(&dev.launcher(), rows_q_buf, rows_k_buf, &bufs)
+        .unwrap_or_else(|e| panic!("forward {label}: {e}"));
+    (plan, ws)
+}
 
 fn check_rows<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, regime: Regime, rng: &mut Rng) {
     // Rows of a projection head: any scale, not normalised.
@@ -59,20 +91,7 @@ fn check_rows<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, regime: Regime
         dev.name()
     );
     let tau = regime.tau;
-    let plan = RowsPlan::new(*shape, tau).unwrap();
-    let mut ws = RowsWorkspace::lengths(shape)
-        .unwrap()
-        .try_map(
-            |&n| Ok::<_, ()>(dev.alloc_nan::<T>(n)),
-            |&n| Ok(dev.alloc_nan::<f32>(n)),
-        )
-        .unwrap();
-    ws.one = dev.upload(&[1.0f32]);
-    let (mut rows_q_dev, mut rows_k_dev) = (dev.upload(&rows_q), dev.upload(&rows_k));
-    let (rows_q_buf, rows_k_buf) = (dev.buf(&mut rows_q_dev), dev.buf(&mut rows_k_dev));
-    let bufs = ws.map_mut(|m| dev.buf(m), |m| dev.buf(m));
-    plan.forward::<T, _>(&dev.launcher(), rows_q_buf, rows_k_buf, &bufs)
-        .unwrap_or_else(|e| panic!("forward {label}: {e}"));
+    let (plan, mut ws) = forward(dev, shape, tau, &rows_q, &rows_k, &label);
     let loss = dev.download(&ws.loss)[0] as f64;
     let exact = rows_model::<f64>(&rows_q_f64, &rows_k_f64, shape, tau, 1.0);
     let model = rows_model::<T>(&rows_q_f64, &rows_k_f64, shape, tau, 1.0);
@@ -137,8 +156,32 @@ fn rows_loss_at_extreme_scales<D: TestDevice>(dev: &D) {
         check_rows::<half::bf16, D>(dev, &shape, regime, &mut rng);
     }
     check_rows::<half::f16, D>(dev, &shape, regime(1.0, true, TAU), &mut rng);
-    check_rows::<f32, D>(dev, &shape, regime(1.0, false, 1e-37), &mut rng);
-    check_rows::<half::bf16, D>(dev, &shape, regime(1.0, false, 1e-37), &mut rng);
+    let low = Tau::new(1e-37).unwrap();
+    check_rows::<f32, D>(dev, &shape, regime(1.0, false, low), &mut rng);
+    check_rows::<half::bf16, D>(dev, &shape, regime(1.0, false, low), &mut rng);
 }
 
-on_every_device!(rows_loss_matches_reference, rows_loss_at_extreme_scales);
+/// At the smallest temperature of the rule (`Tau::MIN`, `2/tau = f32::MAX`) the largest row
+/// loss fits: every row of q along one axis, and so every key but the first, which points the
+/// other way, so that row 0's loss is `2/tau` (less a few eps) plus `ln 7`. The loss is finite
+/// and the reference's. Below it (3e-39) that row loss overflowed float32; `Tau` refuses it.
+fn rows_loss_at_the_smallest_tau<D: TestDevice>(dev: &D) {
+    let shape = RowShape::new(1, 8, 2).unwrap();
+    let axis = |row: usize, sign: f32| [sign, 0.0].map(|v| v * (1 + row) as f32);
+    let rows_q: Vec<f32> = (0..8).flat_map(|r| axis(r, 1.0)).collect();
+    let rows_k: Vec<f32> = (0..8)
+        .flat_map(|r| axis(r, if r == 0 { -1.0 } else { 1.0 }))
+        .collect();
+    let label = format!("rows loss at tau {} on the {}", Tau::MIN, dev.name());
+    let (_, ws) = forward(dev, &shape, Tau::MIN, &rows_q, &rows_k, &label);
+    let loss = dev.download(&ws.loss)[0] as f64;
+    let exact = reference::rows_loss(&rows_q, &rows_k, &shape, Tau::MIN, false).unwrap();
+    assert!(exact.loss > f32::MAX as f64 / 8.5, "{label}: {exact:?}");
+    assert_close(&label, &[loss], &[exact.loss], F32_TOLERANCE);
+}
+
+on_every_device!(
+    rows_loss_matches_reference,
+    rows_loss_at_extreme_scales,
+    rows_loss_at_the_smallest_tau
+);

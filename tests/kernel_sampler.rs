@@ -7,9 +7,9 @@
 
 mod common;
 
-use ccpl::plan::Buf;
-use ccpl::plan::neighbor::CentersBuf;
-use ccpl::plan::small_s::{self, GatherLayer};
+use ccpl::launch::Buf;
+use ccpl::launch::CentersBuf;
+use ccpl::launch::small_s::{self, GatherLayer};
 use ccpl::sampling::philox4x32_10;
 use ccpl::{Centers, FeatureShape, Layout};
 use common::device::{Emu, TestDevice};

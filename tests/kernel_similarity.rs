@@ -3,8 +3,8 @@
 
 mod common;
 
-use ccpl::plan::similarity;
-use ccpl::{Dtype, RowShape, reference};
+use ccpl::launch::similarity;
+use ccpl::{Dtype, RowShape, Tau, reference};
 use common::Rng;
 use common::device::{F32_TOLERANCE, TestDevice, assert_close, random, to_f64};
 
@@ -21,7 +21,7 @@ fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {
 }
 
 fn check_similarity<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, rng: &mut Rng) {
-    let tau = 0.07;
+    let tau = Tau::DEFAULT;
     let q: Vec<T> = random(rng, shape.len(), 1.0);
     let k: Vec<T> = random(rng, shape.len(), 1.0);
     let want = reference::similarity(&to_f64(&q), &to_f64(&k), shape, tau).unwrap();

@@ -1,9 +1,9 @@
-//! The whole multi-layer loss (`plan::loss::LossPlan`: the small-S path of
+//! The whole multi-layer loss (`loss::multi_layer::LossPlan`: the small-S path of
 //! `kernels/small_s.cu`, mixed with the fused path for a larger layer) against the CPU
 //! reference `ccp_loss`, on the emulator and the GPU, for every storage type, at odd sizes,
 //! at the paper's and at the edges of float's range; the launches of a training step, counted;
 //! determinism; and the rows loss of a learned head on the small-S path
-//! (`plan::small_s::SmallRowsPlan`), at the edges of float's range too, and its mean of tiny
+//! (`loss::small_s::SmallRowsPlan`), at the edges of float's range too, and its mean of tiny
 //! row losses.
 //!
 //! Tolerances. The small-S path computes in float from the inputs in `T` and rounds only what
@@ -17,19 +17,20 @@ mod common;
 
 use std::cell::RefCell;
 
-use ccpl::plan::loss::{CenterBuffers, Draw, LossPlan};
-use ccpl::plan::neighbor::Scatter;
-use ccpl::plan::small_s::{self, SmallRowsPlan};
-use ccpl::plan::{KernelParams, LaunchPlan, Launcher};
+use ccpl::launch::neighbor::Scatter;
+use ccpl::launch::small_s;
+use ccpl::launch::{KernelParams, LaunchPlan, Launcher};
+use ccpl::loss::multi_layer::{CenterBuffers, Draw, LossPlan};
+use ccpl::loss::small_s::SmallRowsPlan;
 use ccpl::reference::{self, LayerInput};
-use ccpl::{Centers, Dtype, FeatureShape, Layout, RowShape};
+use ccpl::{Centers, Dtype, FeatureShape, Layout, RowShape, Tau};
 use common::Rng;
 use common::device::{
     Elem, F32_TOLERANCE, TestDevice, assert_close, layer_model, loss_workspace, random, rows_model,
     scatter_model, small_rows_workspace, stored_tolerance, to_f64, tolerance, tolerance_at,
 };
 
-const TAU: f64 = 0.07;
+const TAU: Tau = Tau::DEFAULT;
 const SEED: u64 = 0x5eed_cc91;
 
 /// A launcher that records the kernels it launches.
@@ -748,7 +749,7 @@ fn check_rows<T: Dtype + Elem, D: TestDevice>(
 fn tiny_row_losses<D: TestDevice>(dev: &D) {
     let (b, s) = (2000, 16);
     let shape = RowShape::new(b, s, s).unwrap();
-    let tau = 1.0 / 89.5;
+    let tau = Tau::new(1.0 / 89.5).unwrap();
     let rows: Vec<f32> = (0..shape.len())
         .map(|e| f32::from(e / s % s == e % s))
         .collect();
@@ -768,7 +769,7 @@ fn tiny_row_losses<D: TestDevice>(dev: &D) {
     // loss is ln(exp(L_ii) + 15) - L_ii. In closed form: the reference's lse - L_ii cancels to
     // 0 in float64 here.
     let eps = ccpl::ffi::CCPL_NORM_EPS;
-    let exact = (15.0 * (-1.0 / ((1.0 + eps) * (1.0 + eps) * tau)).exp()).ln_1p();
+    let exact = (15.0 * (-1.0 / ((1.0 + eps) * (1.0 + eps) * tau.get())).exp()).ln_1p();
     assert!(exact > f32::MIN_POSITIVE as f64 && exact < 1e-36);
     let loss = dev.download(&ws.loss)[0] as f64;
     let what = format!("loss of tiny row losses on the {}", dev.name());

@@ -4,11 +4,14 @@
 
 use std::cell::RefCell;
 
-use ccpl::plan::info_nce::{self, Side};
-use ccpl::plan::layer::{LayerPlan, LayerWorkspace};
-use ccpl::plan::neighbor::{self, CentersBuf, Scatter};
-use ccpl::plan::{Buf, KernelParams, LaunchPlan, Launcher, info_nce_fused, normalize, similarity};
-use ccpl::{Error, FeatureShape, Layout, Result, RowShape};
+use ccpl::launch::CentersBuf;
+use ccpl::launch::info_nce::{self, Side};
+use ccpl::launch::neighbor::{self, Scatter};
+use ccpl::launch::{
+    Buf, KernelParams, LaunchPlan, Launcher, info_nce_fused, normalize, similarity,
+};
+use ccpl::loss::layer::{LayerPlan, LayerWorkspace};
+use ccpl::{Error, FeatureShape, Layout, Result, RowShape, Tau};
 
 fn buf(len: usize) -> Buf {
     Buf { addr: 0x1000, len }
@@ -118,19 +121,15 @@ fn row_plans_check_lengths_temperature_and_grid_limits() {
 
     // A 64x64 tile per block, any S: 65 rows need 2 tiles a side.
     let l = rows.logits_len();
-    let plan = similarity::similarity::<f32>(&rows, 0.07, buf(n), buf(n), buf(l)).unwrap();
+    let plan = similarity::similarity::<f32>(&rows, Tau::DEFAULT, buf(n), buf(n), buf(l)).unwrap();
     assert_eq!((plan.grid, plan.block), ((2, 2, 3), (256, 1, 1)));
     assert!((plan.params.inv_tau - 1.0 / 0.07).abs() < 1e-5);
-    for tau in [0.0, -0.07, f64::NAN, f64::INFINITY, 1e-40] {
-        let err = similarity::similarity::<f32>(&rows, tau, buf(n), buf(n), buf(l));
-        assert!(matches!(err, Err(Error::Tau(_))), "tau {tau}: {err:?}");
-    }
-    let err = similarity::similarity::<f32>(&rows, 0.07, buf(n), buf(n), buf(l - 1));
+    let err = similarity::similarity::<f32>(&rows, Tau::DEFAULT, buf(n), buf(n), buf(l - 1));
     assert!(matches!(err, Err(Error::Length { what: "logits", .. })));
     // grid.z is the image: at most 65535.
     let wide = RowShape::new(65_536, 8, 1).unwrap();
     let (wn, wl) = (wide.len(), wide.logits_len());
-    let err = similarity::similarity::<f32>(&wide, 0.07, buf(wn), buf(wn), buf(wl));
+    let err = similarity::similarity::<f32>(&wide, Tau::DEFAULT, buf(wn), buf(wn), buf(wl));
     assert!(matches!(err, Err(Error::Shape(_))), "{err:?}");
 
     let plan = info_nce::info_nce_forward(&rows, buf(l), buf(stats), buf(stats)).unwrap();
@@ -156,7 +155,7 @@ fn row_plans_check_lengths_temperature_and_grid_limits() {
     let backward = |side, upstream| {
         info_nce::info_nce_backward::<f32>(
             &rows,
-            0.07,
+            Tau::DEFAULT,
             side,
             buf(l),
             buf(stats),
@@ -183,7 +182,7 @@ fn row_plans_check_lengths_temperature_and_grid_limits() {
     // of the (S, C) gradient; no logits buffer at all.
     let plan = info_nce_fused::info_nce_fused_forward::<half::bf16>(
         &rows,
-        0.07,
+        Tau::DEFAULT,
         buf(n),
         buf(n),
         buf(stats),
@@ -194,16 +193,7 @@ fn row_plans_check_lengths_temperature_and_grid_limits() {
     assert_eq!((plan.grid, plan.block), ((1, 2, 3), (256, 1, 1)));
     let err = info_nce_fused::info_nce_fused_forward::<f32>(
         &rows,
-        0.0,
-        buf(n),
-        buf(n),
-        buf(stats),
-        buf(stats),
-    );
-    assert!(matches!(err, Err(Error::Tau(_))), "{err:?}");
-    let err = info_nce_fused::info_nce_fused_forward::<f32>(
-        &rows,
-        0.07,
+        Tau::DEFAULT,
         buf(n),
         buf(n - 1),
         buf(stats),
@@ -216,7 +206,7 @@ fn row_plans_check_lengths_temperature_and_grid_limits() {
     let fused_backward = |side, upstream, grad| {
         info_nce_fused::info_nce_fused_backward::<f32>(
             &rows,
-            0.07,
+            Tau::DEFAULT,
             side,
             buf(n),
             buf(n),
@@ -266,7 +256,7 @@ impl Launcher for Recorder {
 #[test]
 fn layer_launches_its_stages_in_order_or_nothing() {
     let s = shape();
-    let plan = LayerPlan::new(s, 5, 0.07).unwrap();
+    let plan = LayerPlan::new(s, 5, Tau::DEFAULT).unwrap();
     assert_eq!(*plan.rows(), RowShape::new(2, 40, 3).unwrap());
     let lens = LayerWorkspace::lengths(&s, 5).unwrap();
     // O(B*S*C): no (B, S, S) logits buffer.
@@ -329,10 +319,14 @@ fn layer_launches_its_stages_in_order_or_nothing() {
     // Centres of another count than the layer's, no centres, too many, a bad tau.
     let err = plan.forward::<f32, _>(&rec, &centers(4), feat, feat, &ws);
     assert!(matches!(err, Err(Error::Shape(_))));
-    assert_eq!(LayerPlan::new(s, 0, 0.07).unwrap_err(), Error::NoCenters);
-    assert!(matches!(LayerPlan::new(s, 36, 0.07), Err(Error::Shape(_))));
-    assert_eq!(LayerPlan::new(s, 5, 0.0).unwrap_err(), Error::Tau(0.0));
-    assert_eq!(LayerPlan::new(s, 5, 1e-40).unwrap_err(), Error::Tau(1e-40));
+    assert_eq!(
+        LayerPlan::new(s, 0, Tau::DEFAULT).unwrap_err(),
+        Error::NoCenters
+    );
+    assert!(matches!(
+        LayerPlan::new(s, 36, Tau::DEFAULT),
+        Err(Error::Shape(_))
+    ));
 }
 
 /// The workspace of a layer is O(B*S*C): four row matrices in `T` (the normalised rows of
@@ -367,7 +361,7 @@ fn layer_workspace_is_rows_and_statistics_only() {
 #[test]
 fn rows_loss_workspace_is_counted_by_path() {
     use ccpl::cuda::CcpRows;
-    use ccpl::plan::small_s::COUNTERS;
+    use ccpl::launch::small_s::COUNTERS;
     // The paper's relu2_1 head rows at num_s = 8: B = 8, S = 64, D = 32.
     let small = RowShape::new(8, 64, 32).unwrap();
     let (rows, stats) = (8 * 64 * 32, 8 * 64);
@@ -397,10 +391,10 @@ fn rows_loss_workspace_is_counted_by_path() {
 /// one for its share of the total; any wrong buffer is an Err before anything is launched.
 #[test]
 fn loss_launches_three_kernels_a_step_or_nothing() {
-    use ccpl::plan::loss::{Draw, LossPlan};
+    use ccpl::loss::multi_layer::{Draw, LossPlan};
     let small = FeatureShape::new(2, 3, 7, 9, Layout::Nchw).unwrap();
     let large = FeatureShape::new(1, 2, 12, 12, Layout::Nhwc).unwrap();
-    let plan = LossPlan::new(&[(small, 5), (large, 65), (small, 100)], 0.07).unwrap();
+    let plan = LossPlan::new(&[(small, 5), (large, 65), (small, 100)], Tau::DEFAULT).unwrap();
     // 65 centres: S = 520, the fused path; 100 clamped to the 35 interior positions: S = 280.
     assert_eq!(
         (0..3)
@@ -452,7 +446,7 @@ fn loss_launches_three_kernels_a_step_or_nothing() {
     );
 
     // Only small-S layers: three launches a step.
-    let paper = LossPlan::new(&[(small, 5), (small, 8)], 0.07).unwrap();
+    let paper = LossPlan::new(&[(small, 5), (small, 8)], Tau::DEFAULT).unwrap();
     let pws = paper
         .workspace()
         .unwrap()
@@ -516,19 +510,18 @@ fn loss_launches_three_kernels_a_step_or_nothing() {
     ));
     assert!(rec.0.take().is_empty());
 
-    // No layer, too many, no centres, a bad tau.
-    assert!(matches!(LossPlan::new(&[], 0.07), Err(Error::Shape(_))));
+    // No layer, too many, no centres.
     assert!(matches!(
-        LossPlan::new(&[(small, 5); 9], 0.07),
+        LossPlan::new(&[], Tau::DEFAULT),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        LossPlan::new(&[(small, 5); 9], Tau::DEFAULT),
         Err(Error::Shape(_))
     ));
     assert_eq!(
-        LossPlan::new(&[(small, 0)], 0.07).unwrap_err(),
+        LossPlan::new(&[(small, 0)], Tau::DEFAULT).unwrap_err(),
         Error::NoCenters
-    );
-    assert_eq!(
-        LossPlan::new(&[(small, 5)], -1.0).unwrap_err(),
-        Error::Tau(-1.0)
     );
 }
 
@@ -537,11 +530,12 @@ fn loss_launches_three_kernels_a_step_or_nothing() {
 /// within it.
 #[test]
 fn small_s_plans_check_their_limits() {
-    use ccpl::plan::small_s::{self, RowsLayer, RowsTotals, SmallRowsPlan};
+    use ccpl::launch::small_s::{self, RowsLayer, RowsTotals};
+    use ccpl::loss::small_s::SmallRowsPlan;
     let rows = |s: usize| RowShape::new(2, s, 3).unwrap();
-    assert!(SmallRowsPlan::new(rows(512), 0.07).is_ok());
+    assert!(SmallRowsPlan::new(rows(512), Tau::DEFAULT).is_ok());
     assert!(matches!(
-        SmallRowsPlan::new(rows(513), 0.07),
+        SmallRowsPlan::new(rows(513), Tau::DEFAULT),
         Err(Error::Shape(_))
     ));
     let layer = |shape: RowShape| RowsLayer {
@@ -560,12 +554,12 @@ fn small_s_plans_check_their_limits() {
         loss: buf(1),
     };
     // One block per 16 rows of an image: 2 * ceil(520/16) would be 66, but 520 is refused.
-    let plan = small_s::rows_forward::<f32>(&[layer(rows(40))], 0.07, &totals(1)).unwrap();
+    let plan = small_s::rows_forward::<f32>(&[layer(rows(40))], Tau::DEFAULT, &totals(1)).unwrap();
     assert_eq!((plan.grid, plan.block), ((6, 1, 1), (256, 1, 1)));
     assert_eq!(plan.params.normalized, 0);
-    let err = small_s::rows_forward::<f32>(&[layer(rows(520))], 0.07, &totals(1));
+    let err = small_s::rows_forward::<f32>(&[layer(rows(520))], Tau::DEFAULT, &totals(1));
     assert!(matches!(err, Err(Error::Shape(_))));
-    let err = small_s::rows_forward::<f32>(&[layer(rows(40))], 0.07, &totals(2));
+    let err = small_s::rows_forward::<f32>(&[layer(rows(40))], Tau::DEFAULT, &totals(2));
     assert!(matches!(
         err,
         Err(Error::Length {
@@ -579,9 +573,10 @@ fn small_s_plans_check_their_limits() {
         norms: Some((buf(norms), buf(norms))),
         ..layer(shape)
     };
-    let plan = small_s::rows_forward::<f32>(&[normalised(rows(40), 80)], 0.07, &totals(1)).unwrap();
+    let plan = small_s::rows_forward::<f32>(&[normalised(rows(40), 80)], Tau::DEFAULT, &totals(1))
+        .unwrap();
     assert_eq!(plan.params.normalized, 1);
-    let err = small_s::rows_forward::<f32>(&[normalised(rows(40), 79)], 0.07, &totals(1));
+    let err = small_s::rows_forward::<f32>(&[normalised(rows(40), 79)], Tau::DEFAULT, &totals(1));
     assert!(matches!(
         err,
         Err(Error::Length {
@@ -590,25 +585,25 @@ fn small_s_plans_check_their_limits() {
         })
     ));
     let mixed = [normalised(rows(40), 80), layer(rows(8))];
-    let err = small_s::rows_forward::<f32>(&mixed, 0.07, &totals(2));
+    let err = small_s::rows_forward::<f32>(&mixed, Tau::DEFAULT, &totals(2));
     assert!(matches!(err, Err(Error::Shape(_))));
-    let err = small_s::rows_transposed::<half::bf16>(&[normalised(rows(40), 80)], 0.07);
+    let err = small_s::rows_transposed::<half::bf16>(&[normalised(rows(40), 80)], Tau::DEFAULT);
     assert!(matches!(err, Err(Error::Shape(_))));
     let copied = RowsLayer {
         copies: Some((buf(240), buf(240))),
         ..normalised(rows(40), 80)
     };
-    let err = small_s::rows_forward::<f32>(&[copied], 0.07, &totals(1));
+    let err = small_s::rows_forward::<f32>(&[copied], Tau::DEFAULT, &totals(1));
     assert!(matches!(err, Err(Error::Shape(_))));
     let nine = [layer(rows(8)); 9];
-    let err = small_s::rows_forward::<f32>(&nine, 0.07, &totals(9));
+    let err = small_s::rows_forward::<f32>(&nine, Tau::DEFAULT, &totals(9));
     assert!(matches!(err, Err(Error::Shape(_))));
     let err = small_s::rows_transposed::<f32>(
         &[RowsLayer {
             copies: Some((buf(240), buf(240))),
             ..layer(rows(40))
         }],
-        0.07,
+        Tau::DEFAULT,
     );
     assert!(matches!(err, Err(Error::Shape(_))));
     assert!(matches!(
@@ -629,14 +624,14 @@ fn small_s_plans_check_their_limits() {
 /// is `usize::MAX` (saturated), never an overflow.
 #[test]
 fn workspace_bytes_of_the_largest_plans_saturate() {
-    use ccpl::plan::loss::LossPlan;
-    use ccpl::plan::small_s::SmallRowsPlan;
+    use ccpl::loss::multi_layer::LossPlan;
+    use ccpl::loss::small_s::SmallRowsPlan;
     // B*S = 2^31 - 8 rows (the i32 limit) of C = 2^31 - 1 channels: each row matrix is about
     // 2^62 elements, 2^64 bytes.
     let (b, c) = ((1 << 28) - 1, i32::MAX as usize);
     let shape = FeatureShape::new(b, c, 3, 3, Layout::Nchw).unwrap();
-    let plan = LossPlan::new(&[(shape, 1)], 0.07).unwrap();
+    let plan = LossPlan::new(&[(shape, 1)], Tau::DEFAULT).unwrap();
     assert_eq!(plan.workspace().unwrap().bytes::<f32>(), usize::MAX);
-    let rows = SmallRowsPlan::new(RowShape::new(b, 8, c).unwrap(), 0.07).unwrap();
+    let rows = SmallRowsPlan::new(RowShape::new(b, 8, c).unwrap(), Tau::DEFAULT).unwrap();
     assert_eq!(rows.workspace().unwrap().bytes::<f32>(), usize::MAX);
 }

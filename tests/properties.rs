@@ -21,15 +21,17 @@ mod common;
 
 use std::ops::Range;
 
-use ccpl::plan::layer::{LayerPlan, LayerWorkspace};
-use ccpl::plan::loss::{Draw, LossPlan};
-use ccpl::plan::neighbor::{self, CentersBuf, Scatter};
-use ccpl::plan::rows::{RowsPlan, RowsWorkspace};
-use ccpl::plan::small_s::{self, SmallRowsPlan};
-use ccpl::plan::{Buf, KernelParams, LaunchPlan, Launcher, info_nce, normalize};
+use ccpl::launch::CentersBuf;
+use ccpl::launch::neighbor::{self, Scatter};
+use ccpl::launch::small_s;
+use ccpl::launch::{Buf, KernelParams, LaunchPlan, Launcher, info_nce, normalize};
+use ccpl::loss::layer::{LayerPlan, LayerWorkspace};
+use ccpl::loss::multi_layer::{Draw, LossPlan};
+use ccpl::loss::rows::{RowsPlan, RowsWorkspace};
+use ccpl::loss::small_s::SmallRowsPlan;
 use ccpl::reference::LayerInput;
 use ccpl::sampling::SplitMix64;
-use ccpl::{Centers, Dtype, Element, FeatureShape, Layout, RowShape, check_tau, reference};
+use ccpl::{Centers, Dtype, Element, FeatureShape, Layout, RowShape, Tau, reference};
 use common::device::{
     Emu, RowsModel, TestCenters, TestDevice, largest, layer_model, loss_workspace, rounded,
     rows_model, scatter_model, small_rows_workspace, to_f64, tolerance_at,
@@ -77,7 +79,8 @@ fn size() -> impl Strategy<Value = usize> {
 fn any_tau() -> impl Strategy<Value = f64> {
     prop_oneof![
         any::<f64>(),
-        Just(1.0 / f32::MAX as f64),
+        Just(Tau::MIN.get()),
+        Just(3e-39),
         Just(f64::MIN_POSITIVE / 2.0),
         1e-45f64..10.0,
     ]
@@ -104,7 +107,8 @@ fn safe_code_never_panics() {
     check("safe_code_never_panics", 512, 1, strategy, |input| {
         let ((b, c, h, w, n, s), tau, nhwc, seed, lens) = input;
         let layout = if nhwc { Layout::Nhwc } else { Layout::Nchw };
-        let _ = check_tau(tau);
+        // A bad tau is refused by Tau::new; the plans are probed at a good one.
+        let tau = Tau::new(tau).unwrap_or_default();
         let _ = SplitMix64::new(seed).below(n as u64);
         if let Ok(shape) = FeatureShape::new(b, c, h, w, layout) {
             let _ = shape.index(lens[0], lens[1], lens[2], lens[3]);
@@ -178,7 +182,7 @@ struct LayerCase {
     /// The largest magnitude and how many orders below it values spread ([`spread_values`]).
     exponent: f64,
     spread: f64,
-    tau: f64,
+    tau: Tau,
     seed: u64,
 }
 
@@ -254,23 +258,23 @@ fn layer_cases_in(
             layout: if nhwc { Layout::Nhwc } else { Layout::Nchw },
             exponent: e,
             spread,
-            tau: 10f64.powf(t),
+            tau: Tau::new(10f64.powf(t)).unwrap(),
             seed,
         },
     )
 }
 
 /// The float64 reference, from features of 1e-300 to 1e300 and temperatures from the rule's
-/// smallest (1/f32::MAX) to 100: a finite loss in `[0, ln S + 2/tau]`, finite gradients.
+/// smallest (2/f32::MAX, `Tau::MIN`) to 100: a finite loss in `[0, ln S + 2/tau]`, finite gradients.
 #[test]
 fn reference_is_finite_and_bounded_at_any_magnitude() {
-    let cases = layer_cases(1..9, 9, -300.0..300.0, -38.5..2.0);
+    let cases = layer_cases(1..9, 9, -300.0..300.0, -38.23..2.0);
     check("reference_is_finite_and_bounded", 256, 2, cases, |case| {
         let (shape, centers) = (case.shape(), case.centers());
         let (feat_q, feat_k) = case.features::<f64>();
         let layer = reference::ccp_layer_loss(&feat_q, &feat_k, &shape, &centers, case.tau, true)
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let bound = (centers.rows() as f64).ln() + 2.0 / case.tau;
+        let bound = (centers.rows() as f64).ln() + 2.0 / case.tau.get();
         prop_assert!(
             (0.0..=bound * (1.0 + 1e-12)).contains(&layer.loss),
             "loss {} outside [0, {bound}]",
@@ -405,7 +409,7 @@ struct RowsCase {
     width: usize,
     exponent: f64,
     spread: f64,
-    tau: f64,
+    tau: Tau,
     seed: u64,
 }
 
@@ -429,7 +433,7 @@ fn rows_cases_in(
         width,
         exponent: e,
         spread,
-        tau: 10f64.powf(t),
+        tau: Tau::new(10f64.powf(t)).unwrap(),
         seed,
     })
 }
@@ -485,7 +489,7 @@ fn rows_outcome_agrees<T: Dtype>(
     got: &RowsModel,
     exact: &RowsModel,
     model: &RowsModel,
-    tau: f64,
+    tau: Tau,
 ) -> Result<(), TestCaseError> {
     let tol = tolerance_at(&[model.loss], &[exact.loss], tau);
     close(
@@ -548,7 +552,7 @@ struct LossCase {
 }
 
 impl LossCase {
-    fn tau(&self) -> f64 {
+    fn tau(&self) -> Tau {
         self.layers[0].tau
     }
 }
@@ -573,7 +577,7 @@ fn loss_cases(
             layers.insert(at.index(layers.len() + 1), large);
         }
         for l in &mut layers {
-            l.tau = 10f64.powf(t);
+            l.tau = Tau::new(10f64.powf(t)).unwrap();
         }
         LossCase { layers }
     })
@@ -801,6 +805,7 @@ fn small_s_plans_never_panic() {
     let strategy = (dims, any_tau(), any::<bool>(), 1usize..10, lens);
     check("small_s_plans_never_panic", 512, 15, strategy, |input| {
         let ((b, c, h, w, n, s), tau, nhwc, layers, lens) = input;
+        let tau = Tau::new(tau).unwrap_or_default();
         let layout = if nhwc { Layout::Nhwc } else { Layout::Nchw };
         if let Ok(shape) = FeatureShape::new(b, c, h, w, layout)
             && let Ok(plan) = LossPlan::new(&vec![(shape, n); layers], tau)

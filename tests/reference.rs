@@ -7,7 +7,7 @@ use ccpl::reference::{
     LayerInput, ccp_layer_loss, ccp_loss, info_nce_backward, info_nce_forward, neighbor_diff,
     neighbor_diff_backward, normalize_rows, similarity,
 };
-use ccpl::{Centers, FeatureShape, Layout, RowShape, ffi};
+use ccpl::{Centers, FeatureShape, Layout, RowShape, Tau, ffi};
 use common::{Rng, nchw_to_nhwc, rel_err};
 
 /// The spec's directions, k = 0..7, as `(dh, dw)`: raster order of the 3x3 window without
@@ -162,8 +162,8 @@ fn layouts_agree() {
     neighbor_diff_backward(&grad_rows, &nhwc, &centers, &mut g_nhwc).unwrap();
     assert_eq!(nchw_to_nhwc(&g_nchw, b, c, h, w), g_nhwc);
 
-    let a = ccp_layer_loss(&q, &k, &nchw, &centers, 0.07, true).unwrap();
-    let t = ccp_layer_loss(&q_t, &k_t, &nhwc, &centers, 0.07, true).unwrap();
+    let a = ccp_layer_loss(&q, &k, &nchw, &centers, Tau::DEFAULT, true).unwrap();
+    let t = ccp_layer_loss(&q_t, &k_t, &nhwc, &centers, Tau::DEFAULT, true).unwrap();
     assert_eq!(a.loss, t.loss);
     assert_eq!(nchw_to_nhwc(&a.grad_feat_q, b, c, h, w), t.grad_feat_q);
     assert_eq!(
@@ -180,9 +180,16 @@ fn f32_input_is_read_exactly() {
     let q32: Vec<f32> = rng.vec(shape.len()).iter().map(|&v| v as f32).collect();
     let k32: Vec<f32> = rng.vec(shape.len()).iter().map(|&v| v as f32).collect();
     let widen = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
-    let from_f32 = ccp_layer_loss(&q32, &k32, &shape, &centers, 0.07, true).unwrap();
-    let from_f64 =
-        ccp_layer_loss(&widen(&q32), &widen(&k32), &shape, &centers, 0.07, true).unwrap();
+    let from_f32 = ccp_layer_loss(&q32, &k32, &shape, &centers, Tau::DEFAULT, true).unwrap();
+    let from_f64 = ccp_layer_loss(
+        &widen(&q32),
+        &widen(&k32),
+        &shape,
+        &centers,
+        Tau::DEFAULT,
+        true,
+    )
+    .unwrap();
     assert_eq!(from_f32, from_f64);
 }
 
@@ -254,14 +261,22 @@ fn loss_and_gradients_are_finite_at_tau_001() {
     let feat = rng.vec(shape.len());
     let rows = RowShape::new(2, centers.rows(), 7).unwrap();
     let v = normalize_rows(&neighbor_diff(&feat, &shape, &centers).unwrap(), 7).unwrap();
-    let logits = similarity(&v.rows, &v.rows, &rows, 0.01).unwrap();
+    let logits = similarity(&v.rows, &v.rows, &rows, Tau::new(0.01).unwrap()).unwrap();
     let largest = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     assert!(
         largest > 99.0,
         "logits should reach about 100, largest {largest}"
     );
 
-    let out = ccp_layer_loss(&feat, &feat, &shape, &centers, 0.01, true).unwrap();
+    let out = ccp_layer_loss(
+        &feat,
+        &feat,
+        &shape,
+        &centers,
+        Tau::new(0.01).unwrap(),
+        true,
+    )
+    .unwrap();
     assert!(out.loss.is_finite() && out.loss >= 0.0, "loss {}", out.loss);
     assert!(
         out.grad_feat_q
@@ -271,7 +286,15 @@ fn loss_and_gradients_are_finite_at_tau_001() {
     );
     // Random features of independent rows: the loss is far from 0 at tau=1 but the positives
     // dominate at tau=0.01, so the loss must drop.
-    let warm = ccp_layer_loss(&feat, &feat, &shape, &centers, 1.0, false).unwrap();
+    let warm = ccp_layer_loss(
+        &feat,
+        &feat,
+        &shape,
+        &centers,
+        Tau::new(1.0).unwrap(),
+        false,
+    )
+    .unwrap();
     assert!(
         out.loss < warm.loss,
         "tau 0.01 {} vs tau 1 {}",
@@ -285,7 +308,7 @@ fn zero_rows_give_finite_gradients() {
     // feat_q flat: every row of q is zero, every logit 0, so the loss is ln S exactly and the
     // gradient of each zero row is dq / eps (finite), with dq = G k / tau, G = (1/S - I)/(B S).
     let mut rng = Rng::new(14);
-    let (batch, channels, tau) = (2, 3, 0.07);
+    let (batch, channels, tau) = (2, 3, Tau::DEFAULT);
     let shape = FeatureShape::new(batch, channels, 5, 7, Layout::Nchw).unwrap();
     let centers = Centers::sample(5, 7, 4, 9).unwrap();
     let s = centers.rows();
@@ -316,7 +339,7 @@ fn zero_rows_give_finite_gradients() {
                 let g = (1.0 / s as f64 - if i == j { 1.0 } else { 0.0 }) / (batch * s) as f64;
                 for c in 0..channels {
                     grad_rows[(b * s + i) * channels + c] +=
-                        g * k[(b * s + j) * channels + c] / tau / ffi::CCPL_NORM_EPS;
+                        g * k[(b * s + j) * channels + c] / tau.get() / ffi::CCPL_NORM_EPS;
                 }
             }
         }
@@ -333,7 +356,15 @@ fn zero_rows_give_finite_gradients() {
         }
     }
     let centers = Centers::from_flat(5, 7, &[8, 15, 22, 12]).unwrap();
-    let out = ccp_layer_loss(&partly_flat, &partly_flat, &shape, &centers, 0.01, true).unwrap();
+    let out = ccp_layer_loss(
+        &partly_flat,
+        &partly_flat,
+        &shape,
+        &centers,
+        Tau::new(0.01).unwrap(),
+        true,
+    )
+    .unwrap();
     assert!(out.loss.is_finite());
     assert!(
         out.grad_feat_q
@@ -371,7 +402,7 @@ fn loss_and_gradients_at_any_scale_float64_holds() {
             .collect::<Vec<_>>()
     };
     let (feat_q, feat_k) = (big(&mut rng), big(&mut rng));
-    let base = ccp_layer_loss(&feat_q, &feat_k, &shape, &centers, 0.07, true).unwrap();
+    let base = ccp_layer_loss(&feat_q, &feat_k, &shape, &centers, Tau::DEFAULT, true).unwrap();
     for exponent in [100, 155, 200, 250] {
         let scale = 10f64.powi(exponent - 50);
         let scaled = |f: &[f64]| f.iter().map(|v| v * scale).collect::<Vec<_>>();
@@ -380,7 +411,7 @@ fn loss_and_gradients_at_any_scale_float64_holds() {
             &scaled(&feat_k),
             &shape,
             &centers,
-            0.07,
+            Tau::DEFAULT,
             true,
         )
         .unwrap();
@@ -419,10 +450,19 @@ fn info_nce_backward_rows_sum_to_zero_for_equal_keys() {
     let mut rng = Rng::new(15);
     let q = rng.vec(shape.len());
     let k: Vec<f64> = (0..batch * s).flat_map(|_| [0.6, -0.8, 0.0]).collect();
-    let logits = similarity(&q, &k, &shape, 0.5).unwrap();
+    let logits = similarity(&q, &k, &shape, Tau::new(0.5).unwrap()).unwrap();
     let forward = info_nce_forward(&logits, batch, s).unwrap();
-    let grads =
-        info_nce_backward(&logits, &forward.row_lse, &q, &k, &shape, 0.5, 1.0, true).unwrap();
+    let grads = info_nce_backward(
+        &logits,
+        &forward.row_lse,
+        &q,
+        &k,
+        &shape,
+        Tau::new(0.5).unwrap(),
+        1.0,
+        true,
+    )
+    .unwrap();
     assert!(grads.dq.iter().all(|g| g.abs() < 1e-15), "{:?}", grads.dq);
     assert!(grads.dk.unwrap().iter().any(|g| g.abs() > 1e-3));
 }
@@ -451,7 +491,7 @@ fn ccp_loss_is_the_sum_of_its_layers() {
         })
         .collect();
     for want_grad_k in [false, true] {
-        let (total, per_layer) = ccp_loss(&layers, 0.07, want_grad_k).unwrap();
+        let (total, per_layer) = ccp_loss(&layers, Tau::DEFAULT, want_grad_k).unwrap();
         assert_eq!(per_layer.len(), layers.len());
         let mut sum = 0.0;
         for (layer, out) in layers.iter().zip(&per_layer) {
@@ -460,7 +500,7 @@ fn ccp_loss_is_the_sum_of_its_layers() {
                 layer.feat_k,
                 &layer.shape,
                 &layer.centers,
-                0.07,
+                Tau::DEFAULT,
                 want_grad_k,
             )
             .unwrap();

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use ccpl::cuda::info_nce::{self as nce, Side};
 use ccpl::cuda::{self, Kernels, normalize, similarity};
-use ccpl::{DEFAULT_TAU, Dtype, FeatureShape, Layout, RowShape};
+use ccpl::{Dtype, FeatureShape, Layout, RowShape, Tau};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, sys};
 
 /// The configuration list, compiled in so a bench binary runs anywhere.
@@ -178,26 +178,9 @@ fn parse_config(line: &str) -> Result<Config, String> {
     })
 }
 
-/// Runs `$body` with `$t` bound to the storage type named by `$dtype` ("f32", "f16", "bf16").
-#[macro_export]
-macro_rules! with_dtype {
-    ($dtype:expr, $t:ident => $body:expr) => {
-        match $dtype {
-            "f32" => {
-                type $t = f32;
-                $body
-            }
-            "f16" => {
-                type $t = half::f16;
-                $body
-            }
-            "bf16" => {
-                type $t = half::bf16;
-                $body
-            }
-            other => panic!("configs.txt: unknown dtype {other}"),
-        }
-    };
+/// The error of a configuration naming a type that `ccpl::dispatch_dtype!` does not take.
+pub fn unknown_dtype(name: &str) -> ccpl::Error {
+    ccpl::Error::Dtype(format!("configs.txt: unknown dtype {name}"))
 }
 
 /// Size in bytes of one element of a storage type.
@@ -429,7 +412,7 @@ impl<T: Dtype> RowsLoss<T> {
             k,
             s,
             shape,
-            DEFAULT_TAU,
+            Tau::DEFAULT,
             &self.unit_q,
             &self.unit_k,
             &mut self.logits,
@@ -462,7 +445,7 @@ impl<T: Dtype> RowsLoss<T> {
             k,
             s,
             shape,
-            DEFAULT_TAU,
+            Tau::DEFAULT,
             side,
             &self.logits,
             &self.row_lse,

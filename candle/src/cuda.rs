@@ -20,26 +20,13 @@ impl<T: ccpl::Dtype + CudaDType> KernelType for T {}
 /// Evaluates `$body` with `$t` the Rust type of a CUDA storage's `dtype` (`f32`, `f16`,
 /// `bf16`); any other dtype is an error naming `$op`. The public functions reject those first.
 macro_rules! with_kernel_type {
-    ($dtype:expr, $op:expr, |$t:ident| $body:expr) => {
-        match $dtype {
-            candle_core::DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            candle_core::DType::F16 => {
-                type $t = half::f16;
-                $body
-            }
-            candle_core::DType::BF16 => {
-                type $t = half::bf16;
-                $body
-            }
-            other => Err($crate::storage::error(
-                $op,
-                format!("the CUDA kernels store f32, f16 or bf16, not {other:?}"),
-            )),
-        }
-    };
+    ($dtype:expr, $op:expr, |$t:ident| $body:expr) => {{
+        let dtype: candle_core::DType = $dtype;
+        ccpl::dispatch_dtype!(dtype.as_str(), $t => $body, _other => Err($crate::storage::error(
+            $op,
+            format!("the CUDA kernels store f32, f16 or bf16, not {dtype:?}"),
+        )))
+    }};
 }
 pub(crate) use with_kernel_type;
 

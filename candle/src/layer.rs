@@ -4,7 +4,7 @@
 //! scattering the gradient into the feature maps.
 
 use candle_core::{Result, Tensor};
-use ccpl::{Centers, Element, FeatureShape, Layout, reference};
+use ccpl::{Centers, Element, FeatureShape, Layout, Tau, reference};
 
 use crate::op::{Loss, LossOp, Reference};
 use crate::storage::{ccpl_error, check_dtype, check_pair, dims};
@@ -15,7 +15,7 @@ const OP: &str = "ccpl_candle::ccp_layer_loss";
 struct LayerLoss {
     shape: FeatureShape,
     centers: Centers,
-    tau: f64,
+    tau: Tau,
 }
 
 impl Loss for LayerLoss {
@@ -44,7 +44,7 @@ impl Loss for LayerLoss {
 /// and `feat_k`, the content image's, both `(B, C, H, W)` of the same dtype on the same
 /// device; `centers`, this step's centres for an `H x W` map
 /// ([`Centers::sample`](ccpl::Centers::sample) draws them; draw new ones per layer and step);
-/// temperature `tau` (the paper's is [`ccpl::DEFAULT_TAU`]). The projection head is the
+/// temperature `tau` (the paper's is [`DEFAULT_TAU`](crate::DEFAULT_TAU)). The projection head is the
 /// identity: for a learned head, compose [`neighbor_diff`](crate::neighbor_diff), the head and
 /// [`rows_loss`](crate::rows_loss). Returns a scalar tensor of the inputs' dtype.
 ///
@@ -80,7 +80,7 @@ pub fn ccp_layer_loss(
     let shape =
         FeatureShape::new(batch, channels, height, width, Layout::Nchw).map_err(ccpl_error(OP))?;
     centers.check_shape(&shape).map_err(ccpl_error(OP))?;
-    ccpl::check_tau(tau).map_err(ccpl_error(OP))?;
+    let tau = Tau::new(tau).map_err(ccpl_error(OP))?;
     let loss = LayerLoss {
         shape,
         centers: centers.clone(),

@@ -58,7 +58,10 @@ mod op;
 mod rows;
 mod storage;
 
-pub use ccpl::{self, Centers, DEFAULT_TAU};
+pub use ccpl::{self, Centers};
+
+/// The paper's temperature, [`ccpl::Tau::DEFAULT`], as the `f64` this crate's losses take.
+pub const DEFAULT_TAU: f64 = ccpl::Tau::DEFAULT.get();
 pub use layer::ccp_layer_loss;
 pub use neighbor::neighbor_diff;
 pub use rows::rows_loss;

@@ -4,7 +4,7 @@
 //! fused InfoNCE: no `(B, S, S)` logits), its backward writing the gradient of the rows.
 
 use candle_core::{Result, Tensor};
-use ccpl::{Element, RowShape, reference};
+use ccpl::{Element, RowShape, Tau, reference};
 
 use crate::op::{Loss, LossOp, Reference};
 use crate::storage::{ccpl_error, check_dtype, check_pair, dims};
@@ -14,7 +14,7 @@ const OP: &str = "ccpl_candle::rows_loss";
 /// The rows loss of one shape and temperature.
 struct Rows {
     shape: RowShape,
-    tau: f64,
+    tau: Tau,
 }
 
 impl Loss for Rows {
@@ -39,7 +39,7 @@ impl Loss for Rows {
 
 /// The CCP loss of the rows a projection head made of the generated image's difference rows
 /// (`q_rows`) and of the content image's (`k_rows`), both `(B, S, C)` of the same dtype on the
-/// same device, at temperature `tau` (the paper's is [`ccpl::DEFAULT_TAU`]): a scalar tensor of
+/// same device, at temperature `tau` (the paper's is [`DEFAULT_TAU`](crate::DEFAULT_TAU)): a scalar tensor of
 /// their dtype. Each row is normalised; row `i` of `q_rows` must match row `i` of `k_rows`
 /// against every other row of the same image of `k_rows` (InfoNCE); the loss is the mean over
 /// the `B*S` rows.
@@ -65,7 +65,7 @@ pub fn rows_loss(q_rows: &Tensor, k_rows: &Tensor, tau: f64) -> Result<Tensor> {
     check_pair(OP, ("q_rows", "k_rows"), q_rows, k_rows)?;
     check_dtype(OP, "q_rows", q_rows)?;
     let shape = RowShape::new(batch, rows, width).map_err(ccpl_error(OP))?;
-    ccpl::check_tau(tau).map_err(ccpl_error(OP))?;
+    let tau = Tau::new(tau).map_err(ccpl_error(OP))?;
     LossOp::apply(
         Rows { shape, tau },
         &q_rows.contiguous()?,

@@ -141,29 +141,12 @@ pub(crate) fn cpu_storage<T: WithDType>(values: impl Iterator<Item = f64>) -> Cp
 /// Evaluates `$body` with `$t` the Rust type of a CPU storage's `dtype` (`f32`, `f16`, `bf16`,
 /// `f64`); any other dtype is an error naming `$op`. The public functions reject those first.
 macro_rules! with_cpu_type {
-    ($dtype:expr, $op:expr, |$t:ident| $body:expr) => {
-        match $dtype {
-            candle_core::DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            candle_core::DType::F16 => {
-                type $t = half::f16;
-                $body
-            }
-            candle_core::DType::BF16 => {
-                type $t = half::bf16;
-                $body
-            }
-            candle_core::DType::F64 => {
-                type $t = f64;
-                $body
-            }
-            other => Err($crate::storage::error(
-                $op,
-                format!("unsupported dtype {other:?}"),
-            )),
-        }
-    };
+    ($dtype:expr, $op:expr, |$t:ident| $body:expr) => {{
+        let dtype: candle_core::DType = $dtype;
+        ccpl::dispatch_dtype!(dtype.as_str(), $t => $body, f64, _other => Err($crate::storage::error(
+            $op,
+            format!("unsupported dtype {dtype:?}"),
+        )))
+    }};
 }
 pub(crate) use with_cpu_type;

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream};
 use candle_core::{DType, Device, Result, Tensor, Var, WithDType};
 use ccpl::cuda::{CcpLayer, CcpRows, DeviceCenters, Kernels, Scatter, neighbor};
-use ccpl::{Centers, Dtype, FeatureShape, Layout, RowShape};
+use ccpl::{Centers, Dtype, FeatureShape, Layout, RowShape, Tau};
 use ccpl_candle::{ccp_layer_loss, neighbor_diff, rows_loss};
 use common::{Rng, assert_close, assert_same, rounded, values};
 
@@ -104,7 +104,7 @@ fn same_bits_as_ccpl<T: Dtype + WithDType>(dev: &Device, rng: &mut Rng) -> Resul
         direct.stream.clone(),
         shape,
         centers.len(),
-        TAU,
+        Tau::new(TAU).unwrap(),
     )
     .unwrap();
     let device_centers = DeviceCenters::upload(&direct.stream, &centers).unwrap();
@@ -149,8 +149,13 @@ fn same_bits_as_ccpl<T: Dtype + WithDType>(dev: &Device, rng: &mut Rng) -> Resul
     let loss = rows_loss(&rows_q, &rows_k, TAU)?;
     let got = grads(&loss, &[&rows_q])?;
 
-    let mut ccp_rows =
-        CcpRows::<T>::new(direct.kernels.clone(), direct.stream.clone(), rows, TAU).unwrap();
+    let mut ccp_rows = CcpRows::<T>::new(
+        direct.kernels.clone(),
+        direct.stream.clone(),
+        rows,
+        Tau::new(TAU).unwrap(),
+    )
+    .unwrap();
     ccp_rows
         .forward(&direct.upload::<T>(&q), &direct.upload::<T>(&k))
         .unwrap();

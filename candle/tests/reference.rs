@@ -10,7 +10,7 @@
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use ccpl::{Centers, FeatureShape, Layout, RowShape, reference};
+use ccpl::{Centers, FeatureShape, Layout, RowShape, Tau, reference};
 use ccpl_candle::{ccp_layer_loss, neighbor_diff, rows_loss};
 use common::{CPU_DTYPES, Rng, assert_same, rounded, values};
 
@@ -98,7 +98,8 @@ fn layer_loss_matches_reference() -> Result<()> {
                 let (feat_k, k) = rng.tensor(&dims, 1.0, dtype, &Device::Cpu)?;
                 let (feat_q, feat_k) = (tracked(feat_q, true)?, tracked(feat_k, track_k)?);
                 let want =
-                    reference::ccp_layer_loss(&q, &k, &shape, &centers, 0.07, track_k).unwrap();
+                    reference::ccp_layer_loss(&q, &k, &shape, &centers, Tau::DEFAULT, track_k)
+                        .unwrap();
 
                 let loss = ccp_layer_loss(&feat_q, &feat_k, &centers, 0.07)?;
                 loss_and_grads_match(
@@ -127,7 +128,8 @@ fn rows_loss_matches_reference() -> Result<()> {
                 let (rows_q, q) = rng.tensor(&[b, s, c], 3.0, dtype, &Device::Cpu)?;
                 let (rows_k, k) = rng.tensor(&[b, s, c], 0.5, dtype, &Device::Cpu)?;
                 let (rows_q, rows_k) = (tracked(rows_q, true)?, tracked(rows_k, track_k)?);
-                let want = reference::rows_loss(&q, &k, &shape, 0.2, track_k).unwrap();
+                let want =
+                    reference::rows_loss(&q, &k, &shape, Tau::new(0.2).unwrap(), track_k).unwrap();
 
                 let loss = rows_loss(&rows_q, &rows_k, 0.2)?;
                 loss_and_grads_match(
@@ -363,7 +365,7 @@ fn bad_inputs_give_errors_that_name_the_problem() -> Result<()> {
         (-1.0, "tau is not > 0"),
         (f64::NAN, "tau is not finite"),
         (f64::INFINITY, "tau is not finite"),
-        (1e-40, "1/tau is not finite in float32"),
+        (1e-40, "2/tau overflows float32"),
     ] {
         assert_error(layer(&feat, &feat, &centers, tau), "ccp_layer_loss", rule);
     }

@@ -12,7 +12,7 @@
 //! with [`Error::Launch`], never a hang.
 //!
 //! ```
-//! use ccpl::plan::{LaunchPlan, Launcher};
+//! use ccpl::launch::{LaunchPlan, Launcher};
 //! use ccpl_emu::{self as emu, Emulator};
 //! # fn main() -> Result<(), emu::Error> {
 //! let input: Vec<f32> = (0..100).map(|i| (i % 7) as f32).collect();
@@ -48,7 +48,7 @@
 //!   multiple of 16 bytes), every typed access its type's alignment, and each static
 //!   `__shared__` variable sits at no more than its declared alignment, as ptxas may place it;
 //! - shared memory: 48 KiB per block (static and dynamic) unless the plan opts in
-//!   ([`LaunchPlan::shared_opt_in`](ccpl::plan::LaunchPlan)), then the maximum of [`ARCH`];
+//!   ([`LaunchPlan::shared_opt_in`](ccpl::launch::LaunchPlan)), then the maximum of [`ARCH`];
 //!   at most 48 KiB of static shared memory.
 //!
 //! What only a GPU checks:
@@ -71,7 +71,7 @@ use std::ffi::{CStr, CString, c_char, c_void};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ccpl::plan::{Buf, KernelParams, LaunchPlan, Launcher};
+use ccpl::launch::{Buf, KernelParams, LaunchPlan, Launcher};
 
 /// The parameter struct of the emulator's self-test kernels (`runtime/selftest.h`; bindgen's
 /// output, committed and checked by the build script as `ccpl`'s own bindings are).

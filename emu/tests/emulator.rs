@@ -7,7 +7,7 @@ mod hmma_vectors;
 
 use std::time::Instant;
 
-use ccpl::plan::{LaunchPlan, Launcher, neighbor};
+use ccpl::launch::{CentersBuf, LaunchPlan, Launcher, neighbor};
 use ccpl::{Centers, Dtype, FeatureShape, Layout};
 use ccpl_emu::Error;
 use ccpl_emu::{self as emu, Emulator, selftest::ccpl_emu_selftest_params as Params};
@@ -965,7 +965,7 @@ fn check_neighbor_diff<T: Dtype>(layout: Layout) {
         .map(|_| T::from_f64(rng.int(-1000, 1000) as f64 / 37.0))
         .collect();
     let map = centers.center_map();
-    let buf = neighbor::CentersBuf {
+    let buf = CentersBuf {
         height: 7,
         width: 9,
         flat: emu::buf(centers.flat()),

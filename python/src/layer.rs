@@ -9,10 +9,11 @@
 //! ([`LayerWorkspace`]). On the CPU, the float64 reference keeps everything in float64 and
 //! `saved_rows` is `(4, B, S, C)` = `[rows_q, rows_k, unit_q, unit_k]`.
 
-use ccpl::plan::layer::{LayerPlan, LayerWorkspace};
-use ccpl::plan::neighbor::{CentersBuf, Scatter};
-use ccpl::plan::{Buf, Launcher};
-use ccpl::{Centers, Dtype, Element, FeatureShape, Result, RowShape, check_len, reference};
+use ccpl::launch::CentersBuf;
+use ccpl::launch::neighbor::Scatter;
+use ccpl::launch::{Buf, Launcher};
+use ccpl::loss::layer::{LayerPlan, LayerWorkspace};
+use ccpl::{Centers, Dtype, Element, FeatureShape, Result, RowShape, Tau, check_len, reference};
 use pyo3::prelude::*;
 
 use crate::neighbor::{CenterTensors, Shape, diff_backward_host, scatter};
@@ -58,7 +59,7 @@ pub fn forward_device<T: Dtype, L: Launcher>(
     launcher: &L,
     shape: FeatureShape,
     centers: &CentersBuf,
-    tau: f64,
+    tau: Tau,
     feat_q: Buf,
     feat_k: Buf,
     saved: [Buf; 2],
@@ -78,7 +79,7 @@ pub fn backward_device<T: Dtype, L: Launcher>(
     launcher: &L,
     shape: FeatureShape,
     centers: &CentersBuf,
-    tau: f64,
+    tau: Tau,
     saved: [Buf; 2],
     upstream: Buf,
     scratch: Buf,
@@ -112,7 +113,7 @@ pub fn backward_device<T: Dtype, L: Launcher>(
 pub fn forward_host<T: Element>(
     shape: &FeatureShape,
     centers: &Centers,
-    tau: f64,
+    tau: Tau,
     feat_q: &[T],
     feat_k: &[T],
     saved_rows: &mut [f64],
@@ -133,7 +134,7 @@ pub fn forward_host<T: Element>(
 pub fn backward_host<T: Element>(
     shape: &FeatureShape,
     centers: &Centers,
-    tau: f64,
+    tau: Tau,
     saved_rows: &[f64],
     stats: &[f64],
     upstream: f64,
@@ -168,7 +169,7 @@ pub fn backward_host<T: Element>(
 struct Forward {
     shape: FeatureShape,
     centers: CenterTensors,
-    tau: f64,
+    tau: Tau,
     feat_q: Raw,
     feat_k: Raw,
     saved: [Raw; 2],
@@ -203,7 +204,7 @@ impl Op for Forward {
 struct Backward {
     shape: FeatureShape,
     centers: CenterTensors,
-    tau: f64,
+    tau: Tau,
     saved: [Raw; 2],
     upstream: Raw,
     scratch: Option<Raw>,
@@ -258,6 +259,7 @@ fn layer_forward(
     loss: Raw,
 ) -> PyResult<()> {
     run(py, &dtype, Device::new(device, stream), || {
+        let tau = Tau::new(tau)?;
         let (shape, centers) = (shape.feature()?, CenterTensors { centers, table });
         Ok(Forward {
             shape,
@@ -291,6 +293,7 @@ fn layer_backward(
     deterministic: bool,
 ) -> PyResult<()> {
     run(py, &dtype, Device::new(device, stream), || {
+        let tau = Tau::new(tau)?;
         let (shape, centers) = (shape.feature()?, CenterTensors { centers, table });
         let scatter = scatter(deterministic);
         Ok(Backward {

@@ -5,7 +5,7 @@
 //! from its caching allocator), then call these functions with raw tensor addresses:
 //!
 //! - on the CPU, the crate's float64 reference ([`ccpl::reference`]);
-//! - on CUDA, the crate's launch plans ([`ccpl::plan`]) on PyTorch's current stream of the
+//! - on CUDA, the crate's launch plans ([`ccpl::launch`], [`ccpl::loss`]) on PyTorch's current stream of the
 //!   tensors' device, borrowed, never synchronised ([`cuda`]).
 //!
 //! One module per op, forward and backward side by side: [`neighbor`] (difference rows and
@@ -19,7 +19,7 @@
 //! device). Everything else, shapes, centres, tau, is checked again here, and a bad value is a
 //! Python exception, never a crash.
 //!
-//! [`Launcher`]: ccpl::plan::Launcher
+//! [`Launcher`]: ccpl::launch::Launcher
 
 pub mod cuda;
 pub mod layer;
@@ -29,7 +29,7 @@ pub mod rows;
 #[cfg(test)]
 mod tests;
 
-use ccpl::plan::Buf;
+use ccpl::launch::Buf;
 use ccpl::{Element, Error, check_len};
 use half::{bf16, f16};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
@@ -95,60 +95,6 @@ impl HostDtype for f16 {
 impl HostDtype for bf16 {
     type Loss = f32;
 }
-
-/// Runs `$body` with `$t` bound to the host storage type named by `$dtype` ("f32", "f16",
-/// "bf16", "f64"); `Err(Error::Dtype)` for any other name.
-macro_rules! with_host_dtype {
-    ($dtype:expr, $t:ident => $body:expr) => {{
-        match $dtype {
-            "f64" => {
-                type $t = f64;
-                $body
-            }
-            "f32" => {
-                type $t = f32;
-                $body
-            }
-            "f16" => {
-                type $t = half::f16;
-                $body
-            }
-            "bf16" => {
-                type $t = half::bf16;
-                $body
-            }
-            other => Err(ccpl::Error::Dtype(format!(
-                "{other} on the CPU (f64, f32, f16 and bf16 are supported)"
-            ))),
-        }
-    }};
-}
-pub(crate) use with_host_dtype;
-
-/// Runs `$body` with `$t` bound to the kernels' storage type named by `$dtype` ("f32", "f16",
-/// "bf16"); `Err(Error::Dtype)` for any other name.
-macro_rules! with_kernel_dtype {
-    ($dtype:expr, $t:ident => $body:expr) => {{
-        match $dtype {
-            "f32" => {
-                type $t = f32;
-                $body
-            }
-            "f16" => {
-                type $t = half::f16;
-                $body
-            }
-            "bf16" => {
-                type $t = half::bf16;
-                $body
-            }
-            other => Err(ccpl::Error::Dtype(format!(
-                "{other} on CUDA (the kernels take f32, f16 and bf16)"
-            ))),
-        }
-    }};
-}
-pub(crate) use with_kernel_dtype;
 
 /// A buffer that only the CUDA path takes (the centres' device table, a backward's scratch).
 pub fn cuda_only(buf: Option<Raw>, what: &str) -> ccpl::Result<Raw> {
@@ -244,12 +190,11 @@ fn kernels_built() -> bool {
     ccpl::cuda::kernels_built().is_ok()
 }
 
-/// `tau` checked by the crate's one rule (finite, > 0, not subnormal, 1/tau finite in float32):
+/// `tau` checked by the crate's one rule (`ccpl::Tau`: finite, > 0, 2/tau finite in float32):
 /// a ValueError that names the rule broken.
 #[pyfunction]
 fn check_tau(tau: f64) -> PyResult<f64> {
-    ccpl::check_tau(tau).map_err(to_py)?;
-    Ok(tau)
+    Ok(ccpl::Tau::new(tau).map_err(to_py)?.get())
 }
 
 /// The crate version.
@@ -264,7 +209,7 @@ fn _ccpl(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(version, m)?)?;
     m.add_function(wrap_pyfunction!(check_tau, m)?)?;
     m.add("NORM_EPS", ccpl::ffi::CCPL_NORM_EPS)?;
-    m.add("DEFAULT_TAU", ccpl::DEFAULT_TAU)?;
+    m.add("DEFAULT_TAU", ccpl::Tau::DEFAULT.get())?;
     neighbor::register(m)?;
     rows::register(m)?;
     layer::register(m)?;

@@ -7,8 +7,9 @@
 //! in sampling order, then for each of the `H*W` positions the index of the centre there or
 //! -1 (the inverse map of the deterministic scatter).
 
-use ccpl::plan::neighbor::{self as plan, CentersBuf, Scatter};
-use ccpl::plan::{Buf, Launcher};
+use ccpl::launch::CentersBuf;
+use ccpl::launch::neighbor::{self as plan, Scatter};
+use ccpl::launch::{Buf, Launcher};
 use ccpl::{Centers, Dtype, Element, FeatureShape, Layout, Result, check_len, reference};
 use pyo3::prelude::*;
 

@@ -4,11 +4,11 @@
 //! `#[pyfunction]` does with it: release the GIL, pick the half for the device and the storage
 //! type for the dtype, and turn the crate's errors into Python's.
 
-use ccpl::plan::Launcher;
-use ccpl::{Dtype, Result};
+use ccpl::launch::Launcher;
+use ccpl::{Dtype, Error, Result, dispatch_dtype};
 use pyo3::prelude::*;
 
-use crate::{HostDtype, cuda, to_py, with_host_dtype, with_kernel_dtype};
+use crate::{HostDtype, cuda, to_py};
 
 /// One native op over the tensors Python passed (`Raw` addresses), checked when it was made.
 pub trait Op {
@@ -63,15 +63,19 @@ pub fn run<O: Op>(
     py.detach(|| {
         let op = make()?;
         match device {
-            Device::Cuda { ordinal, stream } => with_kernel_dtype!(dtype, T => unsafe {
+            Device::Cuda { ordinal, stream } => dispatch_dtype!(dtype, T => unsafe {
                 // SAFETY: live device tensors on this stream (the package's contract).
                 cuda::on_stream(ordinal, stream, |l| op.cuda::<T, _>(l))
-            }),
-            Device::Cpu => with_host_dtype!(dtype, T => unsafe {
+            }, other => Err(Error::Dtype(format!(
+                "{other} on CUDA (the kernels take f32, f16 and bf16)"
+            )))),
+            Device::Cpu => dispatch_dtype!(dtype, T => unsafe {
                 // SAFETY: live contiguous host tensors of the named types (the package's
                 // contract).
                 op.cpu::<T>()
-            }),
+            }, f64, other => Err(Error::Dtype(format!(
+                "{other} on the CPU (f64, f32, f16 and bf16 are supported)"
+            )))),
         }
     })
     .map_err(to_py)

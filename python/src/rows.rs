@@ -8,12 +8,12 @@
 //! path is the float64 reference from end to end. The backward's scratch (the gradient of
 //! the normalised rows, `(B, S, C)`) is allocated by the package for the backward only.
 
-use ccpl::plan::rows::{RowsPlan, RowsWorkspace};
-use ccpl::plan::{Buf, Launcher};
+use ccpl::launch::{Buf, Launcher};
+use ccpl::loss::rows::{RowsPlan, RowsWorkspace};
 use ccpl::reference::{
     info_nce_backward, info_nce_forward, normalize_rows, normalize_rows_backward, similarity,
 };
-use ccpl::{Dtype, Element, Result, RowShape, check_len};
+use ccpl::{Dtype, Element, Result, RowShape, Tau, check_len};
 use pyo3::prelude::*;
 
 use crate::op::{Device, Op, run};
@@ -56,7 +56,7 @@ pub fn workspace<T: Dtype>(
 pub fn forward_device<T: Dtype, L: Launcher>(
     launcher: &L,
     shape: RowShape,
-    tau: f64,
+    tau: Tau,
     rows: [Buf; 2],
     saved: [Buf; 2],
     loss: Buf,
@@ -76,7 +76,7 @@ pub fn forward_device<T: Dtype, L: Launcher>(
 pub fn backward_device<T: Dtype, L: Launcher>(
     launcher: &L,
     shape: RowShape,
-    tau: f64,
+    tau: Tau,
     saved: [Buf; 2],
     upstream: Buf,
     grad_unit: Buf,
@@ -93,7 +93,7 @@ pub fn backward_device<T: Dtype, L: Launcher>(
 /// loss.
 pub fn forward_host<T: Element>(
     shape: &RowShape,
-    tau: f64,
+    tau: Tau,
     q: &[T],
     k: &[T],
     units: &mut [f64],
@@ -127,7 +127,7 @@ pub fn forward_host<T: Element>(
 #[allow(clippy::too_many_arguments)]
 pub fn backward_host<T: Element>(
     shape: &RowShape,
-    tau: f64,
+    tau: Tau,
     q: &[T],
     k: &[T],
     units: &[f64],
@@ -165,7 +165,7 @@ pub fn backward_host<T: Element>(
 /// The forward of `rows_loss`: the loss of `rows` `[q, k]`, and what the backward reads.
 struct Forward {
     shape: RowShape,
-    tau: f64,
+    tau: Tau,
     rows: [Raw; 2],
     saved: [Raw; 2],
     loss: Raw,
@@ -191,7 +191,7 @@ impl Op for Forward {
 /// The backward of `rows_loss`: the gradient of `q` (and of `k` when `grad_k` is given).
 struct Backward {
     shape: RowShape,
-    tau: f64,
+    tau: Tau,
     rows: [Raw; 2],
     saved: [Raw; 2],
     upstream: Raw,
@@ -249,6 +249,7 @@ fn rows_forward(
     loss: Raw,
 ) -> PyResult<()> {
     run(py, &dtype, Device::new(device, stream), || {
+        let tau = Tau::new(tau)?;
         let shape = RowShape::new(shape.0, shape.1, shape.2)?;
         Ok(Forward {
             shape,
@@ -278,6 +279,7 @@ fn rows_backward(
     grad_k: Option<Raw>,
 ) -> PyResult<()> {
     run(py, &dtype, Device::new(device, stream), || {
+        let tau = Tau::new(tau)?;
         let shape = RowShape::new(shape.0, shape.1, shape.2)?;
         Ok(Backward {
             shape,

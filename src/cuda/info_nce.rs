@@ -6,10 +6,11 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use super::Kernels;
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::plan::Launcher;
-use crate::plan::info_nce as plan;
-pub use crate::plan::info_nce::Side;
+use crate::launch::Launcher;
+use crate::launch::info_nce as plan;
+pub use crate::launch::info_nce::Side;
 use crate::shape::RowShape;
+use crate::tau::Tau;
 
 /// Writes, per row of the logits `(B, S, S)`, `row_lse = logsumexp_j L[b,i,j]` and
 /// `row_loss = row_lse - L[b,i,i]` (float32, `B*S` each). Stable at any temperature. The
@@ -59,7 +60,7 @@ pub fn info_nce_backward<T: Dtype>(
     kernels: &Kernels,
     stream: &CudaStream,
     shape: &RowShape,
-    tau: f64,
+    tau: Tau,
     side: Side,
     logits: &impl DevicePtr<f32>,
     row_lse: &impl DevicePtr<f32>,

@@ -7,10 +7,11 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use super::Kernels;
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::plan::Launcher;
-pub use crate::plan::info_nce::Side;
-use crate::plan::info_nce_fused as plan;
+use crate::launch::Launcher;
+pub use crate::launch::info_nce::Side;
+use crate::launch::info_nce_fused as plan;
 use crate::shape::RowShape;
+use crate::tau::Tau;
 
 /// Writes, per row of the logits `L = q kᵀ / tau` of the normalised rows `q`, `k` `(B, S, C)`,
 /// `row_lse = logsumexp_j L[b,i,j]` and `row_loss = row_lse - L[b,i,i]` (float32, `B*S`
@@ -24,7 +25,7 @@ pub fn info_nce_fused_forward<T: Dtype>(
     kernels: &Kernels,
     stream: &CudaStream,
     shape: &RowShape,
-    tau: f64,
+    tau: Tau,
     q: &impl DevicePtr<T>,
     k: &impl DevicePtr<T>,
     row_lse: &mut impl DevicePtrMut<f32>,
@@ -50,7 +51,7 @@ pub fn info_nce_fused_backward<T: Dtype>(
     kernels: &Kernels,
     stream: &CudaStream,
     shape: &RowShape,
-    tau: f64,
+    tau: Tau,
     side: Side,
     q: &impl DevicePtr<T>,
     k: &impl DevicePtr<T>,

@@ -11,8 +11,9 @@ use super::neighbor::{DeviceCenters, Scatter};
 use super::resident::{Resident, alloc, length};
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::plan::layer::{LayerPlan, LayerWorkspace};
+use crate::loss::layer::{LayerPlan, LayerWorkspace};
 use crate::shape::FeatureShape;
+use crate::tau::Tau;
 
 /// One layer of the CCP loss on one stream, with its workspace (normalised difference rows,
 /// norms, row statistics, the loss): allocated once by [`new`](Self::new) for a shape
@@ -28,7 +29,7 @@ use crate::shape::FeatureShape;
 /// let kernels = Kernels::for_context(&ctx)?;
 /// let stream = ctx.default_stream();
 /// let shape = FeatureShape::new(8, 256, 64, 64, Layout::Nchw)?;
-/// let mut layer = CcpLayer::<f32>::new(kernels, stream.clone(), shape, 64, ccpl::DEFAULT_TAU)?;
+/// let mut layer = CcpLayer::<f32>::new(kernels, stream.clone(), shape, 64, ccpl::Tau::DEFAULT)?;
 ///
 /// let feat_q = stream.alloc_zeros::<f32>(shape.len())?; // the generated image's features
 /// let feat_k = stream.alloc_zeros::<f32>(shape.len())?; // the content image's features
@@ -57,7 +58,7 @@ impl<T: Dtype> CcpLayer<T> {
         stream: Arc<CudaStream>,
         shape: FeatureShape,
         num_centers: usize,
-        tau: f64,
+        tau: Tau,
     ) -> Result<Self> {
         let plan = LayerPlan::new(shape, num_centers, tau)?;
         let workspace = LayerWorkspace::lengths(&shape, num_centers)?

@@ -1,7 +1,7 @@
 //! The whole CCP loss on the GPU, every layer (identity head), mirroring
 //! [`crate::reference::ccp_loss`]: one call for the forward of every layer, one for the
 //! backward, the centres drawn on the device, the sum over layers on the device. The launches
-//! are [`crate::plan::loss`]'s.
+//! are [`crate::loss::multi_layer`]'s.
 
 use std::sync::Arc;
 
@@ -12,9 +12,10 @@ use super::resident::{Resident, alloc, length};
 use super::{CudaLauncher, Kernels};
 use crate::dtype::Dtype;
 use crate::error::{Result, check_len};
-use crate::plan::loss::{Draw, LossPlan, LossWorkspace};
-use crate::plan::{Buf, small_s};
+use crate::launch::{Buf, small_s};
+use crate::loss::multi_layer::{Draw, LossPlan, LossWorkspace};
 use crate::shape::FeatureShape;
+use crate::tau::Tau;
 
 /// The CCP loss of several encoder layers on one stream, with its workspace, allocated once by
 /// [`new`](Self::new) and reused by every step. `T` is the storage type of the feature maps
@@ -36,14 +37,14 @@ use crate::shape::FeatureShape;
 ///
 /// ```no_run
 /// use ccpl::cuda::{self, CcpLoss, Kernels};
-/// use ccpl::{FeatureShape, Layout};
+/// use ccpl::{FeatureShape, Layout, Tau};
 /// # fn main() -> ccpl::Result<()> {
 /// let ctx = cuda::context(0)?;
 /// let stream = ctx.default_stream();
 /// // The paper: relu2_1, relu3_1, relu4_1 of VGG-19 at a 256 crop, batch 8, num_s = 8.
 /// let layers = [(128, 128), (256, 64), (512, 32)]
 ///     .map(|(c, side)| (FeatureShape::new(8, c, side, side, Layout::Nchw).unwrap(), 8));
-/// let mut loss = CcpLoss::<f32>::new(Kernels::for_context(&ctx)?, stream.clone(), &layers, 0.07, 7)?;
+/// let mut loss = CcpLoss::<f32>::new(Kernels::for_context(&ctx)?, stream.clone(), &layers, Tau::DEFAULT, 7)?;
 ///
 /// let feats: Vec<_> = layers
 ///     .iter()
@@ -77,7 +78,7 @@ impl<T: Dtype> CcpLoss<T> {
         kernels: Arc<Kernels>,
         stream: Arc<CudaStream>,
         layers: &[(FeatureShape, usize)],
-        tau: f64,
+        tau: Tau,
         seed: u64,
     ) -> Result<Self> {
         let plan = LossPlan::new(layers, tau)?;

@@ -39,7 +39,7 @@ use cudarc::nvrtc::Ptx;
 
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::plan::{Buf, KernelParams, LaunchPlan, Launcher};
+use crate::launch::{Buf, KernelParams, LaunchPlan, Launcher};
 
 /// Library names of the CUDA driver, probed before cudarc is asked anything. With cudarc
 /// loading libcuda at run time (ccpl's `fallback-dynamic-loading`), cudarc panics when the

@@ -7,9 +7,10 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use super::{CudaLauncher, Kernels};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result, check_len};
-use crate::plan::Launcher;
-pub use crate::plan::neighbor::Scatter;
-use crate::plan::neighbor::{self as plan, CentersBuf};
+use crate::launch::CentersBuf;
+use crate::launch::Launcher;
+pub use crate::launch::neighbor::Scatter;
+use crate::launch::neighbor::{self as plan};
 use crate::sampling::Centers;
 use crate::shape::FeatureShape;
 

@@ -5,8 +5,8 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use super::Kernels;
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::plan::Launcher;
-use crate::plan::normalize as plan;
+use crate::launch::Launcher;
+use crate::launch::normalize as plan;
 use crate::shape::RowShape;
 
 /// Writes `out = rows / (||row|| + 1e-7)` and `norms = ||row||` (float32, one per row) for

@@ -1,9 +1,9 @@
 //! The CCP loss of two row matrices on the GPU, for frameworks with a learned projection head
 //! (spec step 4): the caller gives the head's outputs for the generated and the content
 //! image, `(B, S, C')`, and gets the loss on the device and the gradient with respect to
-//! those rows. Up to `S = 512` the small-S path ([`crate::plan::small_s::SmallRowsPlan`]):
+//! those rows. Up to `S = 512` the small-S path ([`crate::loss::small_s::SmallRowsPlan`]):
 //! the forward is one launch that leaves the loss and the gradient of the rows, the backward
-//! scales it; above, [`crate::plan::rows`]'s fused path (normalisation, fused InfoNCE: memory
+//! scales it; above, [`crate::loss::rows`]'s fused path (normalisation, fused InfoNCE: memory
 //! `O(B*S*C')`, no `(B, S, S)` logits).
 
 use std::sync::Arc;
@@ -14,10 +14,12 @@ use super::Kernels;
 use super::resident::{Resident, alloc, length};
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::plan::Launcher;
-use crate::plan::rows::{RowsPlan, RowsWorkspace};
-use crate::plan::small_s::{self, SmallRowsPlan, SmallRowsWorkspace};
+use crate::launch::Launcher;
+use crate::launch::small_s;
+use crate::loss::rows::{RowsPlan, RowsWorkspace};
+use crate::loss::small_s::{SmallRowsPlan, SmallRowsWorkspace};
 use crate::shape::RowShape;
+use crate::tau::Tau;
 
 /// The rows loss on one stream with its workspace, allocated once by [`new`](Self::new),
 /// reused by every step. `T` is the storage type of the rows (`f32`, `f16` or `bf16`).
@@ -37,7 +39,7 @@ use crate::shape::RowShape;
 /// let kernels = Kernels::for_context(&ctx)?;
 /// let stream = ctx.default_stream();
 /// let shape = RowShape::new(8, 8192, 128)?; // B images, S rows of the head's C' outputs
-/// let mut loss = CcpRows::<half::bf16>::new(kernels, stream.clone(), shape, ccpl::DEFAULT_TAU)?;
+/// let mut loss = CcpRows::<half::bf16>::new(kernels, stream.clone(), shape, ccpl::Tau::DEFAULT)?;
 ///
 /// let rows_q = stream.alloc_zeros::<half::bf16>(shape.len())?; // head(generated) rows
 /// let rows_k = stream.alloc_zeros::<half::bf16>(shape.len())?; // head(content) rows
@@ -73,7 +75,7 @@ impl<T: Dtype> CcpRows<T> {
         kernels: Arc<Kernels>,
         stream: Arc<CudaStream>,
         shape: RowShape,
-        tau: f64,
+        tau: Tau,
     ) -> Result<Self> {
         let path = if small_s::takes(shape.rows()) {
             let plan = SmallRowsPlan::new(shape, tau)?;
@@ -106,7 +108,7 @@ impl<T: Dtype> CcpRows<T> {
     }
 
     /// Temperature.
-    pub fn tau(&self) -> f64 {
+    pub fn tau(&self) -> Tau {
         match &self.path {
             Path::Small { plan, .. } => plan.tau(),
             Path::Fused { plan, .. } => plan.tau(),

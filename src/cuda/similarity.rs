@@ -5,9 +5,10 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use super::Kernels;
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::plan::Launcher;
-use crate::plan::similarity as plan;
+use crate::launch::Launcher;
+use crate::launch::similarity as plan;
 use crate::shape::RowShape;
+use crate::tau::Tau;
 
 /// Writes `logits[b, i, j] = q[b, i, :] . k[b, j, :] / tau` (float32, `(B, S, S)`) for `q`
 /// and `k` of shape `(B, S, C)`. Any `S` and `C`.
@@ -17,7 +18,7 @@ pub fn similarity<T: Dtype>(
     kernels: &Kernels,
     stream: &CudaStream,
     shape: &RowShape,
-    tau: f64,
+    tau: Tau,
     q: &impl DevicePtr<T>,
     k: &impl DevicePtr<T>,
     logits: &mut impl DevicePtrMut<f32>,

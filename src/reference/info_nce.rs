@@ -1,7 +1,8 @@
 //! InfoNCE with the diagonal as the positive (spec steps 7-8).
 
-use crate::error::{Result, check_len, check_tau};
+use crate::error::{Result, check_len};
 use crate::shape::RowShape;
+use crate::tau::Tau;
 
 /// Forward results.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,11 +62,10 @@ pub fn info_nce_backward(
     q: &[f64],
     k: &[f64],
     shape: &RowShape,
-    tau: f64,
+    tau: Tau,
     upstream: f64,
     want_dk: bool,
 ) -> Result<InfoNceGrads> {
-    check_tau(tau)?;
     check_len("logits", shape.logits_len(), logits.len())?;
     check_len("row_lse", shape.batch() * shape.rows(), row_lse.len())?;
     check_len("q", shape.len(), q.len())?;
@@ -81,11 +81,11 @@ pub fn info_nce_backward(
                 let identity = if i == j { 1.0 } else { 0.0 };
                 let g = (p - identity) * scale;
                 for c in 0..c_len {
-                    dq[(b * s + i) * c_len + c] += g * k[(b * s + j) * c_len + c] / tau;
+                    dq[(b * s + i) * c_len + c] += g * k[(b * s + j) * c_len + c] / tau.get();
                 }
                 if want_dk {
                     for c in 0..c_len {
-                        dk[(b * s + j) * c_len + c] += g * q[(b * s + i) * c_len + c] / tau;
+                        dk[(b * s + j) * c_len + c] += g * q[(b * s + i) * c_len + c] / tau.get();
                     }
                 }
             }

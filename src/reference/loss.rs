@@ -2,13 +2,14 @@
 //! (identity head), and the sum over layers.
 
 use crate::dtype::Element;
-use crate::error::{Error, Result, check_len, check_tau};
+use crate::error::{Error, Result, check_len};
 use crate::reference::{
     info_nce_backward, info_nce_forward, neighbor_diff, neighbor_diff_backward, normalize_rows,
     normalize_rows_backward, similarity,
 };
 use crate::sampling::Centers;
 use crate::shape::{FeatureShape, RowShape};
+use crate::tau::Tau;
 
 /// Loss of one layer and its gradients.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,10 +52,9 @@ pub fn rows_loss<T: Element>(
     rows_q: &[T],
     rows_k: &[T],
     shape: &RowShape,
-    tau: f64,
+    tau: Tau,
     want_grad_k: bool,
 ) -> Result<RowsLoss> {
-    check_tau(tau)?;
     check_len("rows_q", shape.len(), rows_q.len())?;
     check_len("rows_k", shape.len(), rows_k.len())?;
     let rows_q: Vec<f64> = rows_q.iter().map(|x| x.to_f64()).collect();
@@ -95,10 +95,9 @@ pub fn ccp_layer_loss<T: Element>(
     feat_k: &[T],
     shape: &FeatureShape,
     centers: &Centers,
-    tau: f64,
+    tau: Tau,
     want_grad_k: bool,
 ) -> Result<LayerLoss> {
-    check_tau(tau)?;
     check_len("feat_q", shape.len(), feat_q.len())?;
     check_len("feat_k", shape.len(), feat_k.len())?;
     centers.check_shape(shape)?;
@@ -130,10 +129,9 @@ fn scatter(grad_rows: &[f64], shape: &FeatureShape, centers: &Centers) -> Result
 /// At least one layer is needed: an empty list is a caller's mistake, not a loss of 0.
 pub fn ccp_loss<T: Element>(
     layers: &[LayerInput<'_, T>],
-    tau: f64,
+    tau: Tau,
     want_grad_k: bool,
 ) -> Result<(f64, Vec<LayerLoss>)> {
-    check_tau(tau)?;
     if layers.is_empty() {
         return Err(Error::Shape("ccp_loss needs at least one layer".into()));
     }

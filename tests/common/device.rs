@@ -6,11 +6,13 @@
 use std::sync::Arc;
 
 use ccpl::cuda::{self, CudaLauncher, Kernels};
-use ccpl::plan::loss::{LossPlan, LossWorkspace};
-use ccpl::plan::neighbor::{CentersBuf, Scatter};
-use ccpl::plan::small_s::{self, SmallRowsPlan, SmallRowsWorkspace};
-use ccpl::plan::{Buf, KernelParams, LaunchPlan, Launcher};
-use ccpl::{Centers, Dtype, Element, FeatureShape, Result, RowShape, ffi, reference};
+use ccpl::launch::CentersBuf;
+use ccpl::launch::neighbor::Scatter;
+use ccpl::launch::small_s;
+use ccpl::launch::{Buf, KernelParams, LaunchPlan, Launcher};
+use ccpl::loss::multi_layer::{LossPlan, LossWorkspace};
+use ccpl::loss::small_s::{SmallRowsPlan, SmallRowsWorkspace};
+use ccpl::{Centers, Dtype, Element, FeatureShape, Result, RowShape, Tau, ffi, reference};
 use ccpl_emu::{self as emu, Emulator};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
 
@@ -189,14 +191,15 @@ macro_rules! on_every_device {
     )+};
 }
 
-/// Calls `$check::<T, _>($args...)` for every storage type.
+/// Calls `$check::<T, _>($args...)` for every storage type, ccpl's list of them.
 #[macro_export]
 macro_rules! for_each_dtype {
-    ($check:ident($($arg:expr),* $(,)?)) => {{
-        $check::<f32, _>($($arg),*);
-        $check::<half::f16, _>($($arg),*);
-        $check::<half::bf16, _>($($arg),*);
-    }};
+    ($check:ident($($arg:expr),* $(,)?)) => {
+        for name in ccpl::dtype::STORAGE_NAMES {
+            ccpl::dispatch_dtype!(name, T => $check::<T, _>($($arg),*),
+                other => unreachable!("{other} is a storage type's name"))
+        }
+    };
 }
 
 pub fn to_f64<T: Element>(v: &[T]) -> Vec<f64> {
@@ -242,15 +245,15 @@ pub const F32_TOLERANCE: f64 = 1e-5;
 /// stored: rows of width 1 normalise to +-(1 - eps/|d|), their gradient lives in the eps part,
 /// which a float32 normalised row keeps to a few bits.
 pub fn tolerance(model: &[f64], exact: &[f64]) -> f64 {
-    tolerance_at(model, exact, ccpl::DEFAULT_TAU)
+    tolerance_at(model, exact, Tau::DEFAULT)
 }
 
 /// [`tolerance`] at temperature `tau`: the float32 arithmetic's share is the spec's 1e-5 at the
 /// paper's tau (0.07) and above, and grows as 1/tau below it. The logits carry float32's
 /// relative error times their magnitude, up to 1/tau; the softmax, and so the loss and the
 /// gradients, carry that absolute error of the logits.
-pub fn tolerance_at(model: &[f64], exact: &[f64], tau: f64) -> f64 {
-    2.0 * rel_err(model, exact) + F32_TOLERANCE * (ccpl::DEFAULT_TAU / tau).max(1.0)
+pub fn tolerance_at(model: &[f64], exact: &[f64], tau: Tau) -> f64 {
+    2.0 * rel_err(model, exact) + F32_TOLERANCE * (Tau::DEFAULT.get() / tau.get()).max(1.0)
 }
 
 /// Tolerance of a result that is only rounded to `T` when stored: the model is the reference
@@ -404,11 +407,11 @@ pub fn fused_backward_model<T: Element>(
     q: &[f64],
     k: &[f64],
     shape: &RowShape,
-    tau: f64,
+    tau: Tau,
     upstream: f64,
 ) -> (Vec<f64>, Vec<f64>) {
     let (s, c) = (shape.rows(), shape.width());
-    let scale = upstream / (shape.batch() * s) as f64 / tau;
+    let scale = upstream / (shape.batch() * s) as f64 / tau.get();
     let round_g = |g: f64| T::from_f64(g * g_scale::<T>()).to_f64() / g_scale::<T>();
     let mut dq = vec![0.0; shape.len()];
     let mut dk = vec![0.0; shape.len()];
@@ -451,7 +454,7 @@ pub fn rows_model<T: Element>(
     rows_q: &[f64],
     rows_k: &[f64],
     rows: &RowShape,
-    tau: f64,
+    tau: Tau,
     upstream: f64,
 ) -> RowsModel {
     let c = rows.width();
@@ -518,7 +521,7 @@ pub fn layer_model<T: Element>(
     feat_k: &[f64],
     shape: &FeatureShape,
     centers: &Centers,
-    tau: f64,
+    tau: Tau,
     upstream: f64,
 ) -> RowsModel {
     let rows = RowShape::new(shape.batch(), centers.rows(), shape.channels()).unwrap();
@@ -551,7 +554,7 @@ pub fn unit_rows<T: Dtype>(rng: &mut Rng, shape: &RowShape, rows: Rows) -> (Vec<
 }
 
 /// A test case's name in failure messages.
-pub fn label<D: TestDevice>(dev: &D, shape: &RowShape, tau: f64, rows: Rows) -> String {
+pub fn label<D: TestDevice>(dev: &D, shape: &RowShape, tau: Tau, rows: Rows) -> String {
     format!(
         "B={} S={} C={} tau={tau} {rows:?} on the {}",
         shape.batch(),

@@ -7,6 +7,7 @@
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
 
+use ccpl::Tau;
 use safetensors::{Dtype, SafeTensors};
 
 /// Environment variable naming another folder of golden cases (e.g. a larger generated set).
@@ -32,7 +33,7 @@ pub struct GoldenCase {
     /// Flat interior indices `h*W + w`, in sampling order.
     pub centers: Vec<i64>,
     /// Temperature.
-    pub tau: f64,
+    pub tau: Tau,
     /// The loss.
     pub loss: f64,
     /// `d loss / d feat_q` (feat_k detached), `(B, C, H, W)`.
@@ -134,7 +135,7 @@ pub fn load_case(path: &Path) -> Result<GoldenCase, String> {
         feat_q,
         feat_k,
         centers,
-        tau: tau[0],
+        tau: Tau::new(tau[0]).map_err(|e| fail("tau", &e))?,
         loss: loss[0],
         grad_feat_q,
         grad_feat_k,

@@ -1,19 +1,22 @@
-//! Plans of `kernels/small_s.cu`, the small-S path: the whole loss of every layer whose
-//! `S = 8N` is at most [`MAX_ROWS`] in three launches per training step, each over every
-//! layer ([`gather`], [`rows_forward`], [`scatter`]), and the rows loss of a learned head in
-//! one launch forward and one backward ([`SmallRowsPlan`]). `docs/small-s.md` has the design
-//! and the arithmetic behind [`MAX_ROWS`].
+//! Launch builders of `kernels/small_s.cu`, the small-S path: the whole loss of every layer
+//! whose `S = 8N` is at most [`MAX_ROWS`] in three launches per training step, each over
+//! every layer ([`gather`], [`rows_forward`], [`scatter`]), and the rows loss of a learned
+//! head in one launch forward ([`rows_forward`]) and one or two backward ([`rows_transposed`],
+//! [`scale`]). The sequences that run them are [`crate::loss::small_s`] and
+//! [`crate::loss::multi_layer`]; `docs/small-s.md` has the design and the arithmetic behind
+//! [`MAX_ROWS`].
 //!
 //! The layers of a launch are described in its parameter struct (at most [`MAX_LAYERS`]), so
 //! a launch holds every address it uses: a step captured in a CUDA graph replays as it was
 //! captured.
 
-use super::{Buf, LaunchPlan, Launcher, WARP, i32_of, inv_tau, row_count, workspace};
+use super::{Buf, CentersBuf, LaunchPlan, WARP, i32_of, row_count};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result, check_len};
 use crate::ffi;
-use crate::plan::neighbor::{self, CentersBuf};
+use crate::launch::neighbor;
 use crate::shape::{FeatureShape, RowShape};
+use crate::tau::Tau;
 
 /// The largest `S` the small-S path takes: a block keeps its 16 rows of float logits against
 /// all `S` rows of the other side in static shared memory (32 KB at 512).
@@ -249,12 +252,12 @@ pub struct RowsTotals {
 
 fn rows_plan<T: Dtype>(
     layers: &[RowsLayer],
-    tau: f64,
+    tau: Tau,
     transpose: bool,
     totals: Option<&RowsTotals>,
 ) -> Result<LaunchPlan<ffi::ccpl_small_s_rows_params>> {
     check_layer_count(layers.len())?;
-    let inv_tau = inv_tau(tau)?;
+    let inv_tau = tau.inverse();
     let normalized = layers[0].norms.is_some();
     if layers.iter().any(|l| l.norms.is_some() != normalized) {
         return Err(Error::Shape(
@@ -345,7 +348,7 @@ fn rows_plan<T: Dtype>(
 /// (the row losses summed in double). One block per 16 rows of an image.
 pub fn rows_forward<T: Dtype>(
     layers: &[RowsLayer],
-    tau: f64,
+    tau: Tau,
     totals: &RowsTotals,
 ) -> Result<LaunchPlan<ffi::ccpl_small_s_rows_params>> {
     rows_plan::<T>(layers, tau, false, Some(totals))
@@ -355,7 +358,7 @@ pub fn rows_forward<T: Dtype>(
 /// from the row statistics [`rows_forward`] left.
 pub fn rows_transposed<T: Dtype>(
     layers: &[RowsLayer],
-    tau: f64,
+    tau: Tau,
 ) -> Result<LaunchPlan<ffi::ccpl_small_s_rows_params>> {
     if let Some(l) = layers.iter().find(|l| l.copies.is_some()) {
         return Err(Error::Shape(format!(
@@ -487,287 +490,4 @@ pub fn scale<T: Dtype>(
             count: i32_of(count)?,
         },
     })
-}
-
-workspace! {
-    /// The buffers of the small-S path, every layer's one after another (a layer's part at
-    /// the offsets its plan computes). All float32: `R` holds the row matrices, `F` the
-    /// statistics; an owner allocates both as float32 (`bytes::<f32>()` is their size).
-    pub struct SmallSWorkspace {
-        rows {
-            /// The rows of the generated side, `(B, S, C)` a layer: the difference rows
-            /// normalised (layers) or a copy of the caller's rows (the rows loss).
-            rows_q,
-            /// The rows of the content side.
-            rows_k,
-            /// The gradient of the loss (upstream 1) with respect to `rows_q`.
-            grad_rows_q,
-            /// The gradient with respect to `rows_k`, when asked for.
-            grad_rows_k,
-        }
-        stats {
-            /// Row logsumexp of the logits, `B*S` a layer.
-            row_lse,
-            /// Row losses, `B*S` a layer.
-            row_loss,
-            /// The norms of the difference rows of the generated side, `B*S` a layer (the
-            /// rows loss, whose rows are raw, leaves them unused).
-            norms_q,
-            /// The norms of the content side's difference rows.
-            norms_k,
-            /// Each layer's loss.
-            layer_loss,
-        }
-        nested {}
-    }
-}
-
-impl SmallSWorkspace<usize, usize> {
-    /// The lengths for the layers of row shapes `shapes`, each `S` at most [`MAX_ROWS`].
-    pub fn lengths(shapes: &[RowShape]) -> Result<Self> {
-        let mut ws = Self {
-            rows_q: 0,
-            rows_k: 0,
-            grad_rows_q: 0,
-            grad_rows_k: 0,
-            row_lse: 0,
-            row_loss: 0,
-            norms_q: 0,
-            norms_k: 0,
-            layer_loss: shapes.len(),
-        };
-        for s in shapes {
-            ws.rows_q += s.len();
-            ws.row_lse += row_count(s)?;
-        }
-        (ws.rows_k, ws.grad_rows_q, ws.grad_rows_k) = (ws.rows_q, ws.rows_q, ws.rows_q);
-        (ws.row_loss, ws.norms_q, ws.norms_k) = (ws.row_lse, ws.row_lse, ws.row_lse);
-        Ok(ws)
-    }
-}
-
-/// Where one layer's part of a [`SmallSWorkspace`] starts: its offsets in the row matrices
-/// and in the row statistics, in elements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct SmallOffsets {
-    pub(crate) rows: usize,
-    pub(crate) stats: usize,
-}
-
-/// The rows a launch of [`SmallSWorkspace::rows_layer`] reads.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum RowsIn {
-    /// The gather's normalised rows in the workspace, with their norms (a layer's loss).
-    Gathered,
-    /// The caller's raw rows `(rows_q, rows_k)`, copied into the workspace by the forward
-    /// (the rows loss).
-    Caller(Buf, Buf),
-    /// Those copies (the rows loss's transposed launch).
-    Copies,
-}
-
-impl SmallSWorkspace<Buf, Buf> {
-    /// The [`RowsLayer`] of layer `shape` at `at` on the rows `rows`, gradient into
-    /// `grad_rows_q` (or `grad_rows_k` when `k_side`).
-    pub(crate) fn rows_layer(
-        &self,
-        shape: &RowShape,
-        at: SmallOffsets,
-        rows: RowsIn,
-        k_side: bool,
-    ) -> Result<RowsLayer> {
-        let (len, stats) = (shape.len(), row_count(shape)?);
-        let own = (
-            self.rows_q.part::<f32>(at.rows, len)?,
-            self.rows_k.part::<f32>(at.rows, len)?,
-        );
-        let grad = if k_side {
-            &self.grad_rows_k
-        } else {
-            &self.grad_rows_q
-        };
-        let ((rows_q, rows_k), norms, copies) = match rows {
-            RowsIn::Gathered => {
-                let norms = (
-                    self.norms_q.part::<f32>(at.stats, stats)?,
-                    self.norms_k.part::<f32>(at.stats, stats)?,
-                );
-                (own, Some(norms), None)
-            }
-            RowsIn::Caller(q, k) => ((q, k), None, Some(own)),
-            RowsIn::Copies => (own, None, None),
-        };
-        Ok(RowsLayer {
-            shape: *shape,
-            rows_q,
-            rows_k,
-            norms,
-            grad_rows: grad.part::<f32>(at.rows, len)?,
-            row_lse: self.row_lse.part::<f32>(at.stats, stats)?,
-            row_loss: self.row_loss.part::<f32>(at.stats, stats)?,
-            copies,
-        })
-    }
-
-    /// The normalised rows and norms of layer `shape` at `at`, for the gather to write.
-    pub(crate) fn gather_rows(
-        &self,
-        shape: &RowShape,
-        at: SmallOffsets,
-        feat_q: Buf,
-        feat_k: Buf,
-    ) -> Result<GatherRows> {
-        let (len, stats) = (shape.len(), row_count(shape)?);
-        Ok(GatherRows {
-            feat_q,
-            feat_k,
-            rows_q: self.rows_q.part::<f32>(at.rows, len)?,
-            rows_k: self.rows_k.part::<f32>(at.rows, len)?,
-            norms_q: self.norms_q.part::<f32>(at.stats, stats)?,
-            norms_k: self.norms_k.part::<f32>(at.stats, stats)?,
-        })
-    }
-}
-
-workspace! {
-    /// The workspace of the rows loss on the small-S path ([`SmallRowsPlan`]): the path's
-    /// buffers for one layer, the loss and the default upstream gradient. All float32, as
-    /// [`SmallSWorkspace`].
-    pub struct SmallRowsWorkspace {
-        rows {}
-        stats {
-            /// The loss, one value.
-            loss,
-            /// One value, `1.0`: the upstream gradient when the caller gives none. Its owner
-            /// sets it once.
-            one,
-        }
-        nested {
-            /// Copies of the rows, their gradients, the row statistics.
-            small: SmallSWorkspace,
-        }
-    }
-}
-
-impl SmallRowsWorkspace<usize, usize> {
-    /// The length in elements of every buffer for rows of `shape` (`S` at most [`MAX_ROWS`]).
-    pub fn lengths(shape: &RowShape) -> Result<Self> {
-        Ok(Self {
-            loss: 1,
-            one: 1,
-            small: SmallSWorkspace::lengths(&[*shape])?,
-        })
-    }
-}
-
-/// The rows loss of two row matrices `(B, S, C')` on the small-S path (`S` at most
-/// [`MAX_ROWS`]): the forward is one launch that leaves the loss and the gradient of the
-/// generated side's rows (upstream 1) in the workspace; the backward scales it by the
-/// upstream gradient into the caller's buffer (one launch), after computing the content
-/// side's gradient when it is asked for (one more). Same results as
-/// [`RowsPlan`](super::rows::RowsPlan), computed in float from the rows in `T`: only the
-/// gradients are rounded to `T`, once.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SmallRowsPlan {
-    shape: RowShape,
-    tau: f64,
-}
-
-impl SmallRowsPlan {
-    /// The loss of row matrices of `shape` at temperature `tau`; `S` at most [`MAX_ROWS`].
-    pub fn new(shape: RowShape, tau: f64) -> Result<Self> {
-        inv_tau(tau)?;
-        row_count(&shape)?;
-        if !takes(shape.rows()) {
-            return Err(Error::Shape(format!(
-                "S = {} rows: the small-S path takes at most {MAX_ROWS}",
-                shape.rows()
-            )));
-        }
-        Ok(Self { shape, tau })
-    }
-    /// Shape of the rows, `(B, S, C)`.
-    pub fn shape(&self) -> &RowShape {
-        &self.shape
-    }
-    /// Temperature.
-    pub fn tau(&self) -> f64 {
-        self.tau
-    }
-    /// The lengths of its workspace.
-    pub fn workspace(&self) -> Result<SmallRowsWorkspace<usize, usize>> {
-        SmallRowsWorkspace::lengths(&self.shape)
-    }
-
-    const AT: SmallOffsets = SmallOffsets { rows: 0, stats: 0 };
-
-    /// The forward on the caller's `rows_q` and `rows_k` (`(B, S, C)` in `T`), copied into the
-    /// workspace: writes `ws.loss` and everything the backward reads. `counters` is the
-    /// launch's count of finished blocks (`int32[COUNTERS]`, zero before the first launch).
-    pub fn forward<T: Dtype, L: Launcher>(
-        &self,
-        launcher: &L,
-        rows_q: Buf,
-        rows_k: Buf,
-        ws: &SmallRowsWorkspace<Buf, Buf>,
-        counters: Buf,
-    ) -> Result<(), L::Error> {
-        launcher.launch(&self.forward_plan::<T>(rows_q, rows_k, ws, counters)?)
-    }
-
-    /// The forward's one launch, checked, not launched.
-    pub(crate) fn forward_plan<T: Dtype>(
-        &self,
-        rows_q: Buf,
-        rows_k: Buf,
-        ws: &SmallRowsWorkspace<Buf, Buf>,
-        counters: Buf,
-    ) -> Result<LaunchPlan<ffi::ccpl_small_s_rows_params>> {
-        let layer =
-            ws.small
-                .rows_layer(&self.shape, Self::AT, RowsIn::Caller(rows_q, rows_k), false)?;
-        let totals = RowsTotals {
-            counters,
-            layer_loss: ws.small.layer_loss,
-            loss: ws.loss,
-        };
-        rows_forward::<T>(&[layer], self.tau, &totals)
-    }
-
-    /// The backward after [`forward`](Self::forward) with the same `ws`: WRITES `upstream[0]`
-    /// (one float32 on the device; `ws.one` when `None`) times the gradient of the loss with
-    /// respect to `rows_q` into `grad_rows_q`, and with respect to `rows_k` into
-    /// `grad_rows_k` when given. Every plan is made before the first launch.
-    pub fn backward<T: Dtype, L: Launcher>(
-        &self,
-        launcher: &L,
-        ws: &SmallRowsWorkspace<Buf, Buf>,
-        upstream: Option<Buf>,
-        grad_rows_q: Buf,
-        grad_rows_k: Option<Buf>,
-    ) -> Result<(), L::Error> {
-        let upstream = upstream.unwrap_or(ws.one);
-        let count = self.shape.len();
-        let transposed = match grad_rows_k {
-            Some(_) => {
-                let layer = ws
-                    .small
-                    .rows_layer(&self.shape, Self::AT, RowsIn::Copies, true)?;
-                Some(rows_transposed::<f32>(&[layer], self.tau)?)
-            }
-            None => None,
-        };
-        let scale = scale::<T>(
-            count,
-            upstream,
-            (ws.small.grad_rows_q.part::<f32>(0, count)?, grad_rows_q),
-            grad_rows_k
-                .map(|out| Ok::<_, Error>((ws.small.grad_rows_k.part::<f32>(0, count)?, out)))
-                .transpose()?,
-        )?;
-        if let Some(plan) = transposed {
-            launcher.launch(&plan)?;
-        }
-        launcher.launch(&scale)
-    }
 }

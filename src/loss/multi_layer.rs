@@ -12,15 +12,15 @@
 use std::cell::RefCell;
 
 use super::layer::{LayerForward, LayerPlan, LayerWorkspace};
-use super::neighbor::{CentersBuf, Scatter};
-use super::small_s::{
-    self, GatherLayer, RowsIn, RowsTotals, ScatterLayer, ScatterSide, SmallOffsets, SmallSWorkspace,
-};
-use super::{Buf, LaunchPlan, Launcher, info_nce};
+use super::small_s::{RowsIn, SmallOffsets, SmallSWorkspace};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result, check_len};
 use crate::ffi;
+use crate::launch::neighbor::Scatter;
+use crate::launch::small_s::{self, GatherLayer, RowsTotals, ScatterLayer, ScatterSide};
+use crate::launch::{Buf, CentersBuf, KernelParams, LaunchPlan, Launcher, info_nce, row_count};
 use crate::shape::{FeatureShape, RowShape};
+use crate::tau::Tau;
 
 /// Where a layer's centres come from in a forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,14 +178,14 @@ impl Layer {
 #[derive(Debug, Clone, PartialEq)]
 pub struct LossPlan {
     layers: Vec<Layer>,
-    tau: f64,
+    tau: Tau,
 }
 
 impl LossPlan {
     /// The loss of `layers`, each a feature-map shape and the `num_s` centres asked for (the
     /// layer takes `N = min(num_s, (H-2)(W-2))`, as [`crate::Centers::sample`]), at
     /// temperature `tau`. At most [`small_s::MAX_LAYERS`] layers.
-    pub fn new(layers: &[(FeatureShape, usize)], tau: f64) -> Result<Self> {
+    pub fn new(layers: &[(FeatureShape, usize)], tau: Tau) -> Result<Self> {
         if layers.is_empty() {
             return Err(Error::Shape("the loss needs at least one layer".into()));
         }
@@ -196,7 +196,6 @@ impl LossPlan {
                 small_s::MAX_LAYERS
             )));
         }
-        super::inv_tau(tau)?;
         let mut fused = 0;
         let mut at = SmallOffsets { rows: 0, stats: 0 };
         let mut planned = Vec::with_capacity(layers.len());
@@ -210,7 +209,7 @@ impl LossPlan {
                 let row_shape = RowShape::new(shape.batch(), rows, shape.channels())?;
                 let path = Path::Small { at };
                 at.rows += row_shape.len();
-                at.stats += super::row_count(&row_shape)?;
+                at.stats += row_count(&row_shape)?;
                 path
             } else {
                 let path = Path::Fused {
@@ -270,7 +269,7 @@ impl LossPlan {
         matches!(self.layers[l].path, Path::Small { .. })
     }
     /// Temperature.
-    pub fn tau(&self) -> f64 {
+    pub fn tau(&self) -> Tau {
         self.tau
     }
 
@@ -546,7 +545,7 @@ struct Unlaunched;
 
 impl Launcher for Unlaunched {
     type Error = Error;
-    fn launch<P: super::KernelParams>(&self, _: &super::LaunchPlan<P>) -> Result<()> {
+    fn launch<P: KernelParams>(&self, _: &LaunchPlan<P>) -> Result<()> {
         Ok(())
     }
 }

@@ -4,11 +4,12 @@
 //! `O(B*S*C)` memory instead of `O(B*S*S)`.
 
 use super::info_nce::Side;
-use super::{Buf, LaunchPlan, i32_of, inv_tau, row_count, tile_grid};
+use super::{Buf, LaunchPlan, i32_of, row_count, tile_grid};
 use crate::dtype::Dtype;
 use crate::error::{Result, check_len};
 use crate::ffi;
 use crate::shape::RowShape;
+use crate::tau::Tau;
 
 /// `info_nce_fused_forward_{T}`: per row of the logits `L = q kᵀ / tau` of normalised rows
 /// `q`, `k` `(B, S, C)`, `row_lse = logsumexp_j L[b,i,j]` and `row_loss = row_lse - L[b,i,i]`
@@ -16,13 +17,13 @@ use crate::shape::RowShape;
 /// [`info_nce_loss`](super::info_nce::info_nce_loss)'s.
 pub fn info_nce_fused_forward<T: Dtype>(
     shape: &RowShape,
-    tau: f64,
+    tau: Tau,
     q: Buf,
     k: Buf,
     row_lse: Buf,
     row_loss: Buf,
 ) -> Result<LaunchPlan<ffi::ccpl_info_nce_fused_forward_params>> {
-    let inv_tau = inv_tau(tau)?;
+    let inv_tau = tau.inverse();
     let rows = row_count(shape)?;
     check_len("q", shape.len(), q.len)?;
     check_len("k", shape.len(), k.len)?;
@@ -56,7 +57,7 @@ pub fn info_nce_fused_forward<T: Dtype>(
 #[allow(clippy::too_many_arguments)]
 pub fn info_nce_fused_backward<T: Dtype>(
     shape: &RowShape,
-    tau: f64,
+    tau: Tau,
     side: Side,
     q: Buf,
     k: Buf,
@@ -65,7 +66,7 @@ pub fn info_nce_fused_backward<T: Dtype>(
     upstream: Buf,
     grad: Buf,
 ) -> Result<LaunchPlan<ffi::ccpl_info_nce_fused_backward_params>> {
-    let inv_tau = inv_tau(tau)?;
+    let inv_tau = tau.inverse();
     let rows = row_count(shape)?;
     check_len("q", shape.len(), q.len)?;
     check_len("k", shape.len(), k.len)?;

@@ -1,59 +1,10 @@
 //! Plans of `kernels/neighbor.cu`: difference rows and their backward scatter.
 
-use super::{Buf, LaunchPlan, grid_stride_blocks, i32_of};
+use super::{Buf, CentersBuf, LaunchPlan, grid_stride_blocks, i32_of};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result, check_len};
 use crate::ffi;
 use crate::shape::FeatureShape;
-
-/// Centres as the kernels see them: the flat indices (`int32[N]`) and the inverse map
-/// (`int32[H*W]`, the centre index at each position or -1), wherever they live.
-#[derive(Debug, Clone, Copy)]
-pub struct CentersBuf {
-    /// Height of the map the centres were drawn for.
-    pub height: usize,
-    /// Width of that map.
-    pub width: usize,
-    /// `int32[N]`.
-    pub flat: Buf,
-    /// `int32[H*W]`.
-    pub map: Buf,
-}
-
-impl CentersBuf {
-    /// Number of centres `N`.
-    pub fn len(&self) -> usize {
-        self.flat.len
-    }
-    /// Never true for centres made from a [`crate::Centers`].
-    pub fn is_empty(&self) -> bool {
-        self.flat.len == 0
-    }
-    pub(crate) fn check(&self, shape: &FeatureShape) -> Result<()> {
-        if (self.height, self.width) != (shape.height(), shape.width()) {
-            return Err(Error::Shape(format!(
-                "centres were drawn for a {}x{} map, the feature map is {}x{}",
-                self.height,
-                self.width,
-                shape.height(),
-                shape.width()
-            )));
-        }
-        if self.flat.len == 0 {
-            return Err(Error::NoCenters);
-        }
-        if self.flat.len > shape.interior() {
-            return Err(Error::Shape(format!(
-                "{} centres, but a {}x{} map has only {} interior positions",
-                self.flat.len,
-                shape.height(),
-                shape.width(),
-                shape.interior()
-            )));
-        }
-        check_len("center map", self.height * self.width, self.map.len)
-    }
-}
 
 /// Elements of the difference rows of `shape` with `n` centres: `B * 8N * C`, or an error
 /// when that overflows `usize`.

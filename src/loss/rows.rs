@@ -7,14 +7,14 @@
 //! ([`LayerPlan`](super::layer::LayerPlan)) is this between its neighbour differences and
 //! their scatter. Generic over the [`Launcher`], like every plan sequence.
 
-use super::info_nce::{self, Side};
-use super::info_nce_fused;
-use super::normalize;
-use super::{Buf, LaunchPlan, Launcher, inv_tau, row_count, tile_grid, workspace};
+use super::workspace;
 use crate::dtype::Dtype;
 use crate::error::{Result, check_len};
 use crate::ffi;
+use crate::launch::info_nce::{self, Side};
+use crate::launch::{Buf, LaunchPlan, Launcher, info_nce_fused, normalize, row_count, tile_grid};
 use crate::shape::RowShape;
+use crate::tau::Tau;
 
 workspace! {
     /// The workspace of the rows loss: what the forward computes and the backward reads, and
@@ -73,13 +73,12 @@ impl RowsWorkspace<usize, usize> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RowsPlan {
     shape: RowShape,
-    tau: f64,
+    tau: Tau,
 }
 
 impl RowsPlan {
     /// The loss of row matrices of `shape` at temperature `tau`.
-    pub fn new(shape: RowShape, tau: f64) -> Result<Self> {
-        inv_tau(tau)?;
+    pub fn new(shape: RowShape, tau: Tau) -> Result<Self> {
         row_count(&shape)?;
         tile_grid(shape.batch(), shape.rows(), shape.width())?;
         Ok(Self { shape, tau })
@@ -89,7 +88,7 @@ impl RowsPlan {
         &self.shape
     }
     /// Temperature.
-    pub fn tau(&self) -> f64 {
+    pub fn tau(&self) -> Tau {
         self.tau
     }
 

@@ -1,21 +1,22 @@
 //! Plan of `kernels/similarity.cu`: the logits `q kᵀ / tau` of every image.
 
-use super::{Buf, LaunchPlan, i32_of, inv_tau, tile_grid};
+use super::{Buf, LaunchPlan, i32_of, tile_grid};
 use crate::dtype::Dtype;
 use crate::error::{Result, check_len};
 use crate::ffi;
 use crate::shape::RowShape;
+use crate::tau::Tau;
 
 /// `similarity_{T}`: `logits[b, i, j] = q[b, i, :] . k[b, j, :] / tau`, `(B, S, S)` float32,
 /// from `q` and `k` of shape `(B, S, C)`.
 pub fn similarity<T: Dtype>(
     shape: &RowShape,
-    tau: f64,
+    tau: Tau,
     q: Buf,
     k: Buf,
     logits: Buf,
 ) -> Result<LaunchPlan<ffi::ccpl_similarity_params>> {
-    let inv_tau = inv_tau(tau)?;
+    let inv_tau = tau.inverse();
     check_len("q", shape.len(), q.len)?;
     check_len("k", shape.len(), k.len)?;
     check_len("logits", shape.logits_len(), logits.len)?;

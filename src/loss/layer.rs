@@ -10,14 +10,16 @@
 //! normalised rows and norms), scattered into `grad_feat_q` (and `grad_feat_k` on request).
 //! Memory is `O(B*S*C)`: neither the `(B, S, S)` logits nor the difference rows are stored.
 
-use super::info_nce::Side;
-use super::neighbor::{self, CentersBuf, Scatter};
 use super::rows::{LossPlans, RowsPlan, RowsSide, RowsWorkspace};
-use super::{Buf, Launcher, workspace};
+use super::workspace;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result, check_len};
 use crate::ffi;
+use crate::launch::info_nce::Side;
+use crate::launch::neighbor::{self, Scatter};
+use crate::launch::{Buf, CentersBuf, LaunchPlan, Launcher};
 use crate::shape::{FeatureShape, RowShape};
+use crate::tau::Tau;
 
 workspace! {
     /// The workspace of one layer's loss: the rows loss's (its normalised rows and norms are
@@ -70,7 +72,7 @@ pub struct LayerPlan {
 
 impl LayerPlan {
     /// A layer of feature maps of `shape` with `num_centers` centres and temperature `tau`.
-    pub fn new(shape: FeatureShape, num_centers: usize, tau: f64) -> Result<Self> {
+    pub fn new(shape: FeatureShape, num_centers: usize, tau: Tau) -> Result<Self> {
         if num_centers > shape.interior() {
             return Err(Error::Shape(format!(
                 "{num_centers} centres, but a {}x{} map has only {} interior positions",
@@ -99,7 +101,7 @@ impl LayerPlan {
         self.num_centers
     }
     /// Temperature.
-    pub fn tau(&self) -> f64 {
+    pub fn tau(&self) -> Tau {
         self.rows.tau()
     }
 
@@ -219,8 +221,8 @@ impl LayerPlan {
 
 /// The forward: both sides' normalised difference rows, then the loss.
 pub(crate) struct LayerForward {
-    unit_q: super::LaunchPlan<ffi::ccpl_neighbor_diff_normalize_params>,
-    unit_k: super::LaunchPlan<ffi::ccpl_neighbor_diff_normalize_params>,
+    unit_q: LaunchPlan<ffi::ccpl_neighbor_diff_normalize_params>,
+    unit_k: LaunchPlan<ffi::ccpl_neighbor_diff_normalize_params>,
     loss: LossPlans,
 }
 
@@ -251,5 +253,5 @@ impl LayerBackward {
 /// The backward of one side: the rows loss's, then the scatter into the feature map.
 struct SidePlans {
     rows: RowsSide,
-    scatter: super::LaunchPlan<ffi::ccpl_neighbor_diff_backward_params>,
+    scatter: LaunchPlan<ffi::ccpl_neighbor_diff_backward_params>,
 }

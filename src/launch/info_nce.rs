@@ -1,11 +1,12 @@
 //! Plans of `kernels/info_nce.cu`: cross-entropy of each row of the logits with its diagonal
 //! as the target, the mean of it, and the gradient back into the normalised rows.
 
-use super::{Buf, LaunchPlan, WARP, grid_stride_blocks, i32_of, inv_tau, row_count, tile_grid};
+use super::{Buf, LaunchPlan, WARP, grid_stride_blocks, i32_of, row_count, tile_grid};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result, check_len};
 use crate::ffi;
 use crate::shape::RowShape;
+use crate::tau::Tau;
 
 /// Which normalised rows a gradient is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +83,7 @@ pub fn info_nce_loss(
 #[allow(clippy::too_many_arguments)]
 pub fn info_nce_backward<T: Dtype>(
     shape: &RowShape,
-    tau: f64,
+    tau: Tau,
     side: Side,
     logits: Buf,
     row_lse: Buf,
@@ -91,7 +92,7 @@ pub fn info_nce_backward<T: Dtype>(
     upstream: Buf,
     grad: Buf,
 ) -> Result<LaunchPlan<ffi::ccpl_info_nce_backward_params>> {
-    let inv_tau = inv_tau(tau)?;
+    let inv_tau = tau.inverse();
     let rows = row_count(shape)?;
     check_len("logits", shape.logits_len(), logits.len)?;
     check_len("row_lse", rows, row_lse.len)?;

@@ -1,22 +1,20 @@
-//! Launch plans: for each kernel, a pure function from validated shapes and buffer addresses
-//! to the kernel's name, grid, block, shared memory and parameter struct; and the sequences
-//! of plans that make a loss ([`rows`], [`layer`], and the whole multi-layer loss on the
-//! small-S path, [`loss`] with [`small_s`]). The GPU path ([`crate::cuda`]) and the
-//! CPU emulator (the `ccpl-emu` crate) execute the very same plans through a [`Launcher`].
+//! Launch builders: for each kernel, a pure function from validated shapes and buffer
+//! addresses to the kernel's name, grid, block, shared memory and parameter struct (a
+//! [`LaunchPlan`]). They launch nothing: the sequences that make a loss out of them are
+//! [`crate::loss`]'s. The GPU path ([`crate::cuda`]) and the CPU emulator (the `ccpl-emu`
+//! crate) execute the very same plans through a [`Launcher`].
 //!
-//! One module per kernel family, named like its `kernels/*.cu` source, and one per loss.
+//! One module per kernel family, named like its `kernels/*.cu` source.
 
 pub mod info_nce;
 pub mod info_nce_fused;
-pub mod layer;
-pub mod loss;
 pub mod neighbor;
 pub mod normalize;
-pub mod rows;
 pub mod similarity;
 pub mod small_s;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_len};
+use crate::shape::FeatureShape;
 
 /// One kernel launch, ready to execute.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,13 +108,6 @@ pub(crate) fn i32_of(n: usize) -> Result<i32> {
     i32::try_from(n).map_err(|_| Error::Shape(format!("{n} exceeds the i32 range of the kernels")))
 }
 
-/// `1/tau` as the kernels take it: finite by [`check_tau`](crate::check_tau)'s rule, the
-/// reference's too.
-pub(crate) fn inv_tau(tau: f64) -> Result<f32> {
-    crate::error::check_tau(tau)?;
-    Ok((1.0 / tau) as f32)
-}
-
 /// Grid of the tiled products (`kernels/tile_gemm.cuh`): one block per
 /// `CCPL_TILE_SIDE`-square tile of an `m x n` output, `grid.z` the image.
 pub(crate) fn tile_grid(batch: usize, m: usize, n: usize) -> Result<(u32, u32, u32)> {
@@ -142,68 +133,51 @@ pub(crate) fn row_count(shape: &crate::shape::RowShape) -> Result<usize> {
     Ok(n)
 }
 
-/// Defines a workspace: a struct of the buffers a loss keeps between its launches, generic
-/// over what holds a buffer (`R` for rows in the storage type, `F` for float32 statistics: a
-/// length, a device slice, a [`Buf`]), with the maps between its forms and, for lengths, its
-/// size in bytes. Written once here so that no workspace lists its fields by hand twice.
-macro_rules! workspace {
-    (
-        $(#[$meta:meta])*
-        pub struct $name:ident {
-            rows { $($(#[$row_meta:meta])* $row:ident),* $(,)? }
-            stats { $($(#[$stat_meta:meta])* $stat:ident),* $(,)? }
-            nested { $($(#[$nest_meta:meta])* $nest:ident: $nest_ty:ident),* $(,)? }
-        }
-    ) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, PartialEq)]
-        pub struct $name<R, F> {
-            $($(#[$row_meta])* pub $row: R,)*
-            $($(#[$stat_meta])* pub $stat: F,)*
-            $($(#[$nest_meta])* pub $nest: $nest_ty<R, F>,)*
-        }
-
-        impl<R, F> $name<R, F> {
-            /// A workspace of something made from each buffer (say, an allocation from its
-            /// length).
-            pub fn try_map<R2, F2, E>(
-                &self,
-                mut row: impl FnMut(&R) -> Result<R2, E>,
-                mut stat: impl FnMut(&F) -> Result<F2, E>,
-            ) -> Result<$name<R2, F2>, E> {
-                Ok($name {
-                    $($row: row(&self.$row)?,)*
-                    $($stat: stat(&self.$stat)?,)*
-                    $($nest: self.$nest.try_map(&mut row, &mut stat)?,)*
-                })
-            }
-
-            /// A workspace of something borrowed mutably from each buffer (say, its address,
-            /// with the guard that must live while a launch uses it).
-            pub fn map_mut<'a, R2, F2>(
-                &'a mut self,
-                mut row: impl FnMut(&'a mut R) -> R2,
-                mut stat: impl FnMut(&'a mut F) -> F2,
-            ) -> $name<R2, F2> {
-                $name {
-                    $($row: row(&mut self.$row),)*
-                    $($stat: stat(&mut self.$stat),)*
-                    $($nest: self.$nest.map_mut(&mut row, &mut stat),)*
-                }
-            }
-        }
-
-        impl $name<usize, usize> {
-            /// Bytes of a workspace of these lengths whose rows are stored in `T` (the
-            /// statistics are float32): what its owner allocates; `usize::MAX` past what an
-            /// address space holds (the allocation fails then, with an error).
-            pub fn bytes<T: crate::Dtype>(&self) -> usize {
-                0usize
-                    $(.saturating_add(self.$row.saturating_mul(size_of::<T>())))*
-                    $(.saturating_add(self.$stat.saturating_mul(size_of::<f32>())))*
-                    $(.saturating_add(self.$nest.bytes::<T>()))*
-            }
-        }
-    };
+/// Centres as the kernels see them: the flat indices (`int32[N]`) and the inverse map
+/// (`int32[H*W]`, the centre index at each position or -1), wherever they live.
+#[derive(Debug, Clone, Copy)]
+pub struct CentersBuf {
+    /// Height of the map the centres were drawn for.
+    pub height: usize,
+    /// Width of that map.
+    pub width: usize,
+    /// `int32[N]`.
+    pub flat: Buf,
+    /// `int32[H*W]`.
+    pub map: Buf,
 }
-pub(crate) use workspace;
+
+impl CentersBuf {
+    /// Number of centres `N`.
+    pub fn len(&self) -> usize {
+        self.flat.len
+    }
+    /// Never true for centres made from a [`crate::Centers`].
+    pub fn is_empty(&self) -> bool {
+        self.flat.len == 0
+    }
+    pub(crate) fn check(&self, shape: &FeatureShape) -> Result<()> {
+        if (self.height, self.width) != (shape.height(), shape.width()) {
+            return Err(Error::Shape(format!(
+                "centres were drawn for a {}x{} map, the feature map is {}x{}",
+                self.height,
+                self.width,
+                shape.height(),
+                shape.width()
+            )));
+        }
+        if self.flat.len == 0 {
+            return Err(Error::NoCenters);
+        }
+        if self.flat.len > shape.interior() {
+            return Err(Error::Shape(format!(
+                "{} centres, but a {}x{} map has only {} interior positions",
+                self.flat.len,
+                shape.height(),
+                shape.width(),
+                shape.interior()
+            )));
+        }
+        check_len("center map", self.height * self.width, self.map.len)
+    }
+}
