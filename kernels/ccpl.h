@@ -78,37 +78,44 @@
 #define CCPL_COUNTER_ROWS_DONE 5
 #define CCPL_COUNTERS 6
 
-/* ---- Launch parameters, one struct per kernel --------------------------------------- */
+/* ---- What the kernels of feature maps share ----------------------------------------- */
 
-/* neighbor_diff_{T}: rows[b, k*N + x, :] = f[b, :, p_x] - f[b, :, p_x + off_k]. */
-typedef struct ccpl_neighbor_diff_params {
-    uint64_t feat;    /* in:  (B,C,H,W) or (B,H,W,C), T */
-    uint64_t centers; /* in:  int32[N], flat interior indices h*W + w */
-    uint64_t rows;    /* out: (B, 8N, C), T */
+/* A feature map: (B, C, H, W) with CCPL_LAYOUT_NCHW, (B, H, W, C) with CCPL_LAYOUT_NHWC. */
+typedef struct ccpl_feature_map {
     int32_t batch;
     int32_t channels;
     int32_t height;
     int32_t width;
-    int32_t num_centers;
     int32_t layout; /* CCPL_LAYOUT_* */
+} ccpl_feature_map;
+
+/* The N centres of a feature map, as its difference rows are taken at them. */
+typedef struct ccpl_centers {
+    uint64_t flat; /* int32[N], flat interior indices h*W + w */
+    uint64_t map;  /* int32[H*W], index x of the centre at each position, or -1 */
+    int32_t count; /* N */
+} ccpl_centers;
+
+/* ---- Launch parameters, one struct per kernel --------------------------------------- */
+
+/* neighbor_diff_{T}: rows[b, k*N + x, :] = f[b, :, p_x] - f[b, :, p_x + off_k]. */
+typedef struct ccpl_neighbor_diff_params {
+    uint64_t feat; /* in:  layout of `shape`, T */
+    uint64_t rows; /* out: (B, 8N, C), T */
+    ccpl_centers centers; /* in: the flat indices (the map is not read) */
+    ccpl_feature_map shape;
 } ccpl_neighbor_diff_params;
 
 /*
  * neighbor_diff_backward_{atomic,deterministic}_{T}: grad_feat += the scatter of grad_rows
  * (a centre gets +g, its neighbour -g). The deterministic variant has one writer per element
- * and a fixed summation order; it needs center_map, the atomic one ignores it.
+ * and a fixed summation order; it needs centers.map, the atomic one ignores it.
  */
 typedef struct ccpl_neighbor_diff_backward_params {
-    uint64_t grad_rows;  /* in:  (B, 8N, C), T */
-    uint64_t centers;    /* in:  int32[N] */
-    uint64_t center_map; /* in:  int32[H*W], index x of the centre at each position, or -1 */
-    uint64_t grad_feat;  /* in/out: layout of the feature map, T, accumulated into */
-    int32_t batch;
-    int32_t channels;
-    int32_t height;
-    int32_t width;
-    int32_t num_centers;
-    int32_t layout;
+    uint64_t grad_rows; /* in:  (B, 8N, C), T */
+    uint64_t grad_feat; /* in/out: layout of `shape`, T, accumulated into */
+    ccpl_centers centers; /* in */
+    ccpl_feature_map shape;
 } ccpl_neighbor_diff_backward_params;
 
 /*
@@ -118,16 +125,11 @@ typedef struct ccpl_neighbor_diff_backward_params {
  * normalised rows are representable in T even where d is not (f16 differences past 65504).
  */
 typedef struct ccpl_neighbor_diff_normalize_params {
-    uint64_t feat;    /* in:  (B,C,H,W) or (B,H,W,C), T */
-    uint64_t centers; /* in:  int32[N] */
-    uint64_t out;     /* out: (B, 8N, C), T, normalised difference rows */
-    uint64_t norms;   /* out: float[B*8N] */
-    int32_t batch;
-    int32_t channels;
-    int32_t height;
-    int32_t width;
-    int32_t num_centers;
-    int32_t layout;
+    uint64_t feat;  /* in:  layout of `shape`, T */
+    uint64_t out;   /* out: (B, 8N, C), T, normalised difference rows */
+    uint64_t norms; /* out: float[B*8N] */
+    ccpl_centers centers; /* in: the flat indices (the map is not read) */
+    ccpl_feature_map shape;
 } ccpl_neighbor_diff_normalize_params;
 
 /*
@@ -253,25 +255,19 @@ typedef struct ccpl_info_nce_fused_backward_params {
  * maps normalised in float, with their norms (as neighbor_diff_normalize: no difference row is
  * stored, so none overflows). Drawing: N distinct interior positions, uniform, in random
  * order, from Philox-4x32-10 keyed by the seed with the counter (step, layer, word / 4); the
- * layer's first block writes them to `centers` and keeps `center_map` in step; the last block
- * to finish advances the step by one. A layer without feature maps (feat_q == 0) is only drawn
- * (its loss runs on the fused path).
+ * layer's first block writes them to `centers.flat` and keeps `centers.map` in step; the last
+ * block to finish advances the step by one. A layer without feature maps (feat_q == 0) is only
+ * drawn (its loss runs on the fused path).
  */
 typedef struct ccpl_small_s_gather_layer {
-    uint64_t feat_q;     /* in:  (B,C,H,W) or (B,H,W,C), T; 0: draw the centres only */
-    uint64_t feat_k;     /* in:  the same shape, T */
-    uint64_t rows_q;     /* out: (B, 8N, C), float, the difference rows of feat_q normalised */
-    uint64_t rows_k;     /* out: (B, 8N, C), float */
-    uint64_t norms_q;    /* out: float[B*8N], their norms (inf past float's range) */
-    uint64_t norms_k;    /* out: float[B*8N] */
-    uint64_t centers;    /* int32[N]: out when sampling, in otherwise */
-    uint64_t center_map; /* int32[H*W]: the centre index at each position, or -1 */
-    int32_t batch;
-    int32_t channels;
-    int32_t height;
-    int32_t width;
-    int32_t num_centers;
-    int32_t layout;      /* CCPL_LAYOUT_* */
+    uint64_t feat_q;  /* in:  layout of `shape`, T; 0: draw the centres only */
+    uint64_t feat_k;  /* in:  the same shape, T */
+    uint64_t rows_q;  /* out: (B, 8N, C), float, the difference rows of feat_q normalised */
+    uint64_t rows_k;  /* out: (B, 8N, C), float */
+    uint64_t norms_q; /* out: float[B*8N], their norms (inf past float's range) */
+    uint64_t norms_k; /* out: float[B*8N] */
+    ccpl_centers centers; /* out when sampling, in otherwise */
+    ccpl_feature_map shape;
     int32_t first_block; /* the layer's blocks are first_block .. the next layer's first */
 } ccpl_small_s_gather_layer;
 
@@ -329,16 +325,10 @@ typedef struct ccpl_small_s_rows_params {
 typedef struct ccpl_small_s_scatter_layer {
     uint64_t grad_rows_q; /* in:  (B, 8N, C), float */
     uint64_t grad_rows_k; /* in:  (B, 8N, C), float */
-    uint64_t grad_feat_q; /* in/out: layout of the feature map, T, accumulated into */
+    uint64_t grad_feat_q; /* in/out: layout of `shape`, T, accumulated into */
     uint64_t grad_feat_k; /* in/out, or 0 */
-    uint64_t centers;     /* int32[N] */
-    uint64_t center_map;  /* int32[H*W] */
-    int32_t batch;
-    int32_t channels;
-    int32_t height;
-    int32_t width;
-    int32_t num_centers;
-    int32_t layout;
+    ccpl_centers centers; /* in */
+    ccpl_feature_map shape;
     int32_t first_block;
 } ccpl_small_s_scatter_layer;
 

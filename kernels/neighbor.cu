@@ -8,14 +8,14 @@ namespace ccpl {
 // once and writes that channel of all 8 difference rows of centre x.
 template <typename T> __device__ void neighbor_diff(const ccpl_neighbor_diff_params& p) {
     const T* __restrict__ feat = ptr<T>(p.feat);
-    const int32_t* __restrict__ centers = ptr<int32_t>(p.centers);
+    const int32_t* __restrict__ centers = ptr<int32_t>(p.centers.flat);
     T* __restrict__ rows = mut_ptr<T>(p.rows);
-    const int64_t C = p.channels, N = p.num_centers;
-    const int64_t total = (int64_t)p.batch * N * C;
+    const int64_t C = p.shape.channels, N = p.centers.count;
+    const int64_t total = (int64_t)p.shape.batch * N * C;
     for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
          t += (int64_t)gridDim.x * blockDim.x) {
         const int64_t c = t % C, x = (t / C) % N, b = t / (C * N);
-        difference_rows(feat, p.layout, b, c, centers[x], C, p.height, p.width, [&](int k, float v) {
+        difference_rows(feat, p.shape, b, c, centers[x], [&](int k, float v) {
             rows[(b * CCPL_NUM_NEIGHBORS * N + k * N + x) * C + c] = from_float<T>(v);
         });
     }
@@ -27,15 +27,15 @@ template <typename T> __device__ void neighbor_diff(const ccpl_neighbor_diff_par
 template <typename T>
 __device__ void neighbor_diff_normalize(const ccpl_neighbor_diff_normalize_params& p) {
     const T* __restrict__ feat = ptr<T>(p.feat);
-    const int32_t* __restrict__ centers = ptr<int32_t>(p.centers);
+    const int32_t* __restrict__ centers = ptr<int32_t>(p.centers.flat);
     const int lane = threadIdx.x % kWarp;
-    const int64_t C = p.channels, N = p.num_centers;
-    const int64_t S = CCPL_NUM_NEIGHBORS * N, total = (int64_t)p.batch * S;
+    const int64_t C = p.shape.channels, N = p.centers.count;
+    const int64_t S = CCPL_NUM_NEIGHBORS * N, total = (int64_t)p.shape.batch * S;
     for (int64_t row = first_warp_row(); row < total; row += warp_row_stride()) {
         const int64_t b = row / S, k = row % S / N, x = row % N;
         T* __restrict__ out = mut_ptr<T>(p.out) + row * C;
         const float norm = normalized_difference_row(
-            feat, p.layout, b, (int)k, centers[x], C, p.height, p.width, lane,
+            feat, p.shape, b, (int)k, centers[x], lane,
             [&](int64_t c, float v) { out[c] = from_float<T>(v); });
         if (lane == 0) mut_ptr<float>(p.norms)[row] = norm;
     }
@@ -53,10 +53,10 @@ template <typename T> __device__ __forceinline__ void atomic_add(T* addr, float 
 template <typename T>
 __device__ void neighbor_diff_backward_atomic(const ccpl_neighbor_diff_backward_params& p) {
     const T* __restrict__ grad_rows = ptr<T>(p.grad_rows);
-    const int32_t* __restrict__ centers = ptr<int32_t>(p.centers);
+    const int32_t* __restrict__ centers = ptr<int32_t>(p.centers.flat);
     T* grad_feat = mut_ptr<T>(p.grad_feat);
-    const int64_t C = p.channels, N = p.num_centers, plane = (int64_t)p.height * p.width;
-    const int64_t total = (int64_t)p.batch * N * C;
+    const int64_t C = p.shape.channels, N = p.centers.count;
+    const int64_t total = (int64_t)p.shape.batch * N * C;
     for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
          t += (int64_t)gridDim.x * blockDim.x) {
         const int64_t c = t % C, x = (t / C) % N, b = t / (C * N);
@@ -67,10 +67,9 @@ __device__ void neighbor_diff_backward_atomic(const ccpl_neighbor_diff_backward_
         for (int k = 0; k < CCPL_NUM_NEIGHBORS; ++k) {
             const float v = to_float(g[k * N * C]);
             centre += v;
-            const int64_t nb = pos + neighbor_dh(k) * (int64_t)p.width + neighbor_dw(k);
-            atomic_add(&grad_feat[feat_index(p.layout, b, c, nb, C, plane)], -v);
+            atomic_add(&grad_feat[feature_index(p.shape, b, c, neighbor_position(p.shape, pos, k))], -v);
         }
-        atomic_add(&grad_feat[feat_index(p.layout, b, c, pos, C, plane)], centre);
+        atomic_add(&grad_feat[feature_index(p.shape, b, c, pos)], centre);
     }
 }
 
@@ -79,20 +78,18 @@ __device__ void neighbor_diff_backward_atomic(const ccpl_neighbor_diff_backward_
 template <typename T>
 __device__ void neighbor_diff_backward_deterministic(const ccpl_neighbor_diff_backward_params& p) {
     const T* __restrict__ grad_rows = ptr<T>(p.grad_rows);
-    const int32_t* __restrict__ centers = ptr<int32_t>(p.centers);
     T* __restrict__ grad_feat = mut_ptr<T>(p.grad_feat);
-    const int64_t C = p.channels, N = p.num_centers, plane = (int64_t)p.height * p.width;
-    const int64_t total = (int64_t)p.batch * N * C;
+    const int64_t C = p.shape.channels, N = p.centers.count;
+    const int64_t total = (int64_t)p.shape.batch * N * C;
     for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
          t += (int64_t)gridDim.x * blockDim.x) {
         const int64_t c = t % C, b = t / (C * N);
         const int x = (int)((t / C) % N);
         const T* g = grad_rows + b * CCPL_NUM_NEIGHBORS * N * C + c;  // row r at g[r*C]
         scatter_window(
-            ptr<int32_t>(p.center_map), p.height, p.width, p.num_centers, x, centers[x],
-            [&](int64_t r) { return to_float(g[r * C]); },
+            p.shape, p.centers, x, [&](int64_t r) { return to_float(g[r * C]); },
             [&](int64_t q, float sum) {
-                T* out = &grad_feat[feat_index(p.layout, b, c, q, C, plane)];
+                T* out = &grad_feat[feature_index(p.shape, b, c, q)];
                 *out = from_float<T>(to_float(*out) + sum);
             });
     }

@@ -8,25 +8,30 @@
 
 namespace ccpl {
 
-// Element (b, c, position) of a feature map in either layout.
-__device__ __forceinline__ int64_t feat_index(int layout, int64_t b, int64_t c, int64_t pos,
-                                              int64_t channels, int64_t plane) {
-    return layout == CCPL_LAYOUT_NCHW ? (b * channels + c) * plane + pos
-                                      : (b * plane + pos) * channels + c;
+// Element (b, c, position h*W + w) of a feature map: the one place its layout is read.
+__device__ __forceinline__ int64_t feature_index(const ccpl_feature_map& f, int64_t b, int64_t c,
+                                                 int64_t pos) {
+    const int64_t plane = (int64_t)f.height * f.width;
+    return f.layout == CCPL_LAYOUT_NCHW ? (b * f.channels + c) * plane + pos
+                                        : (b * plane + pos) * f.channels + c;
+}
+
+// The position of neighbour k of the position `pos` of a feature map.
+__device__ __forceinline__ int64_t neighbor_position(const ccpl_feature_map& f, int64_t pos, int k) {
+    return pos + neighbor_dh(k) * (int64_t)f.width + neighbor_dw(k);
 }
 
 // Channel c of the 8 difference rows of the centre at `pos` in image b (centre minus
 // neighbour k), given to store(k, value): the centre is read once.
 template <typename T, typename Store>
-__device__ __forceinline__ void difference_rows(const T* __restrict__ feat, int layout, int64_t b,
-                                                int64_t c, int64_t pos, int64_t channels,
-                                                int64_t height, int64_t width, const Store& store) {
-    const int64_t plane = height * width;
-    const float centre = to_float(feat[feat_index(layout, b, c, pos, channels, plane)]);
+__device__ __forceinline__ void difference_rows(const T* __restrict__ feat, const ccpl_feature_map& f,
+                                                int64_t b, int64_t c, int64_t pos,
+                                                const Store& store) {
+    const float centre = to_float(feat[feature_index(f, b, c, pos)]);
 #pragma unroll
     for (int k = 0; k < CCPL_NUM_NEIGHBORS; ++k) {
-        const int64_t nb = pos + neighbor_dh(k) * width + neighbor_dw(k);
-        store(k, centre - to_float(feat[feat_index(layout, b, c, nb, channels, plane)]));
+        const int64_t nb = neighbor_position(f, pos, k);
+        store(k, centre - to_float(feat[feature_index(f, b, c, nb)]));
     }
 }
 
@@ -38,16 +43,15 @@ __device__ __forceinline__ void difference_rows(const T* __restrict__ feat, int 
 // per row: every lane calls it with its `lane`; store(c, v) receives the lane's elements
 // c = lane, lane + 32, ... of d / (||d|| + eps); every lane gets ||d|| (inf past float's range).
 template <typename T, typename Store>
-__device__ __forceinline__ float normalized_difference_row(const T* __restrict__ feat, int layout,
-                                                           int64_t b, int k, int64_t pos,
-                                                           int64_t channels, int64_t height,
-                                                           int64_t width, int lane,
+__device__ __forceinline__ float normalized_difference_row(const T* __restrict__ feat,
+                                                           const ccpl_feature_map& f, int64_t b,
+                                                           int k, int64_t pos, int lane,
                                                            const Store& store) {
-    const int64_t plane = height * width;
-    const int64_t nb = pos + neighbor_dh(k) * width + neighbor_dw(k);
+    const int64_t channels = f.channels;
+    const int64_t nb = neighbor_position(f, pos, k);
     const auto load = [&](int64_t c, float scale) {
-        const float centre = to_float(feat[feat_index(layout, b, c, pos, channels, plane)]);
-        const float neighbour = to_float(feat[feat_index(layout, b, c, nb, channels, plane)]);
+        const float centre = to_float(feat[feature_index(f, b, c, pos)]);
+        const float neighbour = to_float(feat[feature_index(f, b, c, nb)]);
         const float d = centre - neighbour;
         return isinf(d) ? centre * scale - neighbour * scale : d * scale;
     };
@@ -72,17 +76,19 @@ __device__ __forceinline__ int direction_of_slot(int slot) {
     return direction;
 }
 
-// The deterministic scatter of one (image, centre x, channel): a position q of the window of
-// centre x may be covered by the windows of several centres; its owner is the smallest
-// centre index among them. Only the owner writes q: it adds up, in the fixed order of the
-// window slots, every covering centre's contribution (+sum_k g for the centre at q, -g for a
-// centre whose neighbour in direction k is q) and gives the sum to add(position of q, sum).
-// grad(r) is the gradient of difference row r = k*N + y at this image and channel. One
-// writer per element and a fixed order: the same bits on every run.
+// The deterministic scatter of one (image, centre x, channel) of feature map f: a position q
+// of the window of centre x may be covered by the windows of several centres; its owner is
+// the smallest centre index among them. Only the owner writes q: it adds up, in the fixed
+// order of the window slots, every covering centre's contribution (+sum_k g for the centre at
+// q, -g for a centre whose neighbour in direction k is q) and gives the sum to add(position of
+// q, sum). grad(r) is the gradient of difference row r = k*N + y at this image and channel.
+// One writer per element and a fixed order: the same bits on every run.
 template <typename Grad, typename Add>
-__device__ __forceinline__ void scatter_window(const int32_t* __restrict__ center_map, int height,
-                                               int width, int num_centers, int x, int pos,
-                                               const Grad& grad, const Add& add) {
+__device__ __forceinline__ void scatter_window(const ccpl_feature_map& f, const ccpl_centers& centers,
+                                               int x, const Grad& grad, const Add& add) {
+    const int32_t* __restrict__ center_map = ptr<int32_t>(centers.map);
+    const int height = f.height, width = f.width, num_centers = centers.count;
+    const int pos = ptr<int32_t>(centers.flat)[x];
     const int h = pos / width, w = pos % width;
 #pragma unroll
     for (int q_slot = 0; q_slot < 9; ++q_slot) {

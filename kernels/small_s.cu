@@ -19,6 +19,7 @@
 #include "neighbor.cuh"
 #include "philox.cuh"
 #include "row_stats.cuh"
+#include "split_gemm.cuh"
 
 namespace ccpl {
 
@@ -73,22 +74,22 @@ template <typename T> __device__ void small_s_gather(const ccpl_small_s_gather_p
     __shared__ int32_t drawn[CCPL_SMALL_S_MAX_ROWS / CCPL_NUM_NEIGHBORS];
     const int layer = layer_of_block(p.layers, p.num_layers, blockIdx.x);
     const ccpl_small_s_gather_layer& l = p.layers[layer];
-    const int N = l.num_centers;
-    int32_t* centers = mut_ptr<int32_t>(l.centers);
+    const int N = l.centers.count;
+    int32_t* centers = mut_ptr<int32_t>(l.centers.flat);
     uint32_t* counters = mut_ptr<uint32_t>(p.counters);
     const bool writer = (int)blockIdx.x == l.first_block;
     const int32_t* list = centers;
     if (p.sample) {
         const uint64_t seed = load_u64(counters + CCPL_COUNTER_SEED);
         const uint64_t step = load_u64(counters + CCPL_COUNTER_STEP);
-        int32_t* map = mut_ptr<int32_t>(l.center_map);
+        int32_t* map = mut_ptr<int32_t>(l.centers.map);
         // Thread t clears and later sets the entries of the centres t, t + blockDim.x, ...;
         // the barriers of draw_centers order every clearing before every setting.
         if (writer) {
             for (int x = threadIdx.x; x < N; x += blockDim.x) map[centers[x]] = -1;
         }
         int32_t* dst = writer ? centers : drawn;
-        draw_centers(dst, N, l.height, l.width, CenterStream(seed, step, (uint32_t)layer));
+        draw_centers(dst, N, l.shape.height, l.shape.width, CenterStream(seed, step, (uint32_t)layer));
         if (writer) {
             for (int x = threadIdx.x; x < N; x += blockDim.x) map[centers[x]] = x;
         }
@@ -97,8 +98,8 @@ template <typename T> __device__ void small_s_gather(const ccpl_small_s_gather_p
     if (l.feat_q != 0) {
         // A warp per difference row of either side (q's rows, then k's), normalised as it is
         // formed: a difference that float cannot hold (features near FLT_MAX) is never stored.
-        const int64_t C = l.channels, S = CCPL_NUM_NEIGHBORS * N;
-        const int64_t rows = (int64_t)l.batch * S;  // of one side
+        const int64_t C = l.shape.channels, S = CCPL_NUM_NEIGHBORS * N;
+        const int64_t rows = (int64_t)l.shape.batch * S;  // of one side
         const int lane = threadIdx.x % kWarp;
         const int64_t warps = (int64_t)layer_blocks(p.layers, p.num_layers, layer) * blockDim.x / kWarp;
         for (int64_t r = ((int64_t)(blockIdx.x - l.first_block) * blockDim.x + threadIdx.x) / kWarp;
@@ -108,8 +109,8 @@ template <typename T> __device__ void small_s_gather(const ccpl_small_s_gather_p
             const int64_t b = row / S, k = row % S / N, x = row % N;
             float* __restrict__ out = mut_ptr<float>(k_side ? l.rows_k : l.rows_q) + row * C;
             const float norm = normalized_difference_row(
-                ptr<T>(k_side ? l.feat_k : l.feat_q), l.layout, b, (int)k, list[x], C, l.height,
-                l.width, lane, [&](int64_t c, float v) { out[c] = v; });
+                ptr<T>(k_side ? l.feat_k : l.feat_q), l.shape, b, (int)k, list[x], lane,
+                [&](int64_t c, float v) { out[c] = v; });
             if (lane == 0) mut_ptr<float>(k_side ? l.norms_k : l.norms_q)[row] = norm;
         }
     }
@@ -122,16 +123,8 @@ template <typename T> __device__ void small_s_gather(const ccpl_small_s_gather_p
 
 // ---- 2. The rows loss and the gradient of the rows --------------------------------------
 
-constexpr int kTileRows = CCPL_SMALL_S_TILE_ROWS;  // the rows a block owns
-constexpr int kMaxRows = CCPL_SMALL_S_MAX_ROWS;    // S at most
-constexpr int kSplits = 4;                         // groups of threads splitting a reduction
-constexpr int kGroup = CCPL_SMALL_S_BLOCK / kSplits;
-constexpr int kTileCols = 64;   // a product's output tile is kTileRows x kTileCols
-constexpr int kMicro = 4;       // each thread of a group: kMicro x kMicro outputs
-constexpr int kDepth = 32;      // reduction depth staged per step, kDepth / kSplits a group
-constexpr int kMicroCols = kTileCols / kMicro;
-static_assert(kGroup == (kTileRows / kMicro) * kMicroCols, "a group's micro-tiles cover the tile");
-static_assert(kDepth % kSplits == 0, "the groups split a stage evenly");
+constexpr int kTileRows = SplitGemm::kRows;      // the rows a block owns
+constexpr int kMaxRows = CCPL_SMALL_S_MAX_ROWS;  // S at most
 
 // A row's normalised elements as the products read them: x * scale * factor with the row's
 // ScaledNorm (row_norm.cuh), the power of two `scale` kept as its exponent, a byte: S floats
@@ -164,78 +157,10 @@ struct SmallShared {
     float own_factor[kTileRows];          // raw rows: UnitRow of own row m
     int8_t own_exponent[kTileRows];
     union {
-        struct {
-            float a[kDepth][kTileRows + 1];  // padded: the stores along k are conflict-free
-            float b[kDepth][kTileCols + 1];
-        } stage;
-        float partial[kSplits - 1][kTileRows][kTileCols + 1];  // groups 1.. of a product
-        double sums[kWarp];                                   // the loss's block reduction
+        SplitGemmShared gemm;  // the operands of the products
+        double sums[kWarp];    // the loss's block reduction
     };
 };
-
-// out(m, n, A B [m][n]) for the block's kTileRows x kTileCols tile of A B over k in
-// [0, depth): load_a(m, k) and load_b(k, n) give the operands (0 outside the matrices).
-// Each group of kGroup threads reduces its quarter of every kDepth-deep stage into
-// kMicro x kMicro accumulators a thread (rows ty + 4i, columns tx + 16j); group 0 then adds
-// the other groups' sums in a fixed order and calls out, so the result does not depend on
-// scheduling, and A B and B A hold the same bits (fmaf is commutative). kBAlongK: consecutive
-// threads load consecutive k of B (true) or consecutive n (false), whichever is contiguous
-// in memory. Every thread of the block calls this; it begins and ends with the shared
-// operands free.
-template <bool kBAlongK, typename LoadA, typename LoadB, typename Out>
-__device__ __forceinline__ void small_tile(SmallShared& s, int64_t depth, const LoadA& load_a,
-                                           const LoadB& load_b, const Out& out) {
-    const int group = threadIdx.x / kGroup, u = threadIdx.x % kGroup;
-    const int ty = u / kMicroCols, tx = u % kMicroCols;
-    float acc[kMicro][kMicro] = {};
-    for (int64_t k0 = 0; k0 < depth; k0 += kDepth) {
-        for (int e = threadIdx.x; e < kTileRows * kDepth; e += blockDim.x) {
-            const int m = e / kDepth, kk = e % kDepth;
-            s.stage.a[kk][m] = load_a(m, k0 + kk);
-        }
-        for (int e = threadIdx.x; e < kTileCols * kDepth; e += blockDim.x) {
-            const int n = kBAlongK ? e / kDepth : e % kTileCols;
-            const int kk = kBAlongK ? e % kDepth : e / kTileCols;
-            s.stage.b[kk][n] = load_b(k0 + kk, n);
-        }
-        __syncthreads();
-        const int k_begin = group * (kDepth / kSplits);
-        for (int kk = k_begin; kk < k_begin + kDepth / kSplits; ++kk) {
-            float a[kMicro], b[kMicro];
-#pragma unroll
-            for (int i = 0; i < kMicro; ++i) a[i] = s.stage.a[kk][ty + (kTileRows / kMicro) * i];
-#pragma unroll
-            for (int j = 0; j < kMicro; ++j) b[j] = s.stage.b[kk][tx + kMicroCols * j];
-#pragma unroll
-            for (int i = 0; i < kMicro; ++i)
-#pragma unroll
-                for (int j = 0; j < kMicro; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-        }
-        __syncthreads();
-    }
-    const auto row = [&](int i) { return ty + (kTileRows / kMicro) * i; };
-    const auto col = [&](int j) { return tx + kMicroCols * j; };
-    if (group > 0) {
-#pragma unroll
-        for (int i = 0; i < kMicro; ++i)
-#pragma unroll
-            for (int j = 0; j < kMicro; ++j) s.partial[group - 1][row(i)][col(j)] = acc[i][j];
-    }
-    __syncthreads();
-    if (group == 0) {
-#pragma unroll
-        for (int i = 0; i < kMicro; ++i) {
-#pragma unroll
-            for (int j = 0; j < kMicro; ++j) {
-                float v = acc[i][j];
-#pragma unroll
-                for (int g = 0; g < kSplits - 1; ++g) v += s.partial[g][row(i)][col(j)];
-                out(row(i), col(j), v);
-            }
-        }
-    }
-    __syncthreads();
-}
 
 // One block: layer `layer`, image b, own rows r0 .. r0 + 15. Forward (kTranspose false): own
 // rows are rows_q, the other side rows_k; the block writes its rows' lse and loss, and the
@@ -301,9 +226,9 @@ __device__ void small_s_rows_block(const ccpl_small_s_rows_params& p, SmallShare
     };
 
     // Products of the normalised rows, 64 columns of the other side at a time.
-    for (int64_t j0 = 0; j0 < S; j0 += kTileCols) {
-        small_tile<true>(
-            s, C, [&](int m, int64_t c) { return r0 + m < S && c < C ? own_unit(m, c) : 0.0f; },
+    for (int64_t j0 = 0; j0 < S; j0 += SplitGemm::kCols) {
+        split_gemm_tile<true>(
+            s.gemm, C, [&](int m, int64_t c) { return r0 + m < S && c < C ? own_unit(m, c) : 0.0f; },
             [&](int64_t c, int n) { return j0 + n < S && c < C ? other_unit(j0 + n, c) : 0.0f; },
             [&](int m, int n, float v) {
                 if (j0 + n < S) s.logits[m][j0 + n] = v;
@@ -314,7 +239,7 @@ __device__ void small_s_rows_block(const ccpl_small_s_rows_params& p, SmallShare
     // tau), where P - I is taken at (own i, other j) in the forward and at (other j, own i),
     // the softmax row of q_j, in the transposed launch. A warp per own row. The logit of rows
     // (i, j) is their product times 1/tau, rounded on its own: the transposed launch, whose
-    // products are the forward's transposed (the same bits, small_tile), recomputes it exactly.
+    // products are the forward's transposed (the same bits, split_gemm_tile), recomputes it exactly.
     const float inv_tau = p.inv_tau;
     const float coeff = inv_tau / (float)(l.batch * S);
     for (int m = warp; m < kTileRows; m += warps) {
@@ -358,9 +283,9 @@ __device__ void small_s_rows_block(const ccpl_small_s_rows_params& p, SmallShare
 
     // The gradient of the own normalised rows, G times the other side's normalised rows, 64
     // columns at a time, into grad.
-    for (int64_t c0 = 0; c0 < C; c0 += kTileCols) {
-        small_tile<false>(
-            s, S, [&](int m, int64_t j) { return j < S ? s.logits[m][j] : 0.0f; },
+    for (int64_t c0 = 0; c0 < C; c0 += SplitGemm::kCols) {
+        split_gemm_tile<false>(
+            s.gemm, S, [&](int m, int64_t j) { return j < S ? s.logits[m][j] : 0.0f; },
             [&](int64_t j, int n) { return j < S && c0 + n < C ? other_unit(j, c0 + n) : 0.0f; },
             [&](int m, int n, float v) {
                 if (r0 + m < S && c0 + n < C) grad[(r0 + m) * C + c0 + n] = v;
@@ -368,7 +293,7 @@ __device__ void small_s_rows_block(const ccpl_small_s_rows_params& p, SmallShare
     }
 
     // Back through the normalisation, in place (the block's own writes, visible after the
-    // barrier that ends small_tile), u = x * scale / scaled from the row's own ScaledNorm.
+    // barrier that ends split_gemm_tile), u = x * scale / scaled from the row's own ScaledNorm.
     for (int m = warp; m < kTileRows; m += warps) {
         const int64_t i = r0 + m;
         if (i >= S) continue;
@@ -435,10 +360,9 @@ template <typename T> __device__ void small_s_scatter(const ccpl_small_s_scatter
     T* __restrict__ grad_feat = mut_ptr<T>(k_side ? l.grad_feat_k : l.grad_feat_q);
     if (grad_feat == nullptr) return;
     const float* __restrict__ grad_rows = ptr<float>(k_side ? l.grad_rows_k : l.grad_rows_q);
-    const int32_t* __restrict__ centers = ptr<int32_t>(l.centers);
     const float upstream = ptr<float>(p.upstream)[0];
-    const int64_t C = l.channels, N = l.num_centers, plane = (int64_t)l.height * l.width;
-    const int64_t total = (int64_t)l.batch * N * C;
+    const int64_t C = l.shape.channels, N = l.centers.count;
+    const int64_t total = (int64_t)l.shape.batch * N * C;
     const int64_t stride = (int64_t)layer_blocks(p.layers, p.num_layers, layer) * blockDim.x;
     for (int64_t t = (int64_t)(blockIdx.x - l.first_block) * blockDim.x + threadIdx.x; t < total;
          t += stride) {
@@ -446,10 +370,9 @@ template <typename T> __device__ void small_s_scatter(const ccpl_small_s_scatter
         const int x = (int)((t / C) % N);
         const float* g = grad_rows + b * CCPL_NUM_NEIGHBORS * N * C + c;  // row r at g[r*C]
         scatter_window(
-            ptr<int32_t>(l.center_map), l.height, l.width, l.num_centers, x, centers[x],
-            [&](int64_t r) { return g[r * C]; },
+            l.shape, l.centers, x, [&](int64_t r) { return g[r * C]; },
             [&](int64_t q, float sum) {
-                T* out = &grad_feat[feat_index(l.layout, b, c, q, C, plane)];
+                T* out = &grad_feat[feature_index(l.shape, b, c, q)];
                 *out = from_float<T>(to_float(*out) + upstream * sum);
             });
     }

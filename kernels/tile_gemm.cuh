@@ -1,7 +1,8 @@
 // tile_gemm.cuh: the shared-memory tile loop of similarity.cu (logits = q kᵀ), info_nce.cu
 // (gradients = G · rows) and info_nce_fused.cu (both, tile by tile): one block computes one
 // 64x64 tile of out = A·B with float accumulation. The operands come from callbacks, so the
-// same loop serves plain rows, transposed reads and operands computed on the fly.
+// same loop serves plain rows, transposed reads and operands computed on the fly. Its sibling
+// for the 16-row blocks of small_s.cu is split_gemm.cuh.
 #pragma once
 
 #include "common.cuh"

@@ -41,7 +41,7 @@ find_libraries() {
             name=$(basename "$packed" .gz)
             gzip -dc "$packed" > "$bin/$name" && chmod +x "$bin/$name"
         done
-        run "tests cuda" "$bin/cuda" --test-threads=1
+        run "tests cuda" "$bin/candle" cuda:: --test-threads=1
         run "example train_heads" "$bin/train_heads"
         rm -rf "$bin"
     else

@@ -21,26 +21,23 @@ run() { # name, command...
     ldd --version | head -1
     # First: do the tensor cores add as the emulator's model says (every test's tolerance on
     # f16/bf16 rests on it)?
-    run "tests hmma_hardware" "$here/bin/hmma_hardware" --test-threads=1 --nocapture
+    run "tests hmma_hardware" "$here/bin/emulator" hmma_hardware:: --test-threads=1 --nocapture
     run "main job" "$here/ccp_loss"
     for bin in "$here"/bin/*; do
-        [ "$(basename "$bin")" = hmma_hardware ] && continue
-        run "tests $(basename "$bin")" "$bin" --test-threads=1
+        run "tests $(basename "$bin")" "$bin" --skip hmma_hardware:: --test-threads=1
     done
     sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
     if [ -z "$sanitizer" ]; then
         echo "=== compute-sanitizer not found"; failures=$((failures + 1))
     else
         # Only what runs on the GPU: the `::gpu` half of the device-generic tests and every
-        # test of gpu_*, at the small sizes they pick under CCPL_SANITIZER=1.
+        # test of the modules gpu_*, at the small sizes they pick under CCPL_SANITIZER=1.
+        filter=(::gpu gpu_api:: gpu_loss::)
         for tool in memcheck racecheck; do
             for bin in "$here"/bin/*; do
                 name=$(basename "$bin")
-                case $name in
-                    gpu_*) filter=() ;;
-                    *) "$bin" --list 2>/dev/null | grep -q '::gpu: test' || continue
-                       filter=(::gpu) ;;
-                esac
+                "$bin" --list 2>/dev/null | grep -qE '(::gpu|^gpu_api::.*|^gpu_loss::.*): test' ||
+                    continue
                 CCPL_SANITIZER=1 run "$tool $name" "$sanitizer" --tool "$tool" \
                     --error-exitcode 99 "$bin" "${filter[@]}" --test-threads=1
             done

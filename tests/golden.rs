@@ -2,7 +2,7 @@
 //! the golden folder (`$CCPL_GOLDEN_DIR`, else `tests/golden`), loss and both gradients. Also
 //! checks that the loader fails, naming file and tensor, on a folder or file it cannot use.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -4,14 +4,17 @@
 //! with the reference. Each test says loudly that it SKIPPED without a GPU, and fails instead
 //! when `CCPL_REQUIRE_GPU=1`.
 
-mod common;
+use crate::common;
 
 use ccpl::cuda::{CcpLoss, DeviceCenters};
 use ccpl::loss::multi_layer::LossPlan;
 use ccpl::reference::{self, LayerInput};
 use ccpl::{Centers, Error, FeatureShape, Layout, Tau};
 use common::Rng;
-use common::device::{F32_TOLERANCE, assert_close, gpu, random, stored_tolerance, to_f64};
+use common::assert_close;
+use common::device::gpu;
+use common::fixtures::random;
+use common::tolerance::{F32_TOLERANCE, stored_tolerance, to_f64};
 use cudarc::driver::{CudaSlice, CudaStream, sys};
 
 const TAU: Tau = Tau::DEFAULT;

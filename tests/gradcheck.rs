@@ -8,7 +8,7 @@
 //! gradient (a sign, a missing term, G for G^T, a wrong neighbour) gives an error of order 1,
 //! far above the tolerances below, which come from the errors measured on these cases.
 
-mod common;
+use crate::common;
 
 use ccpl::reference::{
     ccp_layer_loss, info_nce_backward, info_nce_forward, neighbor_diff, neighbor_diff_backward,

@@ -3,13 +3,16 @@
 //! (`loss::layer::LayerPlan`, the code the GPU path runs), with both scatters, on the
 //! emulator and the GPU, within the spec's float32 tolerance.
 
-mod common;
+use crate::common;
 
 use ccpl::launch::neighbor::Scatter;
 use ccpl::loss::layer::{LayerPlan, LayerWorkspace};
 use ccpl::{Centers, FeatureShape, Layout};
-use common::device::{F32_TOLERANCE, TestCenters, TestDevice, assert_close, to_f64};
+use common::assert_close;
+use common::device::TestDevice;
+use common::fixtures::TestCenters;
 use common::golden::{self, GoldenCase};
+use common::tolerance::{F32_TOLERANCE, to_f64};
 
 /// The kernels' loss and gradients of feat_q and feat_k for one case, in f32.
 fn run<D: TestDevice>(dev: &D, case: &GoldenCase, scatter: Scatter) -> (f64, Vec<f64>, Vec<f64>) {

@@ -2,20 +2,19 @@
 //! it for every storage type (PTX and every cubin), nothing else is, and ptxas reported no
 //! register spill and no stack frame for any kernel.
 
+use crate::common;
+
 use std::collections::BTreeSet;
 
 use ccpl::cuda::entry_points;
 use ccpl::launch::CentersBuf;
 use ccpl::launch::info_nce::{self, Side};
 use ccpl::launch::neighbor::{self, Scatter};
-use ccpl::launch::{Buf, info_nce_fused, normalize, similarity, small_s};
+use ccpl::launch::{info_nce_fused, normalize, similarity, small_s};
 use ccpl::loss::layer::LayerWorkspace;
 use ccpl::{Dtype, FeatureShape, Layout, RowShape, Tau, ffi};
+use common::buf;
 use half::{bf16, f16};
-
-fn buf(len: usize) -> Buf {
-    Buf { addr: 0, len }
-}
 
 /// The kernel names of every plan for storage type `T` (plans are pure: no buffer is read).
 fn planned<T: Dtype>() -> Vec<String> {

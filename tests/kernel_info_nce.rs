@@ -3,15 +3,15 @@
 //! their mean (written or accumulated), and the backward into q (and k), for every storage
 //! type, with the upstream gradient read from device memory.
 
-mod common;
+use crate::common;
 
 use ccpl::launch::info_nce::{self, Side};
 use ccpl::{Dtype, RowShape, Tau, reference};
 use common::Rng;
-use common::device::{
-    F32_TOLERANCE, Rows, TestDevice, assert_close, from_f64, label, stored_tolerance, to_f64,
-    unit_rows,
-};
+use common::assert_close;
+use common::device::TestDevice;
+use common::fixtures::{Rows, label, unit_rows};
+use common::tolerance::{F32_TOLERANCE, from_f64, stored_tolerance, to_f64};
 
 /// `(B, S, C)`: odd sizes, S = 8 with C = 1, S past a tile; on the GPU S = 8192.
 fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {

@@ -6,16 +6,17 @@
 //! emulator's portable nvcuda::wmma), whose second product takes G rounded to T: the
 //! tolerance is measured on a model that rounds G as the kernel does.
 
-mod common;
+use crate::common;
 
 use ccpl::launch::info_nce::{self, Side};
-use ccpl::launch::{info_nce_fused, similarity};
+use ccpl::launch::{Buf, KernelParams, LaunchPlan, info_nce_fused, similarity};
 use ccpl::{Dtype, RowShape, Tau, reference};
 use common::Rng;
-use common::device::{
-    F32_TOLERANCE, Rows, TestDevice, assert_close, from_f64, fused_backward_model, label, rounded,
-    stored_tolerance, to_f64, tolerance, unit_rows,
-};
+use common::assert_close;
+use common::device::TestDevice;
+use common::fixtures::{Rows, label, unit_rows};
+use common::models::fused_backward_model;
+use common::tolerance::{F32_TOLERANCE, from_f64, rounded, stored_tolerance, to_f64, tolerance};
 
 /// `(B, S, C)`: odd sizes, S = 8 with C = 1, S not a multiple of the 64-row tile, C over one
 /// 64-column tile, C = 520 (a long reduction: tensor cores' truncation would bias the logits
@@ -62,6 +63,74 @@ struct Outputs {
     dk: Vec<f64>,
 }
 
+/// The buffers of one path on a device: both sides' rows in `T`, the row statistics and the
+/// upstream gradient.
+struct Buffers<T: Dtype, D: TestDevice> {
+    q: D::Mem<T>,
+    k: D::Mem<T>,
+    lse: D::Mem<f32>,
+    row_loss: D::Mem<f32>,
+    upstream: D::Mem<f32>,
+}
+
+impl<T: Dtype, D: TestDevice> Buffers<T, D> {
+    /// The rows rounded to `T`, and the row statistics `stats` (NaN-filled for the forward to
+    /// write when there are none).
+    fn upload(
+        dev: &D,
+        shape: &RowShape,
+        (q, k): (&[f64], &[f64]),
+        stats: Option<(&[f64], &[f64])>,
+    ) -> Self {
+        let count = shape.batch() * shape.rows();
+        let stat = |given: Option<&[f64]>| match given {
+            Some(values) => dev.upload(&from_f64::<f32>(values)),
+            None => dev.alloc_nan::<f32>(count),
+        };
+        Self {
+            q: dev.upload(&from_f64::<T>(q)),
+            k: dev.upload(&from_f64::<T>(k)),
+            lse: stat(stats.map(|(lse, _)| lse)),
+            row_loss: stat(stats.map(|(_, row_loss)| row_loss)),
+            upstream: dev.upload(&[UPSTREAM]),
+        }
+    }
+
+    /// The fused backward into `side` from these rows and statistics.
+    fn fused_backward(&mut self, dev: &D, shape: &RowShape, tau: Tau, side: Side) -> Vec<f64> {
+        let (q, k) = (dev.buf(&mut self.q), dev.buf(&mut self.k));
+        let (lse, row_loss) = (dev.buf(&mut self.lse), dev.buf(&mut self.row_loss));
+        let upstream = dev.buf(&mut self.upstream);
+        gradient::<T, D, _>(dev, shape.len(), |grad| {
+            info_nce_fused::info_nce_fused_backward::<T>(
+                shape, tau, side, q, k, lse, row_loss, upstream, grad,
+            )
+        })
+    }
+
+    /// The row statistics on the device with the gradients `dq` and `dk`.
+    fn outputs(&self, dev: &D, (dq, dk): (Vec<f64>, Vec<f64>)) -> Outputs {
+        Outputs {
+            row_lse: to_f64(&dev.download(&self.lse)),
+            row_loss: to_f64(&dev.download(&self.row_loss)),
+            dq,
+            dk,
+        }
+    }
+}
+
+/// A gradient of `len` elements in `T`, NaN-filled, then written by the plan `plan` makes for
+/// its buffer.
+fn gradient<T: Dtype, D: TestDevice, P: KernelParams>(
+    dev: &D,
+    len: usize,
+    plan: impl FnOnce(Buf) -> ccpl::Result<LaunchPlan<P>>,
+) -> Vec<f64> {
+    let mut grad_dev = dev.alloc_nan::<T>(len);
+    dev.run(&plan(dev.buf(&mut grad_dev)).unwrap());
+    to_f64(&dev.download(&grad_dev))
+}
+
 /// The fused path: forward, then the backward into both sides; outputs NaN-filled first.
 fn run_fused<T: Dtype, D: TestDevice>(
     dev: &D,
@@ -70,46 +139,20 @@ fn run_fused<T: Dtype, D: TestDevice>(
     q: &[f64],
     k: &[f64],
 ) -> Outputs {
-    let count = shape.batch() * shape.rows();
-    let mut q_dev = dev.upload(&from_f64::<T>(q));
-    let mut k_dev = dev.upload(&from_f64::<T>(k));
-    let mut lse_dev = dev.alloc_nan::<f32>(count);
-    let mut row_loss_dev = dev.alloc_nan::<f32>(count);
-    let mut upstream_dev = dev.upload(&[UPSTREAM]);
+    let mut bufs = Buffers::<T, D>::upload(dev, shape, (q, k), None);
     let forward = info_nce_fused::info_nce_fused_forward::<T>(
         shape,
         tau,
-        dev.buf(&mut q_dev),
-        dev.buf(&mut k_dev),
-        dev.buf(&mut lse_dev),
-        dev.buf(&mut row_loss_dev),
+        dev.buf(&mut bufs.q),
+        dev.buf(&mut bufs.k),
+        dev.buf(&mut bufs.lse),
+        dev.buf(&mut bufs.row_loss),
     )
     .unwrap();
     dev.run(&forward);
-    let mut grad = |side| {
-        let mut grad_dev = dev.alloc_nan::<T>(shape.len());
-        let plan = info_nce_fused::info_nce_fused_backward::<T>(
-            shape,
-            tau,
-            side,
-            dev.buf(&mut q_dev),
-            dev.buf(&mut k_dev),
-            dev.buf(&mut lse_dev),
-            dev.buf(&mut row_loss_dev),
-            dev.buf(&mut upstream_dev),
-            dev.buf(&mut grad_dev),
-        )
-        .unwrap();
-        dev.run(&plan);
-        to_f64(&dev.download(&grad_dev))
-    };
-    let (dq, dk) = (grad(Side::Q), grad(Side::K));
-    Outputs {
-        row_lse: to_f64(&dev.download(&lse_dev)),
-        row_loss: to_f64(&dev.download(&row_loss_dev)),
-        dq,
-        dk,
-    }
+    let dq = bufs.fused_backward(dev, shape, tau, Side::Q);
+    let dk = bufs.fused_backward(dev, shape, tau, Side::K);
+    bufs.outputs(dev, (dq, dk))
 }
 
 /// The materialised path on the same device: similarity, info_nce_forward, info_nce_backward.
@@ -120,58 +163,26 @@ fn run_materialised<T: Dtype, D: TestDevice>(
     q: &[f64],
     k: &[f64],
 ) -> Outputs {
-    let count = shape.batch() * shape.rows();
-    let mut q_dev = dev.upload(&from_f64::<T>(q));
-    let mut k_dev = dev.upload(&from_f64::<T>(k));
+    let mut bufs = Buffers::<T, D>::upload(dev, shape, (q, k), None);
     let mut logits_dev = dev.alloc_nan::<f32>(shape.logits_len());
-    let mut lse_dev = dev.alloc_nan::<f32>(count);
-    let mut row_loss_dev = dev.alloc_nan::<f32>(count);
-    let mut upstream_dev = dev.upload(&[UPSTREAM]);
-    let logits = similarity::similarity::<T>(
-        shape,
-        tau,
-        dev.buf(&mut q_dev),
-        dev.buf(&mut k_dev),
+    let (q, k, logits) = (
+        dev.buf(&mut bufs.q),
+        dev.buf(&mut bufs.k),
         dev.buf(&mut logits_dev),
-    )
-    .unwrap();
-    dev.run(&logits);
-    let forward = info_nce::info_nce_forward(
-        shape,
-        dev.buf(&mut logits_dev),
-        dev.buf(&mut lse_dev),
-        dev.buf(&mut row_loss_dev),
-    )
-    .unwrap();
-    dev.run(&forward);
-    let mut grad = |side| {
-        let mut grad_dev = dev.alloc_nan::<T>(shape.len());
-        let other = match side {
-            Side::Q => &mut k_dev,
-            Side::K => &mut q_dev,
-        };
-        let plan = info_nce::info_nce_backward::<T>(
-            shape,
-            tau,
-            side,
-            dev.buf(&mut logits_dev),
-            dev.buf(&mut lse_dev),
-            dev.buf(&mut row_loss_dev),
-            dev.buf(other),
-            dev.buf(&mut upstream_dev),
-            dev.buf(&mut grad_dev),
-        )
-        .unwrap();
-        dev.run(&plan);
-        to_f64(&dev.download(&grad_dev))
+    );
+    let (lse, row_loss) = (dev.buf(&mut bufs.lse), dev.buf(&mut bufs.row_loss));
+    let upstream = dev.buf(&mut bufs.upstream);
+    dev.run(&similarity::similarity::<T>(shape, tau, q, k, logits).unwrap());
+    dev.run(&info_nce::info_nce_forward(shape, logits, lse, row_loss).unwrap());
+    let grad = |side, other| {
+        gradient::<T, D, _>(dev, shape.len(), |grad| {
+            info_nce::info_nce_backward::<T>(
+                shape, tau, side, logits, lse, row_loss, other, upstream, grad,
+            )
+        })
     };
-    let (dq, dk) = (grad(Side::Q), grad(Side::K));
-    Outputs {
-        row_lse: to_f64(&dev.download(&lse_dev)),
-        row_loss: to_f64(&dev.download(&row_loss_dev)),
-        dq,
-        dk,
-    }
+    let (dq, dk) = (grad(Side::Q, k), grad(Side::K, q));
+    bufs.outputs(dev, (dq, dk))
 }
 
 /// The reference on the exact logits of the rows, and the rounding model of the fused
@@ -238,13 +249,24 @@ fn check_fused<T: Dtype, D: TestDevice>(
     }
 }
 
-fn info_nce_fused_matches_reference<D: TestDevice>(dev: &D) {
-    let mut rng = Rng::new(16);
+/// Runs `check` on every shape and regime, the rows drawn from `seed`.
+fn each_case<D: TestDevice>(
+    dev: &D,
+    seed: u64,
+    mut check: impl FnMut(&RowShape, Tau, Rows, &mut Rng),
+) {
+    let mut rng = Rng::new(seed);
     for shape in shapes(dev) {
         for (tau, rows) in regimes(&shape) {
-            for_each_dtype!(check_fused(dev, &shape, tau, rows, &mut rng));
+            check(&shape, tau, rows, &mut rng);
         }
     }
+}
+
+fn info_nce_fused_matches_reference<D: TestDevice>(dev: &D) {
+    each_case(dev, 16, |shape, tau, rows, rng| {
+        for_each_dtype!(check_fused(dev, shape, tau, rows, rng))
+    });
 }
 
 /// The fused path against the materialised one on the same device and rows. The logits
@@ -286,12 +308,9 @@ fn check_same_as_materialised<T: Dtype, D: TestDevice>(
 }
 
 fn info_nce_fused_matches_materialised<D: TestDevice>(dev: &D) {
-    let mut rng = Rng::new(17);
-    for shape in shapes(dev) {
-        for (tau, rows) in regimes(&shape) {
-            for_each_dtype!(check_same_as_materialised(dev, &shape, tau, rows, &mut rng));
-        }
-    }
+    each_case(dev, 17, |shape, tau, rows, rng| {
+        for_each_dtype!(check_same_as_materialised(dev, shape, tau, rows, rng))
+    });
 }
 
 /// The fused backward recomputes the very logits similarity stores: given the same row
@@ -300,27 +319,24 @@ fn info_nce_fused_matches_materialised<D: TestDevice>(dev: &D) {
 /// own: a compiler that fuses `dot * inv_tau - lse` into one FMA (nvcc does, and so does the
 /// emulator's host compiler) changes G's last bits unless the kernel spells out __fmul_rn.
 fn fused_backward_recomputes_the_stored_logits<D: TestDevice>(dev: &D) {
-    let mut rng = Rng::new(18);
-    for shape in shapes(dev) {
-        for (tau, rows) in regimes(&shape) {
-            let (q, k) = unit_rows::<f32>(&mut rng, &shape, rows);
-            let materialised = run_materialised::<f32, D>(dev, &shape, tau, &q, &k);
-            let stats = (&materialised.row_lse, &materialised.row_loss);
-            for (side, want) in [(Side::Q, &materialised.dq), (Side::K, &materialised.dk)] {
-                let got = run_fused_backward(dev, &shape, tau, &q, &k, stats, side);
-                let what = format!("{side:?} {}", label(dev, &shape, tau, rows));
-                let differ = got
-                    .iter()
-                    .zip(want)
-                    .filter(|(a, b)| a.to_bits() != b.to_bits());
-                assert_eq!(
-                    differ.count(),
-                    0,
-                    "fused and materialised f32 gradients differ: {what}"
-                );
-            }
+    each_case(dev, 18, |shape, tau, rows, rng| {
+        let (q, k) = unit_rows::<f32>(rng, shape, rows);
+        let materialised = run_materialised::<f32, D>(dev, shape, tau, &q, &k);
+        let stats = (&materialised.row_lse, &materialised.row_loss);
+        for (side, want) in [(Side::Q, &materialised.dq), (Side::K, &materialised.dk)] {
+            let got = run_fused_backward(dev, shape, tau, &q, &k, stats, side);
+            let what = format!("{side:?} {}", label(dev, shape, tau, rows));
+            let differ = got
+                .iter()
+                .zip(want)
+                .filter(|(a, b)| a.to_bits() != b.to_bits());
+            assert_eq!(
+                differ.count(),
+                0,
+                "fused and materialised f32 gradients differ: {what}"
+            );
         }
-    }
+    });
 }
 
 /// The fused f32 backward of one side from given row statistics (as f64 of f32 values).
@@ -333,26 +349,8 @@ fn run_fused_backward<D: TestDevice>(
     (row_lse, row_loss): (&Vec<f64>, &Vec<f64>),
     side: Side,
 ) -> Vec<f64> {
-    let mut q_dev = dev.upload(&from_f64::<f32>(q));
-    let mut k_dev = dev.upload(&from_f64::<f32>(k));
-    let mut lse_dev = dev.upload(&from_f64::<f32>(row_lse));
-    let mut row_loss_dev = dev.upload(&from_f64::<f32>(row_loss));
-    let mut upstream_dev = dev.upload(&[UPSTREAM]);
-    let mut grad_dev = dev.alloc_nan::<f32>(shape.len());
-    let plan = info_nce_fused::info_nce_fused_backward::<f32>(
-        shape,
-        tau,
-        side,
-        dev.buf(&mut q_dev),
-        dev.buf(&mut k_dev),
-        dev.buf(&mut lse_dev),
-        dev.buf(&mut row_loss_dev),
-        dev.buf(&mut upstream_dev),
-        dev.buf(&mut grad_dev),
-    )
-    .unwrap();
-    dev.run(&plan);
-    to_f64(&dev.download(&grad_dev))
+    let stats = Some((&row_lse[..], &row_loss[..]));
+    Buffers::<f32, D>::upload(dev, shape, (q, k), stats).fused_backward(dev, shape, tau, side)
 }
 
 on_every_device!(

@@ -6,15 +6,16 @@
 //! directly (what was added to the buffer, against the gradient); and the same at the edges of
 //! each type's range.
 
-mod common;
+use crate::common;
 
 use ccpl::launch::neighbor::Scatter;
 use ccpl::loss::layer::{LayerPlan, LayerWorkspace};
 use ccpl::{Centers, Dtype, FeatureShape, Layout, Tau, ffi, reference};
-use common::device::{
-    TestCenters, TestDevice, assert_close, largest, layer_model, random, scatter_model, to_f64,
-    tolerance,
-};
+use common::assert_close;
+use common::device::TestDevice;
+use common::fixtures::{TestCenters, random};
+use common::models::{layer_model, scatter_model};
+use common::tolerance::{largest, to_f64, tolerance};
 use common::{Rng, rel_err};
 
 const TAU: Tau = Tau::DEFAULT;

@@ -4,15 +4,16 @@
 //! exceed it), and the backward scatter (atomic and deterministic) accumulating into the
 //! caller's buffer.
 
-mod common;
+use crate::common;
 
 use ccpl::launch::neighbor::{self, Scatter};
 use ccpl::{Centers, Dtype, FeatureShape, Layout, reference};
 use common::Rng;
-use common::device::{
-    TestCenters, TestDevice, assert_close, random, scatter_model, stored_tolerance, to_f64,
-    tolerance,
-};
+use common::assert_close;
+use common::device::TestDevice;
+use common::fixtures::{TestCenters, random};
+use common::models::scatter_model;
+use common::tolerance::{stored_tolerance, to_f64, tolerance};
 
 /// A feature map and its centres.
 struct Case {
@@ -145,7 +146,7 @@ fn check_neighbor_diff_normalize<T: Dtype, D: TestDevice>(
         &format!("{what} norms"),
         &got,
         &expected,
-        common::device::F32_TOLERANCE,
+        common::tolerance::F32_TOLERANCE,
     );
 }
 

@@ -2,15 +2,16 @@
 //! storage type: the normalised rows and their norms, and the backward, including rows that
 //! are exactly zero (finite gradient `g/eps`, never NaN) and tiny ones.
 
-mod common;
+use crate::common;
 
 use ccpl::launch::normalize;
 use ccpl::{Dtype, RowShape, reference};
 use common::Rng;
-use common::device::{
-    F32_TOLERANCE, TestDevice, assert_close, largest, normalize_backward_from_normalized, random,
-    rounded, stored_tolerance, to_f64, tolerance,
-};
+use common::assert_close;
+use common::device::TestDevice;
+use common::fixtures::random;
+use common::models::normalize_backward_from_normalized;
+use common::tolerance::{F32_TOLERANCE, largest, rounded, stored_tolerance, to_f64, tolerance};
 
 /// Odd widths, C = 1, S = 8, a wide row; on the GPU S = 8192 and C = 4099.
 fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {

@@ -3,14 +3,16 @@
 //! stage, on the emulator and the GPU, for every storage type, with the default upstream
 //! gradient and one from device memory, for one side and for both.
 
-mod common;
+use crate::common;
 
 use ccpl::loss::rows::{RowsPlan, RowsWorkspace};
 use ccpl::{Dtype, RowShape, Tau, reference};
 use common::Rng;
-use common::device::{
-    F32_TOLERANCE, TestDevice, assert_close, largest, random, rows_model, to_f64, tolerance,
-};
+use common::assert_close;
+use common::device::TestDevice;
+use common::fixtures::random;
+use common::models::rows_model;
+use common::tolerance::{F32_TOLERANCE, largest, to_f64, tolerance};
 
 const TAU: Tau = Tau::DEFAULT;
 

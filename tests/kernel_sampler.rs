@@ -5,13 +5,14 @@
 //! uniformly random order, independent across layers and across steps (chi-square tests at a
 //! significance of 0.001 each).
 
-mod common;
+use crate::common;
 
 use ccpl::launch::Buf;
 use ccpl::launch::CentersBuf;
 use ccpl::launch::small_s::{self, GatherLayer};
 use ccpl::sampling::philox4x32_10;
 use ccpl::{Centers, FeatureShape, Layout};
+use common::chi_square;
 use common::device::{Emu, TestDevice};
 
 /// The draws of `steps` launches on sample-only layers of maps `(H, W, num_s)`:
@@ -126,15 +127,6 @@ fn philox_gives_the_known_answers() {
         ),
         [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
     );
-}
-
-/// Pearson's statistic of observed counts against expected ones.
-fn chi_square(observed: &[f64], expected: &[f64]) -> f64 {
-    observed
-        .iter()
-        .zip(expected)
-        .map(|(o, e)| (o - e) * (o - e) / e)
-        .sum()
 }
 
 /// The statistic of independence of a contingency table of pairs (row, column).

@@ -1,12 +1,15 @@
 //! `kernels/similarity.cu` against the CPU reference, on the emulator and the GPU, for every
 //! storage type, at sizes that are multiples of neither the 64-row tile nor the 32-deep stage.
 
-mod common;
+use crate::common;
 
 use ccpl::launch::similarity;
 use ccpl::{Dtype, RowShape, Tau, reference};
 use common::Rng;
-use common::device::{F32_TOLERANCE, TestDevice, assert_close, random, to_f64};
+use common::assert_close;
+use common::device::TestDevice;
+use common::fixtures::random;
+use common::tolerance::{F32_TOLERANCE, to_f64};
 
 /// `(B, S, C)`: odd sizes, S = 8 with C = 1, one row and one column past a tile and a stage;
 /// on the GPU S = 8192 and a deep C.

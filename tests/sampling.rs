@@ -1,8 +1,9 @@
 //! Centres cost memory in proportion to their number, whatever the size of the map: drawing
 //! or checking 8 centres of a 46340 x 46340 map (the largest square map within the kernels'
 //! i32 range) must not allocate one entry per position (8.6 GB). Measured by the bytes this
-//! thread asks the allocator for; a request beyond `REFUSED` is refused (the process aborts)
-//! rather than granted, so a regression fails without taking the machine's memory.
+//! thread asks the allocator for while it draws or checks; a request beyond `REFUSED` there is
+//! refused (the process aborts) rather than granted, so a regression fails without taking the
+//! machine's memory. The allocator serves the whole test binary: elsewhere it only forwards.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -15,6 +16,8 @@ const REFUSED: usize = 64 << 20;
 struct Counting;
 
 thread_local! {
+    /// Whether this thread is in [`requested`]: only then are requests counted and limited.
+    static MEASURING: Cell<bool> = const { Cell::new(false) };
     static REQUESTED: Cell<usize> = const { Cell::new(0) };
 }
 
@@ -22,10 +25,12 @@ thread_local! {
 // allowed to refuse anyway.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if layout.size() > REFUSED {
-            return std::ptr::null_mut();
+        if MEASURING.with(Cell::get) {
+            if layout.size() > REFUSED {
+                return std::ptr::null_mut();
+            }
+            REQUESTED.with(|r| r.set(r.get() + layout.size()));
         }
-        REQUESTED.with(|r| r.set(r.get() + layout.size()));
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
@@ -39,7 +44,9 @@ static ALLOCATOR: Counting = Counting;
 /// Bytes this thread requested while `f` ran, and its result.
 fn requested<R>(f: impl FnOnce() -> R) -> (usize, R) {
     let before = REQUESTED.with(Cell::get);
+    MEASURING.with(|m| m.set(true));
     let result = f();
+    MEASURING.with(|m| m.set(false));
     (REQUESTED.with(Cell::get) - before, result)
 }
 

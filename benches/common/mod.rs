@@ -327,22 +327,7 @@ fn json_str(s: &str) -> String {
     out
 }
 
-/// The crate's seeded generator with the draws the benches need.
-pub struct Rng(ccpl::sampling::SplitMix64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(ccpl::sampling::SplitMix64::new(seed))
-    }
-    /// Uniform in `[-1, 1)`.
-    pub fn symmetric(&mut self) -> f64 {
-        2.0 * self.0.unit() - 1.0
-    }
-    /// `len` values uniform in `[-1, 1)`.
-    pub fn vec(&mut self, len: usize) -> Vec<f64> {
-        (0..len).map(|_| self.symmetric()).collect()
-    }
-}
+pub use ccpl_testkit::Rng;
 
 /// `len` values uniform in `[-1, 1)`, rounded to `T`: the host copy (for checks) and the
 /// device copy. Random data, never zeros (they can run faster than real data).

@@ -10,7 +10,7 @@
 //! - The errors only a GPU can give: f64 refused, inputs on two devices.
 #![cfg(feature = "cuda")]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 
@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Result, Tensor, Var, WithDType};
 use ccpl::cuda::{CcpLayer, CcpRows, DeviceCenters, Kernels, Scatter, neighbor};
 use ccpl::{Centers, Dtype, FeatureShape, Layout, RowShape, Tau};
 use ccpl_candle::{ccp_layer_loss, neighbor_diff, rows_loss};
-use common::{Rng, assert_close, assert_same, rounded, values};
+use common::{Rng, TensorRng, assert_close, assert_same, rounded, values};
 
 const TAU: f64 = 0.07;
 const UPSTREAM: f32 = 2.5;
@@ -93,7 +93,7 @@ fn same_bits_as_ccpl<T: Dtype + WithDType>(dev: &Device, rng: &mut Rng) -> Resul
     // The layer loss, both sides tracked.
     let (b, c, h, w) = (2, 37, 13, 11);
     let shape = FeatureShape::new(b, c, h, w, Layout::Nchw).unwrap();
-    let centers = Centers::sample(h, w, 40, rng.seed()).unwrap();
+    let centers = Centers::sample(h, w, 40, rng.next_u64()).unwrap();
     let (feat_q, q) = input::<T>(rng, &[b, c, h, w], 1.0, dev)?;
     let (feat_k, k) = input::<T>(rng, &[b, c, h, w], 1.0, dev)?;
     let loss = ccp_layer_loss(&feat_q, &feat_k, &centers, TAU)?;
@@ -246,7 +246,7 @@ fn f32_matches_the_reference() -> Result<()> {
     };
     let mut rng = Rng::new(32);
     let (b, c, h, w) = (3, 64, 17, 19);
-    let centers = Centers::sample(h, w, 100, rng.seed()).unwrap();
+    let centers = Centers::sample(h, w, 100, rng.next_u64()).unwrap();
     let (feat_q, _) = rng.tensor(&[b, c, h, w], 1.0, DType::F32, &Device::Cpu)?;
     let (feat_k, _) = rng.tensor(&[b, c, h, w], 1.0, DType::F32, &Device::Cpu)?;
     let layer = |q: &Tensor, k: &Tensor| ccp_layer_loss(q, k, &centers, TAU);

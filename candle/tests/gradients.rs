@@ -12,12 +12,12 @@
 //! above the tolerances, which are about 100x the largest error measured on these (seeded)
 //! cases.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_nn::{Linear, VarBuilder, VarMap, linear};
 use ccpl_candle::{Centers, ccp_layer_loss, neighbor_diff, rows_loss};
-use common::{Rng, assert_close, values};
+use common::{Rng, TensorRng, assert_close, values};
 
 /// Finite differences through the layer loss (step 1e-4): measured 4.0e-11.
 const TOL_FD_LAYER: f64 = 4e-9;
@@ -95,7 +95,7 @@ fn var(rng: &mut Rng, dims: &[usize]) -> Result<Var> {
 fn layer_loss_gradient_is_the_derivative_of_its_loss() -> Result<()> {
     let mut rng = Rng::new(21);
     let (b, c, h, w) = (2, 5, 7, 9);
-    let centers = Centers::sample(h, w, 13, rng.seed()).unwrap();
+    let centers = Centers::sample(h, w, 13, rng.next_u64()).unwrap();
     let inputs = [var(&mut rng, &[b, c, h, w])?, var(&mut rng, &[b, c, h, w])?];
     let dirs = directions(&mut rng, &inputs, 6)?;
     let loss = |x: &[Tensor]| ccp_layer_loss(&x[0], &x[1], &centers, TAU);
@@ -147,7 +147,7 @@ fn upstream_is_kept(
 fn head_gradients_are_the_derivatives_of_the_loss() -> Result<()> {
     let mut rng = Rng::new(22);
     let (b, c, h, w, out) = (2, 6, 6, 7, 3);
-    let centers = Centers::sample(h, w, 9, rng.seed()).unwrap();
+    let centers = Centers::sample(h, w, 9, rng.next_u64()).unwrap();
     // feat_q, feat_k, and a linear head's weight and bias, shared by both sides.
     let inputs = [
         var(&mut rng, &[b, c, h, w])?,
@@ -245,7 +245,7 @@ fn paper_heads_get_the_gradients_of_plain_candle_ops() -> Result<()> {
         let head = Head::new(c, vb.pp(format!("head{i}")))?;
         let feat_q = var(&mut rng, &[b, c, h, w])?;
         let feat_k = rng.tensor(&[b, c, h, w], 1.0, DType::F64, &dev)?.0;
-        let centers = Centers::sample(h, w, num_s, rng.seed()).unwrap();
+        let centers = Centers::sample(h, w, num_s, rng.next_u64()).unwrap();
         setup.push((head, feat_q, feat_k, centers));
     }
     let total = |diff: &dyn Fn(&Tensor, &Centers) -> Result<Tensor>,

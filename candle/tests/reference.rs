@@ -7,12 +7,12 @@
 //! once to the storage type. So each result must EQUAL the reference's rounded to the dtype:
 //! any difference is a fault of the glue (a wrong buffer, offset, side or scale), not rounding.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use ccpl::{Centers, FeatureShape, Layout, RowShape, Tau, reference};
 use ccpl_candle::{ccp_layer_loss, neighbor_diff, rows_loss};
-use common::{CPU_DTYPES, Rng, assert_same, rounded, values};
+use common::{CPU_DTYPES, Rng, TensorRng, assert_same, rounded, values};
 
 const UPSTREAM: f64 = 2.5;
 
@@ -93,7 +93,7 @@ fn layer_loss_matches_reference() -> Result<()> {
                 let label = format!("{dtype:?} B={b} C={c} H={h} W={w} track_k={track_k}");
                 let dims = [b, c, h, w];
                 let shape = FeatureShape::new(b, c, h, w, Layout::Nchw).unwrap();
-                let centers = Centers::sample(h, w, num_s, rng.seed()).unwrap();
+                let centers = Centers::sample(h, w, num_s, rng.next_u64()).unwrap();
                 let (feat_q, q) = rng.tensor(&dims, 1.0, dtype, &Device::Cpu)?;
                 let (feat_k, k) = rng.tensor(&dims, 1.0, dtype, &Device::Cpu)?;
                 let (feat_q, feat_k) = (tracked(feat_q, true)?, tracked(feat_k, track_k)?);
@@ -153,7 +153,7 @@ fn neighbor_diff_matches_reference() -> Result<()> {
         for dtype in CPU_DTYPES {
             let label = format!("{dtype:?} B={b} C={c} H={h} W={w}");
             let shape = FeatureShape::new(b, c, h, w, Layout::Nchw).unwrap();
-            let centers = Centers::sample(h, w, num_s, rng.seed()).unwrap();
+            let centers = Centers::sample(h, w, num_s, rng.next_u64()).unwrap();
             let (feat, f) = rng.tensor(&[b, c, h, w], 1.0, dtype, &Device::Cpu)?;
             let feat = tracked(feat, true)?;
 
@@ -186,7 +186,7 @@ fn neighbor_diff_matches_reference() -> Result<()> {
 #[test]
 fn gradients_reach_the_tracked_sides() -> Result<()> {
     let mut rng = Rng::new(15);
-    let centers = Centers::sample(6, 7, 9, rng.seed()).unwrap();
+    let centers = Centers::sample(6, 7, 9, rng.next_u64()).unwrap();
     let (q, _) = rng.tensor(&[2, 3, 6, 7], 1.0, DType::F32, &Device::Cpu)?;
     let (k, _) = rng.tensor(&[2, 3, 6, 7], 1.0, DType::F32, &Device::Cpu)?;
     let (vq, vk) = (Var::from_tensor(&q)?, Var::from_tensor(&k)?);
@@ -221,7 +221,7 @@ fn gradients_reach_the_tracked_sides() -> Result<()> {
 #[test]
 fn backward_twice_gives_the_same_gradients() -> Result<()> {
     let mut rng = Rng::new(17);
-    let centers = Centers::sample(6, 7, 9, rng.seed()).unwrap();
+    let centers = Centers::sample(6, 7, 9, rng.next_u64()).unwrap();
     let q = Var::from_tensor(&rng.tensor(&[2, 3, 6, 7], 1.0, DType::F32, &Device::Cpu)?.0)?;
     let k = Var::from_tensor(&rng.tensor(&[2, 3, 6, 7], 1.0, DType::F32, &Device::Cpu)?.0)?;
     let rows = |t: &Tensor| neighbor_diff(t, &centers);
@@ -246,7 +246,7 @@ fn backward_twice_gives_the_same_gradients() -> Result<()> {
 fn inputs_of_any_stride_and_offset() -> Result<()> {
     let mut rng = Rng::new(16);
     let (b, c, h, w) = (2, 5, 6, 7);
-    let centers = Centers::sample(h, w, 11, rng.seed()).unwrap();
+    let centers = Centers::sample(h, w, 11, rng.next_u64()).unwrap();
     let (k, _) = rng.tensor(&[b, c, h, w], 1.0, DType::F32, &Device::Cpu)?;
     let (q, _) = rng.tensor(&[b, c, h, w], 1.0, DType::F32, &Device::Cpu)?;
     let vq = Var::from_tensor(&q)?;

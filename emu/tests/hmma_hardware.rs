@@ -5,15 +5,13 @@
 //! the comparison says that it SKIPPED (and fails when `CCPL_REQUIRE_GPU=1`); the PTX is
 //! assembled for every architecture with the bundled ptxas wherever it is.
 
-// The expected values are the emulator test's; here the model of the GPU's architecture is.
-#[path = "common/hmma_vectors.rs"]
-#[allow(dead_code)]
-mod hmma_vectors;
-
 use std::path::PathBuf;
 use std::process::Command;
 
 use ccpl_emu as emu;
+
+// The expected values are the emulator test's; here the model of the GPU's architecture is.
+use crate::common::hmma_vectors;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 

@@ -6,10 +6,9 @@
 
 use ccpl::launch::neighbor::{Scatter, rows_len};
 use ccpl::launch::{Buf, KernelParams, LaunchPlan, Launcher};
-use ccpl::reference::relative_error;
-use ccpl::sampling::SplitMix64;
 use ccpl::{Centers, Error, FeatureShape, Layout, RowShape, Tau};
 use ccpl_emu::{Emulator, buf, buf_mut};
+use ccpl_testkit::Rng;
 
 use crate::neighbor::{self, fill_table, table_buf};
 use crate::{layer, rows, split};
@@ -22,8 +21,8 @@ fn emulator(seed: u64) -> Emulator {
     unsafe { Emulator::new(seed) }
 }
 
-fn random(rng: &mut SplitMix64, len: usize) -> Vec<f32> {
-    (0..len).map(|_| (2.0 * rng.unit() - 1.0) as f32).collect()
+fn random(rng: &mut Rng, len: usize) -> Vec<f32> {
+    rng.vec(len).into_iter().map(|x| x as f32).collect()
 }
 
 fn nan(len: usize) -> Vec<f32> {
@@ -35,9 +34,7 @@ fn widen(v: &[f32]) -> Vec<f64> {
 }
 
 fn assert_close(what: &str, got: &[f32], want: &[f64]) {
-    let err = relative_error(&widen(got), want);
-    eprintln!("measured {what}: rel err {err:.3e} (tolerance {F32_TOLERANCE:.0e})");
-    assert!(err <= F32_TOLERANCE, "{what}: relative error {err:.3e}");
+    ccpl_testkit::assert_close(what, &widen(got), want, F32_TOLERANCE);
 }
 
 /// The centres' table on the host, as the package copies it to the device.
@@ -92,7 +89,7 @@ fn split_cuts_consecutive_buffers_and_checks_the_total() {
 
 #[test]
 fn neighbor_diff_on_the_emulator_matches_the_host_path() {
-    let mut rng = SplitMix64::new(1);
+    let mut rng = Rng::new(1);
     for layout in [Layout::Nchw, Layout::Nhwc] {
         let shape = FeatureShape::new(2, 3, 7, 6, layout).unwrap();
         let centers = Centers::sample(7, 6, 11, 2).unwrap();
@@ -133,7 +130,7 @@ fn neighbor_diff_on_the_emulator_matches_the_host_path() {
 
 #[test]
 fn rows_loss_on_the_emulator_matches_the_host_path() {
-    let mut rng = SplitMix64::new(4);
+    let mut rng = Rng::new(4);
     let shape = RowShape::new(2, 24, 5).unwrap();
     let (n, bs) = (shape.len(), shape.count());
     let (q, k) = (random(&mut rng, n), random(&mut rng, n));
@@ -195,7 +192,7 @@ fn rows_loss_on_the_emulator_matches_the_host_path() {
 
 #[test]
 fn layer_loss_on_the_emulator_matches_the_host_path() {
-    let mut rng = SplitMix64::new(6);
+    let mut rng = Rng::new(6);
     for layout in [Layout::Nchw, Layout::Nhwc] {
         let shape = FeatureShape::new(2, 4, 6, 7, layout).unwrap();
         let centers = Centers::sample(6, 7, 9, 7).unwrap();

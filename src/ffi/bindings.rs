@@ -23,123 +23,114 @@ pub const CCPL_COUNTER_ROWS_DONE: u32 = 5;
 pub const CCPL_COUNTERS: u32 = 6;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
-pub struct ccpl_neighbor_diff_params {
-    pub feat: u64,
-    pub centers: u64,
-    pub rows: u64,
+pub struct ccpl_feature_map {
     pub batch: i32,
     pub channels: i32,
     pub height: i32,
     pub width: i32,
-    pub num_centers: i32,
     pub layout: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
+    ["Size of ccpl_feature_map"][::std::mem::size_of::<ccpl_feature_map>() - 20usize];
+    ["Alignment of ccpl_feature_map"][::std::mem::align_of::<ccpl_feature_map>() - 4usize];
+    ["Offset of field: ccpl_feature_map::batch"]
+        [::std::mem::offset_of!(ccpl_feature_map, batch) - 0usize];
+    ["Offset of field: ccpl_feature_map::channels"]
+        [::std::mem::offset_of!(ccpl_feature_map, channels) - 4usize];
+    ["Offset of field: ccpl_feature_map::height"]
+        [::std::mem::offset_of!(ccpl_feature_map, height) - 8usize];
+    ["Offset of field: ccpl_feature_map::width"]
+        [::std::mem::offset_of!(ccpl_feature_map, width) - 12usize];
+    ["Offset of field: ccpl_feature_map::layout"]
+        [::std::mem::offset_of!(ccpl_feature_map, layout) - 16usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct ccpl_centers {
+    pub flat: u64,
+    pub map: u64,
+    pub count: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ccpl_centers"][::std::mem::size_of::<ccpl_centers>() - 24usize];
+    ["Alignment of ccpl_centers"][::std::mem::align_of::<ccpl_centers>() - 8usize];
+    ["Offset of field: ccpl_centers::flat"][::std::mem::offset_of!(ccpl_centers, flat) - 0usize];
+    ["Offset of field: ccpl_centers::map"][::std::mem::offset_of!(ccpl_centers, map) - 8usize];
+    ["Offset of field: ccpl_centers::count"][::std::mem::offset_of!(ccpl_centers, count) - 16usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct ccpl_neighbor_diff_params {
+    pub feat: u64,
+    pub rows: u64,
+    pub centers: ccpl_centers,
+    pub shape: ccpl_feature_map,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
     ["Size of ccpl_neighbor_diff_params"]
-        [::std::mem::size_of::<ccpl_neighbor_diff_params>() - 48usize];
+        [::std::mem::size_of::<ccpl_neighbor_diff_params>() - 64usize];
     ["Alignment of ccpl_neighbor_diff_params"]
         [::std::mem::align_of::<ccpl_neighbor_diff_params>() - 8usize];
     ["Offset of field: ccpl_neighbor_diff_params::feat"]
         [::std::mem::offset_of!(ccpl_neighbor_diff_params, feat) - 0usize];
-    ["Offset of field: ccpl_neighbor_diff_params::centers"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_params, centers) - 8usize];
     ["Offset of field: ccpl_neighbor_diff_params::rows"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_params, rows) - 16usize];
-    ["Offset of field: ccpl_neighbor_diff_params::batch"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_params, batch) - 24usize];
-    ["Offset of field: ccpl_neighbor_diff_params::channels"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_params, channels) - 28usize];
-    ["Offset of field: ccpl_neighbor_diff_params::height"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_params, height) - 32usize];
-    ["Offset of field: ccpl_neighbor_diff_params::width"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_params, width) - 36usize];
-    ["Offset of field: ccpl_neighbor_diff_params::num_centers"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_params, num_centers) - 40usize];
-    ["Offset of field: ccpl_neighbor_diff_params::layout"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_params, layout) - 44usize];
+        [::std::mem::offset_of!(ccpl_neighbor_diff_params, rows) - 8usize];
+    ["Offset of field: ccpl_neighbor_diff_params::centers"]
+        [::std::mem::offset_of!(ccpl_neighbor_diff_params, centers) - 16usize];
+    ["Offset of field: ccpl_neighbor_diff_params::shape"]
+        [::std::mem::offset_of!(ccpl_neighbor_diff_params, shape) - 40usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_neighbor_diff_backward_params {
     pub grad_rows: u64,
-    pub centers: u64,
-    pub center_map: u64,
     pub grad_feat: u64,
-    pub batch: i32,
-    pub channels: i32,
-    pub height: i32,
-    pub width: i32,
-    pub num_centers: i32,
-    pub layout: i32,
+    pub centers: ccpl_centers,
+    pub shape: ccpl_feature_map,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of ccpl_neighbor_diff_backward_params"]
-        [::std::mem::size_of::<ccpl_neighbor_diff_backward_params>() - 56usize];
+        [::std::mem::size_of::<ccpl_neighbor_diff_backward_params>() - 64usize];
     ["Alignment of ccpl_neighbor_diff_backward_params"]
         [::std::mem::align_of::<ccpl_neighbor_diff_backward_params>() - 8usize];
     ["Offset of field: ccpl_neighbor_diff_backward_params::grad_rows"]
         [::std::mem::offset_of!(ccpl_neighbor_diff_backward_params, grad_rows) - 0usize];
-    ["Offset of field: ccpl_neighbor_diff_backward_params::centers"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_backward_params, centers) - 8usize];
-    ["Offset of field: ccpl_neighbor_diff_backward_params::center_map"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_backward_params, center_map) - 16usize];
     ["Offset of field: ccpl_neighbor_diff_backward_params::grad_feat"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_backward_params, grad_feat) - 24usize];
-    ["Offset of field: ccpl_neighbor_diff_backward_params::batch"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_backward_params, batch) - 32usize];
-    ["Offset of field: ccpl_neighbor_diff_backward_params::channels"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_backward_params, channels) - 36usize];
-    ["Offset of field: ccpl_neighbor_diff_backward_params::height"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_backward_params, height) - 40usize];
-    ["Offset of field: ccpl_neighbor_diff_backward_params::width"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_backward_params, width) - 44usize];
-    ["Offset of field: ccpl_neighbor_diff_backward_params::num_centers"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_backward_params, num_centers) - 48usize];
-    ["Offset of field: ccpl_neighbor_diff_backward_params::layout"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_backward_params, layout) - 52usize];
+        [::std::mem::offset_of!(ccpl_neighbor_diff_backward_params, grad_feat) - 8usize];
+    ["Offset of field: ccpl_neighbor_diff_backward_params::centers"]
+        [::std::mem::offset_of!(ccpl_neighbor_diff_backward_params, centers) - 16usize];
+    ["Offset of field: ccpl_neighbor_diff_backward_params::shape"]
+        [::std::mem::offset_of!(ccpl_neighbor_diff_backward_params, shape) - 40usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_neighbor_diff_normalize_params {
     pub feat: u64,
-    pub centers: u64,
     pub out: u64,
     pub norms: u64,
-    pub batch: i32,
-    pub channels: i32,
-    pub height: i32,
-    pub width: i32,
-    pub num_centers: i32,
-    pub layout: i32,
+    pub centers: ccpl_centers,
+    pub shape: ccpl_feature_map,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of ccpl_neighbor_diff_normalize_params"]
-        [::std::mem::size_of::<ccpl_neighbor_diff_normalize_params>() - 56usize];
+        [::std::mem::size_of::<ccpl_neighbor_diff_normalize_params>() - 72usize];
     ["Alignment of ccpl_neighbor_diff_normalize_params"]
         [::std::mem::align_of::<ccpl_neighbor_diff_normalize_params>() - 8usize];
     ["Offset of field: ccpl_neighbor_diff_normalize_params::feat"]
         [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, feat) - 0usize];
-    ["Offset of field: ccpl_neighbor_diff_normalize_params::centers"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, centers) - 8usize];
     ["Offset of field: ccpl_neighbor_diff_normalize_params::out"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, out) - 16usize];
+        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, out) - 8usize];
     ["Offset of field: ccpl_neighbor_diff_normalize_params::norms"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, norms) - 24usize];
-    ["Offset of field: ccpl_neighbor_diff_normalize_params::batch"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, batch) - 32usize];
-    ["Offset of field: ccpl_neighbor_diff_normalize_params::channels"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, channels) - 36usize];
-    ["Offset of field: ccpl_neighbor_diff_normalize_params::height"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, height) - 40usize];
-    ["Offset of field: ccpl_neighbor_diff_normalize_params::width"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, width) - 44usize];
-    ["Offset of field: ccpl_neighbor_diff_normalize_params::num_centers"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, num_centers) - 48usize];
-    ["Offset of field: ccpl_neighbor_diff_normalize_params::layout"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, layout) - 52usize];
+        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, norms) - 16usize];
+    ["Offset of field: ccpl_neighbor_diff_normalize_params::centers"]
+        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, centers) - 24usize];
+    ["Offset of field: ccpl_neighbor_diff_normalize_params::shape"]
+        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, shape) - 48usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
@@ -411,14 +402,8 @@ pub struct ccpl_small_s_gather_layer {
     pub rows_k: u64,
     pub norms_q: u64,
     pub norms_k: u64,
-    pub centers: u64,
-    pub center_map: u64,
-    pub batch: i32,
-    pub channels: i32,
-    pub height: i32,
-    pub width: i32,
-    pub num_centers: i32,
-    pub layout: i32,
+    pub centers: ccpl_centers,
+    pub shape: ccpl_feature_map,
     pub first_block: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
@@ -441,22 +426,10 @@ const _: () = {
         [::std::mem::offset_of!(ccpl_small_s_gather_layer, norms_k) - 40usize];
     ["Offset of field: ccpl_small_s_gather_layer::centers"]
         [::std::mem::offset_of!(ccpl_small_s_gather_layer, centers) - 48usize];
-    ["Offset of field: ccpl_small_s_gather_layer::center_map"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, center_map) - 56usize];
-    ["Offset of field: ccpl_small_s_gather_layer::batch"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, batch) - 64usize];
-    ["Offset of field: ccpl_small_s_gather_layer::channels"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, channels) - 68usize];
-    ["Offset of field: ccpl_small_s_gather_layer::height"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, height) - 72usize];
-    ["Offset of field: ccpl_small_s_gather_layer::width"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, width) - 76usize];
-    ["Offset of field: ccpl_small_s_gather_layer::num_centers"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, num_centers) - 80usize];
-    ["Offset of field: ccpl_small_s_gather_layer::layout"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, layout) - 84usize];
+    ["Offset of field: ccpl_small_s_gather_layer::shape"]
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, shape) - 72usize];
     ["Offset of field: ccpl_small_s_gather_layer::first_block"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, first_block) - 88usize];
+        [::std::mem::offset_of!(ccpl_small_s_gather_layer, first_block) - 92usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
@@ -572,14 +545,8 @@ pub struct ccpl_small_s_scatter_layer {
     pub grad_rows_k: u64,
     pub grad_feat_q: u64,
     pub grad_feat_k: u64,
-    pub centers: u64,
-    pub center_map: u64,
-    pub batch: i32,
-    pub channels: i32,
-    pub height: i32,
-    pub width: i32,
-    pub num_centers: i32,
-    pub layout: i32,
+    pub centers: ccpl_centers,
+    pub shape: ccpl_feature_map,
     pub first_block: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
@@ -598,22 +565,10 @@ const _: () = {
         [::std::mem::offset_of!(ccpl_small_s_scatter_layer, grad_feat_k) - 24usize];
     ["Offset of field: ccpl_small_s_scatter_layer::centers"]
         [::std::mem::offset_of!(ccpl_small_s_scatter_layer, centers) - 32usize];
-    ["Offset of field: ccpl_small_s_scatter_layer::center_map"]
-        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, center_map) - 40usize];
-    ["Offset of field: ccpl_small_s_scatter_layer::batch"]
-        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, batch) - 48usize];
-    ["Offset of field: ccpl_small_s_scatter_layer::channels"]
-        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, channels) - 52usize];
-    ["Offset of field: ccpl_small_s_scatter_layer::height"]
-        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, height) - 56usize];
-    ["Offset of field: ccpl_small_s_scatter_layer::width"]
-        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, width) - 60usize];
-    ["Offset of field: ccpl_small_s_scatter_layer::num_centers"]
-        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, num_centers) - 64usize];
-    ["Offset of field: ccpl_small_s_scatter_layer::layout"]
-        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, layout) - 68usize];
+    ["Offset of field: ccpl_small_s_scatter_layer::shape"]
+        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, shape) - 56usize];
     ["Offset of field: ccpl_small_s_scatter_layer::first_block"]
-        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, first_block) - 72usize];
+        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, first_block) - 76usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]

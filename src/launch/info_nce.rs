@@ -31,20 +31,18 @@ pub fn info_nce_forward(
     check_len("row_loss", rows, row_loss.len)?;
     // One warp per row.
     let block = ffi::CCPL_INFO_NCE_BLOCK;
-    Ok(LaunchPlan {
-        kernel: "info_nce_forward".into(),
-        grid: (grid_stride_blocks(rows * WARP, block), 1, 1),
-        block: (block, 1, 1),
-        shared_bytes: 0,
-        shared_opt_in: false,
-        params: ffi::ccpl_info_nce_forward_params {
+    Ok(LaunchPlan::new(
+        "info_nce_forward",
+        (grid_stride_blocks(rows * WARP, block), 1, 1),
+        block,
+        ffi::ccpl_info_nce_forward_params {
             logits: logits.addr,
             row_lse: row_lse.addr,
             row_loss: row_loss.addr,
             batch: i32_of(shape.batch())?,
             rows: i32_of(shape.rows())?,
         },
-    })
+    ))
 }
 
 /// `info_nce_loss`: `loss[0] = mean(row_loss)`, or `loss[0] += mean(row_loss)` with
@@ -61,19 +59,17 @@ pub fn info_nce_loss(
         )));
     }
     check_len("loss", 1, loss.len)?;
-    Ok(LaunchPlan {
-        kernel: "info_nce_loss".into(),
-        grid: (1, 1, 1),
-        block: (ffi::CCPL_INFO_NCE_BLOCK, 1, 1),
-        shared_bytes: 0,
-        shared_opt_in: false,
-        params: ffi::ccpl_info_nce_loss_params {
+    Ok(LaunchPlan::new(
+        "info_nce_loss",
+        (1, 1, 1),
+        ffi::CCPL_INFO_NCE_BLOCK,
+        ffi::ccpl_info_nce_loss_params {
             row_loss: row_loss.addr,
             loss: loss.addr,
             count: i32_of(row_loss.len)?,
             accumulate: accumulate.into(),
         },
-    })
+    ))
 }
 
 /// `info_nce_backward_{T}`: with `G = (softmax(L) - I) * upstream[0] / (B*S)`, the gradient
@@ -100,13 +96,11 @@ pub fn info_nce_backward<T: Dtype>(
     check_len("other", shape.len(), other.len)?;
     check_len("upstream", 1, upstream.len)?;
     check_len("grad", shape.len(), grad.len)?;
-    Ok(LaunchPlan {
-        kernel: format!("info_nce_backward_{}", T::SUFFIX),
-        grid: tile_grid(shape.batch(), shape.rows(), shape.width())?,
-        block: (ffi::CCPL_TILE_THREADS, 1, 1),
-        shared_bytes: 0,
-        shared_opt_in: false,
-        params: ffi::ccpl_info_nce_backward_params {
+    Ok(LaunchPlan::new(
+        format!("info_nce_backward_{}", T::SUFFIX),
+        tile_grid(shape.batch(), shape.rows(), shape.width())?,
+        ffi::CCPL_TILE_THREADS,
+        ffi::ccpl_info_nce_backward_params {
             logits: logits.addr,
             row_lse: row_lse.addr,
             row_loss: row_loss.addr,
@@ -119,5 +113,5 @@ pub fn info_nce_backward<T: Dtype>(
             transpose: (side == Side::K).into(),
             inv_tau,
         },
-    })
+    ))
 }

@@ -29,14 +29,12 @@ pub fn info_nce_fused_forward<T: Dtype>(
     check_len("k", shape.len(), k.len)?;
     check_len("row_lse", rows, row_lse.len)?;
     check_len("row_loss", rows, row_loss.len)?;
-    Ok(LaunchPlan {
-        kernel: format!("info_nce_fused_forward_{}", T::SUFFIX),
+    Ok(LaunchPlan::new(
+        format!("info_nce_fused_forward_{}", T::SUFFIX),
         // grid.y the 64-row tile, grid.z the image.
-        grid: tile_grid(shape.batch(), shape.rows(), 1)?,
-        block: (ffi::CCPL_TILE_THREADS, 1, 1),
-        shared_bytes: 0,
-        shared_opt_in: false,
-        params: ffi::ccpl_info_nce_fused_forward_params {
+        tile_grid(shape.batch(), shape.rows(), 1)?,
+        ffi::CCPL_TILE_THREADS,
+        ffi::ccpl_info_nce_fused_forward_params {
             q: q.addr,
             k: k.addr,
             row_lse: row_lse.addr,
@@ -46,7 +44,7 @@ pub fn info_nce_fused_forward<T: Dtype>(
             width: i32_of(shape.width())?,
             inv_tau,
         },
-    })
+    ))
 }
 
 /// `info_nce_fused_backward_{T}`: with `G = (softmax(L) - I) * upstream[0] / (B*S)` and
@@ -74,13 +72,11 @@ pub fn info_nce_fused_backward<T: Dtype>(
     check_len("row_loss", rows, row_loss.len)?;
     check_len("upstream", 1, upstream.len)?;
     check_len("grad", shape.len(), grad.len)?;
-    Ok(LaunchPlan {
-        kernel: format!("info_nce_fused_backward_{}", T::SUFFIX),
-        grid: tile_grid(shape.batch(), shape.rows(), shape.width())?,
-        block: (ffi::CCPL_TILE_THREADS, 1, 1),
-        shared_bytes: 0,
-        shared_opt_in: false,
-        params: ffi::ccpl_info_nce_fused_backward_params {
+    Ok(LaunchPlan::new(
+        format!("info_nce_fused_backward_{}", T::SUFFIX),
+        tile_grid(shape.batch(), shape.rows(), shape.width())?,
+        ffi::CCPL_TILE_THREADS,
+        ffi::ccpl_info_nce_fused_backward_params {
             q: q.addr,
             k: k.addr,
             row_lse: row_lse.addr,
@@ -93,5 +89,5 @@ pub fn info_nce_fused_backward<T: Dtype>(
             transpose: (side == Side::K).into(),
             inv_tau,
         },
-    })
+    ))
 }

@@ -14,6 +14,7 @@ pub mod similarity;
 pub mod small_s;
 
 use crate::error::{Error, Result, check_len};
+use crate::ffi;
 use crate::shape::FeatureShape;
 
 /// One kernel launch, ready to execute.
@@ -41,6 +42,20 @@ pub struct LaunchPlan<P> {
 pub const SHARED_WITHOUT_OPT_IN: u32 = 48 * 1024;
 
 impl<P> LaunchPlan<P> {
+    /// The launch of `kernel` on `grid` with blocks of `threads` threads (a 1-D block), no
+    /// dynamic shared memory: what every kernel takes unless its plan says otherwise
+    /// ([`with_dynamic_shared`](Self::with_dynamic_shared)).
+    pub fn new(kernel: impl Into<String>, grid: (u32, u32, u32), threads: u32, params: P) -> Self {
+        Self {
+            kernel: kernel.into(),
+            grid,
+            block: (threads, 1, 1),
+            shared_bytes: 0,
+            shared_opt_in: false,
+            params,
+        }
+    }
+
     /// The plan with `bytes` of dynamic shared memory, for a kernel that declares
     /// `static_bytes` of static shared memory: it opts in when the two exceed
     /// [`SHARED_WITHOUT_OPT_IN`]. The one place plans decide it.
@@ -112,7 +127,7 @@ pub(crate) fn i32_of(n: usize) -> Result<i32> {
 /// `CCPL_TILE_SIDE`-square tile of an `m x n` output, `grid.z` the image.
 pub(crate) fn tile_grid(batch: usize, m: usize, n: usize) -> Result<(u32, u32, u32)> {
     const MAX_YZ: usize = 65_535;
-    let tile = crate::ffi::CCPL_TILE_SIDE as usize;
+    let tile = ffi::CCPL_TILE_SIDE as usize;
     let (x, y) = (n.div_ceil(tile), m.div_ceil(tile));
     if batch > MAX_YZ || y > MAX_YZ || x > i32::MAX as usize {
         return Err(Error::Shape(format!(
@@ -145,6 +160,30 @@ pub struct CentersBuf {
     pub flat: Buf,
     /// `int32[H*W]`.
     pub map: Buf,
+}
+
+/// The feature map of `shape` and its `centers` as every kernel of feature maps takes them
+/// (`ccpl_feature_map`, `ccpl_centers`), checked against each other: the one place a plan
+/// fills them.
+pub(crate) fn feature_map(
+    shape: &FeatureShape,
+    centers: &CentersBuf,
+) -> Result<(ffi::ccpl_feature_map, ffi::ccpl_centers)> {
+    centers.check(shape)?;
+    Ok((
+        ffi::ccpl_feature_map {
+            batch: i32_of(shape.batch())?,
+            channels: i32_of(shape.channels())?,
+            height: i32_of(shape.height())?,
+            width: i32_of(shape.width())?,
+            layout: shape.layout().code(),
+        },
+        ffi::ccpl_centers {
+            flat: centers.flat.addr,
+            map: centers.map.addr,
+            count: i32_of(centers.len())?,
+        },
+    ))
 }
 
 impl CentersBuf {

@@ -1,6 +1,6 @@
 //! Plans of `kernels/neighbor.cu`: difference rows and their backward scatter.
 
-use super::{Buf, CentersBuf, LaunchPlan, grid_stride_blocks, i32_of};
+use super::{Buf, CentersBuf, LaunchPlan, feature_map, grid_stride_blocks};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result, check_len};
 use crate::ffi;
@@ -22,32 +22,25 @@ pub fn neighbor_diff<T: Dtype>(
     feat: Buf,
     rows: Buf,
 ) -> Result<LaunchPlan<ffi::ccpl_neighbor_diff_params>> {
-    centers.check(shape)?;
+    let (map_params, center_params) = feature_map(shape, centers)?;
     check_len("feat", shape.len(), feat.len)?;
     check_len("rows", rows_len(shape, centers.len())?, rows.len)?;
     let block = ffi::CCPL_NEIGHBOR_BLOCK;
-    Ok(LaunchPlan {
-        kernel: format!("neighbor_diff_{}", T::SUFFIX),
-        grid: (
+    Ok(LaunchPlan::new(
+        format!("neighbor_diff_{}", T::SUFFIX),
+        (
             grid_stride_blocks(shape.batch() * centers.len() * shape.channels(), block),
             1,
             1,
         ),
-        block: (block, 1, 1),
-        shared_bytes: 0,
-        shared_opt_in: false,
-        params: ffi::ccpl_neighbor_diff_params {
+        block,
+        ffi::ccpl_neighbor_diff_params {
             feat: feat.addr,
-            centers: centers.flat.addr,
             rows: rows.addr,
-            batch: i32_of(shape.batch())?,
-            channels: i32_of(shape.channels())?,
-            height: i32_of(shape.height())?,
-            width: i32_of(shape.width())?,
-            num_centers: i32_of(centers.len())?,
-            layout: shape.layout().code(),
+            centers: center_params,
+            shape: map_params,
         },
-    })
+    ))
 }
 
 /// `neighbor_diff_normalize_{T}`: the difference rows `(B, 8N, C)` of a feature map,
@@ -62,31 +55,24 @@ pub fn neighbor_diff_normalize<T: Dtype>(
     out: Buf,
     norms: Buf,
 ) -> Result<LaunchPlan<ffi::ccpl_neighbor_diff_normalize_params>> {
-    centers.check(shape)?;
+    let (map_params, center_params) = feature_map(shape, centers)?;
     check_len("feat", shape.len(), feat.len)?;
     check_len("out", rows_len(shape, centers.len())?, out.len)?;
     // B*8N <= B*8N*C, within usize by rows_len.
     let num_rows = shape.batch() * ffi::CCPL_NUM_NEIGHBORS as usize * centers.len();
     check_len("norms", num_rows, norms.len)?;
-    Ok(LaunchPlan {
-        kernel: format!("neighbor_diff_normalize_{}", T::SUFFIX),
-        grid: super::normalize::grid(num_rows),
-        block: (ffi::CCPL_NORMALIZE_BLOCK, 1, 1),
-        shared_bytes: 0,
-        shared_opt_in: false,
-        params: ffi::ccpl_neighbor_diff_normalize_params {
+    Ok(LaunchPlan::new(
+        format!("neighbor_diff_normalize_{}", T::SUFFIX),
+        super::normalize::grid(num_rows),
+        ffi::CCPL_NORMALIZE_BLOCK,
+        ffi::ccpl_neighbor_diff_normalize_params {
             feat: feat.addr,
-            centers: centers.flat.addr,
             out: out.addr,
             norms: norms.addr,
-            batch: i32_of(shape.batch())?,
-            channels: i32_of(shape.channels())?,
-            height: i32_of(shape.height())?,
-            width: i32_of(shape.width())?,
-            num_centers: i32_of(centers.len())?,
-            layout: shape.layout().code(),
+            centers: center_params,
+            shape: map_params,
         },
-    })
+    ))
 }
 
 /// How the backward scatter adds up overlapping windows.
@@ -108,7 +94,7 @@ pub fn neighbor_diff_backward<T: Dtype>(
     grad_feat: Buf,
     scatter: Scatter,
 ) -> Result<LaunchPlan<ffi::ccpl_neighbor_diff_backward_params>> {
-    centers.check(shape)?;
+    let (map_params, center_params) = feature_map(shape, centers)?;
     check_len("grad_rows", rows_len(shape, centers.len())?, grad_rows.len)?;
     check_len("grad_feat", shape.len(), grad_feat.len)?;
     let variant = match scatter {
@@ -116,27 +102,19 @@ pub fn neighbor_diff_backward<T: Dtype>(
         Scatter::Deterministic => "deterministic",
     };
     let block = ffi::CCPL_NEIGHBOR_BLOCK;
-    Ok(LaunchPlan {
-        kernel: format!("neighbor_diff_backward_{variant}_{}", T::SUFFIX),
-        grid: (
+    Ok(LaunchPlan::new(
+        format!("neighbor_diff_backward_{variant}_{}", T::SUFFIX),
+        (
             grid_stride_blocks(shape.batch() * centers.len() * shape.channels(), block),
             1,
             1,
         ),
-        block: (block, 1, 1),
-        shared_bytes: 0,
-        shared_opt_in: false,
-        params: ffi::ccpl_neighbor_diff_backward_params {
+        block,
+        ffi::ccpl_neighbor_diff_backward_params {
             grad_rows: grad_rows.addr,
-            centers: centers.flat.addr,
-            center_map: centers.map.addr,
             grad_feat: grad_feat.addr,
-            batch: i32_of(shape.batch())?,
-            channels: i32_of(shape.channels())?,
-            height: i32_of(shape.height())?,
-            width: i32_of(shape.width())?,
-            num_centers: i32_of(centers.len())?,
-            layout: shape.layout().code(),
+            centers: center_params,
+            shape: map_params,
         },
-    })
+    ))
 }

@@ -28,20 +28,18 @@ pub fn normalize_rows<T: Dtype>(
     check_len("rows", shape.len(), rows.len)?;
     check_len("out", shape.len(), out.len)?;
     check_len("norms", num_rows, norms.len)?;
-    Ok(LaunchPlan {
-        kernel: format!("normalize_rows_{}", T::SUFFIX),
-        grid: grid(num_rows),
-        block: (ffi::CCPL_NORMALIZE_BLOCK, 1, 1),
-        shared_bytes: 0,
-        shared_opt_in: false,
-        params: ffi::ccpl_normalize_rows_params {
+    Ok(LaunchPlan::new(
+        format!("normalize_rows_{}", T::SUFFIX),
+        grid(num_rows),
+        ffi::CCPL_NORMALIZE_BLOCK,
+        ffi::ccpl_normalize_rows_params {
             rows: rows.addr,
             out: out.addr,
             norms: norms.addr,
             num_rows: i32_of(num_rows)?,
             width: i32_of(shape.width())?,
         },
-    })
+    ))
 }
 
 /// `normalize_rows_backward_{T}`: the gradient of the rows before normalisation from the
@@ -90,13 +88,11 @@ fn backward<T: Dtype>(
     check_len("norms", num_rows, norms.len)?;
     check_len("grad_out", shape.len(), grad_out.len)?;
     check_len("grad_rows", shape.len(), grad_rows.len)?;
-    Ok(LaunchPlan {
-        kernel: format!("normalize_rows_backward_{}", T::SUFFIX),
-        grid: grid(num_rows),
-        block: (ffi::CCPL_NORMALIZE_BLOCK, 1, 1),
-        shared_bytes: 0,
-        shared_opt_in: false,
-        params: ffi::ccpl_normalize_rows_backward_params {
+    Ok(LaunchPlan::new(
+        format!("normalize_rows_backward_{}", T::SUFFIX),
+        grid(num_rows),
+        ffi::CCPL_NORMALIZE_BLOCK,
+        ffi::ccpl_normalize_rows_backward_params {
             rows: rows.addr,
             norms: norms.addr,
             grad_out: grad_out.addr,
@@ -105,5 +101,5 @@ fn backward<T: Dtype>(
             width: i32_of(shape.width())?,
             normalized: normalized.into(),
         },
-    })
+    ))
 }

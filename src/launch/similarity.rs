@@ -20,13 +20,11 @@ pub fn similarity<T: Dtype>(
     check_len("q", shape.len(), q.len)?;
     check_len("k", shape.len(), k.len)?;
     check_len("logits", shape.logits_len(), logits.len)?;
-    Ok(LaunchPlan {
-        kernel: format!("similarity_{}", T::SUFFIX),
-        grid: tile_grid(shape.batch(), shape.rows(), shape.rows())?,
-        block: (ffi::CCPL_TILE_THREADS, 1, 1),
-        shared_bytes: 0,
-        shared_opt_in: false,
-        params: ffi::ccpl_similarity_params {
+    Ok(LaunchPlan::new(
+        format!("similarity_{}", T::SUFFIX),
+        tile_grid(shape.batch(), shape.rows(), shape.rows())?,
+        ffi::CCPL_TILE_THREADS,
+        ffi::ccpl_similarity_params {
             q: q.addr,
             k: k.addr,
             logits: logits.addr,
@@ -35,5 +33,5 @@ pub fn similarity<T: Dtype>(
             width: i32_of(shape.width())?,
             inv_tau,
         },
-    })
+    ))
 }

@@ -10,7 +10,7 @@
 //! a launch holds every address it uses: a step captured in a CUDA graph replays as it was
 //! captured.
 
-use super::{Buf, CentersBuf, LaunchPlan, WARP, i32_of, row_count};
+use super::{Buf, CentersBuf, LaunchPlan, WARP, feature_map, i32_of, row_count};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result, check_len};
 use crate::ffi;
@@ -140,8 +140,9 @@ pub fn gather<T: Dtype>(
     check_layer_count(layers.len())?;
     check_len("counters", COUNTERS, counters.len)?;
     let mut blocks = Vec::with_capacity(layers.len());
+    let mut maps = Vec::with_capacity(layers.len());
     for l in layers {
-        l.centers.check(&l.shape)?;
+        maps.push(feature_map(&l.shape, &l.centers)?);
         let n = l.centers.len();
         blocks.push(match &l.rows {
             Some(r) => {
@@ -173,7 +174,9 @@ pub fn gather<T: Dtype>(
         sample: sample.into(),
         ..Default::default()
     };
-    for ((l, first), out) in layers.iter().zip(firsts).zip(params.layers.iter_mut()) {
+    let described = layers.iter().zip(maps).zip(firsts);
+    for (((l, (map_params, center_params)), first), out) in described.zip(params.layers.iter_mut())
+    {
         // A layer drawn only has null feature maps (the kernel's sign to gather nothing).
         let nothing = Buf { addr: 0, len: 0 };
         let r = l.rows.unwrap_or(GatherRows {
@@ -191,25 +194,17 @@ pub fn gather<T: Dtype>(
             rows_k: r.rows_k.addr,
             norms_q: r.norms_q.addr,
             norms_k: r.norms_k.addr,
-            centers: l.centers.flat.addr,
-            center_map: l.centers.map.addr,
-            batch: i32_of(l.shape.batch())?,
-            channels: i32_of(l.shape.channels())?,
-            height: i32_of(l.shape.height())?,
-            width: i32_of(l.shape.width())?,
-            num_centers: i32_of(l.centers.len())?,
-            layout: l.shape.layout().code(),
+            centers: center_params,
+            shape: map_params,
             first_block: first,
         };
     }
-    Ok(LaunchPlan {
-        kernel: format!("small_s_gather_{}", T::SUFFIX),
-        grid: (grid, 1, 1),
-        block: (BLOCK, 1, 1),
-        shared_bytes: 0,
-        shared_opt_in: false,
+    Ok(LaunchPlan::new(
+        format!("small_s_gather_{}", T::SUFFIX),
+        (grid, 1, 1),
+        BLOCK,
         params,
-    })
+    ))
 }
 
 /// One layer of [`rows_forward`] or [`rows_transposed`].
@@ -332,14 +327,12 @@ fn rows_plan<T: Dtype>(
             first_block: first,
         };
     }
-    Ok(LaunchPlan {
-        kernel: format!("small_s_rows_{}", T::SUFFIX),
-        grid: (grid, 1, 1),
-        block: (BLOCK, 1, 1),
-        shared_bytes: 0,
-        shared_opt_in: false,
+    Ok(LaunchPlan::new(
+        format!("small_s_rows_{}", T::SUFFIX),
+        (grid, 1, 1),
+        BLOCK,
         params,
-    })
+    ))
 }
 
 /// `small_s_rows_{T}`, forward: for every layer, the rows loss of `rows_q` against `rows_k`
@@ -401,8 +394,9 @@ pub fn scatter<T: Dtype>(
 ) -> Result<LaunchPlan<ffi::ccpl_small_s_scatter_params>> {
     check_layer_count(layers.len())?;
     check_len("upstream", 1, upstream.len)?;
+    let mut maps = Vec::with_capacity(layers.len());
     for l in layers {
-        l.centers.check(&l.shape)?;
+        maps.push(feature_map(&l.shape, &l.centers)?);
         let rows = neighbor::rows_len(&l.shape, l.centers.len())?;
         for side in std::iter::once(&l.q).chain(&l.k) {
             check_len("grad_rows", rows, side.grad_rows.len)?;
@@ -424,32 +418,26 @@ pub fn scatter<T: Dtype>(
         num_layers: i32_of(layers.len())?,
         ..Default::default()
     };
-    for ((l, first), out) in layers.iter().zip(firsts).zip(params.layers.iter_mut()) {
+    let described = layers.iter().zip(maps).zip(firsts);
+    for (((l, (map_params, center_params)), first), out) in described.zip(params.layers.iter_mut())
+    {
         let k = l.k.map_or((0, 0), |k| (k.grad_rows.addr, k.grad_feat.addr));
         *out = ffi::ccpl_small_s_scatter_layer {
             grad_rows_q: l.q.grad_rows.addr,
             grad_rows_k: k.0,
             grad_feat_q: l.q.grad_feat.addr,
             grad_feat_k: k.1,
-            centers: l.centers.flat.addr,
-            center_map: l.centers.map.addr,
-            batch: i32_of(l.shape.batch())?,
-            channels: i32_of(l.shape.channels())?,
-            height: i32_of(l.shape.height())?,
-            width: i32_of(l.shape.width())?,
-            num_centers: i32_of(l.centers.len())?,
-            layout: l.shape.layout().code(),
+            centers: center_params,
+            shape: map_params,
             first_block: first,
         };
     }
-    Ok(LaunchPlan {
-        kernel: format!("small_s_scatter_{}", T::SUFFIX),
-        grid: (grid, sides, 1),
-        block: (BLOCK, 1, 1),
-        shared_bytes: 0,
-        shared_opt_in: false,
+    Ok(LaunchPlan::new(
+        format!("small_s_scatter_{}", T::SUFFIX),
+        (grid, sides, 1),
+        BLOCK,
         params,
-    })
+    ))
 }
 
 /// `small_s_scale_{T}`: `out = upstream[0] * grad_rows`, rounded to `T`, for the q side and,
@@ -471,17 +459,15 @@ pub fn scale<T: Dtype>(
         check_len("out", count, out.len)?;
     }
     let (k_grad, k_out) = k.map_or((0, 0), |(g, o)| (g.addr, o.addr));
-    Ok(LaunchPlan {
-        kernel: format!("small_s_scale_{}", T::SUFFIX),
-        grid: (
+    Ok(LaunchPlan::new(
+        format!("small_s_scale_{}", T::SUFFIX),
+        (
             super::grid_stride_blocks(count, BLOCK),
             if k.is_some() { 2 } else { 1 },
             1,
         ),
-        block: (BLOCK, 1, 1),
-        shared_bytes: 0,
-        shared_opt_in: false,
-        params: ffi::ccpl_small_s_scale_params {
+        BLOCK,
+        ffi::ccpl_small_s_scale_params {
             grad_rows_q: q.0.addr,
             grad_rows_k: k_grad,
             out_q: q.1.addr,
@@ -489,5 +475,5 @@ pub fn scale<T: Dtype>(
             upstream: upstream.addr,
             count: i32_of(count)?,
         },
-    })
+    ))
 }

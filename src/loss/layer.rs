@@ -25,16 +25,16 @@ workspace! {
     /// The workspace of one layer's loss: the rows loss's (its normalised rows and norms are
     /// those of the difference rows), and the backward's scratch between the rows loss and
     /// the scatter. Generic over what holds a buffer, as [`RowsWorkspace`].
-    pub struct LayerWorkspace {
+    pub struct LayerWorkspace<R, F> {
         rows {
             /// Backward scratch: the gradient of the difference rows of one side, `(B, S, C)`.
             grad_rows,
         }
         stats {}
-        nested {
+        parts {
             /// The rows loss's workspace; `rows.unit_q` and `rows.unit_k` hold the normalised
             /// difference rows of `feat_q` and `feat_k`, `(B, S, C)`.
-            rows: RowsWorkspace,
+            rows: RowsWorkspace<R, F>,
         }
     }
 }

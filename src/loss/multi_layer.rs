@@ -9,10 +9,9 @@
 //! [`LayerPlan`], each with its own launches; their centres are drawn by the same first
 //! launch, and their losses are added to the same total on the device.
 
-use std::cell::RefCell;
-
 use super::layer::{LayerForward, LayerPlan, LayerWorkspace};
 use super::small_s::{RowsIn, SmallOffsets, SmallSWorkspace};
+use super::workspace;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result, check_len};
 use crate::ffi;
@@ -33,117 +32,42 @@ pub enum Draw {
     Given,
 }
 
-/// The centre buffers of one layer: `int32[N]` and the inverse map `int32[H*W]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CenterBuffers<I> {
-    /// The flat indices.
-    pub flat: I,
-    /// The centre index at each position, or -1.
-    pub map: I,
-}
-
-/// The workspace of the whole loss, generic over what holds a buffer (`R`: rows in the
-/// storage type, `F`: float32, `I`: int32), as the other workspaces.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LossWorkspace<R, F, I> {
-    /// The small-S layers' buffers (float32 throughout), when there are such layers.
-    pub small: Option<SmallSWorkspace<F, F>>,
-    /// The workspace of each layer on the fused path, in layer order.
-    pub fused: Vec<LayerWorkspace<R, F>>,
-    /// Every layer's centres, in layer order.
-    pub centers: Vec<CenterBuffers<I>>,
-    /// The sampler's seed and step and the kernels' counts (`int32[small_s::COUNTERS]`).
-    pub counters: I,
-    /// The loss, the sum over the layers: one float32.
-    pub loss: F,
-    /// One float32, `1.0`: the upstream gradient when the caller gives none. Its owner sets it.
-    pub one: F,
-}
-
-impl<R, F, I> LossWorkspace<R, F, I> {
-    /// A workspace of something made from each buffer (an allocation from its length).
-    pub fn try_map<R2, F2, I2, E>(
-        &self,
-        mut row: impl FnMut(&R) -> Result<R2, E>,
-        stat: impl FnMut(&F) -> Result<F2, E>,
-        mut int: impl FnMut(&I) -> Result<I2, E>,
-    ) -> Result<LossWorkspace<R2, F2, I2>, E> {
-        // The small-S rows are float32 too: both of its kinds go through `stat`.
-        let stat = RefCell::new(stat);
-        let float = |f: &F| (stat.borrow_mut())(f);
-        Ok(LossWorkspace {
-            small: match &self.small {
-                Some(s) => Some(s.try_map(float, float)?),
-                None => None,
-            },
-            fused: self
-                .fused
-                .iter()
-                .map(|w| w.try_map(&mut row, float))
-                .collect::<Result<_, E>>()?,
-            centers: self
-                .centers
-                .iter()
-                .map(|c| {
-                    Ok(CenterBuffers {
-                        flat: int(&c.flat)?,
-                        map: int(&c.map)?,
-                    })
-                })
-                .collect::<Result<_, E>>()?,
-            counters: int(&self.counters)?,
-            loss: float(&self.loss)?,
-            one: float(&self.one)?,
-        })
-    }
-
-    /// A workspace of something borrowed mutably from each buffer (its address, with the
-    /// guard that must live while a launch uses it).
-    pub fn map_mut<'a, R2, F2, I2>(
-        &'a mut self,
-        mut row: impl FnMut(&'a mut R) -> R2,
-        stat: impl FnMut(&'a mut F) -> F2,
-        mut int: impl FnMut(&'a mut I) -> I2,
-    ) -> LossWorkspace<R2, F2, I2> {
-        let stat = RefCell::new(stat);
-        let float = |f: &'a mut F| (stat.borrow_mut())(f);
-        LossWorkspace {
-            small: self.small.as_mut().map(|s| s.map_mut(float, float)),
-            fused: self
-                .fused
-                .iter_mut()
-                .map(|w| w.map_mut(&mut row, float))
-                .collect(),
-            centers: self
-                .centers
-                .iter_mut()
-                .map(|c| CenterBuffers {
-                    flat: int(&mut c.flat),
-                    map: int(&mut c.map),
-                })
-                .collect(),
-            counters: int(&mut self.counters),
-            loss: float(&mut self.loss),
-            one: float(&mut self.one),
+workspace! {
+    /// The centre buffers of one layer: `int32[N]` and the inverse map `int32[H*W]`.
+    pub struct CenterBuffers<I> {
+        ints {
+            /// The flat indices.
+            flat,
+            /// The centre index at each position, or -1.
+            map,
         }
     }
 }
 
-impl LossWorkspace<usize, usize, usize> {
-    /// Bytes of a workspace of these lengths whose fused layers' rows are stored in `T`;
-    /// `usize::MAX` past what an address space holds.
-    pub fn bytes<T: Dtype>(&self) -> usize {
-        let words = self
-            .centers
-            .iter()
-            .map(|c| c.flat.saturating_add(c.map))
-            .chain([self.counters, self.loss, self.one])
-            .fold(0usize, usize::saturating_add);
-        self.fused
-            .iter()
-            .map(|w| w.bytes::<T>())
-            .chain(self.small.as_ref().map(|s| s.bytes::<f32>()))
-            .fold(words.saturating_mul(4), usize::saturating_add)
+workspace! {
+    /// The workspace of the whole loss, generic over what holds a buffer (`R`: rows in the
+    /// storage type, `F`: float32, `I`: int32), as the other workspaces.
+    pub struct LossWorkspace<R, F, I> {
+        rows {}
+        stats {
+            /// The loss, the sum over the layers: one float32.
+            loss,
+            /// One float32, `1.0`: the upstream gradient when the caller gives none. Its owner
+            /// sets it.
+            one,
+        }
+        ints {
+            /// The sampler's seed and step and the kernels' counts (`int32[small_s::COUNTERS]`).
+            counters,
+        }
+        parts {
+            /// The small-S layers' buffers (float32 throughout), when there are such layers.
+            small: Option<SmallSWorkspace<F, F>>,
+            /// The workspace of each layer on the fused path, in layer order.
+            fused: Vec<LayerWorkspace<R, F>>,
+            /// Every layer's centres, in layer order.
+            centers: Vec<CenterBuffers<I>>,
+        }
     }
 }
 

@@ -22,7 +22,7 @@ workspace! {
     /// backward does not). Generic over what holds a buffer: `R` for rows in the storage
     /// type `T`, `F` for float32 statistics (device slices for an owner, [`Buf`]s for the
     /// plans, and lengths from [`RowsWorkspace::lengths`]).
-    pub struct RowsWorkspace {
+    pub struct RowsWorkspace<R, F> {
         rows {
             /// The normalised rows of the generated image (`q`), `(B, S, C)`.
             unit_q,
@@ -46,7 +46,7 @@ workspace! {
             /// sets it once.
             one,
         }
-        nested {}
+        parts {}
     }
 }
 

@@ -19,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG_PATHS = [os.path.join(HERE, "configs.txt"), os.path.join(HERE, "..", "..", "benches", "configs.txt")]
 
 ELEMENT_BYTES = {"f32": 4, "bf16": 2, "f16": 2}
-# The criterion groups of benches/loss.rs for each suite (its `groups_of`): the headline `loss`;
+# The criterion groups of benches/loss/ for each suite (its `groups_of`, main.rs): the headline `loss`;
 # a training step's CUDA graph `loss_graph`, its `loss_user_step` and its three CcpLayers
 # `loss_layers`; the layer's `loss_user_step`; the rows' `loss_materialised`.
 LOSS_GROUPS = {

@@ -54,7 +54,7 @@ REPORT_S = 10  # kept for the report, which runs whatever happened before
 KILL_GRACE_S = 10  # after SIGTERM at a phase's limit
 MIN_PHASE_S = 5  # a phase with less time left is not started
 
-# The criterion groups of the headline phase (benches/loss.rs): `loss` (zero the gradients,
+# The criterion groups of the headline phase (benches/loss/): `loss` (zero the gradients,
 # forward, backward: CcpLoss for a training step, CcpLayer for one layer), a step's
 # `loss_graph` (replayed from a CUDA graph) and `loss_layers` (one CcpLayer per layer), and
 # `loss_user_step` (the loss read back; a layer's centres drawn and uploaded). A bench of
@@ -102,7 +102,7 @@ class Phase:
     name: str
     budget_s: float
     what: str
-    kind: str  # "ours" (benches/loss.rs), "baselines", "roofline", "kernels" (benches/kernels.rs)
+    kind: str  # "ours" (benches/loss/), "baselines", "roofline", "kernels" (benches/kernels.rs)
     select: Select | None = None
     groups: tuple = ()  # ours: criterion groups (CCPL_BENCH_GROUPS)
     impls: tuple = ()  # baselines: implementations (--impls)

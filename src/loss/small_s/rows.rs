@@ -15,7 +15,7 @@ workspace! {
     /// The workspace of the rows loss on the small-S path ([`SmallRowsPlan`]): the path's
     /// buffers for one layer, the loss and the default upstream gradient. All float32, as
     /// [`SmallSWorkspace`].
-    pub struct SmallRowsWorkspace {
+    pub struct SmallRowsWorkspace<R, F> {
         rows {}
         stats {
             /// The loss, one value.
@@ -24,9 +24,9 @@ workspace! {
             /// sets it once.
             one,
         }
-        nested {
+        parts {
             /// Copies of the rows, their gradients, the row statistics.
-            small: SmallSWorkspace,
+            small: SmallSWorkspace<R, F>,
         }
     }
 }

@@ -11,7 +11,7 @@ workspace! {
     /// The buffers of the small-S path, every layer's one after another (a layer's part at
     /// the offsets its plan computes). All float32: `R` holds the row matrices, `F` the
     /// statistics; an owner allocates both as float32 (`bytes::<f32>()` is their size).
-    pub struct SmallSWorkspace {
+    pub struct SmallSWorkspace<R, F> {
         rows {
             /// The rows of the generated side, `(B, S, C)` a layer: the difference rows
             /// normalised (layers) or a copy of the caller's rows (the rows loss).
@@ -36,7 +36,7 @@ workspace! {
             /// Each layer's loss.
             layer_loss,
         }
-        nested {}
+        parts {}
     }
 }
 
