@@ -115,7 +115,7 @@ fn layer_loss_gradient_is_the_derivative_of_its_loss() -> Result<()> {
 fn float64_backward_keeps_a_float64_upstream_gradient() -> Result<()> {
     let mut rng = Rng::new(23);
     let (b, c, h, w) = (2, 3, 5, 6);
-    let centers = Centers::sample(h, w, 4, rng.seed()).unwrap();
+    let centers = Centers::sample(h, w, 4, rng.next_u64()).unwrap();
     let feats = [var(&mut rng, &[b, c, h, w])?, var(&mut rng, &[b, c, h, w])?];
     let rows = [var(&mut rng, &[b, 7, c])?, var(&mut rng, &[b, 7, c])?];
     upstream_is_kept("layer", &feats, |q, k| ccp_layer_loss(q, k, &centers, TAU))?;
