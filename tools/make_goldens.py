@@ -47,8 +47,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-NORM_EPS = 1e-7
-"""Added to the row norm before dividing (spec step 5; CCPL_NORM_EPS in kernels/ccpl.h)."""
+# The one PyTorch port of the original CCPL, shared with the Python tests and the baselines.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "bench"))
+from original import NORM_EPS, layer_loss, layer_loss_at, neighbor_ids, original_normalize  # noqa: E402
 
 FLAT_KINDS = ("none", "q", "k", "qk")
 
@@ -76,73 +77,8 @@ DEFAULT_CASES = [
 
 
 # ----------------------------------------------------------------------------------------------
-# The loss, written like the original (with the spec's fixes)
+# The loss, written like the original (with the spec's fixes): tools/bench/original.py
 # ----------------------------------------------------------------------------------------------
-
-
-class RowNorm(torch.autograd.Function):
-    """`||x||_2` along dim 1, whose derivative is `x / ||x||` and 0 (not NaN) at `x == 0`.
-
-    This is the spec's choice (step 5): with it, `x / (||x|| + eps)` has the finite gradient
-    `g/(n+eps) - x (x.g) / (n (n+eps)^2)`, the second term 0 where `n == 0`.
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        norm = x.pow(2).sum(1, keepdim=True).sqrt()
-        ctx.save_for_backward(x, norm)
-        return norm
-
-    @staticmethod
-    def backward(ctx, grad_norm):
-        x, norm = ctx.saved_tensors
-        safe = torch.where(norm > 0, norm, torch.ones_like(norm))
-        return torch.where(norm > 0, grad_norm * x / safe, torch.zeros_like(x))
-
-
-def normalize(x):
-    """The original's `Normalize(2)`: `x / (||x|| + 1e-7)` along dim 1, with the finite norm."""
-    return x.div(RowNorm.apply(x) + NORM_EPS)
-
-
-def neighbor_ids(centers, width):
-    """The original's `c_ids`, `n_ids`: row `k*N + x` pairs centre `x` with neighbour `k`."""
-    offsets = {0: -(width + 1), 1: -width, 2: -(width - 1), 3: -1, 4: 1, 5: width - 1, 6: width, 7: width + 1}
-    n = centers.shape[0]
-    c_ids = centers.repeat(8)
-    # The original writes `dic[i // num_s]`, which breaks when num_s was clamped; N is right.
-    delta = torch.tensor([offsets[i // n] for i in range(8 * n)], dtype=torch.long)
-    return c_ids, c_ids + delta
-
-
-def neighbor_sample(feat, c_ids, n_ids):
-    """The original's `NeighborSample` with the identity head: normalised rows `(B, C, S)`."""
-    feat_r = feat.permute(0, 2, 3, 1).flatten(1, 2)
-    feat_d = feat_r[:, c_ids, :] - feat_r[:, n_ids, :]
-    return normalize(feat_d.permute(0, 2, 1))
-
-
-def patch_nce_loss(f_q, f_k, tau, detach_k):
-    """The original's `PatchNCELoss` (from CUT), with tau a real parameter."""
-    batch, _, rows = f_q.shape
-    if detach_k:
-        f_k = f_k.detach()
-    l_pos = (f_k * f_q).sum(dim=1)[:, :, None]
-    l_neg = torch.bmm(f_q.transpose(1, 2), f_k)
-    identity_matrix = torch.eye(rows, dtype=torch.bool)[None, :, :]
-    l_neg = l_neg.masked_fill(identity_matrix, -float("inf"))
-    logits = torch.cat((l_pos, l_neg), dim=2) / tau
-    predictions = logits.flatten(0, 1)
-    targets = torch.zeros(batch * rows, dtype=torch.long)
-    return torch.nn.functional.cross_entropy(predictions, targets)
-
-
-def layer_loss(feat_q, feat_k, centers, tau, detach_k):
-    """The CCP loss of one layer, the original's way, with the given centres."""
-    c_ids, n_ids = neighbor_ids(centers, feat_q.shape[3])
-    f_q = neighbor_sample(feat_q, c_ids, n_ids)
-    f_k = neighbor_sample(feat_k, c_ids, n_ids)
-    return patch_nce_loss(f_q, f_k, tau, detach_k)
 
 
 def torch_loss_and_grads(feat_q32, feat_k32, centers, tau):
@@ -172,14 +108,8 @@ def original_normalize_gives_nan(feat_q32, feat_k32, centers, tau):
     gradient here: it must exactly when the case has zero rows, or the case tests nothing."""
     feat_q = feat_q32.double().requires_grad_(True)
     feat_k = feat_k32.double().requires_grad_(True)
-    c_ids, n_ids = neighbor_ids(centers, feat_q.shape[3])
-
-    def sample(feat):
-        feat_r = feat.permute(0, 2, 3, 1).flatten(1, 2)
-        d = (feat_r[:, c_ids, :] - feat_r[:, n_ids, :]).permute(0, 2, 1)
-        return d.div(d.pow(2).sum(1, keepdim=True).pow(0.5) + NORM_EPS)
-
-    patch_nce_loss(sample(feat_q), sample(feat_k), tau, detach_k=False).backward()
+    ids = neighbor_ids(centers, feat_q.shape[3])
+    layer_loss_at(feat_q, feat_k, ids, tau, detach_k=False, norm=original_normalize).backward()
     return bool(torch.isnan(feat_q.grad).any() or torch.isnan(feat_k.grad).any())
 
 

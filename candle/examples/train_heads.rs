@@ -3,8 +3,10 @@
 //! candle-nn) sits between ccpl-candle's neighbour differences and rows loss; the loss is the
 //! sum over the layers, with `num_s = 8` fresh centres per layer and step and `tau = 0.07`.
 //! Random VGG-like features stand in for the encoder's; the generated image's features are a
-//! variable too, standing in for the generator that makes them. A few AdamW steps, the loss
-//! printed at each.
+//! variable too, standing in for the generator that makes them. As in the paper (and the
+//! original's `PatchNCELoss`), the content side is detached after its head: the gradient
+//! reaches the heads and the generated features through the generated side only. A few AdamW
+//! steps, the loss printed at each.
 //!
 //!     cargo run -p ccpl-candle --example train_heads                  # on the CPU
 //!     cargo run -p ccpl-candle --example train_heads --features cuda  # on the first GPU
@@ -116,7 +118,8 @@ fn main() -> Result<()> {
                 .forward(&neighbor_diff(&layer.feat_q, &centers)?)?;
             let k = layer
                 .head
-                .forward(&neighbor_diff(&layer.feat_k, &centers)?)?;
+                .forward(&neighbor_diff(&layer.feat_k, &centers)?)?
+                .detach();
             let loss = rows_loss(&q, &k, DEFAULT_TAU)?;
             total = (total + &loss)?;
             losses.push(loss);

@@ -3,7 +3,7 @@
 //! Everything runs on candle's stream (`CudaDevice::cuda_stream`), so it is ordered with
 //! candle's own kernels; nothing is copied to the host and nothing waits.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
@@ -20,44 +20,29 @@ impl<T: ccpl::Dtype + CudaDType> KernelType for T {}
 /// Evaluates `$body` with `$t` the Rust type of a CUDA storage's `dtype` (`f32`, `f16`,
 /// `bf16`); any other dtype is an error naming `$op`. The public functions reject those first.
 macro_rules! with_kernel_type {
-    ($dtype:expr, $op:expr, |$t:ident| $body:expr) => {
-        match $dtype {
-            candle_core::DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            candle_core::DType::F16 => {
-                type $t = half::f16;
-                $body
-            }
-            candle_core::DType::BF16 => {
-                type $t = half::bf16;
-                $body
-            }
-            other => Err($crate::storage::error(
-                $op,
-                format!("the CUDA kernels store f32, f16 or bf16, not {other:?}"),
-            )),
-        }
-    };
+    ($dtype:expr, $op:expr, |$t:ident| $body:expr) => {{
+        let dtype: candle_core::DType = $dtype;
+        ccpl::dispatch_dtype!(dtype.as_str(), $t => $body, _other => Err($crate::storage::error(
+            $op,
+            format!("the CUDA kernels store f32, f16 or bf16, not {dtype:?}"),
+        )))
+    }};
 }
 pub(crate) use with_kernel_type;
 
-/// Kernels loaded by this crate, one per context, kept for the life of the process as candle
-/// keeps its own modules: ccpl holds loaded kernels only while something uses them, and a
-/// training step's graph (the only user here) is dropped before the next step.
-static KERNELS: Mutex<Vec<Arc<Kernels>>> = Mutex::new(Vec::new());
-
-/// ccpl's kernels in the context of candle's `stream`, loaded on first use.
+/// ccpl's kernels in the context of candle's `stream`, loaded on first use and kept for the
+/// life of the process as candle keeps its own modules: a training step's graph, their only
+/// user here, is dropped before the next step.
 pub(crate) fn kernels(op: &'static str, stream: &Arc<CudaStream>) -> Result<Arc<Kernels>> {
-    let ctx = stream.context();
-    let mut loaded = KERNELS.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(kernels) = loaded.iter().find(|k| k.context().cu_ctx() == ctx.cu_ctx()) {
-        return Ok(kernels.clone());
-    }
-    let kernels = Kernels::for_context(ctx).map_err(ccpl_error(op))?;
-    loaded.push(kernels.clone());
-    Ok(kernels)
+    Kernels::kept_for_context(stream.context()).map_err(ccpl_error(op))
+}
+
+/// What a loss's CUDA forward takes: the kernels, candle's stream, and the two inputs on it.
+pub(crate) struct Inputs<'a, T> {
+    pub kernels: Arc<Kernels>,
+    pub stream: Arc<CudaStream>,
+    pub q: CudaView<'a, T>,
+    pub k: CudaView<'a, T>,
 }
 
 /// The elements of a CUDA storage that `layout` covers, as `T`.
@@ -86,29 +71,57 @@ pub(crate) trait SavedLoss: Send {
     ) -> Result<CudaStorage>;
 }
 
-impl<T: KernelType> SavedLoss for CcpRows<T> {
+/// ccpl's loss objects as a forward keeps them: the loss, how its backward starts the
+/// gradients' memory, and the backward into them.
+trait LossObject: Send {
+    type Storage: KernelType;
+    /// The rows backward writes every element of each gradient it is given; the layer's adds
+    /// into the feature gradients, as a framework accumulates.
+    const START: Start;
+    fn loss(&self) -> &CudaSlice<f32>;
+    fn backward_into<'v>(
+        &mut self,
+        upstream: &CudaView<'_, f32>,
+        grad_q: &mut CudaViewMut<'v, Self::Storage>,
+        grad_k: Option<&mut CudaViewMut<'v, Self::Storage>>,
+    ) -> ccpl::Result<()>;
+}
+
+impl<T: KernelType> LossObject for CcpRows<T> {
+    type Storage = T;
+    const START: Start = Start::Unset;
     fn loss(&self) -> &CudaSlice<f32> {
         CcpRows::loss(self)
     }
-
-    fn backward(
+    fn backward_into<'v>(
         &mut self,
-        op: &'static str,
         upstream: &CudaView<'_, f32>,
-        want_k: bool,
-        len: usize,
-        device: &CudaDevice,
-    ) -> Result<CudaStorage> {
-        // The rows backward writes every element of each gradient it is given.
-        gradients::<T>(op, device, want_k, len, Start::Unset, |grad_q, grad_k| {
-            CcpRows::backward(self, Some(upstream), grad_q, grad_k)
-        })
+        grad_q: &mut CudaViewMut<'v, T>,
+        grad_k: Option<&mut CudaViewMut<'v, T>>,
+    ) -> ccpl::Result<()> {
+        CcpRows::backward(self, Some(upstream), grad_q, grad_k)
     }
 }
 
-impl<T: KernelType> SavedLoss for CcpLayer<T> {
+impl<T: KernelType> LossObject for CcpLayer<T> {
+    type Storage = T;
+    const START: Start = Start::Zeroed;
     fn loss(&self) -> &CudaSlice<f32> {
         CcpLayer::loss(self)
+    }
+    fn backward_into<'v>(
+        &mut self,
+        upstream: &CudaView<'_, f32>,
+        grad_q: &mut CudaViewMut<'v, T>,
+        grad_k: Option<&mut CudaViewMut<'v, T>>,
+    ) -> ccpl::Result<()> {
+        CcpLayer::backward(self, Some(upstream), grad_q, grad_k, Scatter::Deterministic)
+    }
+}
+
+impl<L: LossObject> SavedLoss for L {
+    fn loss(&self) -> &CudaSlice<f32> {
+        LossObject::loss(self)
     }
 
     fn backward(
@@ -119,9 +132,8 @@ impl<T: KernelType> SavedLoss for CcpLayer<T> {
         len: usize,
         device: &CudaDevice,
     ) -> Result<CudaStorage> {
-        // The layer's backward adds into the feature gradients, as a framework accumulates.
-        gradients::<T>(op, device, want_k, len, Start::Zeroed, |grad_q, grad_k| {
-            CcpLayer::backward(self, Some(upstream), grad_q, grad_k, Scatter::Deterministic)
+        gradients::<L::Storage>(op, device, want_k, len, L::START, |grad_q, grad_k| {
+            self.backward_into(upstream, grad_q, grad_k)
         })
     }
 }

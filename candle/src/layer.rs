@@ -6,7 +6,7 @@
 use candle_core::{Result, Tensor};
 use ccpl::{Centers, Element, FeatureShape, Layout, Tau, reference};
 
-use crate::loss::{Loss, LossOp, Reference};
+use crate::op::{Loss, LossOp, Reference};
 use crate::storage::{ccpl_error, check_dtype, check_pair, dims};
 
 const OP: &str = "ccpl_candle::ccp_layer_loss";
@@ -22,31 +22,20 @@ impl Loss for LayerLoss {
     const NAME: &'static str = OP;
 
     fn cpu<T: Element>(&self, q: &[T], k: &[T], want_k: bool) -> ccpl::Result<Reference> {
-        let loss = reference::ccp_layer_loss(q, k, &self.shape, &self.centers, self.tau, want_k)?;
-        Ok(Reference {
-            loss: loss.loss,
-            grad_q: loss.grad_feat_q,
-            grad_k: loss.grad_feat_k,
-        })
+        let r = reference::ccp_layer_loss(q, k, &self.shape, &self.centers, self.tau, want_k)?;
+        Ok((r.loss, r.grad_feat_q, r.grad_feat_k))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda<T: crate::cuda::KernelType>(
         &self,
-        kernels: std::sync::Arc<ccpl::cuda::Kernels>,
-        stream: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
-        q: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>,
-        k: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>,
+        inputs: crate::cuda::Inputs<'_, T>,
     ) -> ccpl::Result<Box<dyn crate::cuda::SavedLoss>> {
-        let centers = ccpl::cuda::DeviceCenters::upload(&stream, &self.centers)?;
-        let mut layer = ccpl::cuda::CcpLayer::<T>::new(
-            kernels,
-            stream,
-            self.shape,
-            self.centers.len(),
-            self.tau,
-        )?;
-        layer.forward(q, k, &centers)?;
+        let centers = ccpl::cuda::DeviceCenters::upload(&inputs.stream, &self.centers)?;
+        let (n, tau) = (self.centers.len(), self.tau);
+        let mut layer =
+            ccpl::cuda::CcpLayer::<T>::new(inputs.kernels, inputs.stream, self.shape, n, tau)?;
+        layer.forward(&inputs.q, &inputs.k, &centers)?;
         Ok(Box::new(layer))
     }
 }

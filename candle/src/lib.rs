@@ -39,7 +39,7 @@
 //! let head = |rows: &Tensor| l2.forward(&l1.forward(rows)?.relu()?);
 //!
 //! let q = head(&neighbor_diff(&feat_q, &centers)?)?; // (B, 8N, C/4)
-//! let k = head(&neighbor_diff(&feat_k, &centers)?)?;
+//! let k = head(&neighbor_diff(&feat_k, &centers)?)?.detach(); // the content side, detached
 //! let loss = rows_loss(&q, &k, DEFAULT_TAU)?;
 //! let grads = loss.backward()?; // the head's weights get their gradients
 //! assert!(vars.all_vars().iter().all(|v| grads.get(v).is_some()));
@@ -53,8 +53,8 @@
 #[cfg(feature = "cuda")]
 mod cuda;
 mod layer;
-mod loss;
 mod neighbor;
+mod op;
 mod rows;
 mod storage;
 

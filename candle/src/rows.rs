@@ -6,7 +6,7 @@
 use candle_core::{Result, Tensor};
 use ccpl::{Element, RowShape, Tau, reference};
 
-use crate::loss::{Loss, LossOp, Reference};
+use crate::op::{Loss, LossOp, Reference};
 use crate::storage::{ccpl_error, check_dtype, check_pair, dims};
 
 const OP: &str = "ccpl_candle::rows_loss";
@@ -21,24 +21,18 @@ impl Loss for Rows {
     const NAME: &'static str = OP;
 
     fn cpu<T: Element>(&self, q: &[T], k: &[T], want_k: bool) -> ccpl::Result<Reference> {
-        let loss = reference::rows_loss(q, k, &self.shape, self.tau, want_k)?;
-        Ok(Reference {
-            loss: loss.loss,
-            grad_q: loss.grad_rows_q,
-            grad_k: loss.grad_rows_k,
-        })
+        let r = reference::rows_loss(q, k, &self.shape, self.tau, want_k)?;
+        Ok((r.loss, r.grad_rows_q, r.grad_rows_k))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda<T: crate::cuda::KernelType>(
         &self,
-        kernels: std::sync::Arc<ccpl::cuda::Kernels>,
-        stream: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
-        q: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>,
-        k: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>,
+        inputs: crate::cuda::Inputs<'_, T>,
     ) -> ccpl::Result<Box<dyn crate::cuda::SavedLoss>> {
-        let mut rows = ccpl::cuda::CcpRows::<T>::new(kernels, stream, self.shape, self.tau)?;
-        rows.forward(q, k)?;
+        let mut rows =
+            ccpl::cuda::CcpRows::<T>::new(inputs.kernels, inputs.stream, self.shape, self.tau)?;
+        rows.forward(&inputs.q, &inputs.k)?;
         Ok(Box::new(rows))
     }
 }

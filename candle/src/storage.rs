@@ -118,6 +118,21 @@ pub(crate) fn cpu_elements<'a, T: WithDType>(
     Ok(&storage.as_slice::<T>()?[start..end])
 }
 
+/// The one value of a float32 or float64 CPU storage (an upstream gradient), as float64.
+pub(crate) fn cpu_scalar(op: &str, storage: &CpuStorage, layout: &Layout) -> Result<f64> {
+    let value = match storage {
+        CpuStorage::F64(_) => cpu_elements::<f64>(op, storage, layout)?.first().copied(),
+        CpuStorage::F32(_) => cpu_elements::<f32>(op, storage, layout)?
+            .first()
+            .map(|&g| g as f64),
+        other => {
+            let dtype = candle_core::backend::BackendStorage::dtype(other);
+            return Err(error(op, format!("an upstream gradient of {dtype:?}")));
+        }
+    };
+    value.ok_or_else(|| error(op, "an empty upstream gradient"))
+}
+
 /// `values` rounded to `T`, as a CPU storage.
 pub(crate) fn cpu_storage<T: WithDType>(values: impl Iterator<Item = f64>) -> CpuStorage {
     T::to_cpu_storage_owned(values.map(T::from_f64).collect())
@@ -126,29 +141,12 @@ pub(crate) fn cpu_storage<T: WithDType>(values: impl Iterator<Item = f64>) -> Cp
 /// Evaluates `$body` with `$t` the Rust type of a CPU storage's `dtype` (`f32`, `f16`, `bf16`,
 /// `f64`); any other dtype is an error naming `$op`. The public functions reject those first.
 macro_rules! with_cpu_type {
-    ($dtype:expr, $op:expr, |$t:ident| $body:expr) => {
-        match $dtype {
-            candle_core::DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            candle_core::DType::F16 => {
-                type $t = half::f16;
-                $body
-            }
-            candle_core::DType::BF16 => {
-                type $t = half::bf16;
-                $body
-            }
-            candle_core::DType::F64 => {
-                type $t = f64;
-                $body
-            }
-            other => Err($crate::storage::error(
-                $op,
-                format!("unsupported dtype {other:?}"),
-            )),
-        }
-    };
+    ($dtype:expr, $op:expr, |$t:ident| $body:expr) => {{
+        let dtype: candle_core::DType = $dtype;
+        ccpl::dispatch_dtype!(dtype.as_str(), $t => $body, f64, _other => Err($crate::storage::error(
+            $op,
+            format!("unsupported dtype {dtype:?}"),
+        )))
+    }};
 }
 pub(crate) use with_cpu_type;

@@ -109,6 +109,40 @@ fn layer_loss_gradient_is_the_derivative_of_its_loss() -> Result<()> {
     Ok(())
 }
 
+/// An upstream gradient that float32 cannot hold (`1 + 2^-40`) reaches the float64 gradients
+/// whole: each is the gradient at upstream 1 times it, to the bit, for both losses.
+#[test]
+fn float64_backward_keeps_a_float64_upstream_gradient() -> Result<()> {
+    let mut rng = Rng::new(23);
+    let (b, c, h, w) = (2, 3, 5, 6);
+    let centers = Centers::sample(h, w, 4, rng.next_u64()).unwrap();
+    let feats = [var(&mut rng, &[b, c, h, w])?, var(&mut rng, &[b, c, h, w])?];
+    let rows = [var(&mut rng, &[b, 7, c])?, var(&mut rng, &[b, 7, c])?];
+    upstream_is_kept("layer", &feats, |q, k| ccp_layer_loss(q, k, &centers, TAU))?;
+    upstream_is_kept("rows", &rows, |q, k| rows_loss(q, k, TAU))
+}
+
+/// Asserts that `loss` times `1 + 2^-40` has exactly that times the gradients of `loss`.
+fn upstream_is_kept(
+    what: &str,
+    [q, k]: &[Var; 2],
+    loss: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<()> {
+    let upstream = 1.0 + 2f64.powi(-40);
+    let at_one = loss(q, k)?.backward()?;
+    let scaled = (loss(q, k)? * upstream)?.backward()?;
+    for x in [q, k] {
+        let want = (at_one.get(x).unwrap() * upstream)?;
+        let got = values(scaled.get(x).unwrap())?;
+        assert_eq!(
+            got,
+            values(&want)?,
+            "{what}: the upstream gradient was rounded"
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn head_gradients_are_the_derivatives_of_the_loss() -> Result<()> {
     let mut rng = Rng::new(22);

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-import sys
 from typing import Optional
 
 import torch
@@ -122,23 +121,21 @@ def check_tau(tau: object) -> float:
 
 
 def tau_rule_broken(tau: float) -> Optional[str]:
-    """The crate's one tau rule (`ccpl::check_tau`), in Python so that `torch.compile` traces
-    it (an extension call would break the graph); `_ccpl.check_tau` is the crate's own, and
-    the tests check that the two agree."""
+    """The crate's one tau rule (`ccpl::Tau`), in Python so that `torch.compile` traces it (an
+    extension call would break the graph); `_ccpl.check_tau` is the crate's own, and the tests
+    check that the two agree."""
     if not math.isfinite(tau):
         return "tau is not finite"
     if tau <= 0.0:
         return "tau is not > 0"
-    if tau < sys.float_info.min:
-        return "tau is subnormal (1/tau overflows)"
-    if 1.0 / tau >= FLOAT32_MAX_ROUNDING:
-        return "1/tau is not finite in float32 (tau must be at least 1/f32::MAX, about 2.94e-39)"
+    if tau < TAU_MIN:
+        return "2/tau overflows float32 (tau must be at least 2/f32::MAX, about 5.88e-39)"
     return None
 
 
-# The smallest double that rounds to infinity in float32 (half an ulp past f32::MAX): 1/tau
-# below it is finite in float32, as the crate's `(1.0 / tau) as f32` is.
-FLOAT32_MAX_ROUNDING = float.fromhex("0x1.ffffffp+127")
+# The smallest tau the kernels can compute with (`ccpl::Tau::MIN`, `2.0 / f32::MAX as f64`):
+# the row loss is formed in float32 at 2/tau.
+TAU_MIN = 2.0 / float.fromhex("0x1.fffffep+127")
 
 
 def saved_dtypes(t: Tensor) -> tuple[torch.dtype, torch.dtype]:

@@ -1,27 +1,10 @@
-//! The kernels on PyTorch's stream: a launcher on a borrowed `CUstream`, with the kernels
-//! loaded once per device and kept for the life of the process.
-
-use std::sync::{Arc, Mutex};
+//! The kernels on PyTorch's stream: a launcher on a borrowed `CUstream`, with the kernels of
+//! each device's primary context (the one PyTorch uses) loaded once and kept for the life of
+//! the process by ccpl's cache ([`Kernels::kept_for_device`]).
 
 use ccpl::Result;
 use ccpl::cuda::{CudaLauncher, Kernels};
 use cudarc::driver::sys::CUstream;
-
-/// The kernels loaded into each device's primary context (the one PyTorch uses), by ordinal.
-/// Loading reads the embedded cubins once (milliseconds); keeping them makes every later call
-/// a plain launch. They are released when the process ends.
-static LOADED: Mutex<Vec<(usize, Arc<Kernels>)>> = Mutex::new(Vec::new());
-
-/// The kernels of device `ordinal`, loaded on first use.
-fn kernels(ordinal: usize) -> Result<Arc<Kernels>> {
-    let mut loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, kernels)) = loaded.iter().find(|(o, _)| *o == ordinal) {
-        return Ok(kernels.clone());
-    }
-    let kernels = Kernels::for_context(&ccpl::cuda::context(ordinal)?)?;
-    loaded.push((ordinal, kernels.clone()));
-    Ok(kernels)
-}
 
 /// Runs `launch` with a launcher on the borrowed `stream` of device `ordinal`: the launches
 /// are enqueued behind PyTorch's work on that stream, and nothing waits for them.
@@ -37,7 +20,7 @@ pub unsafe fn on_stream<R>(
     stream: usize,
     launch: impl FnOnce(&CudaLauncher<'_>) -> Result<R>,
 ) -> Result<R> {
-    let kernels = kernels(ordinal)?;
+    let kernels = Kernels::kept_for_device(ordinal)?;
     // SAFETY: the stream belongs to this context and outlives the call (the caller's
     // contract); the wrapper never destroys it.
     let stream = unsafe { kernels.context().wrap_borrowed_stream(stream as CUstream) };

@@ -16,12 +16,10 @@ use ccpl::loss::layer::{LayerPlan, LayerWorkspace};
 use ccpl::{Centers, Dtype, Element, FeatureShape, Result, RowShape, Tau, check_len, reference};
 use pyo3::prelude::*;
 
-use crate::neighbor::{Shape, diff_backward_host, host_centers, scatter, table_buf};
+use crate::neighbor::{CenterTensors, Shape, diff_backward_host, scatter};
+use crate::op::{Device, Op, run};
 use crate::rows::{self, ABSENT};
-use crate::{
-    Device, HostDtype, Raw, cuda, cuda_only, host_scalar, split, split_host, store, to_py,
-    with_host_dtype, with_kernel_dtype,
-};
+use crate::{HostDtype, Raw, cuda_only, host_scalar, split, split_host, store_loss};
 
 /// The rows shape of a layer: `(B, 8N, C)`.
 fn row_shape(shape: &FeatureShape, num_centers: usize) -> Result<RowShape> {
@@ -167,6 +165,82 @@ pub fn backward_host<T: Element>(
     Ok(())
 }
 
+/// The forward of `ccp_layer_loss`: the loss of the feature maps, and what the backward reads.
+struct Forward {
+    shape: FeatureShape,
+    centers: CenterTensors,
+    tau: Tau,
+    feat_q: Raw,
+    feat_k: Raw,
+    saved: [Raw; 2],
+    loss: Raw,
+}
+
+impl Op for Forward {
+    unsafe fn cpu<T: HostDtype>(&self) -> Result<()> {
+        let [saved_rows, stats] = self.saved;
+        // SAFETY: features of T, saved float64, the loss of T's loss type (the caller's
+        // contract).
+        unsafe {
+            let centers = self.centers.host(&self.shape)?;
+            let (feat_q, feat_k) = (self.feat_q.host(), self.feat_k.host());
+            let (saved_rows, stats) = (saved_rows.host_mut(), stats.host_mut());
+            let (shape, tau) = (&self.shape, self.tau);
+            let value = forward_host::<T>(shape, &centers, tau, feat_q, feat_k, saved_rows, stats)?;
+            store_loss::<T>(self.loss, value)
+        }
+    }
+
+    fn cuda<T: Dtype, L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
+        let centers = self.centers.device(&self.shape)?;
+        let (feat_q, feat_k) = (self.feat_q.buf(), self.feat_k.buf());
+        let (saved, loss) = (self.saved.map(Raw::buf), self.loss.buf());
+        let (shape, tau) = (self.shape, self.tau);
+        forward_device::<T, _>(launcher, shape, &centers, tau, feat_q, feat_k, saved, loss)
+    }
+}
+
+/// The backward of `ccp_layer_loss`: adds into `grad_q` (and `grad_k` when given).
+struct Backward {
+    shape: FeatureShape,
+    centers: CenterTensors,
+    tau: Tau,
+    saved: [Raw; 2],
+    upstream: Raw,
+    scratch: Option<Raw>,
+    grad_q: Raw,
+    grad_k: Option<Raw>,
+    scatter: Scatter,
+}
+
+impl Op for Backward {
+    unsafe fn cpu<T: HostDtype>(&self) -> Result<()> {
+        let [saved_rows, stats] = self.saved;
+        // SAFETY: host tensors of the named types (the caller's contract).
+        unsafe {
+            let centers = self.centers.host(&self.shape)?;
+            let upstream = host_scalar::<T::Loss>(self.upstream)?;
+            let (grad_q, grad_k) = (self.grad_q.host_mut(), self.grad_k.map(|g| g.host_mut()));
+            let (saved_rows, stats) = (saved_rows.host(), stats.host());
+            let (shape, tau) = (&self.shape, self.tau);
+            backward_host::<T>(
+                shape, &centers, tau, saved_rows, stats, upstream, grad_q, grad_k,
+            )
+        }
+    }
+
+    fn cuda<T: Dtype, L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
+        let scratch = cuda_only(self.scratch, "the backward's scratch")?.buf();
+        let centers = self.centers.device(&self.shape)?;
+        let (saved, upstream) = (self.saved.map(Raw::buf), self.upstream.buf());
+        let (grad_q, grad_k) = (self.grad_q.buf(), self.grad_k.map(Raw::buf));
+        let (shape, tau, scatter) = (self.shape, self.tau, self.scatter);
+        backward_device::<T, _>(
+            launcher, shape, &centers, tau, saved, upstream, scratch, grad_q, grad_k, scatter,
+        )
+    }
+}
+
 /// The forward of `ccp_layer_loss`.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
@@ -184,38 +258,19 @@ fn layer_forward(
     saved: [Raw; 2],
     loss: Raw,
 ) -> PyResult<()> {
-    let device = Device::new(device, stream);
-    py.detach(|| {
-        let shape = shape.feature()?;
+    run(py, &dtype, Device::new(device, stream), || {
         let tau = Tau::new(tau)?;
-        match device {
-            Device::Cuda { ordinal, stream } => {
-                let table = cuda_only(table, "the centres' device table")?.buf();
-                let centers = table_buf(shape.height(), shape.width(), centers.1, table)?;
-                with_kernel_dtype!(dtype.as_str(), T => unsafe {
-                    // SAFETY: live device tensors on this stream (the package's contract).
-                    cuda::on_stream(ordinal, stream, |l| {
-                        forward_device::<T, _>(
-                            l, shape, &centers, tau, feat_q.buf(), feat_k.buf(),
-                            saved.map(Raw::buf), loss.buf(),
-                        )
-                    })
-                })
-            }
-            Device::Cpu => with_host_dtype!(dtype.as_str(), T => unsafe {
-                // SAFETY: live contiguous host tensors of the named types (the package's
-                // contract): features of T, saved float64, the loss of T's loss type.
-                let centers = host_centers(shape.height(), shape.width(), centers)?;
-                let [saved_rows, stats] = saved;
-                let value = forward_host::<T>(
-                    &shape, &centers, tau, feat_q.host(), feat_k.host(),
-                    saved_rows.host_mut(), stats.host_mut(),
-                )?;
-                store(loss.host_mut::<<T as HostDtype>::Loss>(), &[value])
-            }),
-        }
+        let (shape, centers) = (shape.feature()?, CenterTensors { centers, table });
+        Ok(Forward {
+            shape,
+            centers,
+            tau,
+            feat_q,
+            feat_k,
+            saved,
+            loss,
+        })
     })
-    .map_err(to_py)
 }
 
 /// The backward of `ccp_layer_loss`: adds into `grad_q` (and `grad_k` when given).
@@ -237,39 +292,22 @@ fn layer_backward(
     grad_k: Option<Raw>,
     deterministic: bool,
 ) -> PyResult<()> {
-    let device = Device::new(device, stream);
-    py.detach(|| {
-        let shape = shape.feature()?;
+    run(py, &dtype, Device::new(device, stream), || {
         let tau = Tau::new(tau)?;
-        match device {
-            Device::Cuda { ordinal, stream } => {
-                let table = cuda_only(table, "the centres' device table")?.buf();
-                let scratch = cuda_only(scratch, "the backward's scratch")?.buf();
-                let centers = table_buf(shape.height(), shape.width(), centers.1, table)?;
-                with_kernel_dtype!(dtype.as_str(), T => unsafe {
-                    // SAFETY: live device tensors on this stream (the package's contract).
-                    cuda::on_stream(ordinal, stream, |l| {
-                        backward_device::<T, _>(
-                            l, shape, &centers, tau, saved.map(Raw::buf), upstream.buf(),
-                            scratch, grad_q.buf(), grad_k.map(Raw::buf), scatter(deterministic),
-                        )
-                    })
-                })
-            }
-            Device::Cpu => with_host_dtype!(dtype.as_str(), T => unsafe {
-                // SAFETY: live contiguous host tensors of the named types (the package's
-                // contract).
-                let centers = host_centers(shape.height(), shape.width(), centers)?;
-                let [saved_rows, stats] = saved;
-                let upstream = host_scalar::<<T as HostDtype>::Loss>(upstream)?;
-                backward_host::<T>(
-                    &shape, &centers, tau, saved_rows.host(), stats.host(), upstream,
-                    grad_q.host_mut(), grad_k.map(|g| g.host_mut()),
-                )
-            }),
-        }
+        let (shape, centers) = (shape.feature()?, CenterTensors { centers, table });
+        let scatter = scatter(deterministic);
+        Ok(Backward {
+            shape,
+            centers,
+            tau,
+            saved,
+            upstream,
+            scratch,
+            grad_q,
+            grad_k,
+            scatter,
+        })
     })
-    .map_err(to_py)
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -10,8 +10,9 @@
 //!
 //! One module per op, forward and backward side by side: [`neighbor`] (difference rows and
 //! their scatter), [`rows`] (the loss of a learned head's rows), [`layer`] (one layer's loss
-//! with the identity head). Their CUDA halves are generic over the [`Launcher`], so the Rust
-//! tests run them on the CPU emulator against their CPU halves.
+//! with the identity head). Each is an [`op::Op`], candle's shape: a CPU half and a CUDA half
+//! generic over the [`Launcher`] (so the Rust tests run it on the CPU emulator against the CPU
+//! half), run by the one [`op::run`].
 //!
 //! These functions are private to the package: they trust the addresses and lengths they are
 //! given (a tensor's `data_ptr()` and `numel()`, contiguous, of the named dtype, on the named
@@ -23,6 +24,7 @@
 pub mod cuda;
 pub mod layer;
 pub mod neighbor;
+pub mod op;
 pub mod rows;
 #[cfg(test)]
 mod tests;
@@ -75,31 +77,6 @@ impl Raw {
     }
 }
 
-/// Where an op runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Device {
-    /// The host: the float64 reference.
-    Cpu,
-    /// CUDA device `ordinal`, on the stream `stream` (a `CUstream`, PyTorch's
-    /// `torch.cuda.current_stream(device).cuda_stream`).
-    Cuda {
-        /// The device's ordinal.
-        ordinal: usize,
-        /// The raw stream handle, borrowed.
-        stream: usize,
-    },
-}
-
-impl Device {
-    /// From Python's `(device.index or None, stream)`.
-    fn new(ordinal: Option<usize>, stream: usize) -> Self {
-        match ordinal {
-            None => Device::Cpu,
-            Some(ordinal) => Device::Cuda { ordinal, stream },
-        }
-    }
-}
-
 /// A storage type of a host tensor: the kernels' three and float64 (for `gradcheck`). The loss
 /// is kept in `Loss`, float64 for float64 tensors and float32 otherwise, as the CUDA path.
 pub trait HostDtype: Element {
@@ -118,60 +95,6 @@ impl HostDtype for f16 {
 impl HostDtype for bf16 {
     type Loss = f32;
 }
-
-/// Runs `$body` with `$t` bound to the host storage type named by `$dtype` ("f32", "f16",
-/// "bf16", "f64"); `Err(Error::Dtype)` for any other name.
-macro_rules! with_host_dtype {
-    ($dtype:expr, $t:ident => $body:expr) => {{
-        match $dtype {
-            "f64" => {
-                type $t = f64;
-                $body
-            }
-            "f32" => {
-                type $t = f32;
-                $body
-            }
-            "f16" => {
-                type $t = half::f16;
-                $body
-            }
-            "bf16" => {
-                type $t = half::bf16;
-                $body
-            }
-            other => Err(ccpl::Error::Dtype(format!(
-                "{other} on the CPU (f64, f32, f16 and bf16 are supported)"
-            ))),
-        }
-    }};
-}
-pub(crate) use with_host_dtype;
-
-/// Runs `$body` with `$t` bound to the kernels' storage type named by `$dtype` ("f32", "f16",
-/// "bf16"); `Err(Error::Dtype)` for any other name.
-macro_rules! with_kernel_dtype {
-    ($dtype:expr, $t:ident => $body:expr) => {{
-        match $dtype {
-            "f32" => {
-                type $t = f32;
-                $body
-            }
-            "f16" => {
-                type $t = half::f16;
-                $body
-            }
-            "bf16" => {
-                type $t = half::bf16;
-                $body
-            }
-            other => Err(ccpl::Error::Dtype(format!(
-                "{other} on CUDA (the kernels take f32, f16 and bf16)"
-            ))),
-        }
-    }};
-}
-pub(crate) use with_kernel_dtype;
 
 /// A buffer that only the CUDA path takes (the centres' device table, a backward's scratch).
 pub fn cuda_only(buf: Option<Raw>, what: &str) -> ccpl::Result<Raw> {
@@ -221,6 +144,16 @@ pub fn store<T: Element>(out: &mut [T], values: &[f64]) -> ccpl::Result<()> {
         *o = T::from_f64(v);
     }
     Ok(())
+}
+
+/// Stores a forward's loss in its host tensor, one value of `T`'s loss type.
+///
+/// # Safety
+///
+/// `loss` is a live contiguous host tensor of `T::Loss`, not otherwise accessed meanwhile.
+pub unsafe fn store_loss<T: HostDtype>(loss: Raw, value: f64) -> ccpl::Result<()> {
+    // SAFETY: the caller's contract.
+    store(unsafe { loss.host_mut::<T::Loss>() }, &[value])
 }
 
 /// Adds float64 values into a host buffer of `T` (a gradient accumulated as the kernels do).

@@ -13,10 +13,8 @@ use ccpl::launch::{Buf, Launcher};
 use ccpl::{Centers, Dtype, Element, FeatureShape, Layout, Result, check_len, reference};
 use pyo3::prelude::*;
 
-use crate::{
-    Device, Raw, accumulate, cuda, cuda_only, store, to_py, widen, with_host_dtype,
-    with_kernel_dtype,
-};
+use crate::op::{Device, Op, run};
+use crate::{HostDtype, Raw, accumulate, cuda_only, store, to_py, widen};
 
 /// A feature map's shape as Python passes it: `(B, C, H, W, channels_last)`.
 #[derive(Debug, Clone, Copy, FromPyObject)]
@@ -143,6 +141,94 @@ fn center_table(
     .map_err(to_py)
 }
 
+/// The centres as Python passes them: `centers` (int64, host) and, for a CUDA op, their
+/// device `table` (int32, [`fill_table`]'s layout).
+#[derive(Debug, Clone, Copy)]
+pub struct CenterTensors {
+    /// The caller's flat indices.
+    pub centers: Raw,
+    /// Their table on the device, which only a CUDA op takes.
+    pub table: Option<Raw>,
+}
+
+impl CenterTensors {
+    /// The centres checked for `shape`'s map, from the host tensor.
+    ///
+    /// # Safety
+    ///
+    /// `self.centers` is a live contiguous int64 host tensor.
+    pub unsafe fn host(&self, shape: &FeatureShape) -> Result<Centers> {
+        // SAFETY: the caller's contract.
+        unsafe { host_centers(shape.height(), shape.width(), self.centers) }
+    }
+
+    /// The device table as the plans take it, for `shape`'s map.
+    pub fn device(&self, shape: &FeatureShape) -> Result<CentersBuf> {
+        let table = cuda_only(self.table, "the centres' device table")?.buf();
+        table_buf(shape.height(), shape.width(), self.centers.1, table)
+    }
+}
+
+/// `rows = neighbor_diff(feat)`.
+struct Diff {
+    shape: FeatureShape,
+    centers: CenterTensors,
+    feat: Raw,
+    rows: Raw,
+}
+
+impl Op for Diff {
+    unsafe fn cpu<T: HostDtype>(&self) -> Result<()> {
+        // SAFETY: host tensors of T (the caller's contract).
+        unsafe {
+            let centers = self.centers.host(&self.shape)?;
+            diff_host::<T>(
+                &self.shape,
+                &centers,
+                self.feat.host(),
+                self.rows.host_mut(),
+            )
+        }
+    }
+
+    fn cuda<T: Dtype, L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
+        let centers = self.centers.device(&self.shape)?;
+        diff_device::<T, _>(
+            launcher,
+            &self.shape,
+            &centers,
+            self.feat.buf(),
+            self.rows.buf(),
+        )
+    }
+}
+
+/// `grad_feat += neighbor_diff_backward(grad_rows)`.
+struct DiffBackward {
+    shape: FeatureShape,
+    centers: CenterTensors,
+    grad_rows: Raw,
+    grad_feat: Raw,
+    scatter: Scatter,
+}
+
+impl Op for DiffBackward {
+    unsafe fn cpu<T: HostDtype>(&self) -> Result<()> {
+        // SAFETY: host tensors of T (the caller's contract).
+        unsafe {
+            let centers = self.centers.host(&self.shape)?;
+            let (grad_rows, grad_feat) = (self.grad_rows.host(), self.grad_feat.host_mut());
+            diff_backward_host::<T, T>(&self.shape, &centers, grad_rows, grad_feat)
+        }
+    }
+
+    fn cuda<T: Dtype, L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
+        let centers = self.centers.device(&self.shape)?;
+        let (rows, feat) = (self.grad_rows.buf(), self.grad_feat.buf());
+        diff_backward_device::<T, _>(launcher, &self.shape, &centers, rows, feat, self.scatter)
+    }
+}
+
 /// `rows = neighbor_diff(feat)` for `shape` and the centres (`table` on CUDA).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
@@ -157,28 +243,14 @@ fn neighbor_diff(
     feat: Raw,
     rows: Raw,
 ) -> PyResult<()> {
-    let device = Device::new(device, stream);
-    py.detach(|| {
-        let shape = shape.feature()?;
-        match device {
-            Device::Cuda { ordinal, stream } => {
-                let table = cuda_only(table, "the centres' device table")?.buf();
-                let centers = table_buf(shape.height(), shape.width(), centers.1, table)?;
-                with_kernel_dtype!(dtype.as_str(), T => unsafe {
-                    // SAFETY: live device tensors on this stream (the package's contract).
-                    cuda::on_stream(ordinal, stream, |l| {
-                        diff_device::<T, _>(l, &shape, &centers, feat.buf(), rows.buf())
-                    })
-                })
-            }
-            Device::Cpu => with_host_dtype!(dtype.as_str(), T => unsafe {
-                // SAFETY: live contiguous host tensors of T (the package's contract).
-                let centers = host_centers(shape.height(), shape.width(), centers)?;
-                diff_host::<T>(&shape, &centers, feat.host(), rows.host_mut())
-            }),
-        }
+    run(py, &dtype, Device::new(device, stream), || {
+        Ok(Diff {
+            shape: shape.feature()?,
+            centers: CenterTensors { centers, table },
+            feat,
+            rows,
+        })
     })
-    .map_err(to_py)
 }
 
 /// `grad_feat += neighbor_diff_backward(grad_rows)`; `deterministic` picks the scatter.
@@ -196,31 +268,15 @@ fn neighbor_diff_backward(
     grad_feat: Raw,
     deterministic: bool,
 ) -> PyResult<()> {
-    let device = Device::new(device, stream);
-    let scatter = scatter(deterministic);
-    py.detach(|| {
-        let shape = shape.feature()?;
-        match device {
-            Device::Cuda { ordinal, stream } => {
-                let table = cuda_only(table, "the centres' device table")?.buf();
-                let centers = table_buf(shape.height(), shape.width(), centers.1, table)?;
-                with_kernel_dtype!(dtype.as_str(), T => unsafe {
-                    // SAFETY: live device tensors on this stream (the package's contract).
-                    cuda::on_stream(ordinal, stream, |l| {
-                        diff_backward_device::<T, _>(
-                            l, &shape, &centers, grad_rows.buf(), grad_feat.buf(), scatter,
-                        )
-                    })
-                })
-            }
-            Device::Cpu => with_host_dtype!(dtype.as_str(), T => unsafe {
-                // SAFETY: live contiguous host tensors of T (the package's contract).
-                let centers = host_centers(shape.height(), shape.width(), centers)?;
-                diff_backward_host::<T, T>(&shape, &centers, grad_rows.host(), grad_feat.host_mut())
-            }),
-        }
+    run(py, &dtype, Device::new(device, stream), || {
+        Ok(DiffBackward {
+            shape: shape.feature()?,
+            centers: CenterTensors { centers, table },
+            grad_rows,
+            grad_feat,
+            scatter: scatter(deterministic),
+        })
     })
-    .map_err(to_py)
 }
 
 /// PyTorch's `torch.are_deterministic_algorithms_enabled()` as the crate's scatter.

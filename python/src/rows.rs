@@ -16,10 +16,8 @@ use ccpl::reference::{
 use ccpl::{Dtype, Element, Result, RowShape, Tau, check_len};
 use pyo3::prelude::*;
 
-use crate::{
-    Device, HostDtype, Raw, cuda, cuda_only, host_scalar, split, split_host, store, to_py, widen,
-    with_host_dtype, with_kernel_dtype,
-};
+use crate::op::{Device, Op, run};
+use crate::{HostDtype, Raw, cuda_only, host_scalar, split, split_host, store, store_loss, widen};
 
 /// A buffer a sequence of plans does not touch: a plan that did would refuse its length.
 pub const ABSENT: Buf = Buf { addr: 0, len: 0 };
@@ -164,6 +162,78 @@ pub fn backward_host<T: Element>(
     Ok(())
 }
 
+/// The forward of `rows_loss`: the loss of `rows` `[q, k]`, and what the backward reads.
+struct Forward {
+    shape: RowShape,
+    tau: Tau,
+    rows: [Raw; 2],
+    saved: [Raw; 2],
+    loss: Raw,
+}
+
+impl Op for Forward {
+    unsafe fn cpu<T: HostDtype>(&self) -> Result<()> {
+        let ([q, k], [units, stats]) = (self.rows, self.saved);
+        // SAFETY: rows of T, saved float64, the loss of T's loss type (the caller's contract).
+        unsafe {
+            let (units, stats) = (units.host_mut(), stats.host_mut());
+            let value = forward_host::<T>(&self.shape, self.tau, q.host(), k.host(), units, stats)?;
+            store_loss::<T>(self.loss, value)
+        }
+    }
+
+    fn cuda<T: Dtype, L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
+        let (rows, saved) = (self.rows.map(Raw::buf), self.saved.map(Raw::buf));
+        forward_device::<T, _>(launcher, self.shape, self.tau, rows, saved, self.loss.buf())
+    }
+}
+
+/// The backward of `rows_loss`: the gradient of `q` (and of `k` when `grad_k` is given).
+struct Backward {
+    shape: RowShape,
+    tau: Tau,
+    rows: [Raw; 2],
+    saved: [Raw; 2],
+    upstream: Raw,
+    scratch: Option<Raw>,
+    grad_q: Raw,
+    grad_k: Option<Raw>,
+}
+
+impl Op for Backward {
+    unsafe fn cpu<T: HostDtype>(&self) -> Result<()> {
+        let ([q, k], [units, stats]) = (self.rows, self.saved);
+        // SAFETY: host tensors of the named types (the caller's contract).
+        unsafe {
+            let upstream = host_scalar::<T::Loss>(self.upstream)?;
+            let (grad_q, grad_k) = (self.grad_q.host_mut(), self.grad_k.map(|g| g.host_mut()));
+            let (units, stats) = (units.host(), stats.host());
+            let (shape, tau) = (&self.shape, self.tau);
+            backward_host::<T>(
+                shape,
+                tau,
+                q.host(),
+                k.host(),
+                units,
+                stats,
+                upstream,
+                grad_q,
+                grad_k,
+            )
+        }
+    }
+
+    fn cuda<T: Dtype, L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
+        let scratch = cuda_only(self.scratch, "the backward's scratch")?.buf();
+        let (saved, upstream) = (self.saved.map(Raw::buf), self.upstream.buf());
+        let (grad_q, grad_k) = (self.grad_q.buf(), self.grad_k.map(Raw::buf));
+        let (shape, tau) = (self.shape, self.tau);
+        backward_device::<T, _>(
+            launcher, shape, tau, saved, upstream, scratch, grad_q, grad_k,
+        )
+    }
+}
+
 /// The forward of `rows_loss` on `(B, S, C)` rows `[q, k]`.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
@@ -178,31 +248,17 @@ fn rows_forward(
     saved: [Raw; 2],
     loss: Raw,
 ) -> PyResult<()> {
-    let device = Device::new(device, stream);
-    py.detach(|| {
-        let shape = RowShape::new(shape.0, shape.1, shape.2)?;
+    run(py, &dtype, Device::new(device, stream), || {
         let tau = Tau::new(tau)?;
-        match device {
-            Device::Cuda { ordinal, stream } => with_kernel_dtype!(dtype.as_str(), T => unsafe {
-                // SAFETY: live device tensors on this stream (the package's contract).
-                cuda::on_stream(ordinal, stream, |l| {
-                    forward_device::<T, _>(
-                        l, shape, tau, rows.map(Raw::buf), saved.map(Raw::buf), loss.buf(),
-                    )
-                })
-            }),
-            Device::Cpu => with_host_dtype!(dtype.as_str(), T => unsafe {
-                // SAFETY: live contiguous host tensors of the named types (the package's
-                // contract): rows of T, saved float64, the loss of T's loss type.
-                let ([q, k], [units, stats]) = (rows, saved);
-                let value = forward_host::<T>(
-                    &shape, tau, q.host(), k.host(), units.host_mut(), stats.host_mut(),
-                )?;
-                store(loss.host_mut::<<T as HostDtype>::Loss>(), &[value])
-            }),
-        }
+        let shape = RowShape::new(shape.0, shape.1, shape.2)?;
+        Ok(Forward {
+            shape,
+            tau,
+            rows,
+            saved,
+            loss,
+        })
     })
-    .map_err(to_py)
 }
 
 /// The backward of `rows_loss`: the gradient of `q` (and of `k` when `grad_k` is given).
@@ -222,36 +278,20 @@ fn rows_backward(
     grad_q: Raw,
     grad_k: Option<Raw>,
 ) -> PyResult<()> {
-    let device = Device::new(device, stream);
-    py.detach(|| {
-        let shape = RowShape::new(shape.0, shape.1, shape.2)?;
+    run(py, &dtype, Device::new(device, stream), || {
         let tau = Tau::new(tau)?;
-        match device {
-            Device::Cuda { ordinal, stream } => {
-                let scratch = cuda_only(scratch, "the backward's scratch")?.buf();
-                with_kernel_dtype!(dtype.as_str(), T => unsafe {
-                    // SAFETY: live device tensors on this stream (the package's contract).
-                    cuda::on_stream(ordinal, stream, |l| {
-                        backward_device::<T, _>(
-                            l, shape, tau, saved.map(Raw::buf), upstream.buf(), scratch,
-                            grad_q.buf(), grad_k.map(Raw::buf),
-                        )
-                    })
-                })
-            }
-            Device::Cpu => with_host_dtype!(dtype.as_str(), T => unsafe {
-                // SAFETY: live contiguous host tensors of the named types (the package's
-                // contract).
-                let ([q, k], [units, stats]) = (rows, saved);
-                let upstream = host_scalar::<<T as HostDtype>::Loss>(upstream)?;
-                backward_host::<T>(
-                    &shape, tau, q.host(), k.host(), units.host(), stats.host(), upstream,
-                    grad_q.host_mut(), grad_k.map(|g| g.host_mut()),
-                )
-            }),
-        }
+        let shape = RowShape::new(shape.0, shape.1, shape.2)?;
+        Ok(Backward {
+            shape,
+            tau,
+            rows,
+            saved,
+            upstream,
+            scratch,
+            grad_q,
+            grad_k,
+        })
     })
-    .map_err(to_py)
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

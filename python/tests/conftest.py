@@ -6,12 +6,17 @@ CUDA (the kernels). Without a usable GPU the CUDA case says loudly that it SKIPP
 """
 
 import os
+import sys
 
 import pytest
 import torch
 
 import ccpl
-import original
+
+# The one PyTorch port of the original CCPL, shared with the goldens' generator and the
+# benchmarks' baselines.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tools", "bench"))
+import original  # noqa: E402
 
 F64_LOSS_TOLERANCE = 1e-12
 """Loss of the CPU path on float64 inputs vs the original formulation in float64: two float64

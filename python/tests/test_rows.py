@@ -167,7 +167,7 @@ def test_rows_loss_refuses_bad_inputs():
         ((q, q, -0.1), ValueError, "tau"),
         ((q, q, float("nan")), ValueError, "tau"),
         ((q, q, float("inf")), ValueError, "tau"),
-        ((q, q, 1e-40), ValueError, "1/tau is not finite in float32"),
+        ((q, q, 1e-40), ValueError, "2/tau overflows float32"),
         ((q, q, "0.07"), TypeError, "tau"),
         ((q, q, torch.tensor(0.07)), TypeError, "tau"),
     ]
@@ -196,12 +196,11 @@ def test_rows_loss_on_cuda_runs_on_the_current_stream_without_a_host_wait(cuda):
 
 def test_the_python_tau_rule_is_the_crates():
     """The ops check tau in Python (so that torch.compile traces the check); the crate's own
-    check, `ccpl::check_tau`, must agree on every value, the float32 boundary of 1/tau
-    included."""
+    check, `ccpl::Tau`, must agree on every value, the float32 boundary of 2/tau included."""
     from ccpl import _ccpl
-    from ccpl._common import FLOAT32_MAX_ROUNDING, tau_rule_broken
+    from ccpl._common import TAU_MIN, tau_rule_broken
 
-    edge = 1.0 / FLOAT32_MAX_ROUNDING
+    edge = TAU_MIN
     values = [0.07, 1.0, 1e300, 3e-39, 2.94e-39, 1e-40, 5e-324, 0.0, -0.0, -1.0]
     values += [float("nan"), float("inf"), float("-inf"), edge]
     values += [math.nextafter(edge, 0.0), math.nextafter(edge, 1.0)]

@@ -1,11 +1,13 @@
-//! The GPU path: finding a device, loading the embedded kernels once per context, and
+//! The GPU path: finding a device, loading the embedded kernels once per context (one cache,
+//! which the Python package and the candle ops use too), and
 //! launching them on the caller's stream with the caller's buffers.
 //!
 //! ```no_run
 //! use ccpl::cuda::{self, Kernels};
 //! # fn main() -> ccpl::Result<()> {
 //! let ctx = cuda::context(0)?; // Err(NoGpu) on a machine without one, never a panic
-//! let kernels = Kernels::for_context(&ctx)?; // loaded once, then cached
+//! let kernels = Kernels::for_context(&ctx)?; // loaded once, then cached while used
+//! let kept = Kernels::kept_for_device(0)?; // the same kernels, kept for the process
 //! let stream = ctx.default_stream();
 //! # let _ = (kernels, stream); Ok(()) }
 //! ```
@@ -97,26 +99,77 @@ pub struct Kernels {
     functions: HashMap<String, CudaFunction>,
 }
 
-/// Kernels already loaded, by context; weak so that dropping every user unloads them.
-static LOADED: Mutex<Vec<(usize, Weak<Kernels>)>> = Mutex::new(Vec::new());
+/// The kernels loaded into one context, found again by later callers.
+struct Loaded {
+    /// The context's `CUcontext`.
+    ctx: usize,
+    /// The device whose primary context it is, once [`Kernels::kept_for_device`] asked.
+    ordinal: Option<usize>,
+    /// Weak, so that dropping every user unloads them...
+    kernels: Weak<Kernels>,
+    /// ...unless they are kept for the life of the process.
+    kept: Option<Arc<Kernels>>,
+}
+
+/// Every context's loaded kernels: the one cache of the crate and of its integrations.
+static LOADED: Mutex<Vec<Loaded>> = Mutex::new(Vec::new());
 
 impl Kernels {
     /// The kernels for `ctx`: loaded on first use (the cubin for the device's architecture,
-    /// else the PTX), then shared by every later caller on the same context.
+    /// else the PTX), then shared by every later caller on the same context, and unloaded when
+    /// the last user drops them.
     pub fn for_context(ctx: &Arc<CudaContext>) -> Result<Arc<Kernels>> {
+        Self::cached(ctx, false)
+    }
+
+    /// The same, kept loaded for the life of the process: for a framework whose users come
+    /// and go (candle drops a training step's graph, and its loss objects, before the next
+    /// step), so that loading (milliseconds) happens once, as the framework keeps its own
+    /// modules.
+    pub fn kept_for_context(ctx: &Arc<CudaContext>) -> Result<Arc<Kernels>> {
+        Self::cached(ctx, true)
+    }
+
+    /// The kernels of device `ordinal`'s primary context (the one PyTorch and candle use),
+    /// kept for the life of the process and found again by the ordinal alone: a call after
+    /// the first is a lookup, without asking the driver for the context again.
+    pub fn kept_for_device(ordinal: usize) -> Result<Arc<Kernels>> {
+        let found = lock_loaded()
+            .iter()
+            .find(|l| l.ordinal == Some(ordinal))
+            .and_then(|l| l.kept.clone());
+        if let Some(kernels) = found {
+            return Ok(kernels);
+        }
+        let kernels = Self::kept_for_context(&context(ordinal)?)?;
+        let key = kernels.ctx.cu_ctx() as usize;
+        if let Some(entry) = lock_loaded().iter_mut().find(|l| l.ctx == key) {
+            entry.ordinal = Some(ordinal);
+        }
+        Ok(kernels)
+    }
+
+    /// The kernels for `ctx` from the cache, loaded there when absent; kept when `keep`.
+    fn cached(ctx: &Arc<CudaContext>, keep: bool) -> Result<Arc<Kernels>> {
         kernels_built()?;
         let key = ctx.cu_ctx() as usize;
-        let mut loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner());
-        loaded.retain(|(_, weak)| weak.strong_count() > 0);
-        if let Some(kernels) = loaded
-            .iter()
-            .find(|(k, _)| *k == key)
-            .and_then(|(_, w)| w.upgrade())
+        let mut loaded = lock_loaded();
+        loaded.retain(|l| l.kernels.strong_count() > 0);
+        if let Some(entry) = loaded.iter_mut().find(|l| l.ctx == key)
+            && let Some(kernels) = entry.kernels.upgrade()
         {
+            if keep {
+                entry.kept = Some(kernels.clone());
+            }
             return Ok(kernels);
         }
         let kernels = Arc::new(Self::load(ctx)?);
-        loaded.push((key, Arc::downgrade(&kernels)));
+        loaded.push(Loaded {
+            ctx: key,
+            ordinal: None,
+            kernels: Arc::downgrade(&kernels),
+            kept: keep.then(|| kernels.clone()),
+        });
         Ok(kernels)
     }
 
@@ -161,6 +214,11 @@ impl Kernels {
             guards: RefCell::new(Vec::new()),
         })
     }
+}
+
+/// The cache, also after a panic elsewhere while it was held (its entries stay consistent).
+fn lock_loaded() -> std::sync::MutexGuard<'static, Vec<Loaded>> {
+    LOADED.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The cubin for `arch` (or an older minor of the same major, which runs there), else the PTX.

@@ -2,7 +2,7 @@
 """PyTorch baselines of the CCP loss, forward plus backward, at the sizes of benches/configs.txt.
 
 Written from the contract (docs/ccpl-loss.md) and from what the original implementation does
-(its behaviour, not its code): gather the centre and neighbour rows, subtract, (project with its
+(its behaviour, not its code; original.py, the port the tests and the goldens share): gather the centre and neighbour rows, subtract, (project with its
 MLP head), normalise (`x / (||x|| + 1e-7)`), `bmm`, fill the diagonal with -inf, concatenate the
 positive in front, divide by tau, cross-entropy against class 0. A `step` configuration (the
 paper's training step) is the sum of its layers' losses, one function forward and backward,
@@ -56,26 +56,20 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import original  # noqa: E402
+from original import NORM_EPS  # noqa: E402
 
 TAU = 0.07
-NORM_EPS = 1e-7
 # torch.OutOfMemoryError is the newer name; torch.cuda.OutOfMemoryError the older one.
 OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", RuntimeError), getattr(torch.cuda, "OutOfMemoryError", RuntimeError)})
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 IMPLS = ("eager", "original-identity", "original", "compile", "compile-graphs", "infcl")
 
 
-# ---- The loss, the way the original computes it -------------------------------------------
-
-
-def neighbor_offsets(width: int) -> list[int]:
-    """Flat offsets of the 8 neighbours, k = 0..7: (-1,-1), (-1,0), (-1,+1), (0,-1), (0,+1),
-    (+1,-1), (+1,0), (+1,+1)."""
-    return [-(width + 1), -width, -(width - 1), -1, 1, width - 1, width, width + 1]
+# ---- The loss, the way the original computes it (original.py) ---------------------------
 
 
 def center_ids(draw, width: int):
@@ -86,11 +80,9 @@ def center_ids(draw, width: int):
 
 def neighbor_ids(height: int, width: int, centers: int, generator: torch.Generator, device) -> tuple:
     """Centre and neighbour flat indices, neighbour-major (row k*N + x), drawn once (outside
-    any timed step): a random permutation of the interior, its first N entries, each repeated
-    for the 8 neighbours."""
+    any timed step): a random permutation of the interior, its first N entries."""
     draw = torch.randperm((height - 2) * (width - 2), generator=generator)[:centers]
-    c_ids = center_ids(draw, width).repeat(8)
-    n_ids = c_ids + torch.tensor(neighbor_offsets(width)).repeat_interleave(centers)
+    c_ids, n_ids = original.neighbor_ids(center_ids(draw, width), width)
     return c_ids.to(device), n_ids.to(device)
 
 
@@ -98,50 +90,16 @@ def neighbor_ids_per_step(height: int, width: int, centers: int, device) -> tupl
     """The same indices the way the original builds them on every call: the permutation drawn
     on the device, the offsets a Python list built on the host and copied to the device."""
     draw = torch.randperm((height - 2) * (width - 2), device=device)[:centers]
-    c_ids = center_ids(draw, width).repeat(8)
-    offsets = neighbor_offsets(width)
-    per_row = [offsets[j // centers] for j in range(8 * centers)]
-    return c_ids, c_ids + torch.tensor(per_row).to(device)
-
-
-def normalize(x):
-    """Normalize(2) of the original: over dim 1, the epsilon added to the norm."""
-    norm = x.pow(2).sum(1, keepdim=True).pow(1.0 / 2)
-    return x.div(norm + NORM_EPS)
-
-
-def patch_nce(f_q, f_k, tau: float, detach_k: bool, host_built: bool = False):
-    """PatchNCE of the original on (B, C, S) unit columns: positive first, masked negatives.
-    `host_built`: the diagonal mask and the targets are built on the host and copied, every
-    call, as the original does (the mask is S x S booleans: 4.3 GB at S = 65,536)."""
-    batch, _, rows = f_q.shape
-    if detach_k:
-        f_k = f_k.detach()
-    l_pos = (f_k * f_q).sum(dim=1)[:, :, None]
-    l_neg = torch.bmm(f_q.transpose(1, 2), f_k)
-    if host_built:
-        identity = torch.eye(rows, dtype=torch.bool)[None, :, :].to(f_q.device)
-        targets = torch.zeros(batch * rows, dtype=torch.long).to(f_q.device)
-    else:
-        identity = torch.eye(rows, dtype=torch.bool, device=f_q.device)[None, :, :]
-        targets = torch.zeros(batch * rows, dtype=torch.long, device=f_q.device)
-    l_neg.masked_fill_(identity, -float("inf"))
-    logits = torch.cat((l_pos, l_neg), dim=2) / tau
-    return F.cross_entropy(logits.flatten(0, 1), targets)
+    return original.neighbor_ids(center_ids(draw, width), width)
 
 
 def layer_loss(feat_q, feat_k, c_ids, n_ids, head=None, host_built: bool = False):
     """One layer from its feature maps (B, C, H, W): NeighborSample (difference rows, the head
-    when there is one, normalisation), then PatchNCE with the content side detached."""
-
-    def sample(feat):
-        feat_r = feat.permute(0, 2, 3, 1).flatten(1, 2)  # (B, HW, C)
-        feat_d = feat_r[:, c_ids, :] - feat_r[:, n_ids, :]  # (B, S, C)
-        if head is not None:
-            feat_d = head(feat_d)  # (B, S, C/4)
-        return normalize(feat_d.permute(0, 2, 1))  # (B, C, S)
-
-    return patch_nce(sample(feat_q), sample(feat_k), TAU, detach_k=True, host_built=host_built)
+    when there is one, the original's normalisation), then PatchNCE with the content side
+    detached."""
+    return original.layer_loss_at(
+        feat_q, feat_k, (c_ids, n_ids), TAU, head=head, norm=original.original_normalize, host_built=host_built
+    )
 
 
 def original_head(channels: int, dtype, device, seed: int):
@@ -161,8 +119,8 @@ def total(losses):
 
 
 def rows_loss(rows_q, rows_k, detach_k: bool):
-    """The loss from head output rows (B, S, D)."""
-    return patch_nce(normalize(rows_q.permute(0, 2, 1)), normalize(rows_k.permute(0, 2, 1)), TAU, detach_k)
+    """The loss from head output rows (B, S, D), with the original's normalisation."""
+    return original.rows_loss(rows_q, rows_k, TAU, detach_k, norm=original.original_normalize)
 
 
 def infcl_rows_loss(rows_q, rows_k):

@@ -1,4 +1,5 @@
-//! What the two losses ([`crate::rows_loss`], [`crate::ccp_layer_loss`]) share: a custom op of
+//! The one custom op behind the two losses ([`crate::rows_loss`], [`crate::ccp_layer_loss`]):
+//! each loss is a [`Loss`] (its CPU half and its CUDA half), and [`LossOp`] is the candle op of
 //! two inputs `q` (the generated side) and `k` (the content side) whose output is the scalar
 //! loss, and whose forward keeps what the backward reads (the reference's gradients on the
 //! CPU; ccpl's loss object with its workspace on CUDA), as PyTorch keeps saved tensors. The
@@ -10,7 +11,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use ccpl::Element;
 
-use crate::storage::{ccpl_error, cpu_elements, cpu_storage, error, with_cpu_type};
+use crate::storage::{ccpl_error, cpu_elements, cpu_scalar, cpu_storage, error, with_cpu_type};
 
 /// One loss: its CPU forward (the reference) and its CUDA forward (ccpl's loss object).
 pub(crate) trait Loss: Send + Sync + 'static {
@@ -21,23 +22,16 @@ pub(crate) trait Loss: Send + Sync + 'static {
     /// float64 reference.
     fn cpu<T: Element>(&self, q: &[T], k: &[T], want_k: bool) -> ccpl::Result<Reference>;
 
-    /// The forward on the device, on candle's `stream`: ccpl's loss object after its forward.
+    /// The forward on the device, on candle's stream: ccpl's loss object after its forward.
     #[cfg(feature = "cuda")]
     fn cuda<T: crate::cuda::KernelType>(
         &self,
-        kernels: std::sync::Arc<ccpl::cuda::Kernels>,
-        stream: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
-        q: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>,
-        k: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>,
+        inputs: crate::cuda::Inputs<'_, T>,
     ) -> ccpl::Result<Box<dyn crate::cuda::SavedLoss>>;
 }
 
-/// A loss and its gradients by the reference.
-pub(crate) struct Reference {
-    pub loss: f64,
-    pub grad_q: Vec<f64>,
-    pub grad_k: Option<Vec<f64>>,
-}
+/// A loss and its gradients by the reference: the loss, `q`'s gradient, `k`'s when asked for.
+pub(crate) type Reference = (f64, Vec<f64>, Option<Vec<f64>>);
 
 /// What a forward keeps for the backward.
 enum Saved {
@@ -98,13 +92,12 @@ impl<L: Loss> CustomOp2 for LossOp<L> {
         let (loss, grads) = with_cpu_type!(self.dtype, L::NAME, |T| {
             let q = cpu_elements::<T>(L::NAME, q, q_layout)?;
             let k = cpu_elements::<T>(L::NAME, k, k_layout)?;
-            let reference = self
+            let (loss, mut grads, grad_k) = self
                 .loss
                 .cpu(q, k, self.want_k)
                 .map_err(ccpl_error(L::NAME))?;
-            let mut grads = reference.grad_q;
-            grads.extend(reference.grad_k.into_iter().flatten());
-            Ok((cpu_storage::<T>(std::iter::once(reference.loss)), grads))
+            grads.extend(grad_k.into_iter().flatten());
+            Ok((cpu_storage::<T>(std::iter::once(loss)), grads))
         })?;
         self.save(Saved::Cpu(grads));
         Ok((loss, Shape::from(())))
@@ -118,16 +111,18 @@ impl<L: Loss> CustomOp2 for LossOp<L> {
         k: &candle_core::CudaStorage,
         k_layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda::{elements, kernels, loss_storage, with_kernel_type};
+        use crate::cuda::{Inputs, elements, kernels, loss_storage, with_kernel_type};
         let device = &q.device;
         let stream = device.cuda_stream();
         let kernels = kernels(L::NAME, &stream)?;
         let saved = with_kernel_type!(self.dtype, L::NAME, |T| {
-            let q = elements::<T>(L::NAME, q, q_layout)?;
-            let k = elements::<T>(L::NAME, k, k_layout)?;
-            self.loss
-                .cuda(kernels, stream.clone(), &q, &k)
-                .map_err(ccpl_error(L::NAME))
+            let inputs = Inputs {
+                kernels,
+                stream,
+                q: elements::<T>(L::NAME, q, q_layout)?,
+                k: elements::<T>(L::NAME, k, k_layout)?,
+            };
+            self.loss.cuda(inputs).map_err(ccpl_error(L::NAME))
         })?;
         let loss = loss_storage(saved.as_ref(), device, self.dtype)?;
         self.save(Saved::Cuda(saved));
@@ -141,8 +136,13 @@ impl<L: Loss> CustomOp2 for LossOp<L> {
         _loss: &Tensor,
         grad_loss: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // The kernels read the upstream gradient as one float32 on the device.
-        let upstream = grad_loss.to_dtype(DType::F32)?;
+        // The kernels read the upstream gradient as one float32 on the device; the float64
+        // reference (the CPU path of float64 inputs) keeps it in float64.
+        let upstream_dtype = match self.dtype {
+            DType::F64 => DType::F64,
+            _ => DType::F32,
+        };
+        let upstream = grad_loss.to_dtype(upstream_dtype)?;
         let grads = upstream.apply_op1_no_bwd(&LossBackward { op: self })?;
         let grad_q = q.track_op().then(|| grads.get(0)).transpose()?;
         let grad_k = self.want_k.then(|| grads.get(1)).transpose()?;
@@ -150,7 +150,8 @@ impl<L: Loss> CustomOp2 for LossOp<L> {
     }
 }
 
-/// The backward of a [`LossOp`], on the upstream gradient (a float32 scalar): the gradients
+/// The backward of a [`LossOp`], on the upstream gradient (a scalar: float64 for float64
+/// inputs, float32 otherwise): the gradients
 /// of `q` and, when asked for, `k`, stacked: `(sides, *input)`.
 struct LossBackward<'a, L> {
     op: &'a LossOp<L>,
@@ -172,7 +173,7 @@ impl<L: Loss> CustomOp1 for LossBackward<'_, L> {
     }
 
     fn cpu_fwd(&self, upstream: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let upstream = cpu_elements::<f32>(L::NAME, upstream, layout)?[0] as f64;
+        let upstream = cpu_scalar(L::NAME, upstream, layout)?;
         let saved = self.op.saved.lock().unwrap_or_else(|p| p.into_inner());
         let Some(Saved::Cpu(grads)) = saved.as_ref() else {
             return Err(error(L::NAME, "backward without a CPU forward"));
