@@ -133,9 +133,9 @@ def tau_rule_broken(tau: float) -> Optional[str]:
     return None
 
 
-# The smallest tau the kernels can compute with (`ccpl::Tau::MIN`, `2.0 / f32::MAX as f64`):
-# the row loss is formed in float32 at 2/tau.
-TAU_MIN = 2.0 / float.fromhex("0x1.fffffep+127")
+# The smallest tau the kernels can compute with (`ccpl::Tau::MIN`, 2/f32::MAX: the row loss is
+# formed in float32 at 2/tau), from the crate itself.
+TAU_MIN: float = _ccpl.TAU_MIN
 
 
 def saved_dtypes(t: Tensor) -> tuple[torch.dtype, torch.dtype]:

@@ -210,6 +210,7 @@ fn _ccpl(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_tau, m)?)?;
     m.add("NORM_EPS", ccpl::ffi::CCPL_NORM_EPS)?;
     m.add("DEFAULT_TAU", ccpl::Tau::DEFAULT.get())?;
+    m.add("TAU_MIN", ccpl::Tau::MIN.get())?;
     neighbor::register(m)?;
     rows::register(m)?;
     layer::register(m)?;
