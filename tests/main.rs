@@ -26,4 +26,3 @@ mod plans;
 mod properties;
 mod reference;
 mod sampling;
-mod testkit;

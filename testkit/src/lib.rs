@@ -1,28 +1,26 @@
 //! What the tests and benches of the workspace share: a seeded generator, the measure of
-//! agreement and its assertion, Pearson's chi-square. Plain slices of `f64` and no dependency
-//! on `ccpl`, so that `ccpl`'s own tests and benches can use it without the crate depending
-//! on itself.
+//! agreement and its assertion, Pearson's chi-square, over plain slices of `f64`. The generator
+//! and the measure are the crate's own (`ccpl::sampling::SplitMix64`,
+//! `ccpl::reference::relative_error`), with the draws and the checks tests need around them.
 
-/// SplitMix64 (Steele, Lea, Flood 2014), the generator of `ccpl::sampling::SplitMix64`: the
-/// same seed gives the same stream here, with the draws tests and benches need.
+use ccpl::sampling::SplitMix64;
+
+/// The crate's SplitMix64 generator, with the draws tests and benches need: the same seed
+/// gives the same stream as `ccpl::sampling::SplitMix64`.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub struct Rng(SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Self(seed)
+        Self(SplitMix64::new(seed))
     }
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     /// Uniform in `[0, 1)`, 53 random bits.
     pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.unit()
     }
     /// Uniform in `[-1, 1)`.
     pub fn symmetric(&mut self) -> f64 {
@@ -46,23 +44,12 @@ impl Rng {
     }
 }
 
-/// `||a - b|| / ||b||`, the measure of agreement of `ccpl::reference::relative_error`: NaN or
-/// infinity anywhere gives infinity, and so does any difference from an all-zero `b`.
+/// `||a - b|| / ||b||`, the crate's measure of agreement (`ccpl::reference::relative_error`:
+/// NaN or infinity anywhere gives infinity, and so does any difference from an all-zero `b`),
+/// for vectors that must be of one length.
 pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "compared vectors differ in length");
-    if a.iter().chain(b).any(|x| !x.is_finite()) {
-        return f64::INFINITY;
-    }
-    let norm = |v: &mut dyn Iterator<Item = f64>| v.map(|x| x * x).sum::<f64>().sqrt();
-    let diff = norm(&mut a.iter().zip(b).map(|(x, y)| x - y));
-    let scale = norm(&mut b.iter().copied());
-    if scale != 0.0 {
-        diff / scale
-    } else if diff == 0.0 {
-        0.0
-    } else {
-        f64::INFINITY
-    }
+    ccpl::reference::relative_error(a, b)
 }
 
 /// Asserts `||got - want|| / ||want|| <= tol` and reports the measured error (run with
