@@ -5,7 +5,7 @@
 namespace ccpl {
 
 template <typename T> __device__ void similarity(const ccpl_similarity_params& p) {
-    const int64_t S = p.rows, C = p.width, b = blockIdx.z;
+    const int64_t S = p.shape.rows, C = p.shape.width, b = blockIdx.z;
     const int64_t i0 = (int64_t)blockIdx.y * kTileSide, j0 = (int64_t)blockIdx.x * kTileSide;
     const T* __restrict__ q = ptr<T>(p.q) + b * S * C;
     const T* __restrict__ k = ptr<T>(p.k) + b * S * C;
