@@ -96,10 +96,7 @@ impl SmallSWorkspace<Buf, Buf> {
         k_side: bool,
     ) -> Result<RowsLayer> {
         let (len, stats) = (shape.len(), row_count(shape)?);
-        let own = (
-            self.rows_q.part::<f32>(at.rows, len)?,
-            self.rows_k.part::<f32>(at.rows, len)?,
-        );
+        let own = both_sides(self.rows_q, self.rows_k, at.rows, len)?;
         let grad = if k_side {
             &self.grad_rows_k
         } else {
@@ -107,10 +104,7 @@ impl SmallSWorkspace<Buf, Buf> {
         };
         let ((rows_q, rows_k), norms, copies) = match rows {
             RowsIn::Gathered => {
-                let norms = (
-                    self.norms_q.part::<f32>(at.stats, stats)?,
-                    self.norms_k.part::<f32>(at.stats, stats)?,
-                );
+                let norms = both_sides(self.norms_q, self.norms_k, at.stats, stats)?;
                 (own, Some(norms), None)
             }
             RowsIn::Caller(q, k) => ((q, k), None, Some(own)),
@@ -137,13 +131,20 @@ impl SmallSWorkspace<Buf, Buf> {
         feat_k: Buf,
     ) -> Result<GatherRows> {
         let (len, stats) = (shape.len(), row_count(shape)?);
+        let (rows_q, rows_k) = both_sides(self.rows_q, self.rows_k, at.rows, len)?;
+        let (norms_q, norms_k) = both_sides(self.norms_q, self.norms_k, at.stats, stats)?;
         Ok(GatherRows {
             feat_q,
             feat_k,
-            rows_q: self.rows_q.part::<f32>(at.rows, len)?,
-            rows_k: self.rows_k.part::<f32>(at.rows, len)?,
-            norms_q: self.norms_q.part::<f32>(at.stats, stats)?,
-            norms_k: self.norms_k.part::<f32>(at.stats, stats)?,
+            rows_q,
+            rows_k,
+            norms_q,
+            norms_k,
         })
     }
+}
+
+/// One layer's part, `len` float32 at `offset`, of a buffer of each side `(q, k)`.
+fn both_sides(q: Buf, k: Buf, offset: usize, len: usize) -> Result<(Buf, Buf)> {
+    Ok((q.part::<f32>(offset, len)?, k.part::<f32>(offset, len)?))
 }
