@@ -83,15 +83,7 @@ __device__ void info_nce_backward_tile(const ccpl_info_nce_backward_params& p, G
     gemm_tile<!kTranspose, false, true>(smem, S, load_g, load_other, acc);  // S: a long one
     const float scale = ptr<float>(p.upstream)[0] / (float)((int64_t)p.shape.batch * S) * p.inv_tau;
     T* __restrict__ grad = mut_ptr<T>(p.grad) + b * S * C;
-#pragma unroll
-    for (int i = 0; i < Gemm::kMicro; ++i) {
-        const int64_t row = r0 + gemm_row(i);
-#pragma unroll
-        for (int j = 0; j < Gemm::kMicro; ++j) {
-            const int64_t col = c0 + gemm_col(j);
-            if (row < S && col < C) grad[row * C + col] = from_float<T>(acc[i][j] * scale);
-        }
-    }
+    gemm_store(grad, S, C, r0, c0, [&](int i, int j) { return from_float<T>(acc[i][j] * scale); });
 }
 
 template <typename T> __device__ void info_nce_backward(const ccpl_info_nce_backward_params& p) {

@@ -207,15 +207,7 @@ __device__ void info_nce_fused_backward_tile(const ccpl_info_nce_fused_backward_
     }
     const float scale = ptr<float>(p.upstream)[0] / (float)((int64_t)p.shape.batch * S) * p.inv_tau;
     T* __restrict__ grad = mut_ptr<T>(p.grad) + b * S * C;
-#pragma unroll
-    for (int i = 0; i < Gemm::kMicro; ++i) {
-        const int64_t row = t.r0 + gemm_row(i);
-#pragma unroll
-        for (int j = 0; j < Gemm::kMicro; ++j) {
-            const int64_t col = t.c0 + gemm_col(j);
-            if (row < S && col < C) grad[row * C + col] = from_float<T>(out[i][j] * scale);
-        }
-    }
+    gemm_store(grad, S, C, t.r0, t.c0, [&](int i, int j) { return from_float<T>(out[i][j] * scale); });
 }
 
 // The backward's shared memory for T: the tensor-core or the FMA path's.

@@ -12,15 +12,7 @@ template <typename T> __device__ void similarity(const ccpl_similarity_params& p
     float* __restrict__ logits = mut_ptr<float>(p.logits) + b * S * S;
     with_logits_tiles<T>([&](auto& tiles) {
         tiles.compute(q, k, S, C, i0, j0);
-#pragma unroll
-        for (int i = 0; i < Gemm::kMicro; ++i) {
-            const int64_t row = i0 + gemm_row(i);
-#pragma unroll
-            for (int j = 0; j < Gemm::kMicro; ++j) {
-                const int64_t col = j0 + gemm_col(j);
-                if (row < S && col < S) logits[row * S + col] = tile_logit(tiles.at(i, j), p.inv_tau);
-            }
-        }
+        gemm_store(logits, S, S, i0, j0, [&](int i, int j) { return tile_logit(tiles.at(i, j), p.inv_tau); });
     });
 }
 
