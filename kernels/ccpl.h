@@ -89,6 +89,13 @@ typedef struct ccpl_feature_map {
     int32_t layout; /* CCPL_LAYOUT_* */
 } ccpl_feature_map;
 
+/* The row matrices of a tiled product: B images of S rows of width C each. */
+typedef struct ccpl_row_shape {
+    int32_t batch; /* B */
+    int32_t rows;  /* S */
+    int32_t width; /* C */
+} ccpl_row_shape;
+
 /* The N centres of a feature map, as its difference rows are taken at them. */
 typedef struct ccpl_centers {
     uint64_t flat; /* int32[N], flat interior indices h*W + w */
@@ -165,9 +172,7 @@ typedef struct ccpl_similarity_params {
     uint64_t q;      /* in:  (B, S, C), T */
     uint64_t k;      /* in:  (B, S, C), T */
     uint64_t logits; /* out: (B, S, S), float */
-    int32_t batch;
-    int32_t rows; /* S */
-    int32_t width; /* C */
+    ccpl_row_shape shape;
     float inv_tau;
 } ccpl_similarity_params;
 
@@ -205,9 +210,7 @@ typedef struct ccpl_info_nce_backward_params {
     uint64_t other;    /* in:  (B, S, C), T */
     uint64_t upstream; /* in:  float[1], on the device */
     uint64_t grad;     /* out: (B, S, C), T */
-    int32_t batch;
-    int32_t rows;
-    int32_t width;
+    ccpl_row_shape shape;
     int32_t transpose;
     float inv_tau;
 } ccpl_info_nce_backward_params;
@@ -222,9 +225,7 @@ typedef struct ccpl_info_nce_fused_forward_params {
     uint64_t k;        /* in:  (B, S, C), T, normalised rows */
     uint64_t row_lse;  /* out: float[B*S] */
     uint64_t row_loss; /* out: float[B*S] */
-    int32_t batch;
-    int32_t rows;  /* S */
-    int32_t width; /* C */
+    ccpl_row_shape shape;
     float inv_tau;
 } ccpl_info_nce_fused_forward_params;
 
@@ -242,9 +243,7 @@ typedef struct ccpl_info_nce_fused_backward_params {
     uint64_t row_loss; /* in:  float[B*S], from the forward */
     uint64_t upstream; /* in:  float[1], on the device */
     uint64_t grad;     /* out: (B, S, C), T */
-    int32_t batch;
-    int32_t rows;
-    int32_t width;
+    ccpl_row_shape shape;
     int32_t transpose;
     float inv_tau;
 } ccpl_info_nce_fused_backward_params;
@@ -300,10 +299,8 @@ typedef struct ccpl_small_s_rows_layer {
     uint64_t row_loss;  /* float[B*S]: out (transpose 0), in (transpose 1) */
     uint64_t copy_q;    /* out: (B, S, C), float, or 0 */
     uint64_t copy_k;    /* out: (B, S, C), float, or 0 */
-    int32_t batch;
-    int32_t rows;        /* S, at most CCPL_SMALL_S_MAX_ROWS */
-    int32_t width;       /* C */
-    int32_t first_block; /* B * ceil(S / CCPL_SMALL_S_TILE_ROWS) blocks from here */
+    ccpl_row_shape shape; /* S at most CCPL_SMALL_S_MAX_ROWS */
+    int32_t first_block;  /* B * ceil(S / CCPL_SMALL_S_TILE_ROWS) blocks from here */
 } ccpl_small_s_rows_layer;
 
 typedef struct ccpl_small_s_rows_params {

@@ -59,7 +59,7 @@ __device__ void info_nce_loss(const ccpl_info_nce_loss_params& p) {
 // tile rows are columns j of L, the reduction runs over rows i).
 template <typename T, bool kTranspose>
 __device__ void info_nce_backward_tile(const ccpl_info_nce_backward_params& p, GemmShared& smem) {
-    const int64_t S = p.rows, C = p.width, b = blockIdx.z;
+    const int64_t S = p.shape.rows, C = p.shape.width, b = blockIdx.z;
     const int64_t r0 = (int64_t)blockIdx.y * kTileSide, c0 = (int64_t)blockIdx.x * kTileSide;
     const float* __restrict__ L = ptr<float>(p.logits) + b * S * S;
     const float* __restrict__ lse = ptr<float>(p.row_lse) + b * S;
@@ -81,17 +81,9 @@ __device__ void info_nce_backward_tile(const ccpl_info_nce_backward_params& p, G
     };
     GemmAcc acc = {};
     gemm_tile<!kTranspose, false, true>(smem, S, load_g, load_other, acc);  // S: a long one
-    const float scale = ptr<float>(p.upstream)[0] / (float)((int64_t)p.batch * S) * p.inv_tau;
+    const float scale = ptr<float>(p.upstream)[0] / (float)((int64_t)p.shape.batch * S) * p.inv_tau;
     T* __restrict__ grad = mut_ptr<T>(p.grad) + b * S * C;
-#pragma unroll
-    for (int i = 0; i < Gemm::kMicro; ++i) {
-        const int64_t row = r0 + gemm_row(i);
-#pragma unroll
-        for (int j = 0; j < Gemm::kMicro; ++j) {
-            const int64_t col = c0 + gemm_col(j);
-            if (row < S && col < C) grad[row * C + col] = from_float<T>(acc[i][j] * scale);
-        }
-    }
+    gemm_store(grad, S, C, r0, c0, [&](int i, int j) { return from_float<T>(acc[i][j] * scale); });
 }
 
 template <typename T> __device__ void info_nce_backward(const ccpl_info_nce_backward_params& p) {

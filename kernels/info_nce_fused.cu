@@ -25,7 +25,7 @@ namespace ccpl {
 template <typename T, typename Tiles>
 __device__ void info_nce_fused_forward_rows(const ccpl_info_nce_fused_forward_params& p,
                                             Tiles& tiles, float* diagonal) {
-    const int64_t S = p.rows, C = p.width, b = blockIdx.z;
+    const int64_t S = p.shape.rows, C = p.shape.width, b = blockIdx.z;
     const int64_t i0 = (int64_t)blockIdx.y * kTileSide;
     const T* __restrict__ q = ptr<T>(p.q) + b * S * C;
     const T* __restrict__ k = ptr<T>(p.k) + b * S * C;
@@ -187,7 +187,7 @@ __device__ void info_nce_fused_backward_mma(const FusedBackwardTile<T>& t, MmaBa
 template <typename T, bool kTranspose, typename Shared>
 __device__ void info_nce_fused_backward_tile(const ccpl_info_nce_fused_backward_params& p,
                                              Shared& smem) {
-    const int64_t S = p.rows, C = p.width, b = blockIdx.z;
+    const int64_t S = p.shape.rows, C = p.shape.width, b = blockIdx.z;
     const T* __restrict__ q = ptr<T>(p.q) + b * S * C;
     const T* __restrict__ k = ptr<T>(p.k) + b * S * C;
     const FusedBackwardTile<T> t{S,
@@ -205,17 +205,9 @@ __device__ void info_nce_fused_backward_tile(const ccpl_info_nce_fused_backward_
     } else {
         info_nce_fused_backward_fma<T, kTranspose>(t, smem, out);
     }
-    const float scale = ptr<float>(p.upstream)[0] / (float)((int64_t)p.batch * S) * p.inv_tau;
+    const float scale = ptr<float>(p.upstream)[0] / (float)((int64_t)p.shape.batch * S) * p.inv_tau;
     T* __restrict__ grad = mut_ptr<T>(p.grad) + b * S * C;
-#pragma unroll
-    for (int i = 0; i < Gemm::kMicro; ++i) {
-        const int64_t row = t.r0 + gemm_row(i);
-#pragma unroll
-        for (int j = 0; j < Gemm::kMicro; ++j) {
-            const int64_t col = t.c0 + gemm_col(j);
-            if (row < S && col < C) grad[row * C + col] = from_float<T>(out[i][j] * scale);
-        }
-    }
+    gemm_store(grad, S, C, t.r0, t.c0, [&](int i, int j) { return from_float<T>(out[i][j] * scale); });
 }
 
 // The backward's shared memory for T: the tensor-core or the FMA path's.

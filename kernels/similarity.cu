@@ -5,22 +5,14 @@
 namespace ccpl {
 
 template <typename T> __device__ void similarity(const ccpl_similarity_params& p) {
-    const int64_t S = p.rows, C = p.width, b = blockIdx.z;
+    const int64_t S = p.shape.rows, C = p.shape.width, b = blockIdx.z;
     const int64_t i0 = (int64_t)blockIdx.y * kTileSide, j0 = (int64_t)blockIdx.x * kTileSide;
     const T* __restrict__ q = ptr<T>(p.q) + b * S * C;
     const T* __restrict__ k = ptr<T>(p.k) + b * S * C;
     float* __restrict__ logits = mut_ptr<float>(p.logits) + b * S * S;
     with_logits_tiles<T>([&](auto& tiles) {
         tiles.compute(q, k, S, C, i0, j0);
-#pragma unroll
-        for (int i = 0; i < Gemm::kMicro; ++i) {
-            const int64_t row = i0 + gemm_row(i);
-#pragma unroll
-            for (int j = 0; j < Gemm::kMicro; ++j) {
-                const int64_t col = j0 + gemm_col(j);
-                if (row < S && col < S) logits[row * S + col] = tile_logit(tiles.at(i, j), p.inv_tau);
-            }
-        }
+        gemm_store(logits, S, S, i0, j0, [&](int i, int j) { return tile_logit(tiles.at(i, j), p.inv_tau); });
     });
 }
 

@@ -173,7 +173,7 @@ template <typename T, bool kTranspose, bool kNormalized>
 __device__ void small_s_rows_block(const ccpl_small_s_rows_params& p, SmallShared& s) {
     const int layer = layer_of_block(p.layers, p.num_layers, blockIdx.x);
     const ccpl_small_s_rows_layer& l = p.layers[layer];
-    const int64_t S = l.rows, C = l.width;
+    const int64_t S = l.shape.rows, C = l.shape.width;
     const int64_t tiles = (S + kTileRows - 1) / kTileRows;
     const int64_t local = blockIdx.x - l.first_block;
     const int64_t b = local / tiles, r0 = local % tiles * kTileRows;
@@ -241,7 +241,7 @@ __device__ void small_s_rows_block(const ccpl_small_s_rows_params& p, SmallShare
     // (i, j) is their product times 1/tau, rounded on its own: the transposed launch, whose
     // products are the forward's transposed (the same bits, split_gemm_tile), recomputes it exactly.
     const float inv_tau = p.inv_tau;
-    const float coeff = inv_tau / (float)(l.batch * S);
+    const float coeff = inv_tau / (float)(l.shape.batch * S);
     for (int m = warp; m < kTileRows; m += warps) {
         const int64_t i = r0 + m;
         if (i >= S) {
@@ -318,7 +318,7 @@ __device__ void small_s_rows_block(const ccpl_small_s_rows_params& p, SmallShare
     double total = 0.0;
     for (int k = 0; k < p.num_layers; ++k) {
         const ccpl_small_s_rows_layer& lk = p.layers[k];
-        const int64_t count = (int64_t)lk.batch * lk.rows;
+        const int64_t count = (int64_t)lk.shape.batch * lk.shape.rows;
         const volatile float* losses = ptr<float>(lk.row_loss);
         double sum = 0.0;
         for (int64_t e = threadIdx.x; e < count; e += blockDim.x) sum += losses[e];

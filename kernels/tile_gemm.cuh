@@ -32,6 +32,23 @@ using GemmAcc = float[Gemm::kMicro][Gemm::kMicro];
 __device__ __forceinline__ int gemm_row(int i) { return (int)threadIdx.x / Gemm::kSide + Gemm::kSide * i; }
 __device__ __forceinline__ int gemm_col(int j) { return (int)threadIdx.x % Gemm::kSide + Gemm::kSide * j; }
 
+// Stores this thread's elements of the tile at (r0, c0) of the row-major rows x cols matrix
+// `out`: value(i, j) for accumulator [i][j], the elements past the matrix's edges skipped
+// (value is not called for them).
+template <typename Out, typename Value>
+__device__ __forceinline__ void gemm_store(Out* __restrict__ out, int64_t rows, int64_t cols, int64_t r0,
+                                           int64_t c0, const Value& value) {
+#pragma unroll
+    for (int i = 0; i < Gemm::kMicro; ++i) {
+        const int64_t row = r0 + gemm_row(i);
+#pragma unroll
+        for (int j = 0; j < Gemm::kMicro; ++j) {
+            const int64_t col = c0 + gemm_col(j);
+            if (row < rows && col < cols) out[row * cols + col] = value(i, j);
+        }
+    }
+}
+
 // tile[kk][m] = load(m, kk) for the whole stage. `kAlongK` says which index is contiguous in
 // global memory: consecutive threads take consecutive kk (true) or consecutive m (false), so
 // the global reads coalesce either way; the padded stride keeps the stores conflict-free.

@@ -6,7 +6,6 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use super::Kernels;
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::launch::Launcher;
 use crate::launch::info_nce as plan;
 pub use crate::launch::info_nce::Side;
 use crate::shape::RowShape;
@@ -25,11 +24,14 @@ pub fn info_nce_forward(
     row_lse: &mut impl DevicePtrMut<f32>,
     row_loss: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
-    let launcher = kernels.on(stream)?;
-    let logits = launcher.read(logits);
-    let row_lse = launcher.write(row_lse);
-    let row_loss = launcher.write(row_loss);
-    launcher.launch(&plan::info_nce_forward(shape, logits, row_lse, row_loss)?)
+    kernels.launch_one(stream, |launcher| {
+        plan::info_nce_forward(
+            shape,
+            launcher.read(logits),
+            launcher.write(row_lse),
+            launcher.write(row_loss),
+        )
+    })
 }
 
 /// Writes `loss[0] = mean(row_loss)`, or adds it with `accumulate` (to sum several layers on
@@ -43,10 +45,9 @@ pub fn info_nce_loss(
     loss: &mut impl DevicePtrMut<f32>,
     accumulate: bool,
 ) -> Result<()> {
-    let launcher = kernels.on(stream)?;
-    let row_loss = launcher.read(row_loss);
-    let loss = launcher.write(loss);
-    launcher.launch(&plan::info_nce_loss(row_loss, loss, accumulate)?)
+    kernels.launch_one(stream, |launcher| {
+        plan::info_nce_loss(launcher.read(row_loss), launcher.write(loss), accumulate)
+    })
 }
 
 /// Writes the gradient of the loss with respect to the normalised rows of `side` into `grad`
@@ -69,15 +70,17 @@ pub fn info_nce_backward<T: Dtype>(
     upstream: &impl DevicePtr<f32>,
     grad: &mut impl DevicePtrMut<T>,
 ) -> Result<()> {
-    let launcher = kernels.on(stream)?;
-    let logits = launcher.read(logits);
-    let row_lse = launcher.read(row_lse);
-    let row_loss = launcher.read(row_loss);
-    let other = launcher.read(other);
-    let upstream = launcher.read(upstream);
-    let grad = launcher.write(grad);
-    let launch = plan::info_nce_backward::<T>(
-        shape, tau, side, logits, row_lse, row_loss, other, upstream, grad,
-    )?;
-    launcher.launch(&launch)
+    kernels.launch_one(stream, |launcher| {
+        plan::info_nce_backward::<T>(
+            shape,
+            tau,
+            side,
+            launcher.read(logits),
+            launcher.read(row_lse),
+            launcher.read(row_loss),
+            launcher.read(other),
+            launcher.read(upstream),
+            launcher.write(grad),
+        )
+    })
 }

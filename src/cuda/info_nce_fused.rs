@@ -7,7 +7,6 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use super::Kernels;
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::launch::Launcher;
 pub use crate::launch::info_nce::Side;
 use crate::launch::info_nce_fused as plan;
 use crate::shape::RowShape;
@@ -31,13 +30,16 @@ pub fn info_nce_fused_forward<T: Dtype>(
     row_lse: &mut impl DevicePtrMut<f32>,
     row_loss: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
-    let launcher = kernels.on(stream)?;
-    let q = launcher.read(q);
-    let k = launcher.read(k);
-    let row_lse = launcher.write(row_lse);
-    let row_loss = launcher.write(row_loss);
-    let launch = plan::info_nce_fused_forward::<T>(shape, tau, q, k, row_lse, row_loss)?;
-    launcher.launch(&launch)
+    kernels.launch_one(stream, |launcher| {
+        plan::info_nce_fused_forward::<T>(
+            shape,
+            tau,
+            launcher.read(q),
+            launcher.read(k),
+            launcher.write(row_lse),
+            launcher.write(row_loss),
+        )
+    })
 }
 
 /// Writes the gradient of the loss with respect to the normalised rows of `side` into `grad`
@@ -60,15 +62,17 @@ pub fn info_nce_fused_backward<T: Dtype>(
     upstream: &impl DevicePtr<f32>,
     grad: &mut impl DevicePtrMut<T>,
 ) -> Result<()> {
-    let launcher = kernels.on(stream)?;
-    let q = launcher.read(q);
-    let k = launcher.read(k);
-    let row_lse = launcher.read(row_lse);
-    let row_loss = launcher.read(row_loss);
-    let upstream = launcher.read(upstream);
-    let grad = launcher.write(grad);
-    let launch = plan::info_nce_fused_backward::<T>(
-        shape, tau, side, q, k, row_lse, row_loss, upstream, grad,
-    )?;
-    launcher.launch(&launch)
+    kernels.launch_one(stream, |launcher| {
+        plan::info_nce_fused_backward::<T>(
+            shape,
+            tau,
+            side,
+            launcher.read(q),
+            launcher.read(k),
+            launcher.read(row_lse),
+            launcher.read(row_loss),
+            launcher.read(upstream),
+            launcher.write(grad),
+        )
+    })
 }

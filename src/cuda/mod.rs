@@ -261,7 +261,7 @@ pub fn entry_points(ptx: &str) -> impl Iterator<Item = &str> {
 /// and [`write`] give a buffer's address for a plan and keep cudarc's guard of it (its
 /// read/write ordering between streams) until the launcher drops, after the launches that
 /// use it are enqueued. So a wrapper is: take the launcher, name its buffers, make the plan,
-/// launch.
+/// launch ([`Kernels::launch_one`]).
 ///
 /// [`read`]: CudaLauncher::read
 /// [`write`]: CudaLauncher::write
@@ -292,6 +292,20 @@ impl<'a> CudaLauncher<'a> {
         let (addr, guard) = slice.device_ptr_mut(self.stream);
         self.guards.borrow_mut().push(guard);
         Buf { addr, len }
+    }
+}
+
+impl Kernels {
+    /// The one launch that `plan` makes from the buffers it names on a launcher of `stream`:
+    /// what every safe wrapper of a single kernel does. The plan is checked before anything
+    /// is enqueued.
+    pub(crate) fn launch_one<'a, P: KernelParams>(
+        &'a self,
+        stream: &'a CudaStream,
+        plan: impl FnOnce(&CudaLauncher<'a>) -> Result<LaunchPlan<P>>,
+    ) -> Result<()> {
+        let launcher = self.on(stream)?;
+        launcher.launch(&plan(&launcher)?)
     }
 }
 

@@ -8,7 +8,6 @@ use super::{CudaLauncher, Kernels};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result, check_len};
 use crate::launch::CentersBuf;
-use crate::launch::Launcher;
 pub use crate::launch::neighbor::Scatter;
 use crate::launch::neighbor::{self as plan};
 use crate::sampling::Centers;
@@ -124,12 +123,14 @@ pub fn neighbor_diff<T: Dtype>(
     feat: &impl DevicePtr<T>,
     rows: &mut impl DevicePtrMut<T>,
 ) -> Result<()> {
-    let launcher = kernels.on(stream)?;
-    let feat = launcher.read(feat);
-    let rows = launcher.write(rows);
-    let centers = centers.buf(&launcher);
-    let launch = plan::neighbor_diff::<T>(shape, &centers, feat, rows)?;
-    launcher.launch(&launch)
+    kernels.launch_one(stream, |launcher| {
+        plan::neighbor_diff::<T>(
+            shape,
+            &centers.buf(launcher),
+            launcher.read(feat),
+            launcher.write(rows),
+        )
+    })
 }
 
 /// Writes the difference rows of `feat` (shape `shape`) normalised, `out = d / (||d|| + 1e-7)`
@@ -150,13 +151,15 @@ pub fn neighbor_diff_normalize<T: Dtype>(
     out: &mut impl DevicePtrMut<T>,
     norms: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
-    let launcher = kernels.on(stream)?;
-    let feat = launcher.read(feat);
-    let out = launcher.write(out);
-    let norms = launcher.write(norms);
-    let centers = centers.buf(&launcher);
-    let launch = plan::neighbor_diff_normalize::<T>(shape, &centers, feat, out, norms)?;
-    launcher.launch(&launch)
+    kernels.launch_one(stream, |launcher| {
+        plan::neighbor_diff_normalize::<T>(
+            shape,
+            &centers.buf(launcher),
+            launcher.read(feat),
+            launcher.write(out),
+            launcher.write(norms),
+        )
+    })
 }
 
 /// Adds the backward scatter of `grad_rows` `(B, 8N, C)` into `grad_feat` (shape `shape`):
@@ -173,10 +176,13 @@ pub fn neighbor_diff_backward<T: Dtype>(
     grad_feat: &mut impl DevicePtrMut<T>,
     scatter: Scatter,
 ) -> Result<()> {
-    let launcher = kernels.on(stream)?;
-    let grad_rows = launcher.read(grad_rows);
-    let grad_feat = launcher.write(grad_feat);
-    let centers = centers.buf(&launcher);
-    let launch = plan::neighbor_diff_backward::<T>(shape, &centers, grad_rows, grad_feat, scatter)?;
-    launcher.launch(&launch)
+    kernels.launch_one(stream, |launcher| {
+        plan::neighbor_diff_backward::<T>(
+            shape,
+            &centers.buf(launcher),
+            launcher.read(grad_rows),
+            launcher.write(grad_feat),
+            scatter,
+        )
+    })
 }

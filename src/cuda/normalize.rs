@@ -5,7 +5,6 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use super::Kernels;
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::launch::Launcher;
 use crate::launch::normalize as plan;
 use crate::shape::RowShape;
 
@@ -22,11 +21,14 @@ pub fn normalize_rows<T: Dtype>(
     out: &mut impl DevicePtrMut<T>,
     norms: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
-    let launcher = kernels.on(stream)?;
-    let rows = launcher.read(rows);
-    let out = launcher.write(out);
-    let norms = launcher.write(norms);
-    launcher.launch(&plan::normalize_rows::<T>(shape, rows, out, norms)?)
+    kernels.launch_one(stream, |launcher| {
+        plan::normalize_rows::<T>(
+            shape,
+            launcher.read(rows),
+            launcher.write(out),
+            launcher.write(norms),
+        )
+    })
 }
 
 /// Writes the gradient of the rows before normalisation, `grad_rows`, from the gradient of
@@ -43,13 +45,15 @@ pub fn normalize_rows_backward<T: Dtype>(
     grad_out: &impl DevicePtr<T>,
     grad_rows: &mut impl DevicePtrMut<T>,
 ) -> Result<()> {
-    let launcher = kernels.on(stream)?;
-    let rows = launcher.read(rows);
-    let norms = launcher.read(norms);
-    let grad_out = launcher.read(grad_out);
-    let grad_rows = launcher.write(grad_rows);
-    let launch = plan::normalize_rows_backward::<T>(shape, rows, norms, grad_out, grad_rows)?;
-    launcher.launch(&launch)
+    kernels.launch_one(stream, |launcher| {
+        plan::normalize_rows_backward::<T>(
+            shape,
+            launcher.read(rows),
+            launcher.read(norms),
+            launcher.read(grad_out),
+            launcher.write(grad_rows),
+        )
+    })
 }
 
 /// [`normalize_rows_backward`] from the forward's normalised rows (`normalized`, its `out`)
@@ -67,13 +71,13 @@ pub fn normalize_rows_backward_normalized<T: Dtype>(
     grad_out: &impl DevicePtr<T>,
     grad_rows: &mut impl DevicePtrMut<T>,
 ) -> Result<()> {
-    let launcher = kernels.on(stream)?;
-    let normalized = launcher.read(normalized);
-    let norms = launcher.read(norms);
-    let grad_out = launcher.read(grad_out);
-    let grad_rows = launcher.write(grad_rows);
-    let launch = plan::normalize_rows_backward_normalized::<T>(
-        shape, normalized, norms, grad_out, grad_rows,
-    )?;
-    launcher.launch(&launch)
+    kernels.launch_one(stream, |launcher| {
+        plan::normalize_rows_backward_normalized::<T>(
+            shape,
+            launcher.read(normalized),
+            launcher.read(norms),
+            launcher.read(grad_out),
+            launcher.write(grad_rows),
+        )
+    })
 }

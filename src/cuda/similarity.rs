@@ -5,7 +5,6 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use super::Kernels;
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::launch::Launcher;
 use crate::launch::similarity as plan;
 use crate::shape::RowShape;
 use crate::tau::Tau;
@@ -23,9 +22,13 @@ pub fn similarity<T: Dtype>(
     k: &impl DevicePtr<T>,
     logits: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
-    let launcher = kernels.on(stream)?;
-    let q = launcher.read(q);
-    let k = launcher.read(k);
-    let logits = launcher.write(logits);
-    launcher.launch(&plan::similarity::<T>(shape, tau, q, k, logits)?)
+    kernels.launch_one(stream, |launcher| {
+        plan::similarity::<T>(
+            shape,
+            tau,
+            launcher.read(q),
+            launcher.read(k),
+            launcher.write(logits),
+        )
+    })
 }

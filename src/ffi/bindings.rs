@@ -47,6 +47,24 @@ const _: () = {
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
+pub struct ccpl_row_shape {
+    pub batch: i32,
+    pub rows: i32,
+    pub width: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ccpl_row_shape"][::std::mem::size_of::<ccpl_row_shape>() - 12usize];
+    ["Alignment of ccpl_row_shape"][::std::mem::align_of::<ccpl_row_shape>() - 4usize];
+    ["Offset of field: ccpl_row_shape::batch"]
+        [::std::mem::offset_of!(ccpl_row_shape, batch) - 0usize];
+    ["Offset of field: ccpl_row_shape::rows"]
+        [::std::mem::offset_of!(ccpl_row_shape, rows) - 4usize];
+    ["Offset of field: ccpl_row_shape::width"]
+        [::std::mem::offset_of!(ccpl_row_shape, width) - 8usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_centers {
     pub flat: u64,
     pub map: u64,
@@ -196,9 +214,7 @@ pub struct ccpl_similarity_params {
     pub q: u64,
     pub k: u64,
     pub logits: u64,
-    pub batch: i32,
-    pub rows: i32,
-    pub width: i32,
+    pub shape: ccpl_row_shape,
     pub inv_tau: f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
@@ -212,12 +228,8 @@ const _: () = {
         [::std::mem::offset_of!(ccpl_similarity_params, k) - 8usize];
     ["Offset of field: ccpl_similarity_params::logits"]
         [::std::mem::offset_of!(ccpl_similarity_params, logits) - 16usize];
-    ["Offset of field: ccpl_similarity_params::batch"]
-        [::std::mem::offset_of!(ccpl_similarity_params, batch) - 24usize];
-    ["Offset of field: ccpl_similarity_params::rows"]
-        [::std::mem::offset_of!(ccpl_similarity_params, rows) - 28usize];
-    ["Offset of field: ccpl_similarity_params::width"]
-        [::std::mem::offset_of!(ccpl_similarity_params, width) - 32usize];
+    ["Offset of field: ccpl_similarity_params::shape"]
+        [::std::mem::offset_of!(ccpl_similarity_params, shape) - 24usize];
     ["Offset of field: ccpl_similarity_params::inv_tau"]
         [::std::mem::offset_of!(ccpl_similarity_params, inv_tau) - 36usize];
 };
@@ -279,9 +291,7 @@ pub struct ccpl_info_nce_backward_params {
     pub other: u64,
     pub upstream: u64,
     pub grad: u64,
-    pub batch: i32,
-    pub rows: i32,
-    pub width: i32,
+    pub shape: ccpl_row_shape,
     pub transpose: i32,
     pub inv_tau: f32,
 }
@@ -303,12 +313,8 @@ const _: () = {
         [::std::mem::offset_of!(ccpl_info_nce_backward_params, upstream) - 32usize];
     ["Offset of field: ccpl_info_nce_backward_params::grad"]
         [::std::mem::offset_of!(ccpl_info_nce_backward_params, grad) - 40usize];
-    ["Offset of field: ccpl_info_nce_backward_params::batch"]
-        [::std::mem::offset_of!(ccpl_info_nce_backward_params, batch) - 48usize];
-    ["Offset of field: ccpl_info_nce_backward_params::rows"]
-        [::std::mem::offset_of!(ccpl_info_nce_backward_params, rows) - 52usize];
-    ["Offset of field: ccpl_info_nce_backward_params::width"]
-        [::std::mem::offset_of!(ccpl_info_nce_backward_params, width) - 56usize];
+    ["Offset of field: ccpl_info_nce_backward_params::shape"]
+        [::std::mem::offset_of!(ccpl_info_nce_backward_params, shape) - 48usize];
     ["Offset of field: ccpl_info_nce_backward_params::transpose"]
         [::std::mem::offset_of!(ccpl_info_nce_backward_params, transpose) - 60usize];
     ["Offset of field: ccpl_info_nce_backward_params::inv_tau"]
@@ -321,9 +327,7 @@ pub struct ccpl_info_nce_fused_forward_params {
     pub k: u64,
     pub row_lse: u64,
     pub row_loss: u64,
-    pub batch: i32,
-    pub rows: i32,
-    pub width: i32,
+    pub shape: ccpl_row_shape,
     pub inv_tau: f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
@@ -340,12 +344,8 @@ const _: () = {
         [::std::mem::offset_of!(ccpl_info_nce_fused_forward_params, row_lse) - 16usize];
     ["Offset of field: ccpl_info_nce_fused_forward_params::row_loss"]
         [::std::mem::offset_of!(ccpl_info_nce_fused_forward_params, row_loss) - 24usize];
-    ["Offset of field: ccpl_info_nce_fused_forward_params::batch"]
-        [::std::mem::offset_of!(ccpl_info_nce_fused_forward_params, batch) - 32usize];
-    ["Offset of field: ccpl_info_nce_fused_forward_params::rows"]
-        [::std::mem::offset_of!(ccpl_info_nce_fused_forward_params, rows) - 36usize];
-    ["Offset of field: ccpl_info_nce_fused_forward_params::width"]
-        [::std::mem::offset_of!(ccpl_info_nce_fused_forward_params, width) - 40usize];
+    ["Offset of field: ccpl_info_nce_fused_forward_params::shape"]
+        [::std::mem::offset_of!(ccpl_info_nce_fused_forward_params, shape) - 32usize];
     ["Offset of field: ccpl_info_nce_fused_forward_params::inv_tau"]
         [::std::mem::offset_of!(ccpl_info_nce_fused_forward_params, inv_tau) - 44usize];
 };
@@ -358,9 +358,7 @@ pub struct ccpl_info_nce_fused_backward_params {
     pub row_loss: u64,
     pub upstream: u64,
     pub grad: u64,
-    pub batch: i32,
-    pub rows: i32,
-    pub width: i32,
+    pub shape: ccpl_row_shape,
     pub transpose: i32,
     pub inv_tau: f32,
 }
@@ -382,12 +380,8 @@ const _: () = {
         [::std::mem::offset_of!(ccpl_info_nce_fused_backward_params, upstream) - 32usize];
     ["Offset of field: ccpl_info_nce_fused_backward_params::grad"]
         [::std::mem::offset_of!(ccpl_info_nce_fused_backward_params, grad) - 40usize];
-    ["Offset of field: ccpl_info_nce_fused_backward_params::batch"]
-        [::std::mem::offset_of!(ccpl_info_nce_fused_backward_params, batch) - 48usize];
-    ["Offset of field: ccpl_info_nce_fused_backward_params::rows"]
-        [::std::mem::offset_of!(ccpl_info_nce_fused_backward_params, rows) - 52usize];
-    ["Offset of field: ccpl_info_nce_fused_backward_params::width"]
-        [::std::mem::offset_of!(ccpl_info_nce_fused_backward_params, width) - 56usize];
+    ["Offset of field: ccpl_info_nce_fused_backward_params::shape"]
+        [::std::mem::offset_of!(ccpl_info_nce_fused_backward_params, shape) - 48usize];
     ["Offset of field: ccpl_info_nce_fused_backward_params::transpose"]
         [::std::mem::offset_of!(ccpl_info_nce_fused_backward_params, transpose) - 60usize];
     ["Offset of field: ccpl_info_nce_fused_backward_params::inv_tau"]
@@ -466,9 +460,7 @@ pub struct ccpl_small_s_rows_layer {
     pub row_loss: u64,
     pub copy_q: u64,
     pub copy_k: u64,
-    pub batch: i32,
-    pub rows: i32,
-    pub width: i32,
+    pub shape: ccpl_row_shape,
     pub first_block: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
@@ -494,12 +486,8 @@ const _: () = {
         [::std::mem::offset_of!(ccpl_small_s_rows_layer, copy_q) - 56usize];
     ["Offset of field: ccpl_small_s_rows_layer::copy_k"]
         [::std::mem::offset_of!(ccpl_small_s_rows_layer, copy_k) - 64usize];
-    ["Offset of field: ccpl_small_s_rows_layer::batch"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_layer, batch) - 72usize];
-    ["Offset of field: ccpl_small_s_rows_layer::rows"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_layer, rows) - 76usize];
-    ["Offset of field: ccpl_small_s_rows_layer::width"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_layer, width) - 80usize];
+    ["Offset of field: ccpl_small_s_rows_layer::shape"]
+        [::std::mem::offset_of!(ccpl_small_s_rows_layer, shape) - 72usize];
     ["Offset of field: ccpl_small_s_rows_layer::first_block"]
         [::std::mem::offset_of!(ccpl_small_s_rows_layer, first_block) - 84usize];
 };

@@ -1,7 +1,10 @@
 //! Plans of `kernels/info_nce.cu`: cross-entropy of each row of the logits with its diagonal
 //! as the target, the mean of it, and the gradient back into the normalised rows.
 
-use super::{Buf, LaunchPlan, WARP, grid_stride_blocks, i32_of, row_count, tile_grid};
+use super::{
+    Buf, LaunchPlan, WARP, check_row_stats, grid_stride_blocks, i32_of, row_count, row_shape,
+    tile_grid,
+};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result, check_len};
 use crate::ffi;
@@ -27,8 +30,7 @@ pub fn info_nce_forward(
 ) -> Result<LaunchPlan<ffi::ccpl_info_nce_forward_params>> {
     let rows = row_count(shape)?;
     check_len("logits", shape.logits_len(), logits.len)?;
-    check_len("row_lse", rows, row_lse.len)?;
-    check_len("row_loss", rows, row_loss.len)?;
+    check_row_stats(rows, row_lse, row_loss)?;
     // One warp per row.
     let block = ffi::CCPL_INFO_NCE_BLOCK;
     Ok(LaunchPlan::new(
@@ -91,8 +93,7 @@ pub fn info_nce_backward<T: Dtype>(
     let inv_tau = tau.inverse();
     let rows = row_count(shape)?;
     check_len("logits", shape.logits_len(), logits.len)?;
-    check_len("row_lse", rows, row_lse.len)?;
-    check_len("row_loss", rows, row_loss.len)?;
+    check_row_stats(rows, row_lse, row_loss)?;
     check_len("other", shape.len(), other.len)?;
     check_len("upstream", 1, upstream.len)?;
     check_len("grad", shape.len(), grad.len)?;
@@ -107,9 +108,7 @@ pub fn info_nce_backward<T: Dtype>(
             other: other.addr,
             upstream: upstream.addr,
             grad: grad.addr,
-            batch: i32_of(shape.batch())?,
-            rows: i32_of(shape.rows())?,
-            width: i32_of(shape.width())?,
+            shape: row_shape(shape)?,
             transpose: (side == Side::K).into(),
             inv_tau,
         },

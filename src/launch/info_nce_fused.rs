@@ -4,7 +4,7 @@
 //! `O(B*S*C)` memory instead of `O(B*S*S)`.
 
 use super::info_nce::Side;
-use super::{Buf, LaunchPlan, i32_of, row_count, tile_grid};
+use super::{Buf, LaunchPlan, check_row_stats, row_count, row_shape, tile_grid};
 use crate::dtype::Dtype;
 use crate::error::{Result, check_len};
 use crate::ffi;
@@ -27,8 +27,7 @@ pub fn info_nce_fused_forward<T: Dtype>(
     let rows = row_count(shape)?;
     check_len("q", shape.len(), q.len)?;
     check_len("k", shape.len(), k.len)?;
-    check_len("row_lse", rows, row_lse.len)?;
-    check_len("row_loss", rows, row_loss.len)?;
+    check_row_stats(rows, row_lse, row_loss)?;
     Ok(LaunchPlan::new(
         format!("info_nce_fused_forward_{}", T::SUFFIX),
         // grid.y the 64-row tile, grid.z the image.
@@ -39,9 +38,7 @@ pub fn info_nce_fused_forward<T: Dtype>(
             k: k.addr,
             row_lse: row_lse.addr,
             row_loss: row_loss.addr,
-            batch: i32_of(shape.batch())?,
-            rows: i32_of(shape.rows())?,
-            width: i32_of(shape.width())?,
+            shape: row_shape(shape)?,
             inv_tau,
         },
     ))
@@ -68,8 +65,7 @@ pub fn info_nce_fused_backward<T: Dtype>(
     let rows = row_count(shape)?;
     check_len("q", shape.len(), q.len)?;
     check_len("k", shape.len(), k.len)?;
-    check_len("row_lse", rows, row_lse.len)?;
-    check_len("row_loss", rows, row_loss.len)?;
+    check_row_stats(rows, row_lse, row_loss)?;
     check_len("upstream", 1, upstream.len)?;
     check_len("grad", shape.len(), grad.len)?;
     Ok(LaunchPlan::new(
@@ -83,9 +79,7 @@ pub fn info_nce_fused_backward<T: Dtype>(
             row_loss: row_loss.addr,
             upstream: upstream.addr,
             grad: grad.addr,
-            batch: i32_of(shape.batch())?,
-            rows: i32_of(shape.rows())?,
-            width: i32_of(shape.width())?,
+            shape: row_shape(shape)?,
             transpose: (side == Side::K).into(),
             inv_tau,
         },

@@ -15,7 +15,7 @@ pub mod small_s;
 
 use crate::error::{Error, Result, check_len};
 use crate::ffi;
-use crate::shape::FeatureShape;
+use crate::shape::{FeatureShape, RowShape};
 
 /// One kernel launch, ready to execute.
 #[derive(Debug, Clone, PartialEq)]
@@ -143,7 +143,7 @@ pub(crate) fn tile_grid(batch: usize, m: usize, n: usize) -> Result<(u32, u32, u
 }
 
 /// The number of rows `B*S` of a row matrix, which the kernels count in `i32`.
-pub(crate) fn row_count(shape: &crate::shape::RowShape) -> Result<usize> {
+pub(crate) fn row_count(shape: &RowShape) -> Result<usize> {
     let n = shape.count();
     if n > i32::MAX as usize {
         return Err(Error::Shape(format!(
@@ -151,6 +151,23 @@ pub(crate) fn row_count(shape: &crate::shape::RowShape) -> Result<usize> {
         )));
     }
     Ok(n)
+}
+
+/// The row matrices of `shape` as the tiled products take them (`ccpl_row_shape`): the one
+/// place a plan fills it.
+pub(crate) fn row_shape(shape: &RowShape) -> Result<ffi::ccpl_row_shape> {
+    Ok(ffi::ccpl_row_shape {
+        batch: i32_of(shape.batch())?,
+        rows: i32_of(shape.rows())?,
+        width: i32_of(shape.width())?,
+    })
+}
+
+/// Checks the per-row statistics of an InfoNCE forward, `row_lse` and `row_loss` (float32,
+/// one per row), against the number of rows ([`row_count`]).
+pub(crate) fn check_row_stats(rows: usize, row_lse: Buf, row_loss: Buf) -> Result<()> {
+    check_len("row_lse", rows, row_lse.len)?;
+    check_len("row_loss", rows, row_loss.len)
 }
 
 /// Centres as the kernels see them: the flat indices (`int32[N]`) and the inverse map

@@ -15,6 +15,28 @@ pub fn rows_len(shape: &FeatureShape, n: usize) -> Result<usize> {
         .ok_or_else(|| Error::Shape(format!("{n} centres: the difference rows overflow usize")))
 }
 
+/// The feature map and centres of `shape` as the kernels take them, with the two buffers
+/// every plan of difference rows names checked against them: `map`, one of the feature map,
+/// and `rows`, one of difference rows `(B, 8N, C)`.
+fn checked_map(
+    shape: &FeatureShape,
+    centers: &CentersBuf,
+    map: (&'static str, Buf),
+    rows: (&'static str, Buf),
+) -> Result<(ffi::ccpl_feature_map, ffi::ccpl_centers)> {
+    let params = feature_map(shape, centers)?;
+    check_len(map.0, shape.len(), map.1.len)?;
+    check_len(rows.0, rows_len(shape, centers.len())?, rows.1.len)?;
+    Ok(params)
+}
+
+/// The grid of `neighbor_diff` and its backward: a grid-stride loop over the `B*N*C`
+/// (image, centre, channel) triples, each thread taking the eight neighbours of its own.
+fn element_grid(shape: &FeatureShape, centers: &CentersBuf) -> (u32, u32, u32) {
+    let elements = shape.batch() * centers.len() * shape.channels();
+    (grid_stride_blocks(elements, ffi::CCPL_NEIGHBOR_BLOCK), 1, 1)
+}
+
 /// `neighbor_diff_{T}`: rows `(B, 8N, C)` from a feature map and `N` centres.
 pub fn neighbor_diff<T: Dtype>(
     shape: &FeatureShape,
@@ -22,18 +44,11 @@ pub fn neighbor_diff<T: Dtype>(
     feat: Buf,
     rows: Buf,
 ) -> Result<LaunchPlan<ffi::ccpl_neighbor_diff_params>> {
-    let (map_params, center_params) = feature_map(shape, centers)?;
-    check_len("feat", shape.len(), feat.len)?;
-    check_len("rows", rows_len(shape, centers.len())?, rows.len)?;
-    let block = ffi::CCPL_NEIGHBOR_BLOCK;
+    let (map_params, center_params) = checked_map(shape, centers, ("feat", feat), ("rows", rows))?;
     Ok(LaunchPlan::new(
         format!("neighbor_diff_{}", T::SUFFIX),
-        (
-            grid_stride_blocks(shape.batch() * centers.len() * shape.channels(), block),
-            1,
-            1,
-        ),
-        block,
+        element_grid(shape, centers),
+        ffi::CCPL_NEIGHBOR_BLOCK,
         ffi::ccpl_neighbor_diff_params {
             feat: feat.addr,
             rows: rows.addr,
@@ -55,9 +70,7 @@ pub fn neighbor_diff_normalize<T: Dtype>(
     out: Buf,
     norms: Buf,
 ) -> Result<LaunchPlan<ffi::ccpl_neighbor_diff_normalize_params>> {
-    let (map_params, center_params) = feature_map(shape, centers)?;
-    check_len("feat", shape.len(), feat.len)?;
-    check_len("out", rows_len(shape, centers.len())?, out.len)?;
+    let (map_params, center_params) = checked_map(shape, centers, ("feat", feat), ("out", out))?;
     // B*8N <= B*8N*C, within usize by rows_len.
     let num_rows = shape.batch() * ffi::CCPL_NUM_NEIGHBORS as usize * centers.len();
     check_len("norms", num_rows, norms.len)?;
@@ -94,22 +107,20 @@ pub fn neighbor_diff_backward<T: Dtype>(
     grad_feat: Buf,
     scatter: Scatter,
 ) -> Result<LaunchPlan<ffi::ccpl_neighbor_diff_backward_params>> {
-    let (map_params, center_params) = feature_map(shape, centers)?;
-    check_len("grad_rows", rows_len(shape, centers.len())?, grad_rows.len)?;
-    check_len("grad_feat", shape.len(), grad_feat.len)?;
+    let (map_params, center_params) = checked_map(
+        shape,
+        centers,
+        ("grad_feat", grad_feat),
+        ("grad_rows", grad_rows),
+    )?;
     let variant = match scatter {
         Scatter::Atomic => "atomic",
         Scatter::Deterministic => "deterministic",
     };
-    let block = ffi::CCPL_NEIGHBOR_BLOCK;
     Ok(LaunchPlan::new(
         format!("neighbor_diff_backward_{variant}_{}", T::SUFFIX),
-        (
-            grid_stride_blocks(shape.batch() * centers.len() * shape.channels(), block),
-            1,
-            1,
-        ),
-        block,
+        element_grid(shape, centers),
+        ffi::CCPL_NEIGHBOR_BLOCK,
         ffi::ccpl_neighbor_diff_backward_params {
             grad_rows: grad_rows.addr,
             grad_feat: grad_feat.addr,

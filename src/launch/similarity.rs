@@ -1,6 +1,6 @@
 //! Plan of `kernels/similarity.cu`: the logits `q kᵀ / tau` of every image.
 
-use super::{Buf, LaunchPlan, i32_of, tile_grid};
+use super::{Buf, LaunchPlan, row_shape, tile_grid};
 use crate::dtype::Dtype;
 use crate::error::{Result, check_len};
 use crate::ffi;
@@ -28,9 +28,7 @@ pub fn similarity<T: Dtype>(
             q: q.addr,
             k: k.addr,
             logits: logits.addr,
-            batch: i32_of(shape.batch())?,
-            rows: i32_of(shape.rows())?,
-            width: i32_of(shape.width())?,
+            shape: row_shape(shape)?,
             inv_tau,
         },
     ))

@@ -10,7 +10,7 @@
 //! a launch holds every address it uses: a step captured in a CUDA graph replays as it was
 //! captured.
 
-use super::{Buf, CentersBuf, LaunchPlan, WARP, feature_map, i32_of, row_count};
+use super::{Buf, CentersBuf, LaunchPlan, WARP, feature_map, i32_of, row_count, row_shape};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result, check_len};
 use crate::ffi;
@@ -322,9 +322,7 @@ fn rows_plan<T: Dtype>(
             row_loss: l.row_loss.addr,
             copy_q,
             copy_k,
-            batch: i32_of(l.shape.batch())?,
-            rows: i32_of(l.shape.rows())?,
-            width: i32_of(l.shape.width())?,
+            shape: row_shape(&l.shape)?,
             first_block: first,
         };
     }

@@ -10,7 +10,7 @@
 //! normalised rows and norms), scattered into `grad_feat_q` (and `grad_feat_k` on request).
 //! Memory is `O(B*S*C)`: neither the `(B, S, S)` logits nor the difference rows are stored.
 
-use super::rows::{LossPlans, RowsPlan, RowsSide, RowsWorkspace};
+use super::rows::{ForwardPlans, RowsPlan, RowsSide, RowsWorkspace};
 use super::workspace;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result, check_len};
@@ -185,12 +185,9 @@ impl LayerPlan {
         self.check_centers(centers)?;
         let upstream = upstream.unwrap_or(ws.rows.one);
         let q = self.side_plans::<T>(centers, ws, upstream, Side::Q, grad_feat_q, scatter)?;
-        let k = match grad_feat_k {
-            Some(grad) => {
-                Some(self.side_plans::<T>(centers, ws, upstream, Side::K, grad, scatter)?)
-            }
-            None => None,
-        };
+        let k = grad_feat_k
+            .map(|grad| self.side_plans::<T>(centers, ws, upstream, Side::K, grad, scatter))
+            .transpose()?;
         Ok(LayerBackward { q, k })
     }
 
@@ -219,20 +216,8 @@ impl LayerPlan {
     }
 }
 
-/// The forward: both sides' normalised difference rows, then the loss.
-pub(crate) struct LayerForward {
-    unit_q: LaunchPlan<ffi::ccpl_neighbor_diff_normalize_params>,
-    unit_k: LaunchPlan<ffi::ccpl_neighbor_diff_normalize_params>,
-    loss: LossPlans,
-}
-
-impl LayerForward {
-    pub(crate) fn launch<L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
-        launcher.launch(&self.unit_q)?;
-        launcher.launch(&self.unit_k)?;
-        self.loss.launch(launcher)
-    }
-}
+/// The forward of a layer: both sides' normalised difference rows, then the loss.
+pub(crate) type LayerForward = ForwardPlans<ffi::ccpl_neighbor_diff_normalize_params>;
 
 /// The backward's launches: each side's.
 pub(crate) struct LayerBackward {

@@ -12,7 +12,9 @@ use crate::dtype::Dtype;
 use crate::error::{Result, check_len};
 use crate::ffi;
 use crate::launch::info_nce::{self, Side};
-use crate::launch::{Buf, LaunchPlan, Launcher, info_nce_fused, normalize, row_count, tile_grid};
+use crate::launch::{
+    Buf, KernelParams, LaunchPlan, Launcher, info_nce_fused, normalize, row_count, tile_grid,
+};
 use crate::shape::RowShape;
 use crate::tau::Tau;
 
@@ -120,10 +122,9 @@ impl RowsPlan {
     ) -> Result<(), L::Error> {
         let upstream = upstream.unwrap_or(ws.one);
         let q = self.side_plans::<T>(ws, upstream, Side::Q, grad_rows_q)?;
-        let k = match grad_rows_k {
-            Some(grad) => Some(self.side_plans::<T>(ws, upstream, Side::K, grad)?),
-            None => None,
-        };
+        let k = grad_rows_k
+            .map(|grad| self.side_plans::<T>(ws, upstream, Side::K, grad))
+            .transpose()?;
         for side in std::iter::once(q).chain(k) {
             side.launch(launcher)?;
         }
@@ -141,8 +142,8 @@ impl RowsPlan {
         check_len("rows_q", shape.len(), rows_q.len)?;
         check_len("rows_k", shape.len(), rows_k.len)?;
         Ok(RowsForward {
-            norm_q: normalize::normalize_rows::<T>(shape, rows_q, ws.unit_q, ws.norms_q)?,
-            norm_k: normalize::normalize_rows::<T>(shape, rows_k, ws.unit_k, ws.norms_k)?,
+            unit_q: normalize::normalize_rows::<T>(shape, rows_q, ws.unit_q, ws.norms_q)?,
+            unit_k: normalize::normalize_rows::<T>(shape, rows_k, ws.unit_k, ws.norms_k)?,
             loss: self.loss_plans::<T>(ws)?,
         })
     }
@@ -199,20 +200,24 @@ impl RowsPlan {
     }
 }
 
-/// The forward: both normalisations, then the loss.
-pub(crate) struct RowsForward {
-    norm_q: LaunchPlan<ffi::ccpl_normalize_rows_params>,
-    norm_k: LaunchPlan<ffi::ccpl_normalize_rows_params>,
-    loss: LossPlans,
+/// A forward: each side's normalised rows (`P` the kernel that makes them from that side's
+/// input), then the loss of the two.
+pub(crate) struct ForwardPlans<P> {
+    pub(crate) unit_q: LaunchPlan<P>,
+    pub(crate) unit_k: LaunchPlan<P>,
+    pub(crate) loss: LossPlans,
 }
 
-impl RowsForward {
+impl<P: KernelParams> ForwardPlans<P> {
     pub(crate) fn launch<L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
-        launcher.launch(&self.norm_q)?;
-        launcher.launch(&self.norm_k)?;
+        launcher.launch(&self.unit_q)?;
+        launcher.launch(&self.unit_k)?;
         self.loss.launch(launcher)
     }
 }
+
+/// The forward of rows: both normalisations, then the loss.
+pub(crate) type RowsForward = ForwardPlans<ffi::ccpl_normalize_rows_params>;
 
 /// The loss of normalised rows: the fused InfoNCE, the mean.
 pub(crate) struct LossPlans {

@@ -77,10 +77,11 @@ pub fn rows_loss<T: Element>(
         1.0,
         want_grad_k,
     )?;
-    let grad_rows_k = match &grads.dk {
-        Some(dk) => Some(normalize_rows_backward(&rows_k, dk, shape.width())?),
-        None => None,
-    };
+    let grad_rows_k = grads
+        .dk
+        .as_ref()
+        .map(|dk| normalize_rows_backward(&rows_k, dk, shape.width()))
+        .transpose()?;
     Ok(RowsLoss {
         loss: forward.loss,
         grad_rows_q: normalize_rows_backward(&rows_q, &grads.dq, shape.width())?,
@@ -106,10 +107,11 @@ pub fn ccp_layer_loss<T: Element>(
     let diff_q = neighbor_diff(feat_q, shape, centers)?;
     let diff_k = neighbor_diff(feat_k, shape, centers)?;
     let loss = rows_loss(&diff_q, &diff_k, &rows, tau, want_grad_k)?;
-    let grad_feat_k = match &loss.grad_rows_k {
-        Some(grad_rows) => Some(scatter(grad_rows, shape, centers)?),
-        None => None,
-    };
+    let grad_feat_k = loss
+        .grad_rows_k
+        .as_ref()
+        .map(|grad_rows| scatter(grad_rows, shape, centers))
+        .transpose()?;
     Ok(LayerLoss {
         loss: loss.loss,
         grad_feat_q: scatter(&loss.grad_rows_q, shape, centers)?,

@@ -15,22 +15,10 @@ pub fn neighbor_diff<T: Element>(
 ) -> Result<Vec<f64>> {
     check_len("feat", shape.len(), feat.len())?;
     centers.check_shape(shape)?;
-    let (n, c_len) = (centers.len(), shape.channels());
-    let s = centers.rows();
-    let mut rows = vec![0.0; shape.batch() * s * c_len];
-    for b in 0..shape.batch() {
-        for k in 0..ffi::CCPL_NUM_NEIGHBORS as usize {
-            for x in 0..n {
-                let (h, w, nh, nw) = center_and_neighbor(shape, centers, k, x);
-                let r = k * n + x;
-                for c in 0..c_len {
-                    let center = feat[shape.offset(b, c, h, w)].to_f64();
-                    let neighbor = feat[shape.offset(b, c, nh, nw)].to_f64();
-                    rows[(b * s + r) * c_len + c] = center - neighbor;
-                }
-            }
-        }
-    }
+    let mut rows = vec![0.0; shape.batch() * centers.rows() * shape.channels()];
+    for_each_difference(shape, centers, |element, center, neighbor| {
+        rows[element] = feat[center].to_f64() - feat[neighbor].to_f64();
+    });
     Ok(rows)
 }
 
@@ -43,36 +31,42 @@ pub fn neighbor_diff_backward(
     grad_feat: &mut [f64],
 ) -> Result<()> {
     centers.check_shape(shape)?;
-    let (n, c_len) = (centers.len(), shape.channels());
-    let s = centers.rows();
-    check_len("grad_rows", shape.batch() * s * c_len, grad_rows.len())?;
+    let rows_len = shape.batch() * centers.rows() * shape.channels();
+    check_len("grad_rows", rows_len, grad_rows.len())?;
     check_len("grad_feat", shape.len(), grad_feat.len())?;
+    for_each_difference(shape, centers, |element, center, neighbor| {
+        grad_feat[center] += grad_rows[element];
+        grad_feat[neighbor] -= grad_rows[element];
+    });
+    Ok(())
+}
+
+/// Calls `f(element, center, neighbor)` for every element of the difference rows
+/// `(B, 8N, C)`, in order: `element` its index, `center` and `neighbor` the indices in the feature map (in
+/// `shape`'s layout) of the two values it is the difference of. Centres are interior (checked
+/// when they were made), so every neighbour is on the map.
+fn for_each_difference(
+    shape: &FeatureShape,
+    centers: &Centers,
+    mut f: impl FnMut(usize, usize, usize),
+) {
+    let channels = shape.channels();
+    let mut element = 0;
     for b in 0..shape.batch() {
         for k in 0..ffi::CCPL_NUM_NEIGHBORS as usize {
-            for x in 0..n {
-                let (h, w, nh, nw) = center_and_neighbor(shape, centers, k, x);
-                let r = k * n + x;
-                for c in 0..c_len {
-                    let g = grad_rows[(b * s + r) * c_len + c];
-                    grad_feat[shape.offset(b, c, h, w)] += g;
-                    grad_feat[shape.offset(b, c, nh, nw)] -= g;
+            let (dh, dw) = ffi::neighbor_delta(k);
+            for &p in centers.flat() {
+                let (h, w) = (p as usize / shape.width(), p as usize % shape.width());
+                let (nh, nw) = (h.wrapping_add_signed(dh), w.wrapping_add_signed(dw));
+                for c in 0..channels {
+                    f(
+                        element,
+                        shape.offset(b, c, h, w),
+                        shape.offset(b, c, nh, nw),
+                    );
+                    element += 1;
                 }
             }
         }
     }
-    Ok(())
-}
-
-/// `(h, w)` of centre `x` and of its neighbour in direction `k`. Centres are interior (checked
-/// when they were made), so the neighbour is on the map.
-fn center_and_neighbor(
-    shape: &FeatureShape,
-    centers: &Centers,
-    k: usize,
-    x: usize,
-) -> (usize, usize, usize, usize) {
-    let p = centers.flat()[x] as usize;
-    let (h, w) = (p / shape.width(), p % shape.width());
-    let (dh, dw) = ffi::neighbor_delta(k);
-    (h, w, h.wrapping_add_signed(dh), w.wrapping_add_signed(dw))
 }

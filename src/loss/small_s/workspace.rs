@@ -116,10 +116,7 @@ impl SmallSWorkspace<Buf, Buf> {
         k_side: bool,
     ) -> Result<RowsLayer> {
         let (len, stats) = (shape.len(), row_count(shape)?);
-        let own = (
-            self.rows_q.part::<f32>("rows_q", at.rows, len)?,
-            self.rows_k.part::<f32>("rows_k", at.rows, len)?,
-        );
+        let own = both_sides(self.rows_q, self.rows_k, ("rows_q", "rows_k"), at.rows, len)?;
         let (grad, grad_name) = if k_side {
             (&self.grad_rows_k, "grad_rows_k")
         } else {
@@ -127,10 +124,13 @@ impl SmallSWorkspace<Buf, Buf> {
         };
         let ((rows_q, rows_k), norms, copies) = match rows {
             RowsIn::Gathered => {
-                let norms = (
-                    self.norms_q.part::<f32>("norms_q", at.stats, stats)?,
-                    self.norms_k.part::<f32>("norms_k", at.stats, stats)?,
-                );
+                let norms = both_sides(
+                    self.norms_q,
+                    self.norms_k,
+                    ("norms_q", "norms_k"),
+                    at.stats,
+                    stats,
+                )?;
                 (own, Some(norms), None)
             }
             RowsIn::Caller(q, k) => ((q, k), None, Some(own)),
@@ -157,13 +157,37 @@ impl SmallSWorkspace<Buf, Buf> {
         feat_k: Buf,
     ) -> Result<GatherRows> {
         let (len, stats) = (shape.len(), row_count(shape)?);
+        let (rows_q, rows_k) =
+            both_sides(self.rows_q, self.rows_k, ("rows_q", "rows_k"), at.rows, len)?;
+        let (norms_q, norms_k) = both_sides(
+            self.norms_q,
+            self.norms_k,
+            ("norms_q", "norms_k"),
+            at.stats,
+            stats,
+        )?;
         Ok(GatherRows {
             feat_q,
             feat_k,
-            rows_q: self.rows_q.part::<f32>("rows_q", at.rows, len)?,
-            rows_k: self.rows_k.part::<f32>("rows_k", at.rows, len)?,
-            norms_q: self.norms_q.part::<f32>("norms_q", at.stats, stats)?,
-            norms_k: self.norms_k.part::<f32>("norms_k", at.stats, stats)?,
+            rows_q,
+            rows_k,
+            norms_q,
+            norms_k,
         })
     }
+}
+
+/// One layer's part, `len` float32 at `offset`, of a buffer of each side `(q, k)`, named
+/// `names` in errors.
+fn both_sides(
+    q: Buf,
+    k: Buf,
+    names: (&'static str, &'static str),
+    offset: usize,
+    len: usize,
+) -> Result<(Buf, Buf)> {
+    Ok((
+        q.part::<f32>(names.0, offset, len)?,
+        k.part::<f32>(names.1, offset, len)?,
+    ))
 }
