@@ -116,23 +116,14 @@ impl SmallSWorkspace<Buf, Buf> {
         k_side: bool,
     ) -> Result<RowsLayer> {
         let (len, stats) = (shape.len(), row_count(shape)?);
-        let own = both_sides(self.rows_q, self.rows_k, ("rows_q", "rows_k"), at.rows, len)?;
+        let own = self.rows_parts(at, len)?;
         let (grad, grad_name) = if k_side {
             (&self.grad_rows_k, "grad_rows_k")
         } else {
             (&self.grad_rows_q, "grad_rows_q")
         };
         let ((rows_q, rows_k), norms, copies) = match rows {
-            RowsIn::Gathered => {
-                let norms = both_sides(
-                    self.norms_q,
-                    self.norms_k,
-                    ("norms_q", "norms_k"),
-                    at.stats,
-                    stats,
-                )?;
-                (own, Some(norms), None)
-            }
+            RowsIn::Gathered => (own, Some(self.norms_parts(at, stats)?), None),
             RowsIn::Caller(q, k) => ((q, k), None, Some(own)),
             RowsIn::Copies => (own, None, None),
         };
@@ -157,15 +148,8 @@ impl SmallSWorkspace<Buf, Buf> {
         feat_k: Buf,
     ) -> Result<GatherRows> {
         let (len, stats) = (shape.len(), row_count(shape)?);
-        let (rows_q, rows_k) =
-            both_sides(self.rows_q, self.rows_k, ("rows_q", "rows_k"), at.rows, len)?;
-        let (norms_q, norms_k) = both_sides(
-            self.norms_q,
-            self.norms_k,
-            ("norms_q", "norms_k"),
-            at.stats,
-            stats,
-        )?;
+        let (rows_q, rows_k) = self.rows_parts(at, len)?;
+        let (norms_q, norms_k) = self.norms_parts(at, stats)?;
         Ok(GatherRows {
             feat_q,
             feat_k,
@@ -175,19 +159,20 @@ impl SmallSWorkspace<Buf, Buf> {
             norms_k,
         })
     }
-}
 
-/// One layer's part, `len` float32 at `offset`, of a buffer of each side `(q, k)`, named
-/// `names` in errors.
-fn both_sides(
-    q: Buf,
-    k: Buf,
-    names: (&'static str, &'static str),
-    offset: usize,
-    len: usize,
-) -> Result<(Buf, Buf)> {
-    Ok((
-        q.part::<f32>(names.0, offset, len)?,
-        k.part::<f32>(names.1, offset, len)?,
-    ))
+    /// Layer `at`'s part of both sides' rows, `len` floats each.
+    fn rows_parts(&self, at: SmallOffsets, len: usize) -> Result<(Buf, Buf)> {
+        Ok((
+            self.rows_q.part::<f32>("rows_q", at.rows, len)?,
+            self.rows_k.part::<f32>("rows_k", at.rows, len)?,
+        ))
+    }
+
+    /// Layer `at`'s part of both sides' norms, `stats` floats each.
+    fn norms_parts(&self, at: SmallOffsets, stats: usize) -> Result<(Buf, Buf)> {
+        Ok((
+            self.norms_q.part::<f32>("norms_q", at.stats, stats)?,
+            self.norms_k.part::<f32>("norms_k", at.stats, stats)?,
+        ))
+    }
 }
