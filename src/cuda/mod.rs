@@ -261,7 +261,7 @@ pub fn entry_points(ptx: &str) -> impl Iterator<Item = &str> {
 /// and [`write`] give a buffer's address for a plan and keep cudarc's guard of it (its
 /// read/write ordering between streams) until the launcher drops, after the launches that
 /// use it are enqueued. So a wrapper is: take the launcher, name its buffers, make the plan,
-/// launch ([`Kernels::launch_one`]).
+/// launch (the crate's wrappers do it in one call, `Kernels::launch_one`).
 ///
 /// [`read`]: CudaLauncher::read
 /// [`write`]: CudaLauncher::write
