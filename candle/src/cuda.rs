@@ -87,36 +87,33 @@ trait LossObject: Send {
     ) -> ccpl::Result<()>;
 }
 
-impl<T: KernelType> LossObject for CcpRows<T> {
-    type Storage = T;
-    const START: Start = Start::Unset;
-    fn loss(&self) -> &CudaSlice<f32> {
-        CcpRows::loss(self)
-    }
-    fn backward_into<'v>(
-        &mut self,
-        upstream: &CudaView<'_, f32>,
-        grad_q: &mut CudaViewMut<'v, T>,
-        grad_k: Option<&mut CudaViewMut<'v, T>>,
-    ) -> ccpl::Result<()> {
-        CcpRows::backward(self, Some(upstream), grad_q, grad_k)
-    }
+// The two loss objects differ only in how their backward starts the gradients and in its
+// call (the layer's names its scatter), so one impl is written for both.
+macro_rules! loss_object {
+    ($($object:ident: $start:ident, |$this:ident, $up:ident, $q:ident, $k:ident| $backward:expr;)*) => {$(
+        impl<T: KernelType> LossObject for $object<T> {
+            type Storage = T;
+            const START: Start = Start::$start;
+            fn loss(&self) -> &CudaSlice<f32> {
+                $object::loss(self)
+            }
+            fn backward_into<'v>(
+                &mut self,
+                $up: &CudaView<'_, f32>,
+                $q: &mut CudaViewMut<'v, T>,
+                $k: Option<&mut CudaViewMut<'v, T>>,
+            ) -> ccpl::Result<()> {
+                let $this = self;
+                $backward
+            }
+        }
+    )*};
 }
 
-impl<T: KernelType> LossObject for CcpLayer<T> {
-    type Storage = T;
-    const START: Start = Start::Zeroed;
-    fn loss(&self) -> &CudaSlice<f32> {
-        CcpLayer::loss(self)
-    }
-    fn backward_into<'v>(
-        &mut self,
-        upstream: &CudaView<'_, f32>,
-        grad_q: &mut CudaViewMut<'v, T>,
-        grad_k: Option<&mut CudaViewMut<'v, T>>,
-    ) -> ccpl::Result<()> {
-        CcpLayer::backward(self, Some(upstream), grad_q, grad_k, Scatter::Deterministic)
-    }
+loss_object! {
+    CcpRows: Unset, |rows, upstream, grad_q, grad_k| rows.backward(Some(upstream), grad_q, grad_k);
+    CcpLayer: Zeroed, |layer, upstream, grad_q, grad_k|
+        layer.backward(Some(upstream), grad_q, grad_k, Scatter::Deterministic);
 }
 
 impl<L: LossObject> SavedLoss for L {
