@@ -59,16 +59,19 @@ pub(crate) fn elements<'a, T: CudaDType>(
 pub(crate) trait SavedLoss: Send {
     /// The loss: one float32 on the device.
     fn loss(&self) -> &CudaSlice<f32>;
-    /// `upstream[0]` times the gradient of the loss with respect to the first input, then the
-    /// second's when `want_k`: a new storage of `T` holding both, of `len` elements each.
-    fn backward(
-        &mut self,
-        op: &'static str,
-        upstream: &CudaView<'_, f32>,
-        want_k: bool,
-        len: usize,
-        device: &CudaDevice,
-    ) -> Result<CudaStorage>;
+    /// `upstream[0]` times the gradients `asked` for.
+    fn backward(&mut self, upstream: &CudaView<'_, f32>, asked: Gradients<'_>)
+    -> Result<CudaStorage>;
+}
+
+/// The gradients a backward is asked for: of the first input, then the second's when
+/// `want_k`, in a new storage of the loss's storage type on `device` holding both, of `len`
+/// elements each. `op` names the op in errors.
+pub(crate) struct Gradients<'a> {
+    pub op: &'static str,
+    pub device: &'a CudaDevice,
+    pub want_k: bool,
+    pub len: usize,
 }
 
 /// ccpl's loss objects as a forward keeps them: the loss, how its backward starts the
@@ -123,13 +126,10 @@ impl<L: LossObject> SavedLoss for L {
 
     fn backward(
         &mut self,
-        op: &'static str,
         upstream: &CudaView<'_, f32>,
-        want_k: bool,
-        len: usize,
-        device: &CudaDevice,
+        asked: Gradients<'_>,
     ) -> Result<CudaStorage> {
-        gradients::<L::Storage>(op, device, want_k, len, L::START, |grad_q, grad_k| {
+        gradients::<L::Storage>(asked, L::START, |grad_q, grad_k| {
             self.backward_into(upstream, grad_q, grad_k)
         })
     }
@@ -142,13 +142,14 @@ enum Start {
     Zeroed,
 }
 
-/// A new storage of `T` holding the gradient of the first input (`len` elements), then the
-/// second's when `want_k`, written by `backward` into its halves.
+/// The gradients `asked` for, written by `backward` into the halves of a new storage of `T`.
 fn gradients<T: KernelType>(
-    op: &'static str,
-    device: &CudaDevice,
-    want_k: bool,
-    len: usize,
+    Gradients {
+        op,
+        device,
+        want_k,
+        len,
+    }: Gradients<'_>,
     start: Start,
     backward: impl for<'v> FnOnce(
         &mut CudaViewMut<'v, T>,

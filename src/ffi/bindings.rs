@@ -41,6 +41,24 @@ pub struct ccpl_row_shape {
 ffi_layout!(ccpl_row_shape: size 12, align 4; batch 0, rows 4, width 8);
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
+pub struct ccpl_row_stats {
+    pub row_lse: u64,
+    pub row_loss: u64,
+}
+ffi_layout!(ccpl_row_stats: size 16, align 8; row_lse 0, row_loss 8);
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct ccpl_info_nce_grad {
+    pub stats: ccpl_row_stats,
+    pub upstream: u64,
+    pub out: u64,
+    pub shape: ccpl_row_shape,
+    pub transpose: i32,
+    pub inv_tau: f32,
+}
+ffi_layout!(ccpl_info_nce_grad: size 56, align 8; stats 0, upstream 16, out 24, shape 32, transpose 44, inv_tau 48);
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_centers {
     pub flat: u64,
     pub map: u64,
@@ -111,12 +129,11 @@ ffi_layout!(ccpl_similarity_params: size 40, align 8; q 0, k 8, logits 16, shape
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_info_nce_forward_params {
     pub logits: u64,
-    pub row_lse: u64,
-    pub row_loss: u64,
+    pub stats: ccpl_row_stats,
     pub batch: i32,
     pub rows: i32,
 }
-ffi_layout!(ccpl_info_nce_forward_params: size 32, align 8; logits 0, row_lse 8, row_loss 16, batch 24, rows 28);
+ffi_layout!(ccpl_info_nce_forward_params: size 32, align 8; logits 0, stats 8, batch 24, rows 28);
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_info_nce_loss_params {
@@ -130,41 +147,28 @@ ffi_layout!(ccpl_info_nce_loss_params: size 24, align 8; row_loss 0, loss 8, cou
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_info_nce_backward_params {
     pub logits: u64,
-    pub row_lse: u64,
-    pub row_loss: u64,
     pub other: u64,
-    pub upstream: u64,
-    pub grad: u64,
-    pub shape: ccpl_row_shape,
-    pub transpose: i32,
-    pub inv_tau: f32,
+    pub grad: ccpl_info_nce_grad,
 }
-ffi_layout!(ccpl_info_nce_backward_params: size 72, align 8; logits 0, row_lse 8, row_loss 16, other 24, upstream 32, grad 40, shape 48, transpose 60, inv_tau 64);
+ffi_layout!(ccpl_info_nce_backward_params: size 72, align 8; logits 0, other 8, grad 16);
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_info_nce_fused_forward_params {
     pub q: u64,
     pub k: u64,
-    pub row_lse: u64,
-    pub row_loss: u64,
+    pub stats: ccpl_row_stats,
     pub shape: ccpl_row_shape,
     pub inv_tau: f32,
 }
-ffi_layout!(ccpl_info_nce_fused_forward_params: size 48, align 8; q 0, k 8, row_lse 16, row_loss 24, shape 32, inv_tau 44);
+ffi_layout!(ccpl_info_nce_fused_forward_params: size 48, align 8; q 0, k 8, stats 16, shape 32, inv_tau 44);
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_info_nce_fused_backward_params {
     pub q: u64,
     pub k: u64,
-    pub row_lse: u64,
-    pub row_loss: u64,
-    pub upstream: u64,
-    pub grad: u64,
-    pub shape: ccpl_row_shape,
-    pub transpose: i32,
-    pub inv_tau: f32,
+    pub grad: ccpl_info_nce_grad,
 }
-ffi_layout!(ccpl_info_nce_fused_backward_params: size 72, align 8; q 0, k 8, row_lse 16, row_loss 24, upstream 32, grad 40, shape 48, transpose 60, inv_tau 64);
+ffi_layout!(ccpl_info_nce_fused_backward_params: size 72, align 8; q 0, k 8, grad 16);
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_small_s_gather_layer {

@@ -3,8 +3,8 @@
 //! [`similarity`](super::similarity) followed by [`info_nce`](super::info_nce), in
 //! `O(B*S*C)` memory instead of `O(B*S*S)`.
 
-use super::info_nce::Side;
-use super::{Buf, LaunchPlan, check_row_stats, row_count, row_shape, tile_grid};
+use super::info_nce::{Side, info_nce_grad};
+use super::{Buf, LaunchPlan, row_count, row_shape, row_stats, tile_grid};
 use crate::dtype::Dtype;
 use crate::error::{Result, check_len};
 use crate::ffi;
@@ -23,11 +23,10 @@ pub fn info_nce_fused_forward<T: Dtype>(
     row_lse: Buf,
     row_loss: Buf,
 ) -> Result<LaunchPlan<ffi::ccpl_info_nce_fused_forward_params>> {
-    let inv_tau = tau.inverse();
     let rows = row_count(shape)?;
     check_len("q", shape.len(), q.len)?;
     check_len("k", shape.len(), k.len)?;
-    check_row_stats(rows, row_lse, row_loss)?;
+    let stats = row_stats(rows, row_lse, row_loss)?;
     Ok(LaunchPlan::new(
         format!("info_nce_fused_forward_{}", T::SUFFIX),
         // grid.y the 64-row tile, grid.z the image.
@@ -36,10 +35,9 @@ pub fn info_nce_fused_forward<T: Dtype>(
         ffi::ccpl_info_nce_fused_forward_params {
             q: q.addr,
             k: k.addr,
-            row_lse: row_lse.addr,
-            row_loss: row_loss.addr,
+            stats,
             shape: row_shape(shape)?,
-            inv_tau,
+            inv_tau: tau.inverse(),
         },
     ))
 }
@@ -61,13 +59,9 @@ pub fn info_nce_fused_backward<T: Dtype>(
     upstream: Buf,
     grad: Buf,
 ) -> Result<LaunchPlan<ffi::ccpl_info_nce_fused_backward_params>> {
-    let inv_tau = tau.inverse();
-    let rows = row_count(shape)?;
     check_len("q", shape.len(), q.len)?;
     check_len("k", shape.len(), k.len)?;
-    check_row_stats(rows, row_lse, row_loss)?;
-    check_len("upstream", 1, upstream.len)?;
-    check_len("grad", shape.len(), grad.len)?;
+    let grad = info_nce_grad(shape, tau, side, [row_lse, row_loss, upstream, grad])?;
     Ok(LaunchPlan::new(
         format!("info_nce_fused_backward_{}", T::SUFFIX),
         tile_grid(shape.batch(), shape.rows(), shape.width())?,
@@ -75,13 +69,7 @@ pub fn info_nce_fused_backward<T: Dtype>(
         ffi::ccpl_info_nce_fused_backward_params {
             q: q.addr,
             k: k.addr,
-            row_lse: row_lse.addr,
-            row_loss: row_loss.addr,
-            upstream: upstream.addr,
-            grad: grad.addr,
-            shape: row_shape(shape)?,
-            transpose: (side == Side::K).into(),
-            inv_tau,
+            grad,
         },
     ))
 }

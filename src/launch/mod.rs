@@ -163,11 +163,16 @@ pub(crate) fn row_shape(shape: &RowShape) -> Result<ffi::ccpl_row_shape> {
     })
 }
 
-/// Checks the per-row statistics of an InfoNCE forward, `row_lse` and `row_loss` (float32,
-/// one per row), against the number of rows ([`row_count`]).
-pub(crate) fn check_row_stats(rows: usize, row_lse: Buf, row_loss: Buf) -> Result<()> {
+/// The per-row statistics of an InfoNCE forward (`ccpl_row_stats`), `row_lse` and `row_loss`
+/// (float32, one per row), checked against the number of rows ([`row_count`]): the one place
+/// a plan fills them.
+pub(crate) fn row_stats(rows: usize, row_lse: Buf, row_loss: Buf) -> Result<ffi::ccpl_row_stats> {
     check_len("row_lse", rows, row_lse.len)?;
-    check_len("row_loss", rows, row_loss.len)
+    check_len("row_loss", rows, row_loss.len)?;
+    Ok(ffi::ccpl_row_stats {
+        row_lse: row_lse.addr,
+        row_loss: row_loss.addr,
+    })
 }
 
 /// Centres as the kernels see them: the flat indices (`int32[N]`) and the inverse map
