@@ -10,12 +10,12 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut};
 
-use super::{CudaLauncher, Kernels};
 use super::resident::{Resident, alloc, length};
+use super::{CudaLauncher, Kernels};
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::launch::{Buf, Launcher};
 use crate::launch::small_s;
+use crate::launch::{Buf, Launcher};
 use crate::loss::rows::{RowsPlan, RowsWorkspace};
 use crate::loss::small_s::{SmallRowsPlan, SmallRowsWorkspace};
 use crate::shape::RowShape;

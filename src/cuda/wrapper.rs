@@ -42,8 +42,16 @@ macro_rules! kernel_wrapper_param {
 /// What the plan receives for an argument of `kernel_wrappers!`'s KIND: the value, or the
 /// buffer's address and length, its guard kept by `launcher`.
 macro_rules! kernel_wrapper_arg {
-    ($launcher:ident, value, $arg:ident) => { $arg };
-    ($launcher:ident, read, $arg:ident) => { $launcher.read($arg) };
-    ($launcher:ident, write, $arg:ident) => { $launcher.write($arg) };
-    ($launcher:ident, centers, $arg:ident) => { &$arg.buf($launcher) };
+    ($launcher:ident, value, $arg:ident) => {
+        $arg
+    };
+    ($launcher:ident, read, $arg:ident) => {
+        $launcher.read($arg)
+    };
+    ($launcher:ident, write, $arg:ident) => {
+        $launcher.write($arg)
+    };
+    ($launcher:ident, centers, $arg:ident) => {
+        &$arg.buf($launcher)
+    };
 }

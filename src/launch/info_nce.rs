@@ -2,7 +2,8 @@
 //! as the target, the mean of it, and the gradient back into the normalised rows.
 
 use super::{
-    Buf, LaunchPlan, WARP, grid_stride_blocks, i32_of, row_count, row_shape, row_stats, tile_grid,
+    Buf, LaunchPlan, WARP, check_row_matrices, grid_stride_blocks, i32_of, row_count, row_shape,
+    row_stats,
 };
 use crate::dtype::Dtype;
 use crate::error::{Error, Result, check_len};
@@ -90,17 +91,17 @@ pub fn info_nce_backward<T: Dtype>(
 ) -> Result<LaunchPlan<ffi::ccpl_info_nce_backward_params>> {
     let grad = info_nce_grad(shape, tau, side, [row_lse, row_loss, upstream, grad])?;
     check_len("logits", shape.logits_len(), logits.len)?;
-    check_len("other", shape.len(), other.len)?;
-    Ok(LaunchPlan::new(
-        format!("info_nce_backward_{}", T::SUFFIX),
-        tile_grid(shape.batch(), shape.rows(), shape.width())?,
-        ffi::CCPL_TILE_THREADS,
+    check_row_matrices(shape, &[("other", other)])?;
+    LaunchPlan::tiled::<T>(
+        "info_nce_backward",
+        shape,
+        shape.width(),
         ffi::ccpl_info_nce_backward_params {
             logits: logits.addr,
             other: other.addr,
             grad,
         },
-    ))
+    )
 }
 
 /// What both InfoNCE backwards take besides their inputs (`ccpl_info_nce_grad`), checked
