@@ -28,10 +28,7 @@ fn run<D: TestDevice>(dev: &D, case: &GoldenCase, scatter: Scatter) -> (f64, Vec
     let plan = LayerPlan::new(shape, centers.len(), case.tau).unwrap();
     let mut ws = LayerWorkspace::lengths(&shape, centers.len())
         .unwrap()
-        .try_map(
-            |&n| Ok::<_, ()>(dev.alloc_nan::<f32>(n)),
-            |&n| Ok(dev.alloc_nan::<f32>(n)),
-        )
+        .try_map(dev.nan_filled::<f32>(), dev.nan_filled::<f32>())
         .unwrap();
     ws.rows.one = dev.upload(&[1.0f32]);
     let mut centers_dev = TestCenters::upload(dev, &centers);

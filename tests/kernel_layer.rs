@@ -109,10 +109,7 @@ fn check_layer<T: Dtype, D: TestDevice>(dev: &D, case: &Case, rng: &mut Rng) {
     let plan = LayerPlan::new(*shape, centers.len(), TAU).unwrap();
     let mut ws = LayerWorkspace::lengths(shape, centers.len())
         .unwrap()
-        .try_map(
-            |&n| Ok::<_, ()>(dev.alloc_nan::<T>(n)),
-            |&n| Ok(dev.alloc_nan::<f32>(n)),
-        )
+        .try_map(dev.nan_filled::<T>(), dev.nan_filled::<f32>())
         .unwrap();
     ws.rows.one = dev.upload(&[1.0f32]);
     let mut centers_dev = TestCenters::upload(dev, centers);

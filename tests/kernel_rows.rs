@@ -62,10 +62,7 @@ fn forward<T: Dtype, D: TestDevice>(
     let plan = RowsPlan::new(*shape, tau).unwrap();
     let mut ws = RowsWorkspace::lengths(shape)
         .unwrap()
-        .try_map(
-            |&n| Ok::<_, ()>(dev.alloc_nan::<T>(n)),
-            |&n| Ok(dev.alloc_nan::<f32>(n)),
-        )
+        .try_map(dev.nan_filled::<T>(), dev.nan_filled::<f32>())
         .unwrap();
     ws.one = dev.upload(&[1.0f32]);
     let (mut rows_q_dev, mut rows_k_dev) = (dev.upload(rows_q), dev.upload(rows_k));

@@ -37,6 +37,15 @@ pub trait TestDevice {
     fn alloc_nan<T: Elem + Element>(&self, len: usize) -> Self::Mem<T> {
         self.upload(&vec![T::from_f64(f64::NAN); len])
     }
+    /// A NaN-filled buffer of `T` of each length it is given: with `T` a workspace's storage
+    /// type for its rows and `f32` for its statistics, `lengths.try_map(dev.nan_filled::<T>(),
+    /// dev.nan_filled::<f32>())` is a workspace where a launch that reads what no launch wrote
+    /// shows as NaN.
+    fn nan_filled<T: Elem + Element>(
+        &self,
+    ) -> impl FnMut(&usize) -> Result<Self::Mem<T>, std::convert::Infallible> + '_ {
+        |&n| Ok(self.alloc_nan::<T>(n))
+    }
     /// Launches one plan and panics with the device's name on an error.
     fn run<P: KernelParams>(&self, plan: &LaunchPlan<P>) {
         self.launcher()

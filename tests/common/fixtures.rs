@@ -29,11 +29,9 @@ pub fn loss_workspace<T: Dtype + Elem, D: TestDevice>(
 ) -> LossWorkspace<D::Mem<T>, D::Mem<f32>, D::Mem<i32>> {
     let lengths = plan.workspace().unwrap();
     let mut ws = lengths
-        .try_map(
-            |&n| Ok::<_, ()>(dev.alloc_nan::<T>(n)),
-            |&n| Ok(dev.alloc_nan::<f32>(n)),
-            |&n| Ok(dev.upload(&vec![0i32; n])),
-        )
+        .try_map(dev.nan_filled::<T>(), dev.nan_filled::<f32>(), |&n| {
+            Ok(dev.upload(&vec![0i32; n]))
+        })
         .unwrap();
     for (c, len) in ws.centers.iter_mut().zip(&lengths.centers) {
         c.map = dev.upload(&vec![-1i32; len.map]);
@@ -59,10 +57,7 @@ pub fn small_rows_workspace<D: TestDevice>(
     let mut ws = plan
         .workspace()
         .unwrap()
-        .try_map(
-            |&n| Ok::<_, ()>(dev.alloc_nan::<f32>(n)),
-            |&n| Ok(dev.alloc_nan::<f32>(n)),
-        )
+        .try_map(dev.nan_filled::<f32>(), dev.nan_filled::<f32>())
         .unwrap();
     ws.one = dev.upload(&[1.0f32]);
     (ws, dev.upload(&[0i32; small_s::COUNTERS]))

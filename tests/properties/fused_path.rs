@@ -18,10 +18,7 @@ fn layer_agrees<T: Dtype>(case: &LayerCase) -> Result<(), TestCaseError> {
     let plan = LayerPlan::new(shape, centers.len(), case.tau).unwrap();
     let mut ws = LayerWorkspace::lengths(&shape, centers.len())
         .unwrap()
-        .try_map(
-            |&n| Ok::<_, ()>(dev.alloc_nan::<T>(n)),
-            |&n| Ok(dev.alloc_nan::<f32>(n)),
-        )
+        .try_map(dev.nan_filled::<T>(), dev.nan_filled::<f32>())
         .unwrap();
     ws.rows.one = dev.upload(&[1.0f32]);
     let mut centers_dev = TestCenters::upload(&dev, &centers);
@@ -110,10 +107,7 @@ fn rows_agree<T: Dtype>(case: &RowsCase) -> Result<(), TestCaseError> {
     let plan = RowsPlan::new(shape, case.tau).unwrap();
     let mut ws = RowsWorkspace::lengths(&shape)
         .unwrap()
-        .try_map(
-            |&n| Ok::<_, ()>(dev.alloc_nan::<T>(n)),
-            |&n| Ok(dev.alloc_nan::<f32>(n)),
-        )
+        .try_map(dev.nan_filled::<T>(), dev.nan_filled::<f32>())
         .unwrap();
     ws.one = dev.upload(&[1.0f32]);
     let (mut rows_q_dev, mut rows_k_dev) = (dev.upload(&rows_q), dev.upload(&rows_k));
