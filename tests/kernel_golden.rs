@@ -7,7 +7,6 @@ use crate::common;
 
 use ccpl::launch::neighbor::Scatter;
 use ccpl::loss::layer::{LayerPlan, LayerWorkspace};
-use ccpl::{Centers, FeatureShape, Layout};
 use common::assert_close;
 use common::device::TestDevice;
 use common::fixtures::TestCenters;
@@ -16,15 +15,7 @@ use common::tolerance::{F32_TOLERANCE, to_f64};
 
 /// The kernels' loss and gradients of feat_q and feat_k for one case, in f32.
 fn run<D: TestDevice>(dev: &D, case: &GoldenCase, scatter: Scatter) -> (f64, Vec<f64>, Vec<f64>) {
-    let shape = FeatureShape::new(
-        case.batch,
-        case.channels,
-        case.height,
-        case.width,
-        Layout::Nchw,
-    )
-    .unwrap();
-    let centers = Centers::from_flat(case.height, case.width, &case.centers).unwrap();
+    let (shape, centers) = case.inputs().unwrap();
     let plan = LayerPlan::new(shape, centers.len(), case.tau).unwrap();
     let mut ws = LayerWorkspace::lengths(&shape, centers.len())
         .unwrap()

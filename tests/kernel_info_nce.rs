@@ -166,17 +166,22 @@ fn info_nce_backward_matches_reference<D: TestDevice>(dev: &D) {
     }
 }
 
-/// The mean over a million equal row losses: a plain float sum per thread drifts by about
-/// 4e-5 here, its roundings all leaning the same way (the kernel sums in double).
-fn info_nce_loss_is_precise_over_a_million_rows<D: TestDevice>(dev: &D) {
-    let row_loss = vec![2.3f32; 1_000_003];
-    let want = to_f64(&row_loss).iter().sum::<f64>() / row_loss.len() as f64;
-    let mut row_loss_dev = dev.upload(&row_loss);
+/// `info_nce_loss` of `row_loss` on `dev`, and their exact mean.
+fn loss_and_exact_mean<D: TestDevice>(dev: &D, row_loss: &[f32]) -> (f64, f64) {
+    let want = to_f64(row_loss).iter().sum::<f64>() / row_loss.len() as f64;
+    let mut row_loss_dev = dev.upload(row_loss);
     let mut loss_dev = dev.alloc_nan::<f32>(1);
     let plan =
         info_nce::info_nce_loss(dev.buf(&mut row_loss_dev), dev.buf(&mut loss_dev), false).unwrap();
     dev.run(&plan);
-    let loss = dev.download(&loss_dev)[0] as f64;
+    (dev.download(&loss_dev)[0] as f64, want)
+}
+
+/// The mean over a million equal row losses: a plain float sum per thread drifts by about
+/// 4e-5 here, its roundings all leaning the same way (the kernel sums in double).
+fn info_nce_loss_is_precise_over_a_million_rows<D: TestDevice>(dev: &D) {
+    let row_loss = vec![2.3f32; 1_000_003];
+    let (loss, want) = loss_and_exact_mean(dev, &row_loss);
     let what = format!("info_nce_loss of 1000003 rows on the {}", dev.name());
     assert_close(&what, &[loss], &[want], F32_TOLERANCE);
 }
@@ -188,13 +193,7 @@ fn info_nce_loss_mean_does_not_overflow<D: TestDevice>(dev: &D) {
     let row_loss: Vec<f32> = (0..5000)
         .map(|_| (4e35 * (1.0 + rng.unit())) as f32)
         .collect();
-    let want = to_f64(&row_loss).iter().sum::<f64>() / row_loss.len() as f64;
-    let mut row_loss_dev = dev.upload(&row_loss);
-    let mut loss_dev = dev.alloc_nan::<f32>(1);
-    let plan =
-        info_nce::info_nce_loss(dev.buf(&mut row_loss_dev), dev.buf(&mut loss_dev), false).unwrap();
-    dev.run(&plan);
-    let loss = dev.download(&loss_dev)[0] as f64;
+    let (loss, want) = loss_and_exact_mean(dev, &row_loss);
     let what = format!(
         "info_nce_loss of 5000 row losses near 6e35 on the {}",
         dev.name()

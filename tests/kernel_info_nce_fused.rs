@@ -131,58 +131,62 @@ fn gradient<T: Dtype, D: TestDevice, P: KernelParams>(
     to_f64(&dev.download(&grad_dev))
 }
 
-/// The fused path: forward, then the backward into both sides; outputs NaN-filled first.
-fn run_fused<T: Dtype, D: TestDevice>(
-    dev: &D,
-    shape: &RowShape,
-    tau: Tau,
-    q: &[f64],
-    k: &[f64],
-) -> Outputs {
-    let mut bufs = Buffers::<T, D>::upload(dev, shape, (q, k), None);
-    let forward = info_nce_fused::info_nce_fused_forward::<T>(
-        shape,
-        tau,
-        dev.buf(&mut bufs.q),
-        dev.buf(&mut bufs.k),
-        dev.buf(&mut bufs.lse),
-        dev.buf(&mut bufs.row_loss),
-    )
-    .unwrap();
-    dev.run(&forward);
-    let dq = bufs.fused_backward(dev, shape, tau, Side::Q);
-    let dk = bufs.fused_backward(dev, shape, tau, Side::K);
-    bufs.outputs(dev, (dq, dk))
+/// The two paths to the same InfoNCE loss and gradients.
+#[derive(Clone, Copy)]
+enum Path {
+    /// info_nce_fused_forward, info_nce_fused_backward.
+    Fused,
+    /// similarity, info_nce_forward, info_nce_backward.
+    Materialised,
 }
 
-/// The materialised path on the same device: similarity, info_nce_forward, info_nce_backward.
-fn run_materialised<T: Dtype, D: TestDevice>(
+/// `path` on the device: the forward, then the backward into both sides; outputs NaN-filled
+/// first.
+fn run<T: Dtype, D: TestDevice>(
     dev: &D,
+    path: Path,
     shape: &RowShape,
     tau: Tau,
-    q: &[f64],
-    k: &[f64],
+    (q, k): (&[f64], &[f64]),
 ) -> Outputs {
     let mut bufs = Buffers::<T, D>::upload(dev, shape, (q, k), None);
-    let mut logits_dev = dev.alloc_nan::<f32>(shape.logits_len());
-    let (q, k, logits) = (
-        dev.buf(&mut bufs.q),
-        dev.buf(&mut bufs.k),
-        dev.buf(&mut logits_dev),
-    );
-    let (lse, row_loss) = (dev.buf(&mut bufs.lse), dev.buf(&mut bufs.row_loss));
-    let upstream = dev.buf(&mut bufs.upstream);
-    dev.run(&similarity::similarity::<T>(shape, tau, q, k, logits).unwrap());
-    dev.run(&info_nce::info_nce_forward(shape, logits, lse, row_loss).unwrap());
-    let grad = |side, other| {
-        gradient::<T, D, _>(dev, shape.len(), |grad| {
-            info_nce::info_nce_backward::<T>(
-                shape, tau, side, logits, lse, row_loss, other, upstream, grad,
+    let grads = match path {
+        Path::Fused => {
+            let forward = info_nce_fused::info_nce_fused_forward::<T>(
+                shape,
+                tau,
+                dev.buf(&mut bufs.q),
+                dev.buf(&mut bufs.k),
+                dev.buf(&mut bufs.lse),
+                dev.buf(&mut bufs.row_loss),
             )
-        })
+            .unwrap();
+            dev.run(&forward);
+            let dq = bufs.fused_backward(dev, shape, tau, Side::Q);
+            (dq, bufs.fused_backward(dev, shape, tau, Side::K))
+        }
+        Path::Materialised => {
+            let mut logits_dev = dev.alloc_nan::<f32>(shape.logits_len());
+            let (q, k, logits) = (
+                dev.buf(&mut bufs.q),
+                dev.buf(&mut bufs.k),
+                dev.buf(&mut logits_dev),
+            );
+            let (lse, row_loss) = (dev.buf(&mut bufs.lse), dev.buf(&mut bufs.row_loss));
+            let upstream = dev.buf(&mut bufs.upstream);
+            dev.run(&similarity::similarity::<T>(shape, tau, q, k, logits).unwrap());
+            dev.run(&info_nce::info_nce_forward(shape, logits, lse, row_loss).unwrap());
+            let grad = |side, other| {
+                gradient::<T, D, _>(dev, shape.len(), |grad| {
+                    info_nce::info_nce_backward::<T>(
+                        shape, tau, side, logits, lse, row_loss, other, upstream, grad,
+                    )
+                })
+            };
+            (grad(Side::Q, k), grad(Side::K, q))
+        }
     };
-    let (dq, dk) = (grad(Side::Q, k), grad(Side::K, q));
-    bufs.outputs(dev, (dq, dk))
+    bufs.outputs(dev, grads)
 }
 
 /// The reference on the exact logits of the rows, and the rounding model of the fused
@@ -234,7 +238,7 @@ fn check_fused<T: Dtype, D: TestDevice>(
 ) {
     let (q, k) = unit_rows::<T>(rng, shape, rows);
     let want = expected::<T>(shape, tau, &q, &k);
-    let got = run_fused::<T, D>(dev, shape, tau, &q, &k);
+    let got = run::<T, D>(dev, Path::Fused, shape, tau, (&q, &k));
     let what = format!("{} {}", T::SUFFIX, label(dev, shape, tau, rows));
     let forward = |name| format!("info_nce_fused_forward {name} {what}");
     let (row_lse, row_loss) = (&want.forward.row_lse, &want.forward.row_loss);
@@ -282,8 +286,8 @@ fn check_same_as_materialised<T: Dtype, D: TestDevice>(
     rng: &mut Rng,
 ) {
     let (q, k) = unit_rows::<T>(rng, shape, rows);
-    let fused = run_fused::<T, D>(dev, shape, tau, &q, &k);
-    let materialised = run_materialised::<T, D>(dev, shape, tau, &q, &k);
+    let fused = run::<T, D>(dev, Path::Fused, shape, tau, (&q, &k));
+    let materialised = run::<T, D>(dev, Path::Materialised, shape, tau, (&q, &k));
     let want = expected::<T>(shape, tau, &q, &k);
     let what = format!("{} {}", T::SUFFIX, label(dev, shape, tau, rows));
     for (name, got, other) in [
@@ -321,7 +325,7 @@ fn info_nce_fused_matches_materialised<D: TestDevice>(dev: &D) {
 fn fused_backward_recomputes_the_stored_logits<D: TestDevice>(dev: &D) {
     each_case(dev, 18, |shape, tau, rows, rng| {
         let (q, k) = unit_rows::<f32>(rng, shape, rows);
-        let materialised = run_materialised::<f32, D>(dev, shape, tau, &q, &k);
+        let materialised = run::<f32, D>(dev, Path::Materialised, shape, tau, (&q, &k));
         let stats = (&materialised.row_lse, &materialised.row_loss);
         for (side, want) in [(Side::Q, &materialised.dq), (Side::K, &materialised.dk)] {
             let got = run_fused_backward(dev, shape, tau, &q, &k, stats, side);

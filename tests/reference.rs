@@ -8,22 +8,9 @@ use ccpl::reference::{
     neighbor_diff_backward, normalize_rows, similarity,
 };
 use ccpl::{Centers, FeatureShape, Layout, RowShape, Tau, ffi};
-use common::{Rng, chi_square_uniform, nchw_to_nhwc, rel_err};
+use common::{Rng, SPEC_DIRECTIONS, chi_square_uniform, nchw_to_nhwc, rel_err};
 
 mod draws;
-
-/// The spec's directions, k = 0..7, as `(dh, dw)`: raster order of the 3x3 window without
-/// its centre. Written out here, not read from the crate, so the crate is checked against it.
-const SPEC_DIRECTIONS: [(isize, isize); 8] = [
-    (-1, -1),
-    (-1, 0),
-    (-1, 1),
-    (0, -1),
-    (0, 1),
-    (1, -1),
-    (1, 0),
-    (1, 1),
-];
 
 #[test]
 fn neighbour_convention_is_the_specs() {
