@@ -10,18 +10,16 @@ use ccpl::{Dtype, RowShape, Tau, reference};
 use common::Rng;
 use common::assert_close;
 use common::device::TestDevice;
-use common::fixtures::{Rows, label, unit_rows};
+use common::fixtures::{self, Rows, label, row_shapes, unit_rows};
 use common::tolerance::{F32_TOLERANCE, from_f64, stored_tolerance, to_f64};
 
 /// `(B, S, C)`: odd sizes, S = 8 with C = 1, S past a tile; on the GPU S = 8192.
 fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {
-    let mut dims = vec![(2, 104, 37), (1, 8, 1), (1, 72, 70)];
-    if dev.large_sizes() {
-        dims.extend([(1, 8192, 3), (2, 1000, 129)]);
-    }
-    dims.into_iter()
-        .map(|(b, s, c)| RowShape::new(b, s, c).unwrap())
-        .collect()
+    row_shapes(
+        dev,
+        &[(2, 104, 37), (1, 8, 1), (1, 72, 70)],
+        &[(1, 8192, 3), (2, 1000, 129)],
+    )
 }
 
 /// The temperatures and row relations each shape is checked with: tau = 0.01 gives logits
@@ -29,14 +27,7 @@ fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {
 /// to q means k = q, ties in every row and a gradient that is 0 up to e^-200: a case that
 /// tells nothing about precision, left out.
 fn regimes(shape: &RowShape) -> Vec<(Tau, Rows)> {
-    let mut regimes = vec![
-        (Tau::DEFAULT, Rows::Random),
-        (Tau::new(0.01).unwrap(), Rows::Random),
-    ];
-    if shape.width() > 1 {
-        regimes.push((Tau::DEFAULT, Rows::Aligned));
-    }
-    regimes
+    fixtures::regimes(shape, &[Tau::DEFAULT, Tau::new(0.01).unwrap()])
 }
 
 /// The logits as the similarity kernel stores them (float32), and as f64.

@@ -14,7 +14,7 @@ use ccpl::{Dtype, RowShape, Tau, reference};
 use common::Rng;
 use common::assert_close;
 use common::device::TestDevice;
-use common::fixtures::{Rows, label, unit_rows};
+use common::fixtures::{self, Rows, label, row_shapes, unit_rows};
 use common::models::fused_backward_model;
 use common::tolerance::{F32_TOLERANCE, from_f64, rounded, stored_tolerance, to_f64, tolerance};
 
@@ -23,33 +23,28 @@ use common::tolerance::{F32_TOLERANCE, from_f64, rounded, stored_tolerance, to_f
 /// by about 1e-5 of their size if the kernels chained it in one accumulator); on the GPU
 /// S = 8192 too.
 fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {
-    let mut dims = vec![
-        (2, 104, 37),
-        (1, 8, 1),
-        (1, 72, 70),
-        (3, 65, 5),
-        (1, 40, 520),
-    ];
-    if dev.large_sizes() {
-        dims.extend([(1, 8192, 3), (2, 1000, 129), (1, 700, 520)]);
-    }
-    dims.into_iter()
-        .map(|(b, s, c)| RowShape::new(b, s, c).unwrap())
-        .collect()
+    row_shapes(
+        dev,
+        &[
+            (2, 104, 37),
+            (1, 8, 1),
+            (1, 72, 70),
+            (3, 65, 5),
+            (1, 40, 520),
+        ],
+        &[(1, 8192, 3), (2, 1000, 129), (1, 700, 520)],
+    )
 }
 
 /// Temperatures and row relations per shape: tau = 0.01 gives logits near +-100. Rows of
 /// width 1 normalise to +-1, so aligned rows would be equal: left out (see kernel_info_nce).
 fn regimes(shape: &RowShape) -> Vec<(Tau, Rows)> {
-    let mut regimes = vec![
-        (Tau::DEFAULT, Rows::Random),
-        (Tau::new(0.01).unwrap(), Rows::Random),
-        (Tau::new(0.5).unwrap(), Rows::Random),
+    let taus = [
+        Tau::DEFAULT,
+        Tau::new(0.01).unwrap(),
+        Tau::new(0.5).unwrap(),
     ];
-    if shape.width() > 1 {
-        regimes.push((Tau::DEFAULT, Rows::Aligned));
-    }
-    regimes
+    fixtures::regimes(shape, &taus)
 }
 
 /// The upstream gradient the backward scales by, read from device memory.

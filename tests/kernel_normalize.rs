@@ -9,19 +9,17 @@ use ccpl::{Dtype, RowShape, reference};
 use common::Rng;
 use common::assert_close;
 use common::device::TestDevice;
-use common::fixtures::random;
+use common::fixtures::{random, row_shapes};
 use common::models::normalize_backward_from_normalized;
 use common::tolerance::{F32_TOLERANCE, largest, rounded, stored_tolerance, to_f64, tolerance};
 
 /// Odd widths, C = 1, S = 8, a wide row; on the GPU S = 8192 and C = 4099.
 fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {
-    let mut dims = vec![(2, 24, 37), (1, 8, 1), (3, 16, 300), (1, 40, 33)];
-    if dev.large_sizes() {
-        dims.extend([(1, 8192, 65), (2, 40, 4099)]);
-    }
-    dims.into_iter()
-        .map(|(b, s, c)| RowShape::new(b, s, c).unwrap())
-        .collect()
+    row_shapes(
+        dev,
+        &[(2, 24, 37), (1, 8, 1), (3, 16, 300), (1, 40, 33)],
+        &[(1, 8192, 65), (2, 40, 4099)],
+    )
 }
 
 /// Random rows with row 0 (and row 5 when there is one) exactly zero and row 3 tiny.

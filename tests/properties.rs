@@ -34,7 +34,7 @@ use ccpl::sampling::SplitMix64;
 use ccpl::{Centers, Dtype, Element, FeatureShape, Layout, RowShape, Tau, reference};
 use common::buf;
 use common::device::{Emu, TestDevice};
-use common::fixtures::{TestCenters, loss_workspace, small_rows_workspace};
+use common::fixtures::{TestCenters, layer_workspace, loss_workspace, small_rows_workspace};
 use common::models::{RowsModel, layer_model, rows_model, scatter_model};
 use common::tolerance::{largest, rounded, to_f64, tolerance_at};
 use common::{Rng, rel_err};

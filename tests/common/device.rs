@@ -193,6 +193,18 @@ macro_rules! on_every_device {
     )+};
 }
 
+/// The GPU for the GPU-only test named `$test`, or a return from that test where there is
+/// none ([`gpu`] says it was skipped, or panics under `CCPL_REQUIRE_GPU=1`).
+#[macro_export]
+macro_rules! gpu_or_skip {
+    ($test:expr) => {
+        match $crate::common::device::gpu($test) {
+            Some(gpu) => gpu,
+            None => return,
+        }
+    };
+}
+
 /// Calls `$check::<T, _>($args...)` for every storage type, ccpl's list of them.
 #[macro_export]
 macro_rules! for_each_dtype {

@@ -3,9 +3,10 @@
 
 use ccpl::launch::CentersBuf;
 use ccpl::launch::small_s;
+use ccpl::loss::layer::LayerWorkspace;
 use ccpl::loss::multi_layer::{LossPlan, LossWorkspace};
 use ccpl::loss::small_s::{SmallRowsPlan, SmallRowsWorkspace};
-use ccpl::{Centers, Dtype, Element, RowShape, Tau, reference};
+use ccpl::{Centers, Dtype, Element, FeatureShape, RowShape, Tau, reference};
 
 use super::Rng;
 use super::device::{Elem, TestDevice};
@@ -63,6 +64,24 @@ pub fn small_rows_workspace<D: TestDevice>(
     (ws, dev.upload(&[0i32; small_s::COUNTERS]))
 }
 
+/// A layer's workspace on a device, its rows in `T`.
+pub type LayerMem<T, D> = LayerWorkspace<<D as TestDevice>::Mem<T>, <D as TestDevice>::Mem<f32>>;
+
+/// The workspace of a layer of `shape` with `n` centres on a device, its rows in `T`: NaN
+/// wherever a launch writes before it reads, `1.0` where the default upstream gradient lives.
+pub fn layer_workspace<T: Elem + Element, D: TestDevice>(
+    dev: &D,
+    shape: &FeatureShape,
+    n: usize,
+) -> LayerMem<T, D> {
+    let mut ws = LayerWorkspace::lengths(shape, n)
+        .unwrap()
+        .try_map(dev.nan_filled::<T>(), dev.nan_filled::<f32>())
+        .unwrap();
+    ws.rows.one = dev.upload(&[1.0f32]);
+    ws
+}
+
 /// Centres in device memory: the flat indices and the inverse map.
 pub struct TestCenters<D: TestDevice> {
     height: usize,
@@ -98,6 +117,29 @@ impl<D: TestDevice> TestCenters<D> {
 pub enum Rows {
     Random,
     Aligned,
+}
+
+/// Each of `taus` with random rows, then the default temperature with aligned rows where the
+/// rows are wider than 1 (rows of width 1 normalise to +-1, so aligned rows would be equal).
+pub fn regimes(shape: &RowShape, taus: &[Tau]) -> Vec<(Tau, Rows)> {
+    let mut regimes: Vec<_> = taus.iter().map(|&tau| (tau, Rows::Random)).collect();
+    if shape.width() > 1 {
+        regimes.push((Tau::DEFAULT, Rows::Aligned));
+    }
+    regimes
+}
+
+/// The row shapes `(B, S, C)` of `dims`, and of `large` too where the device runs large sizes.
+pub fn row_shapes<D: TestDevice>(
+    dev: &D,
+    dims: &[(usize, usize, usize)],
+    large: &[(usize, usize, usize)],
+) -> Vec<RowShape> {
+    let large = if dev.large_sizes() { large } else { &[] };
+    dims.iter()
+        .chain(large)
+        .map(|&(b, s, c)| RowShape::new(b, s, c).unwrap())
+        .collect()
 }
 
 /// Unit rows `q` and `k` as f64 of values exact in `T`.

@@ -16,11 +16,7 @@ fn layer_agrees<T: Dtype>(case: &LayerCase) -> Result<(), TestCaseError> {
     let model = layer_model::<T>(&feat_q_f64, &feat_k_f64, &shape, &centers, case.tau, 1.0);
 
     let plan = LayerPlan::new(shape, centers.len(), case.tau).unwrap();
-    let mut ws = LayerWorkspace::lengths(&shape, centers.len())
-        .unwrap()
-        .try_map(dev.nan_filled::<T>(), dev.nan_filled::<f32>())
-        .unwrap();
-    ws.rows.one = dev.upload(&[1.0f32]);
+    let mut ws = layer_workspace::<T, _>(&dev, &shape, centers.len());
     let mut centers_dev = TestCenters::upload(&dev, &centers);
     let centers_buf = centers_dev.buf(&dev);
     let (mut feat_q_dev, mut feat_k_dev) = (dev.upload(&feat_q), dev.upload(&feat_k));
