@@ -10,7 +10,7 @@ use ccpl::{Dtype, RowShape, Tau, reference};
 use common::Rng;
 use common::assert_close;
 use common::device::TestDevice;
-use common::fixtures::{self, Rows, label, row_shapes, unit_rows};
+use common::fixtures::{self, Regime, Rows, label, row_shapes, unit_rows};
 use common::tolerance::{F32_TOLERANCE, from_f64, stored_tolerance, to_f64};
 
 /// `(B, S, C)`: odd sizes, S = 8 with C = 1, S past a tile; on the GPU S = 8192.
@@ -94,14 +94,9 @@ fn info_nce_forward_matches_reference<D: TestDevice>(dev: &D) {
 /// The upstream gradient the backward scales by, as a graph above the loss would give it.
 const UPSTREAM: f32 = 0.75;
 
-fn check_backward<T: Dtype, D: TestDevice>(
-    dev: &D,
-    shape: &RowShape,
-    tau: Tau,
-    rows: Rows,
-    rng: &mut Rng,
-) {
-    let (q, k) = unit_rows::<T>(rng, shape, rows);
+fn check_backward<T: Dtype, D: TestDevice>(dev: &D, case: Regime, rng: &mut Rng) {
+    let Regime { shape, tau, rows } = case;
+    let (q, k) = case.unit_rows::<T>(rng);
     let (logits_f32, logits_f64) = logits(&q, &k, shape, tau);
     let forward = reference::info_nce_forward(&logits_f64, shape.batch(), shape.rows()).unwrap();
     let want = reference::info_nce_backward(
@@ -152,7 +147,12 @@ fn info_nce_backward_matches_reference<D: TestDevice>(dev: &D) {
     let mut rng = Rng::new(7);
     for shape in shapes(dev) {
         for (tau, rows) in regimes(&shape) {
-            for_each_dtype!(check_backward(dev, &shape, tau, rows, &mut rng));
+            let case = Regime {
+                shape: &shape,
+                tau,
+                rows,
+            };
+            for_each_dtype!(check_backward(dev, case, &mut rng));
         }
     }
 }

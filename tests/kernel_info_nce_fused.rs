@@ -14,7 +14,7 @@ use ccpl::{Dtype, RowShape, Tau, reference};
 use common::Rng;
 use common::assert_close;
 use common::device::TestDevice;
-use common::fixtures::{self, Rows, label, row_shapes, unit_rows};
+use common::fixtures::{self, Regime, Rows, label, row_shapes};
 use common::models::fused_backward_model;
 use common::tolerance::{F32_TOLERANCE, from_f64, rounded, stored_tolerance, to_f64, tolerance};
 
@@ -224,14 +224,9 @@ fn expected<T: Dtype>(shape: &RowShape, tau: Tau, q: &[f64], k: &[f64]) -> Expec
 /// each 32-deep stage in fresh fragments and add the stages in float (tile_mma.cuh): the
 /// truncation is then a few ulps of one stage, unbiased across stages, and the float32
 /// tolerance holds (1.4e-6 at C = 520 on the sm_90 model; the sm_75 model passes too).
-fn check_fused<T: Dtype, D: TestDevice>(
-    dev: &D,
-    shape: &RowShape,
-    tau: Tau,
-    rows: Rows,
-    rng: &mut Rng,
-) {
-    let (q, k) = unit_rows::<T>(rng, shape, rows);
+fn check_fused<T: Dtype, D: TestDevice>(dev: &D, case: Regime, rng: &mut Rng) {
+    let Regime { shape, tau, rows } = case;
+    let (q, k) = case.unit_rows::<T>(rng);
     let want = expected::<T>(shape, tau, &q, &k);
     let got = run::<T, D>(dev, Path::Fused, shape, tau, (&q, &k));
     let what = format!("{} {}", T::SUFFIX, label(dev, shape, tau, rows));
@@ -249,22 +244,19 @@ fn check_fused<T: Dtype, D: TestDevice>(
 }
 
 /// Runs `check` on every shape and regime, the rows drawn from `seed`.
-fn each_case<D: TestDevice>(
-    dev: &D,
-    seed: u64,
-    mut check: impl FnMut(&RowShape, Tau, Rows, &mut Rng),
-) {
+fn each_case<D: TestDevice>(dev: &D, seed: u64, mut check: impl FnMut(Regime, &mut Rng)) {
     let mut rng = Rng::new(seed);
     for shape in shapes(dev) {
         for (tau, rows) in regimes(&shape) {
-            check(&shape, tau, rows, &mut rng);
+            let shape = &shape;
+            check(Regime { shape, tau, rows }, &mut rng);
         }
     }
 }
 
 fn info_nce_fused_matches_reference<D: TestDevice>(dev: &D) {
-    each_case(dev, 16, |shape, tau, rows, rng| {
-        for_each_dtype!(check_fused(dev, shape, tau, rows, rng))
+    each_case(dev, 16, |case, rng| {
+        for_each_dtype!(check_fused(dev, case, rng))
     });
 }
 
@@ -273,14 +265,9 @@ fn info_nce_fused_matches_reference<D: TestDevice>(dev: &D) {
 /// statistics differ by the order of their sums only, and so do the f32 gradients. f16/bf16
 /// gradients: by at most the sum of the two paths' tolerances against the reference (the
 /// fused one's rounding of G included), as the triangle inequality gives.
-fn check_same_as_materialised<T: Dtype, D: TestDevice>(
-    dev: &D,
-    shape: &RowShape,
-    tau: Tau,
-    rows: Rows,
-    rng: &mut Rng,
-) {
-    let (q, k) = unit_rows::<T>(rng, shape, rows);
+fn check_same_as_materialised<T: Dtype, D: TestDevice>(dev: &D, case: Regime, rng: &mut Rng) {
+    let Regime { shape, tau, rows } = case;
+    let (q, k) = case.unit_rows::<T>(rng);
     let fused = run::<T, D>(dev, Path::Fused, shape, tau, (&q, &k));
     let materialised = run::<T, D>(dev, Path::Materialised, shape, tau, (&q, &k));
     let want = expected::<T>(shape, tau, &q, &k);
@@ -307,8 +294,8 @@ fn check_same_as_materialised<T: Dtype, D: TestDevice>(
 }
 
 fn info_nce_fused_matches_materialised<D: TestDevice>(dev: &D) {
-    each_case(dev, 17, |shape, tau, rows, rng| {
-        for_each_dtype!(check_same_as_materialised(dev, shape, tau, rows, rng))
+    each_case(dev, 17, |case, rng| {
+        for_each_dtype!(check_same_as_materialised(dev, case, rng))
     });
 }
 
@@ -318,8 +305,9 @@ fn info_nce_fused_matches_materialised<D: TestDevice>(dev: &D) {
 /// own: a compiler that fuses `dot * inv_tau - lse` into one FMA (nvcc does, and so does the
 /// emulator's host compiler) changes G's last bits unless the kernel spells out __fmul_rn.
 fn fused_backward_recomputes_the_stored_logits<D: TestDevice>(dev: &D) {
-    each_case(dev, 18, |shape, tau, rows, rng| {
-        let (q, k) = unit_rows::<f32>(rng, shape, rows);
+    each_case(dev, 18, |case, rng| {
+        let Regime { shape, tau, rows } = case;
+        let (q, k) = case.unit_rows::<f32>(rng);
         let materialised = run::<f32, D>(dev, Path::Materialised, shape, tau, (&q, &k));
         let stats = (&materialised.row_lse, &materialised.row_loss);
         for (side, want) in [(Side::Q, &materialised.dq), (Side::K, &materialised.dk)] {

@@ -119,6 +119,21 @@ pub enum Rows {
     Aligned,
 }
 
+/// One check of the InfoNCE kernels: rows of `shape` related as `rows`, at `tau`.
+#[derive(Debug, Clone, Copy)]
+pub struct Regime<'a> {
+    pub shape: &'a RowShape,
+    pub tau: Tau,
+    pub rows: Rows,
+}
+
+impl Regime<'_> {
+    /// Unit rows `q` and `k` of this regime, as f64 of values exact in `T`.
+    pub fn unit_rows<T: Dtype>(&self, rng: &mut Rng) -> (Vec<f64>, Vec<f64>) {
+        unit_rows::<T>(rng, self.shape, self.rows)
+    }
+}
+
 /// Each of `taus` with random rows, then the default temperature with aligned rows where the
 /// rows are wider than 1 (rows of width 1 normalise to +-1, so aligned rows would be equal).
 pub fn regimes(shape: &RowShape, taus: &[Tau]) -> Vec<(Tau, Rows)> {
