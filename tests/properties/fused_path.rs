@@ -91,11 +91,8 @@ fn layer_on_the_emulator_agrees_with_the_reference() {
 /// whose magnitudes span `spread` orders below 10^exponent.
 fn rows_agree<T: Dtype>(case: &RowsCase) -> Result<(), TestCaseError> {
     let dev = Emu::new(case.seed);
-    let shape = RowShape::new(case.batch, case.rows, case.width).unwrap();
-    let mut rng = Rng::new(case.seed);
-    let (e, spread) = (case.exponent, case.spread);
-    let rows_q: Vec<T> = spread_values(&mut rng, shape.len(), e, spread);
-    let rows_k: Vec<T> = spread_values(&mut rng, shape.len(), e, spread);
+    let shape = case.shape();
+    let (rows_q, rows_k) = case.row_pair::<T>();
     let (rows_q_f64, rows_k_f64) = (to_f64(&rows_q), to_f64(&rows_k));
     let exact = rows_model::<f64>(&rows_q_f64, &rows_k_f64, &shape, case.tau, 1.0);
     let model = rows_model::<T>(&rows_q_f64, &rows_k_f64, &shape, case.tau, 1.0);

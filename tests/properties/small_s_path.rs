@@ -181,11 +181,8 @@ fn loss_on_the_emulator_agrees_with_the_reference() {
 /// the exact one rounded once (the path computes in float from the rows in `T`).
 fn small_rows_agree<T: Dtype>(case: &RowsCase) -> Result<(), TestCaseError> {
     let dev = Emu::new(case.seed);
-    let shape = RowShape::new(case.batch, case.rows, case.width).unwrap();
-    let mut rng = Rng::new(case.seed);
-    let (e, spread) = (case.exponent, case.spread);
-    let rows_q: Vec<T> = spread_values(&mut rng, shape.len(), e, spread);
-    let rows_k: Vec<T> = spread_values(&mut rng, shape.len(), e, spread);
+    let shape = case.shape();
+    let (rows_q, rows_k) = case.row_pair::<T>();
     let upstream = if case.seed.is_multiple_of(2) {
         1.0
     } else {
