@@ -257,15 +257,18 @@ fn loss_and_gradients_are_finite_at_tau_001() {
         "logits should reach about 100, largest {largest}"
     );
 
-    let out = ccp_layer_loss(
-        &feat,
-        &feat,
-        &shape,
-        &centers,
-        Tau::new(0.01).unwrap(),
-        true,
-    )
-    .unwrap();
+    let loss_at = |tau: f64, grad_k: bool| {
+        ccp_layer_loss(
+            &feat,
+            &feat,
+            &shape,
+            &centers,
+            Tau::new(tau).unwrap(),
+            grad_k,
+        )
+        .unwrap()
+    };
+    let out = loss_at(0.01, true);
     assert!(out.loss.is_finite() && out.loss >= 0.0, "loss {}", out.loss);
     assert!(
         out.grad_feat_q
@@ -275,15 +278,7 @@ fn loss_and_gradients_are_finite_at_tau_001() {
     );
     // Random features of independent rows: the loss is far from 0 at tau=1 but the positives
     // dominate at tau=0.01, so the loss must drop.
-    let warm = ccp_layer_loss(
-        &feat,
-        &feat,
-        &shape,
-        &centers,
-        Tau::new(1.0).unwrap(),
-        false,
-    )
-    .unwrap();
+    let warm = loss_at(1.0, false);
     assert!(
         out.loss < warm.loss,
         "tau 0.01 {} vs tau 1 {}",
