@@ -130,10 +130,8 @@ fn check_backward<T: Dtype, D: TestDevice>(dev: &D, case: Regime, rng: &mut Rng)
             dev.buf(&mut other_dev),
             dev.buf(&mut upstream_dev),
             dev.buf(&mut grad_dev),
-        )
-        .unwrap();
-        dev.run(&plan);
-        let got = to_f64(&dev.download(&grad_dev));
+        );
+        let got = dev.run_and_read(plan, &grad_dev);
         let what = format!(
             "info_nce_backward {side:?} {} {}",
             T::SUFFIX,

@@ -67,10 +67,8 @@ fn check_normalize_rows<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, rng:
         dev.buf(&mut rows_dev),
         dev.buf(&mut out_dev),
         dev.buf(&mut norms_dev),
-    )
-    .unwrap();
-    dev.run(&plan);
-    let out = to_f64(&dev.download(&out_dev));
+    );
+    let out = dev.run_and_read(plan, &out_dev);
     let norms = to_f64(&dev.download(&norms_dev));
     let what = name::<T, D>(dev, "normalize_rows", shape);
     assert_close(&what, &out, &want.rows, stored_tolerance::<T>(&want.rows));
@@ -127,10 +125,8 @@ fn check_normalize_rows_backward<T: Dtype, D: TestDevice>(
         dev.buf(&mut norms_dev),
         dev.buf(&mut grad_out_dev),
         dev.buf(&mut grad_rows_dev),
-    )
-    .unwrap();
-    dev.run(&plan);
-    let got = to_f64(&dev.download(&grad_rows_dev));
+    );
+    let got = dev.run_and_read(plan, &grad_rows_dev);
     let what = name::<T, D>(dev, "normalize_rows_backward", shape);
 
     // Zero rows: g/eps, about 1e7 times the others, so they are checked on their own,
@@ -190,10 +186,8 @@ fn check_at_scale<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, scale: f64
         dev.buf(&mut rows_dev),
         dev.buf(&mut out_dev),
         dev.buf(&mut norms_dev),
-    )
-    .unwrap();
-    dev.run(&plan);
-    let out = to_f64(&dev.download(&out_dev));
+    );
+    let out = dev.run_and_read(plan, &out_dev);
     assert_close(&what, &out, &want.rows, stored_tolerance::<T>(&want.rows));
     let norms = to_f64(&dev.download(&norms_dev));
     assert_close(&format!("{what} norms"), &norms, &want.norms, F32_TOLERANCE);
@@ -222,10 +216,8 @@ fn check_at_scale<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, scale: f64
             dev.buf(&mut norms_dev),
             dev.buf(&mut grad_out_dev),
             dev.buf(&mut grad_rows_dev),
-        )
-        .unwrap();
-        dev.run(&plan);
-        let got = to_f64(&dev.download(&grad_rows_dev));
+        );
+        let got = dev.run_and_read(plan, &grad_rows_dev);
         let tol = if normalized {
             tolerance(&model, &exact)
         } else {

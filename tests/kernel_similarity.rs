@@ -35,10 +35,8 @@ fn check_similarity<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, rng: &mu
         dev.buf(&mut q_dev),
         dev.buf(&mut k_dev),
         dev.buf(&mut logits_dev),
-    )
-    .unwrap();
-    dev.run(&plan);
-    let got = to_f64(&dev.download(&logits_dev));
+    );
+    let got = dev.run_and_read(plan, &logits_dev);
     let what = format!(
         "similarity {} B={} S={} C={} on the {}",
         T::SUFFIX,

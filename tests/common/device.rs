@@ -52,6 +52,16 @@ pub trait TestDevice {
             .launch(plan)
             .unwrap_or_else(|e| panic!("{} on the {}: {e}", plan.kernel, self.name()));
     }
+    /// Runs `plan`, which must have been made, and reads back `out`, a buffer it writes, as
+    /// f64.
+    fn run_and_read<P: KernelParams, T: Elem + Element>(
+        &self,
+        plan: ccpl::Result<LaunchPlan<P>>,
+        out: &Self::Mem<T>,
+    ) -> Vec<f64> {
+        self.run(&plan.unwrap());
+        super::tolerance::to_f64(&self.download(out))
+    }
 }
 
 /// The CPU emulator: every launch scheduled by a new seed.
