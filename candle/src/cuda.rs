@@ -60,8 +60,11 @@ pub(crate) trait SavedLoss: Send {
     /// The loss: one float32 on the device.
     fn loss(&self) -> &CudaSlice<f32>;
     /// `upstream[0]` times the gradients `asked` for.
-    fn backward(&mut self, upstream: &CudaView<'_, f32>, asked: Gradients<'_>)
-    -> Result<CudaStorage>;
+    fn backward(
+        &mut self,
+        upstream: &CudaView<'_, f32>,
+        asked: Gradients<'_>,
+    ) -> Result<CudaStorage>;
 }
 
 /// The gradients a backward is asked for: of the first input, then the second's when
