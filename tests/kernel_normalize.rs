@@ -56,19 +56,27 @@ fn name<T: Dtype, D: TestDevice>(dev: &D, what: &str, s: &RowShape) -> String {
     )
 }
 
+/// `normalize_rows` of `rows` on `dev`, its outputs written over NaN: the buffers of the
+/// rows, of the normalised rows and of the norms.
+fn forward_on<T: Dtype, D: TestDevice>(
+    dev: &D,
+    shape: &RowShape,
+    rows: &[T],
+) -> (D::Mem<T>, D::Mem<T>, D::Mem<f32>) {
+    let mut rows_dev = dev.upload(rows);
+    let mut out_dev = dev.alloc_nan::<T>(shape.len());
+    let mut norms_dev = dev.alloc_nan::<f32>(shape.count());
+    let (rows_buf, out_buf) = (dev.buf(&mut rows_dev), dev.buf(&mut out_dev));
+    let norms_buf = dev.buf(&mut norms_dev);
+    dev.run(&normalize::normalize_rows::<T>(shape, rows_buf, out_buf, norms_buf).unwrap());
+    (rows_dev, out_dev, norms_dev)
+}
+
 fn check_normalize_rows<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, rng: &mut Rng) {
     let rows = rows::<T>(rng, shape);
     let want = reference::normalize_rows(&to_f64(&rows), shape.width()).unwrap();
-    let mut rows_dev = dev.upload(&rows);
-    let mut out_dev = dev.alloc_nan::<T>(shape.len());
-    let mut norms_dev = dev.alloc_nan::<f32>(shape.batch() * shape.rows());
-    let plan = normalize::normalize_rows::<T>(
-        shape,
-        dev.buf(&mut rows_dev),
-        dev.buf(&mut out_dev),
-        dev.buf(&mut norms_dev),
-    );
-    let out = dev.run_and_read(plan, &out_dev);
+    let (_, out_dev, norms_dev) = forward_on(dev, shape, &rows);
+    let out = to_f64(&dev.download(&out_dev));
     let norms = to_f64(&dev.download(&norms_dev));
     let what = name::<T, D>(dev, "normalize_rows", shape);
     assert_close(&what, &out, &want.rows, stored_tolerance::<T>(&want.rows));
@@ -178,16 +186,8 @@ fn check_at_scale<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, scale: f64
         "{} scale {scale:e}",
         name::<T, D>(dev, "normalize_rows", shape)
     );
-    let mut rows_dev = dev.upload(&rows);
-    let mut out_dev = dev.alloc_nan::<T>(shape.len());
-    let mut norms_dev = dev.alloc_nan::<f32>(shape.count());
-    let plan = normalize::normalize_rows::<T>(
-        shape,
-        dev.buf(&mut rows_dev),
-        dev.buf(&mut out_dev),
-        dev.buf(&mut norms_dev),
-    );
-    let out = dev.run_and_read(plan, &out_dev);
+    let (mut rows_dev, mut out_dev, mut norms_dev) = forward_on(dev, shape, &rows);
+    let out = to_f64(&dev.download(&out_dev));
     assert_close(&what, &out, &want.rows, stored_tolerance::<T>(&want.rows));
     let norms = to_f64(&dev.download(&norms_dev));
     assert_close(&format!("{what} norms"), &norms, &want.norms, F32_TOLERANCE);
