@@ -12,15 +12,19 @@ and ``torch.library.opcheck`` work with them. On CUDA they run on the current st
 tensors' device and never wait on the host.
 """
 
+import torch
+
 from ._ccpl import kernels_built
 from ._ccpl import version as _version
-from ._common import DEFAULT_TAU
+from ._common import DEFAULT_TAU, warn_without_kernels
 from .layer import ccp_layer_loss
 from .module import CCPL
 from .neighbor import neighbor_diff, sample_centers
 from .rows import rows_loss
 
 __version__ = _version()
+
+warn_without_kernels(torch.cuda.is_available(), kernels_built())
 
 __all__ = [
     "CCPL",

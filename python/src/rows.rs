@@ -1,11 +1,12 @@
 //! The CCP loss of a learned head's rows (`ccpl.rows_loss`): forward and backward.
 //!
 //! What the forward keeps for the backward is two tensors the package allocates with PyTorch
-//! and autograd saves: `units`, the normalised rows `(2, B, S, C)` = `[q, k]`, and `stats`,
-//! `(4, B, S)` = `[norms_q, norms_k, row_lse, row_loss]`; with the rows themselves (the op's
-//! inputs) they are the crate's rows workspace ([`RowsWorkspace`]). On CUDA they are in the
-//! rows' dtype and float32, as the kernels keep them; on the CPU both are float64, so the CPU
-//! path is the float64 reference from end to end. The backward's scratch (the gradient of
+//! and autograd saves: `saved`, the normalised rows `(2, B, S, C)` = `[unit_q, unit_k]`, and
+//! `stats`, `(4, B, S)` = `[norms_q, norms_k, row_lse, row_loss]`: the part of the crate's rows
+//! workspace ([`RowsWorkspace`]) its backward reads, in the rows' dtype and float32, as the
+//! kernels keep them (the rows themselves are not kept). On the CPU both are float64, and
+//! `saved` is `(4, B, S, C)` = `[q, k, unit_q, unit_k]`, since the float64 reference's backward
+//! reads the rows too: the CPU path is the reference from end to end. The backward's scratch (the gradient of
 //! the normalised rows, `(B, S, C)`) is allocated by the package for the backward only.
 
 use ccpl::launch::{Buf, Launcher};
@@ -122,14 +123,15 @@ pub fn forward_host<T: Element>(
     Ok(forward.loss)
 }
 
-/// The backward on the host, in float64 from what [`forward_host`] kept: writes `upstream`
-/// times the gradient with respect to `q` into `grad_q`, and to `k` into `grad_k` when given.
+/// The backward on the host, in float64 from the rows `q` and `k` and what [`forward_host`]
+/// kept: writes `upstream` times the gradient with respect to `q` into `grad_q`, and to `k`
+/// into `grad_k` when given.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_host<T: Element>(
     shape: &RowShape,
     tau: Tau,
-    q: &[T],
-    k: &[T],
+    q: &[f64],
+    k: &[f64],
     units: &[f64],
     stats: &[f64],
     upstream: f64,
@@ -151,13 +153,10 @@ pub fn backward_host<T: Element>(
     )?;
     store(
         grad_q,
-        &normalize_rows_backward(&widen(q), &grads.dq, shape.width())?,
+        &normalize_rows_backward(q, &grads.dq, shape.width())?,
     )?;
     if let (Some(grad_k), Some(dk)) = (grad_k, grads.dk) {
-        store(
-            grad_k,
-            &normalize_rows_backward(&widen(k), &dk, shape.width())?,
-        )?;
+        store(grad_k, &normalize_rows_backward(k, &dk, shape.width())?)?;
     }
     Ok(())
 }
@@ -173,11 +172,17 @@ struct Forward {
 
 impl Op for Forward {
     unsafe fn cpu<T: HostDtype>(&self) -> Result<()> {
-        let ([q, k], [units, stats]) = (self.rows, self.saved);
+        let ([q, k], [saved, stats]) = (self.rows, self.saved);
+        let n = self.shape.len();
         // SAFETY: rows of T, saved float64, the loss of T's loss type (the caller's contract).
         unsafe {
-            let (units, stats) = (units.host_mut(), stats.host_mut());
-            let value = forward_host::<T>(&self.shape, self.tau, q.host(), k.host(), units, stats)?;
+            let (saved, stats) = (saved.host_mut(), stats.host_mut());
+            check_len("saved rows", 4 * n, saved.len())?;
+            let (kept_rows, units) = saved.split_at_mut(2 * n);
+            let (q, k) = (q.host::<T>(), k.host::<T>());
+            let value = forward_host::<T>(&self.shape, self.tau, q, k, units, stats)?;
+            kept_rows[..n].copy_from_slice(&widen(q));
+            kept_rows[n..].copy_from_slice(&widen(k));
             store_loss::<T>(self.loss, value)
         }
     }
@@ -192,7 +197,6 @@ impl Op for Forward {
 struct Backward {
     shape: RowShape,
     tau: Tau,
-    rows: [Raw; 2],
     saved: [Raw; 2],
     upstream: Raw,
     scratch: Option<Raw>,
@@ -202,20 +206,21 @@ struct Backward {
 
 impl Op for Backward {
     unsafe fn cpu<T: HostDtype>(&self) -> Result<()> {
-        let ([q, k], [units, stats]) = (self.rows, self.saved);
+        let [saved, stats] = self.saved;
         // SAFETY: host tensors of the named types (the caller's contract).
         unsafe {
             let upstream = host_scalar::<T::Loss>(self.upstream)?;
             let (grad_q, grad_k) = (self.grad_q.host_mut(), self.grad_k.map(|g| g.host_mut()));
-            let (units, stats) = (units.host(), stats.host());
             let (shape, tau) = (&self.shape, self.tau);
+            let [rows, units] = split_host::<f64, 2>("saved rows", saved.host(), 2 * shape.len())?;
+            let [q, k] = split_host::<f64, 2>("saved rows", rows, shape.len())?;
             backward_host::<T>(
                 shape,
                 tau,
-                q.host(),
-                k.host(),
+                q,
+                k,
                 units,
-                stats,
+                stats.host(),
                 upstream,
                 grad_q,
                 grad_k,
@@ -271,7 +276,6 @@ fn rows_backward(
     stream: usize,
     shape: (usize, usize, usize),
     tau: f64,
-    rows: [Raw; 2],
     saved: [Raw; 2],
     upstream: Raw,
     scratch: Option<Raw>,
@@ -284,7 +288,6 @@ fn rows_backward(
         Ok(Backward {
             shape,
             tau,
-            rows,
             saved,
             upstream,
             scratch,

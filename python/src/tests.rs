@@ -172,8 +172,8 @@ fn rows_loss_on_the_emulator_matches_the_host_path() {
         rows::backward_host(
             &shape,
             tau,
-            &q,
-            &k,
+            &widen(&q),
+            &widen(&k),
             &host_units,
             &host_stats,
             0.75,
