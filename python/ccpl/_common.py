@@ -259,6 +259,11 @@ def target(t: Tensor) -> tuple[str, Optional[int], int]:
     return dtype, None, 0
 
 
+def raw_grads(grads: list) -> tuple:
+    """A backward's gradients as the Rust side takes them: q's, and k's or None."""
+    return raw(grads[0]), raw(grads[1]) if len(grads) > 1 else None
+
+
 def raw(t: Optional[Tensor]) -> Optional[tuple[int, int]]:
     """A contiguous tensor as the Rust side takes it: its address and number of elements."""
     return None if t is None else (t.data_ptr(), t.numel())
@@ -280,7 +285,7 @@ def centers_call(native, like: Tensor, size, last: bool, centers: Tensor, *args)
     b, c, h, w = size
     with on_device(like):
         table = centers_table(centers, h, w, like.device)
-        native(*target(like), (b, c, h, w, last), raw(centers), raw(table), *args)
+        native(target(like), ((b, c, h, w, last), raw(centers), raw(table)), *args)
 
 
 def centers_table(centers: Tensor, height: int, width: int, device: torch.device):

@@ -36,6 +36,7 @@ from ._common import (
     first_order_only,
     loss_dtype,
     raw,
+    raw_grads,
     saved_like,
 )
 
@@ -96,8 +97,7 @@ def _layer_loss(
         last,
         centers,
         tau,
-        raw(feat_q),
-        raw(feat_k),
+        (raw(feat_q), raw(feat_k)),
         (raw(saved_rows), raw(stats)),
         raw(loss),
     )
@@ -149,12 +149,11 @@ def _layer_loss_backward(
         channels_last,
         centers,
         tau,
+        deterministic(),
         (raw(saved_rows), raw(stats)),
         raw(upstream),
         raw(scratch),
-        raw(grads[0]),
-        raw(grads[1]) if grad_k else None,
-        deterministic(),
+        raw_grads(grads),
     )
     return grads
 

@@ -29,6 +29,7 @@ from ._common import (
     loss_dtype,
     on_device,
     raw,
+    raw_grads,
     saved_like,
     target,
 )
@@ -64,9 +65,8 @@ def _rows_loss(q_rows: Tensor, k_rows: Tensor, tau: float) -> Tuple[Tensor, Tens
     loss, saved_rows, stats = saved_like(q_rows, q_rows.dtype, q_rows.shape)
     with on_device(q_rows):
         _ccpl.rows_forward(
-            *target(q_rows),
-            tuple(q_rows.shape),
-            tau,
+            target(q_rows),
+            (tuple(q_rows.shape), tau),
             (raw(q_rows), raw(k_rows)),
             (raw(saved_rows), raw(stats)),
             raw(loss),
@@ -113,14 +113,12 @@ def _rows_loss_backward(
     scratch = torch.empty_like(grads[0]) if saved_rows.is_cuda else None
     with on_device(saved_rows):
         _ccpl.rows_backward(
-            *target(grads[0]),
-            shape,
-            tau,
+            target(grads[0]),
+            (shape, tau),
             (raw(saved_rows), raw(stats)),
             raw(upstream),
             raw(scratch),
-            raw(grads[0]),
-            raw(grads[1]) if grad_k else None,
+            raw_grads(grads),
         )
     return grads
 

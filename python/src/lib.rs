@@ -77,6 +77,27 @@ impl Raw {
     }
 }
 
+/// The gradients a backward writes, as Python passes them: `(grad_q, grad_k or None)`.
+#[derive(Debug, Clone, Copy, FromPyObject)]
+pub struct Grads(pub Raw, pub Option<Raw>);
+
+impl Grads {
+    /// The host gradients of `T`.
+    ///
+    /// # Safety
+    ///
+    /// Both are live contiguous host tensors of `T`, not otherwise accessed during the borrow.
+    pub unsafe fn host<'a, T>(self) -> (&'a mut [T], Option<&'a mut [T]>) {
+        // SAFETY: the caller's contract.
+        unsafe { (self.0.host_mut(), self.1.map(|g| g.host_mut())) }
+    }
+
+    /// The device gradients.
+    pub fn device(self) -> (Buf, Option<Buf>) {
+        (self.0.buf(), self.1.map(Raw::buf))
+    }
+}
+
 /// A storage type of a host tensor: the kernels' three and float64 (for `gradcheck`). The loss
 /// is kept in `Loss`, float64 for float64 tensors and float32 otherwise, as the CUDA path.
 pub trait HostDtype: Element {
@@ -211,8 +232,16 @@ fn _ccpl(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NORM_EPS", ccpl::ffi::CCPL_NORM_EPS)?;
     m.add("DEFAULT_TAU", ccpl::Tau::DEFAULT.get())?;
     m.add("TAU_MIN", ccpl::Tau::MIN.get())?;
-    neighbor::register(m)?;
-    rows::register(m)?;
-    layer::register(m)?;
+    for function in [
+        wrap_pyfunction!(neighbor::center_table, m)?,
+        wrap_pyfunction!(neighbor::neighbor_diff, m)?,
+        wrap_pyfunction!(neighbor::neighbor_diff_backward, m)?,
+        wrap_pyfunction!(rows::rows_forward, m)?,
+        wrap_pyfunction!(rows::rows_backward, m)?,
+        wrap_pyfunction!(layer::layer_forward, m)?,
+        wrap_pyfunction!(layer::layer_backward, m)?,
+    ] {
+        m.add_function(function)?;
+    }
     Ok(())
 }

@@ -147,11 +147,12 @@ fn rows_loss_on_the_emulator_matches_the_host_path() {
         buf_mut(&mut loss),
     )
     .unwrap();
-    let (mut host_units, mut host_stats) = (vec![0.0; 2 * n], vec![0.0; 4 * bs]);
+    let (mut host_saved, mut host_stats) = (vec![0.0; 4 * n], vec![0.0; 4 * bs]);
+    let rows = [widen(&q), widen(&k)];
     let host_loss =
-        rows::forward_host(&shape, tau, &q, &k, &mut host_units, &mut host_stats).unwrap();
+        rows::forward_host(&shape, tau, rows, &mut host_saved, &mut host_stats).unwrap();
     assert_close("loss", &loss, &[host_loss]);
-    assert_close("saved normalised rows", &units, &host_units);
+    assert_close("saved normalised rows", &units, &host_saved[2 * n..]);
     assert_close("saved row statistics", &stats, &host_stats);
 
     for grad_k in [false, true] {
@@ -172,9 +173,7 @@ fn rows_loss_on_the_emulator_matches_the_host_path() {
         rows::backward_host(
             &shape,
             tau,
-            &widen(&q),
-            &widen(&k),
-            &host_units,
+            &host_saved,
             &host_stats,
             0.75,
             &mut want_q,
