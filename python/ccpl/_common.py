@@ -259,9 +259,27 @@ def target(t: Tensor) -> tuple[str, Optional[int], int]:
     return dtype, None, 0
 
 
-def raw_grads(grads: list) -> tuple:
-    """A backward's gradients as the Rust side takes them: q's, and k's or None."""
-    return raw(grads[0]), raw(grads[1]) if len(grads) > 1 else None
+def upstream_of(grad: Tensor, dtype: torch.dtype) -> Tensor:
+    """A loss's upstream gradient as the Rust side reads it: in the loss's dtype, contiguous."""
+    return grad.to(loss_dtype(dtype)).contiguous()
+
+
+def backward_buffers(saved: tuple, upstream: Tensor, grads: list, scratch_sets: int) -> tuple:
+    """What a loss's native backward reads and writes: the forward's `saved` rows and
+    statistics, the `upstream` gradient (`upstream_of`), on CUDA a scratch of `scratch_sets`
+    row sets `(B, S, C)` like the saved rows, the gradients (q's, and k's or None). The caller
+    keeps the tensors alive for the call; the scratch is returned with the buffers for that."""
+    saved_rows, stats = saved
+    scratch = None
+    if saved_rows.is_cuda:
+        scratch = saved_rows.new_empty((scratch_sets, *saved_rows.shape[1:]))
+    buffers = (
+        (raw(saved_rows), raw(stats)),
+        raw(upstream),
+        raw(scratch),
+        (raw(grads[0]), raw(grads[1]) if len(grads) > 1 else None),
+    )
+    return buffers, scratch
 
 
 def raw(t: Optional[Tensor]) -> Optional[tuple[int, int]]:

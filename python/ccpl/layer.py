@@ -20,6 +20,7 @@ from . import _ccpl
 from ._common import (
     DEFAULT_TAU,
     NEIGHBORS,
+    backward_buffers,
     centers_call,
     channels_last,
     check_centers,
@@ -34,10 +35,9 @@ from ._common import (
     deterministic,
     empty_feature,
     first_order_only,
-    loss_dtype,
     raw,
-    raw_grads,
     saved_like,
+    upstream_of,
 )
 
 
@@ -98,8 +98,8 @@ def _layer_loss(
         centers,
         tau,
         (raw(feat_q), raw(feat_k)),
-        (raw(saved_rows), raw(stats)),
         raw(loss),
+        (raw(saved_rows), raw(stats)),
     )
     return loss, saved_rows, stats
 
@@ -140,20 +140,11 @@ def _layer_loss_backward(
         empty_feature(saved_rows, size, channels_last, dtype).zero_()
         for _ in range(2 if grad_k else 1)
     ]
-    upstream = grad.to(loss_dtype(dtype)).contiguous()
-    scratch = saved_rows.new_empty((2, *saved_rows.shape[1:])) if saved_rows.is_cuda else None
+    upstream = upstream_of(grad, dtype)
+    # The backward's scratch: the gradients of the normalised rows and of the rows.
+    buffers, _scratch = backward_buffers((saved_rows, stats), upstream, grads, 2)
     centers_call(
-        _ccpl.layer_backward,
-        grads[0],
-        size,
-        channels_last,
-        centers,
-        tau,
-        deterministic(),
-        (raw(saved_rows), raw(stats)),
-        raw(upstream),
-        raw(scratch),
-        raw_grads(grads),
+        _ccpl.layer_backward, grads[0], size, channels_last, centers, tau, deterministic(), buffers
     )
     return grads
 

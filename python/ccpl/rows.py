@@ -17,6 +17,7 @@ from torch import Tensor
 from . import _ccpl
 from ._common import (
     DEFAULT_TAU,
+    backward_buffers,
     check_dtype,
     check_float,
     check_pair,
@@ -26,12 +27,11 @@ from ._common import (
     check_tensor,
     check_upstream,
     first_order_only,
-    loss_dtype,
     on_device,
     raw,
-    raw_grads,
     saved_like,
     target,
+    upstream_of,
 )
 
 
@@ -109,17 +109,11 @@ def _rows_loss_backward(
 ) -> List[Tensor]:
     shape = _check_backward(grad, saved_rows, stats, dtype, tau)
     grads = _grads_like(saved_rows, shape, dtype, grad_k)
-    upstream = grad.to(loss_dtype(dtype)).contiguous()
-    scratch = torch.empty_like(grads[0]) if saved_rows.is_cuda else None
+    upstream = upstream_of(grad, dtype)
+    # The backward's scratch: the gradient of the normalised rows.
+    buffers, _scratch = backward_buffers((saved_rows, stats), upstream, grads, 1)
     with on_device(saved_rows):
-        _ccpl.rows_backward(
-            target(grads[0]),
-            (shape, tau),
-            (raw(saved_rows), raw(stats)),
-            raw(upstream),
-            raw(scratch),
-            raw_grads(grads),
-        )
+        _ccpl.rows_backward(target(grads[0]), (shape, tau), buffers)
     return grads
 
 

@@ -19,7 +19,7 @@ use pyo3::prelude::*;
 use crate::neighbor::{Map, MapArgs, diff_backward_host, scatter};
 use crate::op::{Op, Target, run};
 use crate::rows::{self, ABSENT};
-use crate::{Grads, HostDtype, Raw, cuda_only, host_scalar, split, store_loss};
+use crate::{BackwardBufs, HostDtype, HostGrads, Raw, split, store_loss};
 
 /// The rows shape of a layer: `(B, 8N, C)`.
 fn row_shape(shape: &FeatureShape, num_centers: usize) -> Result<RowShape> {
@@ -129,30 +129,20 @@ pub fn forward_host<T: Element>(
 
 /// The backward on the host, in float64 from what [`forward_host`] kept: ADDS `upstream` times
 /// the gradient with respect to `feat_q` to `grad_q`, and to `feat_k` to `grad_k` when given.
-#[allow(clippy::too_many_arguments)]
 pub fn backward_host<T: Element>(
     shape: &FeatureShape,
     centers: &Centers,
     tau: Tau,
-    saved_rows: &[f64],
-    stats: &[f64],
+    saved: [&[f64]; 2],
     upstream: f64,
-    grad_q: &mut [T],
-    grad_k: Option<&mut [T]>,
+    (grad_q, grad_k): HostGrads<'_, T>,
 ) -> Result<()> {
     let rows = row_shape(shape, centers.len())?;
     let n = rows.len();
     let mut grad_rows_q = vec![0.0; n];
     let mut grad_rows_k = grad_k.as_ref().map(|_| vec![0.0; n]);
-    rows::backward_host::<f64>(
-        &rows,
-        tau,
-        saved_rows,
-        stats,
-        upstream,
-        &mut grad_rows_q,
-        grad_rows_k.as_deref_mut(),
-    )?;
+    let grad_rows = (&mut grad_rows_q[..], grad_rows_k.as_deref_mut());
+    rows::backward_host::<f64>(&rows, tau, saved, upstream, grad_rows)?;
     diff_backward_host(shape, centers, &grad_rows_q, grad_q)?;
     if let (Some(grad_k), Some(grad_rows_k)) = (grad_k, grad_rows_k) {
         diff_backward_host(shape, centers, &grad_rows_k, grad_k)?;
@@ -166,20 +156,19 @@ struct Forward {
     tau: Tau,
     /// `[feat_q, feat_k]`.
     feat: [Raw; 2],
-    saved: [Raw; 2],
     loss: Raw,
+    saved: [Raw; 2],
 }
 
 impl Op for Forward {
     unsafe fn cpu<T: HostDtype>(&self) -> Result<()> {
-        let ([feat_q, feat_k], [saved_rows, stats]) = (self.feat, self.saved);
+        let (shape, tau, [saved_rows, stats]) = (&self.map.shape, self.tau, self.saved);
         // SAFETY: features of T, saved float64, the loss of T's loss type (the caller's
         // contract).
         unsafe {
+            let centers = self.map.host_centers()?;
+            let [feat_q, feat_k] = self.feat.map(|f| f.host::<T>());
             let (saved_rows, stats) = (saved_rows.host_mut(), stats.host_mut());
-            let (centers, feat_q, feat_k) =
-                (self.map.host_centers()?, feat_q.host(), feat_k.host());
-            let (shape, tau) = (&self.map.shape, self.tau);
             let value = forward_host::<T>(shape, &centers, tau, feat_q, feat_k, saved_rows, stats)?;
             store_loss::<T>(self.loss, value)
         }
@@ -197,37 +186,33 @@ impl Op for Forward {
 struct Backward {
     map: Map,
     tau: Tau,
-    saved: [Raw; 2],
-    upstream: Raw,
-    scratch: Option<Raw>,
-    grads: Grads,
     scatter: Scatter,
+    bufs: BackwardBufs,
 }
 
 impl Op for Backward {
     unsafe fn cpu<T: HostDtype>(&self) -> Result<()> {
-        let [saved_rows, stats] = self.saved;
         // SAFETY: host tensors of the named types (the caller's contract).
         unsafe {
             let centers = self.map.host_centers()?;
-            let upstream = host_scalar::<T::Loss>(self.upstream)?;
-            let (grad_q, grad_k) = self.grads.host::<T>();
-            let (saved_rows, stats) = (saved_rows.host(), stats.host());
-            let (shape, tau) = (&self.map.shape, self.tau);
+            let b = self.bufs.host::<T>()?;
             backward_host::<T>(
-                shape, &centers, tau, saved_rows, stats, upstream, grad_q, grad_k,
+                &self.map.shape,
+                &centers,
+                self.tau,
+                b.saved,
+                b.upstream,
+                b.grads,
             )
         }
     }
 
     fn cuda<T: Dtype, L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
-        let scratch = cuda_only(self.scratch, "the backward's scratch")?.buf();
-        let centers = self.map.device_centers()?;
-        let (saved, upstream) = (self.saved.map(Raw::buf), self.upstream.buf());
-        let (grad_q, grad_k) = self.grads.device();
+        let (centers, b) = (self.map.device_centers()?, self.bufs.device()?);
         let (shape, tau, scatter) = (self.map.shape, self.tau, self.scatter);
+        let (saved, upstream, scratch) = (b.saved, b.upstream, b.scratch);
         backward_device::<T, _>(
-            launcher, shape, &centers, tau, saved, upstream, scratch, grad_q, grad_k, scatter,
+            launcher, shape, &centers, tau, saved, upstream, scratch, b.grad_q, b.grad_k, scatter,
         )
     }
 }
@@ -240,8 +225,8 @@ pub(crate) fn layer_forward(
     map: MapArgs,
     tau: f64,
     feat: [Raw; 2],
-    saved: [Raw; 2],
     loss: Raw,
+    saved: [Raw; 2],
 ) -> PyResult<()> {
     run(py, target, || {
         let (map, tau) = (map.checked()?, Tau::new(tau)?);
@@ -249,8 +234,8 @@ pub(crate) fn layer_forward(
             map,
             tau,
             feat,
-            saved,
             loss,
+            saved,
         })
     })
 }
@@ -265,21 +250,15 @@ pub(crate) fn layer_backward(
     map: MapArgs,
     tau: f64,
     deterministic: bool,
-    saved: [Raw; 2],
-    upstream: Raw,
-    scratch: Option<Raw>,
-    grads: Grads,
+    bufs: BackwardBufs,
 ) -> PyResult<()> {
     run(py, target, || {
         let (map, tau, scatter) = (map.checked()?, Tau::new(tau)?, scatter(deterministic));
         Ok(Backward {
             map,
             tau,
-            saved,
-            upstream,
-            scratch,
-            grads,
             scatter,
+            bufs,
         })
     })
 }

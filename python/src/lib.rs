@@ -77,26 +77,72 @@ impl Raw {
     }
 }
 
-/// The gradients a backward writes, as Python passes them: `(grad_q, grad_k or None)`.
+/// What a loss's backward reads and writes, as Python passes it (the package's
+/// `backward_buffers`): `((saved_rows, stats), upstream, scratch or None, (grad_q, grad_k or
+/// None))`; the scratch only on CUDA.
 #[derive(Debug, Clone, Copy, FromPyObject)]
-pub struct Grads(pub Raw, pub Option<Raw>);
+pub struct BackwardBufs([Raw; 2], Raw, Option<Raw>, (Raw, Option<Raw>));
 
-impl Grads {
-    /// The host gradients of `T`.
+/// A loss backward's buffers on the host.
+pub struct HostBackward<'a, T> {
+    /// What the forward kept: `[rows, stats]`, float64.
+    pub saved: [&'a [f64]; 2],
+    /// The loss's upstream gradient.
+    pub upstream: f64,
+    /// The gradients to write.
+    pub grads: HostGrads<'a, T>,
+}
+
+/// A loss backward's buffers on a device.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceBackward {
+    /// What the forward kept: `[rows, stats]`.
+    pub saved: [Buf; 2],
+    /// The loss's upstream gradient, one float32.
+    pub upstream: Buf,
+    /// The backward's scratch.
+    pub scratch: Buf,
+    /// The gradient of q.
+    pub grad_q: Buf,
+    /// The gradient of k, when asked for.
+    pub grad_k: Option<Buf>,
+}
+
+impl BackwardBufs {
+    /// On the host: what the forward kept (float64), the upstream gradient and the gradients.
     ///
     /// # Safety
     ///
-    /// Both are live contiguous host tensors of `T`, not otherwise accessed during the borrow.
-    pub unsafe fn host<'a, T>(self) -> (&'a mut [T], Option<&'a mut [T]>) {
+    /// Every tensor is a live contiguous host tensor of the type it is read as (saved float64,
+    /// the upstream gradient of `T::Loss`, the gradients of `T`), not otherwise accessed
+    /// during the borrow.
+    pub unsafe fn host<'a, T: HostDtype>(self) -> ccpl::Result<HostBackward<'a, T>> {
+        let BackwardBufs([rows, stats], upstream, _, (grad_q, grad_k)) = self;
         // SAFETY: the caller's contract.
-        unsafe { (self.0.host_mut(), self.1.map(|g| g.host_mut())) }
+        unsafe {
+            Ok(HostBackward {
+                saved: [rows.host(), stats.host()],
+                upstream: host_scalar::<T::Loss>(upstream)?,
+                grads: (grad_q.host_mut(), grad_k.map(|g| g.host_mut())),
+            })
+        }
     }
 
-    /// The device gradients.
-    pub fn device(self) -> (Buf, Option<Buf>) {
-        (self.0.buf(), self.1.map(Raw::buf))
+    /// On a device, where the scratch is needed.
+    pub fn device(self) -> ccpl::Result<DeviceBackward> {
+        let BackwardBufs(saved, upstream, scratch, (grad_q, grad_k)) = self;
+        Ok(DeviceBackward {
+            saved: saved.map(Raw::buf),
+            upstream: upstream.buf(),
+            scratch: cuda_only(scratch, "the backward's scratch")?.buf(),
+            grad_q: grad_q.buf(),
+            grad_k: grad_k.map(Raw::buf),
+        })
     }
 }
+
+/// A backward's host gradients: q's, and k's when asked for.
+pub type HostGrads<'a, T> = (&'a mut [T], Option<&'a mut [T]>);
 
 /// A storage type of a host tensor: the kernels' three and float64 (for `gradcheck`). The loss
 /// is kept in `Loss`, float64 for float64 tensors and float32 otherwise, as the CUDA path.

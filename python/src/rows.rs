@@ -18,9 +18,7 @@ use ccpl::{Dtype, Element, Result, RowShape, Tau, check_len};
 use pyo3::prelude::*;
 
 use crate::op::{Op, Target, run};
-use crate::{
-    Grads, HostDtype, Raw, cuda_only, host_scalar, split, split_host, store, store_loss, widen,
-};
+use crate::{BackwardBufs, HostDtype, HostGrads, Raw, split, split_host, store, store_loss, widen};
 
 /// A buffer a sequence of plans does not touch: a plan that did would refuse its length.
 pub const ABSENT: Buf = Buf { addr: 0, len: 0 };
@@ -135,11 +133,9 @@ pub fn forward_host(
 pub fn backward_host<T: Element>(
     shape: &RowShape,
     tau: Tau,
-    saved: &[f64],
-    stats: &[f64],
+    [saved, stats]: [&[f64]; 2],
     upstream: f64,
-    grad_q: &mut [T],
-    grad_k: Option<&mut [T]>,
+    (grad_q, grad_k): HostGrads<'_, T>,
 ) -> Result<()> {
     let [q, k, unit_q, unit_k] = split_host::<f64, 4>("saved rows", saved, shape.len())?;
     let [_, _, row_lse, _] = split_host::<f64, 4>("saved row statistics", stats, shape.count())?;
@@ -195,39 +191,23 @@ impl Op for Forward {
 struct Backward {
     shape: RowShape,
     tau: Tau,
-    saved: [Raw; 2],
-    upstream: Raw,
-    scratch: Option<Raw>,
-    grads: Grads,
+    bufs: BackwardBufs,
 }
 
 impl Op for Backward {
     unsafe fn cpu<T: HostDtype>(&self) -> Result<()> {
-        let [saved, stats] = self.saved;
         // SAFETY: host tensors of the named types (the caller's contract).
         unsafe {
-            let upstream = host_scalar::<T::Loss>(self.upstream)?;
-            let (grad_q, grad_k) = self.grads.host::<T>();
-            let (shape, tau) = (&self.shape, self.tau);
-            backward_host::<T>(
-                shape,
-                tau,
-                saved.host(),
-                stats.host(),
-                upstream,
-                grad_q,
-                grad_k,
-            )
+            let b = self.bufs.host::<T>()?;
+            backward_host::<T>(&self.shape, self.tau, b.saved, b.upstream, b.grads)
         }
     }
 
     fn cuda<T: Dtype, L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
-        let scratch = cuda_only(self.scratch, "the backward's scratch")?.buf();
-        let (saved, upstream) = (self.saved.map(Raw::buf), self.upstream.buf());
-        let (grad_q, grad_k) = self.grads.device();
+        let b = self.bufs.device()?;
         let (shape, tau) = (self.shape, self.tau);
         backward_device::<T, _>(
-            launcher, shape, tau, saved, upstream, scratch, grad_q, grad_k,
+            launcher, shape, tau, b.saved, b.upstream, b.scratch, b.grad_q, b.grad_k,
         )
     }
 }
@@ -272,20 +252,10 @@ pub(crate) fn rows_backward(
     py: Python<'_>,
     target: Target,
     args: RowsArgs,
-    saved: [Raw; 2],
-    upstream: Raw,
-    scratch: Option<Raw>,
-    grads: Grads,
+    bufs: BackwardBufs,
 ) -> PyResult<()> {
     run(py, target, || {
         let (shape, tau) = args.checked()?;
-        Ok(Backward {
-            shape,
-            tau,
-            saved,
-            upstream,
-            scratch,
-            grads,
-        })
+        Ok(Backward { shape, tau, bufs })
     })
 }

@@ -170,16 +170,8 @@ fn rows_loss_on_the_emulator_matches_the_host_path() {
         )
         .unwrap();
         let (mut want_q, mut want_k) = (vec![0.0f32; n], vec![0.0f32; n]);
-        rows::backward_host(
-            &shape,
-            tau,
-            &host_saved,
-            &host_stats,
-            0.75,
-            &mut want_q,
-            grad_k.then_some(&mut want_k[..]),
-        )
-        .unwrap();
+        let want = (&mut want_q[..], grad_k.then_some(&mut want_k[..]));
+        rows::backward_host(&shape, tau, [&host_saved, &host_stats], 0.75, want).unwrap();
         assert_close("grad_q", &grad_q, &widen(&want_q));
         if grad_k {
             assert_close("grad_k", &grad_k_rows, &widen(&want_k));
@@ -248,17 +240,9 @@ fn layer_loss_on_the_emulator_matches_the_host_path() {
         )
         .unwrap();
         let (mut want_q, mut want_k) = (initial.clone(), initial.clone());
-        layer::backward_host(
-            &shape,
-            &centers,
-            tau,
-            &host_rows,
-            &host_stats,
-            1.5,
-            &mut want_q,
-            Some(&mut want_k[..]),
-        )
-        .unwrap();
+        let saved = [&host_rows[..], &host_stats[..]];
+        let want = (&mut want_q[..], Some(&mut want_k[..]));
+        layer::backward_host(&shape, &centers, tau, saved, 1.5, want).unwrap();
         // The gradient is added to what the buffers held, on both paths.
         assert_close(&format!("grad_q {layout:?}"), &grad_q, &widen(&want_q));
         assert_close(&format!("grad_k {layout:?}"), &grad_k, &widen(&want_k));
