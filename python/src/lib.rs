@@ -10,7 +10,8 @@
 //!
 //! One module per op, forward and backward side by side: [`neighbor`] (difference rows and
 //! their scatter), [`rows`] (the loss of a learned head's rows), [`layer`] (one layer's loss
-//! with the identity head). Each is an [`op::Op`], candle's shape: a CPU half and a CUDA half
+//! with the identity head), [`loss`] (every layer's loss with the identity head, on the
+//! crate's [`ccpl::loss::multi_layer::LossPlan`]). Each is an [`op::Op`], candle's shape: a CPU half and a CUDA half
 //! generic over the [`Launcher`] (so the Rust tests run it on the CPU emulator against the CPU
 //! half), run by the one [`op::run`].
 //!
@@ -23,6 +24,7 @@
 
 pub mod cuda;
 pub mod layer;
+pub mod loss;
 pub mod neighbor;
 pub mod op;
 pub mod rows;
@@ -286,6 +288,10 @@ fn _ccpl(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(rows::rows_backward, m)?,
         wrap_pyfunction!(layer::layer_forward, m)?,
         wrap_pyfunction!(layer::layer_backward, m)?,
+        wrap_pyfunction!(loss::loss_layout, m)?,
+        wrap_pyfunction!(loss::philox_centers, m)?,
+        wrap_pyfunction!(loss::loss_forward, m)?,
+        wrap_pyfunction!(loss::loss_backward, m)?,
     ] {
         m.add_function(function)?;
     }

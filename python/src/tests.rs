@@ -10,8 +10,11 @@ use ccpl::{Centers, Error, FeatureShape, Layout, RowShape, Tau};
 use ccpl_emu::{Emulator, buf, buf_mut};
 use ccpl_testkit::Rng;
 
+use ccpl::loss::multi_layer::LossPlan;
+
 use crate::neighbor::{self, fill_table, table_buf};
-use crate::{layer, rows, split};
+use crate::op::Op;
+use crate::{Raw, layer, loss, rows, split};
 
 const F32_TOLERANCE: f64 = 1e-5;
 
@@ -304,4 +307,94 @@ fn saved_tensors_of_the_wrong_size_are_refused_before_any_launch() {
         forward([buf(&rows), buf(&stats)], no_loss),
         Err(Error::Length { .. })
     ));
+}
+
+/// A raw tensor over a host buffer, as Python passes one.
+fn raw(b: Buf) -> Raw {
+    Raw(b.addr, b.len)
+}
+
+#[test]
+fn whole_loss_on_the_emulator_matches_the_host_path_on_the_sampler_centres() {
+    let mut rng = Rng::new(9);
+    // A small-S layer (N = 35, S = 280) and a fused one (N = 70, S = 560), one of them NHWC.
+    let shapes = [
+        FeatureShape::new(2, 4, 7, 9, Layout::Nchw).unwrap(),
+        FeatureShape::new(2, 3, 12, 12, Layout::Nhwc).unwrap(),
+    ];
+    let plan = LossPlan::new(&shapes.map(|s| (s, 70)), Tau::new(0.1).unwrap()).unwrap();
+    assert!(plan.is_small(0) && !plan.is_small(1));
+    let feats: Vec<[Vec<f32>; 2]> = shapes
+        .iter()
+        .map(|s| [random(&mut rng, s.len()), random(&mut rng, s.len())])
+        .collect();
+    let feat_raws: Vec<[Raw; 2]> = feats
+        .iter()
+        .map(|f| [0, 1].map(|i| raw(buf(&f[i]))))
+        .collect();
+    let seed: u64 = 0x0123_4567_89ab_cdef;
+
+    // The device workspace as the package makes it: zeroed, the centre maps empty, the seed
+    // in the counters (u64 words: aligned as PyTorch's allocations).
+    let (ws, bytes) = loss::carve(&plan, 4, 0).unwrap();
+    let mut device_ws = vec![0u64; bytes.div_ceil(8)];
+    {
+        let words = buf_mut(&mut device_ws).addr as *mut u8;
+        // SAFETY: every range lies inside `device_ws` (carve's layout spans `bytes`).
+        let at = |offset: u64| unsafe { words.add(offset as usize) };
+        for c in &ws.centers {
+            unsafe { std::slice::from_raw_parts_mut(at(c.map.addr) as *mut i32, c.map.len) }
+                .fill(-1);
+        }
+        unsafe { std::slice::from_raw_parts_mut(at(ws.counters.addr), 8) }
+            .copy_from_slice(&seed.to_le_bytes());
+    }
+    let device_raw = Raw(buf(&device_ws).addr, bytes);
+    let host_seed = seed.to_le_bytes();
+    let emu = emulator(10);
+
+    let (mut loss, mut host_loss) = (nan(1), nan(1));
+    let forward = |workspace: Raw, loss: Buf| loss::Forward {
+        plan: plan.clone(),
+        feats: feat_raws.clone(),
+        workspace,
+        loss: raw(loss),
+    };
+    forward(device_raw, buf_mut(&mut loss))
+        .cuda::<f32, _>(&emu)
+        .unwrap();
+    // SAFETY: host buffers of the named types, alive for the call.
+    unsafe { forward(raw(buf(&host_seed)), buf_mut(&mut host_loss)).cpu::<f32>() }.unwrap();
+    assert_close("whole loss", &loss, &widen(&host_loss));
+
+    let upstream = [1.5f32];
+    let initial: Vec<Vec<f32>> = shapes.iter().map(|s| random(&mut rng, s.len())).collect();
+    let (mut device_grads, mut host_grads) = (
+        [initial.clone(), initial.clone()],
+        [initial.clone(), initial],
+    );
+    let backward = |workspace: Raw, grads: &mut [Vec<Vec<f32>>; 2]| {
+        let [q, k] = grads
+            .each_mut()
+            .map(|g| g.iter_mut().map(|g| raw(buf_mut(g))).collect());
+        loss::Backward {
+            plan: plan.clone(),
+            workspace,
+            feats: feat_raws.clone(),
+            upstream: raw(buf(&upstream)),
+            grads_q: q,
+            grads_k: Some(k),
+        }
+    };
+    backward(device_raw, &mut device_grads)
+        .cuda::<f32, _>(&emu)
+        .unwrap();
+    // SAFETY: as above.
+    unsafe { backward(raw(buf(&host_seed)), &mut host_grads).cpu::<f32>() }.unwrap();
+    for side in 0..2 {
+        for l in 0..2 {
+            let what = format!("gradient of side {side}, layer {l}");
+            assert_close(&what, &device_grads[side][l], &widen(&host_grads[side][l]));
+        }
+    }
 }
