@@ -398,3 +398,66 @@ fn whole_loss_on_the_emulator_matches_the_host_path_on_the_sampler_centres() {
         }
     }
 }
+
+/// Records the kernels launched, running none.
+#[derive(Default)]
+struct Recorder(std::cell::RefCell<Vec<String>>);
+impl Launcher for Recorder {
+    type Error = Error;
+    fn launch<P: KernelParams>(&self, plan: &LaunchPlan<P>) -> Result<(), Error> {
+        self.0.borrow_mut().push(plan.kernel.to_string());
+        Ok(())
+    }
+}
+
+/// The launches of a training step through `ccpl.ccp_loss` (the identity head; its default,
+/// `grad_k=False`): its forward and backward halves as the package calls them, at the paper's
+/// configuration (B = 8, num_s = 8, relu2_1 128x128x128, relu3_1 256x64x64, relu4_1
+/// 512x32x32, float32). Counted, not run: the crate's `paper_configuration` case runs this
+/// very sequence on the emulator against the reference. The step with learned heads
+/// (`ccpl.CCPL`) is another sequence, the ops `neighbor_diff` and `rows_loss` per layer.
+#[test]
+fn whole_loss_is_three_launches_per_training_step_at_the_paper_configuration() {
+    let layers = [(128, 128), (256, 64), (512, 32)].map(|(c, side)| {
+        (
+            FeatureShape::new(8, c, side, side, Layout::Nchw).unwrap(),
+            8,
+        )
+    });
+    let plan = LossPlan::new(&layers, Tau::DEFAULT).unwrap();
+    let (_, bytes) = loss::carve(&plan, 4, 0).unwrap();
+    // Placeholder addresses of the right lengths: nothing is launched.
+    let nowhere = |len: usize| Raw(0, len);
+    let maps: Vec<Raw> = layers.iter().map(|(s, _)| nowhere(s.len())).collect();
+    let recorder = Recorder::default();
+    let forward = loss::Forward {
+        plan: plan.clone(),
+        feats: maps.iter().map(|&m| [m; 2]).collect(),
+        workspace: nowhere(bytes),
+        loss: nowhere(1),
+    };
+    forward.cuda::<f32, _>(&recorder).unwrap();
+    let backward = loss::Backward {
+        plan,
+        workspace: nowhere(bytes),
+        feats: Vec::new(),
+        upstream: nowhere(1),
+        grads_q: maps,
+        grads_k: None,
+    };
+    backward.cuda::<f32, _>(&recorder).unwrap();
+    let launched = recorder.0.into_inner();
+    println!(
+        "ccpl launches per training step from PyTorch at the paper configuration, identity \
+         head (ccpl.ccp_loss): {}",
+        launched.len()
+    );
+    assert_eq!(
+        launched,
+        [
+            "small_s_gather_f32",
+            "small_s_rows_f32",
+            "small_s_scatter_f32"
+        ]
+    );
+}
