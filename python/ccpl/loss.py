@@ -220,8 +220,14 @@ def _check_backward(grad, workspace, feats_q, feats_k, sizes, dtype, num_s, tau)
         (*check_feature_size(sizes[i : i + 4]), bool(sizes[i + 4])) for i in range(0, len(sizes), 5)
     ]
     if device.type != "cuda":
+        # The CPU half reads the maps again: they must be the forward's, of `dtype`.
         if _shapes(feats_q, feats_k) != shapes:
             raise ValueError("the feature maps are not those of the forward")
+        if feats_q[0].dtype != dtype or feats_q[0].device != device:
+            raise TypeError(
+                f"the feature maps are {feats_q[0].dtype} on {feats_q[0].device}, the "
+                f"backward was asked for {dtype} on {device}"
+            )
     expected = _empty_workspace(torch.empty(0, dtype=dtype, device=device), shapes, num_s, tau)
     if workspace.dtype != torch.uint8 or workspace.shape != expected.shape:
         raise ValueError(

@@ -113,7 +113,7 @@ def test_compiles_with_its_backward():
     feats_q, feats_k = maps(torch.device("cpu"), torch.float64)
     q = leaves(feats_q)
     compiled = torch.compile(
-        lambda a, b: 2.0 * ccpl.ccp_loss(a, b, 8, [0, 1, 2, 3]), backend="aot_eager"
+        lambda a, b: 2.0 * ccpl.ccp_loss(a, b, 8, [0, 1, 2, 3]), fullgraph=True, backend="aot_eager"
     )
     torch.manual_seed(4)
     got = compiled(q, feats_k)
@@ -161,3 +161,21 @@ def bad_calls():
 def test_bad_input_is_refused_by_name(call, error, message):
     with pytest.raises(error, match=message):
         ccpl.ccp_loss(*call)
+
+
+def test_a_direct_backward_call_with_other_maps_is_refused():
+    feats_q, feats_k = maps(torch.device("cpu"), torch.float64)
+    seed = ccpl.draw_seed("cpu")
+    _, workspace = torch.ops.ccpl.ccp_loss(feats_q[:1], feats_k[:1], seed, 8, 0.07, False)
+    sizes = [*LAYERS[0], 0]
+    backward = torch.ops.ccpl.ccp_loss_backward
+    grad = torch.ones((), dtype=torch.float64)
+    as_float = [feats_q[0].float()], [feats_k[0].float()]
+    with pytest.raises(TypeError, match="the backward was asked for torch.float64"):
+        backward(grad, workspace, *as_float, sizes, torch.float64, 8, 0.07, False)
+    with pytest.raises(ValueError, match="not those of the forward"):
+        backward(grad, workspace, feats_q[1:2], feats_k[1:2], sizes, torch.float64, 8, 0.07, False)
+    with pytest.raises(ValueError, match="workspace is"):
+        backward(grad, workspace[:4], feats_q[:1], feats_k[:1], sizes, torch.float64, 8, 0.07, False)
+    (grad_q,) = backward(grad, workspace, feats_q[:1], feats_k[:1], sizes, torch.float64, 8, 0.07, False)
+    assert grad_q.shape == feats_q[0].shape
