@@ -15,9 +15,13 @@ LAYERS = [(2, 4, 7, 9), (2, 6, 12, 12), (2, 3, 4, 5), (2, 5, 11, 11)]
 
 
 def maps(device, dtype, channels_last=False):
-    feats_q = [features(s, dtype, device, 10 + i, channels_last=channels_last) for i, s in enumerate(LAYERS)]
-    feats_k = [features(s, dtype, device, 20 + i, channels_last=channels_last) for i, s in enumerate(LAYERS)]
-    return feats_q, feats_k
+    def side(seed):
+        return [
+            features(s, dtype, device, seed + i, channels_last=channels_last)
+            for i, s in enumerate(LAYERS)
+        ]
+
+    return side(10), side(20)
 
 
 def tolerances(device):
@@ -105,7 +109,8 @@ def test_opcheck(device):
     feats_q, feats_k = maps(device, dtype)
     seed = ccpl.draw_seed(device)
     for grad_k in (False, True):
-        args = (leaves(feats_q[:2]), leaves(feats_k[:2]) if grad_k else feats_k[:2], seed, 8, 0.07, grad_k)
+        feats_k_args = leaves(feats_k[:2]) if grad_k else feats_k[:2]
+        args = (leaves(feats_q[:2]), feats_k_args, seed, 8, 0.07, grad_k)
         torch.library.opcheck(torch.ops.ccpl.ccp_loss.default, args)
 
 
@@ -113,7 +118,9 @@ def test_compiles_with_its_backward():
     feats_q, feats_k = maps(torch.device("cpu"), torch.float64)
     q = leaves(feats_q)
     compiled = torch.compile(
-        lambda a, b: 2.0 * ccpl.ccp_loss(a, b, 8, [0, 1, 2, 3]), fullgraph=True, backend="aot_eager"
+        lambda a, b: 2.0 * ccpl.ccp_loss(a, b, 8, [0, 1, 2, 3]),
+        fullgraph=True,
+        backend="aot_eager",
     )
     torch.manual_seed(4)
     got = compiled(q, feats_k)
@@ -171,11 +178,12 @@ def test_a_direct_backward_call_with_other_maps_is_refused():
     backward = torch.ops.ccpl.ccp_loss_backward
     grad = torch.ones((), dtype=torch.float64)
     as_float = [feats_q[0].float()], [feats_k[0].float()]
+    rest = (sizes, torch.float64, 8, 0.07, False)
     with pytest.raises(TypeError, match="the backward was asked for torch.float64"):
-        backward(grad, workspace, *as_float, sizes, torch.float64, 8, 0.07, False)
+        backward(grad, workspace, *as_float, *rest)
     with pytest.raises(ValueError, match="not those of the forward"):
-        backward(grad, workspace, feats_q[1:2], feats_k[1:2], sizes, torch.float64, 8, 0.07, False)
+        backward(grad, workspace, feats_q[1:2], feats_k[1:2], *rest)
     with pytest.raises(ValueError, match="workspace is"):
-        backward(grad, workspace[:4], feats_q[:1], feats_k[:1], sizes, torch.float64, 8, 0.07, False)
-    (grad_q,) = backward(grad, workspace, feats_q[:1], feats_k[:1], sizes, torch.float64, 8, 0.07, False)
+        backward(grad, workspace[:4], feats_q[:1], feats_k[:1], *rest)
+    (grad_q,) = backward(grad, workspace, feats_q[:1], feats_k[:1], *rest)
     assert grad_q.shape == feats_q[0].shape
