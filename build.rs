@@ -83,6 +83,9 @@ fn main() {
     let embedded = match compiler::find_compiler(&manifest) {
         Ok(compiler) => {
             let compiled = compile::compile_kernels(&compiler, &kernels, &sources, &out);
+            // Read by dependents' build scripts as DEP_CCPL_KERNELS (the Python package's
+            // refuses to build without kernels unless asked to).
+            println!("cargo:kernels=built");
             embed::embedded(&compiler, &compiled)
         }
         Err(why) => {
@@ -90,6 +93,7 @@ fn main() {
                 panic!("CCPL_REQUIRE_NVCC=1 but {why}");
             }
             println!("cargo:warning=ccpl: building without CUDA kernels: {why}");
+            println!("cargo:kernels=missing");
             embed::not_built(&why)
         }
     };

@@ -3,6 +3,8 @@ handwritten CUDA kernels (CUDA tensors) and a float64 reference (CPU tensors).
 
 - ``CCPL(mlp)``: a drop-in for the original's module (same constructor, forward and state
   dict), with its three defects fixed;
+- ``ccp_loss``: the whole loss with the identity head, every layer in one call, the centres
+  drawn on the device;
 - ``ccp_layer_loss``: one layer's loss with the identity head;
 - ``neighbor_diff``, then your head, then ``rows_loss``: the loss with a learned head;
 - ``sample_centers``: the centres of one layer.
@@ -12,22 +14,31 @@ and ``torch.library.opcheck`` work with them. On CUDA they run on the current st
 tensors' device and never wait on the host.
 """
 
+import torch
+
 from ._ccpl import kernels_built
 from ._ccpl import version as _version
-from ._common import DEFAULT_TAU
+from ._common import DEFAULT_TAU, warn_without_kernels
 from .layer import ccp_layer_loss
+from .loss import ccp_loss, draw_seed, loss_centers, seed_value
 from .module import CCPL
 from .neighbor import neighbor_diff, sample_centers
 from .rows import rows_loss
 
 __version__ = _version()
 
+warn_without_kernels(torch.cuda.is_available(), kernels_built())
+
 __all__ = [
     "CCPL",
     "DEFAULT_TAU",
     "ccp_layer_loss",
+    "ccp_loss",
+    "draw_seed",
     "kernels_built",
+    "loss_centers",
     "neighbor_diff",
     "rows_loss",
     "sample_centers",
+    "seed_value",
 ]

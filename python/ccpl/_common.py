@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import warnings
 from typing import Optional
 
 import torch
@@ -40,17 +41,23 @@ def check_tensor(name: str, t: object) -> Tensor:
 def check_float(name: str, t: object) -> Tensor:
     """A floating-point tensor of a dtype the device's path supports."""
     t = check_tensor(name, t)
-    kind = t.device.type
+    check_dtype(name, t.dtype, t.device)
+    return t
+
+
+def check_dtype(name: str, dtype: object, device: torch.device) -> torch.dtype:
+    """A dtype the path of `device` supports."""
+    kind = device.type
     if kind == "cuda":
         supported = KERNEL_DTYPES
     elif kind in ("cpu", "meta"):
         supported = HOST_DTYPES
     else:
-        raise TypeError(f"{name} is on {t.device}: ccpl runs on CPU and CUDA tensors")
-    if t.dtype not in supported:
+        raise TypeError(f"{name} is on {device}: ccpl runs on CPU and CUDA tensors")
+    if dtype not in supported:
         names = ", ".join(str(d).removeprefix("torch.") for d in supported)
-        raise TypeError(f"{name} has dtype {t.dtype}; on {kind} ccpl takes {names}")
-    return t
+        raise TypeError(f"{name} has dtype {dtype}; on {kind} ccpl takes {names}")
+    return dtype
 
 
 def check_pair(names: tuple[str, str], a: Tensor, b: Tensor) -> None:
@@ -138,12 +145,103 @@ def tau_rule_broken(tau: float) -> Optional[str]:
 TAU_MIN: float = _ccpl.TAU_MIN
 
 
-def saved_dtypes(t: Tensor) -> tuple[torch.dtype, torch.dtype]:
-    """The dtypes of what a forward keeps for its backward: rows and row statistics. On CUDA,
-    what the kernels keep (the rows' dtype, float32); on the CPU, float64 for both."""
-    if t.device.type == "cuda":
-        return t.dtype, torch.float32
+def saved_dtypes(dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """The dtypes of what a loss's forward keeps for its backward from inputs of `dtype`: rows
+    and row statistics. On CUDA, what the kernels keep (the inputs' dtype, float32); on the
+    CPU, float64 for both."""
+    if device.type == "cuda":
+        return dtype, torch.float32
     return torch.float64, torch.float64
+
+
+def saved_row_sets(device: torch.device) -> int:
+    """How many `(B, S, C)` row sets a loss's forward keeps: the normalised rows of q and k,
+    and on the CPU also the rows they were normalised from (the float64 reference's backward
+    reads them; the kernels' never does)."""
+    return 2 if device.type == "cuda" else 4
+
+
+def saved_like(like: Tensor, dtype: torch.dtype, shape: tuple[int, int, int]):
+    """Empty outputs of a loss's forward for inputs of `dtype` whose rows are `shape`
+    `(B, S, C)`: the loss, the rows kept for the backward (`saved_row_sets` of them) and the
+    row statistics `(4, B, S)` (norms of q, of k, logsumexp, loss)."""
+    b, s, c = shape
+    rows_dtype, stats_dtype = saved_dtypes(dtype, like.device)
+    return (
+        like.new_empty((), dtype=loss_dtype(dtype)),
+        like.new_empty((saved_row_sets(like.device), b, s, c), dtype=rows_dtype),
+        like.new_empty((4, b, s), dtype=stats_dtype),
+    )
+
+
+def check_saved(
+    saved_rows: object, stats: object, dtype: torch.dtype, shape: tuple[int, int, int]
+) -> Tensor:
+    """What a loss's forward kept, as `saved_like` makes it for inputs of `dtype` whose rows are
+    `shape`: a direct call of a backward op with anything else is refused before any work."""
+    saved_rows = check_tensor("saved rows", saved_rows)
+    stats = check_tensor("saved statistics", stats)
+    for name, t, want_dtype, want_shape in zip(
+        ("saved rows", "saved statistics"),
+        (saved_rows, stats),
+        saved_dtypes(dtype, saved_rows.device),
+        ((saved_row_sets(saved_rows.device), *shape), (4, *shape[:2])),
+    ):
+        if t.device != saved_rows.device:
+            raise ValueError(f"{name} is on {t.device} but the saved rows are on {saved_rows.device}")
+        if t.dtype != want_dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, the forward keeps {want_dtype}")
+        if tuple(t.shape) != want_shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, the forward keeps {want_shape}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} is not contiguous (strides {t.stride()})")
+    return saved_rows
+
+
+def check_upstream(grad: object, device: torch.device) -> Tensor:
+    """The upstream gradient of a loss: one floating-point value on the loss's device."""
+    grad = check_tensor("grad", grad)
+    if not grad.is_floating_point():
+        raise TypeError(f"grad (the loss's upstream gradient) has dtype {grad.dtype}")
+    if grad.numel() != 1:
+        raise ValueError(f"grad must be one value (the loss's), got shape {tuple(grad.shape)}")
+    if grad.device != device:
+        raise ValueError(f"grad is on {grad.device} but the saved tensors are on {device}")
+    return grad
+
+
+def check_feature_size(size: object) -> tuple[int, int, int, int]:
+    """The `(B, C, H, W)` of a feature map a backward op is to produce."""
+    if not isinstance(size, (list, tuple)) or len(size) != 4:
+        raise ValueError(f"size must be a feature map's (B, C, H, W), got {size!r}")
+    if any(isinstance(n, bool) or not isinstance(n, (int, torch.SymInt)) or n < 1 for n in size):
+        raise ValueError(f"size must be four positive ints (B, C, H, W), got {size!r}")
+    b, c, h, w = size
+    return b, c, h, w
+
+
+def empty_feature(like: Tensor, size: tuple[int, ...], last: bool, dtype: torch.dtype) -> Tensor:
+    """An uninitialised feature map of `size` on `like`'s device, channels last or not."""
+    layout = torch.channels_last if last else torch.contiguous_format
+    return torch.empty(size, dtype=dtype, device=like.device, memory_format=layout)
+
+
+def first_order_only(op: str, grads: list) -> list:
+    """The gradients a backward returns, made to refuse a second differentiation: the ops have
+    no derivative of their backward, so under `create_graph=True` (grad mode on in the
+    backward) each gradient is tied to a node that raises, naming the op, when it is
+    differentiated again, instead of being a constant that silently gives zero."""
+    if not torch.is_grad_enabled():
+        return grads
+    present = [g for g in grads if g is not None]
+    error = torch._C._functions.DelayedError(
+        f"ccpl.{op} has no second derivative: its gradient cannot be differentiated again "
+        "(double backward, create_graph=True)".encode(),
+        len(present),
+    )
+    tied = error(*(g.detach().requires_grad_() for g in present))
+    tied = iter((tied,) if isinstance(tied, Tensor) else tied)
+    return [None if g is None else next(tied) for g in grads]
 
 
 def loss_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -161,6 +259,29 @@ def target(t: Tensor) -> tuple[str, Optional[int], int]:
     return dtype, None, 0
 
 
+def upstream_of(grad: Tensor, dtype: torch.dtype) -> Tensor:
+    """A loss's upstream gradient as the Rust side reads it: in the loss's dtype, contiguous."""
+    return grad.to(loss_dtype(dtype)).contiguous()
+
+
+def backward_buffers(saved: tuple, upstream: Tensor, grads: list, scratch_sets: int) -> tuple:
+    """What a loss's native backward reads and writes: the forward's `saved` rows and
+    statistics, the `upstream` gradient (`upstream_of`), on CUDA a scratch of `scratch_sets`
+    row sets `(B, S, C)` like the saved rows, the gradients (q's, and k's or None). The caller
+    keeps the tensors alive for the call; the scratch is returned with the buffers for that."""
+    saved_rows, stats = saved
+    scratch = None
+    if saved_rows.is_cuda:
+        scratch = saved_rows.new_empty((scratch_sets, *saved_rows.shape[1:]))
+    buffers = (
+        (raw(saved_rows), raw(stats)),
+        raw(upstream),
+        raw(scratch),
+        (raw(grads[0]), raw(grads[1]) if len(grads) > 1 else None),
+    )
+    return buffers, scratch
+
+
 def raw(t: Optional[Tensor]) -> Optional[tuple[int, int]]:
     """A contiguous tensor as the Rust side takes it: its address and number of elements."""
     return None if t is None else (t.data_ptr(), t.numel())
@@ -172,6 +293,17 @@ def on_device(t: Tensor):
     if t.device.type == "cuda":
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
+
+
+def centers_call(native, like: Tensor, size, last: bool, centers: Tensor, *args) -> None:
+    """Calls the native op `native` of a `size` `(B, C, H, W)` feature map (channels `last` or
+    not) at `centers`, on the device, dtype and stream of `like`: with `(dtype, device, stream)`,
+    the geometry, the centres and their device table, then `args`."""
+    centers = centers.contiguous()
+    b, c, h, w = size
+    with on_device(like):
+        table = centers_table(centers, h, w, like.device)
+        native(target(like), ((b, c, h, w, last), raw(centers), raw(table)), *args)
 
 
 def centers_table(centers: Tensor, height: int, width: int, device: torch.device):
@@ -190,3 +322,15 @@ def deterministic() -> bool:
     """PyTorch's switch for deterministic algorithms picks the deterministic scatter of the
     neighbour differences' backward (the same bits on every run); otherwise the atomic one."""
     return torch.are_deterministic_algorithms_enabled()
+
+
+def warn_without_kernels(cuda_available: bool, built: bool) -> None:
+    """At import: a package built without its CUDA kernels (a deliberate CPU-only build,
+    `CCPL_CPU_ONLY=1`) says so where a GPU could run them, rather than at the first CUDA call."""
+    if cuda_available and not built:
+        warnings.warn(
+            "ccpl was built without its CUDA kernels (a CPU-only build): ops on CUDA tensors "
+            "will raise; install the ccpl wheel, or build with a CUDA compiler",
+            RuntimeWarning,
+            stacklevel=3,
+        )

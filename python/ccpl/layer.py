@@ -8,7 +8,10 @@ gradient. The forward op returns the loss and what the backward reads, so autogr
 crate's layer workspace between the two.
 """
 
-from __future__ import annotations
+# The custom ops' annotations are real types, not strings (no `from __future__ import
+# annotations`), and typing's List: torch before 2.7 infers a schema from neither
+# strings nor `list[int]`.
+from typing import List, Tuple
 
 import torch
 from torch import Tensor
@@ -17,19 +20,24 @@ from . import _ccpl
 from ._common import (
     DEFAULT_TAU,
     NEIGHBORS,
-    centers_table,
+    backward_buffers,
+    centers_call,
     channels_last,
     check_centers,
+    check_dtype,
+    check_feature_size,
     check_float,
     check_pair,
+    check_saved,
     check_tau,
     check_tensor,
+    check_upstream,
     deterministic,
-    loss_dtype,
-    on_device,
+    empty_feature,
+    first_order_only,
     raw,
-    saved_dtypes,
-    target,
+    saved_like,
+    upstream_of,
 )
 
 
@@ -69,44 +77,30 @@ def _check(feat_q: Tensor, feat_k: Tensor, centers: Tensor, tau: float) -> tuple
     return last, check_centers(centers)
 
 
-def _saved_like(feat: Tensor, num_centers) -> tuple[Tensor, Tensor, Tensor]:
-    """Empty outputs of the forward: the loss, the rows kept for the backward and the row
-    statistics `(4, B, S)` (norms of q, of k, logsumexp, loss), `S = 8N`. The rows kept are
-    the normalised difference rows of q and k, `(2, B, S, C)`, on CUDA (the kernels never keep
-    the difference rows themselves), and on the CPU also those difference rows, `(4, B, S, C)`
-    (the float64 reference's backward reads them)."""
+def _saved_like(feat: Tensor, num_centers: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Empty outputs of the forward: the loss, the rows kept (the normalised difference rows
+    of q and k; on the CPU also those difference rows) and the row statistics, `S = 8N`."""
     b, c, _, _ = feat.shape
-    s = NEIGHBORS * num_centers
-    rows_dtype, stats_dtype = saved_dtypes(feat)
-    kept = 2 if feat.is_cuda else 4
-    return (
-        feat.new_empty((), dtype=loss_dtype(feat.dtype)),
-        feat.new_empty((kept, b, s, c), dtype=rows_dtype),
-        feat.new_empty((4, b, s), dtype=stats_dtype),
-    )
+    return saved_like(feat, feat.dtype, (b, NEIGHBORS * num_centers, c))
 
 
 @torch.library.custom_op("ccpl::ccp_layer_loss", mutates_args=())
 def _layer_loss(
     feat_q: Tensor, feat_k: Tensor, centers: Tensor, tau: float, grad_k: bool
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor]:
     last, centers = _check(feat_q, feat_k, centers, tau)
-    centers = centers.contiguous()
-    b, c, h, w = feat_q.shape
     loss, saved_rows, stats = _saved_like(feat_q, centers.numel())
-    with on_device(feat_q):
-        table = centers_table(centers, h, w, feat_q.device)
-        _ccpl.layer_forward(
-            *target(feat_q),
-            (b, c, h, w, last),
-            tau,
-            raw(centers),
-            raw(table),
-            raw(feat_q),
-            raw(feat_k),
-            (raw(saved_rows), raw(stats)),
-            raw(loss),
-        )
+    centers_call(
+        _ccpl.layer_forward,
+        feat_q,
+        feat_q.shape,
+        last,
+        centers,
+        tau,
+        (raw(feat_q), raw(feat_k)),
+        raw(loss),
+        (raw(saved_rows), raw(stats)),
+    )
     return loss, saved_rows, stats
 
 
@@ -116,54 +110,49 @@ def _(feat_q, feat_k, centers, tau, grad_k):
     return _saved_like(feat_q, centers.shape[0])
 
 
+def _check_backward(grad, saved_rows, stats, centers, size, dtype, tau) -> tuple:
+    """The backward op's arguments as the forward made them, checked before any work."""
+    b, c, _, _ = size = check_feature_size(size)
+    centers = check_centers(centers)
+    saved_rows = check_tensor("saved rows", saved_rows)
+    check_dtype("the features", dtype, saved_rows.device)
+    check_saved(saved_rows, stats, dtype, (b, NEIGHBORS * centers.shape[0], c))
+    check_upstream(grad, saved_rows.device)
+    check_tau(tau)
+    return size
+
+
 @torch.library.custom_op("ccpl::ccp_layer_loss_backward", mutates_args=())
 def _layer_loss_backward(
     grad: Tensor,
     saved_rows: Tensor,
     stats: Tensor,
     centers: Tensor,
-    size: list[int],
+    size: List[int],
     channels_last: bool,
     dtype: torch.dtype,
     tau: float,
     grad_k: bool,
-) -> list[Tensor]:
-    grads = [_zero_feature(saved_rows, size, channels_last, dtype) for _ in range(2 if grad_k else 1)]
-    upstream = grad.to(loss_dtype(dtype)).contiguous()
-    scratch = saved_rows.new_empty((2, *saved_rows.shape[1:])) if saved_rows.is_cuda else None
-    centers = centers.contiguous()
-    b, c, h, w = size
-    with on_device(saved_rows):
-        table = centers_table(centers, h, w, saved_rows.device)
-        _ccpl.layer_backward(
-            *target(grads[0]),
-            (b, c, h, w, channels_last),
-            tau,
-            raw(centers),
-            raw(table),
-            (raw(saved_rows), raw(stats)),
-            raw(upstream),
-            raw(scratch),
-            raw(grads[0]),
-            raw(grads[1]) if grad_k else None,
-            deterministic(),
-        )
+) -> List[Tensor]:
+    size = _check_backward(grad, saved_rows, stats, centers, size, dtype, tau)
+    # The backward adds into the gradient, as the kernels' scatter does.
+    grads = [
+        empty_feature(saved_rows, size, channels_last, dtype).zero_()
+        for _ in range(2 if grad_k else 1)
+    ]
+    upstream = upstream_of(grad, dtype)
+    # The backward's scratch: the gradients of the normalised rows and of the rows.
+    buffers, _scratch = backward_buffers((saved_rows, stats), upstream, grads, 2)
+    centers_call(
+        _ccpl.layer_backward, grads[0], size, channels_last, centers, tau, deterministic(), buffers
+    )
     return grads
 
 
 @_layer_loss_backward.register_fake
 def _(grad, saved_rows, stats, centers, size, channels_last, dtype, tau, grad_k):
-    return [_empty_feature(saved_rows, size, channels_last, dtype) for _ in range(2 if grad_k else 1)]
-
-
-def _empty_feature(like: Tensor, size: list[int], last: bool, dtype: torch.dtype) -> Tensor:
-    layout = torch.channels_last if last else torch.contiguous_format
-    return torch.empty(size, dtype=dtype, device=like.device, memory_format=layout)
-
-
-def _zero_feature(like: Tensor, size: list[int], last: bool, dtype: torch.dtype) -> Tensor:
-    # The backward adds into the gradient, as the kernels' scatter does.
-    return _empty_feature(like, size, last, dtype).zero_()
+    size = _check_backward(grad, saved_rows, stats, centers, size, dtype, tau)
+    return [empty_feature(saved_rows, size, channels_last, dtype) for _ in range(2 if grad_k else 1)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -185,7 +174,10 @@ def _backward(ctx, grad, _saved_rows, _stats):
     grads = _layer_loss_backward(
         grad, *ctx.saved_tensors, ctx.size, ctx.channels_last, ctx.dtype, ctx.tau, want_k
     )
-    return (grads[0] if want_q else None), (grads[1] if want_k else None), None, None, None
+    grad_q, grad_k = first_order_only(
+        "ccp_layer_loss", [grads[0] if want_q else None, grads[1] if want_k else None]
+    )
+    return grad_q, grad_k, None, None, None
 
 
 _layer_loss.register_autograd(_backward, setup_context=_setup_context)

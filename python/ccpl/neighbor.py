@@ -1,10 +1,11 @@
 """Centres and difference rows: ``sample_centers`` and the op ``neighbor_diff``, with its
 backward, for a learned projection head between ``neighbor_diff`` and ``rows_loss``."""
 
-from __future__ import annotations
-
+# The custom ops' annotations are real types, not strings (no `from __future__ import
+# annotations`), and typing's List: torch before 2.7 infers a schema from neither
+# strings nor `list[int]`.
 import numbers
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -12,15 +13,16 @@ from torch import Tensor
 from . import _ccpl
 from ._common import (
     NEIGHBORS,
-    centers_table,
+    centers_call,
     channels_last,
     check_centers,
+    check_feature_size,
     check_float,
+    check_rows,
     check_tensor,
     deterministic,
-    on_device,
+    empty_feature,
     raw,
-    target,
 )
 
 
@@ -61,7 +63,8 @@ def _check(feat: Tensor, centers: Tensor) -> tuple[bool, Tensor]:
 def neighbor_diff(feat: Tensor, centers: Tensor) -> Tensor:
     """The difference rows of a feature map: ``(B, 8N, C)``, row ``k*N + x`` of image ``b``
     is ``feat[b, :, p_x] - feat[b, :, p_x + off_k]`` (centre minus neighbour ``k``, in the 3x3
-    window's raster order, as the original's ``NeighborSample``). Differentiable in ``feat``.
+    window's raster order, as the original's ``NeighborSample``). Differentiable in ``feat``,
+    to any order (the op is linear).
 
     ``feat``: ``(B, C, H, W)``, contiguous or channels_last; float32, float16 or bfloat16 on
     CUDA (float64 too on the CPU). ``centers``: 1-D int64 CPU tensor of distinct interior flat
@@ -73,14 +76,9 @@ def neighbor_diff(feat: Tensor, centers: Tensor) -> Tensor:
 @torch.library.custom_op("ccpl::neighbor_diff", mutates_args=())
 def _neighbor_diff(feat: Tensor, centers: Tensor) -> Tensor:
     last, centers = _check(feat, centers)
-    centers = centers.contiguous()
-    b, c, h, w = feat.shape
+    b, c, _, _ = feat.shape
     rows = feat.new_empty((b, NEIGHBORS * centers.numel(), c))
-    with on_device(feat):
-        table = centers_table(centers, h, w, feat.device)
-        _ccpl.neighbor_diff(
-            *target(feat), (b, c, h, w, last), raw(centers), raw(table), raw(feat), raw(rows)
-        )
+    centers_call(_ccpl.neighbor_diff, feat, feat.shape, last, centers, raw(feat), raw(rows))
     return rows
 
 
@@ -91,39 +89,50 @@ def _(feat, centers):
     return feat.new_empty((b, NEIGHBORS * centers.shape[0], c))
 
 
+def _check_backward(grad_rows: Tensor, centers: Tensor, size) -> tuple[int, int, int, int]:
+    """The rows' gradient of a `size` feature map at `centers`, checked before any work."""
+    size = check_feature_size(size)
+    check_float("grad_rows", check_tensor("grad_rows", grad_rows))
+    centers = check_centers(centers)
+    b, c, _, _ = size
+    want = (b, NEIGHBORS * centers.shape[0], c)
+    if tuple(grad_rows.shape) != want:
+        raise ValueError(
+            f"grad_rows has shape {tuple(grad_rows.shape)}, the rows of a {tuple(size)} map at "
+            f"{centers.shape[0]} centres are {want}"
+        )
+    return size
+
+
 @torch.library.custom_op("ccpl::neighbor_diff_backward", mutates_args=())
 def _neighbor_diff_backward(
-    grad_rows: Tensor, centers: Tensor, size: list[int], channels_last: bool
+    grad_rows: Tensor, centers: Tensor, size: List[int], channels_last: bool
 ) -> Tensor:
     """The gradient of the feature map of ``size`` (``(B, C, H, W)``, channels last or not)
     from the gradient of its difference rows: each row's centre gets ``+g``, its neighbour
     ``-g``, overlapping windows add up."""
+    size = _check_backward(grad_rows, centers, size)
     grad_rows = grad_rows.contiguous()
-    centers = centers.contiguous()
-    grad = _empty_feature(grad_rows, size, channels_last).zero_()
-    b, c, h, w = size
-    with on_device(grad):
-        table = centers_table(centers, h, w, grad.device)
-        _ccpl.neighbor_diff_backward(
-            *target(grad),
-            (b, c, h, w, channels_last),
-            raw(centers),
-            raw(table),
-            raw(grad_rows),
-            raw(grad),
-            deterministic(),
-        )
+    check_rows("grad_rows", grad_rows)
+    # The scatter adds into the gradient.
+    grad = empty_feature(grad_rows, size, channels_last, grad_rows.dtype).zero_()
+    centers_call(
+        _ccpl.neighbor_diff_backward,
+        grad,
+        size,
+        channels_last,
+        centers,
+        raw(grad_rows),
+        raw(grad),
+        deterministic(),
+    )
     return grad
 
 
 @_neighbor_diff_backward.register_fake
 def _(grad_rows, centers, size, channels_last):
-    return _empty_feature(grad_rows, size, channels_last)
-
-
-def _empty_feature(like: Tensor, size: list[int], last: bool) -> Tensor:
-    layout = torch.channels_last if last else torch.contiguous_format
-    return torch.empty(size, dtype=like.dtype, device=like.device, memory_format=layout)
+    size = _check_backward(grad_rows, centers, size)
+    return empty_feature(grad_rows, size, channels_last, grad_rows.dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -139,3 +148,21 @@ def _backward(ctx, grad_rows):
 
 
 _neighbor_diff.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _setup_backward_context(ctx, inputs, output):
+    _, centers, _, last = inputs
+    ctx.save_for_backward(centers)
+    ctx.layout = torch.channels_last if last else torch.contiguous_format
+
+
+def _backward_backward(ctx, grad_feat):
+    # The scatter is the adjoint of the (linear) gather: its own gradient is the gather.
+    (centers,) = ctx.saved_tensors
+    grad_feat = grad_feat.contiguous(memory_format=ctx.layout)
+    return _neighbor_diff(grad_feat, centers), None, None, None
+
+
+_neighbor_diff_backward.register_autograd(
+    _backward_backward, setup_context=_setup_backward_context
+)

@@ -1,11 +1,15 @@
 """The CCP loss of a learned head's rows: ``rows_loss`` (forward, backward, autograd).
 
 The forward op returns the loss and what its backward reads (the normalised rows and the row
-statistics; the rows themselves are its inputs), so autograd keeps exactly the crate's rows
-workspace between the two and the backward recomputes nothing but the logits' tiles.
+statistics; on the CPU also the rows, which the float64 reference's backward reads), so
+autograd keeps exactly that between the two (not the input rows) and the backward recomputes
+nothing but the logits' tiles.
 """
 
-from __future__ import annotations
+# The custom ops' annotations are real types, not strings (no `from __future__ import
+# annotations`), and typing's List: torch before 2.7 infers a schema from neither
+# strings nor `list[int]`.
+from typing import List, Tuple
 
 import torch
 from torch import Tensor
@@ -13,16 +17,21 @@ from torch import Tensor
 from . import _ccpl
 from ._common import (
     DEFAULT_TAU,
+    backward_buffers,
+    check_dtype,
     check_float,
     check_pair,
     check_rows,
+    check_saved,
     check_tau,
     check_tensor,
-    loss_dtype,
+    check_upstream,
+    first_order_only,
     on_device,
     raw,
-    saved_dtypes,
+    saved_like,
     target,
+    upstream_of,
 )
 
 
@@ -50,87 +59,87 @@ def _check(q_rows: Tensor, k_rows: Tensor, tau: float) -> None:
     check_tau(tau)
 
 
-def _saved_like(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Empty outputs of the forward for `rows`: the loss, the normalised rows of both sides
-    `(2, B, S, C)` and the row statistics `(4, B, S)` (norms of q, of k, logsumexp, loss)."""
-    b, s, c = rows.shape
-    rows_dtype, stats_dtype = saved_dtypes(rows)
-    return (
-        rows.new_empty((), dtype=loss_dtype(rows.dtype)),
-        rows.new_empty((2, b, s, c), dtype=rows_dtype),
-        rows.new_empty((4, b, s), dtype=stats_dtype),
-    )
-
-
 @torch.library.custom_op("ccpl::rows_loss", mutates_args=())
-def _rows_loss(q_rows: Tensor, k_rows: Tensor, tau: float) -> tuple[Tensor, Tensor, Tensor]:
+def _rows_loss(q_rows: Tensor, k_rows: Tensor, tau: float) -> Tuple[Tensor, Tensor, Tensor]:
     _check(q_rows, k_rows, tau)
-    loss, units, stats = _saved_like(q_rows)
+    loss, saved_rows, stats = saved_like(q_rows, q_rows.dtype, q_rows.shape)
     with on_device(q_rows):
         _ccpl.rows_forward(
-            *target(q_rows),
-            tuple(q_rows.shape),
-            tau,
+            target(q_rows),
+            (tuple(q_rows.shape), tau),
             (raw(q_rows), raw(k_rows)),
-            (raw(units), raw(stats)),
+            (raw(saved_rows), raw(stats)),
             raw(loss),
         )
-    return loss, units, stats
+    return loss, saved_rows, stats
 
 
 @_rows_loss.register_fake
 def _(q_rows, k_rows, tau):
     _check(q_rows, k_rows, tau)
-    return _saved_like(q_rows)
+    return saved_like(q_rows, q_rows.dtype, q_rows.shape)
+
+
+def _check_backward(grad, saved_rows, stats, dtype, tau) -> Tuple[int, int, int]:
+    """The backward op's arguments as the forward made them, checked before any work; the
+    shape `(B, S, C)` of the rows."""
+    saved_rows = check_tensor("saved rows", saved_rows)
+    if saved_rows.dim() != 4:
+        raise ValueError(f"saved rows must be (K, B, S, C), got shape {tuple(saved_rows.shape)}")
+    shape = tuple(saved_rows.shape[1:])
+    check_dtype("the rows", dtype, saved_rows.device)
+    check_saved(saved_rows, stats, dtype, shape)
+    check_upstream(grad, saved_rows.device)
+    check_tau(tau)
+    return shape
+
+
+def _grads_like(saved_rows: Tensor, shape, dtype: torch.dtype, grad_k: bool) -> List[Tensor]:
+    return [saved_rows.new_empty(shape, dtype=dtype) for _ in range(2 if grad_k else 1)]
 
 
 @torch.library.custom_op("ccpl::rows_loss_backward", mutates_args=())
 def _rows_loss_backward(
     grad: Tensor,
-    q_rows: Tensor,
-    k_rows: Tensor,
-    units: Tensor,
+    saved_rows: Tensor,
     stats: Tensor,
+    dtype: torch.dtype,
     tau: float,
     grad_k: bool,
-) -> list[Tensor]:
-    grads = [torch.empty_like(q_rows) for _ in range(2 if grad_k else 1)]
-    upstream = grad.to(loss_dtype(q_rows.dtype)).contiguous()
-    scratch = torch.empty_like(q_rows) if q_rows.device.type == "cuda" else None
-    with on_device(q_rows):
-        _ccpl.rows_backward(
-            *target(q_rows),
-            tuple(q_rows.shape),
-            tau,
-            (raw(q_rows), raw(k_rows)),
-            (raw(units), raw(stats)),
-            raw(upstream),
-            raw(scratch),
-            raw(grads[0]),
-            raw(grads[1]) if grad_k else None,
-        )
+) -> List[Tensor]:
+    shape = _check_backward(grad, saved_rows, stats, dtype, tau)
+    grads = _grads_like(saved_rows, shape, dtype, grad_k)
+    upstream = upstream_of(grad, dtype)
+    # The backward's scratch: the gradient of the normalised rows.
+    buffers, _scratch = backward_buffers((saved_rows, stats), upstream, grads, 1)
+    with on_device(saved_rows):
+        _ccpl.rows_backward(target(grads[0]), (shape, tau), buffers)
     return grads
 
 
 @_rows_loss_backward.register_fake
-def _(grad, q_rows, k_rows, units, stats, tau, grad_k):
-    return [torch.empty_like(q_rows) for _ in range(2 if grad_k else 1)]
+def _(grad, saved_rows, stats, dtype, tau, grad_k):
+    return _grads_like(saved_rows, _check_backward(grad, saved_rows, stats, dtype, tau), dtype, grad_k)
 
 
 def _setup_context(ctx, inputs, output):
-    q_rows, k_rows, tau = inputs
-    _, units, stats = output
-    ctx.mark_non_differentiable(units, stats)
-    ctx.save_for_backward(q_rows, k_rows, units, stats)
-    ctx.tau = tau
+    q_rows, _, tau = inputs
+    _, saved_rows, stats = output
+    ctx.mark_non_differentiable(saved_rows, stats)
+    # Not the input rows: the backward reads only what the forward kept.
+    ctx.save_for_backward(saved_rows, stats)
+    ctx.dtype, ctx.tau = q_rows.dtype, tau
 
 
-def _backward(ctx, grad, _units, _stats):
+def _backward(ctx, grad, _saved_rows, _stats):
     want_q, want_k = ctx.needs_input_grad[:2]
     if not (want_q or want_k):
         return None, None, None
-    grads = _rows_loss_backward(grad, *ctx.saved_tensors, ctx.tau, want_k)
-    return (grads[0] if want_q else None), (grads[1] if want_k else None), None
+    grads = _rows_loss_backward(grad, *ctx.saved_tensors, ctx.dtype, ctx.tau, want_k)
+    grad_q, grad_k = first_order_only(
+        "rows_loss", [grads[0] if want_q else None, grads[1] if want_k else None]
+    )
+    return grad_q, grad_k, None
 
 
 _rows_loss.register_autograd(_backward, setup_context=_setup_context)

@@ -13,13 +13,13 @@ use ccpl::launch::CentersBuf;
 use ccpl::launch::neighbor::Scatter;
 use ccpl::launch::{Buf, Launcher};
 use ccpl::loss::layer::{LayerPlan, LayerWorkspace};
-use ccpl::{Centers, Dtype, Element, FeatureShape, Result, RowShape, Tau, check_len, reference};
+use ccpl::{Centers, Dtype, Element, FeatureShape, Result, RowShape, Tau, reference};
 use pyo3::prelude::*;
 
-use crate::neighbor::{CenterTensors, Shape, diff_backward_host, scatter};
-use crate::op::{Device, Op, run};
+use crate::neighbor::{Map, MapArgs, diff_backward_host, scatter};
+use crate::op::{Op, Target, run};
 use crate::rows::{self, ABSENT};
-use crate::{HostDtype, Raw, cuda_only, host_scalar, split, split_host, store_loss};
+use crate::{BackwardBufs, HostDtype, HostGrads, Raw, split, store_loss};
 
 /// The rows shape of a layer: `(B, 8N, C)`.
 fn row_shape(shape: &FeatureShape, num_centers: usize) -> Result<RowShape> {
@@ -120,44 +120,29 @@ pub fn forward_host<T: Element>(
     stats: &mut [f64],
 ) -> Result<f64> {
     let rows = row_shape(shape, centers.len())?;
-    let n = rows.len();
-    check_len("saved rows", 4 * n, saved_rows.len())?;
-    let (diff, units) = saved_rows.split_at_mut(2 * n);
-    diff[..n].copy_from_slice(&reference::neighbor_diff(feat_q, shape, centers)?);
-    diff[n..].copy_from_slice(&reference::neighbor_diff(feat_k, shape, centers)?);
-    rows::forward_host::<f64>(&rows, tau, &diff[..n], &diff[n..], units, stats)
+    let diff = [
+        reference::neighbor_diff(feat_q, shape, centers)?,
+        reference::neighbor_diff(feat_k, shape, centers)?,
+    ];
+    rows::forward_host(&rows, tau, diff, saved_rows, stats)
 }
 
 /// The backward on the host, in float64 from what [`forward_host`] kept: ADDS `upstream` times
 /// the gradient with respect to `feat_q` to `grad_q`, and to `feat_k` to `grad_k` when given.
-#[allow(clippy::too_many_arguments)]
 pub fn backward_host<T: Element>(
     shape: &FeatureShape,
     centers: &Centers,
     tau: Tau,
-    saved_rows: &[f64],
-    stats: &[f64],
+    saved: [&[f64]; 2],
     upstream: f64,
-    grad_q: &mut [T],
-    grad_k: Option<&mut [T]>,
+    (grad_q, grad_k): HostGrads<'_, T>,
 ) -> Result<()> {
     let rows = row_shape(shape, centers.len())?;
     let n = rows.len();
-    let [diff, units] = split_host::<f64, 2>("saved rows", saved_rows, 2 * n)?;
-    let [diff_q, diff_k] = split_host::<f64, 2>("saved difference rows", diff, n)?;
     let mut grad_rows_q = vec![0.0; n];
     let mut grad_rows_k = grad_k.as_ref().map(|_| vec![0.0; n]);
-    rows::backward_host::<f64>(
-        &rows,
-        tau,
-        diff_q,
-        diff_k,
-        units,
-        stats,
-        upstream,
-        &mut grad_rows_q,
-        grad_rows_k.as_deref_mut(),
-    )?;
+    let grad_rows = (&mut grad_rows_q[..], grad_rows_k.as_deref_mut());
+    rows::backward_host::<f64>(&rows, tau, saved, upstream, grad_rows)?;
     diff_backward_host(shape, centers, &grad_rows_q, grad_q)?;
     if let (Some(grad_k), Some(grad_rows_k)) = (grad_k, grad_rows_k) {
         diff_backward_host(shape, centers, &grad_rows_k, grad_k)?;
@@ -167,151 +152,113 @@ pub fn backward_host<T: Element>(
 
 /// The forward of `ccp_layer_loss`: the loss of the feature maps, and what the backward reads.
 struct Forward {
-    shape: FeatureShape,
-    centers: CenterTensors,
+    map: Map,
     tau: Tau,
-    feat_q: Raw,
-    feat_k: Raw,
-    saved: [Raw; 2],
+    /// `[feat_q, feat_k]`.
+    feat: [Raw; 2],
     loss: Raw,
+    saved: [Raw; 2],
 }
 
 impl Op for Forward {
     unsafe fn cpu<T: HostDtype>(&self) -> Result<()> {
-        let [saved_rows, stats] = self.saved;
+        let (shape, tau, [saved_rows, stats]) = (&self.map.shape, self.tau, self.saved);
         // SAFETY: features of T, saved float64, the loss of T's loss type (the caller's
         // contract).
         unsafe {
-            let centers = self.centers.host(&self.shape)?;
-            let (feat_q, feat_k) = (self.feat_q.host(), self.feat_k.host());
+            let centers = self.map.host_centers()?;
+            let [feat_q, feat_k] = self.feat.map(|f| f.host::<T>());
             let (saved_rows, stats) = (saved_rows.host_mut(), stats.host_mut());
-            let (shape, tau) = (&self.shape, self.tau);
             let value = forward_host::<T>(shape, &centers, tau, feat_q, feat_k, saved_rows, stats)?;
             store_loss::<T>(self.loss, value)
         }
     }
 
     fn cuda<T: Dtype, L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
-        let centers = self.centers.device(&self.shape)?;
-        let (feat_q, feat_k) = (self.feat_q.buf(), self.feat_k.buf());
-        let (saved, loss) = (self.saved.map(Raw::buf), self.loss.buf());
-        let (shape, tau) = (self.shape, self.tau);
+        let ([feat_q, feat_k], saved) = (self.feat.map(Raw::buf), self.saved.map(Raw::buf));
+        let (centers, loss) = (self.map.device_centers()?, self.loss.buf());
+        let (shape, tau) = (self.map.shape, self.tau);
         forward_device::<T, _>(launcher, shape, &centers, tau, feat_q, feat_k, saved, loss)
     }
 }
 
 /// The backward of `ccp_layer_loss`: adds into `grad_q` (and `grad_k` when given).
 struct Backward {
-    shape: FeatureShape,
-    centers: CenterTensors,
+    map: Map,
     tau: Tau,
-    saved: [Raw; 2],
-    upstream: Raw,
-    scratch: Option<Raw>,
-    grad_q: Raw,
-    grad_k: Option<Raw>,
     scatter: Scatter,
+    bufs: BackwardBufs,
 }
 
 impl Op for Backward {
     unsafe fn cpu<T: HostDtype>(&self) -> Result<()> {
-        let [saved_rows, stats] = self.saved;
         // SAFETY: host tensors of the named types (the caller's contract).
         unsafe {
-            let centers = self.centers.host(&self.shape)?;
-            let upstream = host_scalar::<T::Loss>(self.upstream)?;
-            let (grad_q, grad_k) = (self.grad_q.host_mut(), self.grad_k.map(|g| g.host_mut()));
-            let (saved_rows, stats) = (saved_rows.host(), stats.host());
-            let (shape, tau) = (&self.shape, self.tau);
+            let centers = self.map.host_centers()?;
+            let b = self.bufs.host::<T>()?;
             backward_host::<T>(
-                shape, &centers, tau, saved_rows, stats, upstream, grad_q, grad_k,
+                &self.map.shape,
+                &centers,
+                self.tau,
+                b.saved,
+                b.upstream,
+                b.grads,
             )
         }
     }
 
     fn cuda<T: Dtype, L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
-        let scratch = cuda_only(self.scratch, "the backward's scratch")?.buf();
-        let centers = self.centers.device(&self.shape)?;
-        let (saved, upstream) = (self.saved.map(Raw::buf), self.upstream.buf());
-        let (grad_q, grad_k) = (self.grad_q.buf(), self.grad_k.map(Raw::buf));
-        let (shape, tau, scatter) = (self.shape, self.tau, self.scatter);
+        let (centers, b) = (self.map.device_centers()?, self.bufs.device()?);
+        let (shape, tau, scatter) = (self.map.shape, self.tau, self.scatter);
+        let (saved, upstream, scratch) = (b.saved, b.upstream, b.scratch);
         backward_device::<T, _>(
-            launcher, shape, &centers, tau, saved, upstream, scratch, grad_q, grad_k, scatter,
+            launcher, shape, &centers, tau, saved, upstream, scratch, b.grad_q, b.grad_k, scatter,
         )
     }
 }
 
 /// The forward of `ccp_layer_loss`.
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
-fn layer_forward(
+pub(crate) fn layer_forward(
     py: Python<'_>,
-    dtype: String,
-    device: Option<usize>,
-    stream: usize,
-    shape: Shape,
+    target: Target,
+    map: MapArgs,
     tau: f64,
-    centers: Raw,
-    table: Option<Raw>,
-    feat_q: Raw,
-    feat_k: Raw,
-    saved: [Raw; 2],
+    feat: [Raw; 2],
     loss: Raw,
+    saved: [Raw; 2],
 ) -> PyResult<()> {
-    run(py, &dtype, Device::new(device, stream), || {
-        let tau = Tau::new(tau)?;
-        let (shape, centers) = (shape.feature()?, CenterTensors { centers, table });
+    run(py, target, || {
+        let (map, tau) = (map.checked()?, Tau::new(tau)?);
         Ok(Forward {
-            shape,
-            centers,
+            map,
             tau,
-            feat_q,
-            feat_k,
-            saved,
+            feat,
             loss,
+            saved,
         })
     })
 }
 
-/// The backward of `ccp_layer_loss`: adds into `grad_q` (and `grad_k` when given).
+/// The backward of `ccp_layer_loss`: adds into `grad_q` (and `grad_k` when given);
+/// `deterministic` picks the scatter.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-fn layer_backward(
+pub(crate) fn layer_backward(
     py: Python<'_>,
-    dtype: String,
-    device: Option<usize>,
-    stream: usize,
-    shape: Shape,
+    target: Target,
+    map: MapArgs,
     tau: f64,
-    centers: Raw,
-    table: Option<Raw>,
-    saved: [Raw; 2],
-    upstream: Raw,
-    scratch: Option<Raw>,
-    grad_q: Raw,
-    grad_k: Option<Raw>,
     deterministic: bool,
+    bufs: BackwardBufs,
 ) -> PyResult<()> {
-    run(py, &dtype, Device::new(device, stream), || {
-        let tau = Tau::new(tau)?;
-        let (shape, centers) = (shape.feature()?, CenterTensors { centers, table });
-        let scatter = scatter(deterministic);
+    run(py, target, || {
+        let (map, tau, scatter) = (map.checked()?, Tau::new(tau)?, scatter(deterministic));
         Ok(Backward {
-            shape,
-            centers,
+            map,
             tau,
-            saved,
-            upstream,
-            scratch,
-            grad_q,
-            grad_k,
             scatter,
+            bufs,
         })
     })
-}
-
-pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(layer_forward, m)?)?;
-    m.add_function(wrap_pyfunction!(layer_backward, m)?)?;
-    Ok(())
 }

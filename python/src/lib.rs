@@ -10,7 +10,8 @@
 //!
 //! One module per op, forward and backward side by side: [`neighbor`] (difference rows and
 //! their scatter), [`rows`] (the loss of a learned head's rows), [`layer`] (one layer's loss
-//! with the identity head). Each is an [`op::Op`], candle's shape: a CPU half and a CUDA half
+//! with the identity head), [`loss`] (every layer's loss with the identity head, on the
+//! crate's [`ccpl::loss::multi_layer::LossPlan`]). Each is an [`op::Op`], candle's shape: a CPU half and a CUDA half
 //! generic over the [`Launcher`] (so the Rust tests run it on the CPU emulator against the CPU
 //! half), run by the one [`op::run`].
 //!
@@ -23,6 +24,7 @@
 
 pub mod cuda;
 pub mod layer;
+pub mod loss;
 pub mod neighbor;
 pub mod op;
 pub mod rows;
@@ -76,6 +78,73 @@ impl Raw {
         unsafe { std::slice::from_raw_parts_mut(self.0 as *mut T, self.1) }
     }
 }
+
+/// What a loss's backward reads and writes, as Python passes it (the package's
+/// `backward_buffers`): `((saved_rows, stats), upstream, scratch or None, (grad_q, grad_k or
+/// None))`; the scratch only on CUDA.
+#[derive(Debug, Clone, Copy, FromPyObject)]
+pub struct BackwardBufs([Raw; 2], Raw, Option<Raw>, (Raw, Option<Raw>));
+
+/// A loss backward's buffers on the host.
+pub struct HostBackward<'a, T> {
+    /// What the forward kept: `[rows, stats]`, float64.
+    pub saved: [&'a [f64]; 2],
+    /// The loss's upstream gradient.
+    pub upstream: f64,
+    /// The gradients to write.
+    pub grads: HostGrads<'a, T>,
+}
+
+/// A loss backward's buffers on a device.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceBackward {
+    /// What the forward kept: `[rows, stats]`.
+    pub saved: [Buf; 2],
+    /// The loss's upstream gradient, one float32.
+    pub upstream: Buf,
+    /// The backward's scratch.
+    pub scratch: Buf,
+    /// The gradient of q.
+    pub grad_q: Buf,
+    /// The gradient of k, when asked for.
+    pub grad_k: Option<Buf>,
+}
+
+impl BackwardBufs {
+    /// On the host: what the forward kept (float64), the upstream gradient and the gradients.
+    ///
+    /// # Safety
+    ///
+    /// Every tensor is a live contiguous host tensor of the type it is read as (saved float64,
+    /// the upstream gradient of `T::Loss`, the gradients of `T`), not otherwise accessed
+    /// during the borrow.
+    pub unsafe fn host<'a, T: HostDtype>(self) -> ccpl::Result<HostBackward<'a, T>> {
+        let BackwardBufs([rows, stats], upstream, _, (grad_q, grad_k)) = self;
+        // SAFETY: the caller's contract.
+        unsafe {
+            Ok(HostBackward {
+                saved: [rows.host(), stats.host()],
+                upstream: host_scalar::<T::Loss>(upstream)?,
+                grads: (grad_q.host_mut(), grad_k.map(|g| g.host_mut())),
+            })
+        }
+    }
+
+    /// On a device, where the scratch is needed.
+    pub fn device(self) -> ccpl::Result<DeviceBackward> {
+        let BackwardBufs(saved, upstream, scratch, (grad_q, grad_k)) = self;
+        Ok(DeviceBackward {
+            saved: saved.map(Raw::buf),
+            upstream: upstream.buf(),
+            scratch: cuda_only(scratch, "the backward's scratch")?.buf(),
+            grad_q: grad_q.buf(),
+            grad_k: grad_k.map(Raw::buf),
+        })
+    }
+}
+
+/// A backward's host gradients: q's, and k's when asked for.
+pub type HostGrads<'a, T> = (&'a mut [T], Option<&'a mut [T]>);
 
 /// A storage type of a host tensor: the kernels' three and float64 (for `gradcheck`). The loss
 /// is kept in `Loss`, float64 for float64 tensors and float32 otherwise, as the CUDA path.
@@ -211,8 +280,20 @@ fn _ccpl(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NORM_EPS", ccpl::ffi::CCPL_NORM_EPS)?;
     m.add("DEFAULT_TAU", ccpl::Tau::DEFAULT.get())?;
     m.add("TAU_MIN", ccpl::Tau::MIN.get())?;
-    neighbor::register(m)?;
-    rows::register(m)?;
-    layer::register(m)?;
+    for function in [
+        wrap_pyfunction!(neighbor::center_table, m)?,
+        wrap_pyfunction!(neighbor::neighbor_diff, m)?,
+        wrap_pyfunction!(neighbor::neighbor_diff_backward, m)?,
+        wrap_pyfunction!(rows::rows_forward, m)?,
+        wrap_pyfunction!(rows::rows_backward, m)?,
+        wrap_pyfunction!(layer::layer_forward, m)?,
+        wrap_pyfunction!(layer::layer_backward, m)?,
+        wrap_pyfunction!(loss::loss_layout, m)?,
+        wrap_pyfunction!(loss::philox_centers, m)?,
+        wrap_pyfunction!(loss::loss_forward, m)?,
+        wrap_pyfunction!(loss::loss_backward, m)?,
+    ] {
+        m.add_function(function)?;
+    }
     Ok(())
 }

@@ -13,7 +13,7 @@ use ccpl::launch::{Buf, Launcher};
 use ccpl::{Centers, Dtype, Element, FeatureShape, Layout, Result, check_len, reference};
 use pyo3::prelude::*;
 
-use crate::op::{Device, Op, run};
+use crate::op::{Op, Target, run};
 use crate::{HostDtype, Raw, accumulate, cuda_only, store, to_py, widen};
 
 /// A feature map's shape as Python passes it: `(B, C, H, W, channels_last)`.
@@ -126,7 +126,7 @@ pub fn diff_backward_host<G: Element, T: Element>(
 /// Checks `centers` (int64, host) for a `height x width` map and writes their table into
 /// `table` (int32, host, `N + H*W`), for the device ops.
 #[pyfunction]
-fn center_table(
+pub(crate) fn center_table(
     py: Python<'_>,
     height: usize,
     width: usize,
@@ -141,38 +141,61 @@ fn center_table(
     .map_err(to_py)
 }
 
-/// The centres as Python passes them: `centers` (int64, host) and, for a CUDA op, their
-/// device `table` (int32, [`fill_table`]'s layout).
-#[derive(Debug, Clone, Copy)]
-pub struct CenterTensors {
-    /// The caller's flat indices.
-    pub centers: Raw,
-    /// Their table on the device, which only a CUDA op takes.
-    pub table: Option<Raw>,
+/// A feature map and its centres as Python passes them (the package's `centers_call`):
+/// `((B, C, H, W, channels_last), centers, table)`, the centres int64 on the host and, for a
+/// CUDA op, their device `table` (int32, [`fill_table`]'s layout).
+#[derive(Debug, Clone, Copy, FromPyObject)]
+pub struct MapArgs(Shape, Raw, Option<Raw>);
+
+impl MapArgs {
+    /// The map with its shape checked (the centres are checked where they are read).
+    pub fn checked(self) -> Result<Map> {
+        let MapArgs(shape, centers, table) = self;
+        Ok(Map {
+            shape: shape.feature()?,
+            centers,
+            table,
+        })
+    }
 }
 
-impl CenterTensors {
-    /// The centres checked for `shape`'s map, from the host tensor.
+/// A feature map's checked shape and its centres' tensors.
+#[derive(Debug, Clone, Copy)]
+pub struct Map {
+    /// The map's shape and layout.
+    pub shape: FeatureShape,
+    /// The caller's flat indices.
+    centers: Raw,
+    /// Their table on the device, which only a CUDA op takes.
+    table: Option<Raw>,
+}
+
+impl Map {
+    /// The centres checked for the map, from the host tensor.
     ///
     /// # Safety
     ///
-    /// `self.centers` is a live contiguous int64 host tensor.
-    pub unsafe fn host(&self, shape: &FeatureShape) -> Result<Centers> {
+    /// The centres are a live contiguous int64 host tensor.
+    pub unsafe fn host_centers(&self) -> Result<Centers> {
         // SAFETY: the caller's contract.
-        unsafe { host_centers(shape.height(), shape.width(), self.centers) }
+        unsafe { host_centers(self.shape.height(), self.shape.width(), self.centers) }
     }
 
-    /// The device table as the plans take it, for `shape`'s map.
-    pub fn device(&self, shape: &FeatureShape) -> Result<CentersBuf> {
+    /// The device table as the plans take it, for the map.
+    pub fn device_centers(&self) -> Result<CentersBuf> {
         let table = cuda_only(self.table, "the centres' device table")?.buf();
-        table_buf(shape.height(), shape.width(), self.centers.1, table)
+        table_buf(
+            self.shape.height(),
+            self.shape.width(),
+            self.centers.1,
+            table,
+        )
     }
 }
 
 /// `rows = neighbor_diff(feat)`.
 struct Diff {
-    shape: FeatureShape,
-    centers: CenterTensors,
+    map: Map,
     feat: Raw,
     rows: Raw,
 }
@@ -181,9 +204,9 @@ impl Op for Diff {
     unsafe fn cpu<T: HostDtype>(&self) -> Result<()> {
         // SAFETY: host tensors of T (the caller's contract).
         unsafe {
-            let centers = self.centers.host(&self.shape)?;
+            let centers = self.map.host_centers()?;
             diff_host::<T>(
-                &self.shape,
+                &self.map.shape,
                 &centers,
                 self.feat.host(),
                 self.rows.host_mut(),
@@ -192,21 +215,15 @@ impl Op for Diff {
     }
 
     fn cuda<T: Dtype, L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
-        let centers = self.centers.device(&self.shape)?;
-        diff_device::<T, _>(
-            launcher,
-            &self.shape,
-            &centers,
-            self.feat.buf(),
-            self.rows.buf(),
-        )
+        let centers = self.map.device_centers()?;
+        let (feat, rows) = (self.feat.buf(), self.rows.buf());
+        diff_device::<T, _>(launcher, &self.map.shape, &centers, feat, rows)
     }
 }
 
 /// `grad_feat += neighbor_diff_backward(grad_rows)`.
 struct DiffBackward {
-    shape: FeatureShape,
-    centers: CenterTensors,
+    map: Map,
     grad_rows: Raw,
     grad_feat: Raw,
     scatter: Scatter,
@@ -216,65 +233,52 @@ impl Op for DiffBackward {
     unsafe fn cpu<T: HostDtype>(&self) -> Result<()> {
         // SAFETY: host tensors of T (the caller's contract).
         unsafe {
-            let centers = self.centers.host(&self.shape)?;
+            let centers = self.map.host_centers()?;
             let (grad_rows, grad_feat) = (self.grad_rows.host(), self.grad_feat.host_mut());
-            diff_backward_host::<T, T>(&self.shape, &centers, grad_rows, grad_feat)
+            diff_backward_host::<T, T>(&self.map.shape, &centers, grad_rows, grad_feat)
         }
     }
 
     fn cuda<T: Dtype, L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
-        let centers = self.centers.device(&self.shape)?;
+        let centers = self.map.device_centers()?;
         let (rows, feat) = (self.grad_rows.buf(), self.grad_feat.buf());
-        diff_backward_device::<T, _>(launcher, &self.shape, &centers, rows, feat, self.scatter)
+        let (shape, scatter) = (&self.map.shape, self.scatter);
+        diff_backward_device::<T, _>(launcher, shape, &centers, rows, feat, scatter)
     }
 }
 
-/// `rows = neighbor_diff(feat)` for `shape` and the centres (`table` on CUDA).
+/// `rows = neighbor_diff(feat)` of a map at its centres.
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
-fn neighbor_diff(
+pub(crate) fn neighbor_diff(
     py: Python<'_>,
-    dtype: String,
-    device: Option<usize>,
-    stream: usize,
-    shape: Shape,
-    centers: Raw,
-    table: Option<Raw>,
+    target: Target,
+    map: MapArgs,
     feat: Raw,
     rows: Raw,
 ) -> PyResult<()> {
-    run(py, &dtype, Device::new(device, stream), || {
-        Ok(Diff {
-            shape: shape.feature()?,
-            centers: CenterTensors { centers, table },
-            feat,
-            rows,
-        })
+    run(py, target, || {
+        let map = map.checked()?;
+        Ok(Diff { map, feat, rows })
     })
 }
 
 /// `grad_feat += neighbor_diff_backward(grad_rows)`; `deterministic` picks the scatter.
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
-fn neighbor_diff_backward(
+pub(crate) fn neighbor_diff_backward(
     py: Python<'_>,
-    dtype: String,
-    device: Option<usize>,
-    stream: usize,
-    shape: Shape,
-    centers: Raw,
-    table: Option<Raw>,
+    target: Target,
+    map: MapArgs,
     grad_rows: Raw,
     grad_feat: Raw,
     deterministic: bool,
 ) -> PyResult<()> {
-    run(py, &dtype, Device::new(device, stream), || {
+    run(py, target, || {
+        let (map, scatter) = (map.checked()?, scatter(deterministic));
         Ok(DiffBackward {
-            shape: shape.feature()?,
-            centers: CenterTensors { centers, table },
+            map,
             grad_rows,
             grad_feat,
-            scatter: scatter(deterministic),
+            scatter,
         })
     })
 }
@@ -286,11 +290,4 @@ pub fn scatter(deterministic: bool) -> Scatter {
     } else {
         Scatter::Atomic
     }
-}
-
-pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(center_table, m)?)?;
-    m.add_function(wrap_pyfunction!(neighbor_diff, m)?)?;
-    m.add_function(wrap_pyfunction!(neighbor_diff_backward, m)?)?;
-    Ok(())
 }

@@ -41,25 +41,31 @@ pub enum Device {
     },
 }
 
-impl Device {
-    /// From Python's `(device.index or None, stream)`.
-    pub fn new(ordinal: Option<usize>, stream: usize) -> Self {
-        match ordinal {
-            None => Device::Cpu,
-            Some(ordinal) => Device::Cuda { ordinal, stream },
+/// Where an op runs and on what, as Python passes it (the package's `target`): `(dtype,
+/// device.index or None, stream)`, the dtype one of "f32", "f16", "bf16" ("f64" too on the
+/// CPU).
+#[derive(Debug, Clone, FromPyObject)]
+pub struct Target(pub String, pub Option<usize>, pub usize);
+
+impl Target {
+    /// The device the op runs on.
+    pub fn device(&self) -> Device {
+        match *self {
+            Target(_, None, _) => Device::Cpu,
+            Target(_, Some(ordinal), stream) => Device::Cuda { ordinal, stream },
         }
     }
 }
 
-/// Makes the op with `make` (which checks shapes, centres and tau) and runs it on `device`
-/// for tensors of `dtype` ("f32", "f16", "bf16"; "f64" on the CPU), without the GIL: the
-/// skeleton every `#[pyfunction]` shares. A bad value is a Python exception ([`to_py`]).
+/// Makes the op with `make` (which checks shapes, centres and tau) and runs it at `target`,
+/// without the GIL: the skeleton every `#[pyfunction]` shares. A bad value is a Python
+/// exception ([`to_py`]).
 pub fn run<O: Op>(
     py: Python<'_>,
-    dtype: &str,
-    device: Device,
+    target: Target,
     make: impl FnOnce() -> Result<O> + Send,
 ) -> PyResult<()> {
+    let (dtype, device) = (target.0.as_str(), target.device());
     py.detach(|| {
         let op = make()?;
         match device {

@@ -1,11 +1,12 @@
 //! The CCP loss of a learned head's rows (`ccpl.rows_loss`): forward and backward.
 //!
 //! What the forward keeps for the backward is two tensors the package allocates with PyTorch
-//! and autograd saves: `units`, the normalised rows `(2, B, S, C)` = `[q, k]`, and `stats`,
-//! `(4, B, S)` = `[norms_q, norms_k, row_lse, row_loss]`; with the rows themselves (the op's
-//! inputs) they are the crate's rows workspace ([`RowsWorkspace`]). On CUDA they are in the
-//! rows' dtype and float32, as the kernels keep them; on the CPU both are float64, so the CPU
-//! path is the float64 reference from end to end. The backward's scratch (the gradient of
+//! and autograd saves: `saved`, the normalised rows `(2, B, S, C)` = `[unit_q, unit_k]`, and
+//! `stats`, `(4, B, S)` = `[norms_q, norms_k, row_lse, row_loss]`: the part of the crate's rows
+//! workspace ([`RowsWorkspace`]) its backward reads, in the rows' dtype and float32, as the
+//! kernels keep them (the rows themselves are not kept). On the CPU both are float64, and
+//! `saved` is `(4, B, S, C)` = `[q, k, unit_q, unit_k]`, since the float64 reference's backward
+//! reads the rows too: the CPU path is the reference from end to end. The backward's scratch (the gradient of
 //! the normalised rows, `(B, S, C)`) is allocated by the package for the backward only.
 
 use ccpl::launch::{Buf, Launcher};
@@ -16,8 +17,8 @@ use ccpl::reference::{
 use ccpl::{Dtype, Element, Result, RowShape, Tau, check_len};
 use pyo3::prelude::*;
 
-use crate::op::{Device, Op, run};
-use crate::{HostDtype, Raw, cuda_only, host_scalar, split, split_host, store, store_loss, widen};
+use crate::op::{Op, Target, run};
+use crate::{BackwardBufs, HostDtype, HostGrads, Raw, split, split_host, store, store_loss, widen};
 
 /// A buffer a sequence of plans does not touch: a plan that did would refuse its length.
 pub const ABSENT: Buf = Buf { addr: 0, len: 0 };
@@ -89,27 +90,32 @@ pub fn backward_device<T: Dtype, L: Launcher>(
     plan.backward::<T, _>(launcher, &ws, Some(upstream), grad_q, grad_k)
 }
 
-/// The forward on the host, in float64: fills `units` and `stats` (float64) and returns the
+/// The forward on the host, in float64, of the rows `[q, k]`: fills `saved` (`[q, k, unit_q,
+/// unit_k]`, the rows and their normalisation, float64) and `stats` (float64), and returns the
 /// loss.
-pub fn forward_host<T: Element>(
+pub fn forward_host(
     shape: &RowShape,
     tau: Tau,
-    q: &[T],
-    k: &[T],
-    units: &mut [f64],
+    rows: [Vec<f64>; 2],
+    saved: &mut [f64],
     stats: &mut [f64],
 ) -> Result<f64> {
     let (n, bs) = (shape.len(), shape.count());
-    check_len("q_rows", n, q.len())?;
-    check_len("k_rows", n, k.len())?;
-    check_len("saved normalised rows", 2 * n, units.len())?;
+    check_len("q_rows", n, rows[0].len())?;
+    check_len("k_rows", n, rows[1].len())?;
+    check_len("saved rows", 4 * n, saved.len())?;
     check_len("saved row statistics", 4 * bs, stats.len())?;
-    let unit_q = normalize_rows(&widen(q), shape.width())?;
-    let unit_k = normalize_rows(&widen(k), shape.width())?;
+    let [q, k] = rows;
+    let unit_q = normalize_rows(&q, shape.width())?;
+    let unit_k = normalize_rows(&k, shape.width())?;
     let logits = similarity(&unit_q.rows, &unit_k.rows, shape, tau)?;
     let forward = info_nce_forward(&logits, shape.batch(), shape.rows())?;
-    units[..n].copy_from_slice(&unit_q.rows);
-    units[n..].copy_from_slice(&unit_k.rows);
+    for (slot, values) in saved
+        .chunks_exact_mut(n)
+        .zip([q, k, unit_q.rows, unit_k.rows])
+    {
+        slot.copy_from_slice(&values);
+    }
     let kept = [
         &unit_q.norms,
         &unit_k.norms,
@@ -124,19 +130,14 @@ pub fn forward_host<T: Element>(
 
 /// The backward on the host, in float64 from what [`forward_host`] kept: writes `upstream`
 /// times the gradient with respect to `q` into `grad_q`, and to `k` into `grad_k` when given.
-#[allow(clippy::too_many_arguments)]
 pub fn backward_host<T: Element>(
     shape: &RowShape,
     tau: Tau,
-    q: &[T],
-    k: &[T],
-    units: &[f64],
-    stats: &[f64],
+    [saved, stats]: [&[f64]; 2],
     upstream: f64,
-    grad_q: &mut [T],
-    grad_k: Option<&mut [T]>,
+    (grad_q, grad_k): HostGrads<'_, T>,
 ) -> Result<()> {
-    let [unit_q, unit_k] = split_host::<f64, 2>("saved normalised rows", units, shape.len())?;
+    let [q, k, unit_q, unit_k] = split_host::<f64, 4>("saved rows", saved, shape.len())?;
     let [_, _, row_lse, _] = split_host::<f64, 4>("saved row statistics", stats, shape.count())?;
     let logits = similarity(unit_q, unit_k, shape, tau)?;
     let grads = info_nce_backward(
@@ -151,33 +152,31 @@ pub fn backward_host<T: Element>(
     )?;
     store(
         grad_q,
-        &normalize_rows_backward(&widen(q), &grads.dq, shape.width())?,
+        &normalize_rows_backward(q, &grads.dq, shape.width())?,
     )?;
     if let (Some(grad_k), Some(dk)) = (grad_k, grads.dk) {
-        store(
-            grad_k,
-            &normalize_rows_backward(&widen(k), &dk, shape.width())?,
-        )?;
+        store(grad_k, &normalize_rows_backward(k, &dk, shape.width())?)?;
     }
     Ok(())
 }
 
 /// The forward of `rows_loss`: the loss of `rows` `[q, k]`, and what the backward reads.
 struct Forward {
+    rows: [Raw; 2],
     shape: RowShape,
     tau: Tau,
-    rows: [Raw; 2],
     saved: [Raw; 2],
     loss: Raw,
 }
 
 impl Op for Forward {
     unsafe fn cpu<T: HostDtype>(&self) -> Result<()> {
-        let ([q, k], [units, stats]) = (self.rows, self.saved);
+        let ([q, k], [saved, stats]) = (self.rows, self.saved);
         // SAFETY: rows of T, saved float64, the loss of T's loss type (the caller's contract).
         unsafe {
-            let (units, stats) = (units.host_mut(), stats.host_mut());
-            let value = forward_host::<T>(&self.shape, self.tau, q.host(), k.host(), units, stats)?;
+            let rows = [widen(q.host::<T>()), widen(k.host::<T>())];
+            let (saved, stats) = (saved.host_mut(), stats.host_mut());
+            let value = forward_host(&self.shape, self.tau, rows, saved, stats)?;
             store_loss::<T>(self.loss, value)
         }
     }
@@ -192,69 +191,55 @@ impl Op for Forward {
 struct Backward {
     shape: RowShape,
     tau: Tau,
-    rows: [Raw; 2],
-    saved: [Raw; 2],
-    upstream: Raw,
-    scratch: Option<Raw>,
-    grad_q: Raw,
-    grad_k: Option<Raw>,
+    bufs: BackwardBufs,
 }
 
 impl Op for Backward {
     unsafe fn cpu<T: HostDtype>(&self) -> Result<()> {
-        let ([q, k], [units, stats]) = (self.rows, self.saved);
         // SAFETY: host tensors of the named types (the caller's contract).
         unsafe {
-            let upstream = host_scalar::<T::Loss>(self.upstream)?;
-            let (grad_q, grad_k) = (self.grad_q.host_mut(), self.grad_k.map(|g| g.host_mut()));
-            let (units, stats) = (units.host(), stats.host());
-            let (shape, tau) = (&self.shape, self.tau);
-            backward_host::<T>(
-                shape,
-                tau,
-                q.host(),
-                k.host(),
-                units,
-                stats,
-                upstream,
-                grad_q,
-                grad_k,
-            )
+            let b = self.bufs.host::<T>()?;
+            backward_host::<T>(&self.shape, self.tau, b.saved, b.upstream, b.grads)
         }
     }
 
     fn cuda<T: Dtype, L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
-        let scratch = cuda_only(self.scratch, "the backward's scratch")?.buf();
-        let (saved, upstream) = (self.saved.map(Raw::buf), self.upstream.buf());
-        let (grad_q, grad_k) = (self.grad_q.buf(), self.grad_k.map(Raw::buf));
+        let b = self.bufs.device()?;
         let (shape, tau) = (self.shape, self.tau);
         backward_device::<T, _>(
-            launcher, shape, tau, saved, upstream, scratch, grad_q, grad_k,
+            launcher, shape, tau, b.saved, b.upstream, b.scratch, b.grad_q, b.grad_k,
         )
+    }
+}
+
+/// `(B, S, C)` rows and tau as Python passes them: `((B, S, C), tau)`.
+#[derive(Debug, Clone, Copy, FromPyObject)]
+pub struct RowsArgs((usize, usize, usize), f64);
+
+impl RowsArgs {
+    /// The checked shape and tau.
+    pub fn checked(self) -> Result<(RowShape, Tau)> {
+        let RowsArgs((b, s, c), tau) = self;
+        Ok((RowShape::new(b, s, c)?, Tau::new(tau)?))
     }
 }
 
 /// The forward of `rows_loss` on `(B, S, C)` rows `[q, k]`.
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
-fn rows_forward(
+pub(crate) fn rows_forward(
     py: Python<'_>,
-    dtype: String,
-    device: Option<usize>,
-    stream: usize,
-    shape: (usize, usize, usize),
-    tau: f64,
+    target: Target,
+    args: RowsArgs,
     rows: [Raw; 2],
     saved: [Raw; 2],
     loss: Raw,
 ) -> PyResult<()> {
-    run(py, &dtype, Device::new(device, stream), || {
-        let tau = Tau::new(tau)?;
-        let shape = RowShape::new(shape.0, shape.1, shape.2)?;
+    run(py, target, || {
+        let (shape, tau) = args.checked()?;
         Ok(Forward {
+            rows,
             shape,
             tau,
-            rows,
             saved,
             loss,
         })
@@ -263,39 +248,14 @@ fn rows_forward(
 
 /// The backward of `rows_loss`: the gradient of `q` (and of `k` when `grad_k` is given).
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
-fn rows_backward(
+pub(crate) fn rows_backward(
     py: Python<'_>,
-    dtype: String,
-    device: Option<usize>,
-    stream: usize,
-    shape: (usize, usize, usize),
-    tau: f64,
-    rows: [Raw; 2],
-    saved: [Raw; 2],
-    upstream: Raw,
-    scratch: Option<Raw>,
-    grad_q: Raw,
-    grad_k: Option<Raw>,
+    target: Target,
+    args: RowsArgs,
+    bufs: BackwardBufs,
 ) -> PyResult<()> {
-    run(py, &dtype, Device::new(device, stream), || {
-        let tau = Tau::new(tau)?;
-        let shape = RowShape::new(shape.0, shape.1, shape.2)?;
-        Ok(Backward {
-            shape,
-            tau,
-            rows,
-            saved,
-            upstream,
-            scratch,
-            grad_q,
-            grad_k,
-        })
+    run(py, target, || {
+        let (shape, tau) = args.checked()?;
+        Ok(Backward { shape, tau, bufs })
     })
-}
-
-pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(rows_forward, m)?)?;
-    m.add_function(wrap_pyfunction!(rows_backward, m)?)?;
-    Ok(())
 }

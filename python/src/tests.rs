@@ -10,8 +10,11 @@ use ccpl::{Centers, Error, FeatureShape, Layout, RowShape, Tau};
 use ccpl_emu::{Emulator, buf, buf_mut};
 use ccpl_testkit::Rng;
 
+use ccpl::loss::multi_layer::LossPlan;
+
 use crate::neighbor::{self, fill_table, table_buf};
-use crate::{layer, rows, split};
+use crate::op::Op;
+use crate::{Raw, layer, loss, rows, split};
 
 const F32_TOLERANCE: f64 = 1e-5;
 
@@ -147,11 +150,12 @@ fn rows_loss_on_the_emulator_matches_the_host_path() {
         buf_mut(&mut loss),
     )
     .unwrap();
-    let (mut host_units, mut host_stats) = (vec![0.0; 2 * n], vec![0.0; 4 * bs]);
+    let (mut host_saved, mut host_stats) = (vec![0.0; 4 * n], vec![0.0; 4 * bs]);
+    let rows = [widen(&q), widen(&k)];
     let host_loss =
-        rows::forward_host(&shape, tau, &q, &k, &mut host_units, &mut host_stats).unwrap();
+        rows::forward_host(&shape, tau, rows, &mut host_saved, &mut host_stats).unwrap();
     assert_close("loss", &loss, &[host_loss]);
-    assert_close("saved normalised rows", &units, &host_units);
+    assert_close("saved normalised rows", &units, &host_saved[2 * n..]);
     assert_close("saved row statistics", &stats, &host_stats);
 
     for grad_k in [false, true] {
@@ -169,18 +173,8 @@ fn rows_loss_on_the_emulator_matches_the_host_path() {
         )
         .unwrap();
         let (mut want_q, mut want_k) = (vec![0.0f32; n], vec![0.0f32; n]);
-        rows::backward_host(
-            &shape,
-            tau,
-            &q,
-            &k,
-            &host_units,
-            &host_stats,
-            0.75,
-            &mut want_q,
-            grad_k.then_some(&mut want_k[..]),
-        )
-        .unwrap();
+        let want = (&mut want_q[..], grad_k.then_some(&mut want_k[..]));
+        rows::backward_host(&shape, tau, [&host_saved, &host_stats], 0.75, want).unwrap();
         assert_close("grad_q", &grad_q, &widen(&want_q));
         if grad_k {
             assert_close("grad_k", &grad_k_rows, &widen(&want_k));
@@ -249,17 +243,9 @@ fn layer_loss_on_the_emulator_matches_the_host_path() {
         )
         .unwrap();
         let (mut want_q, mut want_k) = (initial.clone(), initial.clone());
-        layer::backward_host(
-            &shape,
-            &centers,
-            tau,
-            &host_rows,
-            &host_stats,
-            1.5,
-            &mut want_q,
-            Some(&mut want_k[..]),
-        )
-        .unwrap();
+        let saved = [&host_rows[..], &host_stats[..]];
+        let want = (&mut want_q[..], Some(&mut want_k[..]));
+        layer::backward_host(&shape, &centers, tau, saved, 1.5, want).unwrap();
         // The gradient is added to what the buffers held, on both paths.
         assert_close(&format!("grad_q {layout:?}"), &grad_q, &widen(&want_q));
         assert_close(&format!("grad_k {layout:?}"), &grad_k, &widen(&want_k));
@@ -321,4 +307,157 @@ fn saved_tensors_of_the_wrong_size_are_refused_before_any_launch() {
         forward([buf(&rows), buf(&stats)], no_loss),
         Err(Error::Length { .. })
     ));
+}
+
+/// A raw tensor over a host buffer, as Python passes one.
+fn raw(b: Buf) -> Raw {
+    Raw(b.addr, b.len)
+}
+
+#[test]
+fn whole_loss_on_the_emulator_matches_the_host_path_on_the_sampler_centres() {
+    let mut rng = Rng::new(9);
+    // A small-S layer (N = 35, S = 280) and a fused one (N = 70, S = 560), one of them NHWC.
+    let shapes = [
+        FeatureShape::new(2, 4, 7, 9, Layout::Nchw).unwrap(),
+        FeatureShape::new(2, 3, 12, 12, Layout::Nhwc).unwrap(),
+    ];
+    let plan = LossPlan::new(&shapes.map(|s| (s, 70)), Tau::new(0.1).unwrap()).unwrap();
+    assert!(plan.is_small(0) && !plan.is_small(1));
+    let feats: Vec<[Vec<f32>; 2]> = shapes
+        .iter()
+        .map(|s| [random(&mut rng, s.len()), random(&mut rng, s.len())])
+        .collect();
+    let feat_raws: Vec<[Raw; 2]> = feats
+        .iter()
+        .map(|f| [0, 1].map(|i| raw(buf(&f[i]))))
+        .collect();
+    let seed: u64 = 0x0123_4567_89ab_cdef;
+
+    // The device workspace as the package makes it: zeroed, the centre maps empty, the seed
+    // in the counters (u64 words: aligned as PyTorch's allocations).
+    let (ws, bytes) = loss::carve(&plan, 4, 0).unwrap();
+    let mut device_ws = vec![0u64; bytes.div_ceil(8)];
+    {
+        let words = buf_mut(&mut device_ws).addr as *mut u8;
+        // SAFETY: every range lies inside `device_ws` (carve's layout spans `bytes`).
+        let at = |offset: u64| unsafe { words.add(offset as usize) };
+        for c in &ws.centers {
+            unsafe { std::slice::from_raw_parts_mut(at(c.map.addr) as *mut i32, c.map.len) }
+                .fill(-1);
+        }
+        unsafe { std::slice::from_raw_parts_mut(at(ws.counters.addr), 8) }
+            .copy_from_slice(&seed.to_le_bytes());
+    }
+    let device_raw = Raw(buf(&device_ws).addr, bytes);
+    let host_seed = seed.to_le_bytes();
+    let emu = emulator(10);
+
+    let (mut loss, mut host_loss) = (nan(1), nan(1));
+    let forward = |workspace: Raw, loss: Buf| loss::Forward {
+        plan: plan.clone(),
+        feats: feat_raws.clone(),
+        workspace,
+        loss: raw(loss),
+    };
+    forward(device_raw, buf_mut(&mut loss))
+        .cuda::<f32, _>(&emu)
+        .unwrap();
+    // SAFETY: host buffers of the named types, alive for the call.
+    unsafe { forward(raw(buf(&host_seed)), buf_mut(&mut host_loss)).cpu::<f32>() }.unwrap();
+    assert_close("whole loss", &loss, &widen(&host_loss));
+
+    let upstream = [1.5f32];
+    let initial: Vec<Vec<f32>> = shapes.iter().map(|s| random(&mut rng, s.len())).collect();
+    let (mut device_grads, mut host_grads) = (
+        [initial.clone(), initial.clone()],
+        [initial.clone(), initial],
+    );
+    let backward = |workspace: Raw, grads: &mut [Vec<Vec<f32>>; 2]| {
+        let [q, k] = grads
+            .each_mut()
+            .map(|g| g.iter_mut().map(|g| raw(buf_mut(g))).collect());
+        loss::Backward {
+            plan: plan.clone(),
+            workspace,
+            feats: feat_raws.clone(),
+            upstream: raw(buf(&upstream)),
+            grads_q: q,
+            grads_k: Some(k),
+        }
+    };
+    backward(device_raw, &mut device_grads)
+        .cuda::<f32, _>(&emu)
+        .unwrap();
+    // SAFETY: as above.
+    unsafe { backward(raw(buf(&host_seed)), &mut host_grads).cpu::<f32>() }.unwrap();
+    for side in 0..2 {
+        for l in 0..2 {
+            let what = format!("gradient of side {side}, layer {l}");
+            assert_close(&what, &device_grads[side][l], &widen(&host_grads[side][l]));
+        }
+    }
+}
+
+/// Records the kernels launched, running none.
+#[derive(Default)]
+struct Recorder(std::cell::RefCell<Vec<String>>);
+impl Launcher for Recorder {
+    type Error = Error;
+    fn launch<P: KernelParams>(&self, plan: &LaunchPlan<P>) -> Result<(), Error> {
+        self.0.borrow_mut().push(plan.kernel.to_string());
+        Ok(())
+    }
+}
+
+/// The launches of a training step through `ccpl.ccp_loss` (the identity head; its default,
+/// `grad_k=False`): its forward and backward halves as the package calls them, at the paper's
+/// configuration (B = 8, num_s = 8, relu2_1 128x128x128, relu3_1 256x64x64, relu4_1
+/// 512x32x32, float32). Counted, not run: the crate's `paper_configuration` case runs this
+/// very sequence on the emulator against the reference. The step with learned heads
+/// (`ccpl.CCPL`) is another sequence, the ops `neighbor_diff` and `rows_loss` per layer.
+#[test]
+fn whole_loss_is_three_launches_per_training_step_at_the_paper_configuration() {
+    let layers = [(128, 128), (256, 64), (512, 32)].map(|(c, side)| {
+        (
+            FeatureShape::new(8, c, side, side, Layout::Nchw).unwrap(),
+            8,
+        )
+    });
+    let plan = LossPlan::new(&layers, Tau::DEFAULT).unwrap();
+    let (_, bytes) = loss::carve(&plan, 4, 0).unwrap();
+    // Placeholder addresses of the right lengths: nothing is launched.
+    let nowhere = |len: usize| Raw(0, len);
+    let maps: Vec<Raw> = layers.iter().map(|(s, _)| nowhere(s.len())).collect();
+    let recorder = Recorder::default();
+    let forward = loss::Forward {
+        plan: plan.clone(),
+        feats: maps.iter().map(|&m| [m; 2]).collect(),
+        workspace: nowhere(bytes),
+        loss: nowhere(1),
+    };
+    forward.cuda::<f32, _>(&recorder).unwrap();
+    let backward = loss::Backward {
+        plan,
+        workspace: nowhere(bytes),
+        feats: Vec::new(),
+        upstream: nowhere(1),
+        grads_q: maps,
+        grads_k: None,
+    };
+    backward.cuda::<f32, _>(&recorder).unwrap();
+    let launched = recorder.0.into_inner();
+    println!(
+        "ccpl launches per training step from PyTorch at the paper configuration, identity \
+         head (ccpl.ccp_loss): {}",
+        launched.len()
+    );
+    assert_eq!(
+        launched,
+        [
+            "small_s_gather_f32",
+            "small_s_rows_f32",
+            "small_s_scatter_f32"
+        ]
+    );
 }

@@ -10,16 +10,8 @@ import torch
 
 import ccpl
 import original
-from conftest import (
-    F32_TOLERANCE,
-    F64_GRAD_TOLERANCE,
-    F64_LOSS_TOLERANCE,
-    assert_close,
-    centers_for,
-    features,
-    rows_model,
-    sixteen_bit_tolerance,
-)
+from conftest import F32_TOLERANCE, F64_GRAD_TOLERANCE, F64_LOSS_TOLERANCE, assert_close
+from conftest import centers_for, features, rows_model, sixteen_bit_tolerance
 
 # A small VGG-like pyramid: four layers, channels doubling, maps halving (odd sizes).
 CHANNELS = (8, 16, 24, 32)

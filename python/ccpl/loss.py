@@ -1,0 +1,320 @@
+"""The whole CCP loss with the identity head, every layer in one call: ``ccp_loss`` (forward,
+backward, autograd).
+
+On CUDA it is the crate's whole loss (``ccpl::cuda::CcpLoss``'s launches): the centres of
+every layer drawn on the device by the crate's Philox sampler, and for the layers of
+``S = 8N <= 512`` (``num_s <= 64``, the paper's sizes) three launches for all of them, forward
+and backward together. The sampler's seed is drawn from PyTorch's default generator of the
+features' device (on CUDA on the device: no host wait), so the centres follow
+``torch.manual_seed`` and are new at every call. The forward op returns the loss and the
+crate's workspace, which autograd keeps for the backward.
+"""
+
+# The custom ops' annotations are real types, not strings (no `from __future__ import
+# annotations`), and typing's List: torch before 2.7 infers a schema from neither
+# strings nor `list[int]`.
+import numbers
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _ccpl
+from ._common import (
+    DEFAULT_TAU,
+    channels_last,
+    check_dtype,
+    check_feature_size,
+    check_float,
+    check_pair,
+    check_tau,
+    check_tensor,
+    check_upstream,
+    first_order_only,
+    loss_dtype,
+    on_device,
+    raw,
+    target,
+    upstream_of,
+)
+
+SEED_BYTES = 8
+"""The sampler's seed: two int32 words, low first (the device's counters hold it so)."""
+
+
+def ccp_loss(
+    feats_q: Sequence[Tensor],
+    feats_k: Sequence[Tensor],
+    num_s: int,
+    layers: Sequence[int],
+    tau: float = DEFAULT_TAU,
+    *,
+    grad_k: bool = False,
+) -> Tensor:
+    """The CCP loss with the identity head (no MLP), summed over the encoder layers
+    ``layers`` (indices into ``feats_q`` and ``feats_k``, e.g. ``range(start_layer,
+    end_layer)``), with centres drawn on the device: for each layer, ``min(num_s, (H-2)(W-2))``
+    distinct interior positions shared by the batch and both sides, then the layer's loss as
+    ``ccp_layer_loss`` computes it.
+
+    The centres are new at every call and reproducible under ``torch.manual_seed``: the
+    sampler's seed is drawn from PyTorch's default generator of the features' device
+    (``draw_seed``), and layer ``j`` of ``layers`` takes the centres
+    ``loss_centers(H, W, num_s, seed, j)``. The CPU path (the float64 reference) draws the
+    same centres as the CUDA path from the same seed.
+
+    Differentiable in ``feats_q``; in ``feats_k`` only with ``grad_k=True`` (the original
+    detaches the content side). Every map: ``(B, C, H, W)``, contiguous or channels_last,
+    ``feats_q[i]`` and ``feats_k[i]`` of one shape and layout, every layer of one dtype and
+    device (float32, float16 or bfloat16 on CUDA; float64 too on the CPU). Returns a 0-dim
+    float32 tensor (float64 for float64 features).
+    """
+    picked = _pick_layers(feats_q, feats_k, layers)
+    qs = [check_tensor(f"feats_q[{i}]", feats_q[i]) for i in picked]
+    ks = [check_tensor(f"feats_k[{i}]", feats_k[i]) for i in picked]
+    num_s, tau = _check_num_s(num_s), check_tau(tau)
+    _shapes(qs, ks)
+    seed = draw_seed(qs[0].device)
+    return _loss(qs, ks, seed, num_s, tau, bool(grad_k))[0]
+
+
+def draw_seed(device: torch.device) -> Tensor:
+    """The sampler's seed of one ``ccp_loss`` call: two int32 words drawn from PyTorch's
+    default generator of ``device``, on that device (on CUDA nothing reaches the host)."""
+    return torch.randint(-(2**31), 2**31, (2,), dtype=torch.int32, device=device)
+
+
+def seed_value(seed: Tensor) -> int:
+    """A seed drawn by ``draw_seed`` as the 64-bit integer the sampler is keyed with (a read
+    on the host: for checking, not for a training step)."""
+    low, high = (int(w) & 0xFFFFFFFF for w in seed.cpu())
+    return low | high << 32
+
+
+def loss_centers(height: int, width: int, num_s: int, seed: int, layer: int) -> Tensor:
+    """The centres ``ccp_loss`` takes in its ``layer``-th layer (position in ``layers``) of a
+    ``height x width`` map under ``seed`` (``seed_value``): a 1-D int64 CPU tensor of flat
+    indices, as ``ccp_layer_loss`` takes them."""
+    flat = _ccpl.philox_centers(height, width, num_s, seed, 0, layer)
+    return torch.tensor(flat, dtype=torch.int64)
+
+
+def _pick_layers(feats_q: object, feats_k: object, layers: object) -> List[int]:
+    for name, feats in (("feats_q", feats_q), ("feats_k", feats_k)):
+        if isinstance(feats, Tensor) or not isinstance(feats, Sequence):
+            raise TypeError(f"{name} must be a sequence of feature maps, one per encoder layer")
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+        raise TypeError(f"layers must be a sequence of layer indices, got {type(layers).__name__}")
+    picked = list(layers)
+    if not picked:
+        raise ValueError("layers is empty: the loss needs at least one layer")
+    available = min(len(feats_q), len(feats_k))
+    for i in picked:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise TypeError(f"layers holds {i!r}: layer indices are ints")
+        if not 0 <= i < available:
+            raise ValueError(
+                f"layer {i} asked for, but feats_q and feats_k hold {len(feats_q)} and "
+                f"{len(feats_k)} maps"
+            )
+    return [int(i) for i in picked]
+
+
+def _check_num_s(num_s: object) -> int:
+    if isinstance(num_s, bool) or not isinstance(num_s, numbers.Integral):
+        raise TypeError(f"num_s must be an int, got {type(num_s).__name__}")
+    if num_s < 1:
+        raise ValueError(f"num_s is {num_s}: at least one centre per layer is needed")
+    return int(num_s)
+
+
+def _shapes(feats_q: List[Tensor], feats_k: List[Tensor]) -> List[Tuple[int, int, int, int, bool]]:
+    """Every map checked; each layer's `(B, C, H, W, channels_last)` for the Rust side."""
+    shapes = []
+    for j, (q, k) in enumerate(zip(feats_q, feats_k)):
+        names = (f"feats_q[{j}]", f"feats_k[{j}]")
+        check_float(names[0], q)
+        check_float(names[1], k)
+        check_pair(names, q, k)
+        first = feats_q[0]
+        if q.device != first.device or q.dtype != first.dtype:
+            raise ValueError(
+                f"{names[0]} is {q.dtype} on {q.device} but feats_q[0] is {first.dtype} on "
+                f"{first.device}: every layer must have one dtype and device"
+            )
+        last = channels_last(names[0], q)
+        if channels_last(names[1], k) != last:
+            raise ValueError(f"{names[0]} and {names[1]} must have the same layout")
+        shapes.append((*q.shape, last))
+    return shapes
+
+
+def _check_seed(seed: Tensor, device: torch.device) -> None:
+    seed = check_tensor("seed", seed)
+    if seed.dtype != torch.int32 or tuple(seed.shape) != (2,) or seed.device != device:
+        raise ValueError(
+            f"seed must be two int32 words on {device} (draw_seed), got {seed.dtype} of shape "
+            f"{tuple(seed.shape)} on {seed.device}"
+        )
+
+
+def _workspace(like: Tensor, shapes: list, num_s: int, tau: float, seed: Tensor) -> Tensor:
+    """The workspace of one call: on CUDA the crate's, zeroed, every centre map empty (-1) and
+    the seed in its counters; on the CPU the seed alone."""
+    if like.device.type != "cuda":
+        return seed.contiguous().view(torch.uint8).clone()
+    size, counters, maps = _ccpl.loss_layout(shapes, num_s, tau, like.element_size())
+    workspace = torch.zeros(size, dtype=torch.uint8, device=like.device)
+    for at, entries in maps:
+        workspace[at : at + 4 * entries].view(torch.int32).fill_(-1)
+    workspace[counters : counters + SEED_BYTES].copy_(seed.contiguous().view(torch.uint8))
+    return workspace
+
+
+def _empty_workspace(like: Tensor, shapes: list, num_s: int, tau: float) -> Tensor:
+    if like.device.type != "cuda":
+        return like.new_empty((SEED_BYTES,), dtype=torch.uint8)
+    size, _, _ = _ccpl.loss_layout(shapes, num_s, tau, like.element_size())
+    return like.new_empty((size,), dtype=torch.uint8)
+
+
+def _pairs(feats_q: List[Tensor], feats_k: List[Tensor]) -> list:
+    return [(raw(q), raw(k)) for q, k in zip(feats_q, feats_k)]
+
+
+@torch.library.custom_op("ccpl::ccp_loss", mutates_args=())
+def _loss(
+    feats_q: List[Tensor], feats_k: List[Tensor], seed: Tensor, num_s: int, tau: float, grad_k: bool
+) -> Tuple[Tensor, Tensor]:
+    shapes = _shapes(feats_q, feats_k)
+    like = feats_q[0]
+    _check_seed(seed, like.device)
+    loss = like.new_empty((), dtype=loss_dtype(like.dtype))
+    workspace = _workspace(like, shapes, num_s, tau, seed)
+    with on_device(like):
+        _ccpl.loss_forward(
+            target(like), shapes, num_s, tau, _pairs(feats_q, feats_k), raw(workspace), raw(loss)
+        )
+    return loss, workspace
+
+
+@_loss.register_fake
+def _(feats_q, feats_k, seed, num_s, tau, grad_k):
+    shapes = _shapes(feats_q, feats_k)
+    like = feats_q[0]
+    _check_seed(seed, like.device)
+    return like.new_empty((), dtype=loss_dtype(like.dtype)), _empty_workspace(
+        like, shapes, num_s, tau
+    )
+
+
+def _check_backward(grad, workspace, feats_q, feats_k, sizes, dtype, num_s, tau) -> list:
+    """The backward op's arguments as the forward made them, checked before any work; the
+    layers' `(B, C, H, W, channels_last)`."""
+    workspace = check_tensor("workspace", workspace)
+    device = workspace.device
+    check_dtype("the features", dtype, device)
+    if len(sizes) % 5 or not sizes:
+        raise ValueError(f"sizes must hold (B, C, H, W, channels_last) per layer, got {sizes!r}")
+    shapes = [
+        (*check_feature_size(sizes[i : i + 4]), bool(sizes[i + 4])) for i in range(0, len(sizes), 5)
+    ]
+    if device.type != "cuda":
+        # The CPU half reads the maps again: they must be the forward's, of `dtype`.
+        if _shapes(feats_q, feats_k) != shapes:
+            raise ValueError("the feature maps are not those of the forward")
+        if feats_q[0].dtype != dtype or feats_q[0].device != device:
+            raise TypeError(
+                f"the feature maps are {feats_q[0].dtype} on {feats_q[0].device}, the "
+                f"backward was asked for {dtype} on {device}"
+            )
+    expected = _empty_workspace(torch.empty(0, dtype=dtype, device=device), shapes, num_s, tau)
+    if workspace.dtype != torch.uint8 or workspace.shape != expected.shape:
+        raise ValueError(
+            f"workspace is {workspace.dtype} of shape {tuple(workspace.shape)}, the forward "
+            f"keeps uint8 of shape {tuple(expected.shape)}"
+        )
+    check_upstream(grad, device)
+    check_tau(tau)
+    return shapes
+
+
+@torch.library.custom_op("ccpl::ccp_loss_backward", mutates_args=())
+def _loss_backward(
+    grad: Tensor,
+    workspace: Tensor,
+    feats_q: List[Tensor],
+    feats_k: List[Tensor],
+    sizes: List[int],
+    dtype: torch.dtype,
+    num_s: int,
+    tau: float,
+    grad_k: bool,
+) -> List[Tensor]:
+    shapes = _check_backward(grad, workspace, feats_q, feats_k, sizes, dtype, num_s, tau)
+    # The backward adds into the gradients, as the kernels' scatter does.
+    grads = [_empty_grad(workspace, s, dtype).zero_() for s in shapes * (2 if grad_k else 1)]
+    upstream = upstream_of(grad, dtype)
+    layers = len(shapes)
+    with on_device(workspace):
+        _ccpl.loss_backward(
+            target(grads[0]),
+            shapes,
+            num_s,
+            tau,
+            raw(workspace),
+            _pairs(feats_q, feats_k),
+            raw(upstream),
+            ([raw(g) for g in grads[:layers]], [raw(g) for g in grads[layers:]] if grad_k else None),
+        )
+    return grads
+
+
+def _empty_grad(like: Tensor, shape: tuple, dtype: torch.dtype) -> Tensor:
+    layout = torch.channels_last if shape[4] else torch.contiguous_format
+    return torch.empty(shape[:4], dtype=dtype, device=like.device, memory_format=layout)
+
+
+@_loss_backward.register_fake
+def _(grad, workspace, feats_q, feats_k, sizes, dtype, num_s, tau, grad_k):
+    shapes = _check_backward(grad, workspace, feats_q, feats_k, sizes, dtype, num_s, tau)
+    return [_empty_grad(workspace, s, dtype) for s in shapes * (2 if grad_k else 1)]
+
+
+def _setup_context(ctx, inputs, output):
+    feats_q, feats_k, _, num_s, tau, grad_k = inputs
+    _, workspace = output
+    ctx.mark_non_differentiable(workspace)
+    # The CUDA backward reads the workspace alone; the CPU's recomputes from the maps.
+    on_host = workspace.device.type != "cuda"
+    ctx.layers = len(feats_q)
+    ctx.save_for_backward(workspace, *((*feats_q, *feats_k) if on_host else ()))
+    ctx.sizes = [n for s in _shapes(feats_q, feats_k) for n in (*s[:4], int(s[4]))]
+    ctx.dtype, ctx.num_s, ctx.tau, ctx.grad_k = feats_q[0].dtype, num_s, tau, grad_k
+
+
+def _backward(ctx, grad, _workspace):
+    layers = ctx.layers
+    want_q = any(ctx.needs_input_grad[0])
+    want_k = ctx.grad_k and any(ctx.needs_input_grad[1])
+    if not (want_q or want_k):
+        return None, None, None, None, None, None
+    workspace, *feats = ctx.saved_tensors
+    grads = _loss_backward(
+        grad,
+        workspace,
+        feats[:layers] if feats else [],
+        feats[layers:] if feats else [],
+        ctx.sizes,
+        ctx.dtype,
+        ctx.num_s,
+        ctx.tau,
+        want_k,
+    )
+    grads_q = grads[:layers] if want_q else [None] * layers
+    grads_k = grads[layers:] if want_k else [None] * layers
+    tied = first_order_only("ccp_loss", [*grads_q, *grads_k])
+    return tied[:layers], tied[layers:], None, None, None, None
+
+
+_loss.register_autograd(_backward, setup_context=_setup_context)
