@@ -4,9 +4,15 @@
 use ccpl::cuda::{self, entry_points};
 use ccpl::ffi::{IMAGES, NOT_BUILT, TOOLCHAIN};
 
-/// `kernels/*.cu`, the families build.rs must have compiled.
+/// `kernels/*.cu`, the families build.rs must have compiled: this crate's, else (a packed test
+/// binary on another machine, run from the repository root) `./kernels`.
 fn kernel_sources() -> Vec<String> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    let built_from = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    let dir = if built_from.is_dir() {
+        built_from
+    } else {
+        std::path::PathBuf::from("kernels")
+    };
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
