@@ -6,7 +6,9 @@
 #                                               # last line names the failed and unfinished ones)
 #     bash .device/gpu/run --plan               # the phases and their budgets, nothing run
 #     bash .device/gpu/run --rehearsal          # on a CPU (CI): tests may skip for want of a GPU,
-#                                               # the benchmark runs dry; everything else the same
+#                                               # the benchmark runs dry, every budget is 4 times
+#                                               # longer (the CPU does the GPU's work and more);
+#                                               # everything else the same
 # The phases, in order of importance, each with its budget in seconds (a phase gets its budget,
 # never more than what is left of the 540): the tensor-core calibration, the main job, the GPU
 # tests of the crate, candle and the Python package, compute-sanitizer's memcheck, racecheck and
@@ -50,6 +52,10 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
+# A rehearsal on a CPU computes on it what the GPU would, with fewer cores.
+budget_scale=1
+[ "$rehearsal" = 1 ] && budget_scale=4
+total_budget_s=$((total_budget_s * budget_scale))
 known=" ${phases[*]%%:*} "
 for name in ${only//,/ }; do
     [[ $known == *" $name "* ]] || { echo "gpu run: no phase named '$name' (phases:$known)" >&2; exit 2; }
@@ -258,6 +264,7 @@ export CCPL_GOLDEN_DIR=${CCPL_GOLDEN_DIR:-$root/tests/golden}
 for p in "${phases[@]}"; do
     IFS=: read -r name budget logname <<<"$p"
     selected "$name" || continue
+    budget=$((budget * budget_scale))
     log=$out/$logname
     limit=$(phase_limit "$budget")
     t0=$SECONDS
