@@ -96,6 +96,30 @@ typedef struct ccpl_row_shape {
     int32_t width; /* C */
 } ccpl_row_shape;
 
+/*
+ * The per-row statistics of an InfoNCE forward, float[B*S] each: row_lse = logsumexp_j L[b,i,j]
+ * and row_loss = row_lse - L[b,i,i]. The forwards write them, the backwards read them.
+ */
+typedef struct ccpl_row_stats {
+    uint64_t row_lse;
+    uint64_t row_loss;
+} ccpl_row_stats;
+
+/*
+ * The gradient an InfoNCE backward writes and what forms it besides the logits (or the rows
+ * they are recomputed from), the same for both backwards: with G = (softmax(L) - I) * upstream
+ * / (B*S), out = G other * inv_tau (transpose == 0, dq) or Gᵀ other * inv_tau (transpose == 1,
+ * dk).
+ */
+typedef struct ccpl_info_nce_grad {
+    ccpl_row_stats stats; /* in:  from the forward */
+    uint64_t upstream;    /* in:  float[1], on the device */
+    uint64_t out;         /* out: (B, S, C), T */
+    ccpl_row_shape shape;
+    int32_t transpose;
+    float inv_tau;
+} ccpl_info_nce_grad;
+
 /* The N centres of a feature map, as its difference rows are taken at them. */
 typedef struct ccpl_centers {
     uint64_t flat; /* int32[N], flat interior indices h*W + w */
@@ -178,9 +202,8 @@ typedef struct ccpl_similarity_params {
 
 /* info_nce_forward: per row, lse = logsumexp_j L[b,i,j] and row_loss = lse - L[b,i,i]. */
 typedef struct ccpl_info_nce_forward_params {
-    uint64_t logits;   /* in:  (B, S, S), float */
-    uint64_t row_lse;  /* out: float[B*S] */
-    uint64_t row_loss; /* out: float[B*S] */
+    uint64_t logits;      /* in:  (B, S, S), float */
+    ccpl_row_stats stats; /* out */
     int32_t batch;
     int32_t rows;
 } ccpl_info_nce_forward_params;
@@ -204,15 +227,9 @@ typedef struct ccpl_info_nce_loss_params {
  * exp(L_ii - lse_i) - 1, which cancels in float when the diagonal dominates its row.
  */
 typedef struct ccpl_info_nce_backward_params {
-    uint64_t logits;   /* in:  (B, S, S), float */
-    uint64_t row_lse;  /* in:  float[B*S], from the forward */
-    uint64_t row_loss; /* in:  float[B*S], from the forward */
-    uint64_t other;    /* in:  (B, S, C), T */
-    uint64_t upstream; /* in:  float[1], on the device */
-    uint64_t grad;     /* out: (B, S, C), T */
-    ccpl_row_shape shape;
-    int32_t transpose;
-    float inv_tau;
+    uint64_t logits; /* in:  (B, S, S), float */
+    uint64_t other;  /* in:  (B, S, C), T */
+    ccpl_info_nce_grad grad;
 } ccpl_info_nce_backward_params;
 
 /*
@@ -221,10 +238,9 @@ typedef struct ccpl_info_nce_backward_params {
  * the logits computed tile by tile on the chip. One block per 64 rows of an image.
  */
 typedef struct ccpl_info_nce_fused_forward_params {
-    uint64_t q;        /* in:  (B, S, C), T, normalised rows */
-    uint64_t k;        /* in:  (B, S, C), T, normalised rows */
-    uint64_t row_lse;  /* out: float[B*S] */
-    uint64_t row_loss; /* out: float[B*S] */
+    uint64_t q;           /* in:  (B, S, C), T, normalised rows */
+    uint64_t k;           /* in:  (B, S, C), T, normalised rows */
+    ccpl_row_stats stats; /* out */
     ccpl_row_shape shape;
     float inv_tau;
 } ccpl_info_nce_fused_forward_params;
@@ -237,15 +253,9 @@ typedef struct ccpl_info_nce_fused_forward_params {
  * transpose == 1: grad[b,j,:] = sum_i G[b,i,j] q[b,i,:] * inv_tau   (dk)
  */
 typedef struct ccpl_info_nce_fused_backward_params {
-    uint64_t q;        /* in:  (B, S, C), T */
-    uint64_t k;        /* in:  (B, S, C), T */
-    uint64_t row_lse;  /* in:  float[B*S], from the forward */
-    uint64_t row_loss; /* in:  float[B*S], from the forward */
-    uint64_t upstream; /* in:  float[1], on the device */
-    uint64_t grad;     /* out: (B, S, C), T */
-    ccpl_row_shape shape;
-    int32_t transpose;
-    float inv_tau;
+    uint64_t q; /* in:  (B, S, C), T */
+    uint64_t k; /* in:  (B, S, C), T */
+    ccpl_info_nce_grad grad;
 } ccpl_info_nce_fused_backward_params;
 
 /*

@@ -30,8 +30,8 @@ __device__ void info_nce_forward(const ccpl_info_nce_forward_params& p) {
                                               : (rest + 1.0f) * expf(max - row_max);
         const float log_sum = log1pf(warp_sum(mine));
         if (lane == 0) {
-            mut_ptr<float>(p.row_lse)[row] = row_max + log_sum;
-            mut_ptr<float>(p.row_loss)[row] = (row_max - L[row % S]) + log_sum;
+            mut_ptr<float>(p.stats.row_lse)[row] = row_max + log_sum;
+            mut_ptr<float>(p.stats.row_loss)[row] = (row_max - L[row % S]) + log_sum;
         }
     }
 }
@@ -59,11 +59,11 @@ __device__ void info_nce_loss(const ccpl_info_nce_loss_params& p) {
 // tile rows are columns j of L, the reduction runs over rows i).
 template <typename T, bool kTranspose>
 __device__ void info_nce_backward_tile(const ccpl_info_nce_backward_params& p, GemmShared& smem) {
-    const int64_t S = p.shape.rows, C = p.shape.width, b = blockIdx.z;
+    const int64_t S = p.grad.shape.rows, C = p.grad.shape.width, b = blockIdx.z;
     const int64_t r0 = (int64_t)blockIdx.y * kTileSide, c0 = (int64_t)blockIdx.x * kTileSide;
     const float* __restrict__ L = ptr<float>(p.logits) + b * S * S;
-    const float* __restrict__ lse = ptr<float>(p.row_lse) + b * S;
-    const float* __restrict__ row_loss = ptr<float>(p.row_loss) + b * S;
+    const float* __restrict__ lse = ptr<float>(p.grad.stats.row_lse) + b * S;
+    const float* __restrict__ row_loss = ptr<float>(p.grad.stats.row_loss) + b * S;
     const T* __restrict__ other = ptr<T>(p.other) + b * S * C;
     const auto g = [&](int64_t i, int64_t j) {
         return softmax_minus_eye(i == j, L[i * S + j], lse[i], row_loss[i]);
@@ -81,14 +81,14 @@ __device__ void info_nce_backward_tile(const ccpl_info_nce_backward_params& p, G
     };
     GemmAcc acc = {};
     gemm_tile<!kTranspose, false, true>(smem, S, load_g, load_other, acc);  // S: a long one
-    const float scale = ptr<float>(p.upstream)[0] / (float)((int64_t)p.shape.batch * S) * p.inv_tau;
-    T* __restrict__ grad = mut_ptr<T>(p.grad) + b * S * C;
+    const float scale = ptr<float>(p.grad.upstream)[0] / (float)((int64_t)p.grad.shape.batch * S) * p.grad.inv_tau;
+    T* __restrict__ grad = mut_ptr<T>(p.grad.out) + b * S * C;
     gemm_store(grad, S, C, r0, c0, [&](int i, int j) { return from_float<T>(acc[i][j] * scale); });
 }
 
 template <typename T> __device__ void info_nce_backward(const ccpl_info_nce_backward_params& p) {
     __shared__ GemmShared smem;
-    bool_switch(p.transpose, [&](auto transpose) {
+    bool_switch(p.grad.transpose, [&](auto transpose) {
         info_nce_backward_tile<T, decltype(transpose)::value>(p, smem);
     });
 }

@@ -61,8 +61,8 @@ __device__ void info_nce_fused_forward_rows(const ccpl_info_nce_fused_forward_pa
     // shuffles, so it cannot tell.)
     __syncthreads();
     if (gemm_col(0) != 0) return;
-    float* __restrict__ row_lse = mut_ptr<float>(p.row_lse) + b * S;
-    float* __restrict__ row_loss = mut_ptr<float>(p.row_loss) + b * S;
+    float* __restrict__ row_lse = mut_ptr<float>(p.stats.row_lse) + b * S;
+    float* __restrict__ row_loss = mut_ptr<float>(p.stats.row_loss) + b * S;
 #pragma unroll
     for (int i = 0; i < Gemm::kMicro; ++i) {
         const int64_t row = i0 + gemm_row(i);
@@ -187,26 +187,26 @@ __device__ void info_nce_fused_backward_mma(const FusedBackwardTile<T>& t, MmaBa
 template <typename T, bool kTranspose, typename Shared>
 __device__ void info_nce_fused_backward_tile(const ccpl_info_nce_fused_backward_params& p,
                                              Shared& smem) {
-    const int64_t S = p.shape.rows, C = p.shape.width, b = blockIdx.z;
+    const int64_t S = p.grad.shape.rows, C = p.grad.shape.width, b = blockIdx.z;
     const T* __restrict__ q = ptr<T>(p.q) + b * S * C;
     const T* __restrict__ k = ptr<T>(p.k) + b * S * C;
     const FusedBackwardTile<T> t{S,
                                  C,
                                  (int64_t)blockIdx.y * kTileSide,
                                  (int64_t)blockIdx.x * kTileSide,
-                                 ptr<float>(p.row_lse) + b * S,
-                                 ptr<float>(p.row_loss) + b * S,
+                                 ptr<float>(p.grad.stats.row_lse) + b * S,
+                                 ptr<float>(p.grad.stats.row_loss) + b * S,
                                  kTranspose ? k : q,
                                  kTranspose ? q : k,
-                                 p.inv_tau};
+                                 p.grad.inv_tau};
     GemmAcc out = {};
     if constexpr (kTensorCores<T>) {
         info_nce_fused_backward_mma<T, kTranspose>(t, smem, out);
     } else {
         info_nce_fused_backward_fma<T, kTranspose>(t, smem, out);
     }
-    const float scale = ptr<float>(p.upstream)[0] / (float)((int64_t)p.shape.batch * S) * p.inv_tau;
-    T* __restrict__ grad = mut_ptr<T>(p.grad) + b * S * C;
+    const float scale = ptr<float>(p.grad.upstream)[0] / (float)((int64_t)p.grad.shape.batch * S) * p.grad.inv_tau;
+    T* __restrict__ grad = mut_ptr<T>(p.grad.out) + b * S * C;
     gemm_store(grad, S, C, t.r0, t.c0, [&](int i, int j) { return from_float<T>(out[i][j] * scale); });
 }
 
@@ -217,7 +217,7 @@ using FusedBackwardShared = std::conditional_t<kTensorCores<T>, MmaBackwardShare
 template <typename T>
 __device__ void info_nce_fused_backward(const ccpl_info_nce_fused_backward_params& p) {
     __shared__ FusedBackwardShared<T> smem;
-    bool_switch(p.transpose, [&](auto transpose) {
+    bool_switch(p.grad.transpose, [&](auto transpose) {
         info_nce_fused_backward_tile<T, decltype(transpose)::value>(p, smem);
     });
 }

@@ -7,8 +7,8 @@ use crate::common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use ccpl::Tau;
 use ccpl::reference::ccp_layer_loss;
-use ccpl::{Centers, FeatureShape, Layout, Tau};
 use common::golden::{self, GoldenCase};
 use common::rel_err;
 use safetensors::Dtype;
@@ -30,16 +30,7 @@ const QUANTITIES: [&str; 3] = ["loss", "grad_feat_q", "grad_feat_k"];
 
 /// The reference's loss and gradients for one case, and their errors against the golden.
 fn errors(case: &GoldenCase) -> Result<[f64; 3], String> {
-    let shape = FeatureShape::new(
-        case.batch,
-        case.channels,
-        case.height,
-        case.width,
-        Layout::Nchw,
-    )
-    .map_err(|e| format!("shape: {e}"))?;
-    let centers = Centers::from_flat(case.height, case.width, &case.centers)
-        .map_err(|e| format!("centers: {e}"))?;
+    let (shape, centers) = case.inputs().map_err(|e| format!("inputs: {e}"))?;
     let out = ccp_layer_loss(&case.feat_q, &case.feat_k, &shape, &centers, case.tau, true)
         .map_err(|e| format!("ccp_layer_loss: {e}"))?;
     let grad_k = out

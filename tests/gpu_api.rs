@@ -13,7 +13,6 @@ use ccpl::cuda::{normalize, similarity};
 use ccpl::{Centers, Error, FeatureShape, Layout, RowShape, Tau, reference};
 use common::Rng;
 use common::assert_close;
-use common::device::gpu;
 use common::fixtures::random;
 use common::models::{layer_model, rows_model, scatter_model};
 use common::tolerance::{F32_TOLERANCE, to_f64, tolerance};
@@ -28,9 +27,7 @@ const PAD: usize = 5;
 /// Every stage wrapper, f32, at odd sizes; inputs passed as views into larger buffers.
 #[test]
 fn every_wrapper_matches_reference() {
-    let Some(gpu) = gpu("gpu_api::every_wrapper_matches_reference") else {
-        return;
-    };
+    let gpu = gpu_or_skip!("gpu_api::every_wrapper_matches_reference");
     let (kernels, stream) = (gpu.kernels(), gpu.stream());
     let mut rng = Rng::new(11);
     let shape = FeatureShape::new(2, 7, 11, 13, Layout::Nhwc).unwrap();

@@ -12,7 +12,6 @@ use ccpl::reference::{self, LayerInput};
 use ccpl::{Centers, Error, FeatureShape, Layout, Tau};
 use common::Rng;
 use common::assert_close;
-use common::device::gpu;
 use common::fixtures::random;
 use common::tolerance::{F32_TOLERANCE, stored_tolerance, to_f64};
 use cudarc::driver::{CudaSlice, CudaStream, sys};
@@ -94,9 +93,7 @@ fn check<T: ccpl::Dtype>(
 /// the paper's (whose only rounding is the gradients' store); errors.
 #[test]
 fn ccp_loss_matches_reference() {
-    let Some(gpu) = gpu("gpu_loss::ccp_loss_matches_reference") else {
-        return;
-    };
+    let gpu = gpu_or_skip!("gpu_loss::ccp_loss_matches_reference");
     let (kernels, stream) = (gpu.kernels(), gpu.stream());
     let mut rng = Rng::new(3);
     let mut layers = paper(4);
@@ -214,9 +211,7 @@ fn check_dtype<T: ccpl::Dtype>(
 /// step waits for the host, allocates or copies from it (the capture would fail).
 #[test]
 fn captured_step_replays_against_the_reference() {
-    let Some(gpu) = gpu("gpu_loss::captured_step_replays_against_the_reference") else {
-        return;
-    };
+    let gpu = gpu_or_skip!("gpu_loss::captured_step_replays_against_the_reference");
     let ctx = gpu.kernels().context().clone();
     // A capture needs a stream other than the legacy default one, and no cudarc event
     // tracking (its waits on events recorded before the capture would end it): off for every

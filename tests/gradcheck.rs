@@ -102,6 +102,13 @@ fn random_case(rng: &mut Rng, layout: Layout, max_n: usize) -> (FeatureShape, Ce
     (shape, centers)
 }
 
+/// Asserts that a finite-difference error `err` of `case` is below `tol`, and keeps the
+/// largest in `worst` (each test reports it).
+fn keep_worst(worst: &mut f64, err: f64, tol: f64, case: std::fmt::Arguments) {
+    assert!(err < tol, "{case}: error {err:e}");
+    *worst = worst.max(err);
+}
+
 #[test]
 fn neighbor_diff_backward_matches_finite_differences() {
     let mut rng = Rng::new(1);
@@ -128,12 +135,8 @@ fn neighbor_diff_backward_matches_finite_differences() {
             let all: Vec<usize> = (0..shape.len()).collect();
             let fd = fd_coords(&loss, &feat, &all, 1e-2);
             let err = rel_err(&grad, &fd);
-            assert!(
-                err < TOL_NEIGHBOR,
-                "{shape:?} N={}: error {err:e}",
-                centers.len()
-            );
-            worst = worst.max(err);
+            let case = format_args!("{shape:?} N={}", centers.len());
+            keep_worst(&mut worst, err, TOL_NEIGHBOR, case);
         }
     }
     eprintln!("neighbor_diff_backward: worst FD error {worst:e}");
@@ -223,17 +226,11 @@ fn info_nce_backward_matches_finite_differences() {
             };
             let logits = similarity(&q, &k, &shape, tau).unwrap();
             let forward = info_nce_forward(&logits, shape.batch(), shape.rows()).unwrap();
-            let grads = info_nce_backward(
-                &logits,
-                &forward.row_lse,
-                &q,
-                &k,
-                &shape,
-                tau,
-                upstream,
-                true,
-            )
-            .unwrap();
+            let backward = |want_dk: bool| {
+                let row_lse = &forward.row_lse;
+                info_nce_backward(&logits, row_lse, &q, &k, &shape, tau, upstream, want_dk).unwrap()
+            };
+            let grads = backward(true);
             let dk = grads.dk.expect("dk was asked for");
 
             let all: Vec<usize> = (0..shape.len()).collect();
@@ -247,17 +244,7 @@ fn info_nce_backward_matches_finite_differences() {
             worst = worst.max(err_q).max(err_k);
 
             // dq does not depend on whether dk is asked for.
-            let without = info_nce_backward(
-                &logits,
-                &forward.row_lse,
-                &q,
-                &k,
-                &shape,
-                tau,
-                upstream,
-                false,
-            )
-            .unwrap();
+            let without = backward(false);
             assert_eq!(without.dq, grads.dq);
             assert!(without.dk.is_none());
         }
@@ -392,12 +379,9 @@ fn ccp_layer_loss_gradients_match_finite_differences() {
                 rel_err(&along(&grad_k), &fd_directions(&loss_k, &feat_k, &dirs, h)),
             ];
             for err in errors {
-                assert!(
-                    err < TOL_LAYER,
-                    "{shape:?} N={} tau {tau}: errors {errors:?}",
-                    centers.len()
-                );
-                worst = worst.max(err);
+                let case =
+                    format_args!("{shape:?} N={} tau {tau}, errors {errors:?}", centers.len());
+                keep_worst(&mut worst, err, TOL_LAYER, case);
             }
         }
     }

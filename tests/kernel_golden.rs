@@ -6,34 +6,18 @@
 use crate::common;
 
 use ccpl::launch::neighbor::Scatter;
-use ccpl::loss::layer::{LayerPlan, LayerWorkspace};
-use ccpl::{Centers, FeatureShape, Layout};
+use ccpl::loss::layer::LayerPlan;
 use common::assert_close;
 use common::device::TestDevice;
-use common::fixtures::TestCenters;
+use common::fixtures::{TestCenters, layer_workspace};
 use common::golden::{self, GoldenCase};
 use common::tolerance::{F32_TOLERANCE, to_f64};
 
 /// The kernels' loss and gradients of feat_q and feat_k for one case, in f32.
 fn run<D: TestDevice>(dev: &D, case: &GoldenCase, scatter: Scatter) -> (f64, Vec<f64>, Vec<f64>) {
-    let shape = FeatureShape::new(
-        case.batch,
-        case.channels,
-        case.height,
-        case.width,
-        Layout::Nchw,
-    )
-    .unwrap();
-    let centers = Centers::from_flat(case.height, case.width, &case.centers).unwrap();
+    let (shape, centers) = case.inputs().unwrap();
     let plan = LayerPlan::new(shape, centers.len(), case.tau).unwrap();
-    let mut ws = LayerWorkspace::lengths(&shape, centers.len())
-        .unwrap()
-        .try_map(
-            |&n| Ok::<_, ()>(dev.alloc_nan::<f32>(n)),
-            |&n| Ok(dev.alloc_nan::<f32>(n)),
-        )
-        .unwrap();
-    ws.rows.one = dev.upload(&[1.0f32]);
+    let mut ws = layer_workspace::<f32, _>(dev, &shape, centers.len());
     let mut centers_dev = TestCenters::upload(dev, &centers);
     let centers_buf = centers_dev.buf(dev);
     let mut feat_q = dev.upload(&case.feat_q);

@@ -10,18 +10,16 @@ use ccpl::{Dtype, RowShape, Tau, reference};
 use common::Rng;
 use common::assert_close;
 use common::device::TestDevice;
-use common::fixtures::{Rows, label, unit_rows};
+use common::fixtures::{self, Regime, Rows, label, row_shapes, unit_rows};
 use common::tolerance::{F32_TOLERANCE, from_f64, stored_tolerance, to_f64};
 
 /// `(B, S, C)`: odd sizes, S = 8 with C = 1, S past a tile; on the GPU S = 8192.
 fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {
-    let mut dims = vec![(2, 104, 37), (1, 8, 1), (1, 72, 70)];
-    if dev.large_sizes() {
-        dims.extend([(1, 8192, 3), (2, 1000, 129)]);
-    }
-    dims.into_iter()
-        .map(|(b, s, c)| RowShape::new(b, s, c).unwrap())
-        .collect()
+    row_shapes(
+        dev,
+        &[(2, 104, 37), (1, 8, 1), (1, 72, 70)],
+        &[(1, 8192, 3), (2, 1000, 129)],
+    )
 }
 
 /// The temperatures and row relations each shape is checked with: tau = 0.01 gives logits
@@ -29,14 +27,7 @@ fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {
 /// to q means k = q, ties in every row and a gradient that is 0 up to e^-200: a case that
 /// tells nothing about precision, left out.
 fn regimes(shape: &RowShape) -> Vec<(Tau, Rows)> {
-    let mut regimes = vec![
-        (Tau::DEFAULT, Rows::Random),
-        (Tau::new(0.01).unwrap(), Rows::Random),
-    ];
-    if shape.width() > 1 {
-        regimes.push((Tau::DEFAULT, Rows::Aligned));
-    }
-    regimes
+    fixtures::regimes(shape, &[Tau::DEFAULT, Tau::new(0.01).unwrap()])
 }
 
 /// The logits as the similarity kernel stores them (float32), and as f64.
@@ -103,14 +94,9 @@ fn info_nce_forward_matches_reference<D: TestDevice>(dev: &D) {
 /// The upstream gradient the backward scales by, as a graph above the loss would give it.
 const UPSTREAM: f32 = 0.75;
 
-fn check_backward<T: Dtype, D: TestDevice>(
-    dev: &D,
-    shape: &RowShape,
-    tau: Tau,
-    rows: Rows,
-    rng: &mut Rng,
-) {
-    let (q, k) = unit_rows::<T>(rng, shape, rows);
+fn check_backward<T: Dtype, D: TestDevice>(dev: &D, case: Regime, rng: &mut Rng) {
+    let Regime { shape, tau, rows } = case;
+    let (q, k) = case.unit_rows::<T>(rng);
     let (logits_f32, logits_f64) = logits(&q, &k, shape, tau);
     let forward = reference::info_nce_forward(&logits_f64, shape.batch(), shape.rows()).unwrap();
     let want = reference::info_nce_backward(
@@ -144,10 +130,8 @@ fn check_backward<T: Dtype, D: TestDevice>(
             dev.buf(&mut other_dev),
             dev.buf(&mut upstream_dev),
             dev.buf(&mut grad_dev),
-        )
-        .unwrap();
-        dev.run(&plan);
-        let got = to_f64(&dev.download(&grad_dev));
+        );
+        let got = dev.run_and_read(plan, &grad_dev);
         let what = format!(
             "info_nce_backward {side:?} {} {}",
             T::SUFFIX,
@@ -161,22 +145,32 @@ fn info_nce_backward_matches_reference<D: TestDevice>(dev: &D) {
     let mut rng = Rng::new(7);
     for shape in shapes(dev) {
         for (tau, rows) in regimes(&shape) {
-            for_each_dtype!(check_backward(dev, &shape, tau, rows, &mut rng));
+            let case = Regime {
+                shape: &shape,
+                tau,
+                rows,
+            };
+            for_each_dtype!(check_backward(dev, case, &mut rng));
         }
     }
+}
+
+/// `info_nce_loss` of `row_loss` on `dev`, and their exact mean.
+fn loss_and_exact_mean<D: TestDevice>(dev: &D, row_loss: &[f32]) -> (f64, f64) {
+    let want = to_f64(row_loss).iter().sum::<f64>() / row_loss.len() as f64;
+    let mut row_loss_dev = dev.upload(row_loss);
+    let mut loss_dev = dev.alloc_nan::<f32>(1);
+    let plan =
+        info_nce::info_nce_loss(dev.buf(&mut row_loss_dev), dev.buf(&mut loss_dev), false).unwrap();
+    dev.run(&plan);
+    (dev.download(&loss_dev)[0] as f64, want)
 }
 
 /// The mean over a million equal row losses: a plain float sum per thread drifts by about
 /// 4e-5 here, its roundings all leaning the same way (the kernel sums in double).
 fn info_nce_loss_is_precise_over_a_million_rows<D: TestDevice>(dev: &D) {
     let row_loss = vec![2.3f32; 1_000_003];
-    let want = to_f64(&row_loss).iter().sum::<f64>() / row_loss.len() as f64;
-    let mut row_loss_dev = dev.upload(&row_loss);
-    let mut loss_dev = dev.alloc_nan::<f32>(1);
-    let plan =
-        info_nce::info_nce_loss(dev.buf(&mut row_loss_dev), dev.buf(&mut loss_dev), false).unwrap();
-    dev.run(&plan);
-    let loss = dev.download(&loss_dev)[0] as f64;
+    let (loss, want) = loss_and_exact_mean(dev, &row_loss);
     let what = format!("info_nce_loss of 1000003 rows on the {}", dev.name());
     assert_close(&what, &[loss], &[want], F32_TOLERANCE);
 }
@@ -188,13 +182,7 @@ fn info_nce_loss_mean_does_not_overflow<D: TestDevice>(dev: &D) {
     let row_loss: Vec<f32> = (0..5000)
         .map(|_| (4e35 * (1.0 + rng.unit())) as f32)
         .collect();
-    let want = to_f64(&row_loss).iter().sum::<f64>() / row_loss.len() as f64;
-    let mut row_loss_dev = dev.upload(&row_loss);
-    let mut loss_dev = dev.alloc_nan::<f32>(1);
-    let plan =
-        info_nce::info_nce_loss(dev.buf(&mut row_loss_dev), dev.buf(&mut loss_dev), false).unwrap();
-    dev.run(&plan);
-    let loss = dev.download(&loss_dev)[0] as f64;
+    let (loss, want) = loss_and_exact_mean(dev, &row_loss);
     let what = format!(
         "info_nce_loss of 5000 row losses near 6e35 on the {}",
         dev.name()

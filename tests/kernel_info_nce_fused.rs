@@ -14,7 +14,7 @@ use ccpl::{Dtype, RowShape, Tau, reference};
 use common::Rng;
 use common::assert_close;
 use common::device::TestDevice;
-use common::fixtures::{Rows, label, unit_rows};
+use common::fixtures::{self, Regime, Rows, label, row_shapes};
 use common::models::fused_backward_model;
 use common::tolerance::{F32_TOLERANCE, from_f64, rounded, stored_tolerance, to_f64, tolerance};
 
@@ -23,33 +23,28 @@ use common::tolerance::{F32_TOLERANCE, from_f64, rounded, stored_tolerance, to_f
 /// by about 1e-5 of their size if the kernels chained it in one accumulator); on the GPU
 /// S = 8192 too.
 fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {
-    let mut dims = vec![
-        (2, 104, 37),
-        (1, 8, 1),
-        (1, 72, 70),
-        (3, 65, 5),
-        (1, 40, 520),
-    ];
-    if dev.large_sizes() {
-        dims.extend([(1, 8192, 3), (2, 1000, 129), (1, 700, 520)]);
-    }
-    dims.into_iter()
-        .map(|(b, s, c)| RowShape::new(b, s, c).unwrap())
-        .collect()
+    row_shapes(
+        dev,
+        &[
+            (2, 104, 37),
+            (1, 8, 1),
+            (1, 72, 70),
+            (3, 65, 5),
+            (1, 40, 520),
+        ],
+        &[(1, 8192, 3), (2, 1000, 129), (1, 700, 520)],
+    )
 }
 
 /// Temperatures and row relations per shape: tau = 0.01 gives logits near +-100. Rows of
 /// width 1 normalise to +-1, so aligned rows would be equal: left out (see kernel_info_nce).
 fn regimes(shape: &RowShape) -> Vec<(Tau, Rows)> {
-    let mut regimes = vec![
-        (Tau::DEFAULT, Rows::Random),
-        (Tau::new(0.01).unwrap(), Rows::Random),
-        (Tau::new(0.5).unwrap(), Rows::Random),
+    let taus = [
+        Tau::DEFAULT,
+        Tau::new(0.01).unwrap(),
+        Tau::new(0.5).unwrap(),
     ];
-    if shape.width() > 1 {
-        regimes.push((Tau::DEFAULT, Rows::Aligned));
-    }
-    regimes
+    fixtures::regimes(shape, &taus)
 }
 
 /// The upstream gradient the backward scales by, read from device memory.
@@ -131,58 +126,62 @@ fn gradient<T: Dtype, D: TestDevice, P: KernelParams>(
     to_f64(&dev.download(&grad_dev))
 }
 
-/// The fused path: forward, then the backward into both sides; outputs NaN-filled first.
-fn run_fused<T: Dtype, D: TestDevice>(
-    dev: &D,
-    shape: &RowShape,
-    tau: Tau,
-    q: &[f64],
-    k: &[f64],
-) -> Outputs {
-    let mut bufs = Buffers::<T, D>::upload(dev, shape, (q, k), None);
-    let forward = info_nce_fused::info_nce_fused_forward::<T>(
-        shape,
-        tau,
-        dev.buf(&mut bufs.q),
-        dev.buf(&mut bufs.k),
-        dev.buf(&mut bufs.lse),
-        dev.buf(&mut bufs.row_loss),
-    )
-    .unwrap();
-    dev.run(&forward);
-    let dq = bufs.fused_backward(dev, shape, tau, Side::Q);
-    let dk = bufs.fused_backward(dev, shape, tau, Side::K);
-    bufs.outputs(dev, (dq, dk))
+/// The two paths to the same InfoNCE loss and gradients.
+#[derive(Clone, Copy)]
+enum Path {
+    /// info_nce_fused_forward, info_nce_fused_backward.
+    Fused,
+    /// similarity, info_nce_forward, info_nce_backward.
+    Materialised,
 }
 
-/// The materialised path on the same device: similarity, info_nce_forward, info_nce_backward.
-fn run_materialised<T: Dtype, D: TestDevice>(
+/// `path` on the device: the forward, then the backward into both sides; outputs NaN-filled
+/// first.
+fn run<T: Dtype, D: TestDevice>(
     dev: &D,
+    path: Path,
     shape: &RowShape,
     tau: Tau,
-    q: &[f64],
-    k: &[f64],
+    (q, k): (&[f64], &[f64]),
 ) -> Outputs {
     let mut bufs = Buffers::<T, D>::upload(dev, shape, (q, k), None);
-    let mut logits_dev = dev.alloc_nan::<f32>(shape.logits_len());
-    let (q, k, logits) = (
-        dev.buf(&mut bufs.q),
-        dev.buf(&mut bufs.k),
-        dev.buf(&mut logits_dev),
-    );
-    let (lse, row_loss) = (dev.buf(&mut bufs.lse), dev.buf(&mut bufs.row_loss));
-    let upstream = dev.buf(&mut bufs.upstream);
-    dev.run(&similarity::similarity::<T>(shape, tau, q, k, logits).unwrap());
-    dev.run(&info_nce::info_nce_forward(shape, logits, lse, row_loss).unwrap());
-    let grad = |side, other| {
-        gradient::<T, D, _>(dev, shape.len(), |grad| {
-            info_nce::info_nce_backward::<T>(
-                shape, tau, side, logits, lse, row_loss, other, upstream, grad,
+    let grads = match path {
+        Path::Fused => {
+            let forward = info_nce_fused::info_nce_fused_forward::<T>(
+                shape,
+                tau,
+                dev.buf(&mut bufs.q),
+                dev.buf(&mut bufs.k),
+                dev.buf(&mut bufs.lse),
+                dev.buf(&mut bufs.row_loss),
             )
-        })
+            .unwrap();
+            dev.run(&forward);
+            let dq = bufs.fused_backward(dev, shape, tau, Side::Q);
+            (dq, bufs.fused_backward(dev, shape, tau, Side::K))
+        }
+        Path::Materialised => {
+            let mut logits_dev = dev.alloc_nan::<f32>(shape.logits_len());
+            let (q, k, logits) = (
+                dev.buf(&mut bufs.q),
+                dev.buf(&mut bufs.k),
+                dev.buf(&mut logits_dev),
+            );
+            let (lse, row_loss) = (dev.buf(&mut bufs.lse), dev.buf(&mut bufs.row_loss));
+            let upstream = dev.buf(&mut bufs.upstream);
+            dev.run(&similarity::similarity::<T>(shape, tau, q, k, logits).unwrap());
+            dev.run(&info_nce::info_nce_forward(shape, logits, lse, row_loss).unwrap());
+            let grad = |side, other| {
+                gradient::<T, D, _>(dev, shape.len(), |grad| {
+                    info_nce::info_nce_backward::<T>(
+                        shape, tau, side, logits, lse, row_loss, other, upstream, grad,
+                    )
+                })
+            };
+            (grad(Side::Q, k), grad(Side::K, q))
+        }
     };
-    let (dq, dk) = (grad(Side::Q, k), grad(Side::K, q));
-    bufs.outputs(dev, (dq, dk))
+    bufs.outputs(dev, grads)
 }
 
 /// The reference on the exact logits of the rows, and the rounding model of the fused
@@ -225,16 +224,11 @@ fn expected<T: Dtype>(shape: &RowShape, tau: Tau, q: &[f64], k: &[f64]) -> Expec
 /// each 32-deep stage in fresh fragments and add the stages in float (tile_mma.cuh): the
 /// truncation is then a few ulps of one stage, unbiased across stages, and the float32
 /// tolerance holds (1.4e-6 at C = 520 on the sm_90 model; the sm_75 model passes too).
-fn check_fused<T: Dtype, D: TestDevice>(
-    dev: &D,
-    shape: &RowShape,
-    tau: Tau,
-    rows: Rows,
-    rng: &mut Rng,
-) {
-    let (q, k) = unit_rows::<T>(rng, shape, rows);
+fn check_fused<T: Dtype, D: TestDevice>(dev: &D, case: Regime, rng: &mut Rng) {
+    let Regime { shape, tau, rows } = case;
+    let (q, k) = case.unit_rows::<T>(rng);
     let want = expected::<T>(shape, tau, &q, &k);
-    let got = run_fused::<T, D>(dev, shape, tau, &q, &k);
+    let got = run::<T, D>(dev, Path::Fused, shape, tau, (&q, &k));
     let what = format!("{} {}", T::SUFFIX, label(dev, shape, tau, rows));
     let forward = |name| format!("info_nce_fused_forward {name} {what}");
     let (row_lse, row_loss) = (&want.forward.row_lse, &want.forward.row_loss);
@@ -250,22 +244,19 @@ fn check_fused<T: Dtype, D: TestDevice>(
 }
 
 /// Runs `check` on every shape and regime, the rows drawn from `seed`.
-fn each_case<D: TestDevice>(
-    dev: &D,
-    seed: u64,
-    mut check: impl FnMut(&RowShape, Tau, Rows, &mut Rng),
-) {
+fn each_case<D: TestDevice>(dev: &D, seed: u64, mut check: impl FnMut(Regime, &mut Rng)) {
     let mut rng = Rng::new(seed);
     for shape in shapes(dev) {
         for (tau, rows) in regimes(&shape) {
-            check(&shape, tau, rows, &mut rng);
+            let shape = &shape;
+            check(Regime { shape, tau, rows }, &mut rng);
         }
     }
 }
 
 fn info_nce_fused_matches_reference<D: TestDevice>(dev: &D) {
-    each_case(dev, 16, |shape, tau, rows, rng| {
-        for_each_dtype!(check_fused(dev, shape, tau, rows, rng))
+    each_case(dev, 16, |case, rng| {
+        for_each_dtype!(check_fused(dev, case, rng))
     });
 }
 
@@ -274,16 +265,11 @@ fn info_nce_fused_matches_reference<D: TestDevice>(dev: &D) {
 /// statistics differ by the order of their sums only, and so do the f32 gradients. f16/bf16
 /// gradients: by at most the sum of the two paths' tolerances against the reference (the
 /// fused one's rounding of G included), as the triangle inequality gives.
-fn check_same_as_materialised<T: Dtype, D: TestDevice>(
-    dev: &D,
-    shape: &RowShape,
-    tau: Tau,
-    rows: Rows,
-    rng: &mut Rng,
-) {
-    let (q, k) = unit_rows::<T>(rng, shape, rows);
-    let fused = run_fused::<T, D>(dev, shape, tau, &q, &k);
-    let materialised = run_materialised::<T, D>(dev, shape, tau, &q, &k);
+fn check_same_as_materialised<T: Dtype, D: TestDevice>(dev: &D, case: Regime, rng: &mut Rng) {
+    let Regime { shape, tau, rows } = case;
+    let (q, k) = case.unit_rows::<T>(rng);
+    let fused = run::<T, D>(dev, Path::Fused, shape, tau, (&q, &k));
+    let materialised = run::<T, D>(dev, Path::Materialised, shape, tau, (&q, &k));
     let want = expected::<T>(shape, tau, &q, &k);
     let what = format!("{} {}", T::SUFFIX, label(dev, shape, tau, rows));
     for (name, got, other) in [
@@ -308,8 +294,8 @@ fn check_same_as_materialised<T: Dtype, D: TestDevice>(
 }
 
 fn info_nce_fused_matches_materialised<D: TestDevice>(dev: &D) {
-    each_case(dev, 17, |shape, tau, rows, rng| {
-        for_each_dtype!(check_same_as_materialised(dev, shape, tau, rows, rng))
+    each_case(dev, 17, |case, rng| {
+        for_each_dtype!(check_same_as_materialised(dev, case, rng))
     });
 }
 
@@ -319,9 +305,10 @@ fn info_nce_fused_matches_materialised<D: TestDevice>(dev: &D) {
 /// own: a compiler that fuses `dot * inv_tau - lse` into one FMA (nvcc does, and so does the
 /// emulator's host compiler) changes G's last bits unless the kernel spells out __fmul_rn.
 fn fused_backward_recomputes_the_stored_logits<D: TestDevice>(dev: &D) {
-    each_case(dev, 18, |shape, tau, rows, rng| {
-        let (q, k) = unit_rows::<f32>(rng, shape, rows);
-        let materialised = run_materialised::<f32, D>(dev, shape, tau, &q, &k);
+    each_case(dev, 18, |case, rng| {
+        let Regime { shape, tau, rows } = case;
+        let (q, k) = case.unit_rows::<f32>(rng);
+        let materialised = run::<f32, D>(dev, Path::Materialised, shape, tau, (&q, &k));
         let stats = (&materialised.row_lse, &materialised.row_loss);
         for (side, want) in [(Side::Q, &materialised.dq), (Side::K, &materialised.dk)] {
             let got = run_fused_backward(dev, shape, tau, &q, &k, stats, side);

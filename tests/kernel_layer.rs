@@ -9,11 +9,11 @@
 use crate::common;
 
 use ccpl::launch::neighbor::Scatter;
-use ccpl::loss::layer::{LayerPlan, LayerWorkspace};
+use ccpl::loss::layer::LayerPlan;
 use ccpl::{Centers, Dtype, FeatureShape, Layout, Tau, ffi, reference};
 use common::assert_close;
 use common::device::TestDevice;
-use common::fixtures::{TestCenters, random};
+use common::fixtures::{TestCenters, layer_workspace, random};
 use common::models::{layer_model, scatter_model};
 use common::tolerance::{largest, to_f64, tolerance};
 use common::{Rng, rel_err};
@@ -107,14 +107,7 @@ fn check_layer<T: Dtype, D: TestDevice>(dev: &D, case: &Case, rng: &mut Rng) {
     );
 
     let plan = LayerPlan::new(*shape, centers.len(), TAU).unwrap();
-    let mut ws = LayerWorkspace::lengths(shape, centers.len())
-        .unwrap()
-        .try_map(
-            |&n| Ok::<_, ()>(dev.alloc_nan::<T>(n)),
-            |&n| Ok(dev.alloc_nan::<f32>(n)),
-        )
-        .unwrap();
-    ws.rows.one = dev.upload(&[1.0f32]);
+    let mut ws = layer_workspace::<T, _>(dev, shape, centers.len());
     let mut centers_dev = TestCenters::upload(dev, centers);
     let mut feat_q_dev = dev.upload(&feat_q);
     let mut feat_k_dev = dev.upload(&feat_k);

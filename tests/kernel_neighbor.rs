@@ -68,10 +68,8 @@ fn check_neighbor_diff<T: Dtype, D: TestDevice>(dev: &D, case: &Case, rng: &mut 
         &centers.buf(dev),
         dev.buf(&mut feat_dev),
         dev.buf(&mut rows_dev),
-    )
-    .unwrap();
-    dev.run(&plan);
-    let got = to_f64(&dev.download(&rows_dev));
+    );
+    let got = dev.run_and_read(plan, &rows_dev);
     let what = name::<T, D>(dev, "neighbor_diff", case);
     assert_close(&what, &got, &want, stored_tolerance::<T>(&want));
 }

@@ -9,19 +9,17 @@ use ccpl::{Dtype, RowShape, reference};
 use common::Rng;
 use common::assert_close;
 use common::device::TestDevice;
-use common::fixtures::random;
+use common::fixtures::{random, row_shapes};
 use common::models::normalize_backward_from_normalized;
 use common::tolerance::{F32_TOLERANCE, largest, rounded, stored_tolerance, to_f64, tolerance};
 
 /// Odd widths, C = 1, S = 8, a wide row; on the GPU S = 8192 and C = 4099.
 fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {
-    let mut dims = vec![(2, 24, 37), (1, 8, 1), (3, 16, 300), (1, 40, 33)];
-    if dev.large_sizes() {
-        dims.extend([(1, 8192, 65), (2, 40, 4099)]);
-    }
-    dims.into_iter()
-        .map(|(b, s, c)| RowShape::new(b, s, c).unwrap())
-        .collect()
+    row_shapes(
+        dev,
+        &[(2, 24, 37), (1, 8, 1), (3, 16, 300), (1, 40, 33)],
+        &[(1, 8192, 65), (2, 40, 4099)],
+    )
 }
 
 /// Random rows with row 0 (and row 5 when there is one) exactly zero and row 3 tiny.
@@ -58,20 +56,26 @@ fn name<T: Dtype, D: TestDevice>(dev: &D, what: &str, s: &RowShape) -> String {
     )
 }
 
+/// `normalize_rows` of `rows` on `dev`, its outputs written over NaN: the buffers of the
+/// rows, of the normalised rows and of the norms.
+fn forward_on<T: Dtype, D: TestDevice>(
+    dev: &D,
+    shape: &RowShape,
+    rows: &[T],
+) -> (D::Mem<T>, D::Mem<T>, D::Mem<f32>) {
+    let mut rows_dev = dev.upload(rows);
+    let mut out_dev = dev.alloc_nan::<T>(shape.len());
+    let mut norms_dev = dev.alloc_nan::<f32>(shape.count());
+    let (rows_buf, out_buf) = (dev.buf(&mut rows_dev), dev.buf(&mut out_dev));
+    let norms_buf = dev.buf(&mut norms_dev);
+    dev.run(&normalize::normalize_rows::<T>(shape, rows_buf, out_buf, norms_buf).unwrap());
+    (rows_dev, out_dev, norms_dev)
+}
+
 fn check_normalize_rows<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, rng: &mut Rng) {
     let rows = rows::<T>(rng, shape);
     let want = reference::normalize_rows(&to_f64(&rows), shape.width()).unwrap();
-    let mut rows_dev = dev.upload(&rows);
-    let mut out_dev = dev.alloc_nan::<T>(shape.len());
-    let mut norms_dev = dev.alloc_nan::<f32>(shape.batch() * shape.rows());
-    let plan = normalize::normalize_rows::<T>(
-        shape,
-        dev.buf(&mut rows_dev),
-        dev.buf(&mut out_dev),
-        dev.buf(&mut norms_dev),
-    )
-    .unwrap();
-    dev.run(&plan);
+    let (_, out_dev, norms_dev) = forward_on(dev, shape, &rows);
     let out = to_f64(&dev.download(&out_dev));
     let norms = to_f64(&dev.download(&norms_dev));
     let what = name::<T, D>(dev, "normalize_rows", shape);
@@ -129,10 +133,8 @@ fn check_normalize_rows_backward<T: Dtype, D: TestDevice>(
         dev.buf(&mut norms_dev),
         dev.buf(&mut grad_out_dev),
         dev.buf(&mut grad_rows_dev),
-    )
-    .unwrap();
-    dev.run(&plan);
-    let got = to_f64(&dev.download(&grad_rows_dev));
+    );
+    let got = dev.run_and_read(plan, &grad_rows_dev);
     let what = name::<T, D>(dev, "normalize_rows_backward", shape);
 
     // Zero rows: g/eps, about 1e7 times the others, so they are checked on their own,
@@ -184,17 +186,7 @@ fn check_at_scale<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, scale: f64
         "{} scale {scale:e}",
         name::<T, D>(dev, "normalize_rows", shape)
     );
-    let mut rows_dev = dev.upload(&rows);
-    let mut out_dev = dev.alloc_nan::<T>(shape.len());
-    let mut norms_dev = dev.alloc_nan::<f32>(shape.count());
-    let plan = normalize::normalize_rows::<T>(
-        shape,
-        dev.buf(&mut rows_dev),
-        dev.buf(&mut out_dev),
-        dev.buf(&mut norms_dev),
-    )
-    .unwrap();
-    dev.run(&plan);
+    let (mut rows_dev, mut out_dev, mut norms_dev) = forward_on(dev, shape, &rows);
     let out = to_f64(&dev.download(&out_dev));
     assert_close(&what, &out, &want.rows, stored_tolerance::<T>(&want.rows));
     let norms = to_f64(&dev.download(&norms_dev));
@@ -224,10 +216,8 @@ fn check_at_scale<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, scale: f64
             dev.buf(&mut norms_dev),
             dev.buf(&mut grad_out_dev),
             dev.buf(&mut grad_rows_dev),
-        )
-        .unwrap();
-        dev.run(&plan);
-        let got = to_f64(&dev.download(&grad_rows_dev));
+        );
+        let got = dev.run_and_read(plan, &grad_rows_dev);
         let tol = if normalized {
             tolerance(&model, &exact)
         } else {

@@ -10,7 +10,7 @@ use ccpl::{Dtype, RowShape, Tau, reference};
 use common::Rng;
 use common::assert_close;
 use common::device::TestDevice;
-use common::fixtures::random;
+use common::fixtures::{random, row_shapes};
 use common::models::rows_model;
 use common::tolerance::{F32_TOLERANCE, largest, to_f64, tolerance};
 
@@ -21,13 +21,11 @@ const TAU: Tau = Tau::DEFAULT;
 /// so its gradient is eps-sized and its relative error says nothing (kernel_normalize and
 /// kernel_info_nce_fused test C = 1 stage by stage).
 fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {
-    let mut dims = vec![(2, 104, 37), (1, 8, 3), (1, 72, 70)];
-    if dev.large_sizes() {
-        dims.extend([(1, 8192, 16), (2, 1000, 257)]);
-    }
-    dims.into_iter()
-        .map(|(b, s, c)| RowShape::new(b, s, c).unwrap())
-        .collect()
+    row_shapes(
+        dev,
+        &[(2, 104, 37), (1, 8, 3), (1, 72, 70)],
+        &[(1, 8192, 16), (2, 1000, 257)],
+    )
 }
 
 /// The rows' magnitude and the temperature of a check.
@@ -62,10 +60,7 @@ fn forward<T: Dtype, D: TestDevice>(
     let plan = RowsPlan::new(*shape, tau).unwrap();
     let mut ws = RowsWorkspace::lengths(shape)
         .unwrap()
-        .try_map(
-            |&n| Ok::<_, ()>(dev.alloc_nan::<T>(n)),
-            |&n| Ok(dev.alloc_nan::<f32>(n)),
-        )
+        .try_map(dev.nan_filled::<T>(), dev.nan_filled::<f32>())
         .unwrap();
     ws.one = dev.upload(&[1.0f32]);
     let (mut rows_q_dev, mut rows_k_dev) = (dev.upload(rows_q), dev.upload(rows_k));

@@ -8,19 +8,17 @@ use ccpl::{Dtype, RowShape, Tau, reference};
 use common::Rng;
 use common::assert_close;
 use common::device::TestDevice;
-use common::fixtures::random;
+use common::fixtures::{random, row_shapes};
 use common::tolerance::{F32_TOLERANCE, to_f64};
 
 /// `(B, S, C)`: odd sizes, S = 8 with C = 1, one row and one column past a tile and a stage;
 /// on the GPU S = 8192 and a deep C.
 fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {
-    let mut dims = vec![(2, 104, 37), (1, 8, 1), (1, 65, 33), (3, 136, 70)];
-    if dev.large_sizes() {
-        dims.extend([(1, 8192, 3), (2, 1000, 129), (1, 1030, 515)]);
-    }
-    dims.into_iter()
-        .map(|(b, s, c)| RowShape::new(b, s, c).unwrap())
-        .collect()
+    row_shapes(
+        dev,
+        &[(2, 104, 37), (1, 8, 1), (1, 65, 33), (3, 136, 70)],
+        &[(1, 8192, 3), (2, 1000, 129), (1, 1030, 515)],
+    )
 }
 
 fn check_similarity<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, rng: &mut Rng) {
@@ -37,10 +35,8 @@ fn check_similarity<T: Dtype, D: TestDevice>(dev: &D, shape: &RowShape, rng: &mu
         dev.buf(&mut q_dev),
         dev.buf(&mut k_dev),
         dev.buf(&mut logits_dev),
-    )
-    .unwrap();
-    dev.run(&plan);
-    let got = to_f64(&dev.download(&logits_dev));
+    );
+    let got = dev.run_and_read(plan, &logits_dev);
     let what = format!(
         "similarity {} B={} S={} C={} on the {}",
         T::SUFFIX,

@@ -180,7 +180,7 @@ fn row_plans_check_lengths_temperature_and_grid_limits() {
     };
     let dq = backward(Side::Q, 1).unwrap();
     let dk = backward(Side::K, 1).unwrap();
-    assert_eq!((dq.params.transpose, dk.params.transpose), (0, 1));
+    assert_eq!((dq.params.grad.transpose, dk.params.grad.transpose), (0, 1));
     // Tiles of the (S, C) gradient: 33 columns need 1, 65 rows 2.
     assert_eq!(dq.grid, (1, 2, 3));
     assert!(matches!(
@@ -231,7 +231,7 @@ fn row_plans_check_lengths_temperature_and_grid_limits() {
     };
     let dq = fused_backward(Side::Q, 1, n).unwrap();
     let dk = fused_backward(Side::K, 1, n).unwrap();
-    assert_eq!((dq.params.transpose, dk.params.transpose), (0, 1));
+    assert_eq!((dq.params.grad.transpose, dk.params.grad.transpose), (0, 1));
     assert_eq!(
         (dq.kernel.as_str(), dq.grid),
         ("info_nce_fused_backward_f32", (1, 2, 3))

@@ -34,7 +34,7 @@ use ccpl::sampling::SplitMix64;
 use ccpl::{Centers, Dtype, Element, FeatureShape, Layout, RowShape, Tau, reference};
 use common::buf;
 use common::device::{Emu, TestDevice};
-use common::fixtures::{TestCenters, loss_workspace, small_rows_workspace};
+use common::fixtures::{TestCenters, layer_workspace, loss_workspace, small_rows_workspace};
 use common::models::{RowsModel, layer_model, rows_model, scatter_model};
 use common::tolerance::{largest, rounded, to_f64, tolerance_at};
 use common::{Rng, rel_err};
@@ -105,12 +105,15 @@ impl LayerCase {
     }
     /// Two feature maps (see [`spread_values`]).
     fn features<T: Element>(&self) -> (Vec<T>, Vec<T>) {
-        let mut rng = Rng::new(self.seed);
-        let len = self.shape().len();
-        let (e, spread) = (self.exponent, self.spread);
-        let feat_q = spread_values(&mut rng, len, e, spread);
-        (feat_q, spread_values(&mut rng, len, e, spread))
+        spread_pair(self.seed, self.shape().len(), self.exponent, self.spread)
     }
+}
+
+/// Two sets of `len` values (see [`spread_values`]), drawn from `seed`.
+fn spread_pair<T: Element>(seed: u64, len: usize, exponent: f64, spread: f64) -> (Vec<T>, Vec<T>) {
+    let mut rng = Rng::new(seed);
+    let first = spread_values(&mut rng, len, exponent, spread);
+    (first, spread_values(&mut rng, len, exponent, spread))
 }
 
 /// `len` values of magnitudes spread over `spread` orders below `10^exponent`
@@ -221,6 +224,16 @@ struct RowsCase {
     spread: f64,
     tau: Tau,
     seed: u64,
+}
+
+impl RowsCase {
+    fn shape(&self) -> RowShape {
+        RowShape::new(self.batch, self.rows, self.width).unwrap()
+    }
+    /// Both sides' rows (see [`spread_values`]).
+    fn row_pair<T: Element>(&self) -> (Vec<T>, Vec<T>) {
+        spread_pair(self.seed, self.shape().len(), self.exponent, self.spread)
+    }
 }
 
 fn rows_cases(exponents: Range<f64>, log_taus: Range<f64>) -> impl Strategy<Value = RowsCase> {

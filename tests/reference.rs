@@ -8,22 +8,9 @@ use ccpl::reference::{
     neighbor_diff_backward, normalize_rows, similarity,
 };
 use ccpl::{Centers, FeatureShape, Layout, RowShape, Tau, ffi};
-use common::{Rng, chi_square_uniform, nchw_to_nhwc, rel_err};
+use common::{Rng, SPEC_DIRECTIONS, chi_square_uniform, nchw_to_nhwc, rel_err};
 
 mod draws;
-
-/// The spec's directions, k = 0..7, as `(dh, dw)`: raster order of the 3x3 window without
-/// its centre. Written out here, not read from the crate, so the crate is checked against it.
-const SPEC_DIRECTIONS: [(isize, isize); 8] = [
-    (-1, -1),
-    (-1, 0),
-    (-1, 1),
-    (0, -1),
-    (0, 1),
-    (1, -1),
-    (1, 0),
-    (1, 1),
-];
 
 #[test]
 fn neighbour_convention_is_the_specs() {
@@ -270,15 +257,18 @@ fn loss_and_gradients_are_finite_at_tau_001() {
         "logits should reach about 100, largest {largest}"
     );
 
-    let out = ccp_layer_loss(
-        &feat,
-        &feat,
-        &shape,
-        &centers,
-        Tau::new(0.01).unwrap(),
-        true,
-    )
-    .unwrap();
+    let loss_at = |tau: f64, grad_k: bool| {
+        ccp_layer_loss(
+            &feat,
+            &feat,
+            &shape,
+            &centers,
+            Tau::new(tau).unwrap(),
+            grad_k,
+        )
+        .unwrap()
+    };
+    let out = loss_at(0.01, true);
     assert!(out.loss.is_finite() && out.loss >= 0.0, "loss {}", out.loss);
     assert!(
         out.grad_feat_q
@@ -288,15 +278,7 @@ fn loss_and_gradients_are_finite_at_tau_001() {
     );
     // Random features of independent rows: the loss is far from 0 at tau=1 but the positives
     // dominate at tau=0.01, so the loss must drop.
-    let warm = ccp_layer_loss(
-        &feat,
-        &feat,
-        &shape,
-        &centers,
-        Tau::new(1.0).unwrap(),
-        false,
-    )
-    .unwrap();
+    let warm = loss_at(1.0, false);
     assert!(
         out.loss < warm.loss,
         "tau 0.01 {} vs tau 1 {}",

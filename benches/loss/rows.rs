@@ -32,17 +32,16 @@ pub fn reference_rows(
     Ok((forward.loss, dq, dk))
 }
 
+/// Both sides' rows, `(q, k)`.
+type RowPair<'a, T> = (&'a CudaSlice<T>, &'a CudaSlice<T>);
+/// What a step writes: the gradient of `q`, and of `k` when given.
+type GradPair<'a, T> = (&'a mut CudaSlice<T>, Option<&'a mut CudaSlice<T>>);
+
 /// One implementation of the loss from rows, timed under its own criterion group.
 trait RowsVariant<T: Dtype> {
     /// One forward plus backward: `d rows_q` into `grad_q`, and `d rows_k` into `grad_k`
     /// when given.
-    fn step(
-        &mut self,
-        q: &CudaSlice<T>,
-        k: &CudaSlice<T>,
-        grad_q: &mut CudaSlice<T>,
-        grad_k: Option<&mut CudaSlice<T>>,
-    ) -> ccpl::Result<()>;
+    fn step(&mut self, rows: RowPair<'_, T>, grads: GradPair<'_, T>) -> ccpl::Result<()>;
     /// The loss of the last step, on the device.
     fn loss(&self) -> &CudaSlice<f32>;
     /// The bytes of its workspace.
@@ -53,10 +52,8 @@ trait RowsVariant<T: Dtype> {
 impl<T: Dtype> RowsVariant<T> for CcpRows<T> {
     fn step(
         &mut self,
-        q: &CudaSlice<T>,
-        k: &CudaSlice<T>,
-        grad_q: &mut CudaSlice<T>,
-        grad_k: Option<&mut CudaSlice<T>>,
+        (q, k): RowPair<'_, T>,
+        (grad_q, grad_k): GradPair<'_, T>,
     ) -> ccpl::Result<()> {
         self.forward(q, k)?;
         self.backward(None, grad_q, grad_k)
@@ -78,10 +75,8 @@ struct Materialised<'a, T: Dtype> {
 impl<T: Dtype> RowsVariant<T> for Materialised<'_, T> {
     fn step(
         &mut self,
-        q: &CudaSlice<T>,
-        k: &CudaSlice<T>,
-        grad_q: &mut CudaSlice<T>,
-        grad_k: Option<&mut CudaSlice<T>>,
+        (q, k): RowPair<'_, T>,
+        (grad_q, grad_k): GradPair<'_, T>,
     ) -> ccpl::Result<()> {
         self.loss.forward(self.gpu, q, k)?;
         self.loss.backward(self.gpu, Side::Q, q, grad_q)?;
@@ -198,7 +193,7 @@ fn bench_rows_variant<T: Dtype, V: RowsVariant<T>>(
     let mut grad_q = gpu.stream.clone_htod(&nan)?;
     let mut grad_k_buf = gpu.stream.clone_htod(&nan)?;
     let (q, k) = &sets[0];
-    variant.step(q, k, &mut grad_q, grad_k.then_some(&mut grad_k_buf))?;
+    variant.step((q, k), (&mut grad_q, grad_k.then_some(&mut grad_k_buf)))?;
     let value = f64::from(gpu.stream.clone_dtoh(variant.loss())?[0]);
     let memory = Memory {
         device: Some(free.saturating_sub(gpu.free_bytes()?)),
@@ -228,7 +223,7 @@ fn bench_rows_variant<T: Dtype, V: RowsVariant<T>>(
     time_gpu(c, &gpu.stream, cfg, group, T::SUFFIX, |i| {
         let (q, k) = &sets[i % count];
         variant
-            .step(q, k, &mut grad_q, grad_k.then_some(&mut grad_k_buf))
+            .step((q, k), (&mut grad_q, grad_k.then_some(&mut grad_k_buf)))
             .expect("loss step");
     });
     Ok(())

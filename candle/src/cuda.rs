@@ -59,16 +59,22 @@ pub(crate) fn elements<'a, T: CudaDType>(
 pub(crate) trait SavedLoss: Send {
     /// The loss: one float32 on the device.
     fn loss(&self) -> &CudaSlice<f32>;
-    /// `upstream[0]` times the gradient of the loss with respect to the first input, then the
-    /// second's when `want_k`: a new storage of `T` holding both, of `len` elements each.
+    /// `upstream[0]` times the gradients `asked` for.
     fn backward(
         &mut self,
-        op: &'static str,
         upstream: &CudaView<'_, f32>,
-        want_k: bool,
-        len: usize,
-        device: &CudaDevice,
+        asked: Gradients<'_>,
     ) -> Result<CudaStorage>;
+}
+
+/// The gradients a backward is asked for: of the first input, then the second's when
+/// `want_k`, in a new storage of the loss's storage type on `device` holding both, of `len`
+/// elements each. `op` names the op in errors.
+pub(crate) struct Gradients<'a> {
+    pub op: &'static str,
+    pub device: &'a CudaDevice,
+    pub want_k: bool,
+    pub len: usize,
 }
 
 /// ccpl's loss objects as a forward keeps them: the loss, how its backward starts the
@@ -87,36 +93,33 @@ trait LossObject: Send {
     ) -> ccpl::Result<()>;
 }
 
-impl<T: KernelType> LossObject for CcpRows<T> {
-    type Storage = T;
-    const START: Start = Start::Unset;
-    fn loss(&self) -> &CudaSlice<f32> {
-        CcpRows::loss(self)
-    }
-    fn backward_into<'v>(
-        &mut self,
-        upstream: &CudaView<'_, f32>,
-        grad_q: &mut CudaViewMut<'v, T>,
-        grad_k: Option<&mut CudaViewMut<'v, T>>,
-    ) -> ccpl::Result<()> {
-        CcpRows::backward(self, Some(upstream), grad_q, grad_k)
-    }
+// The two loss objects differ only in how their backward starts the gradients and in its
+// call (the layer's names its scatter), so one impl is written for both.
+macro_rules! loss_object {
+    ($($object:ident: $start:ident, |$this:ident, $up:ident, $q:ident, $k:ident| $backward:expr;)*) => {$(
+        impl<T: KernelType> LossObject for $object<T> {
+            type Storage = T;
+            const START: Start = Start::$start;
+            fn loss(&self) -> &CudaSlice<f32> {
+                $object::loss(self)
+            }
+            fn backward_into<'v>(
+                &mut self,
+                $up: &CudaView<'_, f32>,
+                $q: &mut CudaViewMut<'v, T>,
+                $k: Option<&mut CudaViewMut<'v, T>>,
+            ) -> ccpl::Result<()> {
+                let $this = self;
+                $backward
+            }
+        }
+    )*};
 }
 
-impl<T: KernelType> LossObject for CcpLayer<T> {
-    type Storage = T;
-    const START: Start = Start::Zeroed;
-    fn loss(&self) -> &CudaSlice<f32> {
-        CcpLayer::loss(self)
-    }
-    fn backward_into<'v>(
-        &mut self,
-        upstream: &CudaView<'_, f32>,
-        grad_q: &mut CudaViewMut<'v, T>,
-        grad_k: Option<&mut CudaViewMut<'v, T>>,
-    ) -> ccpl::Result<()> {
-        CcpLayer::backward(self, Some(upstream), grad_q, grad_k, Scatter::Deterministic)
-    }
+loss_object! {
+    CcpRows: Unset, |rows, upstream, grad_q, grad_k| rows.backward(Some(upstream), grad_q, grad_k);
+    CcpLayer: Zeroed, |layer, upstream, grad_q, grad_k|
+        layer.backward(Some(upstream), grad_q, grad_k, Scatter::Deterministic);
 }
 
 impl<L: LossObject> SavedLoss for L {
@@ -126,13 +129,10 @@ impl<L: LossObject> SavedLoss for L {
 
     fn backward(
         &mut self,
-        op: &'static str,
         upstream: &CudaView<'_, f32>,
-        want_k: bool,
-        len: usize,
-        device: &CudaDevice,
+        asked: Gradients<'_>,
     ) -> Result<CudaStorage> {
-        gradients::<L::Storage>(op, device, want_k, len, L::START, |grad_q, grad_k| {
+        gradients::<L::Storage>(asked, L::START, |grad_q, grad_k| {
             self.backward_into(upstream, grad_q, grad_k)
         })
     }
@@ -145,13 +145,14 @@ enum Start {
     Zeroed,
 }
 
-/// A new storage of `T` holding the gradient of the first input (`len` elements), then the
-/// second's when `want_k`, written by `backward` into its halves.
+/// The gradients `asked` for, written by `backward` into the halves of a new storage of `T`.
 fn gradients<T: KernelType>(
-    op: &'static str,
-    device: &CudaDevice,
-    want_k: bool,
-    len: usize,
+    Gradients {
+        op,
+        device,
+        want_k,
+        len,
+    }: Gradients<'_>,
     start: Start,
     backward: impl for<'v> FnOnce(
         &mut CudaViewMut<'v, T>,

@@ -194,13 +194,13 @@ impl<L: Loss> CustomOp1 for LossBackward<'_, L> {
         let Some(Saved::Cuda(saved)) = saved.as_mut() else {
             return Err(error(L::NAME, "backward without a CUDA forward"));
         };
-        let grads = saved.backward(
-            L::NAME,
-            &view,
-            self.op.want_k,
-            self.op.len(),
-            &upstream.device,
-        )?;
+        let asked = crate::cuda::Gradients {
+            op: L::NAME,
+            device: &upstream.device,
+            want_k: self.op.want_k,
+            len: self.op.len(),
+        };
+        let grads = saved.backward(&view, asked)?;
         Ok((grads, self.shape()))
     }
 }

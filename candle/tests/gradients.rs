@@ -17,7 +17,7 @@ use crate::common;
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_nn::{Linear, VarBuilder, VarMap, linear};
 use ccpl_candle::{Centers, ccp_layer_loss, neighbor_diff, rows_loss};
-use common::{Rng, TensorRng, assert_close, values};
+use common::{Rng, SPEC_DIRECTIONS, TensorRng, assert_close, values};
 
 /// Finite differences through the layer loss (step 1e-4): measured 4.0e-11.
 const TOL_FD_LAYER: f64 = 4e-9;
@@ -172,25 +172,13 @@ fn head_gradients_are_the_derivatives_of_the_loss() -> Result<()> {
     Ok(())
 }
 
-/// Directions of the 3x3 window in raster order without its centre, as the contract's table.
-const DIRECTIONS: [(isize, isize); 8] = [
-    (-1, -1),
-    (-1, 0),
-    (-1, 1),
-    (0, -1),
-    (0, 1),
-    (1, -1),
-    (1, 0),
-    (1, 1),
-];
-
 /// The contract's difference rows `(B, 8N, C)` with candle's own ops: row `k*N + x` is the
 /// centre `x` minus its neighbour in direction `k`.
 fn plain_neighbor_diff(feat: &Tensor, centers: &Centers) -> Result<Tensor> {
     let (b, c, h, w) = feat.dims4()?;
     let flat = feat.reshape((b, c, h * w))?;
     let (mut centre, mut neighbour) = (Vec::new(), Vec::new());
-    for (dh, dw) in DIRECTIONS {
+    for (dh, dw) in SPEC_DIRECTIONS {
         for &p in centers.flat() {
             centre.push(p as u32);
             neighbour.push((p as isize + dh * w as isize + dw) as u32);

@@ -79,6 +79,7 @@ use ccpl::launch::{Buf, KernelParams, LaunchPlan, Launcher};
 /// output, committed and checked by the build script as `ccpl`'s own bindings are).
 pub mod selftest {
     #![allow(non_camel_case_types, missing_docs, clippy::all)]
+    use ccpl::ffi_layout;
     include!("selftest_bindings.rs");
     // SAFETY: plain `repr(C)` data, as the kernels' own parameter structs.
     unsafe impl cudarc::driver::DeviceRepr for ccpl_emu_selftest_params {}

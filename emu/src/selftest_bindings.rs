@@ -9,18 +9,4 @@ pub struct ccpl_emu_selftest_params {
     pub n: i32,
     pub arg: i32,
 }
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of ccpl_emu_selftest_params"]
-        [::std::mem::size_of::<ccpl_emu_selftest_params>() - 24usize];
-    ["Alignment of ccpl_emu_selftest_params"]
-        [::std::mem::align_of::<ccpl_emu_selftest_params>() - 8usize];
-    ["Offset of field: ccpl_emu_selftest_params::in_"]
-        [::std::mem::offset_of!(ccpl_emu_selftest_params, in_) - 0usize];
-    ["Offset of field: ccpl_emu_selftest_params::out"]
-        [::std::mem::offset_of!(ccpl_emu_selftest_params, out) - 8usize];
-    ["Offset of field: ccpl_emu_selftest_params::n"]
-        [::std::mem::offset_of!(ccpl_emu_selftest_params, n) - 16usize];
-    ["Offset of field: ccpl_emu_selftest_params::arg"]
-        [::std::mem::offset_of!(ccpl_emu_selftest_params, arg) - 20usize];
-};
+ffi_layout!(ccpl_emu_selftest_params: size 24, align 8; in_ 0, out 8, n 16, arg 20);

@@ -12,6 +12,9 @@
 //! # let _ = (kernels, stream); Ok(()) }
 //! ```
 
+#[macro_use]
+mod wrapper;
+
 pub mod info_nce;
 pub mod info_nce_fused;
 pub mod layer;

@@ -2,10 +2,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaStream};
 
-use super::{CudaLauncher, Kernels};
-use crate::dtype::Dtype;
+use super::CudaLauncher;
 use crate::error::{Error, Result, check_len};
 use crate::launch::CentersBuf;
 pub use crate::launch::neighbor::Scatter;
@@ -112,77 +111,21 @@ impl DeviceCenters {
     }
 }
 
-/// Writes the difference rows `(B, 8N, C)` of `feat` (shape `shape`) into `rows`.
-///
-/// Everything is validated before the launch; nothing is allocated and nothing waits.
-pub fn neighbor_diff<T: Dtype>(
-    kernels: &Kernels,
-    stream: &CudaStream,
-    shape: &FeatureShape,
-    centers: &DeviceCenters,
-    feat: &impl DevicePtr<T>,
-    rows: &mut impl DevicePtrMut<T>,
-) -> Result<()> {
-    kernels.launch_one(stream, |launcher| {
-        plan::neighbor_diff::<T>(
-            shape,
-            &centers.buf(launcher),
-            launcher.read(feat),
-            launcher.write(rows),
-        )
-    })
-}
+kernel_wrappers! {
+    /// Writes the difference rows `(B, 8N, C)` of `feat` (shape `shape`) into `rows`.
+    pub fn neighbor_diff<T>(shape: value &FeatureShape, centers: centers, feat: read T, rows: write T);
 
-/// Writes the difference rows of `feat` (shape `shape`) normalised, `out = d / (||d|| + 1e-7)`
-/// `(B, 8N, C)`, and their norms `||d||` (float32, `B*8N`), without storing the difference
-/// rows: [`neighbor_diff`] then [`normalize_rows`](super::normalize::normalize_rows), except
-/// that the differences are formed in float, so `out` is right wherever `T` holds it (f16
-/// differences past 65504). Back through it with
-/// [`normalize_rows_backward_normalized`](super::normalize::normalize_rows_backward_normalized)
-/// then [`neighbor_diff_backward`].
-///
-/// Everything is validated before the launch; nothing is allocated and nothing waits.
-pub fn neighbor_diff_normalize<T: Dtype>(
-    kernels: &Kernels,
-    stream: &CudaStream,
-    shape: &FeatureShape,
-    centers: &DeviceCenters,
-    feat: &impl DevicePtr<T>,
-    out: &mut impl DevicePtrMut<T>,
-    norms: &mut impl DevicePtrMut<f32>,
-) -> Result<()> {
-    kernels.launch_one(stream, |launcher| {
-        plan::neighbor_diff_normalize::<T>(
-            shape,
-            &centers.buf(launcher),
-            launcher.read(feat),
-            launcher.write(out),
-            launcher.write(norms),
-        )
-    })
-}
+    /// Writes the difference rows of `feat` (shape `shape`) normalised, `out = d / (||d|| + 1e-7)`
+    /// `(B, 8N, C)`, and their norms `||d||` (float32, `B*8N`), without storing the difference
+    /// rows: [`neighbor_diff`] then [`normalize_rows`](super::normalize::normalize_rows), except
+    /// that the differences are formed in float, so `out` is right wherever `T` holds it (f16
+    /// differences past 65504). Back through it with
+    /// [`normalize_rows_backward_normalized`](super::normalize::normalize_rows_backward_normalized)
+    /// then [`neighbor_diff_backward`].
+    pub fn neighbor_diff_normalize<T>(shape: value &FeatureShape, centers: centers, feat: read T, out: write T, norms: write f32);
 
-/// Adds the backward scatter of `grad_rows` `(B, 8N, C)` into `grad_feat` (shape `shape`):
-/// a centre gets `+g`, its neighbour `-g`. [`Scatter::Deterministic`] gives the same bits on
-/// every run; [`Scatter::Atomic`] is faster and may differ in the last bits.
-///
-/// Everything is validated before the launch; nothing is allocated and nothing waits.
-pub fn neighbor_diff_backward<T: Dtype>(
-    kernels: &Kernels,
-    stream: &CudaStream,
-    shape: &FeatureShape,
-    centers: &DeviceCenters,
-    grad_rows: &impl DevicePtr<T>,
-    grad_feat: &mut impl DevicePtrMut<T>,
-    scatter: Scatter,
-) -> Result<()> {
-    kernels.launch_one(stream, |launcher| {
-        plan::neighbor_diff_backward::<T>(
-            shape,
-            &centers.buf(launcher),
-            launcher.read(grad_rows),
-            launcher.write(grad_feat),
-            scatter,
-        )
-    })
+    /// Adds the backward scatter of `grad_rows` `(B, 8N, C)` into `grad_feat` (shape `shape`):
+    /// a centre gets `+g`, its neighbour `-g`. [`Scatter::Deterministic`] gives the same bits on
+    /// every run; [`Scatter::Atomic`] is faster and may differ in the last bits.
+    pub fn neighbor_diff_backward<T>(shape: value &FeatureShape, centers: centers, grad_rows: read T, grad_feat: write T, scatter: value Scatter);
 }

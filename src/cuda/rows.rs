@@ -10,12 +10,12 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut};
 
-use super::Kernels;
 use super::resident::{Resident, alloc, length};
+use super::{CudaLauncher, Kernels};
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::launch::Launcher;
 use crate::launch::small_s;
+use crate::launch::{Buf, Launcher};
 use crate::loss::rows::{RowsPlan, RowsWorkspace};
 use crate::loss::small_s::{SmallRowsPlan, SmallRowsWorkspace};
 use crate::shape::RowShape;
@@ -213,20 +213,31 @@ impl<T: Dtype> CcpRows<T> {
         match &mut self.path {
             Path::Small { plan, resident, .. } => {
                 let (launcher, ws) = resident.backward()?;
-                let grad_rows_q = launcher.write(grad_rows_q);
-                let grad_rows_k = grad_rows_k.map(|g| launcher.write(g));
-                let upstream = upstream.map(|u| launcher.read(u));
                 let bufs = ws.map_mut(|s| launcher.write(s), |s| launcher.write(s));
-                plan.backward::<T, _>(&launcher, &bufs, upstream, grad_rows_q, grad_rows_k)
+                let (upstream, q, k) = caller_grads(&launcher, upstream, grad_rows_q, grad_rows_k);
+                plan.backward::<T, _>(&launcher, &bufs, upstream, q, k)
             }
             Path::Fused { plan, resident } => {
                 let (launcher, ws) = resident.backward()?;
-                let grad_rows_q = launcher.write(grad_rows_q);
-                let grad_rows_k = grad_rows_k.map(|g| launcher.write(g));
-                let upstream = upstream.map(|u| launcher.read(u));
                 let bufs = ws.map_mut(|s| launcher.write(s), |s| launcher.write(s));
-                plan.backward::<T, _>(&launcher, &bufs, upstream, grad_rows_q, grad_rows_k)
+                let (upstream, q, k) = caller_grads(&launcher, upstream, grad_rows_q, grad_rows_k);
+                plan.backward::<T, _>(&launcher, &bufs, upstream, q, k)
             }
         }
     }
+}
+
+/// The caller's buffers of a backward as its launches take them: the upstream gradient it
+/// reads and the gradients of the two sides it writes, their guards kept by `launcher`.
+fn caller_grads<'a, T, G: DevicePtrMut<T>>(
+    launcher: &CudaLauncher<'a>,
+    upstream: Option<&'a CudaView<'_, f32>>,
+    grad_rows_q: &'a mut G,
+    grad_rows_k: Option<&'a mut G>,
+) -> (Option<Buf>, Buf, Option<Buf>) {
+    (
+        upstream.map(|u| launcher.read(u)),
+        launcher.write(grad_rows_q),
+        grad_rows_k.map(|g| launcher.write(g)),
+    )
 }

@@ -30,21 +30,7 @@ pub struct ccpl_feature_map {
     pub width: i32,
     pub layout: i32,
 }
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of ccpl_feature_map"][::std::mem::size_of::<ccpl_feature_map>() - 20usize];
-    ["Alignment of ccpl_feature_map"][::std::mem::align_of::<ccpl_feature_map>() - 4usize];
-    ["Offset of field: ccpl_feature_map::batch"]
-        [::std::mem::offset_of!(ccpl_feature_map, batch) - 0usize];
-    ["Offset of field: ccpl_feature_map::channels"]
-        [::std::mem::offset_of!(ccpl_feature_map, channels) - 4usize];
-    ["Offset of field: ccpl_feature_map::height"]
-        [::std::mem::offset_of!(ccpl_feature_map, height) - 8usize];
-    ["Offset of field: ccpl_feature_map::width"]
-        [::std::mem::offset_of!(ccpl_feature_map, width) - 12usize];
-    ["Offset of field: ccpl_feature_map::layout"]
-        [::std::mem::offset_of!(ccpl_feature_map, layout) - 16usize];
-};
+ffi_layout!(ccpl_feature_map: size 20, align 4; batch 0, channels 4, height 8, width 12, layout 16);
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_row_shape {
@@ -52,17 +38,25 @@ pub struct ccpl_row_shape {
     pub rows: i32,
     pub width: i32,
 }
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of ccpl_row_shape"][::std::mem::size_of::<ccpl_row_shape>() - 12usize];
-    ["Alignment of ccpl_row_shape"][::std::mem::align_of::<ccpl_row_shape>() - 4usize];
-    ["Offset of field: ccpl_row_shape::batch"]
-        [::std::mem::offset_of!(ccpl_row_shape, batch) - 0usize];
-    ["Offset of field: ccpl_row_shape::rows"]
-        [::std::mem::offset_of!(ccpl_row_shape, rows) - 4usize];
-    ["Offset of field: ccpl_row_shape::width"]
-        [::std::mem::offset_of!(ccpl_row_shape, width) - 8usize];
-};
+ffi_layout!(ccpl_row_shape: size 12, align 4; batch 0, rows 4, width 8);
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct ccpl_row_stats {
+    pub row_lse: u64,
+    pub row_loss: u64,
+}
+ffi_layout!(ccpl_row_stats: size 16, align 8; row_lse 0, row_loss 8);
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct ccpl_info_nce_grad {
+    pub stats: ccpl_row_stats,
+    pub upstream: u64,
+    pub out: u64,
+    pub shape: ccpl_row_shape,
+    pub transpose: i32,
+    pub inv_tau: f32,
+}
+ffi_layout!(ccpl_info_nce_grad: size 56, align 8; stats 0, upstream 16, out 24, shape 32, transpose 44, inv_tau 48);
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_centers {
@@ -70,14 +64,7 @@ pub struct ccpl_centers {
     pub map: u64,
     pub count: i32,
 }
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of ccpl_centers"][::std::mem::size_of::<ccpl_centers>() - 24usize];
-    ["Alignment of ccpl_centers"][::std::mem::align_of::<ccpl_centers>() - 8usize];
-    ["Offset of field: ccpl_centers::flat"][::std::mem::offset_of!(ccpl_centers, flat) - 0usize];
-    ["Offset of field: ccpl_centers::map"][::std::mem::offset_of!(ccpl_centers, map) - 8usize];
-    ["Offset of field: ccpl_centers::count"][::std::mem::offset_of!(ccpl_centers, count) - 16usize];
-};
+ffi_layout!(ccpl_centers: size 24, align 8; flat 0, map 8, count 16);
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_neighbor_diff_params {
@@ -86,21 +73,7 @@ pub struct ccpl_neighbor_diff_params {
     pub centers: ccpl_centers,
     pub shape: ccpl_feature_map,
 }
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of ccpl_neighbor_diff_params"]
-        [::std::mem::size_of::<ccpl_neighbor_diff_params>() - 64usize];
-    ["Alignment of ccpl_neighbor_diff_params"]
-        [::std::mem::align_of::<ccpl_neighbor_diff_params>() - 8usize];
-    ["Offset of field: ccpl_neighbor_diff_params::feat"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_params, feat) - 0usize];
-    ["Offset of field: ccpl_neighbor_diff_params::rows"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_params, rows) - 8usize];
-    ["Offset of field: ccpl_neighbor_diff_params::centers"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_params, centers) - 16usize];
-    ["Offset of field: ccpl_neighbor_diff_params::shape"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_params, shape) - 40usize];
-};
+ffi_layout!(ccpl_neighbor_diff_params: size 64, align 8; feat 0, rows 8, centers 16, shape 40);
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_neighbor_diff_backward_params {
@@ -109,21 +82,7 @@ pub struct ccpl_neighbor_diff_backward_params {
     pub centers: ccpl_centers,
     pub shape: ccpl_feature_map,
 }
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of ccpl_neighbor_diff_backward_params"]
-        [::std::mem::size_of::<ccpl_neighbor_diff_backward_params>() - 64usize];
-    ["Alignment of ccpl_neighbor_diff_backward_params"]
-        [::std::mem::align_of::<ccpl_neighbor_diff_backward_params>() - 8usize];
-    ["Offset of field: ccpl_neighbor_diff_backward_params::grad_rows"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_backward_params, grad_rows) - 0usize];
-    ["Offset of field: ccpl_neighbor_diff_backward_params::grad_feat"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_backward_params, grad_feat) - 8usize];
-    ["Offset of field: ccpl_neighbor_diff_backward_params::centers"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_backward_params, centers) - 16usize];
-    ["Offset of field: ccpl_neighbor_diff_backward_params::shape"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_backward_params, shape) - 40usize];
-};
+ffi_layout!(ccpl_neighbor_diff_backward_params: size 64, align 8; grad_rows 0, grad_feat 8, centers 16, shape 40);
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_neighbor_diff_normalize_params {
@@ -133,23 +92,7 @@ pub struct ccpl_neighbor_diff_normalize_params {
     pub centers: ccpl_centers,
     pub shape: ccpl_feature_map,
 }
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of ccpl_neighbor_diff_normalize_params"]
-        [::std::mem::size_of::<ccpl_neighbor_diff_normalize_params>() - 72usize];
-    ["Alignment of ccpl_neighbor_diff_normalize_params"]
-        [::std::mem::align_of::<ccpl_neighbor_diff_normalize_params>() - 8usize];
-    ["Offset of field: ccpl_neighbor_diff_normalize_params::feat"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, feat) - 0usize];
-    ["Offset of field: ccpl_neighbor_diff_normalize_params::out"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, out) - 8usize];
-    ["Offset of field: ccpl_neighbor_diff_normalize_params::norms"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, norms) - 16usize];
-    ["Offset of field: ccpl_neighbor_diff_normalize_params::centers"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, centers) - 24usize];
-    ["Offset of field: ccpl_neighbor_diff_normalize_params::shape"]
-        [::std::mem::offset_of!(ccpl_neighbor_diff_normalize_params, shape) - 48usize];
-};
+ffi_layout!(ccpl_neighbor_diff_normalize_params: size 72, align 8; feat 0, out 8, norms 16, centers 24, shape 48);
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_normalize_rows_params {
@@ -159,23 +102,7 @@ pub struct ccpl_normalize_rows_params {
     pub num_rows: i32,
     pub width: i32,
 }
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of ccpl_normalize_rows_params"]
-        [::std::mem::size_of::<ccpl_normalize_rows_params>() - 32usize];
-    ["Alignment of ccpl_normalize_rows_params"]
-        [::std::mem::align_of::<ccpl_normalize_rows_params>() - 8usize];
-    ["Offset of field: ccpl_normalize_rows_params::rows"]
-        [::std::mem::offset_of!(ccpl_normalize_rows_params, rows) - 0usize];
-    ["Offset of field: ccpl_normalize_rows_params::out"]
-        [::std::mem::offset_of!(ccpl_normalize_rows_params, out) - 8usize];
-    ["Offset of field: ccpl_normalize_rows_params::norms"]
-        [::std::mem::offset_of!(ccpl_normalize_rows_params, norms) - 16usize];
-    ["Offset of field: ccpl_normalize_rows_params::num_rows"]
-        [::std::mem::offset_of!(ccpl_normalize_rows_params, num_rows) - 24usize];
-    ["Offset of field: ccpl_normalize_rows_params::width"]
-        [::std::mem::offset_of!(ccpl_normalize_rows_params, width) - 28usize];
-};
+ffi_layout!(ccpl_normalize_rows_params: size 32, align 8; rows 0, out 8, norms 16, num_rows 24, width 28);
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_normalize_rows_backward_params {
@@ -187,27 +114,7 @@ pub struct ccpl_normalize_rows_backward_params {
     pub width: i32,
     pub normalized: i32,
 }
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of ccpl_normalize_rows_backward_params"]
-        [::std::mem::size_of::<ccpl_normalize_rows_backward_params>() - 48usize];
-    ["Alignment of ccpl_normalize_rows_backward_params"]
-        [::std::mem::align_of::<ccpl_normalize_rows_backward_params>() - 8usize];
-    ["Offset of field: ccpl_normalize_rows_backward_params::rows"]
-        [::std::mem::offset_of!(ccpl_normalize_rows_backward_params, rows) - 0usize];
-    ["Offset of field: ccpl_normalize_rows_backward_params::norms"]
-        [::std::mem::offset_of!(ccpl_normalize_rows_backward_params, norms) - 8usize];
-    ["Offset of field: ccpl_normalize_rows_backward_params::grad_out"]
-        [::std::mem::offset_of!(ccpl_normalize_rows_backward_params, grad_out) - 16usize];
-    ["Offset of field: ccpl_normalize_rows_backward_params::grad_rows"]
-        [::std::mem::offset_of!(ccpl_normalize_rows_backward_params, grad_rows) - 24usize];
-    ["Offset of field: ccpl_normalize_rows_backward_params::num_rows"]
-        [::std::mem::offset_of!(ccpl_normalize_rows_backward_params, num_rows) - 32usize];
-    ["Offset of field: ccpl_normalize_rows_backward_params::width"]
-        [::std::mem::offset_of!(ccpl_normalize_rows_backward_params, width) - 36usize];
-    ["Offset of field: ccpl_normalize_rows_backward_params::normalized"]
-        [::std::mem::offset_of!(ccpl_normalize_rows_backward_params, normalized) - 40usize];
-};
+ffi_layout!(ccpl_normalize_rows_backward_params: size 48, align 8; rows 0, norms 8, grad_out 16, grad_rows 24, num_rows 32, width 36, normalized 40);
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_similarity_params {
@@ -217,48 +124,16 @@ pub struct ccpl_similarity_params {
     pub shape: ccpl_row_shape,
     pub inv_tau: f32,
 }
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of ccpl_similarity_params"][::std::mem::size_of::<ccpl_similarity_params>() - 40usize];
-    ["Alignment of ccpl_similarity_params"]
-        [::std::mem::align_of::<ccpl_similarity_params>() - 8usize];
-    ["Offset of field: ccpl_similarity_params::q"]
-        [::std::mem::offset_of!(ccpl_similarity_params, q) - 0usize];
-    ["Offset of field: ccpl_similarity_params::k"]
-        [::std::mem::offset_of!(ccpl_similarity_params, k) - 8usize];
-    ["Offset of field: ccpl_similarity_params::logits"]
-        [::std::mem::offset_of!(ccpl_similarity_params, logits) - 16usize];
-    ["Offset of field: ccpl_similarity_params::shape"]
-        [::std::mem::offset_of!(ccpl_similarity_params, shape) - 24usize];
-    ["Offset of field: ccpl_similarity_params::inv_tau"]
-        [::std::mem::offset_of!(ccpl_similarity_params, inv_tau) - 36usize];
-};
+ffi_layout!(ccpl_similarity_params: size 40, align 8; q 0, k 8, logits 16, shape 24, inv_tau 36);
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_info_nce_forward_params {
     pub logits: u64,
-    pub row_lse: u64,
-    pub row_loss: u64,
+    pub stats: ccpl_row_stats,
     pub batch: i32,
     pub rows: i32,
 }
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of ccpl_info_nce_forward_params"]
-        [::std::mem::size_of::<ccpl_info_nce_forward_params>() - 32usize];
-    ["Alignment of ccpl_info_nce_forward_params"]
-        [::std::mem::align_of::<ccpl_info_nce_forward_params>() - 8usize];
-    ["Offset of field: ccpl_info_nce_forward_params::logits"]
-        [::std::mem::offset_of!(ccpl_info_nce_forward_params, logits) - 0usize];
-    ["Offset of field: ccpl_info_nce_forward_params::row_lse"]
-        [::std::mem::offset_of!(ccpl_info_nce_forward_params, row_lse) - 8usize];
-    ["Offset of field: ccpl_info_nce_forward_params::row_loss"]
-        [::std::mem::offset_of!(ccpl_info_nce_forward_params, row_loss) - 16usize];
-    ["Offset of field: ccpl_info_nce_forward_params::batch"]
-        [::std::mem::offset_of!(ccpl_info_nce_forward_params, batch) - 24usize];
-    ["Offset of field: ccpl_info_nce_forward_params::rows"]
-        [::std::mem::offset_of!(ccpl_info_nce_forward_params, rows) - 28usize];
-};
+ffi_layout!(ccpl_info_nce_forward_params: size 32, align 8; logits 0, stats 8, batch 24, rows 28);
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_info_nce_loss_params {
@@ -267,126 +142,33 @@ pub struct ccpl_info_nce_loss_params {
     pub count: i32,
     pub accumulate: i32,
 }
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of ccpl_info_nce_loss_params"]
-        [::std::mem::size_of::<ccpl_info_nce_loss_params>() - 24usize];
-    ["Alignment of ccpl_info_nce_loss_params"]
-        [::std::mem::align_of::<ccpl_info_nce_loss_params>() - 8usize];
-    ["Offset of field: ccpl_info_nce_loss_params::row_loss"]
-        [::std::mem::offset_of!(ccpl_info_nce_loss_params, row_loss) - 0usize];
-    ["Offset of field: ccpl_info_nce_loss_params::loss"]
-        [::std::mem::offset_of!(ccpl_info_nce_loss_params, loss) - 8usize];
-    ["Offset of field: ccpl_info_nce_loss_params::count"]
-        [::std::mem::offset_of!(ccpl_info_nce_loss_params, count) - 16usize];
-    ["Offset of field: ccpl_info_nce_loss_params::accumulate"]
-        [::std::mem::offset_of!(ccpl_info_nce_loss_params, accumulate) - 20usize];
-};
+ffi_layout!(ccpl_info_nce_loss_params: size 24, align 8; row_loss 0, loss 8, count 16, accumulate 20);
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_info_nce_backward_params {
     pub logits: u64,
-    pub row_lse: u64,
-    pub row_loss: u64,
     pub other: u64,
-    pub upstream: u64,
-    pub grad: u64,
-    pub shape: ccpl_row_shape,
-    pub transpose: i32,
-    pub inv_tau: f32,
+    pub grad: ccpl_info_nce_grad,
 }
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of ccpl_info_nce_backward_params"]
-        [::std::mem::size_of::<ccpl_info_nce_backward_params>() - 72usize];
-    ["Alignment of ccpl_info_nce_backward_params"]
-        [::std::mem::align_of::<ccpl_info_nce_backward_params>() - 8usize];
-    ["Offset of field: ccpl_info_nce_backward_params::logits"]
-        [::std::mem::offset_of!(ccpl_info_nce_backward_params, logits) - 0usize];
-    ["Offset of field: ccpl_info_nce_backward_params::row_lse"]
-        [::std::mem::offset_of!(ccpl_info_nce_backward_params, row_lse) - 8usize];
-    ["Offset of field: ccpl_info_nce_backward_params::row_loss"]
-        [::std::mem::offset_of!(ccpl_info_nce_backward_params, row_loss) - 16usize];
-    ["Offset of field: ccpl_info_nce_backward_params::other"]
-        [::std::mem::offset_of!(ccpl_info_nce_backward_params, other) - 24usize];
-    ["Offset of field: ccpl_info_nce_backward_params::upstream"]
-        [::std::mem::offset_of!(ccpl_info_nce_backward_params, upstream) - 32usize];
-    ["Offset of field: ccpl_info_nce_backward_params::grad"]
-        [::std::mem::offset_of!(ccpl_info_nce_backward_params, grad) - 40usize];
-    ["Offset of field: ccpl_info_nce_backward_params::shape"]
-        [::std::mem::offset_of!(ccpl_info_nce_backward_params, shape) - 48usize];
-    ["Offset of field: ccpl_info_nce_backward_params::transpose"]
-        [::std::mem::offset_of!(ccpl_info_nce_backward_params, transpose) - 60usize];
-    ["Offset of field: ccpl_info_nce_backward_params::inv_tau"]
-        [::std::mem::offset_of!(ccpl_info_nce_backward_params, inv_tau) - 64usize];
-};
+ffi_layout!(ccpl_info_nce_backward_params: size 72, align 8; logits 0, other 8, grad 16);
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_info_nce_fused_forward_params {
     pub q: u64,
     pub k: u64,
-    pub row_lse: u64,
-    pub row_loss: u64,
+    pub stats: ccpl_row_stats,
     pub shape: ccpl_row_shape,
     pub inv_tau: f32,
 }
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of ccpl_info_nce_fused_forward_params"]
-        [::std::mem::size_of::<ccpl_info_nce_fused_forward_params>() - 48usize];
-    ["Alignment of ccpl_info_nce_fused_forward_params"]
-        [::std::mem::align_of::<ccpl_info_nce_fused_forward_params>() - 8usize];
-    ["Offset of field: ccpl_info_nce_fused_forward_params::q"]
-        [::std::mem::offset_of!(ccpl_info_nce_fused_forward_params, q) - 0usize];
-    ["Offset of field: ccpl_info_nce_fused_forward_params::k"]
-        [::std::mem::offset_of!(ccpl_info_nce_fused_forward_params, k) - 8usize];
-    ["Offset of field: ccpl_info_nce_fused_forward_params::row_lse"]
-        [::std::mem::offset_of!(ccpl_info_nce_fused_forward_params, row_lse) - 16usize];
-    ["Offset of field: ccpl_info_nce_fused_forward_params::row_loss"]
-        [::std::mem::offset_of!(ccpl_info_nce_fused_forward_params, row_loss) - 24usize];
-    ["Offset of field: ccpl_info_nce_fused_forward_params::shape"]
-        [::std::mem::offset_of!(ccpl_info_nce_fused_forward_params, shape) - 32usize];
-    ["Offset of field: ccpl_info_nce_fused_forward_params::inv_tau"]
-        [::std::mem::offset_of!(ccpl_info_nce_fused_forward_params, inv_tau) - 44usize];
-};
+ffi_layout!(ccpl_info_nce_fused_forward_params: size 48, align 8; q 0, k 8, stats 16, shape 32, inv_tau 44);
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_info_nce_fused_backward_params {
     pub q: u64,
     pub k: u64,
-    pub row_lse: u64,
-    pub row_loss: u64,
-    pub upstream: u64,
-    pub grad: u64,
-    pub shape: ccpl_row_shape,
-    pub transpose: i32,
-    pub inv_tau: f32,
+    pub grad: ccpl_info_nce_grad,
 }
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of ccpl_info_nce_fused_backward_params"]
-        [::std::mem::size_of::<ccpl_info_nce_fused_backward_params>() - 72usize];
-    ["Alignment of ccpl_info_nce_fused_backward_params"]
-        [::std::mem::align_of::<ccpl_info_nce_fused_backward_params>() - 8usize];
-    ["Offset of field: ccpl_info_nce_fused_backward_params::q"]
-        [::std::mem::offset_of!(ccpl_info_nce_fused_backward_params, q) - 0usize];
-    ["Offset of field: ccpl_info_nce_fused_backward_params::k"]
-        [::std::mem::offset_of!(ccpl_info_nce_fused_backward_params, k) - 8usize];
-    ["Offset of field: ccpl_info_nce_fused_backward_params::row_lse"]
-        [::std::mem::offset_of!(ccpl_info_nce_fused_backward_params, row_lse) - 16usize];
-    ["Offset of field: ccpl_info_nce_fused_backward_params::row_loss"]
-        [::std::mem::offset_of!(ccpl_info_nce_fused_backward_params, row_loss) - 24usize];
-    ["Offset of field: ccpl_info_nce_fused_backward_params::upstream"]
-        [::std::mem::offset_of!(ccpl_info_nce_fused_backward_params, upstream) - 32usize];
-    ["Offset of field: ccpl_info_nce_fused_backward_params::grad"]
-        [::std::mem::offset_of!(ccpl_info_nce_fused_backward_params, grad) - 40usize];
-    ["Offset of field: ccpl_info_nce_fused_backward_params::shape"]
-        [::std::mem::offset_of!(ccpl_info_nce_fused_backward_params, shape) - 48usize];
-    ["Offset of field: ccpl_info_nce_fused_backward_params::transpose"]
-        [::std::mem::offset_of!(ccpl_info_nce_fused_backward_params, transpose) - 60usize];
-    ["Offset of field: ccpl_info_nce_fused_backward_params::inv_tau"]
-        [::std::mem::offset_of!(ccpl_info_nce_fused_backward_params, inv_tau) - 64usize];
-};
+ffi_layout!(ccpl_info_nce_fused_backward_params: size 72, align 8; q 0, k 8, grad 16);
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_small_s_gather_layer {
@@ -400,31 +182,7 @@ pub struct ccpl_small_s_gather_layer {
     pub shape: ccpl_feature_map,
     pub first_block: i32,
 }
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of ccpl_small_s_gather_layer"]
-        [::std::mem::size_of::<ccpl_small_s_gather_layer>() - 96usize];
-    ["Alignment of ccpl_small_s_gather_layer"]
-        [::std::mem::align_of::<ccpl_small_s_gather_layer>() - 8usize];
-    ["Offset of field: ccpl_small_s_gather_layer::feat_q"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, feat_q) - 0usize];
-    ["Offset of field: ccpl_small_s_gather_layer::feat_k"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, feat_k) - 8usize];
-    ["Offset of field: ccpl_small_s_gather_layer::rows_q"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, rows_q) - 16usize];
-    ["Offset of field: ccpl_small_s_gather_layer::rows_k"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, rows_k) - 24usize];
-    ["Offset of field: ccpl_small_s_gather_layer::norms_q"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, norms_q) - 32usize];
-    ["Offset of field: ccpl_small_s_gather_layer::norms_k"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, norms_k) - 40usize];
-    ["Offset of field: ccpl_small_s_gather_layer::centers"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, centers) - 48usize];
-    ["Offset of field: ccpl_small_s_gather_layer::shape"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, shape) - 72usize];
-    ["Offset of field: ccpl_small_s_gather_layer::first_block"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_layer, first_block) - 92usize];
-};
+ffi_layout!(ccpl_small_s_gather_layer: size 96, align 8; feat_q 0, feat_k 8, rows_q 16, rows_k 24, norms_q 32, norms_k 40, centers 48, shape 72, first_block 92);
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_small_s_gather_params {
@@ -433,21 +191,7 @@ pub struct ccpl_small_s_gather_params {
     pub num_layers: i32,
     pub sample: i32,
 }
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of ccpl_small_s_gather_params"]
-        [::std::mem::size_of::<ccpl_small_s_gather_params>() - 784usize];
-    ["Alignment of ccpl_small_s_gather_params"]
-        [::std::mem::align_of::<ccpl_small_s_gather_params>() - 8usize];
-    ["Offset of field: ccpl_small_s_gather_params::layers"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_params, layers) - 0usize];
-    ["Offset of field: ccpl_small_s_gather_params::counters"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_params, counters) - 768usize];
-    ["Offset of field: ccpl_small_s_gather_params::num_layers"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_params, num_layers) - 776usize];
-    ["Offset of field: ccpl_small_s_gather_params::sample"]
-        [::std::mem::offset_of!(ccpl_small_s_gather_params, sample) - 780usize];
-};
+ffi_layout!(ccpl_small_s_gather_params: size 784, align 8; layers 0, counters 768, num_layers 776, sample 780);
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_small_s_rows_layer {
@@ -463,34 +207,7 @@ pub struct ccpl_small_s_rows_layer {
     pub shape: ccpl_row_shape,
     pub first_block: i32,
 }
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of ccpl_small_s_rows_layer"][::std::mem::size_of::<ccpl_small_s_rows_layer>() - 88usize];
-    ["Alignment of ccpl_small_s_rows_layer"]
-        [::std::mem::align_of::<ccpl_small_s_rows_layer>() - 8usize];
-    ["Offset of field: ccpl_small_s_rows_layer::rows_q"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_layer, rows_q) - 0usize];
-    ["Offset of field: ccpl_small_s_rows_layer::rows_k"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_layer, rows_k) - 8usize];
-    ["Offset of field: ccpl_small_s_rows_layer::norms_q"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_layer, norms_q) - 16usize];
-    ["Offset of field: ccpl_small_s_rows_layer::norms_k"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_layer, norms_k) - 24usize];
-    ["Offset of field: ccpl_small_s_rows_layer::grad_rows"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_layer, grad_rows) - 32usize];
-    ["Offset of field: ccpl_small_s_rows_layer::row_lse"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_layer, row_lse) - 40usize];
-    ["Offset of field: ccpl_small_s_rows_layer::row_loss"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_layer, row_loss) - 48usize];
-    ["Offset of field: ccpl_small_s_rows_layer::copy_q"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_layer, copy_q) - 56usize];
-    ["Offset of field: ccpl_small_s_rows_layer::copy_k"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_layer, copy_k) - 64usize];
-    ["Offset of field: ccpl_small_s_rows_layer::shape"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_layer, shape) - 72usize];
-    ["Offset of field: ccpl_small_s_rows_layer::first_block"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_layer, first_block) - 84usize];
-};
+ffi_layout!(ccpl_small_s_rows_layer: size 88, align 8; rows_q 0, rows_k 8, norms_q 16, norms_k 24, grad_rows 32, row_lse 40, row_loss 48, copy_q 56, copy_k 64, shape 72, first_block 84);
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_small_s_rows_params {
@@ -503,29 +220,7 @@ pub struct ccpl_small_s_rows_params {
     pub normalized: i32,
     pub inv_tau: f32,
 }
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of ccpl_small_s_rows_params"]
-        [::std::mem::size_of::<ccpl_small_s_rows_params>() - 744usize];
-    ["Alignment of ccpl_small_s_rows_params"]
-        [::std::mem::align_of::<ccpl_small_s_rows_params>() - 8usize];
-    ["Offset of field: ccpl_small_s_rows_params::layers"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_params, layers) - 0usize];
-    ["Offset of field: ccpl_small_s_rows_params::counters"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_params, counters) - 704usize];
-    ["Offset of field: ccpl_small_s_rows_params::layer_loss"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_params, layer_loss) - 712usize];
-    ["Offset of field: ccpl_small_s_rows_params::loss"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_params, loss) - 720usize];
-    ["Offset of field: ccpl_small_s_rows_params::num_layers"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_params, num_layers) - 728usize];
-    ["Offset of field: ccpl_small_s_rows_params::transpose"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_params, transpose) - 732usize];
-    ["Offset of field: ccpl_small_s_rows_params::normalized"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_params, normalized) - 736usize];
-    ["Offset of field: ccpl_small_s_rows_params::inv_tau"]
-        [::std::mem::offset_of!(ccpl_small_s_rows_params, inv_tau) - 740usize];
-};
+ffi_layout!(ccpl_small_s_rows_params: size 744, align 8; layers 0, counters 704, layer_loss 712, loss 720, num_layers 728, transpose 732, normalized 736, inv_tau 740);
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_small_s_scatter_layer {
@@ -537,27 +232,7 @@ pub struct ccpl_small_s_scatter_layer {
     pub shape: ccpl_feature_map,
     pub first_block: i32,
 }
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of ccpl_small_s_scatter_layer"]
-        [::std::mem::size_of::<ccpl_small_s_scatter_layer>() - 80usize];
-    ["Alignment of ccpl_small_s_scatter_layer"]
-        [::std::mem::align_of::<ccpl_small_s_scatter_layer>() - 8usize];
-    ["Offset of field: ccpl_small_s_scatter_layer::grad_rows_q"]
-        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, grad_rows_q) - 0usize];
-    ["Offset of field: ccpl_small_s_scatter_layer::grad_rows_k"]
-        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, grad_rows_k) - 8usize];
-    ["Offset of field: ccpl_small_s_scatter_layer::grad_feat_q"]
-        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, grad_feat_q) - 16usize];
-    ["Offset of field: ccpl_small_s_scatter_layer::grad_feat_k"]
-        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, grad_feat_k) - 24usize];
-    ["Offset of field: ccpl_small_s_scatter_layer::centers"]
-        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, centers) - 32usize];
-    ["Offset of field: ccpl_small_s_scatter_layer::shape"]
-        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, shape) - 56usize];
-    ["Offset of field: ccpl_small_s_scatter_layer::first_block"]
-        [::std::mem::offset_of!(ccpl_small_s_scatter_layer, first_block) - 76usize];
-};
+ffi_layout!(ccpl_small_s_scatter_layer: size 80, align 8; grad_rows_q 0, grad_rows_k 8, grad_feat_q 16, grad_feat_k 24, centers 32, shape 56, first_block 76);
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_small_s_scatter_params {
@@ -565,19 +240,7 @@ pub struct ccpl_small_s_scatter_params {
     pub upstream: u64,
     pub num_layers: i32,
 }
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of ccpl_small_s_scatter_params"]
-        [::std::mem::size_of::<ccpl_small_s_scatter_params>() - 656usize];
-    ["Alignment of ccpl_small_s_scatter_params"]
-        [::std::mem::align_of::<ccpl_small_s_scatter_params>() - 8usize];
-    ["Offset of field: ccpl_small_s_scatter_params::layers"]
-        [::std::mem::offset_of!(ccpl_small_s_scatter_params, layers) - 0usize];
-    ["Offset of field: ccpl_small_s_scatter_params::upstream"]
-        [::std::mem::offset_of!(ccpl_small_s_scatter_params, upstream) - 640usize];
-    ["Offset of field: ccpl_small_s_scatter_params::num_layers"]
-        [::std::mem::offset_of!(ccpl_small_s_scatter_params, num_layers) - 648usize];
-};
+ffi_layout!(ccpl_small_s_scatter_params: size 656, align 8; layers 0, upstream 640, num_layers 648);
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct ccpl_small_s_scale_params {
@@ -588,22 +251,4 @@ pub struct ccpl_small_s_scale_params {
     pub upstream: u64,
     pub count: i32,
 }
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of ccpl_small_s_scale_params"]
-        [::std::mem::size_of::<ccpl_small_s_scale_params>() - 48usize];
-    ["Alignment of ccpl_small_s_scale_params"]
-        [::std::mem::align_of::<ccpl_small_s_scale_params>() - 8usize];
-    ["Offset of field: ccpl_small_s_scale_params::grad_rows_q"]
-        [::std::mem::offset_of!(ccpl_small_s_scale_params, grad_rows_q) - 0usize];
-    ["Offset of field: ccpl_small_s_scale_params::grad_rows_k"]
-        [::std::mem::offset_of!(ccpl_small_s_scale_params, grad_rows_k) - 8usize];
-    ["Offset of field: ccpl_small_s_scale_params::out_q"]
-        [::std::mem::offset_of!(ccpl_small_s_scale_params, out_q) - 16usize];
-    ["Offset of field: ccpl_small_s_scale_params::out_k"]
-        [::std::mem::offset_of!(ccpl_small_s_scale_params, out_k) - 24usize];
-    ["Offset of field: ccpl_small_s_scale_params::upstream"]
-        [::std::mem::offset_of!(ccpl_small_s_scale_params, upstream) - 32usize];
-    ["Offset of field: ccpl_small_s_scale_params::count"]
-        [::std::mem::offset_of!(ccpl_small_s_scale_params, count) - 40usize];
-};
+ffi_layout!(ccpl_small_s_scale_params: size 48, align 8; grad_rows_q 0, grad_rows_k 8, out_q 16, out_k 24, upstream 32, count 40);

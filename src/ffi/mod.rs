@@ -2,6 +2,25 @@
 //! and checked against the header by the build script), and the kernel images that the build
 //! script embedded.
 
+/// The layout checks of one struct of a header, as the build script writes bindgen's into the
+/// bindings (`build/bindings.rs`, one line a struct): the size, the alignment and every field's
+/// offset that clang gave the C struct, checked against the Rust struct's when the crate
+/// compiles. Exported for the emulator's bindings, which the same build script writes.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! ffi_layout {
+    ($name:ident: size $size:literal, align $align:literal; $($field:ident $offset:literal),* $(,)?) => {
+        const _: () = {
+            assert!(size_of::<$name>() == $size, concat!("size of ", stringify!($name)));
+            assert!(align_of::<$name>() == $align, concat!("alignment of ", stringify!($name)));
+            $(assert!(
+                ::std::mem::offset_of!($name, $field) == $offset,
+                concat!("offset of ", stringify!($name), "::", stringify!($field))
+            );)*
+        };
+    };
+}
+
 #[allow(
     non_camel_case_types,
     non_upper_case_globals,

@@ -2,8 +2,8 @@
 //! as the target, the mean of it, and the gradient back into the normalised rows.
 
 use super::{
-    Buf, LaunchPlan, WARP, check_row_stats, grid_stride_blocks, i32_of, row_count, row_shape,
-    tile_grid,
+    Buf, LaunchPlan, WARP, check_row_matrices, grid_stride_blocks, i32_of, row_count, row_shape,
+    row_stats,
 };
 use crate::dtype::Dtype;
 use crate::error::{Error, Result, check_len};
@@ -30,7 +30,7 @@ pub fn info_nce_forward(
 ) -> Result<LaunchPlan<ffi::ccpl_info_nce_forward_params>> {
     let rows = row_count(shape)?;
     check_len("logits", shape.logits_len(), logits.len)?;
-    check_row_stats(rows, row_lse, row_loss)?;
+    let stats = row_stats(rows, row_lse, row_loss)?;
     // One warp per row.
     let block = ffi::CCPL_INFO_NCE_BLOCK;
     Ok(LaunchPlan::new(
@@ -39,8 +39,7 @@ pub fn info_nce_forward(
         block,
         ffi::ccpl_info_nce_forward_params {
             logits: logits.addr,
-            row_lse: row_lse.addr,
-            row_loss: row_loss.addr,
+            stats,
             batch: i32_of(shape.batch())?,
             rows: i32_of(shape.rows())?,
         },
@@ -90,27 +89,39 @@ pub fn info_nce_backward<T: Dtype>(
     upstream: Buf,
     grad: Buf,
 ) -> Result<LaunchPlan<ffi::ccpl_info_nce_backward_params>> {
-    let inv_tau = tau.inverse();
-    let rows = row_count(shape)?;
+    let grad = info_nce_grad(shape, tau, side, [row_lse, row_loss, upstream, grad])?;
     check_len("logits", shape.logits_len(), logits.len)?;
-    check_row_stats(rows, row_lse, row_loss)?;
-    check_len("other", shape.len(), other.len)?;
-    check_len("upstream", 1, upstream.len)?;
-    check_len("grad", shape.len(), grad.len)?;
-    Ok(LaunchPlan::new(
-        format!("info_nce_backward_{}", T::SUFFIX),
-        tile_grid(shape.batch(), shape.rows(), shape.width())?,
-        ffi::CCPL_TILE_THREADS,
+    check_row_matrices(shape, &[("other", other)])?;
+    LaunchPlan::tiled::<T>(
+        "info_nce_backward",
+        shape,
+        shape.width(),
         ffi::ccpl_info_nce_backward_params {
             logits: logits.addr,
-            row_lse: row_lse.addr,
-            row_loss: row_loss.addr,
             other: other.addr,
-            upstream: upstream.addr,
-            grad: grad.addr,
-            shape: row_shape(shape)?,
-            transpose: (side == Side::K).into(),
-            inv_tau,
+            grad,
         },
-    ))
+    )
+}
+
+/// What both InfoNCE backwards take besides their inputs (`ccpl_info_nce_grad`), checked
+/// against `shape`: the forward's `row_lse` and `row_loss`, the one float32 `upstream`, and
+/// `grad`, the gradient of the rows of `side` they write.
+pub(crate) fn info_nce_grad(
+    shape: &RowShape,
+    tau: Tau,
+    side: Side,
+    [row_lse, row_loss, upstream, grad]: [Buf; 4],
+) -> Result<ffi::ccpl_info_nce_grad> {
+    let stats = row_stats(row_count(shape)?, row_lse, row_loss)?;
+    check_len("upstream", 1, upstream.len)?;
+    check_len("grad", shape.len(), grad.len)?;
+    Ok(ffi::ccpl_info_nce_grad {
+        stats,
+        upstream: upstream.addr,
+        out: grad.addr,
+        shape: row_shape(shape)?,
+        transpose: (side == Side::K).into(),
+        inv_tau: tau.inverse(),
+    })
 }

@@ -3,10 +3,10 @@
 //! [`similarity`](super::similarity) followed by [`info_nce`](super::info_nce), in
 //! `O(B*S*C)` memory instead of `O(B*S*S)`.
 
-use super::info_nce::Side;
-use super::{Buf, LaunchPlan, check_row_stats, row_count, row_shape, tile_grid};
+use super::info_nce::{Side, info_nce_grad};
+use super::{Buf, LaunchPlan, check_row_matrices, row_count, row_shape, row_stats};
 use crate::dtype::Dtype;
-use crate::error::{Result, check_len};
+use crate::error::Result;
 use crate::ffi;
 use crate::shape::RowShape;
 use crate::tau::Tau;
@@ -23,25 +23,22 @@ pub fn info_nce_fused_forward<T: Dtype>(
     row_lse: Buf,
     row_loss: Buf,
 ) -> Result<LaunchPlan<ffi::ccpl_info_nce_fused_forward_params>> {
-    let inv_tau = tau.inverse();
     let rows = row_count(shape)?;
-    check_len("q", shape.len(), q.len)?;
-    check_len("k", shape.len(), k.len)?;
-    check_row_stats(rows, row_lse, row_loss)?;
-    Ok(LaunchPlan::new(
-        format!("info_nce_fused_forward_{}", T::SUFFIX),
-        // grid.y the 64-row tile, grid.z the image.
-        tile_grid(shape.batch(), shape.rows(), 1)?,
-        ffi::CCPL_TILE_THREADS,
+    check_row_matrices(shape, &[("q", q), ("k", k)])?;
+    let stats = row_stats(rows, row_lse, row_loss)?;
+    // grid.y the 64-row tile, grid.z the image.
+    LaunchPlan::tiled::<T>(
+        "info_nce_fused_forward",
+        shape,
+        1,
         ffi::ccpl_info_nce_fused_forward_params {
             q: q.addr,
             k: k.addr,
-            row_lse: row_lse.addr,
-            row_loss: row_loss.addr,
+            stats,
             shape: row_shape(shape)?,
-            inv_tau,
+            inv_tau: tau.inverse(),
         },
-    ))
+    )
 }
 
 /// `info_nce_fused_backward_{T}`: with `G = (softmax(L) - I) * upstream[0] / (B*S)` and
@@ -61,27 +58,16 @@ pub fn info_nce_fused_backward<T: Dtype>(
     upstream: Buf,
     grad: Buf,
 ) -> Result<LaunchPlan<ffi::ccpl_info_nce_fused_backward_params>> {
-    let inv_tau = tau.inverse();
-    let rows = row_count(shape)?;
-    check_len("q", shape.len(), q.len)?;
-    check_len("k", shape.len(), k.len)?;
-    check_row_stats(rows, row_lse, row_loss)?;
-    check_len("upstream", 1, upstream.len)?;
-    check_len("grad", shape.len(), grad.len)?;
-    Ok(LaunchPlan::new(
-        format!("info_nce_fused_backward_{}", T::SUFFIX),
-        tile_grid(shape.batch(), shape.rows(), shape.width())?,
-        ffi::CCPL_TILE_THREADS,
+    check_row_matrices(shape, &[("q", q), ("k", k)])?;
+    let grad = info_nce_grad(shape, tau, side, [row_lse, row_loss, upstream, grad])?;
+    LaunchPlan::tiled::<T>(
+        "info_nce_fused_backward",
+        shape,
+        shape.width(),
         ffi::ccpl_info_nce_fused_backward_params {
             q: q.addr,
             k: k.addr,
-            row_lse: row_lse.addr,
-            row_loss: row_loss.addr,
-            upstream: upstream.addr,
-            grad: grad.addr,
-            shape: row_shape(shape)?,
-            transpose: (side == Side::K).into(),
-            inv_tau,
+            grad,
         },
-    ))
+    )
 }

@@ -13,6 +13,7 @@ pub mod normalize;
 pub mod similarity;
 pub mod small_s;
 
+use crate::dtype::Dtype;
 use crate::error::{Error, Result, check_len};
 use crate::ffi;
 use crate::shape::{FeatureShape, RowShape};
@@ -54,6 +55,23 @@ impl<P> LaunchPlan<P> {
             shared_opt_in: false,
             params,
         }
+    }
+
+    /// The launch of `kernel`'s `T` variant, a tiled product (`kernels/tile_gemm.cuh`) with an
+    /// output of `columns` columns per row of `shape`: a block of `CCPL_TILE_THREADS` per tile
+    /// ([`tile_grid`]).
+    pub(crate) fn tiled<T: Dtype>(
+        kernel: &str,
+        shape: &RowShape,
+        columns: usize,
+        params: P,
+    ) -> Result<Self> {
+        Ok(Self::new(
+            format!("{kernel}_{}", T::SUFFIX),
+            tile_grid(shape.batch(), shape.rows(), columns)?,
+            ffi::CCPL_TILE_THREADS,
+            params,
+        ))
     }
 
     /// The plan with `bytes` of dynamic shared memory, for a kernel that declares
@@ -153,6 +171,13 @@ pub(crate) fn row_count(shape: &RowShape) -> Result<usize> {
     Ok(n)
 }
 
+/// Checks that each named buffer holds a row matrix of `shape`, `B*S*C` elements.
+pub(crate) fn check_row_matrices(shape: &RowShape, buffers: &[(&'static str, Buf)]) -> Result<()> {
+    buffers
+        .iter()
+        .try_for_each(|(what, buf)| check_len(what, shape.len(), buf.len))
+}
+
 /// The row matrices of `shape` as the tiled products take them (`ccpl_row_shape`): the one
 /// place a plan fills it.
 pub(crate) fn row_shape(shape: &RowShape) -> Result<ffi::ccpl_row_shape> {
@@ -163,11 +188,16 @@ pub(crate) fn row_shape(shape: &RowShape) -> Result<ffi::ccpl_row_shape> {
     })
 }
 
-/// Checks the per-row statistics of an InfoNCE forward, `row_lse` and `row_loss` (float32,
-/// one per row), against the number of rows ([`row_count`]).
-pub(crate) fn check_row_stats(rows: usize, row_lse: Buf, row_loss: Buf) -> Result<()> {
+/// The per-row statistics of an InfoNCE forward (`ccpl_row_stats`), `row_lse` and `row_loss`
+/// (float32, one per row), checked against the number of rows ([`row_count`]): the one place
+/// a plan fills them.
+pub(crate) fn row_stats(rows: usize, row_lse: Buf, row_loss: Buf) -> Result<ffi::ccpl_row_stats> {
     check_len("row_lse", rows, row_lse.len)?;
-    check_len("row_loss", rows, row_loss.len)
+    check_len("row_loss", rows, row_loss.len)?;
+    Ok(ffi::ccpl_row_stats {
+        row_lse: row_lse.addr,
+        row_loss: row_loss.addr,
+    })
 }
 
 /// Centres as the kernels see them: the flat indices (`int32[N]`) and the inverse map

@@ -1,6 +1,6 @@
 //! Plans of `kernels/normalize.cu`: rows divided by their norm plus epsilon, and back.
 
-use super::{Buf, LaunchPlan, WARP, grid_stride_blocks, i32_of, row_count};
+use super::{Buf, LaunchPlan, WARP, check_row_matrices, grid_stride_blocks, i32_of, row_count};
 use crate::dtype::Dtype;
 use crate::error::{Result, check_len};
 use crate::ffi;
@@ -24,9 +24,8 @@ pub fn normalize_rows<T: Dtype>(
     out: Buf,
     norms: Buf,
 ) -> Result<LaunchPlan<ffi::ccpl_normalize_rows_params>> {
+    check_row_matrices(shape, &[("rows", rows), ("out", out)])?;
     let num_rows = row_count(shape)?;
-    check_len("rows", shape.len(), rows.len)?;
-    check_len("out", shape.len(), out.len)?;
     check_len("norms", num_rows, norms.len)?;
     Ok(LaunchPlan::new(
         format!("normalize_rows_{}", T::SUFFIX),
@@ -86,8 +85,7 @@ fn backward<T: Dtype>(
     let num_rows = row_count(shape)?;
     check_len(what, shape.len(), rows.len)?;
     check_len("norms", num_rows, norms.len)?;
-    check_len("grad_out", shape.len(), grad_out.len)?;
-    check_len("grad_rows", shape.len(), grad_rows.len)?;
+    check_row_matrices(shape, &[("grad_out", grad_out), ("grad_rows", grad_rows)])?;
     Ok(LaunchPlan::new(
         format!("normalize_rows_backward_{}", T::SUFFIX),
         grid(num_rows),

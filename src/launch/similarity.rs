@@ -1,6 +1,6 @@
 //! Plan of `kernels/similarity.cu`: the logits `q kᵀ / tau` of every image.
 
-use super::{Buf, LaunchPlan, row_shape, tile_grid};
+use super::{Buf, LaunchPlan, check_row_matrices, row_shape};
 use crate::dtype::Dtype;
 use crate::error::{Result, check_len};
 use crate::ffi;
@@ -17,13 +17,12 @@ pub fn similarity<T: Dtype>(
     logits: Buf,
 ) -> Result<LaunchPlan<ffi::ccpl_similarity_params>> {
     let inv_tau = tau.inverse();
-    check_len("q", shape.len(), q.len)?;
-    check_len("k", shape.len(), k.len)?;
+    check_row_matrices(shape, &[("q", q), ("k", k)])?;
     check_len("logits", shape.logits_len(), logits.len)?;
-    Ok(LaunchPlan::new(
-        format!("similarity_{}", T::SUFFIX),
-        tile_grid(shape.batch(), shape.rows(), shape.rows())?,
-        ffi::CCPL_TILE_THREADS,
+    LaunchPlan::tiled::<T>(
+        "similarity",
+        shape,
+        shape.rows(),
         ffi::ccpl_similarity_params {
             q: q.addr,
             k: k.addr,
@@ -31,5 +30,5 @@ pub fn similarity<T: Dtype>(
             shape: row_shape(shape)?,
             inv_tau,
         },
-    ))
+    )
 }

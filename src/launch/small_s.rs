@@ -200,12 +200,7 @@ pub fn gather<T: Dtype>(
             first_block: first,
         };
     }
-    Ok(LaunchPlan::new(
-        format!("small_s_gather_{}", T::SUFFIX),
-        (grid, 1, 1),
-        BLOCK,
-        params,
-    ))
+    Ok(launch::<T, _>("small_s_gather", (grid, 1, 1), params))
 }
 
 /// One layer of [`rows_forward`] or [`rows_transposed`].
@@ -326,12 +321,7 @@ fn rows_plan<T: Dtype>(
             first_block: first,
         };
     }
-    Ok(LaunchPlan::new(
-        format!("small_s_rows_{}", T::SUFFIX),
-        (grid, 1, 1),
-        BLOCK,
-        params,
-    ))
+    Ok(launch::<T, _>("small_s_rows", (grid, 1, 1), params))
 }
 
 /// `small_s_rows_{T}`, forward: for every layer, the rows loss of `rows_q` against `rows_k`
@@ -431,12 +421,7 @@ pub fn scatter<T: Dtype>(
             first_block: first,
         };
     }
-    Ok(LaunchPlan::new(
-        format!("small_s_scatter_{}", T::SUFFIX),
-        (grid, sides, 1),
-        BLOCK,
-        params,
-    ))
+    Ok(launch::<T, _>("small_s_scatter", (grid, sides, 1), params))
 }
 
 /// `small_s_scale_{T}`: `out = upstream[0] * grad_rows`, rounded to `T`, for the q side and,
@@ -458,21 +443,21 @@ pub fn scale<T: Dtype>(
         check_len("out", count, out.len)?;
     }
     let (k_grad, k_out) = k.map_or((0, 0), |(g, o)| (g.addr, o.addr));
-    Ok(LaunchPlan::new(
-        format!("small_s_scale_{}", T::SUFFIX),
-        (
-            super::grid_stride_blocks(count, BLOCK),
-            if k.is_some() { 2 } else { 1 },
-            1,
-        ),
-        BLOCK,
-        ffi::ccpl_small_s_scale_params {
-            grad_rows_q: q.0.addr,
-            grad_rows_k: k_grad,
-            out_q: q.1.addr,
-            out_k: k_out,
-            upstream: upstream.addr,
-            count: i32_of(count)?,
-        },
-    ))
+    let params = ffi::ccpl_small_s_scale_params {
+        grad_rows_q: q.0.addr,
+        grad_rows_k: k_grad,
+        out_q: q.1.addr,
+        out_k: k_out,
+        upstream: upstream.addr,
+        count: i32_of(count)?,
+    };
+    let sides = if k.is_some() { 2 } else { 1 };
+    let grid = (super::grid_stride_blocks(count, BLOCK), sides, 1);
+    Ok(launch::<T, _>("small_s_scale", grid, params))
+}
+
+/// The launch of the `T` variant of the small-S kernel `kernel` on `grid`, in blocks of
+/// [`BLOCK`] threads.
+fn launch<T: Dtype, P>(kernel: &str, grid: (u32, u32, u32), params: P) -> LaunchPlan<P> {
+    LaunchPlan::new(format!("{kernel}_{}", T::SUFFIX), grid, BLOCK, params)
 }

@@ -168,22 +168,23 @@ impl LayerPlan {
         grad_feat_k: Option<Buf>,
         scatter: Scatter,
     ) -> Result<(), L::Error> {
-        self.backward_plans::<T>(centers, ws, upstream, grad_feat_q, grad_feat_k, scatter)?
+        let upstream = upstream.unwrap_or(ws.rows.one);
+        let grads = (grad_feat_q, grad_feat_k);
+        self.backward_plans::<T>(centers, ws, upstream, grads, scatter)?
             .launch(launcher)
     }
 
-    /// The backward's plans, checked, not launched.
+    /// The backward's plans, checked, not launched: `grads` are the feature maps' gradients,
+    /// the content side's when asked for.
     pub(crate) fn backward_plans<T: Dtype>(
         &self,
         centers: &CentersBuf,
         ws: &LayerWorkspace<Buf, Buf>,
-        upstream: Option<Buf>,
-        grad_feat_q: Buf,
-        grad_feat_k: Option<Buf>,
+        upstream: Buf,
+        (grad_feat_q, grad_feat_k): (Buf, Option<Buf>),
         scatter: Scatter,
     ) -> Result<LayerBackward> {
         self.check_centers(centers)?;
-        let upstream = upstream.unwrap_or(ws.rows.one);
         let q = self.side_plans::<T>(centers, ws, upstream, Side::Q, grad_feat_q, scatter)?;
         let k = grad_feat_k
             .map(|grad| self.side_plans::<T>(centers, ws, upstream, Side::K, grad, scatter))

@@ -427,9 +427,8 @@ impl LossPlan {
                 fused.push(plan.backward_plans::<T>(
                     c,
                     self.fused_ws(ws, *index)?,
-                    Some(upstream),
-                    grads_q[i],
-                    grads_k.map(|k| k[i]),
+                    upstream,
+                    (grads_q[i], grads_k.map(|k| k[i])),
                     Scatter::Deterministic,
                 )?);
             }

@@ -80,3 +80,17 @@ pub fn chi_square_uniform(counts: &[u64]) -> f64 {
     let expected = observed.iter().sum::<f64>() / counts.len() as f64;
     chi_square(&observed, &vec![expected; counts.len()])
 }
+
+/// The spec's directions, k = 0..7, as `(dh, dw)`: raster order of the 3x3 window without
+/// its centre. Written out here, not read from the crate, so that the crate's convention (and
+/// every integration's use of it) is checked against the spec's table.
+pub const SPEC_DIRECTIONS: [(isize, isize); 8] = [
+    (-1, -1),
+    (-1, 0),
+    (-1, 1),
+    (0, -1),
+    (0, 1),
+    (1, -1),
+    (1, 0),
+    (1, 1),
+];

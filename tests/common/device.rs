@@ -37,11 +37,30 @@ pub trait TestDevice {
     fn alloc_nan<T: Elem + Element>(&self, len: usize) -> Self::Mem<T> {
         self.upload(&vec![T::from_f64(f64::NAN); len])
     }
+    /// A NaN-filled buffer of `T` of each length it is given: with `T` a workspace's storage
+    /// type for its rows and `f32` for its statistics, `lengths.try_map(dev.nan_filled::<T>(),
+    /// dev.nan_filled::<f32>())` is a workspace where a launch that reads what no launch wrote
+    /// shows as NaN.
+    fn nan_filled<T: Elem + Element>(
+        &self,
+    ) -> impl FnMut(&usize) -> Result<Self::Mem<T>, std::convert::Infallible> + '_ {
+        |&n| Ok(self.alloc_nan::<T>(n))
+    }
     /// Launches one plan and panics with the device's name on an error.
     fn run<P: KernelParams>(&self, plan: &LaunchPlan<P>) {
         self.launcher()
             .launch(plan)
             .unwrap_or_else(|e| panic!("{} on the {}: {e}", plan.kernel, self.name()));
+    }
+    /// Runs `plan`, which must have been made, and reads back `out`, a buffer it writes, as
+    /// f64.
+    fn run_and_read<P: KernelParams, T: Elem + Element>(
+        &self,
+        plan: ccpl::Result<LaunchPlan<P>>,
+        out: &Self::Mem<T>,
+    ) -> Vec<f64> {
+        self.run(&plan.unwrap());
+        super::tolerance::to_f64(&self.download(out))
     }
 }
 
@@ -182,6 +201,18 @@ macro_rules! on_every_device {
             }
         }
     )+};
+}
+
+/// The GPU for the GPU-only test named `$test`, or a return from that test where there is
+/// none ([`gpu`] says it was skipped, or panics under `CCPL_REQUIRE_GPU=1`).
+#[macro_export]
+macro_rules! gpu_or_skip {
+    ($test:expr) => {
+        match $crate::common::device::gpu($test) {
+            Some(gpu) => gpu,
+            None => return,
+        }
+    };
 }
 
 /// Calls `$check::<T, _>($args...)` for every storage type, ccpl's list of them.

@@ -3,9 +3,10 @@
 
 use ccpl::launch::CentersBuf;
 use ccpl::launch::small_s;
+use ccpl::loss::layer::LayerWorkspace;
 use ccpl::loss::multi_layer::{LossPlan, LossWorkspace};
 use ccpl::loss::small_s::{SmallRowsPlan, SmallRowsWorkspace};
-use ccpl::{Centers, Dtype, Element, RowShape, Tau, reference};
+use ccpl::{Centers, Dtype, Element, FeatureShape, RowShape, Tau, reference};
 
 use super::Rng;
 use super::device::{Elem, TestDevice};
@@ -29,11 +30,9 @@ pub fn loss_workspace<T: Dtype + Elem, D: TestDevice>(
 ) -> LossWorkspace<D::Mem<T>, D::Mem<f32>, D::Mem<i32>> {
     let lengths = plan.workspace().unwrap();
     let mut ws = lengths
-        .try_map(
-            |&n| Ok::<_, ()>(dev.alloc_nan::<T>(n)),
-            |&n| Ok(dev.alloc_nan::<f32>(n)),
-            |&n| Ok(dev.upload(&vec![0i32; n])),
-        )
+        .try_map(dev.nan_filled::<T>(), dev.nan_filled::<f32>(), |&n| {
+            Ok(dev.upload(&vec![0i32; n]))
+        })
         .unwrap();
     for (c, len) in ws.centers.iter_mut().zip(&lengths.centers) {
         c.map = dev.upload(&vec![-1i32; len.map]);
@@ -59,13 +58,28 @@ pub fn small_rows_workspace<D: TestDevice>(
     let mut ws = plan
         .workspace()
         .unwrap()
-        .try_map(
-            |&n| Ok::<_, ()>(dev.alloc_nan::<f32>(n)),
-            |&n| Ok(dev.alloc_nan::<f32>(n)),
-        )
+        .try_map(dev.nan_filled::<f32>(), dev.nan_filled::<f32>())
         .unwrap();
     ws.one = dev.upload(&[1.0f32]);
     (ws, dev.upload(&[0i32; small_s::COUNTERS]))
+}
+
+/// A layer's workspace on a device, its rows in `T`.
+pub type LayerMem<T, D> = LayerWorkspace<<D as TestDevice>::Mem<T>, <D as TestDevice>::Mem<f32>>;
+
+/// The workspace of a layer of `shape` with `n` centres on a device, its rows in `T`: NaN
+/// wherever a launch writes before it reads, `1.0` where the default upstream gradient lives.
+pub fn layer_workspace<T: Elem + Element, D: TestDevice>(
+    dev: &D,
+    shape: &FeatureShape,
+    n: usize,
+) -> LayerMem<T, D> {
+    let mut ws = LayerWorkspace::lengths(shape, n)
+        .unwrap()
+        .try_map(dev.nan_filled::<T>(), dev.nan_filled::<f32>())
+        .unwrap();
+    ws.rows.one = dev.upload(&[1.0f32]);
+    ws
 }
 
 /// Centres in device memory: the flat indices and the inverse map.
@@ -103,6 +117,44 @@ impl<D: TestDevice> TestCenters<D> {
 pub enum Rows {
     Random,
     Aligned,
+}
+
+/// One check of the InfoNCE kernels: rows of `shape` related as `rows`, at `tau`.
+#[derive(Debug, Clone, Copy)]
+pub struct Regime<'a> {
+    pub shape: &'a RowShape,
+    pub tau: Tau,
+    pub rows: Rows,
+}
+
+impl Regime<'_> {
+    /// Unit rows `q` and `k` of this regime, as f64 of values exact in `T`.
+    pub fn unit_rows<T: Dtype>(&self, rng: &mut Rng) -> (Vec<f64>, Vec<f64>) {
+        unit_rows::<T>(rng, self.shape, self.rows)
+    }
+}
+
+/// Each of `taus` with random rows, then the default temperature with aligned rows where the
+/// rows are wider than 1 (rows of width 1 normalise to +-1, so aligned rows would be equal).
+pub fn regimes(shape: &RowShape, taus: &[Tau]) -> Vec<(Tau, Rows)> {
+    let mut regimes: Vec<_> = taus.iter().map(|&tau| (tau, Rows::Random)).collect();
+    if shape.width() > 1 {
+        regimes.push((Tau::DEFAULT, Rows::Aligned));
+    }
+    regimes
+}
+
+/// The row shapes `(B, S, C)` of `dims`, and of `large` too where the device runs large sizes.
+pub fn row_shapes<D: TestDevice>(
+    dev: &D,
+    dims: &[(usize, usize, usize)],
+    large: &[(usize, usize, usize)],
+) -> Vec<RowShape> {
+    let large = if dev.large_sizes() { large } else { &[] };
+    dims.iter()
+        .chain(large)
+        .map(|&(b, s, c)| RowShape::new(b, s, c).unwrap())
+        .collect()
 }
 
 /// Unit rows `q` and `k` as f64 of values exact in `T`.

@@ -7,7 +7,7 @@
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
 
-use ccpl::Tau;
+use ccpl::{Centers, FeatureShape, Layout, Tau};
 use safetensors::{Dtype, SafeTensors};
 
 /// Environment variable naming another folder of golden cases (e.g. a larger generated set).
@@ -43,6 +43,13 @@ pub struct GoldenCase {
 }
 
 impl GoldenCase {
+    /// The case's feature maps (NCHW) and centres, as the crate takes them.
+    pub fn inputs(&self) -> ccpl::Result<(FeatureShape, Centers)> {
+        let (b, c, h, w) = (self.batch, self.channels, self.height, self.width);
+        let shape = FeatureShape::new(b, c, h, w, Layout::Nchw)?;
+        Ok((shape, Centers::from_flat(h, w, &self.centers)?))
+    }
+
     /// The file name, for messages.
     pub fn name(&self) -> String {
         self.path.file_name().map_or_else(

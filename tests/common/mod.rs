@@ -9,7 +9,9 @@ pub mod models;
 pub mod tolerance;
 
 use ccpl::launch::Buf;
-pub use ccpl_testkit::{Rng, assert_close, chi_square, chi_square_uniform, rel_err};
+pub use ccpl_testkit::{
+    Rng, SPEC_DIRECTIONS, assert_close, chi_square, chi_square_uniform, rel_err,
+};
 
 /// The NHWC copy of an NCHW buffer of shape `(b, c, h, w)`.
 pub fn nchw_to_nhwc(x: &[f64], b: usize, c: usize, h: usize, w: usize) -> Vec<f64> {

@@ -7,9 +7,7 @@ use super::*;
 /// and bf16, twice with fresh centres (the workspace is reused), and its errors.
 #[test]
 fn ccp_layer_matches_reference() {
-    let Some(gpu) = gpu("gpu_api::ccp_layer_matches_reference") else {
-        return;
-    };
+    let gpu = gpu_or_skip!("gpu_api::ccp_layer_matches_reference");
     let (kernels, stream) = (gpu.kernels(), gpu.stream());
     let mut rng = Rng::new(12);
     let shape = FeatureShape::new(2, 9, 13, 15, Layout::Nchw).unwrap();
@@ -149,9 +147,7 @@ fn ccp_layer_matches_reference() {
 /// counts without a device, in f32 and bf16: what the benches report as workspace.
 #[test]
 fn loss_objects_hold_their_counted_workspace() {
-    let Some(gpu) = gpu("gpu_api::loss_objects_hold_their_counted_workspace") else {
-        return;
-    };
+    let gpu = gpu_or_skip!("gpu_api::loss_objects_hold_their_counted_workspace");
     fn check<T: ccpl::Dtype>(gpu: &common::device::Gpu) {
         let (kernels, stream) = (gpu.kernels(), gpu.stream());
         let shape = FeatureShape::new(2, 13, 9, 11, Layout::Nchw).unwrap();
@@ -182,9 +178,7 @@ fn loss_objects_hold_their_counted_workspace() {
 /// after which the object is as it was.
 #[test]
 fn ccp_rows_matches_reference() {
-    let Some(gpu) = gpu("gpu_api::ccp_rows_matches_reference") else {
-        return;
-    };
+    let gpu = gpu_or_skip!("gpu_api::ccp_rows_matches_reference");
     let (kernels, stream) = (gpu.kernels(), gpu.stream());
     let mut rng = Rng::new(13);
     let shape = RowShape::new(2, 300, 45).unwrap();

@@ -16,14 +16,7 @@ fn layer_agrees<T: Dtype>(case: &LayerCase) -> Result<(), TestCaseError> {
     let model = layer_model::<T>(&feat_q_f64, &feat_k_f64, &shape, &centers, case.tau, 1.0);
 
     let plan = LayerPlan::new(shape, centers.len(), case.tau).unwrap();
-    let mut ws = LayerWorkspace::lengths(&shape, centers.len())
-        .unwrap()
-        .try_map(
-            |&n| Ok::<_, ()>(dev.alloc_nan::<T>(n)),
-            |&n| Ok(dev.alloc_nan::<f32>(n)),
-        )
-        .unwrap();
-    ws.rows.one = dev.upload(&[1.0f32]);
+    let mut ws = layer_workspace::<T, _>(&dev, &shape, centers.len());
     let mut centers_dev = TestCenters::upload(&dev, &centers);
     let centers_buf = centers_dev.buf(&dev);
     let (mut feat_q_dev, mut feat_k_dev) = (dev.upload(&feat_q), dev.upload(&feat_k));
@@ -98,11 +91,8 @@ fn layer_on_the_emulator_agrees_with_the_reference() {
 /// whose magnitudes span `spread` orders below 10^exponent.
 fn rows_agree<T: Dtype>(case: &RowsCase) -> Result<(), TestCaseError> {
     let dev = Emu::new(case.seed);
-    let shape = RowShape::new(case.batch, case.rows, case.width).unwrap();
-    let mut rng = Rng::new(case.seed);
-    let (e, spread) = (case.exponent, case.spread);
-    let rows_q: Vec<T> = spread_values(&mut rng, shape.len(), e, spread);
-    let rows_k: Vec<T> = spread_values(&mut rng, shape.len(), e, spread);
+    let shape = case.shape();
+    let (rows_q, rows_k) = case.row_pair::<T>();
     let (rows_q_f64, rows_k_f64) = (to_f64(&rows_q), to_f64(&rows_k));
     let exact = rows_model::<f64>(&rows_q_f64, &rows_k_f64, &shape, case.tau, 1.0);
     let model = rows_model::<T>(&rows_q_f64, &rows_k_f64, &shape, case.tau, 1.0);
@@ -110,10 +100,7 @@ fn rows_agree<T: Dtype>(case: &RowsCase) -> Result<(), TestCaseError> {
     let plan = RowsPlan::new(shape, case.tau).unwrap();
     let mut ws = RowsWorkspace::lengths(&shape)
         .unwrap()
-        .try_map(
-            |&n| Ok::<_, ()>(dev.alloc_nan::<T>(n)),
-            |&n| Ok(dev.alloc_nan::<f32>(n)),
-        )
+        .try_map(dev.nan_filled::<T>(), dev.nan_filled::<f32>())
         .unwrap();
     ws.one = dev.upload(&[1.0f32]);
     let (mut rows_q_dev, mut rows_k_dev) = (dev.upload(&rows_q), dev.upload(&rows_k));

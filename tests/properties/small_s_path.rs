@@ -155,24 +155,32 @@ fn loss_agrees<T: Dtype>(case: &LossCase) -> Result<(), TestCaseError> {
 fn loss_on_the_emulator_agrees_with_the_reference() {
     let wide = |fused| loss_cases(-30.0..37.0, -3.0..0.0, fused);
     let f16 = |fused| loss_cases(0.0..4.7, -2.0..0.0, fused);
-    check("loss f32", 16, 9, wide(false), |case| {
-        loss_agrees::<f32>(&case)
-    });
-    check("loss bf16", 16, 10, wide(false), |case| {
-        loss_agrees::<half::bf16>(&case)
-    });
-    check("loss f16", 16, 11, f16(false), |case| {
-        loss_agrees::<half::f16>(&case)
-    });
-    check("loss f32, a fused layer", 2, 17, wide(true), |case| {
-        loss_agrees::<f32>(&case)
-    });
-    check("loss bf16, a fused layer", 1, 18, wide(true), |case| {
-        loss_agrees::<half::bf16>(&case)
-    });
-    check("loss f16, a fused layer", 1, 19, f16(true), |case| {
-        loss_agrees::<half::f16>(&case)
-    });
+    // Per storage type: its cases and seed, of small-S layers, then with a fused layer.
+    let runs = [
+        (
+            "",
+            false,
+            [("f32", 16, 9), ("bf16", 16, 10), ("f16", 16, 11)],
+        ),
+        (
+            ", a fused layer",
+            true,
+            [("f32", 2, 17), ("bf16", 1, 18), ("f16", 1, 19)],
+        ),
+    ];
+    for (what, fused, per_dtype) in runs {
+        for (name, cases, seed) in per_dtype {
+            let strategy = if name == "f16" {
+                f16(fused)
+            } else {
+                wide(fused)
+            };
+            let name_of_run = format!("loss {name}{what}");
+            ccpl::dispatch_dtype!(name, T => check(&name_of_run, cases, seed, strategy, |case| {
+                loss_agrees::<T>(&case)
+            }), other => unreachable!("{other} is a storage type's name"));
+        }
+    }
 }
 
 /// The rows loss on the small-S path (`SmallRowsPlan`, what `CcpRows` runs up to S = 512) on
@@ -181,11 +189,8 @@ fn loss_on_the_emulator_agrees_with_the_reference() {
 /// the exact one rounded once (the path computes in float from the rows in `T`).
 fn small_rows_agree<T: Dtype>(case: &RowsCase) -> Result<(), TestCaseError> {
     let dev = Emu::new(case.seed);
-    let shape = RowShape::new(case.batch, case.rows, case.width).unwrap();
-    let mut rng = Rng::new(case.seed);
-    let (e, spread) = (case.exponent, case.spread);
-    let rows_q: Vec<T> = spread_values(&mut rng, shape.len(), e, spread);
-    let rows_k: Vec<T> = spread_values(&mut rng, shape.len(), e, spread);
+    let shape = case.shape();
+    let (rows_q, rows_k) = case.row_pair::<T>();
     let upstream = if case.seed.is_multiple_of(2) {
         1.0
     } else {

@@ -5,10 +5,13 @@ use candle_core::{DType, Device, Result, Tensor};
 /// The storage types the ops take on the CPU.
 pub const CPU_DTYPES: [DType; 4] = [DType::F64, DType::F32, DType::F16, DType::BF16];
 
-pub use ccpl_testkit::{Rng, assert_close, rel_err};
+pub use ccpl_testkit::{Rng, SPEC_DIRECTIONS, assert_close, rel_err};
 
 /// Seeded tensors in each storage type.
 pub trait TensorRng {
+    /// `len` values uniform in `[-1, 1)`.
+    fn uniform(&mut self, len: usize) -> Vec<f64>;
+
     /// A tensor of `dims` with values uniform in `[-scale, scale)` stored in `dtype`, and those
     /// stored values exactly, as f64.
     fn tensor(
@@ -17,24 +20,20 @@ pub trait TensorRng {
         scale: f64,
         dtype: DType,
         device: &Device,
-    ) -> Result<(Tensor, Vec<f64>)>;
-}
-
-impl TensorRng for Rng {
-    fn tensor(
-        &mut self,
-        dims: &[usize],
-        scale: f64,
-        dtype: DType,
-        device: &Device,
     ) -> Result<(Tensor, Vec<f64>)> {
-        let len = dims.iter().product();
-        let v: Vec<f64> = self.vec(len).iter().map(|x| x * scale).collect();
+        let v: Vec<f64> = self.uniform(dims.iter().product());
+        let v: Vec<f64> = v.iter().map(|x| x * scale).collect();
         let t = Tensor::from_vec(v, dims, &Device::Cpu)?
             .to_dtype(dtype)?
             .to_device(device)?;
         let stored = values(&t)?;
         Ok((t, stored))
+    }
+}
+
+impl TensorRng for Rng {
+    fn uniform(&mut self, len: usize) -> Vec<f64> {
+        self.vec(len)
     }
 }
 
