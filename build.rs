@@ -10,6 +10,7 @@
 //!
 //! Environment it reads:
 //! - `CCPL_NVCC`, `CUDA_HOME`, `CUDA_PATH`, `PATH`: a CUDA toolkit, as above.
+//! - `CCPL_PINNED_COMPILER=1`: the wheels' compilers even where a toolkit is (`build/compiler.rs`).
 //! - `CCPL_TOOLCHAIN`: where `scripts/bootstrap` installed the compilers (default `.toolchain/`).
 //! - `CCPL_CUDA_ARCH`: comma-separated compute capabilities to build, e.g. `90` for a quick
 //!   build; default every architecture of `DEFAULT_ARCHS` (`build/archs.rs`) the compiler knows.
@@ -49,6 +50,7 @@ const ENV_VARS: &[&str] = &[
     "CCPL_NVCC",
     "CCPL_CUDA_ARCH",
     "CCPL_REQUIRE_NVCC",
+    "CCPL_PINNED_COMPILER",
     "CUDA_HOME",
     "CUDA_PATH",
     "PATH",

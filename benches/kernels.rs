@@ -12,7 +12,7 @@
 //! time is CUDA events around back-to-back launches. Criterion id: `<kernel>/<config>/<dtype>`.
 //! Without a GPU it says SKIPPED and exits 0 (1 with `CCPL_REQUIRE_GPU=1`).
 //!
-//! `cargo bench --bench kernels` (on a GPU machine: `scripts/gpu-pack bench`, BENCHMARKS.md).
+//! `cargo bench --bench kernels` (on a GPU machine: `scripts/gpu-pack`, docs/gpu-run.md).
 
 mod common;
 

@@ -10,9 +10,11 @@ use std::env;
 pub const DEFAULT_ARCHS: &[u32] = &[75, 80, 86, 89, 90, 100, 120];
 /// Of those, the ones every supported compiler (CUDA 12.0 on) must build.
 pub const REQUIRED_ARCHS: &[u32] = &[75, 80, 86, 89, 90];
-/// The architectures where the kernels' code changes (`CCPL_ARCH` in kernels/common.cuh):
-/// sm_80 brings bf16 tensor cores. A kernel path for a newer one must add it here.
-pub const CODE_PATH_ARCHS: &[u32] = &[75, 80];
+/// The architectures where the kernels' code changes: sm_80 brings bf16 tensor cores
+/// (`CCPL_ARCH` in kernels/common.cuh), sm_90 a native bf16 `atomicAdd` (cuda_bf16.hpp's
+/// `NV_PROVIDES_SM_90`; compare-and-swap loops before it). A kernel path for a newer one must
+/// add it here.
+pub const CODE_PATH_ARCHS: &[u32] = &[75, 80, 90];
 /// The oldest architecture whose PTX has every feature of the kernels: the PTX embedded for
 /// GPUs newer than every cubin is for it (the driver compiles it for any newer GPU), or for
 /// the oldest built when the list has nothing from it on.

@@ -1,6 +1,9 @@
 //! The compiler of the kernels, found in this order: a CUDA toolkit's nvcc (`CCPL_NVCC`, else
 //! `CUDA_HOME`/`CUDA_PATH`, else nvcc on `PATH`); else the CUDA 12.9 compilers that
 //! `scripts/bootstrap` installs from PyPI (NVRTC to PTX, ptxas to cubins: the wheels have no nvcc).
+//! `CCPL_PINNED_COMPILER=1` takes those wheels even where a toolkit is: the tested build, whose
+//! cubins load on every driver from R525 on (a toolkit newer than the driver makes them
+//! unloadable).
 
 use crate::bindings;
 use crate::nvrtc::{Nvrtc, Wheels};
@@ -68,6 +71,9 @@ fn nvcc_version(nvcc: &Path) -> Option<(u32, u32)> {
 pub fn find_compiler(manifest: &Path) -> Result<Compiler, String> {
     let nvcc_at =
         |path: PathBuf| nvcc_version(&path).map(|version| Compiler::Nvcc { path, version });
+    if pinned_compiler_required() {
+        return pinned_wheels(manifest).map_err(|why| format!("CCPL_PINNED_COMPILER=1 but {why}"));
+    }
     if let Some(p) = env::var_os("CCPL_NVCC") {
         let p = PathBuf::from(p);
         return nvcc_at(p.clone()).ok_or_else(|| format!("CCPL_NVCC={} does not run", p.display()));
@@ -80,6 +86,16 @@ pub fn find_compiler(manifest: &Path) -> Result<Compiler, String> {
     if let Some(nvcc) = toolkits.into_iter().find_map(nvcc_at) {
         return Ok(nvcc);
     }
+    pinned_wheels(manifest)
+}
+
+/// Whether `CCPL_PINNED_COMPILER=1` asks for the pinned wheels whatever toolkit is installed.
+fn pinned_compiler_required() -> bool {
+    env::var("CCPL_PINNED_COMPILER").is_ok_and(|v| v == "1")
+}
+
+/// NVRTC and ptxas of the wheels `scripts/bootstrap` installs, or why they do not run.
+fn pinned_wheels(manifest: &Path) -> Result<Compiler, String> {
     let wheels = Wheels::at(&bindings::toolchain_dir(manifest).join("cuda12"));
     let not_found = "no CUDA compiler was found (run scripts/bootstrap, or set CCPL_NVCC or CUDA_HOME to a CUDA toolkit)";
     if !wheels.nvrtc.exists() {

@@ -34,7 +34,7 @@
 //! reference instead (tiny configurations, `benches/configs-dry-run.txt`), so the benchmark
 //! runner's sequence and report can be exercised in CI. Those times say nothing about speed.
 //!
-//! `cargo bench --bench loss` (on a GPU machine: `scripts/gpu-pack bench`, BENCHMARKS.md).
+//! `cargo bench --bench loss` (on a GPU machine: `scripts/gpu-pack`, docs/gpu-run.md).
 
 #[path = "../common/mod.rs"]
 mod common;

@@ -4,13 +4,13 @@ budget, everything it writes under one output folder; or its dry run on the CPU.
 
     python3 run.py [--dry-run] [--plan] [--phases NAME,...] [--kernels all]
 
-Packed by `scripts/gpu-pack bench` into .device/bench/py/ (the bench executables in ../bin, the
-Inf-CL wheel in ../wheels); .device/bench/run.sh calls it. The phases (PHASES below; `--plan`
-prints them with their budgets) put the headline first: our loss and PyTorch eager at the
-paper's training step of the three-layer loss (then at its layers one by one), then Inf-CL,
-then torch.compile and CUDA graphs at the paper's step and layers, then the other dtypes and
-the rows suite, the ceilings, large and huge S, the remaining compilations, and a limited set
-of kernel benches; the report last, always.
+Packed by `scripts/gpu-pack` as bench/py/ of its payload (the bench executables in ../bin, the
+Inf-CL wheel in ../wheels); bench/run.sh calls it, as the GPU run's phase `bench`. The phases
+(PHASES below; `--plan` prints them with their budgets) put the headline first: our loss and
+PyTorch eager at the paper's training step of the three-layer loss (then at its layers one by
+one), then Inf-CL, then torch.compile and CUDA graphs at the paper's step and layers, then the
+other dtypes and the rows suite, the ceilings, large and huge S, the remaining compilations, and
+a limited set of kernel benches; the report last, always.
 
 Budget (CCPL_BENCH_BUDGET_S, default 450 s, scaled over the phases): phase i must end by its
 planned end, start + set-up + the budgets of phases 1..i; so a phase gets its own budget plus
