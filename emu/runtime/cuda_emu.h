@@ -160,9 +160,19 @@ inline T shuffle(const char* file, int line, unsigned mask, T var, int arg, int 
     return from_bits<T>(warp_collective(op, mask, to_bits(var), arg, width, file, line));
 }
 
-// Read-modify-write of one word; the yield before it lets other threads interleave.
-template <typename T, typename F> inline T atomic_update(T* address, F update) {
+// An atomic access of `bytes` at `address` from `code`, for the sanitizer (memcheck.cpp).
+void atomic_access(void* address, size_t bytes, const void* code);
+
+// A __threadfence(): a point where the scheduler may switch threads, and for the sanitizer a
+// fence of the calling thread (shadow.cpp).
+void thread_fence();
+
+// Read-modify-write of one word; the yield before it lets other threads interleave. Its own
+// load and store are not instrumented: the sanitizer sees them as one atomic access.
+template <typename T, typename F>
+__attribute__((no_sanitize("thread"), noinline)) T atomic_update(T* address, F update) {
     yield_point();
+    atomic_access(address, sizeof(T), __builtin_return_address(0));
     const T old = *address;
     *address = update(old);
     return old;
@@ -219,8 +229,9 @@ struct SyncWarp {
 #define __trap() ::ccpl_emu::fail("__trap() was called", __FILE__, __LINE__)
 
 // A memory fence: host memory is coherent, and blocks run one after another, so what is
-// left of it is a point where the scheduler may switch threads.
-#define __threadfence() ::ccpl_emu::yield_point()
+// left of it is a point where the scheduler may switch threads, and the sanitizer's model of
+// the order between blocks (shadow.cpp).
+#define __threadfence() ::ccpl_emu::thread_fence()
 
 // ---- Half-precision storage types --------------------------------------------------------
 

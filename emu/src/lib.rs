@@ -67,7 +67,10 @@
 //!   declares but never reaches (it counts towards the limits on a GPU), registers, spills
 //!   and speed.
 
+mod checks;
 mod library;
+
+pub use checks::Checks;
 
 use std::ffi::{CStr, CString, c_char};
 use std::fmt;
@@ -137,6 +140,7 @@ pub const GPU_ONLY_PATHS: &[(&str, &str)] = &[];
 #[derive(Debug)]
 pub struct Emulator {
     next_seed: AtomicU64,
+    checks: Checks,
 }
 
 impl Emulator {
@@ -147,10 +151,25 @@ impl Emulator {
     /// Every plan launched on it must address host memory that is alive, and as long as the
     /// plan's shapes say, for the whole launch: the kernels read and write those addresses.
     /// Plans made from [`buf`] and [`buf_mut`] of slices the caller still holds satisfy this.
+    ///
+    /// # Panics
+    ///
+    /// When `CCPL_EMU_SANITIZE` names a check that does not exist ([`Checks::from_env`]).
     pub unsafe fn new(seed: u64) -> Self {
         Self {
             next_seed: AtomicU64::new(seed),
+            checks: Checks::from_env().unwrap_or_else(|e| panic!("{e}")),
         }
+    }
+
+    /// This emulator with the sanitizer's `checks` in place of those `CCPL_EMU_SANITIZE` chose.
+    pub fn with_checks(self, checks: Checks) -> Self {
+        Self { checks, ..self }
+    }
+
+    /// The sanitizer's checks every launch runs.
+    pub fn checks(&self) -> Checks {
+        self.checks
     }
 
     /// The seed the next launch will use.
@@ -169,6 +188,11 @@ impl Launcher for Emulator {
         let grid = [plan.grid.0, plan.grid.1, plan.grid.2];
         let block = [plan.block.0, plan.block.1, plan.block.2];
         let library = library::library().map_err(Error::Launch)?;
+        // SAFETY: a `repr(C)` struct of plain data, read as the bytes the kernel receives.
+        let param_bytes = unsafe {
+            std::slice::from_raw_parts((&plan.params as *const P).cast::<u8>(), size_of::<P>())
+        };
+        let buffers = checks::given(param_bytes);
         let mut err = [0 as c_char; 1024];
         // SAFETY: the arrays and the parameter struct outlive the call; the runtime checks the
         // struct's size against the kernel's; the addresses inside it are valid by the
@@ -182,6 +206,9 @@ impl Launcher for Emulator {
                 plan.shared_opt_in.into(),
                 (&plan.params as *const P).cast(),
                 size_of::<P>(),
+                buffers.as_ptr(),
+                buffers.len() / 3,
+                self.checks.bits(),
                 seed,
                 err.as_mut_ptr(),
                 err.len(),
@@ -196,16 +223,20 @@ impl Launcher for Emulator {
     }
 }
 
-/// A slice as a kernel input: its host address and length.
+/// A slice as a kernel input: its host address and length. The sanitizer's memcheck takes it
+/// as a buffer a launch whose parameters point into it may access.
 pub fn buf<T>(data: &[T]) -> Buf {
+    checks::register(data.as_ptr() as u64, size_of_val(data));
     Buf {
         addr: data.as_ptr() as u64,
         len: data.len(),
     }
 }
 
-/// A slice as a kernel output (written through the address while the launch runs).
+/// A slice as a kernel output (written through the address while the launch runs); a buffer
+/// for memcheck as [`buf`]'s.
 pub fn buf_mut<T>(data: &mut [T]) -> Buf {
+    checks::register(data.as_ptr() as u64, size_of_val(data));
     Buf {
         addr: data.as_mut_ptr() as u64,
         len: data.len(),
