@@ -424,9 +424,12 @@ inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, 
                               const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     __syncwarp();
     ::ccpl_emu::check_wmma_operand("wmma::store_matrix_sync", p, ldm, sizeof(T), file, line);
-    for (int r = 0; r < f.rows; ++r)
-        for (int c = 0; c < f.cols; ++c)
-            p[element_offset(r, c, ldm, layout == mem_row_major)] = f.x[r * f.cols + c];
+    // Every lane holds the whole tile; each stores every 32nd element of it, as the lanes of a
+    // GPU store their own parts, so that the sanitizer sees one writer per element.
+    const dim3 b = blockDim;
+    const int lane = static_cast<int>((threadIdx.x + b.x * (threadIdx.y + b.y * threadIdx.z)) % warpSize);
+    for (int i = lane; i < f.rows * f.cols; i += warpSize)
+        p[element_offset(i / f.cols, i % f.cols, ldm, layout == mem_row_major)] = f.x[i];
 }
 
 // What an mma_sync's memo entry is for: its shape and input type.

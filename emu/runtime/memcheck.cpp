@@ -73,12 +73,23 @@ std::string nearest_buffer(const Launch& L, uintptr_t address) {
                   address < nearest->begin ? "before its start" : address >= nearest->end ? "past its end" : "inside it");
 }
 
-// The static shared variable at `address`, or null.
+// The static shared variable at `address`, or null: a binary search of the variables by
+// address, re-sorted when one has registered since (a block reached a new declaration).
 SharedVariable* static_variable(uintptr_t address) {
-    for (SharedVariable& v : static_shared()) {
-        if (address - reinterpret_cast<uintptr_t>(v.address) < v.bytes) return &v;
+    static std::vector<SharedVariable*> sorted;
+    std::vector<SharedVariable>& all = static_shared();
+    if (sorted.size() != all.size()) {
+        sorted.clear();
+        for (SharedVariable& v : all) sorted.push_back(&v);
+        std::sort(sorted.begin(), sorted.end(),
+                  [](const SharedVariable* a, const SharedVariable* b) { return a->address < b->address; });
     }
-    return nullptr;
+    auto after = std::upper_bound(sorted.begin(), sorted.end(), address, [](uintptr_t a, const SharedVariable* v) {
+        return a < reinterpret_cast<uintptr_t>(v->address);
+    });
+    if (after == sorted.begin()) return nullptr;
+    SharedVariable* v = *(after - 1);
+    return address - reinterpret_cast<uintptr_t>(v->address) < v->bytes ? v : nullptr;
 }
 
 // Shared memory [begin, begin + size) accessed: inside it, or an error.
@@ -96,7 +107,9 @@ void check_access(uintptr_t address, size_t bytes, bool write, bool atomic, cons
     Launch* launch = g_launch;
     if (!launch || !launch->checks || !launch->current) return;
     Launch& L = *launch;
+    // The fiber's stack, and the thread coordinates (threadIdx and the like): the most frequent.
     if (address - reinterpret_cast<uintptr_t>(L.current->stack) < kStackBytes) return;
+    if (address - reinterpret_cast<uintptr_t>(&g_coords) < sizeof g_coords) return;
     const uintptr_t dynamic = reinterpret_cast<uintptr_t>(L.dynamic_shared);
     if (address - dynamic < L.dynamic_bytes + kSharedRedZone) {
         return shared_access(L, L.dynamic_shadow, dynamic, L.dynamic_bytes, address, bytes, write, atomic, code);
