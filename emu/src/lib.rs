@@ -51,21 +51,28 @@
 //!   ([`LaunchPlan::shared_opt_in`](ccpl::launch::LaunchPlan)), then the maximum of [`ARCH`];
 //!   at most 48 KiB of static shared memory.
 //!
+//! The sanitizer (`docs/sanitizer.md`, [`Checks`]; `CCPL_EMU_SANITIZE=1` turns it on for every
+//! launch) checks every memory access the kernels make: memcheck (a global access inside a
+//! buffer the launch was given, a shared one inside the block's shared memory), initcheck (no
+//! read of shared memory nothing wrote) and racecheck (no two threads of a launch on one byte
+//! without an order between them, in shared and global memory, between blocks too, with the
+//! order of fences and atomics the kernels rely on).
+//!
 //! What only a GPU checks:
 //! - code behind `#ifdef CCPL_EMULATOR` in the kernels (inline PTX such as mma, cp.async,
 //!   ldmatrix, with a portable fallback here); [`GPU_ONLY_PATHS`] lists it;
-//! - races on global memory without a synchronisation point between the read and the write
-//!   (a non-atomic read-modify-write): threads switch only at barriers, warp collectives,
-//!   atomics and fences, so such a sequence runs whole;
-//! - anything between blocks: blocks run one after another, so two blocks racing on an
-//!   element agree, and a block that waits for another one would never end;
+//! - without racecheck, races on global memory without a synchronisation point between the
+//!   read and the write (threads switch only at barriers, warp collectives, atomics and
+//!   fences, so a non-atomic read-modify-write runs whole) and anything between blocks (they
+//!   run one after another, so two blocks racing on an element agree); with it, what
+//!   `docs/sanitizer.md` lists; and a block that waits for another one would never end;
 //! - the rest of the GPU's own rounding: `__expf` and friends are exact here, and the host
 //!   compiler fuses `a*b+c` where it can, which is not always where ptxas does (kernels whose
 //!   bits must match spell out `__fmul_rn`); the tensor-core model of sm_75 is inferred, not
 //!   validated (`tests/hmma_hardware.rs` compares it with a GPU's);
-//! - out-of-bounds global accesses (host memory, unchecked), static shared memory a block
-//!   declares but never reaches (it counts towards the limits on a GPU), registers, spills
-//!   and speed.
+//! - without memcheck, out-of-bounds global accesses (host memory, unchecked); static shared
+//!   memory a block declares but never reaches (it counts towards the limits on a GPU),
+//!   registers, spills and speed.
 
 mod checks;
 mod library;

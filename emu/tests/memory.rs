@@ -72,7 +72,8 @@ fn shared_memory_is_nan_in_every_block() {
     // 63 KiB: over the 48 KiB without opt-in, within every architecture's maximum.
     for (blocks, threads, shared_bytes) in [(3u32, 64u32, 64 * 4 + 13), (2, 1024, 63 * 1024)] {
         // The kernel reads shared memory before writing it, to see the NaN: all initcheck stops.
-        let (input, out) = shared_run(blocks, threads, shared_bytes, false, Checks::MEMCHECK).unwrap();
+        let (input, out) =
+            shared_run(blocks, threads, shared_bytes, false, Checks::MEMCHECK).unwrap();
         for b in 0..blocks as usize {
             for t in 0..threads as usize {
                 let g = b * threads as usize + t;
@@ -87,12 +88,19 @@ fn shared_memory_is_nan_in_every_block() {
         }
     }
     let message = emulator_error(shared_run(3, 64, 300, false, Checks::INITCHECK).map(|_| ()));
-    assert!(message.contains("initcheck: the 4-byte read of shared memory"), "{message}");
-    assert!(message.contains("which no thread of the block wrote"), "{message}");
+    assert!(
+        message.contains("initcheck: the 4-byte read of shared memory"),
+        "{message}"
+    );
+    assert!(
+        message.contains("which no thread of the block wrote"),
+        "{message}"
+    );
     // An overrun of dynamic shared memory: memcheck stops the write, else the red zone shows it.
     let message = emulator_error(shared_run(2, 64, 300, true, Checks::MEMCHECK).map(|_| ()));
     assert!(
-        message.contains("memcheck: the 1-byte write") && message.contains("ends past the 300 bytes of shared memory"),
+        message.contains("memcheck: the 1-byte write")
+            && message.contains("ends past the 300 bytes of shared memory"),
         "{message}"
     );
     let message = emulator_error(shared_run(2, 64, 300, true, Checks::NONE).map(|_| ()));

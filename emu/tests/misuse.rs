@@ -5,7 +5,8 @@ use ccpl::launch::{LaunchPlan, Launcher};
 use ccpl_emu::{self as emu, selftest::ccpl_emu_selftest_params as Params};
 
 use crate::common::{
-    SELFTEST_STATIC_SHARED, emulator, emulator_error, integer_inputs, lin, run, run_1d, unchecked_emulator,
+    SELFTEST_STATIC_SHARED, emulator, emulator_error, integer_inputs, lin, run, run_1d,
+    unchecked_emulator,
 };
 
 #[test]

@@ -6,7 +6,8 @@
 use ccpl_emu as emu;
 
 use crate::common::{
-    block_reduce_expected, emulator, integer_inputs, lin, run, run_1d, run_1d_on, unchecked_emulator,
+    block_reduce_expected, emulator, integer_inputs, lin, run, run_1d, run_1d_on,
+    unchecked_emulator,
 };
 
 #[test]

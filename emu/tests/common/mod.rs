@@ -4,7 +4,9 @@
 pub mod hmma_vectors;
 
 use ccpl::launch::{LaunchPlan, Launcher};
-use ccpl_emu::{self as emu, Checks, Emulator, Error, selftest::ccpl_emu_selftest_params as Params};
+use ccpl_emu::{
+    self as emu, Checks, Emulator, Error, selftest::ccpl_emu_selftest_params as Params,
+};
 use ccpl_testkit::Rng;
 
 pub fn emulator(seed: u64) -> Emulator {
