@@ -76,13 +76,22 @@ fn main() {
     if env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64") {
         base.flag("-mfma");
     }
+    // The kernels' every load and store calls the sanitizer's hooks (runtime/memcheck.cpp):
+    // GCC's thread-sanitizer instrumentation, which calls __tsan_read4 and the like with each
+    // access's address, every read and write apart (the address sanitizer's drops a check the
+    // same statement already made, such as the read of a read-modify-write: racecheck needs it).
+    let mut instrumented = base.clone();
+    instrumented
+        .flag("-fsanitize=thread")
+        .flag("--param=tsan-instrument-func-entry-exit=0");
     // The runtime first: its objects are the same in every build of one architecture.
-    let mut units: Vec<PathBuf> = files_under(&emu)
+    let mut units: Vec<(PathBuf, &cc::Build)> = files_under(&emu)
         .into_iter()
         .filter(|p| p.extension().is_some_and(|e| e == "cpp"))
+        .map(|p| (p, &base))
         .collect();
-    units.extend(sources);
-    let objects = objects::compile(&base, &units, &out, |source| {
+    units.extend(sources.into_iter().map(|p| (p, &instrumented)));
+    let objects = objects::compile(&units, &out, |source| {
         let expanded = base.clone().file(source).expand();
         let text = String::from_utf8(expanded).unwrap_or_else(|e| {
             panic!("{}: preprocessed text is not UTF-8: {e}", source.display())

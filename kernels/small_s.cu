@@ -84,9 +84,13 @@ template <typename T> __device__ void small_s_gather(const ccpl_small_s_gather_p
         const uint64_t step = load_u64(counters + CCPL_COUNTER_STEP);
         int32_t* map = mut_ptr<int32_t>(l.centers.map);
         // Thread t clears and later sets the entries of the centres t, t + blockDim.x, ...;
-        // the barriers of draw_centers order every clearing before every setting.
+        // the barriers of draw_centers order every clearing before every setting. An entry is
+        // cleared only by its own centre: before the first step `centers` holds no centres
+        // (zeros, the map all -1), and every thread writing one entry would race.
         if (writer) {
-            for (int x = threadIdx.x; x < N; x += blockDim.x) map[centers[x]] = -1;
+            for (int x = threadIdx.x; x < N; x += blockDim.x) {
+                if (map[centers[x]] == x) map[centers[x]] = -1;
+            }
         }
         int32_t* dst = writer ? centers : drawn;
         draw_centers(dst, N, l.shape.height, l.shape.width, CenterStream(seed, step, (uint32_t)layer));

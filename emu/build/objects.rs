@@ -18,11 +18,11 @@ use std::time::SystemTime;
 const KEPT_PER_UNIT: usize = 2;
 
 /// The object of every source, in order: `text_of(source)` (the text to compile) is written to
-/// `out/rewritten/` and compiled by `base`, unless the same text was compiled by the same
-/// command before: then its object is taken from `out/objects/`. Sources go in parallel.
+/// `out/rewritten/` and compiled by the source's build, unless the same text was compiled by
+/// the same command before: then its object is taken from `out/objects/`. Sources go in
+/// parallel.
 pub fn compile(
-    base: &cc::Build,
-    sources: &[PathBuf],
+    sources: &[(PathBuf, &cc::Build)],
     out: &Path,
     text_of: impl Fn(&Path) -> String + Sync,
 ) -> Vec<PathBuf> {
@@ -30,11 +30,11 @@ pub fn compile(
     let cache = out.join("objects");
     fs::create_dir_all(&rewritten).unwrap();
     fs::create_dir_all(&cache).unwrap();
-    let compiler = base.get_compiler();
-    let command: Vec<&OsStr> = std::iter::once(compiler.path().as_os_str())
-        .chain(compiler.args().iter().map(|a| a.as_os_str()))
-        .collect();
-    let objects = parallel(sources, |source| {
+    let objects = parallel(sources, |&(ref source, base)| {
+        let compiler = base.get_compiler();
+        let command: Vec<&OsStr> = std::iter::once(compiler.path().as_os_str())
+            .chain(compiler.args().iter().map(|a| a.as_os_str()))
+            .collect();
         let unit = source.file_name().unwrap().to_string_lossy();
         let text = text_of(source);
         let mut hasher = DefaultHasher::new();
@@ -64,7 +64,7 @@ pub fn compile(
     });
     let units: Vec<String> = sources
         .iter()
-        .map(|s| s.file_name().unwrap().to_string_lossy().into_owned())
+        .map(|(s, _)| s.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
     prune(&cache, &units);
     objects

@@ -86,6 +86,11 @@ int sync_threads(int op, int predicate, const char* file, int line) {
 
 void yield_point() { reschedule(true); }
 
+void thread_fence() {
+    if (g_launch->checks & kRacecheck) shadow_fence(*g_launch);
+    reschedule(true);
+}
+
 void fail(const char* what, const char* file, int line) {
     abort_launch(format("%s at %s:%d (%s)", what, file, line, where(*g_launch->current).c_str()));
 }
@@ -112,7 +117,7 @@ KernelRegistration::KernelRegistration(const char* name, const char* file, size_
 }
 
 SharedRegistration::SharedRegistration(void* address, size_t bytes_) : bytes(bytes_) {
-    static_shared().push_back(SharedVariable{address, bytes});
+    static_shared().push_back(SharedVariable{address, bytes, {}});
     memset(address, 0xFF, bytes);  // registered mid-block when first reached: NaN from here on
 }
 

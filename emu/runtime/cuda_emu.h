@@ -160,9 +160,19 @@ inline T shuffle(const char* file, int line, unsigned mask, T var, int arg, int 
     return from_bits<T>(warp_collective(op, mask, to_bits(var), arg, width, file, line));
 }
 
-// Read-modify-write of one word; the yield before it lets other threads interleave.
-template <typename T, typename F> inline T atomic_update(T* address, F update) {
+// An atomic access of `bytes` at `address` from `code`, for the sanitizer (memcheck.cpp).
+void atomic_access(void* address, size_t bytes, const void* code);
+
+// A __threadfence(): a point where the scheduler may switch threads, and for the sanitizer a
+// fence of the calling thread (shadow.cpp).
+void thread_fence();
+
+// Read-modify-write of one word; the yield before it lets other threads interleave. Its own
+// load and store are not instrumented: the sanitizer sees them as one atomic access.
+template <typename T, typename F>
+__attribute__((no_sanitize("thread"), noinline)) T atomic_update(T* address, F update) {
     yield_point();
+    atomic_access(address, sizeof(T), __builtin_return_address(0));
     const T old = *address;
     *address = update(old);
     return old;
@@ -219,8 +229,9 @@ struct SyncWarp {
 #define __trap() ::ccpl_emu::fail("__trap() was called", __FILE__, __LINE__)
 
 // A memory fence: host memory is coherent, and blocks run one after another, so what is
-// left of it is a point where the scheduler may switch threads.
-#define __threadfence() ::ccpl_emu::yield_point()
+// left of it is a point where the scheduler may switch threads, and the sanitizer's model of
+// the order between blocks (shadow.cpp).
+#define __threadfence() ::ccpl_emu::thread_fence()
 
 // ---- Half-precision storage types --------------------------------------------------------
 
@@ -413,9 +424,12 @@ inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, 
                               const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     __syncwarp();
     ::ccpl_emu::check_wmma_operand("wmma::store_matrix_sync", p, ldm, sizeof(T), file, line);
-    for (int r = 0; r < f.rows; ++r)
-        for (int c = 0; c < f.cols; ++c)
-            p[element_offset(r, c, ldm, layout == mem_row_major)] = f.x[r * f.cols + c];
+    // Every lane holds the whole tile; each stores every 32nd element of it, as the lanes of a
+    // GPU store their own parts, so that the sanitizer sees one writer per element.
+    const dim3 b = blockDim;
+    const int lane = static_cast<int>((threadIdx.x + b.x * (threadIdx.y + b.y * threadIdx.z)) % warpSize);
+    for (int i = lane; i < f.rows * f.cols; i += warpSize)
+        p[element_offset(i / f.cols, i % f.cols, ldm, layout == mem_row_major)] = f.x[i];
 }
 
 // What an mma_sync's memo entry is for: its shape and input type.

@@ -128,11 +128,14 @@ int report(char* err, size_t err_len, int status, const std::string& message) {
 using namespace ccpl_emu;
 
 // Runs kernel `name` on the CPU: grid and block as in CUDA, `shared_bytes` of dynamic shared
-// memory, `params` the kernel's parameter struct (its size checked against the kernel's).
-// Returns 0, or an error code with a message in `err`.
+// memory, `params` the kernel's parameter struct (its size checked against the kernel's), the
+// buffers it points into as `buffer_count` triples (start, end, the pointer's byte in
+// `params`), the sanitizer's `checks` (Check bits). Returns 0, or an error code with a message
+// in `err`.
 extern "C" int ccpl_emu_launch(const char* name, const uint32_t grid[3], const uint32_t block[3],
                                uint32_t shared_bytes, int32_t shared_opt_in, const void* params, size_t params_size,
-                               uint64_t seed, char* err, size_t err_len) {
+                               const uint64_t* buffers, size_t buffer_count, uint32_t checks, uint64_t seed,
+                               char* err, size_t err_len) {
     std::lock_guard<std::mutex> lock(g_launch_mutex);
     Kernel* kernel = find_kernel(name);
     if (!kernel) return report(err, err_len, kUnknownKernel, format("no kernel named %s in the emulator (or more than one)", name));
@@ -151,6 +154,11 @@ extern "C" int ccpl_emu_launch(const char* name, const uint32_t grid[3], const u
     L.dynamic_bytes = shared_bytes;
     L.shared_opt_in = shared_opt_in != 0;
     L.id = ++g_launches;
+    L.checks = checks;
+    for (size_t i = 0; i < buffer_count; ++i) {
+        L.buffers.push_back(Buffer{buffers[3 * i], buffers[3 * i + 1], static_cast<uint32_t>(buffers[3 * i + 2]), {}});
+    }
+    shadow_begin_launch(L);
     L.fibers = &fiber_pool(L.threads);
     if (L.fibers->size() < L.threads) {
         return report(err, err_len, kBadLaunch, format("%s: could not map stacks for %u threads", name, L.threads));

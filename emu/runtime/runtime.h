@@ -5,7 +5,9 @@
 // (scheduler.cpp). Barriers and warp collectives have CUDA's semantics per thread: every thread
 // of the block (every lane named in the mask) must arrive, and anything else is reported as an
 // error instead of hanging (builtins.cpp, what the kernels call). launch.cpp is the C ABI that
-// emu/src/library.rs calls; misaligned.cpp reports misaligned accesses.
+// emu/src/library.rs calls; misaligned.cpp reports misaligned accesses; memcheck.cpp and
+// shadow.cpp are the sanitizer (every memory access of a kernel, its bounds, initialisation and
+// races).
 #pragma once
 
 #include "cuda_emu.h"
@@ -56,6 +58,38 @@ struct Context {
 void context_init(Context& ctx, char* base, size_t size, void (*entry)());
 void context_switch(Context& from, Context& to);
 
+// ---- The sanitizer (memcheck.cpp, shadow.cpp) -------------------------------------------
+
+// The checks, as the bits of ccpl_emu_launch's `checks` (emu/src/checks.rs names them).
+enum Check : uint32_t { kMemcheck = 1, kInitcheck = 2, kRacecheck = 4 };
+
+// One access as the shadows keep it: who, and where in the block's order. Valid only while
+// `serial` is the current one (the block's for shared memory, the launch's for a buffer), so
+// no shadow is ever cleared.
+struct Access {
+    uint32_t serial = 0;
+    uint32_t block = 0;   // the block's number in the launch
+    uint32_t epoch = 0;   // barriers the block completed before the access
+    uint32_t clock = 0;   // the block's fences, atomics and barriers before it
+    uint16_t thread = 0;  // linear index in the block; bit 15: an atomic
+    uint16_t warp_epoch = 0;  // warp collectives the thread's warp completed before it
+    int32_t code = 0;         // where in the kernel's code (describe_code)
+};
+constexpr uint16_t kAtomicBit = 0x8000;
+
+// Per byte of a buffer or of shared memory: the last write, and a read not ordered before it.
+struct Shadow {
+    std::vector<Access> writes, reads;
+};
+
+// A buffer the launch was given: [begin, end), reached through the pointer at byte `param` of
+// the parameter struct.
+struct Buffer {
+    uint64_t begin, end;
+    uint32_t param;
+    Shadow shadow;
+};
+
 // ---- Registries (launch.cpp) ---------------------------------------------------------------
 
 struct Kernel {
@@ -69,6 +103,7 @@ struct Kernel {
 struct SharedVariable {
     void* address;
     size_t bytes;
+    Shadow shadow;
 };
 // Function-local statics: registrations run during static initialisation, in any order.
 std::vector<Kernel>& kernels();
@@ -168,6 +203,17 @@ struct Launch {
     uint64_t id = 0;            // this launch's number (SharedRegistration::launch)
     size_t static_bytes = 0;    // static shared memory the launch's blocks reached so far
     std::string error;  // the first error; the launch stops at it
+    // The sanitizer's checks (Check bits), the buffers the launch was given, and its order:
+    // barriers completed in this block, warp collectives completed per warp, and a clock of
+    // the block's fences, atomics and barriers.
+    uint32_t checks = 0;
+    std::vector<Buffer> buffers;
+    Shadow dynamic_shadow;
+    uint32_t block_number = 0;
+    uint32_t block_serial = 0;  // unique to the block among all launches' (Access::serial)
+    uint32_t barrier_epoch = 0;
+    std::vector<uint16_t> warp_epochs;
+    uint32_t clock = 0;
 };
 
 extern std::mutex g_launch_mutex;  // static shared memory and the fiber stacks are process-wide
@@ -190,6 +236,21 @@ void block_current(Wait wait, const char* file, int line);
 void complete_collective(Launch& L, Warp& warp, unsigned mask, uint32_t warp_base);
 // Every thread of the block is at the barrier: all run again.
 void complete_barrier(Launch& L);
+// ---- The sanitizer's order and shadows (shadow.cpp) ------------------------------------------
+
+// A new launch, a new block; the current thread's fence, atomic (after its access is checked).
+void shadow_begin_launch(Launch& L);
+void shadow_begin_block(Launch& L);
+void shadow_fence(Launch& L);
+void shadow_atomic(Launch& L, uint64_t address);
+// Bytes [offset, offset + bytes) of `shadow` accessed at `address` by the current thread:
+// initcheck (shared memory) and racecheck; `shared` says which memory.
+void shadow_access(Launch& L, Shadow& shadow, size_t offset, size_t bytes, bool write, bool atomic,
+                   bool shared, uint64_t address, const void* code);
+// "in function+0x1a" for an access's code.
+std::string describe_code(int32_t code);
+int32_t code_of(const void* pc);
+
 // Runs block number `block` to completion; false (with L.error set) on an error or a deadlock.
 bool run_block(Launch& L, uint64_t block);
 

@@ -157,6 +157,7 @@ void complete_collective(Launch& L, Warp& warp, unsigned mask, uint32_t warp_bas
         }
     }
     warp.arrived &= ~mask;
+    ++L.warp_epochs[warp_base / kWarp];
     for (unsigned lane = 0; lane < kWarp; ++lane) {
         Fiber& f = (*L.fibers)[warp_base + lane];
         if ((mask >> lane & 1u) && &f != L.current) make_runnable(L, f);
@@ -172,6 +173,8 @@ void complete_barrier(Launch& L) {
     }
     L.barrier_arrived = 0;
     L.barrier_value = 0;
+    ++L.barrier_epoch;
+    ++L.clock;
     draw_priorities(L);
 }
 
@@ -216,6 +219,8 @@ bool run_block(Launch& L, uint64_t block) {
     L.exited = 0;
     L.barrier_arrived = 0;
     L.barrier_value = 0;
+    L.block_number = static_cast<uint32_t>(block);
+    shadow_begin_block(L);
     for (uint32_t t = 0; t < L.threads; ++t) {
         Fiber& f = (*L.fibers)[t];
         f.linear = t;

@@ -157,7 +157,7 @@ CCPL_KERNEL(selftest_atomics, Params) {
     atomicMax(reinterpret_cast<int*>(&slots[5]), static_cast<int>(t));
     atomicMin(reinterpret_cast<unsigned*>(&slots[6]), t);
     unsigned* counter = reinterpret_cast<unsigned*>(&slots[7]);
-    unsigned seen = *counter, assumed;
+    unsigned seen = atomicAdd(counter, 0u), assumed;  // read atomically: others write it
     do {
         assumed = seen;
         seen = atomicCAS(counter, assumed, assumed + 1);
@@ -290,6 +290,40 @@ CCPL_KERNEL(selftest_misuse, Params) {
         default: break;
     }
     mut_ptr<int>(p.out)[selftest::global_thread()] = v;
+}
+
+// Global memory as the sanitizer sees it (arg selects; n inputs, a 1-D grid): 0 out[t] = in[t]
+// for t < n; 1 thread 0 reads in[n], one past the input; 2 every thread adds in[t] to out[0],
+// not atomically; 3 the same with atomicAdd; 4 the "last block" pattern: thread 0 of block b
+// writes in[b] to out[1 + b], every thread fences, thread 0 counts the block at out[grid + 1]
+// (as an unsigned), and the block that counts last sums out[1 ..= grid] into out[0]; 5 the
+// same without the fence.
+CCPL_KERNEL(selftest_sanitizer, Params) {
+    __shared__ int is_last;
+    const uint32_t t = selftest::global_thread();
+    const float* in = ptr<float>(p.in);
+    float* out = mut_ptr<float>(p.out);
+    switch (p.arg) {
+        case 0: if (t < static_cast<uint32_t>(p.n)) out[t] = in[t]; break;
+        case 1: if (t == 0) out[0] = in[p.n]; break;
+        case 2: if (t < static_cast<uint32_t>(p.n)) out[0] += in[t]; break;
+        case 3: if (t < static_cast<uint32_t>(p.n)) atomicAdd(out, in[t]); break;
+        default: {
+            const uint32_t blocks = gridDim.x;
+            if (threadIdx.x == 0) out[1 + blockIdx.x] = in[blockIdx.x];
+            if (p.arg == 4) __threadfence();
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                is_last = atomicAdd(reinterpret_cast<unsigned*>(out + blocks + 1), 1u) == blocks - 1;
+            }
+            __syncthreads();
+            if (is_last && threadIdx.x == 0) {
+                float sum = 0.0f;
+                for (uint32_t b = 0; b < blocks; ++b) sum += out[1 + b];
+                out[0] = sum;
+            }
+        }
+    }
 }
 
 // More static shared memory than a kernel may declare (ptxas refuses it; the emulator ends

@@ -51,23 +51,33 @@
 //!   ([`LaunchPlan::shared_opt_in`](ccpl::launch::LaunchPlan)), then the maximum of [`ARCH`];
 //!   at most 48 KiB of static shared memory.
 //!
+//! The sanitizer (`docs/sanitizer.md`, [`Checks`]; `CCPL_EMU_SANITIZE=1` turns it on for every
+//! launch) checks every memory access the kernels make: memcheck (a global access inside a
+//! buffer the launch was given, a shared one inside the block's shared memory), initcheck (no
+//! read of shared memory nothing wrote) and racecheck (no two threads of a launch on one byte
+//! without an order between them, in shared and global memory, between blocks too, with the
+//! order of fences and atomics the kernels rely on).
+//!
 //! What only a GPU checks:
 //! - code behind `#ifdef CCPL_EMULATOR` in the kernels (inline PTX such as mma, cp.async,
 //!   ldmatrix, with a portable fallback here); [`GPU_ONLY_PATHS`] lists it;
-//! - races on global memory without a synchronisation point between the read and the write
-//!   (a non-atomic read-modify-write): threads switch only at barriers, warp collectives,
-//!   atomics and fences, so such a sequence runs whole;
-//! - anything between blocks: blocks run one after another, so two blocks racing on an
-//!   element agree, and a block that waits for another one would never end;
+//! - without racecheck, races on global memory without a synchronisation point between the
+//!   read and the write (threads switch only at barriers, warp collectives, atomics and
+//!   fences, so a non-atomic read-modify-write runs whole) and anything between blocks (they
+//!   run one after another, so two blocks racing on an element agree); with it, what
+//!   `docs/sanitizer.md` lists; and a block that waits for another one would never end;
 //! - the rest of the GPU's own rounding: `__expf` and friends are exact here, and the host
 //!   compiler fuses `a*b+c` where it can, which is not always where ptxas does (kernels whose
 //!   bits must match spell out `__fmul_rn`); the tensor-core model of sm_75 is inferred, not
 //!   validated (`tests/hmma_hardware.rs` compares it with a GPU's);
-//! - out-of-bounds global accesses (host memory, unchecked), static shared memory a block
-//!   declares but never reaches (it counts towards the limits on a GPU), registers, spills
-//!   and speed.
+//! - without memcheck, out-of-bounds global accesses (host memory, unchecked); static shared
+//!   memory a block declares but never reaches (it counts towards the limits on a GPU),
+//!   registers, spills and speed.
 
+mod checks;
 mod library;
+
+pub use checks::Checks;
 
 use std::ffi::{CStr, CString, c_char};
 use std::fmt;
@@ -138,6 +148,7 @@ pub const GPU_ONLY_PATHS: &[(&str, &str)] = &[];
 #[derive(Debug)]
 pub struct Emulator {
     next_seed: AtomicU64,
+    checks: Checks,
 }
 
 impl Emulator {
@@ -148,10 +159,25 @@ impl Emulator {
     /// Every plan launched on it must address host memory that is alive, and as long as the
     /// plan's shapes say, for the whole launch: the kernels read and write those addresses.
     /// Plans made from [`buf`] and [`buf_mut`] of slices the caller still holds satisfy this.
+    ///
+    /// # Panics
+    ///
+    /// When `CCPL_EMU_SANITIZE` names a check that does not exist ([`Checks::from_env`]).
     pub unsafe fn new(seed: u64) -> Self {
         Self {
             next_seed: AtomicU64::new(seed),
+            checks: Checks::from_env().unwrap_or_else(|e| panic!("{e}")),
         }
+    }
+
+    /// This emulator with the sanitizer's `checks` in place of those `CCPL_EMU_SANITIZE` chose.
+    pub fn with_checks(self, checks: Checks) -> Self {
+        Self { checks, ..self }
+    }
+
+    /// The sanitizer's checks every launch runs.
+    pub fn checks(&self) -> Checks {
+        self.checks
     }
 
     /// The seed the next launch will use.
@@ -170,6 +196,11 @@ impl Launcher for Emulator {
         let grid = [plan.grid.0, plan.grid.1, plan.grid.2];
         let block = [plan.block.0, plan.block.1, plan.block.2];
         let library = library::library().map_err(Error::Launch)?;
+        // SAFETY: a `repr(C)` struct of plain data, read as the bytes the kernel receives.
+        let param_bytes = unsafe {
+            std::slice::from_raw_parts((&plan.params as *const P).cast::<u8>(), size_of::<P>())
+        };
+        let buffers = checks::given(param_bytes);
         let mut err = [0 as c_char; 1024];
         // SAFETY: the arrays and the parameter struct outlive the call; the runtime checks the
         // struct's size against the kernel's; the addresses inside it are valid by the
@@ -183,6 +214,9 @@ impl Launcher for Emulator {
                 plan.shared_opt_in.into(),
                 (&plan.params as *const P).cast(),
                 size_of::<P>(),
+                buffers.as_ptr(),
+                buffers.len() / 3,
+                self.checks.bits(),
                 seed,
                 err.as_mut_ptr(),
                 err.len(),
@@ -197,16 +231,20 @@ impl Launcher for Emulator {
     }
 }
 
-/// A slice as a kernel input: its host address and length.
+/// A slice as a kernel input: its host address and length. The sanitizer's memcheck takes it
+/// as a buffer a launch whose parameters point into it may access.
 pub fn buf<T>(data: &[T]) -> Buf {
+    checks::register(data.as_ptr() as u64, size_of_val(data));
     Buf {
         addr: data.as_ptr() as u64,
         len: data.len(),
     }
 }
 
-/// A slice as a kernel output (written through the address while the launch runs).
+/// A slice as a kernel output (written through the address while the launch runs); a buffer
+/// for memcheck as [`buf`]'s.
 pub fn buf_mut<T>(data: &mut [T]) -> Buf {
+    checks::register(data.as_ptr() as u64, size_of_val(data));
     Buf {
         addr: data.as_mut_ptr() as u64,
         len: data.len(),

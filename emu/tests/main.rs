@@ -1,5 +1,5 @@
 //! The emulator's tests, one binary: the emulator itself (its threads and scheduler, warp
-//! collectives, memory, arithmetic, the misuse it must report, the crate's kernels run through
+//! collectives, memory, arithmetic, the misuse it must report, the sanitizer's checks, the crate's kernels run through
 //! their launch plans), and its tensor-core model against a GPU's (`hmma_hardware`, which says
 //! SKIPPED without one).
 
@@ -10,4 +10,5 @@ mod kernels;
 mod memory;
 mod misuse;
 mod numerics;
+mod sanitizer;
 mod scheduler;

@@ -1,7 +1,7 @@
 //! The emulator's memory: atomics of every type, and shared memory, NaN-filled in every block.
 
 use ccpl_emu as emu;
-use ccpl_emu::Error;
+use ccpl_emu::{Checks, Error};
 use half::{bf16, f16};
 
 use crate::common::{emulator, emulator_error, integer_inputs, lin, run};
@@ -49,12 +49,12 @@ fn shared_run(
     threads: u32,
     shared_bytes: u32,
     overrun: bool,
-    seed: u64,
+    checks: Checks,
 ) -> Result<(Vec<f32>, Vec<f32>), Error> {
     let input = integer_inputs((blocks * threads) as usize, 17);
     let mut out = vec![f32::NAN; 5 * (blocks * threads) as usize];
     run(
-        &emulator(seed),
+        &emulator(2).with_checks(checks),
         "selftest_shared",
         lin(blocks),
         lin(threads),
@@ -71,7 +71,9 @@ fn shared_run(
 fn shared_memory_is_nan_in_every_block() {
     // 63 KiB: over the 48 KiB without opt-in, within every architecture's maximum.
     for (blocks, threads, shared_bytes) in [(3u32, 64u32, 64 * 4 + 13), (2, 1024, 63 * 1024)] {
-        let (input, out) = shared_run(blocks, threads, shared_bytes, false, 2).unwrap();
+        // The kernel reads shared memory before writing it, to see the NaN: all initcheck stops.
+        let (input, out) =
+            shared_run(blocks, threads, shared_bytes, false, Checks::MEMCHECK).unwrap();
         for b in 0..blocks as usize {
             for t in 0..threads as usize {
                 let g = b * threads as usize + t;
@@ -85,6 +87,22 @@ fn shared_memory_is_nan_in_every_block() {
             }
         }
     }
-    let message = emulator_error(shared_run(2, 64, 300, true, 2).map(|_| ()));
+    let message = emulator_error(shared_run(3, 64, 300, false, Checks::INITCHECK).map(|_| ()));
+    assert!(
+        message.contains("initcheck: the 4-byte read of shared memory"),
+        "{message}"
+    );
+    assert!(
+        message.contains("which no thread of the block wrote"),
+        "{message}"
+    );
+    // An overrun of dynamic shared memory: memcheck stops the write, else the red zone shows it.
+    let message = emulator_error(shared_run(2, 64, 300, true, Checks::MEMCHECK).map(|_| ()));
+    assert!(
+        message.contains("memcheck: the 1-byte write")
+            && message.contains("ends past the 300 bytes of shared memory"),
+        "{message}"
+    );
+    let message = emulator_error(shared_run(2, 64, 300, true, Checks::NONE).map(|_| ()));
     assert!(message.contains("wrote past the end"), "{message}");
 }

@@ -1,10 +1,14 @@
 //! The emulator's threads and scheduler: every thread runs once with its coordinates, block
 //! reductions are exact, a missing barrier or `__syncwarp` gives wrong results under the seeded
-//! scheduler, and a seed replays its schedule. The kernels are `emu/runtime/selftest.cu`.
+//! scheduler (without the sanitizer, which stops them first: `sanitizer.rs`), and a seed replays
+//! its schedule. The kernels are `emu/runtime/selftest.cu`.
 
 use ccpl_emu as emu;
 
-use crate::common::{block_reduce_expected, emulator, integer_inputs, lin, run, run_1d};
+use crate::common::{
+    block_reduce_expected, emulator, integer_inputs, lin, run, run_1d, run_1d_on,
+    unchecked_emulator,
+};
 
 #[test]
 fn every_thread_runs_once_with_its_coordinates() {
@@ -86,8 +90,8 @@ fn wrong_sums(kernel: &str, seeds: std::ops::Range<u64>) -> usize {
             1
         };
         let mut out = vec![f32::NAN; stride * blocks];
-        run_1d(
-            seed,
+        run_1d_on(
+            &unchecked_emulator(seed),
             kernel,
             (blocks as u32, threads),
             &input,
@@ -122,8 +126,8 @@ fn a_seed_replays_its_schedule() {
         .iter()
         .map(|&seed| {
             let mut out = vec![f32::NAN; 1];
-            run_1d(
-                seed,
+            run_1d_on(
+                &unchecked_emulator(seed),
                 "selftest_racy_block_sum",
                 (1, threads),
                 &input,
@@ -159,8 +163,8 @@ fn warp_synchronous_code_needs_syncwarp() {
     let want: f32 = input.iter().sum();
     let sum_with = |arg: i32, seed: u64| {
         let mut out = vec![f32::NAN];
-        run_1d(
-            seed,
+        run_1d_on(
+            &unchecked_emulator(seed),
             "selftest_warp_lockstep",
             (1, 32),
             &input,

@@ -4,7 +4,9 @@
 pub mod hmma_vectors;
 
 use ccpl::launch::{LaunchPlan, Launcher};
-use ccpl_emu::{self as emu, Emulator, Error, selftest::ccpl_emu_selftest_params as Params};
+use ccpl_emu::{
+    self as emu, Checks, Emulator, Error, selftest::ccpl_emu_selftest_params as Params,
+};
 use ccpl_testkit::Rng;
 
 pub fn emulator(seed: u64) -> Emulator {
@@ -78,6 +80,25 @@ pub fn block_reduce_expected(segment: &[f32], threads: usize) -> [f32; 3] {
 pub fn run_1d<I, O>(
     seed: u64,
     kernel: &str,
+    shape: (u32, u32),
+    input: &[I],
+    out: &mut [O],
+    n: i32,
+    arg: i32,
+) -> Result<(), Error> {
+    run_1d_on(&emulator(seed), kernel, shape, input, out, n, arg)
+}
+
+/// An emulator without the sanitizer, for the self-tests that observe what it would stop: a
+/// race's wrong result, shared memory's NaN before it is written.
+pub fn unchecked_emulator(seed: u64) -> Emulator {
+    emulator(seed).with_checks(Checks::NONE)
+}
+
+/// [`run_1d`] on `emu`.
+pub fn run_1d_on<I, O>(
+    emu: &Emulator,
+    kernel: &str,
     (blocks, threads): (u32, u32),
     input: &[I],
     out: &mut [O],
@@ -86,7 +107,7 @@ pub fn run_1d<I, O>(
 ) -> Result<(), Error> {
     let (input, out) = (emu::buf(input).addr, emu::buf_mut(out).addr);
     run(
-        &emulator(seed),
+        emu,
         kernel,
         lin(blocks),
         lin(threads),
