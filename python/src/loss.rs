@@ -5,7 +5,7 @@
 //! drawn on the device by the Philox sampler from a seed the package draws from PyTorch's
 //! generator, and for the layers of `S = 8N` up to 512 three launches for all of them (the
 //! centres and the rows; the loss and the gradient of the rows; the scatter). Its workspace
-//! is one byte tensor of PyTorch's, carved here ([`carve`]), kept by autograd between the
+//! is one byte tensor of PyTorch's, carved here (by `carve`), kept by autograd between the
 //! forward and the backward. On the CPU, the float64 reference on the very same centres
 //! ([`Centers::philox`]); there the workspace is the seed alone, and the backward reads the
 //! feature maps again.
