@@ -95,7 +95,7 @@ def loss_centers(height: int, width: int, num_s: int, seed: int, layer: int) -> 
     """The centres ``ccp_loss`` takes in its ``layer``-th layer (position in ``layers``) of a
     ``height x width`` map under ``seed`` (``seed_value``): a 1-D int64 CPU tensor of flat
     indices, as ``ccp_layer_loss`` takes them."""
-    flat = _ccpl.philox_centers(height, width, num_s, seed, 0, layer)
+    flat = _ccpl.philox_centers((height, width), num_s, (seed, 0, layer))
     return torch.tensor(flat, dtype=torch.int64)
 
 

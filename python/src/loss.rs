@@ -228,18 +228,16 @@ pub(crate) fn loss_layout(
     Ok((bytes, ws.counters.addr as usize, maps))
 }
 
-/// The centres the device sampler draws for layer `layer` of a `height x width` map under
-/// `seed` at `step` (flat indices): what `ccp_loss` reads on both paths.
+/// The centres the device sampler draws for a layer of a map of `(height, width)` under
+/// `draw = (seed, step, layer)` (flat indices): what `ccp_loss` reads on both paths.
 #[pyfunction]
 pub(crate) fn philox_centers(
-    height: usize,
-    width: usize,
+    map: (usize, usize),
     num_s: usize,
-    seed: u64,
-    step: u64,
-    layer: u32,
+    draw: (u64, u64, u32),
 ) -> PyResult<Vec<i32>> {
-    let centers = Centers::philox(height, width, num_s, seed, step, layer).map_err(to_py)?;
+    let (seed, step, layer) = draw;
+    let centers = Centers::philox(map.0, map.1, num_s, seed, step, layer).map_err(to_py)?;
     Ok(centers.flat().to_vec())
 }
 
