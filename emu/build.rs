@@ -46,13 +46,13 @@ fn main() {
         "ccpl_emu_.*",
     );
     // The families (kernels/*.cu, as nvcc builds them) and the emulator's own test kernels.
-    let mut sources: Vec<PathBuf> = files_under(&kernels)
+    let families: Vec<PathBuf> = files_under(&kernels)
         .into_iter()
         .filter(|p| {
             p.parent() == Some(kernels.as_path()) && p.extension().is_some_and(|e| e == "cu")
         })
         .collect();
-    sources.push(emu.join("selftest.cu"));
+    let selftest = emu.join("selftest.cu");
 
     let arch = modelled_arch();
     let mut base = cc::Build::new();
@@ -76,10 +76,14 @@ fn main() {
     if env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64") {
         base.flag("-mfma");
     }
-    // The kernels' every load and store calls the sanitizer's hooks (runtime/memcheck.cpp):
+    // With the sanitizer, the kernels' every load and store calls its hooks (runtime/memcheck.cpp):
     // GCC's thread-sanitizer instrumentation, which calls __tsan_read4 and the like with each
     // access's address, every read and write apart (the address sanitizer's drops a check the
     // same statement already made, such as the read of a read-modify-write: racecheck needs it).
+    // The calls cost even with every check off (the kernel tests took about twice as long), so
+    // the families are instrumented only in a build for the sanitizer (CCPL_EMU_SANITIZE set and
+    // not `0`/`none`); the emulator's own test kernels always are (its sanitizer tests run
+    // them), and a launch that asks for checks of an uninstrumented kernel is refused.
     let mut instrumented = base.clone();
     instrumented
         .flag("-fsanitize=thread")
@@ -90,9 +94,16 @@ fn main() {
         .filter(|p| p.extension().is_some_and(|e| e == "cpp"))
         .map(|p| (p, &base))
         .collect();
-    units.extend(sources.into_iter().map(|p| (p, &instrumented)));
-    let objects = objects::compile(&units, &out, |source| {
-        let expanded = base.clone().file(source).expand();
+    let families_build = if sanitizer_build() {
+        &instrumented
+    } else {
+        &base
+    };
+    units.extend(families.into_iter().map(|p| (p, families_build)));
+    units.push((selftest, &instrumented));
+    // Each unit preprocessed by its own build: an instrumented one sees __SANITIZE_THREAD__.
+    let objects = objects::compile(&units, &out, |source, build| {
+        let expanded = build.clone().file(source).expand();
         let text = String::from_utf8(expanded).unwrap_or_else(|e| {
             panic!("{}: preprocessed text is not UTF-8: {e}", source.display())
         });
@@ -107,6 +118,13 @@ fn main() {
     if env::var("CCPL_EMU_SHARED_LIBRARY").is_ok_and(|v| v == "1") {
         objects::link_shared(&base, &objects, &out.join("libccpl_emu.so"));
     }
+}
+
+/// Whether this build is for the sanitizer: `CCPL_EMU_SANITIZE` set to any checks (the value
+/// `src/checks.rs` reads at run time; `0`, `none` and the empty value ask for none).
+fn sanitizer_build() -> bool {
+    println!("cargo:rerun-if-env-changed=CCPL_EMU_SANITIZE");
+    env::var("CCPL_EMU_SANITIZE").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "none"))
 }
 
 /// The architecture the emulator models: `CCPL_EMU_ARCH` (a compute capability), default 90

@@ -17,14 +17,15 @@ use std::time::SystemTime;
 /// Objects kept per unit, the most recently used: the one in use and the one before it.
 const KEPT_PER_UNIT: usize = 2;
 
-/// The object of every source, in order: `text_of(source)` (the text to compile) is written to
+/// The object of every source, in order: `text_of(source, build)` (the text to compile, as the
+/// source's build preprocesses it) is written to
 /// `out/rewritten/` and compiled by the source's build, unless the same text was compiled by
 /// the same command before: then its object is taken from `out/objects/`. Sources go in
 /// parallel.
 pub fn compile(
     sources: &[(PathBuf, &cc::Build)],
     out: &Path,
-    text_of: impl Fn(&Path) -> String + Sync,
+    text_of: impl Fn(&Path, &cc::Build) -> String + Sync,
 ) -> Vec<PathBuf> {
     let rewritten = out.join("rewritten");
     let cache = out.join("objects");
@@ -36,7 +37,7 @@ pub fn compile(
             .chain(compiler.args().iter().map(|a| a.as_os_str()))
             .collect();
         let unit = source.file_name().unwrap().to_string_lossy();
-        let text = text_of(source);
+        let text = text_of(source, base);
         let mut hasher = DefaultHasher::new();
         command.hash(&mut hasher);
         text.hash(&mut hasher);

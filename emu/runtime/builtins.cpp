@@ -112,8 +112,8 @@ MmaMemo& mma_memo() {
 }
 
 KernelRegistration::KernelRegistration(const char* name, const char* file, size_t params_size,
-                                       void (*thunk)(const void*)) {
-    kernels().push_back(Kernel{name, file, params_size, thunk});
+                                       void (*thunk)(const void*), bool instrumented) {
+    kernels().push_back(Kernel{name, file, params_size, thunk, instrumented});
 }
 
 SharedRegistration::SharedRegistration(void* address, size_t bytes_) : bytes(bytes_) {

@@ -103,7 +103,8 @@ void* dynamic_shared();
 // Registers a kernel by name, with the source that defines it; the thunk copies the parameter
 // struct and calls the kernel.
 struct KernelRegistration {
-    KernelRegistration(const char* name, const char* file, size_t params_size, void (*thunk)(const void*));
+    KernelRegistration(const char* name, const char* file, size_t params_size, void (*thunk)(const void*),
+                       bool instrumented);
 };
 
 // A static __shared__ declaration's storage (emu/build.rs turns `__shared__ D;` into a struct
@@ -182,6 +183,14 @@ __attribute__((no_sanitize("thread"), noinline)) T atomic_update(T* address, F u
 
 // ---- Launch glue used by common.cuh ----------------------------------------------------
 
+// Whether this unit calls the sanitizer's hooks (GCC's -fsanitize=thread, emu/build.rs): a
+// launch that asks for checks of a kernel built without them is refused, not passed unchecked.
+#ifdef __SANITIZE_THREAD__
+#define CCPL_EMU_INSTRUMENTED true
+#else
+#define CCPL_EMU_INSTRUMENTED false
+#endif
+
 // Declares the kernel and registers it under its name (the emulator's launch looks it up).
 #define CCPL_KERNEL(name, Params)                                                              \
     static void name(const Params p);                                                          \
@@ -190,7 +199,7 @@ __attribute__((no_sanitize("thread"), noinline)) T atomic_update(T* address, F u
             Params p;                                                                          \
             memcpy(&p, raw, sizeof(Params));                                                   \
             name(p);                                                                           \
-        });                                                                                    \
+        }, CCPL_EMU_INSTRUMENTED);                                                             \
     static void name(const Params p)
 
 // The launch's dynamic shared memory, viewed as an array of `type` (inside a function).

@@ -145,6 +145,12 @@ extern "C" int ccpl_emu_launch(const char* name, const uint32_t grid[3], const u
                       format("%s takes a %zu-byte parameter struct, got %zu bytes", name, kernel->params_size,
                              params_size));
     }
+    if (checks && !kernel->instrumented) {
+        return report(err, err_len, kBadLaunch,
+                      format("%s: the sanitizer's checks were asked for, but its source (%s) was built without "
+                             "their instrumentation: build ccpl-emu with CCPL_EMU_SANITIZE set (docs/sanitizer.md)",
+                             name, kernel->file));
+    }
     const dim3 g(grid[0], grid[1], grid[2]), b(block[0], block[1], block[2]);
     std::string bad = check_dims(g, b);
     if (bad.empty()) bad = shared_limits(0, shared_bytes, shared_opt_in != 0);

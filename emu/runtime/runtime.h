@@ -97,6 +97,7 @@ struct Kernel {
     const char* file;  // the source that defines it
     size_t params_size;
     void (*thunk)(const void*);
+    bool instrumented;  // compiled with the sanitizer's hooks
     bool launched = false;
 };
 
