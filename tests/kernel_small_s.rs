@@ -20,7 +20,7 @@ use std::cell::RefCell;
 use ccpl::launch::neighbor::Scatter;
 use ccpl::launch::small_s;
 use ccpl::launch::{KernelParams, LaunchPlan, Launcher};
-use ccpl::loss::multi_layer::{CenterBuffers, Draw, LossPlan};
+use ccpl::loss::multi_layer::{CenterBuffers, Draw, LossPlan, LossWorkspace};
 use ccpl::loss::small_s::SmallRowsPlan;
 use ccpl::reference::{self, LayerInput};
 use ccpl::{Centers, Dtype, FeatureShape, Layout, RowShape, Tau};
@@ -67,7 +67,7 @@ impl<L: Launcher> Launcher for Counting<L> {
 /// (2, 2), one of the centres then (difference rows that are exactly zero: gradient g/eps),
 /// and the magnitude of the features (uniform in `[-magnitude, magnitude)`).
 #[derive(Clone, Copy)]
-struct LayerCase {
+pub(crate) struct LayerCase {
     shape: FeatureShape,
     num_s: usize,
     flat: bool,
@@ -81,7 +81,7 @@ impl LayerCase {
     }
 }
 
-fn layer(
+pub(crate) fn layer(
     dims: (usize, usize, usize, usize),
     num_s: usize,
     layout: Layout,
@@ -115,15 +115,15 @@ fn features<T: Dtype>(rng: &mut Rng, case: &LayerCase) -> (Vec<T>, Vec<T>) {
 }
 
 /// The centres a case uses: the host's draw with (2, 2) first for a flat patch (given), or
-/// the host model of the device's draw at step 0 (sampled).
-fn case_centers(cases: &[LayerCase], draw: Draw) -> Vec<Centers> {
+/// the host model of the device's draw at `step` (sampled).
+fn case_centers(cases: &[LayerCase], draw: Draw, step: u64) -> Vec<Centers> {
     cases
         .iter()
         .enumerate()
         .map(|(l, case)| {
             let s = &case.shape;
             if draw == Draw::Sample {
-                return Centers::philox(s.height(), s.width(), case.num_s, SEED, 0, l as u32)
+                return Centers::philox(s.height(), s.width(), case.num_s, SEED, step, l as u32)
                     .unwrap();
             }
             let drawn = Centers::sample(s.height(), s.width(), case.num_s, 300 + l as u64).unwrap();
@@ -143,7 +143,7 @@ fn case_centers(cases: &[LayerCase], draw: Draw) -> Vec<Centers> {
 }
 
 /// What a run of the loss leaves: the loss and, per backward, each layer's gradients.
-struct Run {
+pub(crate) struct Run {
     kernels: Vec<Vec<String>>,
     loss: f32,
     grads: Vec<Vec<(Vec<f64>, Vec<f64>)>>,
@@ -151,7 +151,7 @@ struct Run {
 
 /// A backward: the upstream gradient (`None`: the default, 1) and whether the content side
 /// gets a gradient too.
-type Backward = (Option<f32>, bool);
+pub(crate) type Backward = (Option<f32>, bool);
 
 /// The backwards a case runs: the default upstream into zeroed gradients of q only (the
 /// gradient itself, compared directly), then 2.5 from device memory into random starts of
@@ -163,7 +163,7 @@ const TRAINING_STEP: [Backward; 1] = [(None, false)];
 
 /// The default upstream into zeroed gradients of both sides: both compared directly (a start
 /// of about 1 would hide gradients far from 1).
-const BOTH_SIDES: [Backward; 1] = [(None, true)];
+pub(crate) const BOTH_SIDES: [Backward; 1] = [(None, true)];
 
 /// What a run of the loss is given: each layer's features and centres, where the centres come
 /// from, the backwards and the starts of their gradients.
@@ -175,12 +175,23 @@ struct Inputs<'a, T> {
     starts: &'a [Vec<(Vec<T>, Vec<T>)>],
 }
 
-/// A forward with the inputs' centres (written into the workspace when given; drawn on the
-/// device otherwise, and checked against them: they are then the host model's), then the
-/// backwards into the starts.
+/// The loss's workspace on a device, its rows in `T`.
+type LossMem<T, D> = LossWorkspace<
+    <D as TestDevice>::Mem<T>,
+    <D as TestDevice>::Mem<f32>,
+    <D as TestDevice>::Mem<i32>,
+>;
+
+/// A forward at `step` on `ws` with the inputs' centres (written into the workspace when
+/// given; drawn on the device otherwise, and checked against them: they are then the host
+/// model's), then the backwards into the starts. The counters afterwards: the seed kept, the
+/// step advanced when drawn, and no finished block left counted (the next step's launches
+/// count from 0).
 fn run<T: Dtype + Elem, D: TestDevice>(
     dev: &D,
     plan: &LossPlan,
+    ws: &mut LossMem<T, D>,
+    step: u64,
     inputs: &Inputs<'_, T>,
     label: &str,
 ) -> Run {
@@ -191,7 +202,6 @@ fn run<T: Dtype + Elem, D: TestDevice>(
         backwards,
         starts,
     } = *inputs;
-    let mut ws = loss_workspace::<T, D>(dev, plan, SEED);
     if draw == Draw::Given {
         for (c, own) in centers.iter().zip(&mut ws.centers) {
             *own = CenterBuffers {
@@ -239,13 +249,13 @@ fn run<T: Dtype + Elem, D: TestDevice>(
                 .collect(),
         );
     }
+    let next = step + u64::from(draw == Draw::Sample);
+    assert_eq!(
+        dev.download(&ws.counters),
+        small_s::counters(SEED, next),
+        "{label}: the counters after the step (seed, step {next}, no block counted)"
+    );
     if draw == Draw::Sample {
-        let counters = dev.download(&ws.counters);
-        assert_eq!(
-            small_s::counters_step(&counters).unwrap(),
-            1,
-            "{label}: the step advanced once"
-        );
         for (l, c) in centers.iter().enumerate() {
             let got = dev.download(&ws.centers[l].flat);
             assert_eq!(
@@ -293,7 +303,8 @@ fn starts<T: Dtype>(
         .collect()
 }
 
-/// The case against the reference; returns the run (for its launches).
+/// The case against the reference at step 0 on a new workspace; returns the run (for its
+/// launches).
 fn check_case<T: Dtype + Elem, D: TestDevice>(
     dev: &D,
     cases: &[LayerCase],
@@ -302,128 +313,156 @@ fn check_case<T: Dtype + Elem, D: TestDevice>(
     rng: &mut Rng,
     name: &str,
 ) -> Run {
-    let label = format!("{name} {} on the {}", T::SUFFIX, dev.name());
+    let mut runs = check_steps::<T, D>(dev, cases, &[draw], 0, backwards, rng, name);
+    runs.pop().unwrap()
+}
+
+/// The case against the reference at each step of `draws` in turn (where its centres come
+/// from), on one workspace whose sampler starts at step `first`, as consecutive training steps
+/// run: new features each step and, drawn, that step's centres. Returns the runs.
+pub(crate) fn check_steps<T: Dtype + Elem, D: TestDevice>(
+    dev: &D,
+    cases: &[LayerCase],
+    draws: &[Draw],
+    first: u64,
+    backwards: &[Backward],
+    rng: &mut Rng,
+    name: &str,
+) -> Vec<Run> {
     let layers: Vec<(FeatureShape, usize)> = cases.iter().map(|c| (c.shape, c.num_s)).collect();
     let plan = LossPlan::new(&layers, TAU).unwrap();
-    let centers = case_centers(cases, draw);
-    let feats: Vec<(Vec<T>, Vec<T>)> = cases.iter().map(|c| features::<T>(rng, c)).collect();
-    let starts = starts::<T>(rng, cases, backwards);
-    let given = Inputs {
-        feats: &feats,
-        centers: &centers,
-        draw,
-        backwards,
-        starts: &starts,
-    };
-    let got = run::<T, D>(dev, &plan, &given, &label);
+    let mut ws = loss_workspace::<T, D>(dev, &plan, SEED);
+    ws.counters = dev.upload(&small_s::counters(SEED, first));
+    let mut runs = Vec::new();
+    let mut step = first;
+    for &draw in draws {
+        let label = format!(
+            "{name} {} step {step} ({draw:?}) on the {}",
+            T::SUFFIX,
+            dev.name()
+        );
+        let centers = case_centers(cases, draw, step);
+        let feats: Vec<(Vec<T>, Vec<T>)> = cases.iter().map(|c| features::<T>(rng, c)).collect();
+        let starts = starts::<T>(rng, cases, backwards);
+        let given = Inputs {
+            feats: &feats,
+            centers: &centers,
+            draw,
+            backwards,
+            starts: &starts,
+        };
+        let got = run::<T, D>(dev, &plan, &mut ws, step, &given, &label);
 
-    let inputs: Vec<LayerInput<'_, T>> = cases
-        .iter()
-        .zip(&feats)
-        .zip(&centers)
-        .map(|((c, (q, k)), centers)| LayerInput {
-            feat_q: q,
-            feat_k: k,
-            shape: c.shape,
-            centers: centers.clone(),
-        })
-        .collect();
-    let (exact_loss, exact) = reference::ccp_loss(&inputs, TAU, true).unwrap();
-    // The fused layers' 16-bit rounding model (the small-S layers' loss is float).
-    let fused_model = |l: usize, u: f64| {
-        let (q, k) = (to_f64(&feats[l].0), to_f64(&feats[l].1));
-        layer_model::<T>(&q, &k, &cases[l].shape, &centers[l], TAU, u)
-    };
-    let tol = if (0..cases.len()).any(|l| !plan.is_small(l)) {
-        let model: f64 = (0..cases.len())
-            .map(|l| {
-                if plan.is_small(l) {
-                    exact[l].loss
-                } else {
-                    fused_model(l, 1.0).loss
-                }
+        let inputs: Vec<LayerInput<'_, T>> = cases
+            .iter()
+            .zip(&feats)
+            .zip(&centers)
+            .map(|((c, (q, k)), centers)| LayerInput {
+                feat_q: q,
+                feat_k: k,
+                shape: c.shape,
+                centers: centers.clone(),
             })
-            .sum();
-        tolerance(&[model], &[exact_loss])
-    } else {
-        F32_TOLERANCE
-    };
-    assert_close(
-        &format!("loss {label}"),
-        &[got.loss as f64],
-        &[exact_loss],
-        tol,
-    );
-
-    for ((&(upstream, both), starts), grads) in backwards.iter().zip(&starts).zip(&got.grads) {
-        let u = upstream.unwrap_or(1.0) as f64;
-        for (l, c) in cases.iter().enumerate() {
-            let sides = [
-                ("q", &grads[l].0, &starts[l].0, &exact[l].grad_feat_q, true),
-                (
-                    "k",
-                    &grads[l].1,
-                    &starts[l].1,
-                    exact[l].grad_feat_k.as_ref().unwrap(),
-                    both,
-                ),
-            ];
-            for (side, got, start, grad, asked) in sides {
-                let start = to_f64(start);
-                if !asked {
-                    assert_eq!(
-                        got, &start,
-                        "{label}: grad_feat_{side} written without being asked for"
-                    );
-                    continue;
-                }
-                let (q, k) = (to_f64(&feats[l].0), to_f64(&feats[l].1));
-                let feat = if side == "q" { &q } else { &k };
-                let want = match past_float_rows(feat, &c.shape, &centers[l]) {
-                    None => start.iter().zip(grad).map(|(s, g)| s + u * g).collect(),
-                    Some(past) => {
-                        // The exact gradients of the difference rows, those of the rows past
-                        // float's range as the kernels give them (0, README: known limits).
-                        let exact = layer_model::<f64>(&q, &k, &c.shape, &centers[l], TAU, u);
-                        let mut rows = if side == "q" {
-                            exact.grad_rows_q
-                        } else {
-                            exact.grad_rows_k
-                        };
-                        let width = c.shape.channels();
-                        for (row, g) in rows.chunks_mut(width).enumerate() {
-                            if past[row] {
-                                g.fill(0.0);
-                            }
-                        }
-                        let scatter = Scatter::Deterministic;
-                        scatter_model::<f64>(&start, &rows, &c.shape, &centers[l], scatter)
-                    }
-                };
-                let tol = if plan.is_small(l) {
-                    stored_tolerance::<T>(&want)
-                } else {
-                    let m = fused_model(l, u);
-                    let rows = if side == "q" {
-                        &m.grad_rows_q
+            .collect();
+        let (exact_loss, exact) = reference::ccp_loss(&inputs, TAU, true).unwrap();
+        // The fused layers' 16-bit rounding model (the small-S layers' loss is float).
+        let fused_model = |l: usize, u: f64| {
+            let (q, k) = (to_f64(&feats[l].0), to_f64(&feats[l].1));
+            layer_model::<T>(&q, &k, &cases[l].shape, &centers[l], TAU, u)
+        };
+        let tol = if (0..cases.len()).any(|l| !plan.is_small(l)) {
+            let model: f64 = (0..cases.len())
+                .map(|l| {
+                    if plan.is_small(l) {
+                        exact[l].loss
                     } else {
-                        &m.grad_rows_k
+                        fused_model(l, 1.0).loss
+                    }
+                })
+                .sum();
+            tolerance(&[model], &[exact_loss])
+        } else {
+            F32_TOLERANCE
+        };
+        assert_close(
+            &format!("loss {label}"),
+            &[got.loss as f64],
+            &[exact_loss],
+            tol,
+        );
+
+        for ((&(upstream, both), starts), grads) in backwards.iter().zip(&starts).zip(&got.grads) {
+            let u = upstream.unwrap_or(1.0) as f64;
+            for (l, c) in cases.iter().enumerate() {
+                let sides = [
+                    ("q", &grads[l].0, &starts[l].0, &exact[l].grad_feat_q, true),
+                    (
+                        "k",
+                        &grads[l].1,
+                        &starts[l].1,
+                        exact[l].grad_feat_k.as_ref().unwrap(),
+                        both,
+                    ),
+                ];
+                for (side, got, start, grad, asked) in sides {
+                    let start = to_f64(start);
+                    if !asked {
+                        assert_eq!(
+                            got, &start,
+                            "{label}: grad_feat_{side} written without being asked for"
+                        );
+                        continue;
+                    }
+                    let (q, k) = (to_f64(&feats[l].0), to_f64(&feats[l].1));
+                    let feat = if side == "q" { &q } else { &k };
+                    let want = match past_float_rows(feat, &c.shape, &centers[l]) {
+                        None => start.iter().zip(grad).map(|(s, g)| s + u * g).collect(),
+                        Some(past) => {
+                            // The exact gradients of the difference rows, those of the rows past
+                            // float's range as the kernels give them (0, README: known limits).
+                            let exact = layer_model::<f64>(&q, &k, &c.shape, &centers[l], TAU, u);
+                            let mut rows = if side == "q" {
+                                exact.grad_rows_q
+                            } else {
+                                exact.grad_rows_k
+                            };
+                            let width = c.shape.channels();
+                            for (row, g) in rows.chunks_mut(width).enumerate() {
+                                if past[row] {
+                                    g.fill(0.0);
+                                }
+                            }
+                            let scatter = Scatter::Deterministic;
+                            scatter_model::<f64>(&start, &rows, &c.shape, &centers[l], scatter)
+                        }
                     };
-                    let stored = scatter_model::<T>(
-                        &start,
-                        rows,
-                        &c.shape,
-                        &centers[l],
-                        Scatter::Deterministic,
-                    );
-                    tolerance(&stored, &want)
-                };
-                let what = format!("layer {l} grad_feat_{side} upstream={u} {label}");
-                assert_close(&what, got, &want, tol);
+                    let tol = if plan.is_small(l) {
+                        stored_tolerance::<T>(&want)
+                    } else {
+                        let m = fused_model(l, u);
+                        let rows = if side == "q" {
+                            &m.grad_rows_q
+                        } else {
+                            &m.grad_rows_k
+                        };
+                        let stored = scatter_model::<T>(
+                            &start,
+                            rows,
+                            &c.shape,
+                            &centers[l],
+                            Scatter::Deterministic,
+                        );
+                        tolerance(&stored, &want)
+                    };
+                    let what = format!("layer {l} grad_feat_{side} upstream={u} {label}");
+                    assert_close(&what, got, &want, tol);
+                }
             }
         }
+        runs.push(got);
+        step += u64::from(draw == Draw::Sample);
     }
-    got
+    runs
 }
 
 /// Which difference rows of `feat` have a norm past float's range, when any has: their

@@ -26,3 +26,4 @@ mod plans;
 mod properties;
 mod reference;
 mod sampling;
+mod state_across_steps;
