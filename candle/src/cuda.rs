@@ -164,7 +164,12 @@ fn gradients<T: KernelType>(
     let mut grads = match start {
         // SAFETY: device memory, never read on the host here; `Start::Unset` is the caller's
         // word that `backward` writes every element of each half it is given (it is given both
-        // halves when there are two), so no unset value reaches candle.
+        // halves when there are two), so no unset value reaches candle. Its one user,
+        // `CcpRows::backward`, writes (never accumulates) each gradient it is given: on the
+        // small-S path `small_s_scale` stores every one of the `len` elements of each side
+        // (a grid-stride loop, kernels/small_s.cu); on the fused path the normalisation's
+        // backward (kernels/normalize.cu) has a warp store each row's gradient whole, every
+        // row. On an error the storage is dropped unread.
         Start::Unset => unsafe { stream.alloc::<T>(sides * len) },
         Start::Zeroed => stream.alloc_zeros::<T>(sides * len),
     }

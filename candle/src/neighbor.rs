@@ -70,7 +70,11 @@ impl CustomOp1 for NeighborDiff {
         let centers = device_centers.insert(centers);
         let rows = with_kernel_type!(self.dtype, OP, |T| {
             let feat = elements::<T>(OP, feat, layout)?;
-            // SAFETY: the kernel writes every element of the rows.
+            // Unzeroed, as the kernel writes every element before anything reads one: its
+            // grid-stride loop visits each (b, x, c) of the B*N*C and writes channel c of all 8
+            // rows of centre x (kernels/neighbor.cu), B*8N*C elements in all; on an error the
+            // buffer is dropped unread.
+            // SAFETY: device memory, never read on the host here, fully written as above.
             let mut rows = unsafe { stream.alloc::<T>(self.rows_shape().elem_count()) }.w()?;
             ccpl::cuda::neighbor::neighbor_diff::<T>(
                 &kernels,

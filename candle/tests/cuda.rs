@@ -10,6 +10,8 @@
 //! - The errors only a GPU can give: f64 refused, inputs on two devices.
 #![cfg(feature = "cuda")]
 
+mod usage;
+
 use crate::common;
 
 use std::sync::Arc;
@@ -29,7 +31,13 @@ const F32_TOLERANCE: f64 = 1e-5;
 /// The first GPU, or `None` after saying loudly that `test` SKIPPED (a panic instead when
 /// `CCPL_REQUIRE_GPU=1`).
 fn gpu(test: &str) -> Option<Device> {
-    match Device::new_cuda(0) {
+    gpu_made_by(test, Device::new_cuda)
+}
+
+/// The first GPU as `new` makes it (candle's `Device::new_cuda` or `new_cuda_with_stream`),
+/// or `None` as [`gpu`] says.
+fn gpu_made_by(test: &str, new: fn(usize) -> Result<Device>) -> Option<Device> {
+    match new(0) {
         Ok(dev) => Some(dev),
         Err(e) if std::env::var("CCPL_REQUIRE_GPU").as_deref() == Ok("1") => {
             panic!("CCPL_REQUIRE_GPU=1 but {test} cannot run on a GPU: {e}")
@@ -224,19 +232,39 @@ fn ops_give_the_bits_of_ccpl() -> Result<()> {
     same_bits_as_ccpl::<half::bf16>(&dev, &mut rng)
 }
 
-/// The loss and the gradients of `q` and `k` (both tracked) by `loss` on `dev`.
-fn loss_and_grads(
-    loss: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
-    q: &Tensor,
-    k: &Tensor,
-    dev: &Device,
-) -> Result<Vec<Vec<f64>>> {
-    let q = Var::from_tensor(&q.to_device(dev)?)?.into_inner();
-    let k = Var::from_tensor(&k.to_device(dev)?)?.into_inner();
-    let value = loss(&q, &k)?;
-    let mut out = vec![values(&value)?];
-    out.extend(grads(&value, &[&q, &k])?);
+/// A loss of tensors: a graph of the ops, from its inputs to its scalar.
+type Graph<'a> = dyn Fn(&[Tensor]) -> Result<Tensor> + 'a;
+
+/// `inputs` made variables on `dev`, and `graph`'s loss of them there.
+fn graph_on(graph: &Graph<'_>, inputs: &[Tensor], dev: &Device) -> Result<(Tensor, Vec<Tensor>)> {
+    let vars = inputs
+        .iter()
+        .map(|t| Ok(Var::from_tensor(&t.to_device(dev)?)?.into_inner()))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((graph(&vars)?, vars))
+}
+
+/// The loss of `graph` on `inputs` (every one tracked) on `dev`, then each input's gradient.
+fn loss_and_grads(graph: &Graph<'_>, inputs: &[Tensor], dev: &Device) -> Result<Vec<Vec<f64>>> {
+    let (loss, vars) = graph_on(graph, inputs, dev)?;
+    let mut out = vec![values(&loss)?];
+    out.extend(grads(&loss, &vars.iter().collect::<Vec<_>>())?);
     Ok(out)
+}
+
+/// Asserts that each of `got` (named by `names` after `what`) is within `tolerance(i)` of the
+/// same of `want`.
+fn assert_each_close(
+    what: &str,
+    names: &[&str],
+    got: &[Vec<f64>],
+    want: &[Vec<f64>],
+    tolerance: impl Fn(usize) -> f64,
+) {
+    assert_eq!(got.len(), names.len(), "{what}: one name for each result");
+    for (i, name) in names.iter().enumerate() {
+        assert_close(&format!("{what} {name}"), &got[i], &want[i], tolerance(i));
+    }
 }
 
 #[test]
@@ -249,27 +277,21 @@ fn f32_matches_the_reference() -> Result<()> {
     let centers = Centers::sample(h, w, 100, rng.next_u64()).unwrap();
     let (feat_q, _) = rng.tensor(&[b, c, h, w], 1.0, DType::F32, &Device::Cpu)?;
     let (feat_k, _) = rng.tensor(&[b, c, h, w], 1.0, DType::F32, &Device::Cpu)?;
-    let layer = |q: &Tensor, k: &Tensor| ccp_layer_loss(q, k, &centers, TAU);
-    let want = loss_and_grads(layer, &feat_q, &feat_k, &Device::Cpu)?;
-    let got = loss_and_grads(layer, &feat_q, &feat_k, &dev)?;
-    for (what, (got, want)) in ["loss", "grad feat_q", "grad feat_k"]
-        .iter()
-        .zip(got.iter().zip(&want))
-    {
-        assert_close(&format!("layer {what}"), got, want, F32_TOLERANCE);
-    }
+    let layer = |t: &[Tensor]| ccp_layer_loss(&t[0], &t[1], &centers, TAU);
+    let feats = [feat_q, feat_k];
+    let want = loss_and_grads(&layer, &feats, &Device::Cpu)?;
+    let got = loss_and_grads(&layer, &feats, &dev)?;
+    let names = ["loss", "grad feat_q", "grad feat_k"];
+    assert_each_close("layer", &names, &got, &want, |_| F32_TOLERANCE);
 
     let (rows_q, _) = rng.tensor(&[2, 600, 129], 3.0, DType::F32, &Device::Cpu)?;
     let (rows_k, _) = rng.tensor(&[2, 600, 129], 0.5, DType::F32, &Device::Cpu)?;
-    let rows = |q: &Tensor, k: &Tensor| rows_loss(q, k, TAU);
-    let want = loss_and_grads(rows, &rows_q, &rows_k, &Device::Cpu)?;
-    let got = loss_and_grads(rows, &rows_q, &rows_k, &dev)?;
-    for (what, (got, want)) in ["loss", "grad q", "grad k"]
-        .iter()
-        .zip(got.iter().zip(&want))
-    {
-        assert_close(&format!("rows {what}"), got, want, F32_TOLERANCE);
-    }
+    let rows = |t: &[Tensor]| rows_loss(&t[0], &t[1], TAU);
+    let inputs = [rows_q, rows_k];
+    let want = loss_and_grads(&rows, &inputs, &Device::Cpu)?;
+    let got = loss_and_grads(&rows, &inputs, &dev)?;
+    let names = ["loss", "grad q", "grad k"];
+    assert_each_close("rows", &names, &got, &want, |_| F32_TOLERANCE);
     Ok(())
 }
 
