@@ -171,10 +171,18 @@ def _workspace(like: Tensor, shapes: list, num_s: int, tau: float, seed: Tensor)
     return workspace
 
 
+def _workspace_bytes(
+    device: torch.device, dtype: torch.dtype, shapes: list, num_s: int, tau: float
+) -> int:
+    """The bytes of the workspace `ccp_loss` keeps for its backward (the seed alone on the CPU)."""
+    if device.type != "cuda":
+        return SEED_BYTES
+    size, _, _ = _ccpl.loss_layout(shapes, num_s, tau, dtype.itemsize)
+    return size
+
+
 def _empty_workspace(like: Tensor, shapes: list, num_s: int, tau: float) -> Tensor:
-    if like.device.type != "cuda":
-        return like.new_empty((SEED_BYTES,), dtype=torch.uint8)
-    size, _, _ = _ccpl.loss_layout(shapes, num_s, tau, like.element_size())
+    size = _workspace_bytes(like.device, like.dtype, shapes, num_s, tau)
     return like.new_empty((size,), dtype=torch.uint8)
 
 
@@ -228,11 +236,11 @@ def _check_backward(grad, workspace, feats_q, feats_k, sizes, dtype, num_s, tau)
                 f"the feature maps are {feats_q[0].dtype} on {feats_q[0].device}, the "
                 f"backward was asked for {dtype} on {device}"
             )
-    expected = _empty_workspace(torch.empty(0, dtype=dtype, device=device), shapes, num_s, tau)
-    if workspace.dtype != torch.uint8 or workspace.shape != expected.shape:
+    expected = (_workspace_bytes(device, dtype, shapes, num_s, tau),)
+    if workspace.dtype != torch.uint8 or tuple(workspace.shape) != expected:
         raise ValueError(
             f"workspace is {workspace.dtype} of shape {tuple(workspace.shape)}, the forward "
-            f"keeps uint8 of shape {tuple(expected.shape)}"
+            f"keeps uint8 of shape {expected}"
         )
     check_upstream(grad, device)
     check_tau(tau)
