@@ -6,7 +6,9 @@ handwritten CUDA kernels (CUDA tensors) and a float64 reference (CPU tensors).
 - ``ccp_loss``: the whole loss with the identity head, every layer in one call, the centres
   drawn on the device;
 - ``ccp_layer_loss``: one layer's loss with the identity head;
-- ``neighbor_diff``, then your head, then ``rows_loss``: the loss with a learned head;
+- ``sampled_neighbor_diff`` (every layer's difference rows at centres drawn on the device) or
+  ``neighbor_diff`` (at given centres), then your head, then ``rows_loss``: the loss with a
+  learned head;
 - ``sample_centers``: the centres of one layer.
 
 The ops are ``torch.library`` custom ops (``torch.ops.ccpl.*``): autograd, ``torch.compile``
@@ -20,10 +22,12 @@ from ._ccpl import kernels_built
 from ._ccpl import version as _version
 from ._common import DEFAULT_TAU, warn_without_kernels
 from .layer import ccp_layer_loss
-from .loss import ccp_loss, draw_seed, loss_centers, seed_value
+from ._layers import draw_seed, seed_value
+from .loss import ccp_loss, loss_centers
 from .module import CCPL
 from .neighbor import neighbor_diff, sample_centers
 from .rows import rows_loss
+from .sampled import sampled_neighbor_diff
 
 __version__ = _version()
 
@@ -40,5 +44,6 @@ __all__ = [
     "neighbor_diff",
     "rows_loss",
     "sample_centers",
+    "sampled_neighbor_diff",
     "seed_value",
 ]

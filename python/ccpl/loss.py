@@ -13,7 +13,6 @@ crate's workspace, which autograd keeps for the backward.
 # The custom ops' annotations are real types, not strings (no `from __future__ import
 # annotations`), and typing's List: torch before 2.7 infers a schema from neither
 # strings nor `list[int]`.
-import numbers
 from typing import List, Sequence, Tuple
 
 import torch
@@ -22,11 +21,8 @@ from torch import Tensor
 from . import _ccpl
 from ._common import (
     DEFAULT_TAU,
-    channels_last,
     check_dtype,
     check_feature_size,
-    check_float,
-    check_pair,
     check_tau,
     check_tensor,
     check_upstream,
@@ -37,10 +33,15 @@ from ._common import (
     target,
     upstream_of,
 )
-
-SEED_BYTES = 8
-"""The sampler's seed: two int32 words, low first (the device's counters hold it so)."""
-
+from ._layers import (
+    SEED_BYTES,
+    check_num_s,
+    check_seed,
+    draw_seed,
+    layer_shapes,
+    pick_layers,
+    seeded_workspace,
+)
 
 def ccp_loss(
     feats_q: Sequence[Tensor],
@@ -69,26 +70,13 @@ def ccp_loss(
     device (float32, float16 or bfloat16 on CUDA; float64 too on the CPU). Returns a 0-dim
     float32 tensor (float64 for float64 features).
     """
-    picked = _pick_layers(feats_q, feats_k, layers)
+    picked = pick_layers(feats_q, feats_k, layers)
     qs = [check_tensor(f"feats_q[{i}]", feats_q[i]) for i in picked]
     ks = [check_tensor(f"feats_k[{i}]", feats_k[i]) for i in picked]
-    num_s, tau = _check_num_s(num_s), check_tau(tau)
-    _shapes(qs, ks)
+    num_s, tau = check_num_s(num_s), check_tau(tau)
+    layer_shapes(qs, ks)
     seed = draw_seed(qs[0].device)
     return _loss(qs, ks, seed, num_s, tau, bool(grad_k))[0]
-
-
-def draw_seed(device: torch.device) -> Tensor:
-    """The sampler's seed of one ``ccp_loss`` call: two int32 words drawn from PyTorch's
-    default generator of ``device``, on that device (on CUDA nothing reaches the host)."""
-    return torch.randint(-(2**31), 2**31, (2,), dtype=torch.int32, device=device)
-
-
-def seed_value(seed: Tensor) -> int:
-    """A seed drawn by ``draw_seed`` as the 64-bit integer the sampler is keyed with (a read
-    on the host: for checking, not for a training step)."""
-    low, high = (int(w) & 0xFFFFFFFF for w in seed.cpu())
-    return low | high << 32
 
 
 def loss_centers(height: int, width: int, num_s: int, seed: int, layer: int) -> Tensor:
@@ -99,76 +87,12 @@ def loss_centers(height: int, width: int, num_s: int, seed: int, layer: int) -> 
     return torch.tensor(flat, dtype=torch.int64)
 
 
-def _pick_layers(feats_q: object, feats_k: object, layers: object) -> List[int]:
-    for name, feats in (("feats_q", feats_q), ("feats_k", feats_k)):
-        if isinstance(feats, Tensor) or not isinstance(feats, Sequence):
-            raise TypeError(f"{name} must be a sequence of feature maps, one per encoder layer")
-    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
-        raise TypeError(f"layers must be a sequence of layer indices, got {type(layers).__name__}")
-    picked = list(layers)
-    if not picked:
-        raise ValueError("layers is empty: the loss needs at least one layer")
-    available = min(len(feats_q), len(feats_k))
-    for i in picked:
-        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
-            raise TypeError(f"layers holds {i!r}: layer indices are ints")
-        if not 0 <= i < available:
-            raise ValueError(
-                f"layer {i} asked for, but feats_q and feats_k hold {len(feats_q)} and "
-                f"{len(feats_k)} maps"
-            )
-    return [int(i) for i in picked]
-
-
-def _check_num_s(num_s: object) -> int:
-    if isinstance(num_s, bool) or not isinstance(num_s, numbers.Integral):
-        raise TypeError(f"num_s must be an int, got {type(num_s).__name__}")
-    if num_s < 1:
-        raise ValueError(f"num_s is {num_s}: at least one centre per layer is needed")
-    return int(num_s)
-
-
-def _shapes(feats_q: List[Tensor], feats_k: List[Tensor]) -> List[Tuple[int, int, int, int, bool]]:
-    """Every map checked; each layer's `(B, C, H, W, channels_last)` for the Rust side."""
-    shapes = []
-    for j, (q, k) in enumerate(zip(feats_q, feats_k)):
-        names = (f"feats_q[{j}]", f"feats_k[{j}]")
-        check_float(names[0], q)
-        check_float(names[1], k)
-        check_pair(names, q, k)
-        first = feats_q[0]
-        if q.device != first.device or q.dtype != first.dtype:
-            raise ValueError(
-                f"{names[0]} is {q.dtype} on {q.device} but feats_q[0] is {first.dtype} on "
-                f"{first.device}: every layer must have one dtype and device"
-            )
-        last = channels_last(names[0], q)
-        if channels_last(names[1], k) != last:
-            raise ValueError(f"{names[0]} and {names[1]} must have the same layout")
-        shapes.append((*q.shape, last))
-    return shapes
-
-
-def _check_seed(seed: Tensor, device: torch.device) -> None:
-    seed = check_tensor("seed", seed)
-    if seed.dtype != torch.int32 or tuple(seed.shape) != (2,) or seed.device != device:
-        raise ValueError(
-            f"seed must be two int32 words on {device} (draw_seed), got {seed.dtype} of shape "
-            f"{tuple(seed.shape)} on {seed.device}"
-        )
-
-
 def _workspace(like: Tensor, shapes: list, num_s: int, tau: float, seed: Tensor) -> Tensor:
-    """The workspace of one call: on CUDA the crate's, zeroed, every centre map empty (-1) and
-    the seed in its counters; on the CPU the seed alone."""
-    if like.device.type != "cuda":
-        return seed.contiguous().view(torch.uint8).clone()
-    size, counters, maps = _ccpl.loss_layout(shapes, num_s, tau, like.element_size())
-    workspace = torch.zeros(size, dtype=torch.uint8, device=like.device)
-    for at, entries in maps:
-        workspace[at : at + 4 * entries].view(torch.int32).fill_(-1)
-    workspace[counters : counters + SEED_BYTES].copy_(seed.contiguous().view(torch.uint8))
-    return workspace
+    """The workspace of one call: on CUDA the crate's, seeded; on the CPU the seed alone."""
+    layout = None
+    if like.device.type == "cuda":
+        layout = _ccpl.loss_layout(shapes, num_s, tau, like.element_size())
+    return seeded_workspace(like, layout, seed)
 
 
 def _workspace_bytes(
@@ -194,9 +118,9 @@ def _pairs(feats_q: List[Tensor], feats_k: List[Tensor]) -> list:
 def _loss(
     feats_q: List[Tensor], feats_k: List[Tensor], seed: Tensor, num_s: int, tau: float, grad_k: bool
 ) -> Tuple[Tensor, Tensor]:
-    shapes = _shapes(feats_q, feats_k)
+    shapes = layer_shapes(feats_q, feats_k)
     like = feats_q[0]
-    _check_seed(seed, like.device)
+    check_seed(seed, like.device)
     loss = like.new_empty((), dtype=loss_dtype(like.dtype))
     workspace = _workspace(like, shapes, num_s, tau, seed)
     with on_device(like):
@@ -208,9 +132,9 @@ def _loss(
 
 @_loss.register_fake
 def _(feats_q, feats_k, seed, num_s, tau, grad_k):
-    shapes = _shapes(feats_q, feats_k)
+    shapes = layer_shapes(feats_q, feats_k)
     like = feats_q[0]
-    _check_seed(seed, like.device)
+    check_seed(seed, like.device)
     return like.new_empty((), dtype=loss_dtype(like.dtype)), _empty_workspace(
         like, shapes, num_s, tau
     )
@@ -229,7 +153,7 @@ def _check_backward(grad, workspace, feats_q, feats_k, sizes, dtype, num_s, tau)
     ]
     if device.type != "cuda":
         # The CPU half reads the maps again: they must be the forward's, of `dtype`.
-        if _shapes(feats_q, feats_k) != shapes:
+        if layer_shapes(feats_q, feats_k) != shapes:
             raise ValueError("the feature maps are not those of the forward")
         if feats_q[0].dtype != dtype or feats_q[0].device != device:
             raise TypeError(
@@ -297,7 +221,7 @@ def _setup_context(ctx, inputs, output):
     on_host = workspace.device.type != "cuda"
     ctx.layers = len(feats_q)
     ctx.save_for_backward(workspace, *((*feats_q, *feats_k) if on_host else ()))
-    ctx.sizes = [n for s in _shapes(feats_q, feats_k) for n in (*s[:4], int(s[4]))]
+    ctx.sizes = [n for s in layer_shapes(feats_q, feats_k) for n in (*s[:4], int(s[4]))]
     ctx.dtype, ctx.num_s, ctx.tau, ctx.grad_k = feats_q[0].dtype, num_s, tau, grad_k
 
 

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import sampled
 from ._common import DEFAULT_TAU, check_tau
 from .neighbor import neighbor_diff, sample_centers
 from .rows import rows_loss
@@ -23,10 +24,20 @@ class CCPL(nn.Module):
     (``Linear(C, C), ReLU(), Linear(C, C // 4)``): layer ``i``'s head is ``mlp[3*i : 3*i+3]``.
 
     For each layer ``i`` in ``range(start_layer, end_layer)``: centres are drawn
-    (``sample_centers``: ``min(num_s, (H-2)(W-2))`` distinct interior positions, shared by the
-    batch and by both sides), the difference rows (centre minus neighbour) of ``feats_q[i]``
-    (generated image) and ``feats_k[i]`` (content image) go through the layer's head, and the
-    rows loss (normalisation, InfoNCE at ``tau``, mean) is summed over the layers. The content
+    (``min(num_s, (H-2)(W-2))`` distinct interior positions, shared by the batch and by both
+    sides), the difference rows (centre minus neighbour) of ``feats_q[i]`` (generated image)
+    and ``feats_k[i]`` (content image) go through the layer's head, and the rows loss
+    (normalisation, InfoNCE at ``tau``, mean) is summed over the layers.
+
+    At the paper's sizes (every layer's ``8N <= 512``, at most ``sampled.MAX_LAYERS`` layers)
+    the centres are drawn on the device and every layer's rows of both sides gathered in one
+    call (``sampled_neighbor_diff``), and on CUDA each layer's loss is one launch of the
+    small-S kernels (``rows_loss``): per training step, one launch gathers, one per layer gives
+    the loss and the gradient of its rows, one per layer scales that gradient, one scatters
+    every layer's into the features, nothing built on the host and nothing waiting for it, so
+    that a whole training step can be captured in a CUDA graph (each replay drawing new
+    centres). Otherwise, and with ``centers`` given, the centres come from ``sample_centers``
+    (or the caller) and the rows from ``neighbor_diff``, layer by layer. The content
     side is detached after its head, as in the original: the heads get their gradients through
     the generated side. The original's three defects are fixed: the centre count is clamped
     (the original crashes when ``num_s > (H-2)(W-2)``), the gradient at a zero row is finite
@@ -76,17 +87,24 @@ class CCPL(nn.Module):
                 f"range({start_layer}, {end_layer}) is needed"
             )
         tau = check_tau(tau)
+        if centers is None and _takes_sampled(feats_q, layers, num_s):
+            diffs_q, diffs_k = sampled.sampled_neighbor_diff(feats_q, feats_k, num_s, layers)
+        else:
+            diffs_q, diffs_k = [], []
+            for j, i in enumerate(layers):
+                feat_q, feat_k = feats_q[i], feats_k[i]
+                if centers is None:
+                    layer_centers = sample_centers(feat_q.shape[2], feat_q.shape[3], num_s)
+                else:
+                    layer_centers = centers[j]
+                diffs_q.append(neighbor_diff(feat_q, layer_centers))
+                diffs_k.append(neighbor_diff(feat_k, layer_centers))
         loss = None
-        for j, i in enumerate(layers):
-            feat_q, feat_k = feats_q[i], feats_k[i]
-            if centers is None:
-                layer_centers = sample_centers(feat_q.shape[2], feat_q.shape[3], num_s)
-            else:
-                layer_centers = centers[j]
-            rows_q = self._head(i, neighbor_diff(feat_q, layer_centers))
+        for i, diff_q, diff_k in zip(layers, diffs_q, diffs_k):
+            rows_q = self._head(i, diff_q)
             # The original detaches the content side after its head: no graph is needed there.
             with torch.no_grad():
-                rows_k = self._head(i, neighbor_diff(feat_k, layer_centers))
+                rows_k = self._head(i, diff_k)
             layer_loss = rows_loss(rows_q, rows_k, tau)
             loss = layer_loss if loss is None else loss + layer_loss
         return loss
@@ -95,3 +113,13 @@ class CCPL(nn.Module):
         for module in self.mlp[HEAD_MODULES * layer : HEAD_MODULES * (layer + 1)]:
             rows = module(rows)
         return rows
+
+
+def _takes_sampled(feats_q: Sequence[Tensor], layers: range, num_s: int) -> bool:
+    """Whether the layers take the one-call sampled path: feature maps, each of ``8N <= 512``
+    rows, at most ``sampled.MAX_LAYERS`` of them (anything else, the layer-by-layer path,
+    whose checks name what is wrong)."""
+    maps = [feats_q[i] for i in layers]
+    if not all(isinstance(f, Tensor) and f.dim() == 4 for f in maps):
+        return False
+    return sampled.takes([tuple(f.shape) for f in maps], num_s)

@@ -11,7 +11,8 @@
 //! One module per op, forward and backward side by side: [`neighbor`] (difference rows and
 //! their scatter), [`rows`] (the loss of a learned head's rows), [`layer`] (one layer's loss
 //! with the identity head), [`loss`] (every layer's loss with the identity head, on the
-//! crate's [`ccpl::loss::multi_layer::LossPlan`]). Each is an [`op::Op`], candle's shape: a CPU half and a CUDA half
+//! crate's [`ccpl::loss::multi_layer::LossPlan`]), [`sampled`] (every layer's difference rows
+//! at centres drawn on the device, for learned heads). Each is an [`op::Op`], candle's shape: a CPU half and a CUDA half
 //! generic over the [`Launcher`] (so the Rust tests run it on the CPU emulator against the CPU
 //! half), run by the one [`op::run`].
 //!
@@ -22,12 +23,14 @@
 //!
 //! [`Launcher`]: ccpl::launch::Launcher
 
+pub mod carve;
 pub mod cuda;
 pub mod layer;
 pub mod loss;
 pub mod neighbor;
 pub mod op;
 pub mod rows;
+pub mod sampled;
 #[cfg(test)]
 mod tests;
 
@@ -280,12 +283,21 @@ fn _ccpl(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NORM_EPS", ccpl::ffi::CCPL_NORM_EPS)?;
     m.add("DEFAULT_TAU", ccpl::Tau::DEFAULT.get())?;
     m.add("TAU_MIN", ccpl::Tau::MIN.get())?;
+    m.add("SMALL_S_MAX_ROWS", ccpl::launch::small_s::MAX_ROWS)?;
+    m.add("SMALL_S_MAX_LAYERS", ccpl::launch::small_s::MAX_LAYERS)?;
     for function in [
         wrap_pyfunction!(neighbor::center_table, m)?,
         wrap_pyfunction!(neighbor::neighbor_diff, m)?,
         wrap_pyfunction!(neighbor::neighbor_diff_backward, m)?,
         wrap_pyfunction!(rows::rows_forward, m)?,
         wrap_pyfunction!(rows::rows_backward, m)?,
+        wrap_pyfunction!(rows::small_rows_layout, m)?,
+        wrap_pyfunction!(rows::small_rows_forward, m)?,
+        wrap_pyfunction!(rows::small_rows_backward, m)?,
+        wrap_pyfunction!(sampled::sampled_layout, m)?,
+        wrap_pyfunction!(sampled::sampled_rows, m)?,
+        wrap_pyfunction!(sampled::sampled_forward, m)?,
+        wrap_pyfunction!(sampled::sampled_backward, m)?,
         wrap_pyfunction!(layer::layer_forward, m)?,
         wrap_pyfunction!(layer::layer_backward, m)?,
         wrap_pyfunction!(loss::loss_layout, m)?,

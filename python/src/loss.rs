@@ -10,23 +10,19 @@
 //! ([`Centers::philox`]); there the workspace is the seed alone, and the backward reads the
 //! feature maps again.
 
-use std::cell::Cell;
-
 use ccpl::launch::{Buf, Launcher};
 use ccpl::loss::multi_layer::{Draw, LossPlan, LossWorkspace};
 use ccpl::reference::{self, LayerInput};
 use ccpl::{Centers, Dtype, Error, FeatureShape, Result, Tau, check_len};
 use pyo3::prelude::*;
 
+use crate::carve::Carver;
 use crate::neighbor::Shape;
 use crate::op::{Op, Target, run};
 use crate::{HostDtype, Raw, accumulate, host_scalar, store_loss, to_py};
 
-/// Where each buffer of the workspace starts in its byte tensor: a multiple of this.
-const ALIGN: usize = 256;
-
 /// The step the sampler draws at: every call draws from a new seed, at its first step.
-const STEP: u64 = 0;
+pub(crate) const STEP: u64 = 0;
 
 /// The plan of `shapes`, `num_s` centres asked for in each, at `tau`.
 fn plan(shapes: &[Shape], num_s: usize, tau: f64) -> Result<LossPlan> {
@@ -38,28 +34,19 @@ fn plan(shapes: &[Shape], num_s: usize, tau: f64) -> Result<LossPlan> {
 }
 
 /// The plan's workspace laid out in one byte buffer at `base`, rows of `row_bytes` each (the
-/// storage type's size), every buffer aligned to [`ALIGN`] bytes; and the bytes it spans.
+/// storage type's size); and the bytes it spans.
 pub(crate) fn carve(
     plan: &LossPlan,
     row_bytes: usize,
     base: u64,
 ) -> Result<(LossWorkspace<Buf, Buf, Buf>, usize)> {
-    let end = Cell::new(0usize);
-    let place = |size: usize| {
-        let end = &end;
-        move |&len: &usize| -> Result<Buf> {
-            let at = end.get().next_multiple_of(ALIGN);
-            end.set(at + len * size);
-            Ok(Buf {
-                addr: base + at as u64,
-                len,
-            })
-        }
-    };
-    let ws = plan
-        .workspace()?
-        .try_map(place(row_bytes), place(4), place(4))?;
-    Ok((ws, end.get()))
+    let carver = Carver::new(base);
+    let ws = plan.workspace()?.try_map(
+        carver.place(row_bytes),
+        carver.place(4),
+        carver.place(4),
+    )?;
+    Ok((ws, carver.bytes()))
 }
 
 /// The workspace over the caller's byte tensor, checked to hold it.
@@ -77,7 +64,7 @@ fn device_workspace<T: Dtype>(
 /// # Safety
 ///
 /// `workspace` is a live contiguous host tensor of bytes.
-unsafe fn host_seed(workspace: Raw) -> Result<u64> {
+pub(crate) unsafe fn host_seed(workspace: Raw) -> Result<u64> {
     // SAFETY: the caller's contract.
     let bytes = unsafe { workspace.host::<u8>() };
     check_len("seed (bytes)", 8, bytes.len())?;

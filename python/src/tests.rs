@@ -16,6 +16,8 @@ use crate::neighbor::{self, fill_table, table_buf};
 use crate::op::Op;
 use crate::{Raw, layer, loss, rows, split};
 
+mod small_s;
+
 const F32_TOLERANCE: f64 = 1e-5;
 
 fn emulator(seed: u64) -> Emulator {

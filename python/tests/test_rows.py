@@ -14,6 +14,7 @@ from conftest import (
     F64_LOSS_TOLERANCE,
     assert_close,
     features,
+    rounded,
     rows_model,
     sixteen_bit_tolerance,
 )
@@ -60,9 +61,17 @@ def test_rows_loss_float32_on_the_cpu_is_the_reference_rounded():
         assert_close(what, g, w, 2.0**-24)
 
 
+def small_s_model(want, dtype):
+    """The small-S path's rounding model: everything in float from the rows as given, only the
+    gradients rounded to ``dtype``, once (the loss stays float32)."""
+    loss, grad_q, grad_k = want
+    return loss, rounded(grad_q, dtype), rounded(grad_k, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_rows_loss_on_cuda(cuda, dtype):
-    for shape in SHAPES:
+    # On CUDA the odd shapes take the small-S path (S <= 512); the last, the fused path.
+    for shape in [*SHAPES, (1, ccpl.rows.SMALL_S_MAX_ROWS + 9, 9)]:
         q = features(shape, dtype, cuda, seed=5)
         k = features(shape, dtype, cuda, seed=6)
         got, want = ours(q, k, 0.07), reference(q, k, 0.07)
@@ -70,7 +79,10 @@ def test_rows_loss_on_cuda(cuda, dtype):
         if dtype == torch.float32:
             tols = [F32_TOLERANCE] * 3
         else:
-            model = rows_model(q.cpu(), k.cpu(), 0.07, dtype)
+            if shape[1] <= ccpl.rows.SMALL_S_MAX_ROWS:
+                model = small_s_model(want, dtype)
+            else:
+                model = rows_model(q.cpu(), k.cpu(), 0.07, dtype)
             tols = [sixteen_bit_tolerance(m, w) for m, w in zip(model, want)]
         for what, g, w, tol in zip(("loss", "grad_q", "grad_k"), got, want, tols):
             assert_close(f"{dtype} {shape} {what}", g, w, tol)
@@ -129,6 +141,8 @@ def test_rows_loss_opcheck(device):
         q = features((2, 16, 6), dtype, device, seed=15).requires_grad_(grads[0])
         k = features((2, 16, 6), dtype, device, seed=16).requires_grad_(grads[1])
         torch.library.opcheck(torch.ops.ccpl.rows_loss.default, (q, k, 0.07))
+        if device.type == "cuda":
+            torch.library.opcheck(torch.ops.ccpl.small_rows_loss.default, (q, k, 0.07))
 
 
 def test_rows_loss_compiles_with_its_backward():
