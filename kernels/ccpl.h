@@ -261,20 +261,22 @@ typedef struct ccpl_info_nce_fused_backward_params {
 /*
  * small_s_gather_{T}: for every layer, the centres (drawn when `sample`, else read from
  * `centers`) and, for the layers that have rows here, the difference rows of both feature
- * maps normalised in float, with their norms (as neighbor_diff_normalize: no difference row is
- * stored, so none overflows). Drawing: N distinct interior positions, uniform, in random
- * order, from Philox-4x32-10 keyed by the seed with the counter (step, layer, word / 4); the
- * layer's first block writes them to `centers.flat` and keeps `centers.map` in step; the last
- * block to finish advances the step by one. A layer without feature maps (feat_q == 0) is only
+ * maps: with norms_q given, normalised in float, with their norms (as neighbor_diff_normalize:
+ * no difference row is stored, so none overflows); with norms_q == 0, raw in T (a learned
+ * head's input: the values and layout of neighbor_diff's rows, formed in float, rounded once).
+ * Drawing: N distinct interior positions, uniform, in random order, from Philox-4x32-10 keyed
+ * by the seed with the counter (step, layer, word / 4); the layer's first block writes them to
+ * `centers.flat` and keeps `centers.map` in step; the last block to finish advances the step
+ * by one. A layer without feature maps (feat_q == 0) is only
  * drawn (its loss runs on the fused path).
  */
 typedef struct ccpl_small_s_gather_layer {
     uint64_t feat_q;  /* in:  layout of `shape`, T; 0: draw the centres only */
     uint64_t feat_k;  /* in:  the same shape, T */
-    uint64_t rows_q;  /* out: (B, 8N, C), float, the difference rows of feat_q normalised */
-    uint64_t rows_k;  /* out: (B, 8N, C), float */
-    uint64_t norms_q; /* out: float[B*8N], their norms (inf past float's range) */
-    uint64_t norms_k; /* out: float[B*8N] */
+    uint64_t rows_q;  /* out: (B, 8N, C), feat_q's difference rows: normalised float, raw T */
+    uint64_t rows_k;  /* out: (B, 8N, C), feat_k's */
+    uint64_t norms_q; /* out: float[B*8N], their norms (inf past float's range); 0: raw rows */
+    uint64_t norms_k; /* out: float[B*8N], or 0 with norms_q */
     ccpl_centers centers; /* out when sampling, in otherwise */
     ccpl_feature_map shape;
     int32_t first_block; /* the layer's blocks are first_block .. the next layer's first */

@@ -3,7 +3,8 @@
 //
 // 1. small_s_gather: the layers' centres drawn on the device (philox.cuh), and the difference
 //    rows of both feature maps normalised in float, with their norms (each row gathered once,
-//    not once per block of 2.; no difference row stored, so none overflows);
+//    not once per block of 2.; no difference row stored, so none overflows); or, for a learned
+//    head, which runs between 1. and 2. on them, the raw difference rows in T;
 // 2. small_s_rows: per (layer, image, 16 rows): the logits of the block's rows against all S
 //    rows of the other side (kept in shared memory), the cross-entropy, and the gradient of
 //    the loss with respect to the block's rows, as fused cross-entropy kernels do: the
@@ -12,10 +13,11 @@
 // 3. small_s_scatter: upstream x that gradient into the caller's feature-map gradients.
 //
 // small_s_rows also serves the rows loss of a learned head (CcpRows), on its raw rows, which
-// it normalises at their scale (row_norm.cuh); its backward is then small_s_scale. Everything
-// is computed in float from the inputs in T; only the results stored in T (the gradients) are
-// rounded. No block waits for another: the closing work of a launch is done by the last block
-// to finish (last_block).
+// it normalises at their scale (row_norm.cuh); its backward is then small_s_scale, and the
+// gradient of the gather's raw rows (through the head) goes back through small_s_scatter.
+// Everything is computed in float from the inputs in T; only the results stored in T (the
+// gradients, the raw rows) are rounded. No block waits for another: the closing work of a
+// launch is done by the last block to finish (last_block).
 #include "neighbor.cuh"
 #include "philox.cuh"
 #include "row_stats.cuh"
@@ -64,12 +66,59 @@ __device__ __forceinline__ uint64_t load_u64(const volatile uint32_t* words) {
 
 // ---- 1. Centres and difference rows ----------------------------------------------------
 
-// One block draws (or reads) its layer's centres, then normalises its share of the layer's
-// difference rows, a warp per row, as neighbor_diff_normalize. Drawing: every block of a layer
-// draws the same centres from the same stream; the layer's first block draws them straight
-// into `centers` (after taking the previous step's out of the map) and keeps the map in step,
-// the others draw into shared memory (a layer with more than one block has at most
-// CCPL_SMALL_S_MAX_ROWS / 8 centres). The last block to finish advances the step.
+// The normalised rows (the identity head's loss): a warp per difference row of either side
+// (q's rows, then k's), as neighbor_diff_normalize, normalised as it is formed: a difference
+// that float cannot hold (features near FLT_MAX) is never stored. `list`: the layer's centres.
+template <typename T>
+__device__ void gather_normalized_rows(const ccpl_small_s_gather_params& p, int layer,
+                                       const int32_t* list) {
+    const ccpl_small_s_gather_layer& l = p.layers[layer];
+    const int64_t C = l.shape.channels, N = l.centers.count, S = CCPL_NUM_NEIGHBORS * N;
+    const int64_t rows = (int64_t)l.shape.batch * S;  // of one side
+    const int lane = threadIdx.x % kWarp;
+    const int64_t warps = (int64_t)layer_blocks(p.layers, p.num_layers, layer) * blockDim.x / kWarp;
+    for (int64_t r = ((int64_t)(blockIdx.x - l.first_block) * blockDim.x + threadIdx.x) / kWarp;
+         r < 2 * rows; r += warps) {
+        const bool k_side = r >= rows;
+        const int64_t row = k_side ? r - rows : r;
+        const int64_t b = row / S, k = row % S / N, x = row % N;
+        float* __restrict__ out = mut_ptr<float>(k_side ? l.rows_k : l.rows_q) + row * C;
+        const float norm = normalized_difference_row(
+            ptr<T>(k_side ? l.feat_k : l.feat_q), l.shape, b, (int)k, list[x], lane,
+            [&](int64_t c, float v) { out[c] = v; });
+        if (lane == 0) mut_ptr<float>(k_side ? l.norms_k : l.norms_q)[row] = norm;
+    }
+}
+
+// The raw rows (a learned head's input): a thread per (side, image, centre, channel), as
+// neighbor_diff: it reads the centre once and stores that channel of the centre's 8 difference
+// rows in T, formed in float and rounded once (the same values and layout as neighbor_diff's).
+template <typename T>
+__device__ void gather_raw_rows(const ccpl_small_s_gather_params& p, int layer,
+                                const int32_t* list) {
+    const ccpl_small_s_gather_layer& l = p.layers[layer];
+    const int64_t C = l.shape.channels, N = l.centers.count;
+    const int64_t items = (int64_t)l.shape.batch * N * C;  // of one side
+    const int64_t stride = (int64_t)layer_blocks(p.layers, p.num_layers, layer) * blockDim.x;
+    for (int64_t t = (int64_t)(blockIdx.x - l.first_block) * blockDim.x + threadIdx.x;
+         t < 2 * items; t += stride) {
+        const int side = t < items ? 0 : 1;
+        const int64_t item = t - side * items;
+        const int64_t c = item % C, x = item / C % N, b = item / (C * N);
+        T* __restrict__ rows = mut_ptr<T>(side == 0 ? l.rows_q : l.rows_k);
+        difference_rows(ptr<T>(side == 0 ? l.feat_q : l.feat_k), l.shape, b, c, list[x],
+                        [&](int k, float v) {
+                            rows[(b * CCPL_NUM_NEIGHBORS * N + k * N + x) * C + c] = from_float<T>(v);
+                        });
+    }
+}
+
+// One block draws (or reads) its layer's centres, then forms its share of the layer's
+// difference rows: normalised in float with their norms (norms_q given), or raw in T. Drawing:
+// every block of a layer draws the same centres from the same stream; the layer's first block
+// draws them straight into `centers` (after taking the previous step's out of the map) and
+// keeps the map in step, the others draw into shared memory (a layer with more than one block
+// has at most CCPL_SMALL_S_MAX_ROWS / 8 centres). The last block to finish advances the step.
 template <typename T> __device__ void small_s_gather(const ccpl_small_s_gather_params& p) {
     __shared__ int32_t drawn[CCPL_SMALL_S_MAX_ROWS / CCPL_NUM_NEIGHBORS];
     const int layer = layer_of_block(p.layers, p.num_layers, blockIdx.x);
@@ -99,24 +148,10 @@ template <typename T> __device__ void small_s_gather(const ccpl_small_s_gather_p
         }
         list = dst;
     }
-    if (l.feat_q != 0) {
-        // A warp per difference row of either side (q's rows, then k's), normalised as it is
-        // formed: a difference that float cannot hold (features near FLT_MAX) is never stored.
-        const int64_t C = l.shape.channels, S = CCPL_NUM_NEIGHBORS * N;
-        const int64_t rows = (int64_t)l.shape.batch * S;  // of one side
-        const int lane = threadIdx.x % kWarp;
-        const int64_t warps = (int64_t)layer_blocks(p.layers, p.num_layers, layer) * blockDim.x / kWarp;
-        for (int64_t r = ((int64_t)(blockIdx.x - l.first_block) * blockDim.x + threadIdx.x) / kWarp;
-             r < 2 * rows; r += warps) {
-            const bool k_side = r >= rows;
-            const int64_t row = k_side ? r - rows : r;
-            const int64_t b = row / S, k = row % S / N, x = row % N;
-            float* __restrict__ out = mut_ptr<float>(k_side ? l.rows_k : l.rows_q) + row * C;
-            const float norm = normalized_difference_row(
-                ptr<T>(k_side ? l.feat_k : l.feat_q), l.shape, b, (int)k, list[x], lane,
-                [&](int64_t c, float v) { out[c] = v; });
-            if (lane == 0) mut_ptr<float>(k_side ? l.norms_k : l.norms_q)[row] = norm;
-        }
+    if (l.feat_q != 0 && l.norms_q != 0) {
+        gather_normalized_rows<T>(p, layer, list);
+    } else if (l.feat_q != 0) {
+        gather_raw_rows<T>(p, layer, list);
     }
     if (p.sample && last_block(counters + CCPL_COUNTER_GATHER_DONE) && threadIdx.x == 0) {
         const uint64_t next = load_u64(counters + CCPL_COUNTER_STEP) + 1;

@@ -96,23 +96,25 @@ fn first_blocks(blocks: impl Iterator<Item = usize>) -> Result<(u32, Vec<i32>)> 
     ))
 }
 
-/// The rows of one layer the gather writes: both feature maps, and the float row matrices
-/// `(B, 8N, C)` they become, normalised, with their norms.
+/// The rows of one layer the gather writes: both feature maps, and the row matrices
+/// `(B, 8N, C)` they become.
 #[derive(Debug, Clone, Copy)]
 pub struct GatherRows {
     /// The generated image's features (layout of the shape, `T`).
     pub feat_q: Buf,
     /// The content image's features.
     pub feat_k: Buf,
-    /// Out: the difference rows of `feat_q` normalised, float.
+    /// Out: the difference rows of `feat_q`: normalised in float32 when `norms` is given, else
+    /// raw in `T`.
     pub rows_q: Buf,
-    /// Out: the difference rows of `feat_k` normalised, float.
+    /// Out: the difference rows of `feat_k`.
     pub rows_k: Buf,
-    /// Out: the norms of the difference rows of `feat_q`, `B*8N` floats (inf past float's
-    /// range).
-    pub norms_q: Buf,
-    /// Out: the norms of the difference rows of `feat_k`.
-    pub norms_k: Buf,
+    /// `Some((norms_q, norms_k))`: the rows are written normalised, float32, and these get
+    /// their norms, `B*8N` floats each (inf past float's range): the identity head's loss.
+    /// `None`: the rows are written raw in the launch's `T`, the values and layout of
+    /// [`neighbor_diff`](super::neighbor::neighbor_diff) (formed in float, rounded once): a
+    /// learned head's input.
+    pub norms: Option<(Buf, Buf)>,
 }
 
 /// One layer of a gather: its centres, and its rows when its loss runs on the small-S path
@@ -130,9 +132,10 @@ pub struct GatherLayer {
 /// `small_s_gather_{T}`: for every layer, its centres (drawn on the device from the seed and
 /// step in `counters` when `sample`, the step then advanced by one; else those in the
 /// layers' centre buffers) and, for the layers that have rows, their difference rows
-/// normalised in float (a warp per row, as
+/// ([`GatherRows::norms`]): normalised in float (a warp per row, as
 /// [`neighbor_diff_normalize`](super::neighbor::neighbor_diff_normalize): no difference row is
-/// stored, so none overflows float) with their norms.
+/// stored, so none overflows float) with their norms, or raw in `T` (a thread per image,
+/// centre and channel, as [`neighbor_diff`](super::neighbor::neighbor_diff)).
 pub fn gather<T: Dtype>(
     layers: &[GatherLayer],
     counters: Buf,
@@ -155,15 +158,21 @@ pub fn gather<T: Dtype>(
                     )));
                 }
                 let rows = neighbor::rows_len(&l.shape, n)?;
-                let norms = l.shape.batch() * n * ffi::CCPL_NUM_NEIGHBORS as usize;
                 check_len("feat_q", l.shape.len(), r.feat_q.len)?;
                 check_len("feat_k", l.shape.len(), r.feat_k.len)?;
                 check_len("rows_q", rows, r.rows_q.len)?;
                 check_len("rows_k", rows, r.rows_k.len)?;
-                check_len("norms_q", norms, r.norms_q.len)?;
-                check_len("norms_k", norms, r.norms_k.len)?;
-                // A warp per row of either side.
-                layer_blocks(2 * norms * WARP)
+                match r.norms {
+                    Some((norms_q, norms_k)) => {
+                        let norms = l.shape.batch() * n * ffi::CCPL_NUM_NEIGHBORS as usize;
+                        check_len("norms_q", norms, norms_q.len)?;
+                        check_len("norms_k", norms, norms_k.len)?;
+                        // A warp per row of either side.
+                        layer_blocks(2 * norms * WARP)
+                    }
+                    // A thread per (image, centre, channel) of either side.
+                    None => layer_blocks(2 * l.shape.batch() * n * l.shape.channels()),
+                }
             }
             None => 1,
         });
@@ -185,16 +194,17 @@ pub fn gather<T: Dtype>(
             feat_k: nothing,
             rows_q: nothing,
             rows_k: nothing,
-            norms_q: nothing,
-            norms_k: nothing,
+            norms: None,
         });
+        // Null norms: the kernel's sign to write raw rows.
+        let (norms_q, norms_k) = r.norms.map_or((0, 0), |(q, k)| (q.addr, k.addr));
         *out = ffi::ccpl_small_s_gather_layer {
             feat_q: r.feat_q.addr,
             feat_k: r.feat_k.addr,
             rows_q: r.rows_q.addr,
             rows_k: r.rows_k.addr,
-            norms_q: r.norms_q.addr,
-            norms_k: r.norms_k.addr,
+            norms_q,
+            norms_k,
             centers: center_params,
             shape: map_params,
             first_block: first,

@@ -5,7 +5,9 @@ use ccpl::launch::CentersBuf;
 use ccpl::launch::small_s;
 use ccpl::loss::layer::LayerWorkspace;
 use ccpl::loss::multi_layer::{LossPlan, LossWorkspace};
-use ccpl::loss::small_s::{SmallRowsPlan, SmallRowsWorkspace};
+use ccpl::loss::small_s::{
+    SampledRowsPlan, SampledRowsWorkspace, SmallRowsPlan, SmallRowsWorkspace,
+};
 use ccpl::{Centers, Dtype, Element, FeatureShape, RowShape, Tau, reference};
 
 use super::Rng;
@@ -62,6 +64,22 @@ pub fn small_rows_workspace<D: TestDevice>(
         .unwrap();
     ws.one = dev.upload(&[1.0f32]);
     (ws, dev.upload(&[0i32; small_s::COUNTERS]))
+}
+
+/// The workspace of `plan` (`SampledRowsPlan`) on a device as its owner sets it before the
+/// first step: no centres (zeros, every map entry -1), the sampler at `step` under `seed`.
+pub fn sampled_rows_workspace<D: TestDevice>(
+    dev: &D,
+    plan: &SampledRowsPlan,
+    seed: u64,
+    step: u64,
+) -> SampledRowsWorkspace<D::Mem<i32>> {
+    let lengths = plan.workspace().unwrap();
+    SampledRowsWorkspace {
+        counters: dev.upload(&small_s::counters(seed, step)),
+        centers: dev.upload(&vec![0i32; lengths.centers]),
+        maps: dev.upload(&vec![-1i32; lengths.maps]),
+    }
 }
 
 /// A layer's workspace on a device, its rows in `T`.

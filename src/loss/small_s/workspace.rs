@@ -149,14 +149,12 @@ impl SmallSWorkspace<Buf, Buf> {
     ) -> Result<GatherRows> {
         let (len, stats) = (shape.len(), row_count(shape)?);
         let (rows_q, rows_k) = self.rows_parts(at, len)?;
-        let (norms_q, norms_k) = self.norms_parts(at, stats)?;
         Ok(GatherRows {
             feat_q,
             feat_k,
             rows_q,
             rows_k,
-            norms_q,
-            norms_k,
+            norms: Some(self.norms_parts(at, stats)?),
         })
     }
 
