@@ -248,3 +248,28 @@ def test_a_step_on_a_side_stream_never_waits_on_the_host(cuda):
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.current_stream().wait_stream(side)
     assert torch.isfinite(loss) and all(torch.isfinite(f.grad).all() for f in feats_q)
+
+
+def test_the_backward_op_checks_its_arguments():
+    feats = maps(torch.float64)
+    seed = ccpl.draw_seed(torch.device("cpu"))
+    out = torch.ops.ccpl.sampled_neighbor_diff(feats, feats, seed, 4)
+    workspace, rows = out[-1], out[:3]
+    sizes = [n for f in feats for n in (*f.shape, 0)]
+    good = [torch.zeros_like(r) for r in rows]
+    backward = torch.ops.ccpl.sampled_neighbor_diff_backward
+    cases = [
+        ((good[:2], [], workspace, sizes, torch.float64, 4), ValueError, "2 row gradients of q for 3"),
+        ((good, [], workspace, sizes, torch.int32, 4), TypeError, "dtype"),
+        (([g.float() for g in good], [], workspace, sizes, torch.float64, 4), ValueError, "row gradient 0 of q"),
+        (([g.transpose(1, 2).contiguous().transpose(1, 2) for g in good], [], workspace, sizes, torch.float64, 4),
+         ValueError, "not contiguous"),
+        ((good, [], workspace[:4], sizes, torch.float64, 4), ValueError, "workspace"),
+        ((good, [], workspace, sizes[:7], torch.float64, 4), ValueError, "sizes"),
+        ((good, good[:1], workspace, sizes, torch.float64, 4), ValueError, "row gradients of k"),
+    ]
+    for args, error, match in cases:
+        with pytest.raises(error, match=match):
+            backward(*args)
+    grads = backward(good, good, workspace, sizes, torch.float64, 4)
+    assert len(grads) == 6 and all(g.abs().sum() == 0 for g in grads)

@@ -116,13 +116,16 @@ fn sampled_workspace(plan: &SampledRowsPlan, seed: u64) -> (Vec<u64>, usize) {
 #[test]
 fn sampled_rows_on_the_emulator_match_the_host_path_on_the_sampler_centres() {
     let mut rng = Rng::new(14);
-    // Odd sizes, both layouts; the second layer's interior (3 x 4 = 12 positions) takes 9 of
-    // them, the first's 9 of 35.
+    // Odd sizes, both layouts; 9 centres of the first layer's 35 interior positions, of the
+    // second's 12, and all 6 of the third's (clamped).
     let shapes = [
         FeatureShape::new(2, 5, 7, 9, Layout::Nchw).unwrap(),
         FeatureShape::new(3, 4, 5, 6, Layout::Nhwc).unwrap(),
+        FeatureShape::new(1, 3, 4, 5, Layout::Nchw).unwrap(),
     ];
     let plan = SampledRowsPlan::new(&shapes.map(|s| (s, 9))).unwrap();
+    assert_eq!(plan.num_centers(2), 6);
+    let layers = shapes.len();
     let feats: Vec<[Vec<f32>; 2]> = shapes
         .iter()
         .map(|s| [random(&mut rng, s.len()), random(&mut rng, s.len())])
@@ -139,7 +142,7 @@ fn sampled_rows_on_the_emulator_match_the_host_path_on_the_sampler_centres() {
 
     let rows_len = |l: usize| plan.rows_shape(l).len();
     let mut rows: [Vec<[Vec<f32>; 2]>; 2] =
-        [0, 1].map(|_| (0..2).map(|l| [nan(rows_len(l)), nan(rows_len(l))]).collect());
+        [0, 1].map(|_| (0..layers).map(|l| [nan(rows_len(l)), nan(rows_len(l))]).collect());
     let [device_rows, host_rows] = &mut rows;
     let forward = |workspace: Raw, rows: &mut Vec<[Vec<f32>; 2]>| sampled::Forward {
         plan: plan.clone(),
@@ -153,14 +156,14 @@ fn sampled_rows_on_the_emulator_match_the_host_path_on_the_sampler_centres() {
     forward(device_raw, device_rows).cuda::<f32, _>(&emu).unwrap();
     // SAFETY: host buffers of the named types, alive for the call.
     unsafe { forward(raw(buf(&host_seed)), host_rows).cpu::<f32>() }.unwrap();
-    for l in 0..2 {
+    for l in 0..layers {
         for side in 0..2 {
             let what = format!("difference rows of side {side}, layer {l}");
             assert_close(&what, &device_rows[l][side], &widen(&host_rows[l][side]));
         }
     }
 
-    let grad_rows: Vec<[Vec<f32>; 2]> = (0..2)
+    let grad_rows: Vec<[Vec<f32>; 2]> = (0..layers)
         .map(|l| [random(&mut rng, rows_len(l)), random(&mut rng, rows_len(l))])
         .collect();
     let initial: Vec<Vec<f32>> = shapes.iter().map(|s| random(&mut rng, s.len())).collect();
@@ -184,7 +187,7 @@ fn sampled_rows_on_the_emulator_match_the_host_path_on_the_sampler_centres() {
     // SAFETY: as above.
     unsafe { backward(raw(buf(&host_seed)), host_grads).cpu::<f32>() }.unwrap();
     for side in 0..2 {
-        for l in 0..2 {
+        for l in 0..layers {
             let what = format!("feature gradient of side {side}, layer {l}");
             assert_close(&what, &device_grads[side][l], &widen(&host_grads[side][l]));
         }
