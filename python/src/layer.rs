@@ -8,18 +8,30 @@
 //! `(2, B, S, C)` = `[grad_unit, grad_rows]` they are the crate's layer workspace
 //! ([`LayerWorkspace`]). On the CPU, the float64 reference keeps everything in float64 and
 //! `saved_rows` is `(4, B, S, C)` = `[rows_q, rows_k, unit_q, unit_k]`.
+//!
+//! On CUDA up to `S = 8N = 512` (the paper's sizes) the op is the small-S path instead: the
+//! crate's whole loss ([`LossPlan`]) for this one layer at the caller's centres
+//! ([`Draw::Given`]), two launches forward (the rows of both sides, normalised; the loss and
+//! the gradient of the rows) and one backward (the scatter). Its workspace is one byte tensor
+//! carved as `ccp_loss`'s ([`loss::carve`]), its counters zeroed by the package; the centres
+//! are their device table, which the op returns beside the workspace for the backward.
 
 use ccpl::launch::CentersBuf;
 use ccpl::launch::neighbor::Scatter;
 use ccpl::launch::{Buf, Launcher};
 use ccpl::loss::layer::{LayerPlan, LayerWorkspace};
-use ccpl::{Centers, Dtype, Element, FeatureShape, Result, RowShape, Tau, reference};
+use ccpl::loss::multi_layer::{CenterBuffers, Draw, LossPlan, LossWorkspace};
+use ccpl::{
+    Centers, Dtype, Element, Error, FeatureShape, Result, RowShape, Tau, check_len, reference,
+};
 use pyo3::prelude::*;
 
-use crate::neighbor::{Map, MapArgs, diff_backward_host, scatter};
+use crate::neighbor::{Map, MapArgs, Shape, diff_backward_host, scatter};
 use crate::op::{Op, Target, run};
 use crate::rows::{self, ABSENT};
-use crate::{BackwardBufs, HostDtype, HostGrads, Raw, split, store_loss};
+use crate::{
+    BackwardBufs, HostDtype, HostGrads, Raw, loss, small_s_on_host, split, store_loss, to_py,
+};
 
 /// The rows shape of a layer: `(B, 8N, C)`.
 fn row_shape(shape: &FeatureShape, num_centers: usize) -> Result<RowShape> {
@@ -259,6 +271,154 @@ pub(crate) fn layer_backward(
             tau,
             scatter,
             bufs,
+        })
+    })
+}
+
+/// The small-S path's plan of the map at its centres: the whole loss of this one layer.
+fn small_plan(map: &Map, tau: Tau) -> Result<LossPlan> {
+    let plan = LossPlan::new(&[(map.shape, map.num_centers())], tau)?;
+    if !plan.is_small(0) {
+        return Err(Error::Shape(format!(
+            "{} centres: the small-S layer loss takes at most {}",
+            map.num_centers(),
+            ccpl::launch::small_s::MAX_ROWS / ccpl::ffi::CCPL_NUM_NEIGHBORS as usize
+        )));
+    }
+    Ok(plan)
+}
+
+/// The small-S workspace over the caller's byte tensor, checked to span it, with the map's
+/// device table in place of its centre buffers.
+fn small_workspace<T: Dtype>(
+    plan: &LossPlan,
+    map: &Map,
+    workspace: Raw,
+) -> Result<LossWorkspace<Buf, Buf, Buf>> {
+    let (mut ws, bytes) = loss::carve(plan, size_of::<T>(), workspace.0)?;
+    check_len("small-S layer workspace (bytes)", bytes, workspace.1)?;
+    let centers = map.device_centers()?;
+    ws.centers = vec![CenterBuffers {
+        flat: centers.flat,
+        map: centers.map,
+    }];
+    Ok(ws)
+}
+
+/// The forward of `ccp_layer_loss` on the small-S path: the loss into `loss` (one float32),
+/// and in the workspace what the backward reads. Two launches.
+pub(crate) struct SmallForward {
+    pub(crate) map: Map,
+    pub(crate) tau: Tau,
+    /// `[feat_q, feat_k]`.
+    pub(crate) feat: [Raw; 2],
+    /// Bytes laid out by [`loss::carve`], the counters zero.
+    pub(crate) workspace: Raw,
+    pub(crate) loss: Raw,
+}
+
+impl Op for SmallForward {
+    unsafe fn cpu<T: HostDtype>(&self) -> Result<()> {
+        Err(small_s_on_host("layer loss"))
+    }
+
+    fn cuda<T: Dtype, L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
+        let plan = small_plan(&self.map, self.tau)?;
+        let mut ws = small_workspace::<T>(&plan, &self.map, self.workspace)?;
+        // The loss is the caller's tensor, not the workspace's.
+        ws.loss = self.loss.buf();
+        let [q, k] = self.feat.map(Raw::buf);
+        plan.forward::<T, _>(launcher, &[(q, k)], &ws, Draw::Given)
+    }
+}
+
+/// The backward of `ccp_layer_loss` on the small-S path: ADDS `upstream[0]` (float32) times
+/// the gradient with respect to `feat_q` to `grad_q`, and to `feat_k` to `grad_k` when given.
+/// One launch, deterministic.
+pub(crate) struct SmallBackward {
+    pub(crate) map: Map,
+    pub(crate) tau: Tau,
+    /// The forward's workspace.
+    pub(crate) workspace: Raw,
+    pub(crate) upstream: Raw,
+    /// `(grad_q, grad_k or None)`, of `T`.
+    pub(crate) grads: (Raw, Option<Raw>),
+}
+
+impl Op for SmallBackward {
+    unsafe fn cpu<T: HostDtype>(&self) -> Result<()> {
+        Err(small_s_on_host("layer loss"))
+    }
+
+    fn cuda<T: Dtype, L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
+        let plan = small_plan(&self.map, self.tau)?;
+        let ws = small_workspace::<T>(&plan, &self.map, self.workspace)?;
+        let grad_q = [self.grads.0.buf()];
+        let grad_k = self.grads.1.map(|g| [g.buf()]);
+        let upstream = Some(self.upstream.buf());
+        plan.backward::<T, _>(launcher, &ws, upstream, &grad_q, grad_k.as_ref().map(|g| &g[..]))
+    }
+}
+
+/// The small-S workspace of `ccp_layer_loss` for a `(B, C, H, W, channels_last)` map with
+/// `num_centers` centres, elements of `row_bytes`: `(bytes, counters' byte offset, counters'
+/// bytes)`. The package allocates the bytes and zeroes the counters.
+#[pyfunction]
+pub(crate) fn small_layer_layout(
+    shape: Shape,
+    num_centers: usize,
+    tau: f64,
+    row_bytes: usize,
+) -> PyResult<(usize, usize, usize)> {
+    let layout = || -> Result<_> {
+        let plan = LossPlan::new(&[(shape.feature()?, num_centers)], Tau::new(tau)?)?;
+        let (ws, bytes) = loss::carve(&plan, row_bytes, 0)?;
+        Ok((bytes, ws.counters.addr as usize, 4 * ws.counters.len))
+    };
+    layout().map_err(to_py)
+}
+
+/// The forward of `ccp_layer_loss` on the small-S path.
+#[pyfunction]
+pub(crate) fn small_layer_forward(
+    py: Python<'_>,
+    target: Target,
+    map: MapArgs,
+    tau: f64,
+    feat: [Raw; 2],
+    workspace: Raw,
+    loss: Raw,
+) -> PyResult<()> {
+    run(py, target, || {
+        Ok(SmallForward {
+            map: map.checked()?,
+            tau: Tau::new(tau)?,
+            feat,
+            workspace,
+            loss,
+        })
+    })
+}
+
+/// The backward of `ccp_layer_loss` on the small-S path: adds into `grads` `(grad_q, grad_k
+/// or None)`.
+#[pyfunction]
+pub(crate) fn small_layer_backward(
+    py: Python<'_>,
+    target: Target,
+    map: MapArgs,
+    tau: f64,
+    workspace: Raw,
+    upstream: Raw,
+    grads: (Raw, Option<Raw>),
+) -> PyResult<()> {
+    run(py, target, || {
+        Ok(SmallBackward {
+            map: map.checked()?,
+            tau: Tau::new(tau)?,
+            workspace,
+            upstream,
+            grads,
         })
     })
 }

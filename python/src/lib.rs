@@ -173,6 +173,14 @@ pub fn cuda_only(buf: Option<Raw>, what: &str) -> ccpl::Result<Raw> {
     buf.ok_or_else(|| Error::Shape(format!("a CUDA op needs {what}")))
 }
 
+/// The error of a small-S op (`op`) called with CPU tensors: the path is the kernels'; on the
+/// CPU the package runs the float64 reference through the op's general form.
+pub fn small_s_on_host(op: &str) -> Error {
+    Error::Shape(format!(
+        "the small-S {op} runs on CUDA tensors; on the CPU the float64 reference runs instead"
+    ))
+}
+
 /// The one value of a host tensor of `T` (an upstream gradient), as float64.
 ///
 /// # Safety
@@ -300,6 +308,9 @@ fn _ccpl(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(sampled::sampled_backward, m)?,
         wrap_pyfunction!(layer::layer_forward, m)?,
         wrap_pyfunction!(layer::layer_backward, m)?,
+        wrap_pyfunction!(layer::small_layer_layout, m)?,
+        wrap_pyfunction!(layer::small_layer_forward, m)?,
+        wrap_pyfunction!(layer::small_layer_backward, m)?,
         wrap_pyfunction!(loss::loss_layout, m)?,
         wrap_pyfunction!(loss::philox_centers, m)?,
         wrap_pyfunction!(loss::loss_forward, m)?,

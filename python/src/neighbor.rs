@@ -18,7 +18,13 @@ use crate::{HostDtype, Raw, accumulate, cuda_only, store, to_py, widen};
 
 /// A feature map's shape as Python passes it: `(B, C, H, W, channels_last)`.
 #[derive(Debug, Clone, Copy, FromPyObject)]
-pub struct Shape(usize, usize, usize, usize, bool);
+pub struct Shape(
+    pub(crate) usize,
+    pub(crate) usize,
+    pub(crate) usize,
+    pub(crate) usize,
+    pub(crate) bool,
+);
 
 impl Shape {
     /// The validated shape; channels last is the NHWC layout.
@@ -145,7 +151,7 @@ pub(crate) fn center_table(
 /// `((B, C, H, W, channels_last), centers, table)`, the centres int64 on the host and, for a
 /// CUDA op, their device `table` (int32, [`fill_table`]'s layout).
 #[derive(Debug, Clone, Copy, FromPyObject)]
-pub struct MapArgs(Shape, Raw, Option<Raw>);
+pub struct MapArgs(pub(crate) Shape, pub(crate) Raw, pub(crate) Option<Raw>);
 
 impl MapArgs {
     /// The map with its shape checked (the centres are checked where they are read).
@@ -179,6 +185,11 @@ impl Map {
     pub unsafe fn host_centers(&self) -> Result<Centers> {
         // SAFETY: the caller's contract.
         unsafe { host_centers(self.shape.height(), self.shape.width(), self.centers) }
+    }
+
+    /// The number of centres.
+    pub fn num_centers(&self) -> usize {
+        self.centers.1
     }
 
     /// The device table as the plans take it, for the map.

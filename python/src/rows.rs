@@ -22,13 +22,14 @@ use ccpl::loss::small_s::{SmallRowsPlan, SmallRowsWorkspace};
 use ccpl::reference::{
     info_nce_backward, info_nce_forward, normalize_rows, normalize_rows_backward, similarity,
 };
-use ccpl::{Dtype, Element, Error, Result, RowShape, Tau, check_len};
+use ccpl::{Dtype, Element, Result, RowShape, Tau, check_len};
 use pyo3::prelude::*;
 
 use crate::carve::Carver;
 use crate::op::{Op, Target, run};
 use crate::{
-    BackwardBufs, HostDtype, HostGrads, Raw, split, split_host, store, store_loss, to_py, widen,
+    BackwardBufs, HostDtype, HostGrads, Raw, small_s_on_host, split, split_host, store, store_loss,
+    to_py, widen,
 };
 
 /// A buffer a sequence of plans does not touch: a plan that did would refuse its length.
@@ -294,15 +295,6 @@ fn small_workspace(
     Ok((counters, ws))
 }
 
-/// The error of a small-S op called with CPU tensors: the path is the kernels'.
-fn small_on_host() -> Error {
-    Error::Shape(
-        "the small-S rows loss runs on CUDA tensors; on the CPU, rows_loss is the float64 \
-         reference"
-            .into(),
-    )
-}
-
 /// The forward of `rows_loss` on the small-S path: the loss into `loss` (one float32), and
 /// in the workspace the gradient of `q` and what the `k` side's backward reads. One launch.
 pub(crate) struct SmallForward {
@@ -317,7 +309,7 @@ pub(crate) struct SmallForward {
 
 impl Op for SmallForward {
     unsafe fn cpu<T: HostDtype>(&self) -> Result<()> {
-        Err(small_on_host())
+        Err(small_s_on_host("rows loss"))
     }
 
     fn cuda<T: Dtype, L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
@@ -344,7 +336,7 @@ pub(crate) struct SmallBackward {
 
 impl Op for SmallBackward {
     unsafe fn cpu<T: HostDtype>(&self) -> Result<()> {
-        Err(small_on_host())
+        Err(small_s_on_host("rows loss"))
     }
 
     fn cuda<T: Dtype, L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {

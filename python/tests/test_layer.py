@@ -28,6 +28,8 @@ CASES = [
     (1, 16, 5, 13, 20, 0.07, "k"),
     (2, 3, 10, 7, 1000, 0.07, "qk"),
 ]
+# On CUDA every case above takes the small-S path (S = 8N <= 512); this one the fused path.
+FUSED_CASE = (1, 6, 13, 12, 70, 0.07, "")
 
 
 def case_inputs(case, dtype=torch.float64, device="cpu", channels_last=False):
@@ -88,7 +90,7 @@ def test_layer_loss_float32_on_cuda(cuda, last, deterministic):
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
-        for case in CASES:
+        for case in [*CASES, FUSED_CASE]:
             inputs = case_inputs(case, torch.float32, cuda, last)
             got, want = ours(*inputs), reference(*inputs)
             for what, g, w in zip(("loss", "grad_q", "grad_k"), got, want):
@@ -99,13 +101,21 @@ def test_layer_loss_float32_on_cuda(cuda, last, deterministic):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_layer_loss_16_bit_on_cuda(cuda, dtype):
-    """The rounding model of the rows loss on the difference rows rounded to the storage type,
-    scattered exactly and rounded once: the deterministic scatter stores each gradient once."""
+    """The small-S path (the first cases) computes in float from the stored features and rounds
+    each gradient once; the fused path's model is the rows loss's on the difference rows
+    rounded to the storage type, scattered exactly and rounded once (the deterministic scatter
+    stores each gradient once)."""
     torch.use_deterministic_algorithms(True)
     try:
-        for case in CASES[:3]:  # the flat cases overflow float16 by design (README, known limit)
+        # The flat cases overflow float16 by design (README, known limit).
+        for case in [*CASES[:3], FUSED_CASE]:
             feat_q, feat_k, centers, tau = case_inputs(case, dtype, cuda)
             got, want = ours(feat_q, feat_k, centers, tau), reference(feat_q, feat_k, centers, tau)
+            if case != FUSED_CASE:
+                model = [want[0], rounded(want[1], dtype), rounded(want[2], dtype)]
+                for what, g, w, m in zip(("loss", "grad_q", "grad_k"), got, want, model):
+                    assert_close(f"{dtype} {case} {what}", g, w, sixteen_bit_tolerance(m, w))
+                continue
             host = [f.detach().double().cpu() for f in (feat_q, feat_k)]
             rows = [rounded(original.difference_rows(f, centers), dtype) for f in host]
             loss, grad_rows_q, grad_rows_k = rows_model(*rows, tau, dtype)
@@ -145,6 +155,8 @@ def test_layer_loss_opcheck(device):
             q, k, centers, tau = case_inputs(CASES[1], dtype, device, last)
             args = (q.requires_grad_(), k.requires_grad_(grad_k), centers, tau, grad_k)
             torch.library.opcheck(torch.ops.ccpl.ccp_layer_loss.default, args)
+            if device.type == "cuda":
+                torch.library.opcheck(torch.ops.ccpl.small_layer_loss.default, args)
 
 
 def test_layer_loss_compiles_with_its_backward():

@@ -3,15 +3,17 @@
 //! over several steps on one workspace as training runs them; and the launches of a training
 //! step with learned heads as the package issues them.
 
+use ccpl::loss::multi_layer::LossPlan;
 use ccpl::loss::small_s::{SampledRowsPlan, SmallRowsPlan};
-use ccpl::{FeatureShape, Layout, RowShape, Tau};
+use ccpl::{Centers, FeatureShape, Layout, RowShape, Tau};
 use ccpl_emu::{buf, buf_mut};
 use ccpl_testkit::Rng;
 
-use super::{Recorder, assert_close, emulator, nan, random, raw, widen};
+use super::{Recorder, assert_close, emulator, nan, random, raw, table, widen};
 use crate::Raw;
+use crate::neighbor::{MapArgs, Shape};
 use crate::op::Op;
-use crate::{rows, sampled};
+use crate::{layer, loss, rows, sampled};
 
 /// A float32 NaN in both halves of a word: a workspace poisoned before its first launch.
 const NAN_WORDS: u64 = 0x7fc0_0000_7fc0_0000;
@@ -278,4 +280,83 @@ fn heads_step_launches_at_the_paper_configuration() {
         .chain(["small_s_scatter_f32"])
         .collect();
     assert_eq!(launched, want);
+}
+
+#[test]
+fn small_layer_loss_on_the_emulator_matches_the_host_path() {
+    let mut rng = Rng::new(16);
+    for layout in [Layout::Nchw, Layout::Nhwc] {
+        let shape = FeatureShape::new(2, 5, 7, 6, layout).unwrap();
+        let centers = Centers::sample(7, 6, 11, 17).unwrap();
+        let table = table(&centers);
+        // The caller's int64 centres, as the package passes them.
+        let flat: Vec<i64> = centers.flat().iter().map(|&x| x.into()).collect();
+        let map = MapArgs(
+            Shape(2, 5, 7, 6, layout == Layout::Nhwc),
+            raw(buf(&flat)),
+            Some(raw(buf(&table))),
+        )
+        .checked()
+        .unwrap();
+        let tau = Tau::new(0.2).unwrap();
+        let (feat_q, feat_k) = (random(&mut rng, shape.len()), random(&mut rng, shape.len()));
+        let plan = LossPlan::new(&[(shape, centers.len())], tau).unwrap();
+        let (ws, bytes) = loss::carve(&plan, 4, 0).unwrap();
+        let counters = ws.counters.addr as usize;
+        assert_eq!((counters % 8, ws.counters.len % 2), (0, 0), "counters on whole words");
+        let mut device_ws = workspace(bytes, 0);
+        device_ws[counters / 8..(counters + 4 * ws.counters.len) / 8].fill(0);
+        let ws_raw = Raw(buf(&device_ws).addr, bytes);
+        let emu = emulator(18);
+
+        let mut loss = nan(1);
+        layer::SmallForward {
+            map,
+            tau,
+            feat: [raw(buf(&feat_q)), raw(buf(&feat_k))],
+            workspace: ws_raw,
+            loss: raw(buf_mut(&mut loss)),
+        }
+        .cuda::<f32, _>(&emu)
+        .unwrap();
+        let rows = shape.batch() * centers.rows() * shape.channels();
+        let bs = shape.batch() * centers.rows();
+        let (mut host_rows, mut host_stats) = (vec![0.0; 4 * rows], vec![0.0; 4 * bs]);
+        let host_loss = layer::forward_host(
+            &shape,
+            &centers,
+            tau,
+            &feat_q,
+            &feat_k,
+            &mut host_rows,
+            &mut host_stats,
+        )
+        .unwrap();
+        assert_close("small-S layer loss", &loss, &[host_loss]);
+
+        let upstream = [1.25f32];
+        let initial = random(&mut rng, shape.len());
+        let (mut grad_q, mut grad_k) = (initial.clone(), initial.clone());
+        layer::SmallBackward {
+            map,
+            tau,
+            workspace: ws_raw,
+            upstream: raw(buf(&upstream)),
+            grads: (raw(buf_mut(&mut grad_q)), Some(raw(buf_mut(&mut grad_k)))),
+        }
+        .cuda::<f32, _>(&emu)
+        .unwrap();
+        let (mut want_q, mut want_k) = (initial.clone(), initial);
+        layer::backward_host::<f32>(
+            &shape,
+            &centers,
+            tau,
+            [&host_rows, &host_stats],
+            1.25,
+            (&mut want_q[..], Some(&mut want_k[..])),
+        )
+        .unwrap();
+        assert_close("small-S grad_q", &grad_q, &widen(&want_q));
+        assert_close("small-S grad_k", &grad_k, &widen(&want_k));
+    }
 }
