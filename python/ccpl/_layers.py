@@ -7,7 +7,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._common import channels_last, check_float, check_pair, check_tensor
+from ._common import channels_last, check_feature_size, check_float, check_pair, check_tensor
 
 SEED_BYTES = 8
 """The sampler's seed: two int32 words, low first (the device's counters hold it so)."""
@@ -101,3 +101,17 @@ def check_seed(seed: Tensor, device: torch.device) -> None:
         )
 
 
+
+
+def flat_sizes(shapes: list) -> List[int]:
+    """Layers' `(B, C, H, W, channels_last)` as a backward op takes them: one list of ints."""
+    return [n for s in shapes for n in (*s[:4], int(s[4]))]
+
+
+def sized_shapes(sizes: object) -> list:
+    """`flat_sizes`' list back as the layers' `(B, C, H, W, channels_last)`, checked."""
+    if not isinstance(sizes, (list, tuple)) or len(sizes) % 5 or not sizes:
+        raise ValueError(f"sizes must hold (B, C, H, W, channels_last) per layer, got {sizes!r}")
+    return [
+        (*check_feature_size(sizes[i : i + 4]), bool(sizes[i + 4])) for i in range(0, len(sizes), 5)
+    ]

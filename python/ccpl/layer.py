@@ -120,6 +120,13 @@ def _(feat_q, feat_k, centers, tau, grad_k):
     return _saved_like(feat_q, centers.shape[0])
 
 
+def _feature_grads(like: Tensor, size, last: bool, dtype: torch.dtype, grad_k: bool, zeroed: bool):
+    """The backward's feature gradients, q's (and k's): zeroed for the kernels, which add into
+    them, or empty for a fake."""
+    grads = [empty_feature(like, size, last, dtype) for _ in range(2 if grad_k else 1)]
+    return [g.zero_() for g in grads] if zeroed else grads
+
+
 def _check_backward(grad, saved_rows, stats, centers, size, dtype, tau) -> tuple:
     """The backward op's arguments as the forward made them, checked before any work."""
     b, c, _, _ = size = check_feature_size(size)
@@ -145,11 +152,7 @@ def _layer_loss_backward(
     grad_k: bool,
 ) -> List[Tensor]:
     size = _check_backward(grad, saved_rows, stats, centers, size, dtype, tau)
-    # The backward adds into the gradient, as the kernels' scatter does.
-    grads = [
-        empty_feature(saved_rows, size, channels_last, dtype).zero_()
-        for _ in range(2 if grad_k else 1)
-    ]
+    grads = _feature_grads(saved_rows, size, channels_last, dtype, grad_k, zeroed=True)
     upstream = upstream_of(grad, dtype)
     # The backward's scratch: the gradients of the normalised rows and of the rows.
     buffers, _scratch = backward_buffers((saved_rows, stats), upstream, grads, 2)
@@ -162,7 +165,7 @@ def _layer_loss_backward(
 @_layer_loss_backward.register_fake
 def _(grad, saved_rows, stats, centers, size, channels_last, dtype, tau, grad_k):
     size = _check_backward(grad, saved_rows, stats, centers, size, dtype, tau)
-    return [empty_feature(saved_rows, size, channels_last, dtype) for _ in range(2 if grad_k else 1)]
+    return _feature_grads(saved_rows, size, channels_last, dtype, grad_k, zeroed=False)
 
 
 def _setup_context(ctx, inputs, output):
@@ -293,11 +296,7 @@ def _small_layer_loss_backward(
     grad_k: bool,
 ) -> List[Tensor]:
     size = _small_check_backward(grad, workspace, table, centers, size, channels_last, dtype, tau)
-    # The scatter adds into the gradients.
-    grads = [
-        empty_feature(workspace, size, channels_last, dtype).zero_()
-        for _ in range(2 if grad_k else 1)
-    ]
+    grads = _feature_grads(workspace, size, channels_last, dtype, grad_k, zeroed=True)
     upstream = upstream_of(grad, dtype)
     b, c, h, w = size
     with on_device(workspace):
@@ -315,7 +314,7 @@ def _small_layer_loss_backward(
 @_small_layer_loss_backward.register_fake
 def _(grad, workspace, table, centers, size, channels_last, dtype, tau, grad_k):
     size = _small_check_backward(grad, workspace, table, centers, size, channels_last, dtype, tau)
-    return [empty_feature(workspace, size, channels_last, dtype) for _ in range(2 if grad_k else 1)]
+    return _feature_grads(workspace, size, channels_last, dtype, grad_k, zeroed=False)
 
 
 def _small_setup_context(ctx, inputs, output):

@@ -22,7 +22,6 @@ from . import _ccpl
 from ._common import (
     DEFAULT_TAU,
     check_dtype,
-    check_feature_size,
     check_tau,
     check_tensor,
     check_upstream,
@@ -38,9 +37,11 @@ from ._layers import (
     check_num_s,
     check_seed,
     draw_seed,
+    flat_sizes,
     layer_shapes,
     pick_layers,
     seeded_workspace,
+    sized_shapes,
 )
 
 def ccp_loss(
@@ -146,11 +147,7 @@ def _check_backward(grad, workspace, feats_q, feats_k, sizes, dtype, num_s, tau)
     workspace = check_tensor("workspace", workspace)
     device = workspace.device
     check_dtype("the features", dtype, device)
-    if len(sizes) % 5 or not sizes:
-        raise ValueError(f"sizes must hold (B, C, H, W, channels_last) per layer, got {sizes!r}")
-    shapes = [
-        (*check_feature_size(sizes[i : i + 4]), bool(sizes[i + 4])) for i in range(0, len(sizes), 5)
-    ]
+    shapes = sized_shapes(sizes)
     if device.type != "cuda":
         # The CPU half reads the maps again: they must be the forward's, of `dtype`.
         if layer_shapes(feats_q, feats_k) != shapes:
@@ -221,7 +218,7 @@ def _setup_context(ctx, inputs, output):
     on_host = workspace.device.type != "cuda"
     ctx.layers = len(feats_q)
     ctx.save_for_backward(workspace, *((*feats_q, *feats_k) if on_host else ()))
-    ctx.sizes = [n for s in layer_shapes(feats_q, feats_k) for n in (*s[:4], int(s[4]))]
+    ctx.sizes = flat_sizes(layer_shapes(feats_q, feats_k))
     ctx.dtype, ctx.num_s, ctx.tau, ctx.grad_k = feats_q[0].dtype, num_s, tau, grad_k
 
 

@@ -20,7 +20,6 @@ from torch import Tensor
 from . import _ccpl
 from ._common import (
     check_dtype,
-    check_feature_size,
     empty_feature,
     first_order_only,
     on_device,
@@ -32,9 +31,11 @@ from ._layers import (
     check_num_s,
     check_seed,
     draw_seed,
+    flat_sizes,
     layer_shapes,
     pick_layers,
     seeded_workspace,
+    sized_shapes,
 )
 
 MAX_LAYERS: int = _ccpl.SMALL_S_MAX_LAYERS
@@ -144,11 +145,7 @@ def _check_backward(grads_q, grads_k, workspace, sizes, dtype, num_s) -> list:
     layers' `(B, C, H, W, channels_last)`."""
     device = workspace.device
     check_dtype("the features", dtype, device)
-    if len(sizes) % 5 or not sizes:
-        raise ValueError(f"sizes must hold (B, C, H, W, channels_last) per layer, got {sizes!r}")
-    shapes = [
-        (*check_feature_size(sizes[i : i + 4]), bool(sizes[i + 4])) for i in range(0, len(sizes), 5)
-    ]
+    shapes = sized_shapes(sizes)
     counts = _ccpl.sampled_rows(shapes, num_s)
     # On CUDA the scatter reads float32 row gradients, on the CPU the features' dtype.
     rows_dtype = torch.float32 if device.type == "cuda" else dtype
@@ -219,7 +216,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(workspace)
     ctx.save_for_backward(workspace)
     ctx.layers = len(feats_q)
-    ctx.sizes = [n for s in layer_shapes(feats_q, feats_k) for n in (*s[:4], int(s[4]))]
+    ctx.sizes = flat_sizes(layer_shapes(feats_q, feats_k))
     ctx.dtype, ctx.num_s = feats_q[0].dtype, num_s
     ctx.rows_shapes = [tuple(r.shape) for r in output[:-1]]
 
