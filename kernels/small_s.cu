@@ -105,11 +105,11 @@ __device__ void gather_raw_rows(const ccpl_small_s_gather_params& p, int layer,
         const int side = t < items ? 0 : 1;
         const int64_t item = t - side * items;
         const int64_t c = item % C, x = item / C % N, b = item / (C * N);
-        T* __restrict__ rows = mut_ptr<T>(side == 0 ? l.rows_q : l.rows_k);
+        // Element c of image b's row x; its row k*N + x at out[k*N*C].
+        T* __restrict__ out = mut_ptr<T>(side == 0 ? l.rows_q : l.rows_k) +
+                              (b * CCPL_NUM_NEIGHBORS * N + x) * C + c;
         difference_rows(ptr<T>(side == 0 ? l.feat_q : l.feat_k), l.shape, b, c, list[x],
-                        [&](int k, float v) {
-                            rows[(b * CCPL_NUM_NEIGHBORS * N + k * N + x) * C + c] = from_float<T>(v);
-                        });
+                        [&](int k, float v) { out[k * N * C] = from_float<T>(v); });
     }
 }
 

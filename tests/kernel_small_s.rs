@@ -4,8 +4,7 @@
 //! at the paper's and at the edges of float's range; the launches of a training step, counted;
 //! determinism; and the rows loss of a learned head on the small-S path
 //! (`loss::small_s::SmallRowsPlan`), at the edges of float's range too, and its mean of tiny
-//! row losses; a learned head's input, the raw difference rows at centres drawn on the device,
-//! and the scatter of their gradient (`loss::small_s::SampledRowsPlan`).
+//! row losses.
 //!
 //! Tolerances. The small-S path computes in float from the inputs in `T` and rounds only what
 //! it stores in `T`: the gradients, once, when they are added to the caller's buffer. So its
@@ -34,25 +33,24 @@ use common::tolerance::{F32_TOLERANCE, stored_tolerance, to_f64, tolerance, tole
 
 mod loss_cases;
 mod rows_loss;
-mod sampled_rows;
 
 const TAU: Tau = Tau::DEFAULT;
 const SEED: u64 = 0x5eed_cc91;
 
 /// A launcher that records the kernels it launches.
-struct Counting<L> {
+pub(crate) struct Counting<L> {
     inner: L,
     kernels: RefCell<Vec<String>>,
 }
 
 impl<L: Launcher> Counting<L> {
-    fn new(inner: L) -> Self {
+    pub(crate) fn new(inner: L) -> Self {
         Self {
             inner,
             kernels: RefCell::new(Vec::new()),
         }
     }
-    fn take(&self) -> Vec<String> {
+    pub(crate) fn take(&self) -> Vec<String> {
         self.kernels.take()
     }
 }

@@ -19,6 +19,7 @@ mod kernel_layer;
 mod kernel_neighbor;
 mod kernel_normalize;
 mod kernel_rows;
+mod kernel_sampled_rows;
 mod kernel_sampler;
 mod kernel_similarity;
 mod kernel_small_s;

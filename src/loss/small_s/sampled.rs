@@ -160,7 +160,8 @@ impl SampledRowsPlan {
     }
 
     /// Layer `layer`'s centres in `ws`: those the last [`gather`](Self::gather) drew (for a
-    /// caller's own launches on them, say [`neighbor_diff`](crate::launch::neighbor)).
+    /// caller's own launches on them, say
+    /// [`neighbor_diff`](crate::launch::neighbor::neighbor_diff)).
     pub fn centers(&self, ws: &SampledRowsWorkspace<Buf>, layer: usize) -> Result<CentersBuf> {
         let l = self.layers.get(layer).ok_or_else(|| {
             Error::Shape(format!(

@@ -1,17 +1,29 @@
-//! A learned head's input on the small-S path (`SampledRowsPlan`): the gather's raw difference
-//! rows at the centres the device draws, against the reference's `neighbor_diff` at the host
-//! model's centres (`Centers::philox(.., seed, step, layer)`), over consecutive steps on one
-//! workspace; the scatter of their gradient against the reference's backward; and the plans
-//! it refuses.
+//! A learned head's input on the small-S path (`loss::small_s::SampledRowsPlan`): the gather's
+//! raw difference rows at the centres the device draws, against the reference's
+//! `neighbor_diff` at the host model's centres (`Centers::philox(.., seed, step, layer)`), over
+//! consecutive steps on one workspace; the scatter of their gradient against the reference's
+//! backward; and the plans it refuses. (The identity head's loss on the same kernels is
+//! `kernel_small_s`.)
+//!
+//! Tolerances: the raw rows are formed in float and rounded to `T` once, and so are the
+//! gradients the scatter adds: the rounding model is the exact result rounded once
+//! (`stored_tolerance`).
 
-use super::*;
+use crate::common;
+use crate::kernel_small_s::Counting;
 
-use ccpl::Error;
 use ccpl::launch::Buf;
-use ccpl::launch::small_s::ScatterSide;
+use ccpl::launch::neighbor::Scatter;
+use ccpl::launch::small_s::{self, ScatterSide};
 use ccpl::loss::small_s::{SampledRowsPlan, SampledRowsWorkspace};
-use common::buf;
-use common::fixtures::sampled_rows_workspace;
+use ccpl::{Centers, Dtype, Error, FeatureShape, Layout, RowShape, reference};
+use common::device::{Elem, Emu, TestDevice};
+use common::fixtures::{random, sampled_rows_workspace};
+use common::models::scatter_model;
+use common::tolerance::{stored_tolerance, to_f64};
+use common::{Rng, assert_close, buf};
+
+const SEED: u64 = 0x5eed_4ead;
 
 /// The step just below 2^32: two steps from it cross the 32-bit boundary of the counter.
 const NEAR_2_32: u64 = (1 << 32) - 1;
@@ -137,6 +149,9 @@ fn gather_step<T: Dtype + Elem, D: TestDevice>(
     centers
 }
 
+/// One side of a layer's scatter on a device: the gradient of its rows, its feature gradient.
+type SideMem<T, D> = (<D as TestDevice>::Mem<f32>, <D as TestDevice>::Mem<T>);
+
 /// One scatter after a gather: random float gradients of the rows, upstream 2.5 from device
 /// memory, into random starts of q's feature gradients (and of k's when `both`; else k's stay
 /// as they were), against the reference's backward rounded once.
@@ -157,7 +172,7 @@ fn scatter_step<T: Dtype + Elem, D: TestDevice>(
             [(); 2].map(|_| (random(rng, rows, 1.0), random(rng, feat, 1.0)))
         })
         .collect();
-    let mut mem: Vec<[(D::Mem<f32>, D::Mem<T>); 2]> = inputs
+    let mut mem: Vec<[SideMem<T, D>; 2]> = inputs
         .iter()
         .map(|sides| {
             sides
@@ -251,7 +266,7 @@ fn sampled_rows_refuse_what_they_cannot_run() {
     let ws = lengths.try_map(|&n| Ok::<_, Error>(buf(n))).unwrap();
     let feat = (buf(108), buf(108));
     let rows = (buf(96), buf(96));
-    let emu = common::device::Emu::new(1);
+    let emu = Emu::new(1);
     let launcher = Counting::new(emu.launcher());
     let gather = |feats: &[(Buf, Buf)], rows: &[(Buf, Buf)], ws: &SampledRowsWorkspace<Buf>| {
         plan.gather::<f32, _>(&launcher, feats, rows, ws)
