@@ -26,7 +26,7 @@ from ._layers import draw_seed, seed_value
 from .loss import ccp_loss, loss_centers
 from .module import CCPL
 from .neighbor import neighbor_diff, sample_centers
-from .rows import rows_loss
+from .rows import rows_loss, rows_loss_sum
 from .sampled import sampled_neighbor_diff
 
 __version__ = _version()
@@ -43,6 +43,7 @@ __all__ = [
     "loss_centers",
     "neighbor_diff",
     "rows_loss",
+    "rows_loss_sum",
     "sample_centers",
     "sampled_neighbor_diff",
     "seed_value",

@@ -45,7 +45,7 @@ from ._common import (
     target,
     upstream_of,
 )
-from .rows import SMALL_S_MAX_ROWS
+from .small_rows import SMALL_S_MAX_ROWS
 
 
 def ccp_layer_loss(

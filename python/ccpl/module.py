@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from . import sampled
 from ._common import DEFAULT_TAU, check_tau
 from .neighbor import neighbor_diff, sample_centers
-from .rows import rows_loss
+from .rows import rows_loss_sum
 
 HEAD_MODULES = 3
 """Modules of one layer's projection head in ``mlp``: ``Linear(C, C), ReLU(), Linear(C, C/4)``."""
@@ -31,9 +31,9 @@ class CCPL(nn.Module):
 
     At the paper's sizes (every layer's ``8N <= 512``, at most ``sampled.MAX_LAYERS`` layers)
     the centres are drawn on the device and every layer's rows of both sides gathered in one
-    call (``sampled_neighbor_diff``), and on CUDA each layer's loss is one launch of the
-    small-S kernels (``rows_loss``): per training step, one launch gathers, one per layer gives
-    the loss and the gradient of its rows, one per layer scales that gradient, one scatters
+    call (``sampled_neighbor_diff``), and on CUDA every layer's loss is one launch of the
+    small-S kernels (``rows_loss_sum``): per training step, one launch gathers, one gives every
+    layer's loss and the gradient of its head's rows, one scales those gradients, one scatters
     every layer's into the features, nothing built on the host and nothing waiting for it, so
     that a whole training step can be captured in a CUDA graph (each replay drawing new
     centres). Otherwise, and with ``centers`` given, the centres come from ``sample_centers``
@@ -99,15 +99,11 @@ class CCPL(nn.Module):
                     layer_centers = centers[j]
                 diffs_q.append(neighbor_diff(feat_q, layer_centers))
                 diffs_k.append(neighbor_diff(feat_k, layer_centers))
-        loss = None
-        for i, diff_q, diff_k in zip(layers, diffs_q, diffs_k):
-            rows_q = self._head(i, diff_q)
-            # The original detaches the content side after its head: no graph is needed there.
-            with torch.no_grad():
-                rows_k = self._head(i, diff_k)
-            layer_loss = rows_loss(rows_q, rows_k, tau)
-            loss = layer_loss if loss is None else loss + layer_loss
-        return loss
+        rows_q = [self._head(i, diff) for i, diff in zip(layers, diffs_q)]
+        # The original detaches the content side after its head: no graph is needed there.
+        with torch.no_grad():
+            rows_k = [self._head(i, diff) for i, diff in zip(layers, diffs_k)]
+        return rows_loss_sum(rows_q, rows_k, tau)
 
     def _head(self, layer: int, rows: Tensor) -> Tensor:
         for module in self.mlp[HEAD_MODULES * layer : HEAD_MODULES * (layer + 1)]:

@@ -1,26 +1,22 @@
-"""The CCP loss of a learned head's rows: ``rows_loss`` (forward, backward, autograd).
+"""The CCP loss of a learned head's rows: ``rows_loss`` (forward, backward, autograd), and
+``rows_loss_sum`` over several layers.
 
-Two paths, each a forward op that returns the loss and what its backward reads, so autograd
-keeps exactly that between the two (not the input rows):
-
-- on CUDA up to ``S = 512`` rows per image (``SMALL_S_MAX_ROWS``; the paper's sizes), the
-  small-S kernels: one launch gives the loss and the gradient of ``q_rows`` (kept in the op's
-  workspace), the backward is one launch that scales it by the upstream gradient (one more
-  for ``k_rows``);
-- otherwise the fused path (the normalised rows and the row statistics kept; on the CPU also
-  the rows, which the float64 reference's backward reads); its backward recomputes nothing
-  but the logits' tiles.
+On CUDA up to ``S = 512`` rows per image (the paper's sizes) both run on the small-S kernels
+(``small_rows``). Otherwise, the fused path here: a forward op that returns the loss and what
+its backward reads (the normalised rows and the row statistics; on the CPU also the rows,
+which the float64 reference's backward reads), so autograd keeps exactly that between the two
+(not the input rows), and the backward recomputes nothing but the logits' tiles.
 """
 
 # The custom ops' annotations are real types, not strings (no `from __future__ import
 # annotations`), and typing's List: torch before 2.7 infers a schema from neither
 # strings nor `list[int]`.
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from . import _ccpl
+from . import _ccpl, small_rows
 from ._common import (
     DEFAULT_TAU,
     backward_buffers,
@@ -40,8 +36,6 @@ from ._common import (
     upstream_of,
 )
 
-SMALL_S_MAX_ROWS: int = _ccpl.SMALL_S_MAX_ROWS
-"""The most rows per image (``S``) the small-S kernels take: 512, the paper's whole range."""
 
 
 def rows_loss(q_rows: Tensor, k_rows: Tensor, tau: float = DEFAULT_TAU) -> Tensor:
@@ -57,9 +51,34 @@ def rows_loss(q_rows: Tensor, k_rows: Tensor, tau: float = DEFAULT_TAU) -> Tenso
     """
     q_rows, k_rows = check_tensor("q_rows", q_rows), check_tensor("k_rows", k_rows)
     tau = check_tau(tau)
-    if q_rows.is_cuda and q_rows.dim() == 3 and q_rows.shape[1] <= SMALL_S_MAX_ROWS:
-        return _small_rows_loss(q_rows, k_rows, tau)[0]
+    if small_rows.takes([q_rows]):
+        return small_rows.small_rows_loss([q_rows], [k_rows], tau)
     return _rows_loss(q_rows, k_rows, tau)[0]
+
+
+def rows_loss_sum(q_rows: Sequence[Tensor], k_rows: Sequence[Tensor], tau: float = DEFAULT_TAU) -> Tensor:
+    """The sum over layers of ``rows_loss(q_rows[l], k_rows[l], tau)``: the learned heads'
+    outputs of several encoder layers, each ``(B, S_l, C_l)``, all of one dtype and device. On
+    CUDA, when every ``S_l <= 512`` and there are at most ``small_rows.MAX_LAYERS`` layers (the
+    paper's configurations), one launch for all the layers forward and one backward (one more
+    for the gradients of ``k_rows``); otherwise one ``rows_loss`` per layer.
+
+    >>> q = [torch.randn(2, 16, 4), torch.randn(2, 8, 6)]
+    >>> k = [torch.randn(2, 16, 4), torch.randn(2, 8, 6)]
+    >>> torch.allclose(rows_loss_sum(q, k), rows_loss(q[0], k[0]) + rows_loss(q[1], k[1]))
+    True
+    """
+    for name, rows in (("q_rows", q_rows), ("k_rows", k_rows)):
+        if isinstance(rows, Tensor) or not isinstance(rows, Sequence) or not rows:
+            raise TypeError(f"{name} must be a non-empty sequence of row tensors, one per layer")
+    if len(q_rows) != len(k_rows):
+        raise ValueError(f"{len(q_rows)} q_rows but {len(k_rows)} k_rows: one of each per layer")
+    q_rows = [check_tensor(f"q_rows[{l}]", r) for l, r in enumerate(q_rows)]
+    k_rows = [check_tensor(f"k_rows[{l}]", r) for l, r in enumerate(k_rows)]
+    tau = check_tau(tau)
+    if small_rows.takes(q_rows):
+        return small_rows.small_rows_loss(q_rows, k_rows, tau)
+    return sum(rows_loss(q, k, tau) for q, k in zip(q_rows, k_rows))
 
 
 def _check(q_rows: Tensor, k_rows: Tensor, tau: float) -> None:
@@ -156,123 +175,3 @@ def _backward(ctx, grad, _saved_rows, _stats):
 
 _rows_loss.register_autograd(_backward, setup_context=_setup_context)
 
-
-# ---- The small-S path (CUDA, S <= SMALL_S_MAX_ROWS) -------------------------------------
-
-
-def _check_small(q_rows: Tensor, k_rows: Tensor, tau: float) -> None:
-    _check(q_rows, k_rows, tau)
-    _check_small_shape(q_rows.device, tuple(q_rows.shape))
-
-
-def _check_small_shape(device: torch.device, shape: tuple) -> None:
-    if device.type not in ("cuda", "meta"):
-        raise ValueError(
-            f"the small-S rows loss runs on CUDA tensors, got {device} (rows_loss picks the "
-            "path: call it instead)"
-        )
-    if shape[1] > SMALL_S_MAX_ROWS:
-        raise ValueError(
-            f"S = {shape[1]} rows per image: the small-S path takes at most {SMALL_S_MAX_ROWS}"
-        )
-
-
-def _small_layout(shape: tuple, tau: float) -> Tuple[int, int]:
-    """The small-S workspace of rows of `shape`: its bytes, and the bytes of its counters
-    (first, zero before the forward)."""
-    return _ccpl.small_rows_layout((tuple(shape), tau))
-
-
-@torch.library.custom_op("ccpl::small_rows_loss", mutates_args=())
-def _small_rows_loss(q_rows: Tensor, k_rows: Tensor, tau: float) -> Tuple[Tensor, Tensor]:
-    _check_small(q_rows, k_rows, tau)
-    size, counters = _small_layout(q_rows.shape, tau)
-    loss = q_rows.new_empty((), dtype=torch.float32)
-    workspace = q_rows.new_empty((size,), dtype=torch.uint8)
-    workspace[:counters].zero_()
-    with on_device(q_rows):
-        _ccpl.small_rows_forward(
-            target(q_rows),
-            (tuple(q_rows.shape), tau),
-            (raw(q_rows), raw(k_rows)),
-            raw(workspace),
-            raw(loss),
-        )
-    return loss, workspace
-
-
-@_small_rows_loss.register_fake
-def _(q_rows, k_rows, tau):
-    _check_small(q_rows, k_rows, tau)
-    size, _ = _small_layout(q_rows.shape, tau)
-    return q_rows.new_empty((), dtype=torch.float32), q_rows.new_empty((size,), dtype=torch.uint8)
-
-
-def _check_small_backward(grad, workspace, shape, dtype, tau) -> tuple:
-    """The small-S backward's arguments as the forward made them, checked before any work;
-    the rows' shape `(B, S, C)`."""
-    workspace = check_tensor("workspace", workspace)
-    if not isinstance(shape, (list, tuple)) or len(shape) != 3 or any(
-        isinstance(n, bool) or not isinstance(n, (int, torch.SymInt)) or n < 1 for n in shape
-    ):
-        raise ValueError(f"shape must be the rows' (B, S, C), three positive ints, got {shape!r}")
-    shape = tuple(shape)
-    check_dtype("the rows", dtype, workspace.device)
-    _check_small_shape(workspace.device, shape)
-    check_tau(tau)
-    expected = (_small_layout(shape, tau)[0],)
-    if workspace.dtype != torch.uint8 or tuple(workspace.shape) != expected:
-        raise ValueError(
-            f"workspace is {workspace.dtype} of shape {tuple(workspace.shape)}, the forward "
-            f"keeps uint8 of shape {expected}"
-        )
-    check_upstream(grad, workspace.device)
-    return shape
-
-
-@torch.library.custom_op("ccpl::small_rows_loss_backward", mutates_args=())
-def _small_rows_loss_backward(
-    grad: Tensor, workspace: Tensor, shape: List[int], dtype: torch.dtype, tau: float, grad_k: bool
-) -> List[Tensor]:
-    shape = _check_small_backward(grad, workspace, shape, dtype, tau)
-    grads = _grads_like(workspace, shape, dtype, grad_k)
-    upstream = upstream_of(grad, dtype)
-    with on_device(workspace):
-        _ccpl.small_rows_backward(
-            target(grads[0]),
-            (shape, tau),
-            raw(workspace),
-            raw(upstream),
-            (raw(grads[0]), raw(grads[1]) if grad_k else None),
-        )
-    return grads
-
-
-@_small_rows_loss_backward.register_fake
-def _(grad, workspace, shape, dtype, tau, grad_k):
-    shape = _check_small_backward(grad, workspace, shape, dtype, tau)
-    return _grads_like(workspace, shape, dtype, grad_k)
-
-
-def _small_setup_context(ctx, inputs, output):
-    q_rows, _, tau = inputs
-    _, workspace = output
-    ctx.mark_non_differentiable(workspace)
-    # The workspace alone: the gradient of q is in it, and what k's backward reads.
-    ctx.save_for_backward(workspace)
-    ctx.shape, ctx.dtype, ctx.tau = list(q_rows.shape), q_rows.dtype, tau
-
-
-def _small_backward(ctx, grad, _workspace):
-    want_q, want_k = ctx.needs_input_grad[:2]
-    if not (want_q or want_k):
-        return None, None, None
-    (workspace,) = ctx.saved_tensors
-    grads = _small_rows_loss_backward(grad, workspace, ctx.shape, ctx.dtype, ctx.tau, want_k)
-    grad_q, grad_k = first_order_only(
-        "rows_loss", [grads[0] if want_q else None, grads[1] if want_k else None]
-    )
-    return grad_q, grad_k, None
-
-
-_small_rows_loss.register_autograd(_small_backward, setup_context=_small_setup_context)

@@ -4,8 +4,8 @@
 
 use std::cell::Cell;
 
-use ccpl::launch::Buf;
 use ccpl::Result;
+use ccpl::launch::Buf;
 
 /// Where each buffer of a workspace starts in its byte tensor: a multiple of this (the widest
 /// access of any kernel, and the caching allocator's own alignment of the tensor).

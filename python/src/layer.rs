@@ -356,7 +356,13 @@ impl Op for SmallBackward {
         let grad_q = [self.grads.0.buf()];
         let grad_k = self.grads.1.map(|g| [g.buf()]);
         let upstream = Some(self.upstream.buf());
-        plan.backward::<T, _>(launcher, &ws, upstream, &grad_q, grad_k.as_ref().map(|g| &g[..]))
+        plan.backward::<T, _>(
+            launcher,
+            &ws,
+            upstream,
+            &grad_q,
+            grad_k.as_ref().map(|g| &g[..]),
+        )
     }
 }
 

@@ -12,7 +12,8 @@
 //! their scatter), [`rows`] (the loss of a learned head's rows), [`layer`] (one layer's loss
 //! with the identity head), [`loss`] (every layer's loss with the identity head, on the
 //! crate's [`ccpl::loss::multi_layer::LossPlan`]), [`sampled`] (every layer's difference rows
-//! at centres drawn on the device, for learned heads). Each is an [`op::Op`], candle's shape: a CPU half and a CUDA half
+//! at centres drawn on the device, for learned heads), [`small_rows`] (the rows loss of
+//! several layers' heads on the small-S path). Each is an [`op::Op`], candle's shape: a CPU half and a CUDA half
 //! generic over the [`Launcher`] (so the Rust tests run it on the CPU emulator against the CPU
 //! half), run by the one [`op::run`].
 //!
@@ -31,6 +32,7 @@ pub mod neighbor;
 pub mod op;
 pub mod rows;
 pub mod sampled;
+pub mod small_rows;
 #[cfg(test)]
 mod tests;
 
@@ -299,9 +301,9 @@ fn _ccpl(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(neighbor::neighbor_diff_backward, m)?,
         wrap_pyfunction!(rows::rows_forward, m)?,
         wrap_pyfunction!(rows::rows_backward, m)?,
-        wrap_pyfunction!(rows::small_rows_layout, m)?,
-        wrap_pyfunction!(rows::small_rows_forward, m)?,
-        wrap_pyfunction!(rows::small_rows_backward, m)?,
+        wrap_pyfunction!(small_rows::small_rows_layout, m)?,
+        wrap_pyfunction!(small_rows::small_rows_forward, m)?,
+        wrap_pyfunction!(small_rows::small_rows_backward, m)?,
         wrap_pyfunction!(sampled::sampled_layout, m)?,
         wrap_pyfunction!(sampled::sampled_rows, m)?,
         wrap_pyfunction!(sampled::sampled_forward, m)?,

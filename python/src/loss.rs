@@ -41,11 +41,9 @@ pub(crate) fn carve(
     base: u64,
 ) -> Result<(LossWorkspace<Buf, Buf, Buf>, usize)> {
     let carver = Carver::new(base);
-    let ws = plan.workspace()?.try_map(
-        carver.place(row_bytes),
-        carver.place(4),
-        carver.place(4),
-    )?;
+    let ws =
+        plan.workspace()?
+            .try_map(carver.place(row_bytes), carver.place(4), carver.place(4))?;
     Ok((ws, carver.bytes()))
 }
 

@@ -9,28 +9,19 @@
 //! reads the rows too: the CPU path is the reference from end to end. The backward's scratch (the gradient of
 //! the normalised rows, `(B, S, C)`) is allocated by the package for the backward only.
 //!
-//! On CUDA up to `S = 512` rows per image (the paper's sizes) the op is the small-S path
-//! instead ([`SmallRowsPlan`], as [`ccpl::cuda::CcpRows`]): one launch forward, which leaves
-//! the loss and the gradient of `q` (for an upstream gradient of 1) in its workspace, one
-//! launch backward that scales it (one more for `k`'s). Its workspace is one byte tensor the
-//! package allocates and autograd keeps, carved here ([`small_carve`]): the launch's counters
-//! first (zeroed by the package), then the plan's float32 buffers.
+//! On CUDA up to `S = 512` rows per image (the paper's sizes) the package runs the small-S
+//! path instead ([`crate::small_rows`]).
 
-use ccpl::launch::{Buf, Launcher, small_s};
+use ccpl::launch::{Buf, Launcher};
 use ccpl::loss::rows::{RowsPlan, RowsWorkspace};
-use ccpl::loss::small_s::{SmallRowsPlan, SmallRowsWorkspace};
 use ccpl::reference::{
     info_nce_backward, info_nce_forward, normalize_rows, normalize_rows_backward, similarity,
 };
 use ccpl::{Dtype, Element, Result, RowShape, Tau, check_len};
 use pyo3::prelude::*;
 
-use crate::carve::Carver;
 use crate::op::{Op, Target, run};
-use crate::{
-    BackwardBufs, HostDtype, HostGrads, Raw, small_s_on_host, split, split_host, store, store_loss,
-    to_py, widen,
-};
+use crate::{BackwardBufs, HostDtype, HostGrads, Raw, split, split_host, store, store_loss, widen};
 
 /// A buffer a sequence of plans does not touch: a plan that did would refuse its length.
 pub const ABSENT: Buf = Buf { addr: 0, len: 0 };
@@ -269,134 +260,5 @@ pub(crate) fn rows_backward(
     run(py, target, || {
         let (shape, tau) = args.checked()?;
         Ok(Backward { shape, tau, bufs })
-    })
-}
-
-/// The small-S path's workspace laid out in one byte buffer at `base`: the counters
-/// (`int32[COUNTERS]`, zero before the forward), then the plan's float32 buffers; and the
-/// bytes it spans.
-pub fn small_carve(
-    plan: &SmallRowsPlan,
-    base: u64,
-) -> Result<(Buf, SmallRowsWorkspace<Buf, Buf>, usize)> {
-    let carver = Carver::new(base);
-    let counters = carver.place(4)(&small_s::COUNTERS)?;
-    let ws = plan.workspace()?.try_map(carver.place(4), carver.place(4))?;
-    Ok((counters, ws, carver.bytes()))
-}
-
-/// The counters and workspace of `plan` over the caller's byte tensor, checked to span it.
-fn small_workspace(
-    plan: &SmallRowsPlan,
-    workspace: Raw,
-) -> Result<(Buf, SmallRowsWorkspace<Buf, Buf>)> {
-    let (counters, ws, bytes) = small_carve(plan, workspace.0)?;
-    check_len("small-S workspace (bytes)", bytes, workspace.1)?;
-    Ok((counters, ws))
-}
-
-/// The forward of `rows_loss` on the small-S path: the loss into `loss` (one float32), and
-/// in the workspace the gradient of `q` and what the `k` side's backward reads. One launch.
-pub(crate) struct SmallForward {
-    pub(crate) plan: SmallRowsPlan,
-    /// `(q, k)`, `(B, S, C)` of `T`.
-    pub(crate) rows: [Raw; 2],
-    /// Bytes laid out by [`small_carve`], the counters zero.
-    pub(crate) workspace: Raw,
-    /// One float32.
-    pub(crate) loss: Raw,
-}
-
-impl Op for SmallForward {
-    unsafe fn cpu<T: HostDtype>(&self) -> Result<()> {
-        Err(small_s_on_host("rows loss"))
-    }
-
-    fn cuda<T: Dtype, L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
-        let (counters, mut ws) = small_workspace(&self.plan, self.workspace)?;
-        // The loss is the caller's tensor, not the workspace's.
-        ws.loss = self.loss.buf();
-        let [q, k] = self.rows.map(Raw::buf);
-        self.plan.forward::<T, _>(launcher, q, k, &ws, counters)
-    }
-}
-
-/// The backward of `rows_loss` on the small-S path: WRITES `upstream[0]` (float32) times the
-/// gradient of `q` into `grad_q`, and of `k` into `grad_k` when given. One launch (two with
-/// `k`).
-pub(crate) struct SmallBackward {
-    pub(crate) plan: SmallRowsPlan,
-    /// The forward's workspace.
-    pub(crate) workspace: Raw,
-    /// One float32.
-    pub(crate) upstream: Raw,
-    /// `(grad_q, grad_k or None)`, of `T`.
-    pub(crate) grads: (Raw, Option<Raw>),
-}
-
-impl Op for SmallBackward {
-    unsafe fn cpu<T: HostDtype>(&self) -> Result<()> {
-        Err(small_s_on_host("rows loss"))
-    }
-
-    fn cuda<T: Dtype, L: Launcher>(&self, launcher: &L) -> Result<(), L::Error> {
-        let (_, ws) = small_workspace(&self.plan, self.workspace)?;
-        let (grad_q, grad_k) = (self.grads.0.buf(), self.grads.1.map(Raw::buf));
-        let upstream = Some(self.upstream.buf());
-        self.plan
-            .backward::<T, _>(launcher, &ws, upstream, grad_q, grad_k)
-    }
-}
-
-/// The small-S workspace of `rows_loss` on `(B, S, C)` rows: `(bytes, counters' bytes)`, the
-/// counters first. The package allocates the bytes and zeroes the counters.
-#[pyfunction]
-pub(crate) fn small_rows_layout(args: RowsArgs) -> PyResult<(usize, usize)> {
-    let (shape, tau) = args.checked().map_err(to_py)?;
-    let plan = SmallRowsPlan::new(shape, tau).map_err(to_py)?;
-    let (counters, _, bytes) = small_carve(&plan, 0).map_err(to_py)?;
-    Ok((bytes, counters.addr as usize + 4 * counters.len))
-}
-
-/// The forward of `rows_loss` on the small-S path.
-#[pyfunction]
-pub(crate) fn small_rows_forward(
-    py: Python<'_>,
-    target: Target,
-    args: RowsArgs,
-    rows: [Raw; 2],
-    workspace: Raw,
-    loss: Raw,
-) -> PyResult<()> {
-    run(py, target, || {
-        let (shape, tau) = args.checked()?;
-        Ok(SmallForward {
-            plan: SmallRowsPlan::new(shape, tau)?,
-            rows,
-            workspace,
-            loss,
-        })
-    })
-}
-
-/// The backward of `rows_loss` on the small-S path: writes `grads` `(grad_q, grad_k or
-/// None)`.
-#[pyfunction]
-pub(crate) fn small_rows_backward(
-    py: Python<'_>,
-    target: Target,
-    args: RowsArgs,
-    workspace: Raw,
-    upstream: Raw,
-    grads: (Raw, Option<Raw>),
-) -> PyResult<()> {
-    run(py, target, || {
-        let (shape, tau) = args.checked()?;
-        Ok(SmallBackward {
-            plan: SmallRowsPlan::new(shape, tau)?,
-            workspace,
-            upstream,
-            grads,
-        })
     })
 }

@@ -95,7 +95,12 @@ impl Op for Forward {
             for (l, (feats, rows)) in self.feats.iter().zip(&self.rows).enumerate() {
                 let centers = host_centers(&self.plan, seed, l)?;
                 for (feat, out) in feats.iter().zip(rows) {
-                    diff_host(self.plan.shape(l), &centers, feat.host::<T>(), out.host_mut::<T>())?;
+                    diff_host(
+                        self.plan.shape(l),
+                        &centers,
+                        feat.host::<T>(),
+                        out.host_mut::<T>(),
+                    )?;
                 }
             }
         }
@@ -132,7 +137,10 @@ impl Backward {
                 "the k side needs both its row gradients and its feature gradients".into(),
             ));
         }
-        let pairs = [(Some(&rows.0), Some(&feats.0)), (rows.1.as_ref(), feats.1.as_ref())];
+        let pairs = [
+            (Some(&rows.0), Some(&feats.0)),
+            (rows.1.as_ref(), feats.1.as_ref()),
+        ];
         pairs
             .into_iter()
             .filter_map(|(r, f)| r.zip(f))
@@ -198,7 +206,11 @@ type WorkspaceLayout = (usize, usize, (usize, usize));
 pub(crate) fn sampled_layout(shapes: Vec<Shape>, num_s: usize) -> PyResult<WorkspaceLayout> {
     let plan = plan(&shapes, num_s).map_err(to_py)?;
     let (ws, bytes) = carve(&plan, 0).map_err(to_py)?;
-    Ok((bytes, ws.counters.addr as usize, (ws.maps.addr as usize, ws.maps.len)))
+    Ok((
+        bytes,
+        ws.counters.addr as usize,
+        (ws.maps.addr as usize, ws.maps.len),
+    ))
 }
 
 /// The rows per image, `S = 8N`, each layer of `shapes` takes with `num_s` centres asked for;

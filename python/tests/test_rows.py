@@ -71,7 +71,7 @@ def small_s_model(want, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_rows_loss_on_cuda(cuda, dtype):
     # On CUDA the odd shapes take the small-S path (S <= 512); the last, the fused path.
-    for shape in [*SHAPES, (1, ccpl.rows.SMALL_S_MAX_ROWS + 9, 9)]:
+    for shape in [*SHAPES, (1, ccpl.small_rows.SMALL_S_MAX_ROWS + 9, 9)]:
         q = features(shape, dtype, cuda, seed=5)
         k = features(shape, dtype, cuda, seed=6)
         got, want = ours(q, k, 0.07), reference(q, k, 0.07)
@@ -79,7 +79,7 @@ def test_rows_loss_on_cuda(cuda, dtype):
         if dtype == torch.float32:
             tols = [F32_TOLERANCE] * 3
         else:
-            if shape[1] <= ccpl.rows.SMALL_S_MAX_ROWS:
+            if shape[1] <= ccpl.small_rows.SMALL_S_MAX_ROWS:
                 model = small_s_model(want, dtype)
             else:
                 model = rows_model(q.cpu(), k.cpu(), 0.07, dtype)
@@ -142,7 +142,7 @@ def test_rows_loss_opcheck(device):
         k = features((2, 16, 6), dtype, device, seed=16).requires_grad_(grads[1])
         torch.library.opcheck(torch.ops.ccpl.rows_loss.default, (q, k, 0.07))
         if device.type == "cuda":
-            torch.library.opcheck(torch.ops.ccpl.small_rows_loss.default, (q, k, 0.07))
+            torch.library.opcheck(torch.ops.ccpl.small_rows_loss.default, ([q, q * 2], [k, k], 0.07))
 
 
 def test_rows_loss_compiles_with_its_backward():
@@ -228,3 +228,36 @@ def test_the_python_tau_rule_is_the_crates():
         assert (rule is None) == (crate is None), f"tau {tau!r}: python {rule!r}, crate {crate!r}"
         if rule is not None:
             assert rule in crate, f"tau {tau!r}: python {rule!r}, crate {crate!r}"
+
+
+def test_rows_loss_sum_is_the_sum_of_the_layers_rows_losses(device):
+    """Three layers of different shapes (on CUDA: one launch for all of them forward, one
+    backward for each side asked for)."""
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    tol = (F64_LOSS_TOLERANCE, F64_GRAD_TOLERANCE) if dtype == torch.float64 else (F32_TOLERANCE,) * 2
+    shapes = [(2, 24, 16), (3, 40, 7), (1, 8, 3)]
+    qs = [features(s, dtype, device, seed=30 + i).requires_grad_() for i, s in enumerate(shapes)]
+    ks = [features(s, dtype, device, seed=40 + i).requires_grad_() for i, s in enumerate(shapes)]
+    loss = ccpl.rows_loss_sum(qs, ks, 0.1)
+    loss.backward()
+    want_loss = 0.0
+    for q, k in zip(qs, ks):
+        want, grad_q, grad_k = reference(q, k, 0.1)
+        want_loss = want_loss + want
+        assert_close("grad_q of a layer", q.grad, grad_q, tol[1])
+        assert_close("grad_k of a layer", k.grad, grad_k, tol[1])
+    assert_close("summed loss", loss, want_loss, tol[0])
+
+
+def test_rows_loss_sum_refuses_bad_inputs():
+    q = features((2, 16, 6), torch.float32)
+    cases = [
+        ((q, [q]), TypeError, "non-empty sequence"),
+        (([], []), TypeError, "non-empty sequence"),
+        (([q, q], [q]), ValueError, "2 q_rows but 1 k_rows"),
+        (([q], [q.tolist()]), TypeError, r"k_rows\[0\] must be a torch.Tensor"),
+        (([q], [q], 0.0), ValueError, "tau"),
+    ]
+    for args, error, match in cases:
+        with pytest.raises(error, match=match):
+            ccpl.rows_loss_sum(*args)

@@ -13,7 +13,7 @@ use super::{Recorder, assert_close, emulator, nan, random, raw, table, widen};
 use crate::Raw;
 use crate::neighbor::{MapArgs, Shape};
 use crate::op::Op;
-use crate::{layer, loss, rows, sampled};
+use crate::{layer, loss, rows, sampled, small_rows};
 
 /// A float32 NaN in both halves of a word: a workspace poisoned before its first launch.
 const NAN_WORDS: u64 = 0x7fc0_0000_7fc0_0000;
@@ -28,46 +28,55 @@ fn workspace(bytes: usize, zeroed: usize) -> Vec<u64> {
 }
 
 #[test]
-fn small_rows_loss_on_the_emulator_matches_the_host_path_over_two_steps() {
+fn small_rows_loss_of_several_layers_on_the_emulator_matches_the_host_path_over_two_steps() {
     let mut rng = Rng::new(12);
-    let shape = RowShape::new(3, 40, 7).unwrap();
+    let shapes = [
+        RowShape::new(3, 40, 7).unwrap(),
+        RowShape::new(2, 16, 5).unwrap(),
+        RowShape::new(1, 72, 3).unwrap(),
+    ];
     let tau = Tau::new(0.1).unwrap();
-    let plan = SmallRowsPlan::new(shape, tau).unwrap();
-    let (counters, _, bytes) = rows::small_carve(&plan, 0).unwrap();
+    let plan = SmallRowsPlan::layers(&shapes, tau).unwrap();
+    let (counters, _, bytes) = small_rows::carve(&plan, 0).unwrap();
     assert_eq!(counters.addr, 0, "the counters come first");
     let mut ws = workspace(bytes, 4 * counters.len);
     let ws_raw = Raw(buf(&ws).addr, bytes);
-    let (n, bs) = (shape.len(), shape.count());
+    let total: usize = shapes.iter().map(RowShape::len).sum();
+    assert_eq!(plan.total_len(), total);
     let emu = emulator(13);
     // Two steps on one workspace, as training runs them: the forward's count of finished
     // blocks must be back at zero for the second.
     for step in 0..2 {
-        let (q, k) = (random(&mut rng, n), random(&mut rng, n));
+        let rows: Vec<[Vec<f32>; 2]> = shapes
+            .iter()
+            .map(|s| [random(&mut rng, s.len()), random(&mut rng, s.len())])
+            .collect();
         let mut loss = nan(1);
-        rows::SmallForward {
-            plan,
-            rows: [raw(buf(&q)), raw(buf(&k))],
+        small_rows::Forward {
+            plan: plan.clone(),
+            rows: rows.iter().map(|r| [raw(buf(&r[0])), raw(buf(&r[1]))]).collect(),
             workspace: ws_raw,
             loss: raw(buf_mut(&mut loss)),
         }
         .cuda::<f32, _>(&emu)
         .unwrap();
-        let (mut host_saved, mut host_stats) = (vec![0.0; 4 * n], vec![0.0; 4 * bs]);
-        let host_loss = rows::forward_host(
-            &shape,
-            tau,
-            [widen(&q), widen(&k)],
-            &mut host_saved,
-            &mut host_stats,
-        )
-        .unwrap();
-        assert_close(&format!("loss, step {step}"), &loss, &[host_loss]);
+        let mut host = Vec::new();
+        let mut host_loss = 0.0;
+        for (shape, [q, k]) in shapes.iter().zip(&rows) {
+            let (n, bs) = (shape.len(), shape.count());
+            let (mut saved, mut stats) = (vec![0.0; 4 * n], vec![0.0; 4 * bs]);
+            host_loss +=
+                rows::forward_host(shape, tau, [widen(q), widen(k)], &mut saved, &mut stats)
+                    .unwrap();
+            host.push((saved, stats));
+        }
+        assert_close(&format!("summed loss, step {step}"), &loss, &[host_loss]);
 
         for grad_k in [false, true] {
             let upstream = [0.75f32];
-            let (mut grad_q, mut grad_k_rows) = (nan(n), nan(n));
-            rows::SmallBackward {
-                plan,
+            let (mut grad_q, mut grad_k_rows) = (nan(total), nan(total));
+            small_rows::Backward {
+                plan: plan.clone(),
                 workspace: ws_raw,
                 upstream: raw(buf(&upstream)),
                 grads: (
@@ -77,26 +86,32 @@ fn small_rows_loss_on_the_emulator_matches_the_host_path_over_two_steps() {
             }
             .cuda::<f32, _>(&emu)
             .unwrap();
-            let (mut want_q, mut want_k) = (vec![0.0f32; n], vec![0.0f32; n]);
-            let want = (&mut want_q[..], grad_k.then_some(&mut want_k[..]));
-            rows::backward_host(&shape, tau, [&host_saved, &host_stats], 0.75, want).unwrap();
-            assert_close("grad_q", &grad_q, &widen(&want_q));
-            if grad_k {
-                assert_close("grad_k", &grad_k_rows, &widen(&want_k));
-            } else {
+            let mut at = 0;
+            for (shape, (saved, stats)) in shapes.iter().zip(&host) {
+                let n = shape.len();
+                let (mut want_q, mut want_k) = (vec![0.0f32; n], vec![0.0f32; n]);
+                let want = (&mut want_q[..], grad_k.then_some(&mut want_k[..]));
+                rows::backward_host(shape, tau, [saved, stats], 0.75, want).unwrap();
+                assert_close("grad_q", &grad_q[at..at + n], &widen(&want_q));
+                if grad_k {
+                    assert_close("grad_k", &grad_k_rows[at..at + n], &widen(&want_k));
+                }
+                at += n;
+            }
+            if !grad_k {
                 assert!(grad_k_rows.iter().all(|x| x.is_nan()), "grad_k untouched");
             }
         }
     }
     // A workspace one byte short is refused before any launch.
-    let short = rows::SmallForward {
-        plan,
-        rows: [Raw(0, n), Raw(0, n)],
+    let short = small_rows::Forward {
+        plan: plan.clone(),
+        rows: shapes.iter().map(|s| [Raw(0, s.len()); 2]).collect(),
         workspace: Raw(buf_mut(&mut ws).addr, bytes - 1),
         loss: Raw(0, 1),
     };
     let err = short.cuda::<f32, _>(&emu).unwrap_err();
-    assert!(err.to_string().contains("small-S workspace"), "{err}");
+    assert!(err.to_string().contains("small-S rows workspace"), "{err}");
 }
 
 /// The device workspace of `sampled_neighbor_diff` as the package makes it: zeroed, the centre
@@ -143,8 +158,11 @@ fn sampled_rows_on_the_emulator_match_the_host_path_on_the_sampler_centres() {
     let emu = emulator(15);
 
     let rows_len = |l: usize| plan.rows_shape(l).len();
-    let mut rows: [Vec<[Vec<f32>; 2]>; 2] =
-        [0, 1].map(|_| (0..layers).map(|l| [nan(rows_len(l)), nan(rows_len(l))]).collect());
+    let mut rows: [Vec<[Vec<f32>; 2]>; 2] = [0, 1].map(|_| {
+        (0..layers)
+            .map(|l| [nan(rows_len(l)), nan(rows_len(l))])
+            .collect()
+    });
     let [device_rows, host_rows] = &mut rows;
     let forward = |workspace: Raw, rows: &mut Vec<[Vec<f32>; 2]>| sampled::Forward {
         plan: plan.clone(),
@@ -155,7 +173,9 @@ fn sampled_rows_on_the_emulator_match_the_host_path_on_the_sampler_centres() {
             .collect(),
         workspace,
     };
-    forward(device_raw, device_rows).cuda::<f32, _>(&emu).unwrap();
+    forward(device_raw, device_rows)
+        .cuda::<f32, _>(&emu)
+        .unwrap();
     // SAFETY: host buffers of the named types, alive for the call.
     unsafe { forward(raw(buf(&host_seed)), host_rows).cpu::<f32>() }.unwrap();
     for l in 0..layers {
@@ -185,7 +205,9 @@ fn sampled_rows_on_the_emulator_match_the_host_path_on_the_sampler_centres() {
             grad_feats: (q, Some(k)),
         }
     };
-    backward(device_raw, device_grads).cuda::<f32, _>(&emu).unwrap();
+    backward(device_raw, device_grads)
+        .cuda::<f32, _>(&emu)
+        .unwrap();
     // SAFETY: as above.
     unsafe { backward(raw(buf(&host_seed)), host_grads).cpu::<f32>() }.unwrap();
     for side in 0..2 {
@@ -199,8 +221,8 @@ fn sampled_rows_on_the_emulator_match_the_host_path_on_the_sampler_centres() {
 /// The launches of a training step through `ccpl.CCPL` with learned heads at the paper's
 /// configuration (B = 8, num_s = 8, relu2_1 128x128x128, relu3_1 256x64x64, relu4_1
 /// 512x32x32, heads `C -> C/4`, float32; the content side detached): the forward and
-/// backward halves of `sampled_neighbor_diff` and of each layer's `rows_loss`, as the package
-/// calls them. Counted, not run (the tests above run these halves on the emulator).
+/// backward halves of `sampled_neighbor_diff` and of `rows_loss_sum` over the three heads, as
+/// the package calls them. Counted, not run (the tests above run these halves on the emulator).
 #[test]
 fn heads_step_launches_at_the_paper_configuration() {
     let layers = [(128, 128), (256, 64), (512, 32)]
@@ -227,42 +249,33 @@ fn heads_step_launches_at_the_paper_configuration() {
             RowShape::new(rows.batch(), rows.rows(), rows.width() / 4).unwrap()
         })
         .collect();
-    let rows_plans: Vec<SmallRowsPlan> = heads
-        .iter()
-        .map(|&h| SmallRowsPlan::new(h, Tau::DEFAULT).unwrap())
-        .collect();
-    let workspaces: Vec<usize> = rows_plans
-        .iter()
-        .map(|p| rows::small_carve(p, 0).unwrap().2)
-        .collect();
-    for (p, &ws) in rows_plans.iter().zip(&workspaces) {
-        let len = p.shape().len();
-        rows::SmallForward {
-            plan: *p,
-            rows: [nowhere(len); 2],
-            workspace: nowhere(ws),
-            loss: nowhere(1),
-        }
-        .cuda::<f32, _>(&recorder)
-        .unwrap();
+    let rows_plan = SmallRowsPlan::layers(&heads, Tau::DEFAULT).unwrap();
+    let (_, _, rows_bytes) = small_rows::carve(&rows_plan, 0).unwrap();
+    small_rows::Forward {
+        plan: rows_plan.clone(),
+        rows: heads.iter().map(|h| [nowhere(h.len()); 2]).collect(),
+        workspace: nowhere(rows_bytes),
+        loss: nowhere(1),
     }
-    // The backward: each layer's rows loss (autograd runs the last layer's first), then the
-    // heads in PyTorch, then the one scatter.
-    for (p, &ws) in rows_plans.iter().zip(&workspaces).rev() {
-        rows::SmallBackward {
-            plan: *p,
-            workspace: nowhere(ws),
-            upstream: nowhere(1),
-            grads: (nowhere(p.shape().len()), None),
-        }
-        .cuda::<f32, _>(&recorder)
-        .unwrap();
+    .cuda::<f32, _>(&recorder)
+    .unwrap();
+    // The backward: the rows loss of every layer, then the heads in PyTorch, then the scatter.
+    small_rows::Backward {
+        plan: rows_plan.clone(),
+        workspace: nowhere(rows_bytes),
+        upstream: nowhere(1),
+        grads: (nowhere(rows_plan.total_len()), None),
     }
+    .cuda::<f32, _>(&recorder)
+    .unwrap();
     sampled::Backward {
         plan: plan.clone(),
         workspace: nowhere(bytes),
         one: nowhere(1),
-        grad_rows: ((0..3).map(|l| nowhere(plan.rows_shape(l).len())).collect(), None),
+        grad_rows: (
+            (0..3).map(|l| nowhere(plan.rows_shape(l).len())).collect(),
+            None,
+        ),
         grad_feats: ((0..3).map(|l| nowhere(layers[l].len())).collect(), None),
     }
     .cuda::<f32, _>(&recorder)
@@ -272,14 +285,15 @@ fn heads_step_launches_at_the_paper_configuration() {
         "ccpl launches per training step from PyTorch at the paper configuration with heads: {}",
         launched.len()
     );
-    let rows_forward = ["small_s_rows_f32"; 3];
-    let rows_backward = ["small_s_scale_f32"; 3];
-    let want: Vec<&str> = std::iter::once("small_s_gather_f32")
-        .chain(rows_forward)
-        .chain(rows_backward)
-        .chain(["small_s_scatter_f32"])
-        .collect();
-    assert_eq!(launched, want);
+    assert_eq!(
+        launched,
+        [
+            "small_s_gather_f32",
+            "small_s_rows_f32",
+            "small_s_scale_f32",
+            "small_s_scatter_f32"
+        ]
+    );
 }
 
 #[test]
@@ -303,7 +317,11 @@ fn small_layer_loss_on_the_emulator_matches_the_host_path() {
         let plan = LossPlan::new(&[(shape, centers.len())], tau).unwrap();
         let (ws, bytes) = loss::carve(&plan, 4, 0).unwrap();
         let counters = ws.counters.addr as usize;
-        assert_eq!((counters % 8, ws.counters.len % 2), (0, 0), "counters on whole words");
+        assert_eq!(
+            (counters % 8, ws.counters.len % 2),
+            (0, 0),
+            "counters on whole words"
+        );
         let mut device_ws = workspace(bytes, 0);
         device_ws[counters / 8..(counters + 4 * ws.counters.len) / 8].fill(0);
         let ws_raw = Raw(buf(&device_ws).addr, bytes);
