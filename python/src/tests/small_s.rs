@@ -236,7 +236,7 @@ fn heads_step_launches_at_the_paper_configuration() {
         .map(|p| rows::small_carve(p, 0).unwrap().2)
         .collect();
     for (p, &ws) in rows_plans.iter().zip(&workspaces) {
-        let len = p.shape().len();
+        let len = p.total_len();
         rows::SmallForward {
             plan: *p,
             rows: [nowhere(len); 2],
@@ -253,7 +253,7 @@ fn heads_step_launches_at_the_paper_configuration() {
             plan: *p,
             workspace: nowhere(ws),
             upstream: nowhere(1),
-            grads: (nowhere(p.shape().len()), None),
+            grads: (nowhere(p.total_len()), None),
         }
         .cuda::<f32, _>(&recorder)
         .unwrap();
