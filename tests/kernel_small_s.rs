@@ -156,7 +156,7 @@ pub(crate) type Backward = (Option<f32>, bool);
 /// The backwards a case runs: the default upstream into zeroed gradients of q only (the
 /// gradient itself, compared directly), then 2.5 from device memory into random starts of
 /// both sides (the accumulation, and the content side).
-const BACKWARDS: [Backward; 2] = [(None, false), (Some(2.5), true)];
+pub(crate) const BACKWARDS: [Backward; 2] = [(None, false), (Some(2.5), true)];
 
 /// A training step's backward only: the default upstream into zeroed gradients of q.
 const TRAINING_STEP: [Backward; 1] = [(None, false)];

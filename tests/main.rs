@@ -23,6 +23,7 @@ mod kernel_sampled_rows;
 mod kernel_sampler;
 mod kernel_similarity;
 mod kernel_small_s;
+mod kernel_small_s_rows_layers;
 mod plans;
 mod properties;
 mod reference;

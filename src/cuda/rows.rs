@@ -58,7 +58,8 @@ pub struct CcpRows<T: Dtype> {
 #[derive(Debug)]
 enum Path<T: Dtype> {
     Small {
-        plan: SmallRowsPlan,
+        /// Boxed: room for every layer's shape, though this loss has one.
+        plan: Box<SmallRowsPlan>,
         resident: Resident<SmallRowsWorkspace<CudaSlice<f32>, CudaSlice<f32>>>,
         counters: CudaSlice<i32>,
     },
@@ -83,7 +84,7 @@ impl<T: Dtype> CcpRows<T> {
                 .workspace()?
                 .try_map(alloc::<f32>(&stream), alloc::<f32>(&stream))?;
             Path::Small {
-                plan,
+                plan: Box::new(plan),
                 counters: stream.alloc_zeros::<i32>(small_s::COUNTERS)?,
                 resident: Resident::new(kernels, stream, workspace, |ws| &mut ws.one)?,
             }
@@ -102,7 +103,7 @@ impl<T: Dtype> CcpRows<T> {
     /// Shape of the rows, `(B, S, C)`.
     pub fn shape(&self) -> &RowShape {
         match &self.path {
-            Path::Small { plan, .. } => plan.shape(),
+            Path::Small { plan, .. } => &plan.shapes()[0],
             Path::Fused { plan, .. } => plan.shape(),
         }
     }
@@ -128,7 +129,7 @@ impl<T: Dtype> CcpRows<T> {
     /// then counts.
     pub fn workspace_bytes_for(shape: &RowShape) -> Result<usize> {
         Ok(if small_s::takes(shape.rows()) {
-            SmallRowsWorkspace::lengths(shape)?.bytes::<f32>()
+            SmallRowsWorkspace::lengths(&[*shape])?.bytes::<f32>()
                 + small_s::COUNTERS * size_of::<i32>()
         } else {
             RowsWorkspace::lengths(shape)?.bytes::<T>()
@@ -173,7 +174,7 @@ impl<T: Dtype> CcpRows<T> {
                 let (rows_q, rows_k) = (launcher.read(rows_q), launcher.read(rows_k));
                 let counters = launcher.write(counters);
                 let bufs = ws.map_mut(|s| launcher.write(s), |s| launcher.write(s));
-                let plan = plan.forward_plan::<T>(rows_q, rows_k, &bufs, counters)?;
+                let plan = plan.forward_plan::<T>(&[(rows_q, rows_k)], &bufs, counters)?;
                 *forward_done = false;
                 launcher.launch(&plan)?;
                 *forward_done = true;
