@@ -22,10 +22,15 @@ use crate::{HostDtype, Raw, small_s_on_host, to_py};
 /// The plan's workspace laid out in one byte buffer at `base`: the counters
 /// (`int32[COUNTERS]`, zero before the forward), then the plan's float32 buffers; and the
 /// bytes it spans.
-pub fn carve(plan: &SmallRowsPlan, base: u64) -> Result<(Buf, SmallRowsWorkspace<Buf, Buf>, usize)> {
+pub fn carve(
+    plan: &SmallRowsPlan,
+    base: u64,
+) -> Result<(Buf, SmallRowsWorkspace<Buf, Buf>, usize)> {
     let carver = Carver::new(base);
     let counters = carver.place(4)(&small_s::COUNTERS)?;
-    let ws = plan.workspace()?.try_map(carver.place(4), carver.place(4))?;
+    let ws = plan
+        .workspace()?
+        .try_map(carver.place(4), carver.place(4))?;
     Ok((counters, ws, carver.bytes()))
 }
 

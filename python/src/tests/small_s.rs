@@ -53,8 +53,11 @@ fn small_rows_loss_of_several_layers_on_the_emulator_matches_the_host_path_over_
             .collect();
         let mut loss = nan(1);
         small_rows::Forward {
-            plan: plan.clone(),
-            rows: rows.iter().map(|r| [raw(buf(&r[0])), raw(buf(&r[1]))]).collect(),
+            plan,
+            rows: rows
+                .iter()
+                .map(|r| [raw(buf(&r[0])), raw(buf(&r[1]))])
+                .collect(),
             workspace: ws_raw,
             loss: raw(buf_mut(&mut loss)),
         }
@@ -76,7 +79,7 @@ fn small_rows_loss_of_several_layers_on_the_emulator_matches_the_host_path_over_
             let upstream = [0.75f32];
             let (mut grad_q, mut grad_k_rows) = (nan(total), nan(total));
             small_rows::Backward {
-                plan: plan.clone(),
+                plan,
                 workspace: ws_raw,
                 upstream: raw(buf(&upstream)),
                 grads: (
@@ -105,7 +108,7 @@ fn small_rows_loss_of_several_layers_on_the_emulator_matches_the_host_path_over_
     }
     // A workspace one byte short is refused before any launch.
     let short = small_rows::Forward {
-        plan: plan.clone(),
+        plan,
         rows: shapes.iter().map(|s| [Raw(0, s.len()); 2]).collect(),
         workspace: Raw(buf_mut(&mut ws).addr, bytes - 1),
         loss: Raw(0, 1),
@@ -252,7 +255,7 @@ fn heads_step_launches_at_the_paper_configuration() {
     let rows_plan = SmallRowsPlan::layers(&heads, Tau::DEFAULT).unwrap();
     let (_, _, rows_bytes) = small_rows::carve(&rows_plan, 0).unwrap();
     small_rows::Forward {
-        plan: rows_plan.clone(),
+        plan: rows_plan,
         rows: heads.iter().map(|h| [nowhere(h.len()); 2]).collect(),
         workspace: nowhere(rows_bytes),
         loss: nowhere(1),
@@ -261,7 +264,7 @@ fn heads_step_launches_at_the_paper_configuration() {
     .unwrap();
     // The backward: the rows loss of every layer, then the heads in PyTorch, then the scatter.
     small_rows::Backward {
-        plan: rows_plan.clone(),
+        plan: rows_plan,
         workspace: nowhere(rows_bytes),
         upstream: nowhere(1),
         grads: (nowhere(rows_plan.total_len()), None),
