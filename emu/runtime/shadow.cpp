@@ -195,7 +195,7 @@ void initcheck_global(Launch& L, Buffer& b, size_t offset, size_t bytes, bool wr
 
 void shadow_access(Launch& L, Shadow& shadow, size_t offset, size_t bytes, bool write, bool atomic, bool shared,
                    uint64_t address, const void* code) {
-    // initcheck is of shared memory only (a buffer holds host data); racecheck of both.
+    // Here initcheck is of shared memory (a buffer's is initcheck_global's); racecheck of both.
     if (!(L.checks & kRacecheck) && !(shared && (L.checks & kInitcheck))) return;
     const uint32_t serial = shared ? L.block_serial : static_cast<uint32_t>(L.id);
     if (atomic) ++L.clock;  // an atomic is a point of the block's order (shadow_atomic)
