@@ -89,10 +89,21 @@ pub(crate) enum Contents {
 /// during a launch (`runtime/shadow.cpp`, `initcheck_global`), so they persist across launches.
 type WrittenBytes = Arc<[AtomicU8]>;
 
-/// A registered buffer: its end, and which of its bytes were written (`None`: all of them).
+/// Which bytes of a registered buffer were written.
+enum Written {
+    /// All of them.
+    All,
+    /// None, and no launch under initcheck has been given the buffer yet (its bytes are
+    /// tracked from the first one: a run without the sanitizer allocates nothing for them).
+    None,
+    /// Those nonzero here.
+    Tracked(WrittenBytes),
+}
+
+/// A registered buffer: its end, and which of its bytes were written.
 struct Registered {
     end: u64,
-    written: Option<WrittenBytes>,
+    written: Written,
 }
 
 /// Every buffer made by [`buf`](crate::buf), [`buf_mut`](crate::buf_mut) or marked by
@@ -120,11 +131,10 @@ pub(crate) fn register(start: u64, bytes: usize, contents: Contents) {
     for s in overlapping {
         buffers.remove(&s);
     }
-    let written = (contents == Contents::Unwritten).then(|| {
-        (0..bytes)
-            .map(|_| AtomicU8::new(0))
-            .collect::<WrittenBytes>()
-    });
+    let written = match contents {
+        Contents::Unwritten => Written::None,
+        _ => Written::All,
+    };
     buffers.insert(start, Registered { end, written });
 }
 
@@ -136,9 +146,10 @@ pub(crate) struct Given {
     _written: Vec<WrittenBytes>,
 }
 
-/// The buffers the parameter struct `params` points into.
-pub(crate) fn given(params: &[u8]) -> Given {
-    let buffers = BUFFERS.lock().unwrap_or_else(|e| e.into_inner());
+/// The buffers the parameter struct `params` points into; with `initcheck`, the bytes of those
+/// marked unwritten are tracked from this launch on (a launch without it records nothing).
+pub(crate) fn given(params: &[u8], initcheck: bool) -> Given {
+    let mut buffers = BUFFERS.lock().unwrap_or_else(|e| e.into_inner());
     let mut found = Vec::new();
     let mut written = Vec::new();
     for (at, word) in params.chunks_exact(8).enumerate() {
@@ -146,14 +157,23 @@ pub(crate) fn given(params: &[u8]) -> Given {
         if pointer == 0 {
             continue;
         }
-        let Some((&start, buffer)) = buffers.range(..=pointer).next_back() else {
+        let Some((&start, buffer)) = buffers.range_mut(..=pointer).next_back() else {
             continue;
         };
         let inside = pointer < buffer.end || (pointer == start && start == buffer.end);
         if inside && !found.chunks_exact(4).any(|b: &[u64]| b[0] == start) {
-            let state = buffer.written.as_ref().map_or(0, |w| w.as_ptr() as u64);
+            if initcheck && matches!(buffer.written, Written::None) {
+                let bytes = (start..buffer.end).map(|_| AtomicU8::new(0)).collect();
+                buffer.written = Written::Tracked(bytes);
+            }
+            let state = match &buffer.written {
+                Written::Tracked(bytes) => {
+                    written.push(bytes.clone());
+                    bytes.as_ptr() as u64
+                }
+                _ => 0,
+            };
             found.extend([start, buffer.end, (at * 8) as u64, state]);
-            written.extend(buffer.written.clone());
         }
     }
     Given {

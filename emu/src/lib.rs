@@ -201,7 +201,7 @@ impl Launcher for Emulator {
         let param_bytes = unsafe {
             std::slice::from_raw_parts((&plan.params as *const P).cast::<u8>(), size_of::<P>())
         };
-        let buffers = checks::given(param_bytes);
+        let buffers = checks::given(param_bytes, self.checks.contains(Checks::INITCHECK));
         let mut err = [0 as c_char; 1024];
         // SAFETY: the arrays and the parameter struct outlive the call; the runtime checks the
         // struct's size against the kernel's; the addresses inside it are valid by the
@@ -276,7 +276,8 @@ pub fn mark_written<T>(data: &[T]) {
 /// reports a launch reading one of its bytes before a launch wrote it, whatever the slice
 /// holds (an output poisoned with NaN counts as unwritten, so a kernel that reads its own
 /// output before writing it fails even where the value never reaches a result). Bytes a
-/// launch writes stay written for later launches.
+/// launch writes under initcheck stay written for later launches (one without it records
+/// nothing: a test checks all of its launches or none).
 pub fn mark_unwritten<T>(data: &[T]) {
     checks::register(
         data.as_ptr() as u64,
