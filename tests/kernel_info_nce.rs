@@ -26,8 +26,8 @@ fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {
 /// near +-100 (overflow without the max shift). Rows of width 1 normalise to +-1, so k close
 /// to q means k = q, ties in every row and a gradient that is 0 up to e^-200: a case that
 /// tells nothing about precision, left out.
-fn regimes(shape: &RowShape) -> Vec<(Tau, Rows)> {
-    fixtures::regimes(shape, &[Tau::DEFAULT, Tau::new(0.01).unwrap()])
+fn regimes<D: TestDevice>(dev: &D, shape: &RowShape) -> Vec<(Tau, Rows)> {
+    fixtures::regimes(dev, shape, &[Tau::DEFAULT, Tau::new(0.01).unwrap()])
 }
 
 /// The logits as the similarity kernel stores them (float32), and as f64.
@@ -85,7 +85,7 @@ fn check_forward<D: TestDevice>(dev: &D, shape: &RowShape, tau: Tau, rows: Rows,
 fn info_nce_forward_matches_reference<D: TestDevice>(dev: &D) {
     let mut rng = Rng::new(6);
     for shape in shapes(dev) {
-        for (tau, rows) in regimes(&shape) {
+        for (tau, rows) in regimes(dev, &shape) {
             check_forward(dev, &shape, tau, rows, &mut rng);
         }
     }
@@ -144,7 +144,7 @@ fn check_backward<T: Dtype, D: TestDevice>(dev: &D, case: Regime, rng: &mut Rng)
 fn info_nce_backward_matches_reference<D: TestDevice>(dev: &D) {
     let mut rng = Rng::new(7);
     for shape in shapes(dev) {
-        for (tau, rows) in regimes(&shape) {
+        for (tau, rows) in regimes(dev, &shape) {
             let case = Regime {
                 shape: &shape,
                 tau,

@@ -38,13 +38,13 @@ fn shapes<D: TestDevice>(dev: &D) -> Vec<RowShape> {
 
 /// Temperatures and row relations per shape: tau = 0.01 gives logits near +-100. Rows of
 /// width 1 normalise to +-1, so aligned rows would be equal: left out (see kernel_info_nce).
-fn regimes(shape: &RowShape) -> Vec<(Tau, Rows)> {
+fn regimes<D: TestDevice>(dev: &D, shape: &RowShape) -> Vec<(Tau, Rows)> {
     let taus = [
         Tau::DEFAULT,
         Tau::new(0.01).unwrap(),
         Tau::new(0.5).unwrap(),
     ];
-    fixtures::regimes(shape, &taus)
+    fixtures::regimes(dev, shape, &taus)
 }
 
 /// The upstream gradient the backward scales by, read from device memory.
@@ -247,7 +247,7 @@ fn check_fused<T: Dtype, D: TestDevice>(dev: &D, case: Regime, rng: &mut Rng) {
 fn each_case<D: TestDevice>(dev: &D, seed: u64, mut check: impl FnMut(Regime, &mut Rng)) {
     let mut rng = Rng::new(seed);
     for shape in shapes(dev) {
-        for (tau, rows) in regimes(&shape) {
+        for (tau, rows) in regimes(dev, &shape) {
             let shape = &shape;
             check(Regime { shape, tau, rows }, &mut rng);
         }

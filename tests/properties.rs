@@ -71,6 +71,21 @@ fn check<S: Strategy>(
     }
 }
 
+/// [`check`] of a property of the kernels on the emulator: a quarter of the `cases` (at least
+/// 2) under its sanitizer, whose checks are of accesses, which the drawn shapes decide, at
+/// about three times the cost of a case.
+fn check_emulated<S: Strategy>(
+    name: &str,
+    cases: u32,
+    seed: u64,
+    strategy: S,
+    property: impl Fn(S::Value) -> Result<(), TestCaseError>,
+) {
+    let sanitized = Emu::new(seed).sanitized();
+    let cases = if sanitized { (cases / 4).max(2) } else { cases };
+    check(name, cases, seed, strategy, property);
+}
+
 // ---- The reference --------------------------------------------------------------------
 
 /// A layer's inputs: shape, centres, the features' magnitude and spread, the temperature.

@@ -129,8 +129,9 @@ using namespace ccpl_emu;
 
 // Runs kernel `name` on the CPU: grid and block as in CUDA, `shared_bytes` of dynamic shared
 // memory, `params` the kernel's parameter struct (its size checked against the kernel's), the
-// buffers it points into as `buffer_count` triples (start, end, the pointer's byte in
-// `params`), the sanitizer's `checks` (Check bits). Returns 0, or an error code with a message
+// buffers it points into as `buffer_count` quadruples (start, end, the pointer's byte in
+// `params`, the address of a byte per byte saying whether it was written, or 0: all were), the
+// sanitizer's `checks` (Check bits). Returns 0, or an error code with a message
 // in `err`.
 extern "C" int ccpl_emu_launch(const char* name, const uint32_t grid[3], const uint32_t block[3],
                                uint32_t shared_bytes, int32_t shared_opt_in, const void* params, size_t params_size,
@@ -162,7 +163,8 @@ extern "C" int ccpl_emu_launch(const char* name, const uint32_t grid[3], const u
     L.id = ++g_launches;
     L.checks = checks;
     for (size_t i = 0; i < buffer_count; ++i) {
-        L.buffers.push_back(Buffer{buffers[3 * i], buffers[3 * i + 1], static_cast<uint32_t>(buffers[3 * i + 2]), {}});
+        const uint64_t* b = buffers + 4 * i;
+        L.buffers.push_back(Buffer{b[0], b[1], static_cast<uint32_t>(b[2]), reinterpret_cast<uint8_t*>(b[3]), {}});
     }
     shadow_begin_launch(L);
     L.fibers = &fiber_pool(L.threads);

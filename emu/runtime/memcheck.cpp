@@ -122,6 +122,9 @@ void check_access(uintptr_t address, size_t bytes, bool write, bool atomic, cons
                                 access_text(L, address, bytes, write, code).c_str(), b.param,
                                 static_cast<unsigned long>(b.begin), static_cast<unsigned long>(b.end - b.begin)));
         }
+        if (b.written && (L.checks & kInitcheck)) {
+            initcheck_global(L, b, address - b.begin, bytes, write, atomic, address, code);
+        }
         return shadow_access(L, b.shadow, address - b.begin, bytes, write, atomic, false, address, code);
     }
     if (SharedVariable* v = static_variable(address)) {

@@ -83,10 +83,12 @@ struct Shadow {
 };
 
 // A buffer the launch was given: [begin, end), reached through the pointer at byte `param` of
-// the parameter struct.
+// the parameter struct; `written`: a byte per byte, nonzero once written (global initcheck;
+// the registry of emu/src/checks.rs owns them, across launches), or null when all were.
 struct Buffer {
     uint64_t begin, end;
     uint32_t param;
+    uint8_t* written;
     Shadow shadow;
 };
 
@@ -248,6 +250,10 @@ void shadow_atomic(Launch& L, uint64_t address);
 // initcheck (shared memory) and racecheck; `shared` says which memory.
 void shadow_access(Launch& L, Shadow& shadow, size_t offset, size_t bytes, bool write, bool atomic,
                    bool shared, uint64_t address, const void* code);
+// Bytes [offset, offset + bytes) of the buffer `b` accessed at `address` by the current thread
+// (an atomic reads and writes): global initcheck, for a buffer with written bytes.
+void initcheck_global(Launch& L, Buffer& b, size_t offset, size_t bytes, bool write, bool atomic, uint64_t address,
+                      const void* code);
 // "in function+0x1a" for an access's code.
 std::string describe_code(int32_t code);
 int32_t code_of(const void* pc);

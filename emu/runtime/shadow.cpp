@@ -2,7 +2,10 @@
 // accesses (memcheck.cpp hands each access here), and the order between accesses they use.
 //
 // initcheck: shared memory is unwritten when a block starts; a read of a byte that no thread of
-// the block wrote since is an error. (A buffer the launch was given holds host data: written.)
+// the block wrote since is an error. A buffer the launch was given is written (host data the
+// caller uploaded) unless the caller marked it unwritten (emu/src/lib.rs, mark_unwritten: a
+// fresh allocation, or an output it poisoned); then each of its bytes is unwritten until an
+// access of a launch writes it, and a read (or an atomic) of one before is an error.
 //
 // racecheck: each byte keeps its last write and a read not ordered before it. An access by
 // another thread conflicts with them (a write with either, a read with the write) unless both
@@ -175,9 +178,24 @@ void shadow_atomic(Launch& L, uint64_t address) {
     g_order.releases[address].push_back(std::move(r));
 }
 
+void initcheck_global(Launch& L, Buffer& b, size_t offset, size_t bytes, bool write, bool atomic, uint64_t address,
+                      const void* code) {
+    if (write && !atomic) return (void)memset(b.written + offset, 1, bytes);
+    for (size_t i = offset; i < offset + bytes; ++i) {
+        if (b.written[i]) continue;
+        abort_launch(format("initcheck: the %zu-byte %s at 0x%lx by %s (%s) reads byte %zu of the buffer of the "
+                            "pointer at byte %u of the parameters (0x%lx, %lu bytes), which nothing wrote since "
+                            "its allocation",
+                            bytes, atomic ? "atomic" : "read", static_cast<unsigned long>(address),
+                            where(*L.current).c_str(), describe_code(code_of(code)).c_str(), i, b.param,
+                            static_cast<unsigned long>(b.begin), static_cast<unsigned long>(b.end - b.begin)));
+    }
+    if (atomic) memset(b.written + offset, 1, bytes);
+}
+
 void shadow_access(Launch& L, Shadow& shadow, size_t offset, size_t bytes, bool write, bool atomic, bool shared,
                    uint64_t address, const void* code) {
-    // initcheck is of shared memory only (a buffer holds host data); racecheck of both.
+    // Here initcheck is of shared memory (a buffer's is initcheck_global's); racecheck of both.
     if (!(L.checks & kRacecheck) && !(shared && (L.checks & kInitcheck))) return;
     const uint32_t serial = shared ? L.block_serial : static_cast<uint32_t>(L.id);
     if (atomic) ++L.clock;  // an atomic is a point of the block's order (shadow_atomic)

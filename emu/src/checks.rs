@@ -2,7 +2,8 @@
 //! which of them a launch runs, and the buffers a launch was given.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::atomic::AtomicU8;
+use std::sync::{Arc, Mutex};
 
 /// Which of the sanitizer's checks a launch runs, as bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,7 +15,8 @@ impl Checks {
     /// Every global access inside a buffer the launch was given, every shared one inside the
     /// block's shared memory.
     pub const MEMCHECK: Checks = Checks(1);
-    /// No read of shared memory that no thread of the block wrote.
+    /// No read of shared memory that no thread of the block wrote, nor of a buffer's byte
+    /// that nothing wrote since it was marked unwritten ([`mark_unwritten`](crate::mark_unwritten)).
     pub const INITCHECK: Checks = Checks(2);
     /// No two threads of a launch on one byte, one of them writing, unordered.
     pub const RACECHECK: Checks = Checks(4);
@@ -71,46 +73,111 @@ impl Checks {
     }
 }
 
-/// Every buffer made by [`buf`](crate::buf) or [`buf_mut`](crate::buf_mut), by start: its end.
-/// A new one replaces those it overlaps (their memory was freed and reused).
-static BUFFERS: Mutex<BTreeMap<u64, u64>> = Mutex::new(BTreeMap::new());
+/// What a registration says of a buffer's bytes (global initcheck).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Contents {
+    /// As they were: a buffer registered again at the same start and end keeps its state;
+    /// another is written (host data).
+    Kept,
+    /// Every byte written: data the caller uploaded, zeroed or filled.
+    Written,
+    /// No byte written: a fresh allocation, or an output the caller poisoned.
+    Unwritten,
+}
 
-/// Records the `bytes` at `start` as a buffer a launch may be given.
-pub(crate) fn register(start: u64, bytes: usize) {
+/// One byte per byte of a buffer, nonzero once written: the runtime reads and sets them
+/// during a launch (`runtime/shadow.cpp`, `initcheck_global`), so they persist across launches.
+type WrittenBytes = Arc<[AtomicU8]>;
+
+/// Which bytes of a registered buffer were written.
+enum Written {
+    /// All of them.
+    All,
+    /// None, and no launch under initcheck has been given the buffer yet (its bytes are
+    /// tracked from the first one: a run without the sanitizer allocates nothing for them).
+    None,
+    /// Those nonzero here.
+    Tracked(WrittenBytes),
+}
+
+/// A registered buffer: its end, and which of its bytes were written.
+struct Registered {
+    end: u64,
+    written: Written,
+}
+
+/// Every buffer made by [`buf`](crate::buf), [`buf_mut`](crate::buf_mut) or marked by
+/// [`mark_written`](crate::mark_written) or [`mark_unwritten`](crate::mark_unwritten), by
+/// start. A new one replaces those it overlaps (their memory was freed and reused).
+static BUFFERS: Mutex<BTreeMap<u64, Registered>> = Mutex::new(BTreeMap::new());
+
+/// Records the `bytes` at `start` as a buffer a launch may be given, its bytes as `contents`
+/// says.
+pub(crate) fn register(start: u64, bytes: usize, contents: Contents) {
     // Buffers do not overlap, so ends rise with starts: those overlapping [start, end) are the
     // last ones starting before its end, back to the first that ends by its start. An empty
     // buffer counts as its start's byte.
     let end = start + bytes as u64;
     let mut buffers = BUFFERS.lock().unwrap_or_else(|e| e.into_inner());
+    if contents == Contents::Kept && buffers.get(&start).is_some_and(|b| b.end == end) {
+        return;
+    }
     let overlapping: Vec<u64> = buffers
         .range(..end.max(start + 1))
         .rev()
-        .take_while(|&(&s, &e)| e.max(s + 1) > start)
+        .take_while(|&(&s, b)| b.end.max(s + 1) > start)
         .map(|(&s, _)| s)
         .collect();
     for s in overlapping {
         buffers.remove(&s);
     }
-    buffers.insert(start, end);
+    let written = match contents {
+        Contents::Unwritten => Written::None,
+        _ => Written::All,
+    };
+    buffers.insert(start, Registered { end, written });
 }
 
-/// The buffers the parameter struct `params` points into, as triples of the runtime's launch:
-/// start, end, and the byte of `params` that holds the pointer.
-pub(crate) fn given(params: &[u8]) -> Vec<u64> {
-    let buffers = BUFFERS.lock().unwrap_or_else(|e| e.into_inner());
+/// The buffers a launch was given: as the runtime's quadruples (start, end, the byte of the
+/// parameters that holds the pointer, the address of its written bytes or 0), and those
+/// written bytes, held for the launch.
+pub(crate) struct Given {
+    pub quadruples: Vec<u64>,
+    _written: Vec<WrittenBytes>,
+}
+
+/// The buffers the parameter struct `params` points into; with `initcheck`, the bytes of those
+/// marked unwritten are tracked from this launch on (a launch without it records nothing).
+pub(crate) fn given(params: &[u8], initcheck: bool) -> Given {
+    let mut buffers = BUFFERS.lock().unwrap_or_else(|e| e.into_inner());
     let mut found = Vec::new();
+    let mut written = Vec::new();
     for (at, word) in params.chunks_exact(8).enumerate() {
         let pointer = u64::from_ne_bytes(word.try_into().expect("8 bytes"));
         if pointer == 0 {
             continue;
         }
-        let Some((&start, &end)) = buffers.range(..=pointer).next_back() else {
+        let Some((&start, buffer)) = buffers.range_mut(..=pointer).next_back() else {
             continue;
         };
-        let inside = pointer < end || (pointer == start && start == end);
-        if inside && !found.chunks_exact(3).any(|b: &[u64]| b[0] == start) {
-            found.extend([start, end, (at * 8) as u64]);
+        let inside = pointer < buffer.end || (pointer == start && start == buffer.end);
+        if inside && !found.chunks_exact(4).any(|b: &[u64]| b[0] == start) {
+            if initcheck && matches!(buffer.written, Written::None) {
+                let bytes = (start..buffer.end).map(|_| AtomicU8::new(0)).collect();
+                buffer.written = Written::Tracked(bytes);
+            }
+            let state = match &buffer.written {
+                Written::Tracked(bytes) => {
+                    written.push(bytes.clone());
+                    bytes.as_ptr() as u64
+                }
+                _ => 0,
+            };
+            found.extend([start, buffer.end, (at * 8) as u64, state]);
         }
     }
-    found
+    Given {
+        quadruples: found,
+        _written: written,
+    }
 }

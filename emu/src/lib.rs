@@ -54,7 +54,8 @@
 //! The sanitizer (`docs/sanitizer.md`, [`Checks`]; `CCPL_EMU_SANITIZE=1` turns it on for every
 //! launch) checks every memory access the kernels make: memcheck (a global access inside a
 //! buffer the launch was given, a shared one inside the block's shared memory), initcheck (no
-//! read of shared memory nothing wrote) and racecheck (no two threads of a launch on one byte
+//! read of shared memory nothing wrote, nor of a buffer's byte nothing wrote since
+//! [`mark_unwritten`]) and racecheck (no two threads of a launch on one byte
 //! without an order between them, in shared and global memory, between blocks too, with the
 //! order of fences and atomics the kernels rely on).
 //!
@@ -200,7 +201,7 @@ impl Launcher for Emulator {
         let param_bytes = unsafe {
             std::slice::from_raw_parts((&plan.params as *const P).cast::<u8>(), size_of::<P>())
         };
-        let buffers = checks::given(param_bytes);
+        let buffers = checks::given(param_bytes, self.checks.contains(Checks::INITCHECK));
         let mut err = [0 as c_char; 1024];
         // SAFETY: the arrays and the parameter struct outlive the call; the runtime checks the
         // struct's size against the kernel's; the addresses inside it are valid by the
@@ -214,8 +215,8 @@ impl Launcher for Emulator {
                 plan.shared_opt_in.into(),
                 (&plan.params as *const P).cast(),
                 size_of::<P>(),
-                buffers.as_ptr(),
-                buffers.len() / 3,
+                buffers.quadruples.as_ptr(),
+                buffers.quadruples.len() / 4,
                 self.checks.bits(),
                 seed,
                 err.as_mut_ptr(),
@@ -232,9 +233,14 @@ impl Launcher for Emulator {
 }
 
 /// A slice as a kernel input: its host address and length. The sanitizer's memcheck takes it
-/// as a buffer a launch whose parameters point into it may access.
+/// as a buffer a launch whose parameters point into it may access; initcheck, as written
+/// unless [`mark_unwritten`] marked it so and no launch wrote it since.
 pub fn buf<T>(data: &[T]) -> Buf {
-    checks::register(data.as_ptr() as u64, size_of_val(data));
+    checks::register(
+        data.as_ptr() as u64,
+        size_of_val(data),
+        checks::Contents::Kept,
+    );
     Buf {
         addr: data.as_ptr() as u64,
         len: data.len(),
@@ -242,13 +248,42 @@ pub fn buf<T>(data: &[T]) -> Buf {
 }
 
 /// A slice as a kernel output (written through the address while the launch runs); a buffer
-/// for memcheck as [`buf`]'s.
+/// for the sanitizer as [`buf`]'s.
 pub fn buf_mut<T>(data: &mut [T]) -> Buf {
-    checks::register(data.as_ptr() as u64, size_of_val(data));
+    checks::register(
+        data.as_ptr() as u64,
+        size_of_val(data),
+        checks::Contents::Kept,
+    );
     Buf {
         addr: data.as_mut_ptr() as u64,
         len: data.len(),
     }
+}
+
+/// Marks `data` as memory whose every byte was written, as a GPU buffer the caller uploaded,
+/// zeroed or filled: what [`buf`] assumes of a slice it has not seen before, and what a slice
+/// at the address of one [`mark_unwritten`] marked (its memory freed and reused) must say.
+pub fn mark_written<T>(data: &[T]) {
+    checks::register(
+        data.as_ptr() as u64,
+        size_of_val(data),
+        checks::Contents::Written,
+    );
+}
+
+/// Marks `data` as memory nothing wrote, as a fresh GPU allocation: the sanitizer's initcheck
+/// reports a launch reading one of its bytes before a launch wrote it, whatever the slice
+/// holds (an output poisoned with NaN counts as unwritten, so a kernel that reads its own
+/// output before writing it fails even where the value never reaches a result). Bytes a
+/// launch writes under initcheck stay written for later launches (one without it records
+/// nothing: a test checks all of its launches or none).
+pub fn mark_unwritten<T>(data: &[T]) {
+    checks::register(
+        data.as_ptr() as u64,
+        size_of_val(data),
+        checks::Contents::Unwritten,
+    );
 }
 
 /// Names of the kernels the emulator has, in registration order.

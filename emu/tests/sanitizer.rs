@@ -46,6 +46,76 @@ fn memcheck_stops_a_read_one_past_a_buffer() {
 }
 
 #[test]
+fn initcheck_stops_a_read_of_a_buffer_nothing_wrote_and_keeps_what_launches_wrote() {
+    let emu = emulator(3).with_checks(Checks::INITCHECK);
+    // The copy (mode 0) of an input marked unwritten reads it: an error, whatever it holds.
+    let input = integer_inputs(100, 5);
+    let mut copy = vec![f32::NAN; 100];
+    ccpl_emu::mark_unwritten(&input);
+    let result = run_1d_on(
+        &emu,
+        "selftest_sanitizer",
+        (2, 64),
+        &input,
+        &mut copy,
+        100,
+        0,
+    );
+    let message = emulator_error(result);
+    for part in [
+        "selftest_sanitizer: initcheck: the 4-byte read at 0x",
+        "of block (",
+        "selftest.cu:",
+        "of the buffer of the pointer at byte 0 of the parameters",
+        "400 bytes), which nothing wrote since its allocation",
+    ] {
+        assert!(message.contains(part), "{part:?} not in {message}");
+    }
+    // Marked written (uploaded), it copies into an unwritten output, which a later launch may
+    // then read: the copy's bytes stay written.
+    ccpl_emu::mark_written(&input);
+    ccpl_emu::mark_unwritten(&copy);
+    run_1d_on(
+        &emu,
+        "selftest_sanitizer",
+        (2, 64),
+        &input,
+        &mut copy,
+        100,
+        0,
+    )
+    .expect("written");
+    let mut again = vec![0.0f32; 100];
+    run_1d_on(
+        &emu,
+        "selftest_sanitizer",
+        (2, 64),
+        &copy,
+        &mut again,
+        100,
+        0,
+    )
+    .expect("copied");
+    assert_eq!(again, input);
+    // An atomic reads the bytes it adds to (mode 3 adds into out[0]).
+    let mut sum = vec![f32::NAN; 100];
+    ccpl_emu::mark_unwritten(&sum);
+    let result = run_1d_on(&emu, "selftest_sanitizer", (1, 64), &input, &mut sum, 64, 3);
+    assert!(emulator_error(result).contains("the 4-byte atomic at 0x"));
+    // Without initcheck the same launch runs (its NaN reaches the output, as it happens).
+    run_1d_on(
+        &emulator(3).with_checks(Checks::NONE),
+        "selftest_sanitizer",
+        (1, 64),
+        &input,
+        &mut sum,
+        64,
+        3,
+    )
+    .expect("unchecked");
+}
+
+#[test]
 fn racecheck_stops_a_scatter_without_its_atomic() {
     let want: f32 = integer_inputs(200, 5).iter().sum();
     let out = sanitizer_run(3, 4, 200, Checks::ALL).expect("atomic");

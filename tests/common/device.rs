@@ -8,7 +8,7 @@ use std::sync::Arc;
 use ccpl::cuda::{self, CudaLauncher, Kernels};
 use ccpl::launch::{Buf, KernelParams, LaunchPlan, Launcher};
 use ccpl::{Element, Result};
-use ccpl_emu::{self as emu, Emulator};
+use ccpl_emu::{self as emu, Checks, Emulator};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
 
 /// An element type a test moves to and from a device (the storage types, f32 and i32).
@@ -27,13 +27,21 @@ pub trait TestDevice {
     fn name(&self) -> &'static str;
     /// Whether sizes up to S = 8192 are practical (the emulator runs small ones only).
     fn large_sizes(&self) -> bool;
+    /// Whether the emulator's sanitizer checks every access (`CCPL_EMU_SANITIZE`): about three
+    /// times the cost of a launch, so the tests keep to the cases that differ in their
+    /// accesses ([`fixtures::regimes`](super::fixtures::regimes)).
+    fn sanitized(&self) -> bool {
+        false
+    }
     fn upload<T: Elem>(&self, data: &[T]) -> Self::Mem<T>;
     fn download<T: Elem>(&self, mem: &Self::Mem<T>) -> Vec<T>;
     /// The buffer's address and length for a plan (written or read by the launch).
     fn buf<T: Elem>(&self, mem: &mut Self::Mem<T>) -> Buf;
     fn launcher(&self) -> Self::Launch<'_>;
 
-    /// A buffer of `len` NaNs: an output element the kernel does not write stays NaN.
+    /// A buffer of `len` NaNs: an output element the kernel does not write stays NaN. On the
+    /// emulator it is also memory nothing wrote, as a fresh allocation: the sanitizer's
+    /// initcheck reports a launch that reads one of its elements before a launch wrote it.
     fn alloc_nan<T: Elem + Element>(&self, len: usize) -> Self::Mem<T> {
         self.upload(&vec![T::from_f64(f64::NAN); len])
     }
@@ -99,8 +107,19 @@ impl TestDevice for Emu {
     fn large_sizes(&self) -> bool {
         std::env::var("CCPL_EMU_LARGE").as_deref() == Ok("1")
     }
+    fn sanitized(&self) -> bool {
+        self.emulator.checks() != Checks::NONE
+    }
+    /// A copy of `data`, written (as an upload is) for the sanitizer's initcheck.
     fn upload<T: Elem>(&self, data: &[T]) -> Vec<T> {
-        data.to_vec()
+        let mem = data.to_vec();
+        emu::mark_written(&mem);
+        mem
+    }
+    fn alloc_nan<T: Elem + Element>(&self, len: usize) -> Vec<T> {
+        let mem = vec![T::from_f64(f64::NAN); len];
+        emu::mark_unwritten(&mem);
+        mem
     }
     fn download<T: Elem>(&self, mem: &Vec<T>) -> Vec<T> {
         mem.clone()

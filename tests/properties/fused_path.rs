@@ -75,14 +75,14 @@ fn layer_agrees<T: Dtype>(case: &LayerCase) -> Result<(), TestCaseError> {
 #[test]
 fn layer_on_the_emulator_agrees_with_the_reference() {
     let wide = || layer_cases(2..7, 7, -30.0..37.0, -3.0..0.0);
-    check("layer f32", 16, 3, wide(), |case| {
+    check_emulated("layer f32", 16, 3, wide(), |case| {
         layer_agrees::<f32>(&case)
     });
-    check("layer bf16", 16, 4, wide(), |case| {
+    check_emulated("layer bf16", 16, 4, wide(), |case| {
         layer_agrees::<half::bf16>(&case)
     });
     let f16 = layer_cases(2..7, 7, 0.0..4.7, -2.0..0.0);
-    check("layer f16", 16, 5, f16, |case| {
+    check_emulated("layer f16", 16, 5, f16, |case| {
         layer_agrees::<half::f16>(&case)
     });
 }
@@ -128,12 +128,12 @@ fn rows_agree<T: Dtype>(case: &RowsCase) -> Result<(), TestCaseError> {
 #[test]
 fn rows_on_the_emulator_agree_with_the_reference() {
     let wide = || rows_cases(-30.0..37.0, -3.0..0.0);
-    check("rows f32", 16, 6, wide(), |case| rows_agree::<f32>(&case));
-    check("rows bf16", 16, 7, wide(), |case| {
+    check_emulated("rows f32", 16, 6, wide(), |case| rows_agree::<f32>(&case));
+    check_emulated("rows bf16", 16, 7, wide(), |case| {
         rows_agree::<half::bf16>(&case)
     });
     let f16 = rows_cases(-2.0..4.7, -2.0..0.0);
-    check("rows f16", 16, 8, f16, |case| {
+    check_emulated("rows f16", 16, 8, f16, |case| {
         rows_agree::<half::f16>(&case)
     });
 }

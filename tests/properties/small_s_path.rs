@@ -176,7 +176,7 @@ fn loss_on_the_emulator_agrees_with_the_reference() {
                 wide(fused)
             };
             let name_of_run = format!("loss {name}{what}");
-            ccpl::dispatch_dtype!(name, T => check(&name_of_run, cases, seed, strategy, |case| {
+            ccpl::dispatch_dtype!(name, T => check_emulated(&name_of_run, cases, seed, strategy, |case| {
                 loss_agrees::<T>(&case)
             }), other => unreachable!("{other} is a storage type's name"));
         }
@@ -250,14 +250,14 @@ fn small_rows_agree<T: Dtype>(case: &RowsCase) -> Result<(), TestCaseError> {
 #[test]
 fn small_rows_on_the_emulator_agree_with_the_reference() {
     let wide = || rows_cases_in(1usize..101, 2..71, -30.0..37.0, -3.0..0.0);
-    check("small rows f32", 24, 12, wide(), |case| {
+    check_emulated("small rows f32", 24, 12, wide(), |case| {
         small_rows_agree::<f32>(&case)
     });
-    check("small rows bf16", 24, 13, wide(), |case| {
+    check_emulated("small rows bf16", 24, 13, wide(), |case| {
         small_rows_agree::<half::bf16>(&case)
     });
     let f16 = rows_cases_in(1usize..101, 2..71, -2.0..4.7, -2.0..0.0);
-    check("small rows f16", 24, 14, f16, |case| {
+    check_emulated("small rows f16", 24, 14, f16, |case| {
         small_rows_agree::<half::f16>(&case)
     });
 }
