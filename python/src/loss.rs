@@ -35,7 +35,7 @@ fn plan(shapes: &[Shape], num_s: usize, tau: f64) -> Result<LossPlan> {
 
 /// The plan's workspace laid out in one byte buffer at `base`, rows of `row_bytes` each (the
 /// storage type's size); and the bytes it spans.
-pub(crate) fn carve(
+pub fn carve(
     plan: &LossPlan,
     row_bytes: usize,
     base: u64,

@@ -33,10 +33,7 @@ fn plan(shapes: &[Shape], num_s: usize) -> Result<SampledRowsPlan> {
 }
 
 /// The plan's workspace laid out in one byte buffer at `base`; and the bytes it spans.
-pub(crate) fn carve(
-    plan: &SampledRowsPlan,
-    base: u64,
-) -> Result<(SampledRowsWorkspace<Buf>, usize)> {
+pub fn carve(plan: &SampledRowsPlan, base: u64) -> Result<(SampledRowsWorkspace<Buf>, usize)> {
     let carver = Carver::new(base);
     let ws = plan.workspace()?.try_map(carver.place(4))?;
     Ok((ws, carver.bytes()))
