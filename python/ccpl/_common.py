@@ -72,6 +72,16 @@ def check_pair(names: tuple[str, str], a: Tensor, b: Tensor) -> None:
         )
 
 
+def check_like_first(names: tuple[str, str], t: Tensor, first: Tensor) -> None:
+    """A layer's tensor `names[0]` of a multi-layer op against the first layer's, `names[1]`:
+    every layer of one dtype and device."""
+    if t.device != first.device or t.dtype != first.dtype:
+        raise ValueError(
+            f"{names[0]} is {t.dtype} on {t.device} but {names[1]} is {first.dtype} on "
+            f"{first.device}: every layer must have one dtype and device"
+        )
+
+
 def channels_last(name: str, feat: Tensor) -> bool:
     """Whether a `(B, C, H, W)` feature map is stored channels last (NHWC) rather than
     contiguous (NCHW); anything else is refused, never copied behind the caller's back."""

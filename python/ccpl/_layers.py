@@ -7,7 +7,14 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._common import channels_last, check_feature_size, check_float, check_pair, check_tensor
+from ._common import (
+    channels_last,
+    check_feature_size,
+    check_float,
+    check_like_first,
+    check_pair,
+    check_tensor,
+)
 
 SEED_BYTES = 8
 """The sampler's seed: two int32 words, low first (the device's counters hold it so)."""
@@ -64,12 +71,7 @@ def layer_shapes(feats_q: List[Tensor], feats_k: List[Tensor]) -> List[Tuple[int
         check_float(names[0], q)
         check_float(names[1], k)
         check_pair(names, q, k)
-        first = feats_q[0]
-        if q.device != first.device or q.dtype != first.dtype:
-            raise ValueError(
-                f"{names[0]} is {q.dtype} on {q.device} but feats_q[0] is {first.dtype} on "
-                f"{first.device}: every layer must have one dtype and device"
-            )
+        check_like_first((names[0], "feats_q[0]"), q, feats_q[0])
         last = channels_last(names[0], q)
         if channels_last(names[1], k) != last:
             raise ValueError(f"{names[0]} and {names[1]} must have the same layout")

@@ -21,6 +21,7 @@ from . import _ccpl
 from ._common import (
     check_dtype,
     check_float,
+    check_like_first,
     check_pair,
     check_rows,
     check_tau,
@@ -70,11 +71,7 @@ def _check(q_rows: List[Tensor], k_rows: List[Tensor], tau: float) -> List[Tuple
         check_pair(names, q, k)
         check_rows(names[0], q)
         check_rows(names[1], k)
-        if q.device != q_rows[0].device or q.dtype != q_rows[0].dtype:
-            raise ValueError(
-                f"{names[0]} is {q.dtype} on {q.device} but q_rows[0] is {q_rows[0].dtype} on "
-                f"{q_rows[0].device}: every layer must have one dtype and device"
-            )
+        check_like_first((names[0], "q_rows[0]"), q, q_rows[0])
         shapes.append(tuple(q.shape))
     _check_small(q_rows[0].device, shapes)
     check_tau(tau)
