@@ -3,7 +3,8 @@
 //! non-negative VGG-like features. On the GPU when there is one, with `CcpLoss` (the whole
 //! loss in three launches a step, the centres drawn on the device; timed on a stream and as a
 //! replayed CUDA graph, then checked against the CPU reference on the centres the device
-//! drew), else with the CPU reference alone.
+//! drew), else with the CPU reference alone (an error instead when `CCPL_REQUIRE_GPU=1`, as the
+//! GPU run sets, so that a GPU the job cannot use never passes as a CPU run).
 //!
 //!     cargo run --release --example ccp_loss
 
@@ -42,6 +43,7 @@ fn main() -> ccpl::Result<()> {
     );
     match cuda::context(0) {
         Ok(ctx) => on_gpu(ctx, &layers),
+        Err(why) if std::env::var("CCPL_REQUIRE_GPU").as_deref() == Ok("1") => Err(why),
         Err(why) => {
             println!("{why}: running the float64 CPU reference");
             on_cpu(&layers)

@@ -11,6 +11,9 @@
 //!     cargo run -p ccpl-candle --example train_heads                  # on the CPU
 //!     cargo run -p ccpl-candle --example train_heads --features cuda  # on the first GPU
 //!
+//! A `cuda` build that finds no GPU says so and runs on the CPU (an error instead when
+//! `CCPL_REQUIRE_GPU=1`, as the GPU run sets).
+//!
 //! The paper's batch is 8; on the CPU the example uses 2 to keep the run short (the CPU path is
 //! the float64 reference, and debug builds of candle are slow on feature maps of this size).
 
@@ -73,8 +76,19 @@ fn features(batch: usize, channels: usize, side: usize, dev: &Device) -> Result<
     Ok((generated, content.relu()?))
 }
 
+/// The first GPU in a `cuda` build that finds one, else the CPU.
+fn device() -> Result<Device> {
+    match Device::cuda_if_available(0) {
+        Err(e) if std::env::var("CCPL_REQUIRE_GPU").as_deref() != Ok("1") => {
+            println!("no GPU ({e}): on the CPU");
+            Ok(Device::Cpu)
+        }
+        dev => dev,
+    }
+}
+
 fn main() -> Result<()> {
-    let dev = Device::cuda_if_available(0)?;
+    let dev = device()?;
     let batch = if dev.is_cpu() { 2 } else { 8 };
     println!(
         "CCP loss with the paper's heads on {dev:?}: B={batch}, num_s={NUM_S} (S={}), tau={DEFAULT_TAU}, layers {}",

@@ -252,8 +252,18 @@ phase_bench() {
     echo "$status"
 }
 
-# Unpacks the payload (binaries, wheels, tests, the bench runner).
-tar -xzf "$pack/payload.tar.gz" -C "$work" || { echo "gpu run: cannot unpack $pack/payload.tar.gz" >&2; exit 1; }
+# Unpacks the payload (binaries, wheels, tests, the bench runner; xz with a large dictionary,
+# scripts/gpu-pack): with the Python the tests need anyway (its lzma module), else with xz.
+unpack() {
+    "$python" -c '
+import sys, tarfile
+with tarfile.open(sys.argv[1], "r:xz") as payload:
+    # The "tar" filter (Python >= 3.11.4 and 3.12) keeps the modes and refuses paths outside.
+    kw = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
+    payload.extractall(sys.argv[2], **kw)' "$pack/payload.tar.xz" "$work" ||
+        { command -v xz >/dev/null && xz -dc "$pack/payload.tar.xz" | tar -x -C "$work"; }
+}
+unpack || { echo "gpu run: cannot unpack $pack/payload.tar.xz (with $python or xz)" >&2; exit 1; }
 if [ "$rehearsal" = 1 ]; then
     unset CCPL_REQUIRE_GPU
 else
