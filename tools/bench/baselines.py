@@ -22,7 +22,10 @@ each layer with its own centres (and head). The implementations (`--impls`):
 - `compile`, `compile-graphs`: `eager` under `torch.compile`, and with
   `mode="reduce-overhead"` (CUDA graphs; every input set's addresses marked static, so a
   replay copies no input; a graph is recorded per set). The number of cudagraph skips is
-  recorded: a run with skips is not a CUDA-graph run, and the report says so.
+  recorded: a run with skips is not a CUDA-graph run, and the report says so. With
+  `--compile-backend aot_eager` (the dry run's), both trace the step with dynamo and
+  AOTAutograd as on the GPU but generate no code: inductor's CPU code generation is C++, not
+  the Triton a GPU run compiles, and it took most of the dry run's time in CI (98 of 125 s).
 - `infcl` (B = 1 rows): Inf-CL's fused Triton loss (`inf_cl.cal_flash_loss`).
 
 Timing: CUDA events around each step, after warm-up, median over repeats, inputs rotated among
@@ -239,7 +242,7 @@ class Impl:
     read_back: bool = False
 
 
-def make_impl(cfg: common.Config, impl: str, inputs: Inputs, dtype, device, seed: int) -> Impl:
+def make_impl(cfg: common.Config, impl: str, inputs: Inputs, dtype, device, seed: int, backend: str) -> Impl:
     if impl == "infcl":
         return Impl(lambda qs, ks: infcl_rows_loss(qs[0], ks[0]))
     maps = inputs.maps
@@ -268,13 +271,15 @@ def make_impl(cfg: common.Config, impl: str, inputs: Inputs, dtype, device, seed
     if impl == "eager":
         return Impl(base)
     if impl == "compile":
-        return Impl(torch.compile(base, dynamic=False))
+        return Impl(torch.compile(base, dynamic=False, backend=backend))
     if impl == "compile-graphs":
         # Static addresses: a replay reads each set where it lies (one recorded graph per set)
         # instead of copying q and k into the graph's own buffers first.
         for t in inputs.tensors():
             torch._dynamo.mark_static_address(t)
-        compiled = torch.compile(base, dynamic=False, mode="reduce-overhead")
+        # A mode is inductor's: another backend compiles without it (no CUDA graphs).
+        graphs = {"mode": "reduce-overhead"} if backend == "inductor" else {"backend": backend}
+        compiled = torch.compile(base, dynamic=False, **graphs)
 
         def with_step(qs, ks):
             torch.compiler.cudagraph_mark_step_begin()
@@ -331,7 +336,7 @@ def measure(cfg, dtype_name, impl_name, device, args, l2_bytes) -> dict:
     rec = {"suite": cfg.suite, "config": cfg.name, "dtype": dtype_name, "impl": impl_name}
     inputs = Inputs(cfg, dtype, device, l2_bytes, seed=args.seed)
     rec["input_sets"] = len(inputs)
-    impl = make_impl(cfg, impl_name, inputs, dtype, device, args.seed)
+    impl = make_impl(cfg, impl_name, inputs, dtype, device, args.seed, args.compile_backend)
     graphs_before = cudagraph_counters()
 
     def run(i):
@@ -385,6 +390,7 @@ def measure(cfg, dtype_name, impl_name, device, args, l2_bytes) -> dict:
         p90_ms=times[(9 * len(times)) // 10],
     )
     if impl_name.startswith("compile"):
+        rec["compile_backend"] = args.compile_backend
         graphs_after = cudagraph_counters()
         rec["cudagraph_skips"] = graphs_after["skips"] - graphs_before["skips"]
         rec["cudagraph_copied_inputs"] = graphs_after["copied"] - graphs_before["copied"]
@@ -418,6 +424,7 @@ def main():
     ap.add_argument("--min-reps", type=int, default=10)
     ap.add_argument("--max-reps", type=int, default=200)
     ap.add_argument("--seed", type=int, default=20220708)
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile's backend (the dry run's: aot_eager)")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, _on_term)
 

@@ -126,13 +126,18 @@ STATUS_TEXT = {"running": "killed", "budget": "budget", "timeout": "timeout"}
 
 def cell(rec: dict | None) -> tuple[str, float | None]:
     """A baseline's cell text and median (ms) from its record: a time only for a run that
-    measured what its column says (a CUDA-graph run with skips is not one)."""
+    measured what its column says (a CUDA-graph run with skips is not one, nor one compiled by
+    a backend other than inductor, which has no CUDA-graph mode)."""
     if rec is None:
         return "-", None
     if rec.get("status") != "ok":
         return STATUS_TEXT.get(rec.get("status"), rec.get("status", "?")), None
-    if rec.get("cudagraph_skips") and rec["impl"] == "compile-graphs":
-        return f"not graphed ({rec['cudagraph_skips']} cudagraph skips; {fmt_time_ms(rec['median_ms'])})", None
+    if rec["impl"] == "compile-graphs":
+        backend = rec.get("compile_backend", "inductor")
+        if backend != "inductor":
+            return f"not graphed (backend {backend}; {fmt_time_ms(rec['median_ms'])})", None
+        if rec.get("cudagraph_skips"):
+            return f"not graphed ({rec['cudagraph_skips']} cudagraph skips; {fmt_time_ms(rec['median_ms'])})", None
     return fmt_time_ms(rec["median_ms"]), rec["median_ms"]
 
 

@@ -25,8 +25,9 @@ and phase records: what the tables are made from, kept even when the report fail
 
 --dry-run: the same phases, order and budget on the CPU, on the tiny configurations of
 configs-dry-run.txt: our side times the float64 CPU reference under the GPU benches' names,
-PyTorch runs on CPU tensors, the GPU-only parts (kernels, Inf-CL, CUDA graphs) say what they
-could not do. CI runs it; its numbers say nothing about speed.
+PyTorch runs on CPU tensors, torch.compile traces without generating code (backend aot_eager),
+the GPU-only parts (kernels, Inf-CL, CUDA graphs) say what they could not do. CI runs it; its
+numbers say nothing about speed.
 """
 
 from __future__ import annotations
@@ -321,7 +322,8 @@ class Runner:
             "--impls", ",".join(phase.impls), "--deadline", f"{deadline:.0f}",
         ]
         if args.dry_run:  # the numbers mean nothing: as few repeats as exercise the code
-            cmd += ["--device", "cpu", "--warmup-ms", "10", "--target-ms", "20", "--min-reps", "3", "--max-reps", "20"]
+            cmd += ["--device", "cpu", "--warmup-ms", "10", "--target-ms", "20", "--min-reps", "3", "--max-reps", "20",
+                    "--compile-backend", "aot_eager"]
         return cmd
 
     def run_phase(self, i: int, p: Planned) -> None:
