@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU8;
 use std::sync::{Arc, Mutex};
+use std::thread::{self, ThreadId};
 
 /// Which of the sanitizer's checks a launch runs, as bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,8 +77,8 @@ impl Checks {
 /// What a registration says of a buffer's bytes (global initcheck).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Contents {
-    /// As they were: a buffer registered again at the same start and end keeps its state;
-    /// another is written (host data).
+    /// As they were: a buffer registered again at the same start and end by the same thread
+    /// keeps its state; another is written (host data).
     Kept,
     /// Every byte written: data the caller uploaded, zeroed or filled.
     Written,
@@ -100,15 +101,24 @@ enum Written {
     Tracked(WrittenBytes),
 }
 
-/// A registered buffer: its end, and which of its bytes were written.
+/// A registered buffer: its end, which of its bytes were written, and the thread that
+/// registered it.
 struct Registered {
     end: u64,
     written: Written,
+    thread: ThreadId,
 }
 
 /// Every buffer made by [`buf`](crate::buf), [`buf_mut`](crate::buf_mut) or marked by
 /// [`mark_written`](crate::mark_written) or [`mark_unwritten`](crate::mark_unwritten), by
 /// start. A new one replaces those it overlaps (their memory was freed and reused).
+///
+/// A buffer's state belongs to the thread that registered it. Host memory gives no sign of
+/// being freed: a slice one thread marked unwritten, then freed, can come back from the
+/// allocator at the same start and length to another thread (tests run side by side, each on
+/// a thread of its own), and must not be read as unwritten there. So a slice another thread
+/// registered is, to this one, a new buffer, written. (Within one thread, marking a slice
+/// that reuses freed memory is the caller's part: [`mark_written`](crate::mark_written).)
 static BUFFERS: Mutex<BTreeMap<u64, Registered>> = Mutex::new(BTreeMap::new());
 
 /// Records the `bytes` at `start` as a buffer a launch may be given, its bytes as `contents`
@@ -118,8 +128,13 @@ pub(crate) fn register(start: u64, bytes: usize, contents: Contents) {
     // last ones starting before its end, back to the first that ends by its start. An empty
     // buffer counts as its start's byte.
     let end = start + bytes as u64;
+    let thread = thread::current().id();
     let mut buffers = BUFFERS.lock().unwrap_or_else(|e| e.into_inner());
-    if contents == Contents::Kept && buffers.get(&start).is_some_and(|b| b.end == end) {
+    if contents == Contents::Kept
+        && buffers
+            .get(&start)
+            .is_some_and(|b| b.end == end && b.thread == thread)
+    {
         return;
     }
     let overlapping: Vec<u64> = buffers
@@ -135,7 +150,14 @@ pub(crate) fn register(start: u64, bytes: usize, contents: Contents) {
         Contents::Unwritten => Written::None,
         _ => Written::All,
     };
-    buffers.insert(start, Registered { end, written });
+    buffers.insert(
+        start,
+        Registered {
+            end,
+            written,
+            thread,
+        },
+    );
 }
 
 /// The buffers a launch was given: as the runtime's quadruples (start, end, the byte of the

@@ -115,6 +115,43 @@ fn initcheck_stops_a_read_of_a_buffer_nothing_wrote_and_keeps_what_launches_wrot
     .expect("unchecked");
 }
 
+/// A slice another thread marked unwritten is, to this thread, a new buffer: written. (Tests
+/// run side by side, and the allocator hands a slice one of them marked, then freed, to another
+/// at the same address and length: it must not be read as unwritten there.)
+#[test]
+fn initcheck_takes_a_slice_another_thread_marked_as_new() {
+    let emu = emulator(3).with_checks(Checks::INITCHECK);
+    let input = integer_inputs(100, 5);
+    std::thread::scope(|s| {
+        s.spawn(|| ccpl_emu::mark_unwritten(&input));
+    });
+    let mut copy = vec![f32::NAN; 100];
+    let copied = run_1d_on(
+        &emu,
+        "selftest_sanitizer",
+        (2, 64),
+        &input,
+        &mut copy,
+        100,
+        0,
+    );
+    copied.expect("a slice another thread marked");
+    assert_eq!(copy, input);
+    // Marked by this thread, the same slice is unwritten.
+    ccpl_emu::mark_unwritten(&input);
+    let result = run_1d_on(
+        &emu,
+        "selftest_sanitizer",
+        (2, 64),
+        &input,
+        &mut copy,
+        100,
+        0,
+    );
+    assert!(emulator_error(result).contains("which nothing wrote since its allocation"));
+    ccpl_emu::mark_written(&input);
+}
+
 #[test]
 fn racecheck_stops_a_scatter_without_its_atomic() {
     let want: f32 = integer_inputs(200, 5).iter().sum();
