@@ -2,7 +2,7 @@
 //! must, names the access, and lets correct kernels through. The kernels are
 //! `emu/runtime/selftest.cu`'s.
 
-use ccpl_emu::{Checks, Error};
+use ccpl_emu::{Checks, Emulator, Error};
 
 use crate::common::{emulator, emulator_error, integer_inputs, run_1d_on};
 
@@ -22,6 +22,11 @@ fn sanitizer_run(arg: i32, blocks: u32, n: usize, checks: Checks) -> Result<Vec<
         arg,
     )?;
     Ok(out)
+}
+
+/// `selftest_sanitizer`'s copy (mode 0) of 100 inputs into `out`, on 2 blocks of 64 threads.
+fn copy_100(emu: &Emulator, input: &[f32], out: &mut [f32]) -> Result<(), Error> {
+    run_1d_on(emu, "selftest_sanitizer", (2, 64), input, out, 100, 0)
 }
 
 #[test]
@@ -52,15 +57,7 @@ fn initcheck_stops_a_read_of_a_buffer_nothing_wrote_and_keeps_what_launches_wrot
     let input = integer_inputs(100, 5);
     let mut copy = vec![f32::NAN; 100];
     ccpl_emu::mark_unwritten(&input);
-    let result = run_1d_on(
-        &emu,
-        "selftest_sanitizer",
-        (2, 64),
-        &input,
-        &mut copy,
-        100,
-        0,
-    );
+    let result = copy_100(&emu, &input, &mut copy);
     let message = emulator_error(result);
     for part in [
         "selftest_sanitizer: initcheck: the 4-byte read at 0x",
@@ -75,27 +72,9 @@ fn initcheck_stops_a_read_of_a_buffer_nothing_wrote_and_keeps_what_launches_wrot
     // then read: the copy's bytes stay written.
     ccpl_emu::mark_written(&input);
     ccpl_emu::mark_unwritten(&copy);
-    run_1d_on(
-        &emu,
-        "selftest_sanitizer",
-        (2, 64),
-        &input,
-        &mut copy,
-        100,
-        0,
-    )
-    .expect("written");
+    copy_100(&emu, &input, &mut copy).expect("written");
     let mut again = vec![0.0f32; 100];
-    run_1d_on(
-        &emu,
-        "selftest_sanitizer",
-        (2, 64),
-        &copy,
-        &mut again,
-        100,
-        0,
-    )
-    .expect("copied");
+    copy_100(&emu, &copy, &mut again).expect("copied");
     assert_eq!(again, input);
     // An atomic reads the bytes it adds to (mode 3 adds into out[0]).
     let mut sum = vec![f32::NAN; 100];
@@ -126,28 +105,12 @@ fn initcheck_takes_a_slice_another_thread_marked_as_new() {
         s.spawn(|| ccpl_emu::mark_unwritten(&input));
     });
     let mut copy = vec![f32::NAN; 100];
-    let copied = run_1d_on(
-        &emu,
-        "selftest_sanitizer",
-        (2, 64),
-        &input,
-        &mut copy,
-        100,
-        0,
-    );
+    let copied = copy_100(&emu, &input, &mut copy);
     copied.expect("a slice another thread marked");
     assert_eq!(copy, input);
     // Marked by this thread, the same slice is unwritten.
     ccpl_emu::mark_unwritten(&input);
-    let result = run_1d_on(
-        &emu,
-        "selftest_sanitizer",
-        (2, 64),
-        &input,
-        &mut copy,
-        100,
-        0,
-    );
+    let result = copy_100(&emu, &input, &mut copy);
     assert!(emulator_error(result).contains("which nothing wrote since its allocation"));
     ccpl_emu::mark_written(&input);
 }
