@@ -43,13 +43,14 @@ def worker(rank, store_path, out_path):
         grads = heads_grads(module, [f[half] for f in feats_q], [f[half] for f in feats_k], centers)
         if rank == 0:
             torch.save(grads, out_path)
-        # A process aborted in teardown ("terminate called without an active exception",
-        # torch 2.15, gloo) in 2 of about 900 runs on the loaded 2-core machine, after its work
-        # was done. So the group is torn down by both processes together, after the last use of
-        # it by either: DDP's reducer (which holds the group) released first, and a barrier so
-        # that neither closes its connections while the other still works; and the process
-        # leaves without the interpreter's own teardown (os._exit below), which has nothing of
-        # ccpl's to run (its extension keeps no state that needs it).
+        # A process aborted at exit ("terminate called without an active exception") in 3 of
+        # about 900 runs on the loaded 2-core machine, torch 2.15, its work done: a core dump
+        # showed gloo's worker thread freeing DDP's last all-reduce, whose saved thread-local
+        # state holds a Python object, while the main thread was in the interpreter's
+        # finalisation; the thread's wait for the GIL ended it (pthread_exit) inside a C++
+        # destructor, which terminates. So DDP's reducer is released, the processes meet at a
+        # barrier, destroy the group, and leave without the interpreter's finalisation
+        # (os._exit below), which has nothing of ccpl's to run.
         del module
         dist.barrier()
     finally:
